@@ -1,0 +1,1 @@
+"""Model runtime: config, weights, layers, KV cache, sampler, generator (torch reference path)."""

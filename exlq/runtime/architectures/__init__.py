@@ -1,0 +1,1 @@
+"""One module per supported Hugging Face architecture; see registry.py."""

@@ -1,0 +1,64 @@
+"""Masks and the SDPA call shared by every attention layer of one forward pass.
+
+New tokens attending to cached ones need a causal mask aligned to the lower right (query i sits
+at absolute position past+i). SDPA's `is_causal` is upper-left aligned, so it is used only when
+nothing is cached; otherwise torch's `causal_lower_right` bias keeps the fast kernels. Left
+padding (batches of unequal prompts) and sliding windows need an explicit boolean mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+
+@dataclass
+class AttentionBatch:
+    """Per-forward facts every layer needs, computed once: positions, RoPE tables, masks."""
+
+    past_len: int
+    new_len: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pad_lengths: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> tuple[object | None, bool]:
+        """(attn_mask, is_causal) for SDPA, cached per sliding-window size."""
+        if window not in self._masks:
+            self._masks[window] = build_mask(self.past_len, self.new_len, self.pad_lengths, window, self.cos.device)
+        return self._masks[window]
+
+
+def build_mask(
+    past_len: int, new_len: int, pad_lengths: torch.Tensor | None, window: int | None, device: torch.device
+) -> tuple[object | None, bool]:
+    total = past_len + new_len
+    window_binds = window is not None and total > window
+    if pad_lengths is None and not window_binds:
+        if new_len == 1:
+            return None, False
+        if past_len == 0:
+            return None, True
+        return causal_lower_right(new_len, total), False
+    q_pos = torch.arange(past_len, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window_binds:
+        allowed &= (q_pos - k_pos) < window
+    allowed = allowed[None]  # [1, T, K]
+    if pad_lengths is not None:
+        allowed = allowed & (k_pos[None] >= pad_lengths[:, None, None])
+        # Query rows that are themselves padding would see no key and give NaN: let them see themselves.
+        allowed = allowed | ((k_pos == q_pos)[None] & (q_pos[None] < pad_lengths[:, None, None]))
+    return allowed[:, None], False  # [B or 1, 1, T, K]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object | None, is_causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ/√d + mask) v for q [B, H, T, D] and k, v [B, Hkv, K, D] (grouped-query aware)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+    )

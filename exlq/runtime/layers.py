@@ -1,0 +1,104 @@
+"""Building blocks of Llama-family decoders: RMSNorm, attention, gated MLP, decoder layer.
+
+Module and parameter names follow HF checkpoints (`self_attn.q_proj`, `mlp.down_proj`, ...), so
+`state_dict()` keys are the checkpoint's tensor names. The residual stream is kept in float32
+whatever the compute dtype: it is cheap, and it prevents the fp16 overflow that Qwen2 models
+hit in their residual activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exlq.runtime.attention import AttentionBatch, attend
+from exlq.runtime.cache import KVCache
+from exlq.runtime.rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and returned in the weight's dtype."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, RoPE and an optional KV cache."""
+
+    def __init__(
+        self,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        o_proj: nn.Module,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        window: int | None = None,
+    ):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.window = window
+
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int) -> torch.Tensor:
+        bsz, length, _ = x.shape
+        q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, batch.cos, batch.sin)
+        k = apply_rotary(k, batch.cos, batch.sin)
+        if cache is not None:
+            k, v = cache.store(cache_layer, k, v, batch.past_len)
+        mask, is_causal = batch.mask(self.window)
+        out = attend(q, k, v, mask, is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: r += attn(norm(r)); r += mlp(norm(r)) with r in float32."""
+
+    def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm, mlp: GatedMLP):
+        super().__init__()
+        self.input_layernorm = input_layernorm
+        self.self_attn = self_attn
+        self.post_attention_layernorm = post_attention_layernorm
+        self.mlp = mlp
+
+    def forward(
+        self, residual: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int
+    ) -> torch.Tensor:
+        residual = residual + self.self_attn(self.input_layernorm(residual), batch, cache, cache_layer).float()
+        return residual + self.mlp(self.post_attention_layernorm(residual)).float()

@@ -1,0 +1,163 @@
+"""The decoder-only causal LM shared by the Llama family; architectures subclass and override.
+
+`forward` covers every way the runtime and the tools drive a model: full prefill, prefill
+without logits, chunked prefill, incremental decode, batches with left padding, and only the
+last `max_output_len` rows through `lm_head` (the vocabulary projection dominates small models).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from exlq.errors import ExlqError
+from exlq.runtime.attention import AttentionBatch
+from exlq.runtime.cache import KVCache
+from exlq.runtime.layers import Attention, DecoderLayer, Embedding, GatedMLP, RMSNorm
+from exlq.runtime.linear import DenseLinear, load_linear
+from exlq.runtime.rope import RotaryEmbedding
+from exlq.runtime.weights import WeightStore
+
+
+class DecoderOnlyLM(nn.Module):
+    """Embeddings → N pre-norm decoder layers → final norm → lm_head, with HF tensor names."""
+
+    config_class: type  # set by each architecture
+
+    def __init__(self, config: Any, store: WeightStore, *, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.config = config
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self.model = nn.Module()
+        self.model.embed_tokens = Embedding(
+            store.get("model.embed_tokens.weight", dtype, device, shape=(config.vocab_size, config.hidden_size))
+        )
+        self.model.layers = nn.ModuleList(self.load_layer(store, i) for i in range(config.num_hidden_layers))
+        self.model.norm = self.load_norm(store, "model.norm")
+        self.lm_head = self.load_head(store)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, self._device)
+
+    # ----- construction; architectures override the pieces that differ -----
+
+    def linear(self, store: WeightStore, prefix: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return load_linear(
+            store, prefix, in_features, out_features, bias=bias, dtype=self._dtype, device=self._device
+        )
+
+    def load_norm(self, store: WeightStore, prefix: str) -> RMSNorm:
+        weight = store.get(f"{prefix}.weight", self._dtype, self._device, shape=(self.config.hidden_size,))
+        return RMSNorm(weight, self.config.rms_norm_eps)
+
+    def load_attention(self, store: WeightStore, prefix: str, layer: int) -> Attention:
+        c = self.config
+        q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        return Attention(
+            self.linear(store, f"{prefix}.q_proj", c.hidden_size, q_out, c.qkv_bias),
+            self.linear(store, f"{prefix}.k_proj", c.hidden_size, kv_out, c.qkv_bias),
+            self.linear(store, f"{prefix}.v_proj", c.hidden_size, kv_out, c.qkv_bias),
+            self.linear(store, f"{prefix}.o_proj", q_out, c.hidden_size, c.o_bias),
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            window=c.attention_window(layer),
+        )
+
+    def load_mlp(self, store: WeightStore, prefix: str) -> GatedMLP:
+        c = self.config
+        return GatedMLP(
+            self.linear(store, f"{prefix}.gate_proj", c.hidden_size, c.intermediate_size, c.mlp_bias),
+            self.linear(store, f"{prefix}.up_proj", c.hidden_size, c.intermediate_size, c.mlp_bias),
+            self.linear(store, f"{prefix}.down_proj", c.intermediate_size, c.hidden_size, c.mlp_bias),
+        )
+
+    def load_layer(self, store: WeightStore, i: int) -> DecoderLayer:
+        prefix = f"model.layers.{i}"
+        return DecoderLayer(
+            self.load_norm(store, f"{prefix}.input_layernorm"),
+            self.load_attention(store, f"{prefix}.self_attn", i),
+            self.load_norm(store, f"{prefix}.post_attention_layernorm"),
+            self.load_mlp(store, f"{prefix}.mlp"),
+        )
+
+    def load_head(self, store: WeightStore) -> nn.Module:
+        if self.config.tie_word_embeddings:
+            return DenseLinear(self.model.embed_tokens.weight)  # shares the tensor: no copy
+        return self.linear(store, "lm_head", self.config.hidden_size, self.config.vocab_size, False)
+
+    # ----- properties -----
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def num_cache_layers(self) -> int:
+        """KV-cache slots needed: one per decoder layer in execution order."""
+        return len(self.model.layers)
+
+    def new_cache(self, max_seq_len: int, batch_size: int = 1) -> KVCache:
+        return KVCache.for_model(self, max_seq_len, batch_size)
+
+    def replace_module(self, name: str, module: nn.Module) -> nn.Module:
+        """Swap the submodule at dotted `name` (e.g. "lm_head") at run time; returns the old one."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.get_submodule(parent_name) if parent_name else self
+        old = getattr(parent, child, None)
+        if not isinstance(old, nn.Module):
+            raise ExlqError(f"model has no module named {name!r}")
+        setattr(parent, child, module)
+        return old
+
+    # ----- forward -----
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        max_output_len: int | None = 1,
+        pad_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Run `input_ids` [B, T] after whatever `cache` holds and return logits [B, n, vocab].
+
+        n = `max_output_len` last positions (None: all; 0: no logits, prefill only). With a cache,
+        the new keys/values are appended and `cache.seq_len` advances by T. `pad_lengths` [B]
+        gives the number of left-pad tokens per row; with a cache it is set on the first call.
+        """
+        input_ids = input_ids.to(self._device)
+        bsz, new_len = input_ids.shape
+        past_len = 0
+        if cache is not None:
+            cache.check_fits(bsz, new_len)
+            past_len = cache.seq_len
+            if pad_lengths is not None:
+                if past_len:
+                    raise ExlqError("pad_lengths can only be set on the first forward into an empty cache")
+                cache.pad_lengths = pad_lengths.to(self._device)
+            pad_lengths = cache.pad_lengths
+        elif pad_lengths is not None:
+            pad_lengths = pad_lengths.to(self._device)
+        positions = torch.arange(past_len, past_len + new_len, device=self._device)[None].expand(bsz, -1)
+        if pad_lengths is not None:
+            positions = (positions - pad_lengths[:, None]).clamp(min=0)
+        cos, sin = self.rotary.cos_sin(positions, self._dtype)
+        batch = AttentionBatch(past_len, new_len, cos, sin, pad_lengths)
+
+        hidden = self.model.embed_tokens(input_ids).float()
+        for i, layer in enumerate(self.model.layers):
+            hidden = layer(hidden, batch, cache, i)
+        if cache is not None:
+            cache.seq_len = past_len + new_len
+        if max_output_len == 0:
+            return None
+        if max_output_len is not None:
+            hidden = hidden[:, -max_output_len:]
+        return self.lm_head(self.model.norm(hidden))
