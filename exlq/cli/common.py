@@ -1,0 +1,44 @@
+"""Options, output and model loading shared by the subcommands (parsing and printing only)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+# Human-readable text and progress go to stderr; stdout carries results (text or --json).
+stderr = Console(stderr=True, highlight=False)
+
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json).", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout; human text goes to stderr.")]
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def load_model_and_tokenizer(model_dir: Path, device: str, dtype: str):
+    """Load a model directory for a command, with a status line on stderr."""
+    from exlq.runtime.loader import load_model
+    from exlq.runtime.tokenizer import Tokenizer
+
+    with stderr.status(f"loading {model_dir}", spinner="dots"):
+        model = load_model(model_dir, device=device, dtype=dtype)
+        tokenizer = Tokenizer.from_dir(model_dir)
+    stderr.print(
+        f"[dim]loaded {type(model).__name__} from {model_dir} on {model.device} "
+        f"({str(model.dtype).removeprefix('torch.')})[/dim]"
+    )
+    return model, tokenizer
+
+
+def split_list(value: str | None) -> list[str]:
+    """'A,B, C' -> ['A', 'B', 'C'] (blank items dropped)."""
+    return [item.strip() for item in value.split(",") if item.strip()] if value else []

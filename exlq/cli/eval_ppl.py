@@ -1,0 +1,76 @@
+"""`exlq eval-ppl`: perplexity of a model on a text (WikiText-2 test by default)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from exlq.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+
+
+def eval_ppl(
+    model_dir: ModelArg,
+    data: Annotated[str, typer.Option(help="'wikitext2' (the WikiText-2 test split from ../shared) or a .txt, .jsonl or .parquet file.")] = "wikitext2",
+    text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.parquet rows (rows are joined with a blank line).")] = "text",
+    rows: Annotated[Optional[int], typer.Option(help="Score the first ROWS non-overlapping windows (default: all that fit).")] = None,
+    length: Annotated[int, typer.Option(help="Window length in tokens.")] = 2048,
+    stride: Annotated[Optional[int], typer.Option(help="Sliding windows every STRIDE tokens over the whole text instead of non-overlapping ones.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows run together (faster on GPUs, more memory).")] = 1,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Perplexity over token windows; the exact convention is printed with the result.
+
+    Non-overlapping mode (default): windows of --length tokens, each scored alone, the first
+    token of each not predicted ("5x1k" is --rows 5 --length 1024). Sliding mode (--stride S):
+    every token after the first is scored once with up to length-S tokens of context.
+    The text is tokenized with no BOS or other special tokens.
+    """
+    from exlq.data.text_sources import load_text
+    from exlq.errors import ExlqError
+    from exlq.eval.perplexity import evaluate_perplexity, nonoverlapping_windows, sliding_windows
+
+    if rows is not None and stride is not None:
+        raise ExlqError("--rows and --stride choose different modes: give one of them")
+    if rows is not None and rows < 1:
+        raise ExlqError(f"--rows must be at least 1 (got {rows})")
+    source = load_text(data, text_field=text_field)
+    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype)
+    with stderr.status("tokenizing", spinner="dots"):
+        ids = torch.tensor(tokenizer.encode(source.text), dtype=torch.long)
+    windows = sliding_windows(ids.numel(), length, stride) if stride else nonoverlapping_windows(ids.numel(), length, rows)
+    if rows is not None and len(windows) < rows:
+        stderr.print(f"[yellow]only {len(windows)} windows of {length} tokens fit the text (asked for {rows})[/yellow]")
+
+    progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=stderr, transient=True)
+    with progress:
+        task = progress.add_task("windows", total=len(windows))
+        result = evaluate_perplexity(
+            model, ids, length=length, rows=rows, stride=stride, batch_size=batch_size,
+            on_window=lambda n: progress.advance(task, n),
+        )
+    payload = {
+        "model": str(model_dir),
+        "data": source.description,
+        "perplexity": result.perplexity,
+        "mean_nll": result.mean_nll,
+        "tokens_scored": result.tokens_scored,
+        "windows": result.windows,
+        "length": length,
+        "stride": stride,
+        "convention": result.convention,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "seconds": round(result.seconds, 3),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+    }
+    if json_output:
+        print_json(payload)
+        return
+    sys.stdout.write(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens ({result.windows} windows)\n")
+    stderr.print(f"[dim]data: {source.description}\nconvention: {result.convention}\n{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s[/dim]")

@@ -1,0 +1,152 @@
+"""Perplexity over token windows, with the convention spelled out in the result.
+
+Two conventions, because published numbers use both:
+- non-overlapping windows (`rows` × `length`, e.g. "5x1k"): each window is scored alone and
+  its first token is not predicted, so each window scores length-1 tokens;
+- sliding windows (`length`, `stride`, wikitext-2 style as in the HF perplexity guide): windows
+  start every `stride` tokens, each scores only the tokens the previous window did not, with
+  up to length-stride tokens of context; every token but the very first is scored once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from exlq.errors import ExlqError
+from exlq.runtime.model import DecoderOnlyLM
+
+LOGSOFTMAX_ROWS = 512  # rows of logits turned into log-probabilities at once (bounds memory)
+
+
+@dataclass
+class Window:
+    start: int  # first token of the window in the token stream
+    end: int  # one past its last token
+    scored: int  # how many of its last tokens are scored (each predicted from the ones before)
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    tokens_scored: int
+    windows: int
+    convention: str
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_scored / self.seconds if self.seconds > 0 else 0.0
+
+
+def nonoverlapping_windows(total_tokens: int, length: int, rows: int | None) -> list[Window]:
+    if length < 2:
+        raise ExlqError(f"--length must be at least 2 (got {length})")
+    available = total_tokens // length
+    if available == 0:
+        raise ExlqError(f"the text has {total_tokens} tokens, fewer than one window of {length}")
+    count = available if rows is None else min(rows, available)
+    return [Window(i * length, (i + 1) * length, length - 1) for i in range(count)]
+
+
+def sliding_windows(total_tokens: int, length: int, stride: int) -> list[Window]:
+    if not 0 < stride <= length:
+        raise ExlqError(f"--stride must be between 1 and --length ({length}); got {stride}")
+    if total_tokens < 2:
+        raise ExlqError("the text has fewer than 2 tokens")
+    windows, previous_end = [], 0
+    for start in range(0, total_tokens, stride):
+        end = min(start + length, total_tokens)
+        scored = end - max(previous_end, start + 1)  # the stream's first token has no context
+        windows.append(Window(start, end, scored))
+        previous_end = end
+        if end == total_tokens:
+            break
+    return windows
+
+
+def describe(windows: list[Window], length: int, stride: int | None) -> str:
+    scored = sum(w.scored for w in windows)
+    if stride is None:
+        how = (
+            f"{len(windows)} non-overlapping windows of {length} tokens (tokens 0..{windows[-1].end - 1}), "
+            "each scored alone; the first token of each window is not predicted"
+        )
+    else:
+        how = (
+            f"sliding windows of {length} tokens every {stride} tokens over {windows[-1].end} tokens; each "
+            "token is scored once, in the first window that holds it as new, with up to "
+            f"{length - stride} tokens of context"
+        )
+    return f"{how}; no BOS or other special tokens added; perplexity = exp(mean NLL over {scored} tokens)"
+
+
+def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of `targets` [B, n] under `logits` [B, n, vocab], per row."""
+    total = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+    for s in range(0, logits.shape[1], LOGSOFTMAX_ROWS):
+        logprobs = torch.log_softmax(logits[:, s : s + LOGSOFTMAX_ROWS].float(), dim=-1)
+        picked = logprobs.gather(2, targets[:, s : s + LOGSOFTMAX_ROWS, None])[..., 0]
+        total -= picked.double().sum(dim=1)
+    return total
+
+
+def evaluate_perplexity(
+    model: DecoderOnlyLM,
+    token_ids: torch.Tensor,
+    *,
+    length: int,
+    rows: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 1,
+    on_window: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of `model` on the 1-D `token_ids` (see the module docstring for conventions)."""
+    if batch_size < 1:
+        raise ExlqError(f"--batch-size must be at least 1 (got {batch_size})")
+    total_tokens = token_ids.numel()
+    if stride is None:
+        windows = nonoverlapping_windows(total_tokens, length, rows)
+    else:
+        windows = sliding_windows(total_tokens, length, stride)
+    started = time.perf_counter()
+    nll = 0.0
+    for group in _batches(windows, batch_size):
+        ids = torch.stack([token_ids[w.start : w.end] for w in group]).to(model.device)
+        scored = group[0].scored
+        logits = model(ids, max_output_len=scored + 1)[:, :-1]  # row j predicts token j+1
+        nll += float(window_nll(logits, ids[:, -scored:]).sum())
+        if on_window is not None:
+            on_window(len(group))
+    scored_tokens = sum(w.scored for w in windows)
+    mean = nll / scored_tokens
+    return PerplexityResult(
+        perplexity=math.exp(mean),
+        mean_nll=mean,
+        tokens_scored=scored_tokens,
+        windows=len(windows),
+        convention=describe(windows, length, stride),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive windows of equal length and equal scored count, at most `batch_size` a batch."""
+    groups: list[list[Window]] = []
+    for w in windows:
+        last = groups[-1] if groups else None
+        if (
+            last
+            and len(last) < batch_size
+            and last[0].end - last[0].start == w.end - w.start
+            and last[0].scored == w.scored
+        ):
+            last.append(w)
+        else:
+            groups.append([w])
+    return groups
