@@ -47,12 +47,21 @@ def tiny_llama_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
 
 
+REAL_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+
+
 def real_model_dir(name: str) -> Path:
     """A real model built by ../shared/tools/get-models, or skip with the command that builds it."""
     path = MODEL_CACHE / name
-    if not (path / "model.safetensors").exists():
+    if not (path / "model.safetensors").exists() or not (path / "tokenizer.json").exists():
         pytest.skip(f"real model {name} not found in {MODEL_CACHE}; build it with ../shared/tools/get-models {name}")
     return path
+
+
+def hf_tokenizer(path: Path):
+    """transformers' tokenizer for the same directory: the reference exlq is checked against."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,8 +9,8 @@ import pytest
 from exlq.errors import ExlqError
 from exlq.runtime.prompt_format import FORMATS, format_prompt, prompt_encoding, resolve_format, stop_strings_for
 from exlq.runtime.tokenizer import Tokenizer
-from tests.test_tokenizer import REAL_MODELS, hf_tokenizer, real_model_dir
-from tests.tiny_models import BOS_ID, IM_END_ID, IM_START_ID, write_tiny_tokenizer
+from conftest import REAL_MODELS, hf_tokenizer, real_model_dir
+from tiny_models import BOS_ID, IM_END_ID, IM_START_ID, write_tiny_tokenizer
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 CHAT = [

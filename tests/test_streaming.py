@@ -9,8 +9,8 @@ import pytest
 
 from exlq.runtime.streaming import StopStrings, StreamDecoder
 from exlq.runtime.tokenizer import Tokenizer
-from tests.test_tokenizer import REAL_MODELS, real_model_dir
-from tests.tiny_models import write_tiny_tokenizer
+from conftest import REAL_MODELS, real_model_dir
+from tiny_models import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from exlq.errors import ExlqError
 from exlq.runtime.tokenizer import Tokenizer
-from tests.tiny_models import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, write_tiny_tokenizer
+from conftest import REAL_MODELS, hf_tokenizer, real_model_dir
+from tiny_models import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, write_tiny_tokenizer
 
-REAL_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 SAMPLE_TEXTS = [
     "Hello, world!",
     "  leading spaces and\ttabs\n\nnew lines  ",
@@ -21,22 +20,6 @@ SAMPLE_TEXTS = [
     "日本語のテキスト🙂 Émile a mangé une crème brûlée.",
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
 ]
-
-
-def real_model_dir(name: str) -> Path:
-    """A downloaded test model directory, or skip the test (they are optional, too big for the repo)."""
-    root = Path(os.environ.get("EXLQ_TEST_MODELS", Path.home() / ".cache" / "exlq-test-models"))
-    path = root / name
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"real test model {name!r} not found in {root} (set EXLQ_TEST_MODELS to where it is)")
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def hf_tokenizer(path: Path):
-    """transformers' tokenizer for the same directory: the reference exlq is checked against (tests only)."""
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
 @pytest.fixture
