@@ -5,7 +5,8 @@ Two conventions, because published numbers use both:
   its first token is not predicted, so each window scores length-1 tokens;
 - sliding windows (`length`, `stride`, wikitext-2 style as in the HF perplexity guide): windows
   start every `stride` tokens, each scores only the tokens the previous window did not, with
-  up to length-stride tokens of context; every token but the very first is scored once.
+  up to length-stride tokens of context; every token but the very first is scored once (with
+  stride = length this degenerates to non-overlapping windows over the whole text).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def describe(windows: list[Window], length: int, stride: int | None) -> str:
             f"sliding windows of {length} tokens every {stride} tokens over {windows[-1].end} tokens; each "
             "token is scored once, in the first window that holds it as new, with up to "
             f"{length - stride} tokens of context"
+            + ("; the first token of each window is not predicted" if stride == length else "")
         )
     return f"{how}; no BOS or other special tokens added; perplexity = exp(mean NLL over {scored} tokens)"
 

@@ -1,0 +1,484 @@
+"""The `exlq` command line: help, infer (generation and choice scoring), eval-ppl, and bad input.
+
+A few tests run the CLI in a real subprocess (exit codes and stdout/stderr separation as a shell
+sees them); the many bad-input cases call `exlq.cli.app.main` in-process, which goes through the
+same error mapping (ExlqError and usage errors -> exit 2 with one `exlq: error:` line).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import exlq
+from exlq.cli.app import main
+from exlq.runtime.generator import Generator
+from exlq.runtime.loader import load_model
+from exlq.runtime.sampler import SamplerSettings
+from exlq.runtime.tokenizer import Tokenizer
+from tiny_models import _TRAINING_TEXT
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "The quick brown fox"
+STOP_REASONS = {"eos", "max_new_tokens", "stop_string"}
+LONG_TEXT = "\n".join(_TRAINING_TEXT * 3)  # a few hundred tiny-tokenizer tokens
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, input: str | None = None, tmp_path: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m exlq.cli.app ARGS` in a subprocess, stdout and stderr captured apart."""
+    env = {k: v for k, v in os.environ.items() if k != "EXLQ_DEBUG"}
+    env.update(COLUMNS="200", PYTHONIOENCODING="utf-8")
+    if tmp_path is not None:  # keep datasets' arrow cache out of the user's home
+        env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_datasets_cache")
+    return subprocess.run(
+        [sys.executable, "-m", "exlq.cli.app", *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=str(REPO),
+        timeout=120,
+    )
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`exlq ARGS` in-process: (exit code, stdout, stderr). main() always ends in SystemExit."""
+    capsys.readouterr()  # drop anything printed before
+    with pytest.raises(SystemExit) as exc_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    code = exc_info.value.code
+    return (0 if code is None else code), out, err
+
+
+def assert_usage_error(code: int, out: str, err: str, *needles: str, after_load: bool = False) -> str:
+    """Exit 2, nothing on stdout, and a single one-line `exlq: error: ...` naming the problem.
+
+    Errors found before the model is loaded leave stderr as exactly that line. Errors found after it
+    (they need the tokenizer or the model) follow the "loaded ..." status line that every command
+    prints to stderr by design (human text and progress go to stderr); the error is then the last line.
+    """
+    assert code == 2, (code, out, err)
+    assert out == "", out
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    message = lines[-1]
+    assert message.startswith("exlq: error: ") and len(message) > len("exlq: error: ") + 5, err
+    assert err.endswith(message + "\n"), err  # the error is one line and the last thing written
+    assert sum("exlq: error" in line for line in lines) == 1, err
+    assert "Traceback" not in err, err
+    if after_load:
+        assert all(not line.startswith("exlq: error") for line in lines[:-1])
+        assert "loaded" in lines[0], err
+    else:
+        assert lines == [message], f"expected only the error line on stderr, got: {err!r}"
+    for needle in needles:
+        assert needle.lower() in message.lower(), (needle, message)
+    return message
+
+
+def parse_one_json(out: str) -> dict:
+    """stdout must be exactly one JSON object (and nothing else)."""
+    payload = json.loads(out)  # fails on any extra text
+    assert isinstance(payload, dict)
+    return payload
+
+
+@pytest.fixture(scope="module")
+def api(tiny_llama_dir):
+    """The Python API on the same tiny model: the reference the CLI's numbers are checked against."""
+    model = load_model(tiny_llama_dir, device="cpu", dtype="fp32")
+    tokenizer = Tokenizer.from_dir(tiny_llama_dir)
+    return model, tokenizer
+
+
+def raw_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """How `infer --format raw` tokenizes a prompt: the tokenizer's default BOS, special-token text kept plain."""
+    return tokenizer.encode(text, add_bos=tokenizer.add_bos_default, encode_special_tokens=False)
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits [T, vocab] of one cache-less forward over `ids`, every position."""
+    return model(torch.tensor([ids]), None, max_output_len=None)[0].float()
+
+
+@pytest.fixture(scope="module")
+def broken_model_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny model, each broken in one way a user might meet."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("broken-models")
+    dirs = {}
+    for name in ("truncated", "gpt2", "badjson", "noconfig"):
+        dirs[name] = Path(shutil.copytree(tiny_llama_dir, root / name))
+    weights = dirs["truncated"] / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    config_path = dirs["gpt2"] / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    config_path.write_text(json.dumps(config))
+    (dirs["badjson"] / "config.json").write_text("{this is not: json,")
+    (dirs["noconfig"] / "config.json").unlink()
+    return dirs
+
+
+@pytest.fixture
+def datasets_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Keep `datasets`' arrow cache (written even for local .jsonl files) out of the user's home."""
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    try:  # once imported, datasets reads its cache dir from config, not the environment
+        import datasets.config
+    except ImportError:
+        return
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# --- help and version -------------------------------------------------------------------------------
+
+
+def test_root_help_and_version_subprocess():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "infer" in result.stdout and "eval-ppl" in result.stdout and "--version" in result.stdout
+    assert result.stderr == ""
+
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"exlq {exlq.__version__}"
+    assert result.stderr == ""
+
+
+def test_no_arguments_prints_help(capsys):
+    code, out, err = cli(capsys)
+    assert code == 0 and "infer" in out and "eval-ppl" in out and err == ""
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("infer", ["--prompt", "--prompt-file", "--format", "--greedy", "--temperature", "--top-p", "--seed",
+                   "--max-new-tokens", "--max-seq-len", "--score-choices", "--choice-values", "--json", "--device", "--dtype"]),
+        ("eval-ppl", ["--data", "--text-field", "--rows", "--length", "--stride", "--json", "--device", "--dtype"]),
+    ],
+)
+def test_subcommand_help(capsys, command, options):
+    code, out, err = cli(capsys, command, "--help")
+    assert code == 0, err
+    assert "MODEL" in out
+    for option in options:
+        assert option in out, option
+
+
+# --- infer: generation ------------------------------------------------------------------------------
+
+
+def test_infer_json_greedy_subprocess_matches_python_api(tiny_llama_dir, api):
+    result = run_cli("infer", tiny_llama_dir, "-p", PROMPT, "--greedy", "--max-new-tokens", 8, "--json", "--format", "raw")
+    assert result.returncode == 0, result.stderr
+    payload = parse_one_json(result.stdout)
+    for key in ("text", "prompt_tokens", "new_tokens", "stop_reason", "time_to_first_token_s", "decode_tokens_per_second"):
+        assert key in payload, key
+    assert payload["format"] == "raw" and payload["device"] == "cpu" and payload["dtype"] == "float32"
+    assert 1 <= payload["new_tokens"] <= 8 or (payload["new_tokens"] == 0 and payload["stop_reason"] == "eos")
+    assert payload["stop_reason"] in STOP_REASONS
+    assert payload["time_to_first_token_s"] >= 0 and payload["decode_tokens_per_second"] >= 0
+    # In --json mode the streamed text goes to stderr, stdout carries only the JSON.
+    assert payload["text"] in result.stderr
+    assert "loaded" in result.stderr
+
+    model, tokenizer = api
+    prompt_ids = raw_prompt_ids(tokenizer, PROMPT)
+    assert payload["prompt_tokens"] == len(prompt_ids)
+    reference = Generator(model, tokenizer).generate(
+        prompt_ids, sampler=SamplerSettings(temperature=0), max_new_tokens=8
+    )
+    assert payload["text"] == reference.text
+    assert payload["new_tokens"] == reference.new_tokens
+    assert payload["stop_reason"] == reference.stop_reason
+
+
+def test_infer_plain_output_goes_to_stdout(capsys, tiny_llama_dir):
+    code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", PROMPT, "--greedy", "--max-new-tokens", 8, "--format", "raw")
+    assert code == 0, err
+    code, json_out, _ = cli(capsys, "infer", tiny_llama_dir, "-p", PROMPT, "--greedy", "--max-new-tokens", 8, "--format", "raw", "--json")
+    assert code == 0
+    text = parse_one_json(json_out)["text"]
+    assert out == text + "\n"  # the streamed reply, then a newline; nothing else on stdout
+    assert "prompt tokens" in err and "new" in err  # the stats line goes to stderr
+
+
+def test_infer_greedy_is_deterministic(capsys, tiny_llama_dir):
+    args = ("infer", tiny_llama_dir, "-p", "Paris is the capital of", "--greedy", "--max-new-tokens", 12, "--json")
+    runs = []
+    for _ in range(2):
+        code, out, err = cli(capsys, *args)
+        assert code == 0, err
+        runs.append(parse_one_json(out))
+    assert runs[0]["text"] == runs[1]["text"] and runs[0]["new_tokens"] == runs[1]["new_tokens"]
+    assert runs[0]["format"] == "chat_template"  # the tiny tokenizer has a chat template: auto picks it
+
+
+def test_infer_seeded_sampling_is_reproducible_including_stdin_prompt(capsys, tiny_llama_dir):
+    options = ("--temperature", 1, "--seed", 5, "--max-new-tokens", 16, "--json", "--format", "raw")
+    runs = []
+    for _ in range(2):
+        code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", PROMPT, *options)
+        assert code == 0, err
+        runs.append(parse_one_json(out))
+    assert runs[0]["text"] == runs[1]["text"]
+    assert runs[0]["seed"] == 5
+    # A real process reading the prompt from stdin samples the same tokens.
+    result = run_cli("infer", tiny_llama_dir, "--prompt-file", "-", *options, input=PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert parse_one_json(result.stdout)["text"] == runs[0]["text"]
+
+
+def test_infer_stops_at_max_seq_len(capsys, tiny_llama_dir):
+    code, out, err = cli(
+        capsys, "infer", tiny_llama_dir, "-p", PROMPT, "--format", "raw",
+        "--max-seq-len", 24, "--max-new-tokens", 100, "--greedy", "--json",
+    )
+    assert code == 0, err
+    payload = parse_one_json(out)
+    prompt_tokens = payload["prompt_tokens"]
+    assert prompt_tokens < 24
+    assert payload["stop_reason"] in {"max_seq_len", "eos"}
+    assert payload["new_tokens"] <= 24 - prompt_tokens + 1
+    if payload["stop_reason"] == "max_seq_len":
+        # the cache holds prompt + all new tokens but the last (sampled, never run): exactly full
+        assert payload["new_tokens"] == 24 - prompt_tokens + 1
+
+
+# --- infer: choice scoring --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("choice_values, expected_values", [(None, [1.0, 2.0, 3.0]), ("10,20,30", [10.0, 20.0, 30.0])])
+def test_score_choices(capsys, tiny_llama_dir, api, choice_values, expected_values):
+    prompt = "Answer:"
+    args = ["infer", tiny_llama_dir, "-p", prompt, "--format", "raw", "--score-choices", "a,b,c", "--json"]
+    if choice_values is not None:
+        args += ["--choice-values", choice_values]
+    code, out, err = cli(capsys, *args)
+    assert code == 0, err
+    payload = parse_one_json(out)
+    choices = payload["choices"]
+    assert [c["text"] for c in choices] == ["a", "b", "c"]
+    assert [c["value"] for c in choices] == expected_values
+    assert math.isclose(sum(c["probability"] for c in choices), 1.0, abs_tol=1e-9)
+    expected = sum(c["probability"] * v for c, v in zip(choices, expected_values))
+    assert math.isclose(payload["expected_value"], expected, rel_tol=1e-9)
+    assert payload["best"] == max(choices, key=lambda c: c["logprob"])["text"]
+
+    # Each logprob against a cache-less full forward of the model.
+    model, tokenizer = api
+    prompt_ids = raw_prompt_ids(tokenizer, prompt)
+    assert payload["prompt_tokens"] == len(prompt_ids)
+    last = torch.log_softmax(full_logits(model, prompt_ids)[-1], dim=-1)
+    for c in choices:
+        ids = c["token_ids"]
+        assert ids and tokenizer.decode(ids).strip() == c["text"]
+        if len(ids) == 1:
+            reference = float(last[ids[0]])
+        else:
+            logprobs = torch.log_softmax(full_logits(model, prompt_ids + ids), dim=-1)
+            positions = range(len(prompt_ids) - 1, len(prompt_ids) + len(ids) - 1)
+            reference = sum(float(logprobs[p, t]) for p, t in zip(positions, ids))
+        assert c["logprob"] == pytest.approx(reference, abs=1e-4)
+    # probabilities are the softmax of the logprobs over the candidate set
+    norm = math.log(sum(math.exp(c["logprob"]) for c in choices))
+    for c in choices:
+        assert c["probability"] == pytest.approx(math.exp(c["logprob"] - norm), rel=1e-6)
+
+
+def test_score_choices_numeric_labels_and_plain_output(capsys, tiny_llama_dir):
+    code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", "Rate it:", "--format", "raw", "--score-choices", "2, 4,8", "--json")
+    assert code == 0, err
+    payload = parse_one_json(out)
+    assert [c["value"] for c in payload["choices"]] == [2.0, 4.0, 8.0]  # numeric labels value themselves
+    assert math.isclose(payload["expected_value"], sum(c["probability"] * c["value"] for c in payload["choices"]))
+
+    code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", "Rate it:", "--format", "raw", "--score-choices", "2,4,8")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split("\t")[0] for line in lines[:3]] == ["2", "4", "8"]
+    assert lines[3].startswith("expected value: ") and lines[4] == f"best: {payload['best']}"
+
+
+# --- eval-ppl ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ppl") / "text.txt"
+    path.write_text(LONG_TEXT, encoding="utf-8")
+    return path
+
+
+def test_eval_ppl_nonoverlapping_subprocess(tiny_llama_dir, long_text_file, api, tmp_path):
+    result = run_cli("eval-ppl", tiny_llama_dir, "--data", long_text_file, "--rows", 2, "--length", 32, "--json", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    payload = parse_one_json(result.stdout)
+    assert payload["tokens_scored"] == 2 * 31
+    assert payload["windows"] == 2 and payload["length"] == 32 and payload["stride"] is None
+    assert isinstance(payload["convention"], str) and "non-overlapping" in payload["convention"]
+    assert math.isfinite(payload["perplexity"]) and payload["perplexity"] > 1
+    assert math.isclose(payload["perplexity"], math.exp(payload["mean_nll"]), rel_tol=1e-9)
+
+    # The same perplexity from cache-less forwards of the two windows.
+    model, tokenizer = api
+    ids = tokenizer.encode(LONG_TEXT)
+    assert len(ids) >= 64
+    nll = 0.0
+    for w in range(2):
+        window = ids[w * 32 : (w + 1) * 32]
+        logprobs = torch.log_softmax(full_logits(model, window), dim=-1)
+        nll -= sum(float(logprobs[j, window[j + 1]]) for j in range(31))
+    assert payload["perplexity"] == pytest.approx(math.exp(nll / 62), rel=1e-4)
+
+
+def test_eval_ppl_sliding_scores_every_token_but_the_first(capsys, tiny_llama_dir, long_text_file, api):
+    code, out, err = cli(capsys, "eval-ppl", tiny_llama_dir, "--data", long_text_file, "--stride", 16, "--length", 32, "--json")
+    assert code == 0, err
+    payload = parse_one_json(out)
+    n_tokens = len(api[1].encode(long_text_file.read_text(encoding="utf-8")))
+    assert payload["tokens_scored"] == n_tokens - 1
+    assert payload["stride"] == 16 and "sliding" in payload["convention"]
+    assert math.isfinite(payload["perplexity"])
+
+
+def test_eval_ppl_plain_output(capsys, tiny_llama_dir, long_text_file):
+    code, out, err = cli(capsys, "eval-ppl", tiny_llama_dir, "--data", long_text_file, "--rows", 1, "--length", 16)
+    assert code == 0, err
+    assert out.startswith("perplexity ") and "over 15 tokens (1 windows)" in out and len(out.splitlines()) == 1
+    assert "convention" in err
+
+
+@pytest.mark.usefixtures("datasets_cache_in_tmp")
+def test_eval_ppl_jsonl_text_field(capsys, tiny_llama_dir, api, tmp_path):
+    rows = list(_TRAINING_TEXT) * 2
+    joined = "\n\n".join(rows)
+    n_tokens = len(api[1].encode(joined))
+    results = []
+    for name, field in (("text.jsonl", None), ("body.jsonl", "body")):
+        path = write_jsonl(tmp_path / name, [{field or "text": r, "id": i} for i, r in enumerate(rows)])
+        extra = ["--text-field", field] if field else []
+        code, out, err = cli(capsys, "eval-ppl", tiny_llama_dir, "--data", path, "--stride", 16, "--length", 32, "--json", *extra)
+        assert code == 0, err
+        payload = parse_one_json(out)
+        assert payload["tokens_scored"] == n_tokens - 1
+        assert f"field '{field or 'text'}'" in payload["data"]
+        results.append(payload)
+    assert results[0]["perplexity"] == results[1]["perplexity"]  # same text, however the field is named
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+def test_bad_model_dir_subprocess(tmp_path, broken_model_dirs):
+    missing = tmp_path / "no-such-model"
+    result = run_cli("infer", missing, "-p", "hi")
+    assert_usage_error(result.returncode, result.stdout, result.stderr, "does not exist", str(missing))
+    result = run_cli("eval-ppl", broken_model_dirs["truncated"], "--data", Path(__file__))
+    assert_usage_error(result.returncode, result.stdout, result.stderr, "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "which, needles",
+    [
+        ("missing", ["does not exist"]),
+        ("file", ["not a directory"]),
+        ("noconfig", ["config.json"]),
+        ("truncated", ["model.safetensors", "safetensors"]),
+        ("gpt2", ["GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]),
+        ("badjson", ["config.json"]),
+    ],
+)
+def test_bad_model_directories(capsys, tmp_path, tiny_llama_dir, broken_model_dirs, which, needles):
+    path = {
+        "missing": tmp_path / "nowhere",
+        "file": tiny_llama_dir / "config.json",
+        **broken_model_dirs,
+    }[which]
+    code, out, err = cli(capsys, "infer", path, "-p", "hi", "--max-new-tokens", 2)
+    assert_usage_error(code, out, err, *needles)
+
+
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+@pytest.mark.parametrize(
+    "args, needles, after_load",
+    [
+        (["-p", LONG_PROMPT, "--max-seq-len", 8, "--format", "raw"], ["max_seq_len", "8"], True),
+        (["-p", "hi", "--bogus-option"], ["--bogus-option"], False),
+        ([], ["--prompt"], False),
+        (["-p", "hi", "--prompt-file", __file__], ["--prompt", "--prompt-file"], False),
+        (["-p", "hi", "--format", "nope"], ["nope", "raw", "chatml"], True),
+        (["-p", "hi", "--top-p", 1.5], ["top_p", "1.5"], False),
+        (["-p", "hi", "--dtype", "fp8"], ["fp8", "fp16"], False),
+        (["-p", "hi", "--device", "cuda"], ["cuda", "--device cpu"], False),
+        (["-p", "hi", "--max-new-tokens", "many"], ["--max-new-tokens"], False),
+        (["-p", "hi", "--max-new-tokens", 0], ["max_new_tokens"], True),
+        (["-p", "hi", "--max-seq-len", 0], ["--max-seq-len"], False),
+        (["-p", "hi", "--seed", -1], ["seed"], False),
+        (["-p", "hi", "--temperature", -0.5], ["temperature"], False),
+        (["--prompt-file", "/nonexistent/prompt.txt"], ["/nonexistent/prompt.txt"], False),
+        (["-p", "hi", "--score-choices", "a,b", "--choice-values", "1"], ["1 values", "2 choices"], True),
+        (["-p", "hi", "--score-choices", "a,b", "--choice-values", "x,y"], ["--choice-values"], True),
+        (["-p", "hi", "--score-choices", " , "], ["--score-choices"], True),
+    ],
+)
+def test_infer_bad_input(capsys, tiny_llama_dir, args, needles, after_load):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, out, err = cli(capsys, "infer", tiny_llama_dir, *args)
+    assert_usage_error(code, out, err, *needles, after_load=after_load)
+
+
+@pytest.mark.parametrize(
+    "args, needles, after_load",
+    [
+        (["--data", "/nonexistent/data.txt"], ["/nonexistent/data.txt", "does not exist"], False),
+        (["--data", "TEXT", "--rows", 0], ["--rows"], False),
+        (["--data", "TEXT", "--rows", 2, "--stride", 16], ["--rows", "--stride"], False),
+        (["--data", "TEXT", "--stride", 64, "--length", 32], ["--stride", "32"], True),
+        (["--data", "SHORT", "--length", 32], ["fewer than one window", "32"], True),
+        (["--data", "TEXT", "--length", 1], ["--length"], True),
+        (["--data", "TEXT", "--rows", 1, "--length", 8, "--batch-size", 0], ["--batch-size"], True),
+        (["--data", "TEXT", "--rows", "two"], ["--rows"], False),
+    ],
+)
+def test_eval_ppl_bad_input(capsys, tiny_llama_dir, long_text_file, tmp_path, args, needles, after_load):
+    short = tmp_path / "short.txt"
+    short.write_text("hi", encoding="utf-8")
+    args = [{"TEXT": long_text_file, "SHORT": short}.get(a, a) for a in args]
+    code, out, err = cli(capsys, "eval-ppl", tiny_llama_dir, *args)
+    assert_usage_error(code, out, err, *needles, after_load=after_load)
+
+
+@pytest.mark.usefixtures("datasets_cache_in_tmp")
+def test_eval_ppl_jsonl_missing_field(capsys, tiny_llama_dir, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"body": "hello there"}, {"body": "general kenobi"}])
+    code, out, err = cli(capsys, "eval-ppl", tiny_llama_dir, "--data", path, "--json")
+    # datasets may draw its "Generating train split" progress on stderr first; the error is the last line
+    assert code == 2 and out == "", (code, out, err)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("exlq: error: ") and "'text'" in lines[-1] and "body" in lines[-1] and "--text-field" in lines[-1]
+    assert sum("exlq: error" in line for line in lines) == 1 and "Traceback" not in err

@@ -1,0 +1,155 @@
+"""Generator: prefix reuse, stop rules, streaming, scoring, against direct model calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exlq.errors import ExlqError
+from exlq.runtime.generator import Generator, default_choice_values
+from exlq.runtime.loader import load_model
+from exlq.runtime.sampler import SamplerSettings
+from exlq.runtime.tokenizer import Tokenizer
+
+GREEDY = SamplerSettings(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_llama_dir):
+    return load_model(tiny_llama_dir, device="cpu"), Tokenizer.from_dir(tiny_llama_dir)
+
+
+@pytest.fixture
+def generator(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    return Generator(model, tokenizer, max_seq_len=128)
+
+
+def greedy_reference(model, ids: list[int], steps: int) -> list[int]:
+    """Greedy continuation by full forwards with no cache at all."""
+    ids = list(ids)
+    out = []
+    for _ in range(steps):
+        token = int(model(torch.tensor([ids]))[0, -1].argmax())
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def test_greedy_generation_matches_uncached_reference(generator, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("The quick brown fox", add_bos=True)
+    result = generator.generate(prompt, sampler=GREEDY, max_new_tokens=12, eos_ids=[])
+    assert result.token_ids == greedy_reference(model, prompt, 12)
+    assert result.stop_reason == "max_new_tokens"
+    assert result.text == tokenizer.decode(result.token_ids)
+
+
+def test_prefix_reuse_processes_only_new_tokens(generator, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    first = tokenizer.encode("Paris is the capital of France.", add_bos=True)
+    generator.generate(first, sampler=GREEDY, max_new_tokens=4, eos_ids=[])
+    assert generator.tokens_processed == len(first) + 3  # the last sampled token is never run
+
+    second = first + tokenizer.encode(" Berlin is the capital of")
+    before = generator.tokens_processed
+    result = generator.generate(second, sampler=GREEDY, max_new_tokens=6, eos_ids=[])
+    prompt_cost = len(second) - len(first)
+    assert result.reused_tokens == len(first)
+    assert generator.tokens_processed - before == prompt_cost + 5
+    fresh = Generator(model, tokenizer, max_seq_len=128)
+    assert fresh.generate(second, sampler=GREEDY, max_new_tokens=6, eos_ids=[]).token_ids == result.token_ids
+    assert fresh.tokens_processed == len(second) + 5
+
+    # The same prompt again: only its last token runs (its logits are needed).
+    before = generator.tokens_processed
+    again = generator.generate(second, sampler=GREEDY, max_new_tokens=1, eos_ids=[])
+    assert generator.tokens_processed - before == 1
+    assert again.token_ids == result.token_ids[:1]
+
+
+def test_diverging_prompt_rewinds_the_cache(generator, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    generator.generate(tokenizer.encode("Once upon a time there", add_bos=True), sampler=GREEDY, max_new_tokens=3)
+    other = tokenizer.encode("Once upon a mountain", add_bos=True)
+    result = generator.generate(other, sampler=GREEDY, max_new_tokens=8, eos_ids=[])
+    assert result.token_ids == greedy_reference(model, other, 8)
+
+
+def test_stop_string_truncates_text(generator, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("def add(a, b):", add_bos=True)
+    full = generator.generate(prompt, sampler=GREEDY, max_new_tokens=16, eos_ids=[]).text
+    assert len(full) > 6
+    stop = full[3:6]
+    streamed: list[str] = []
+    result = generator.generate(prompt, sampler=GREEDY, max_new_tokens=16, eos_ids=[], stop_strings=[stop], on_text=streamed.append)
+    assert result.stop_reason == "stop_string"
+    assert result.text == full[: full.index(stop)]
+    assert "".join(streamed) == result.text
+
+
+def test_eos_stops_without_emitting_it(generator, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    candidates = ("Numbers: 0 1 2", "The quick brown fox", "def add(a, b):", "Paris is")
+    prompt, first, second = next(
+        (p, *pair)
+        for p in (tokenizer.encode(text, add_bos=True) for text in candidates)
+        if len(set(pair := greedy_reference(model, p, 2))) == 2
+    )
+    result = generator.generate(prompt, sampler=GREEDY, max_new_tokens=16, eos_ids=[second])
+    assert result.stop_reason == "eos"
+    assert result.token_ids == [first]
+
+
+def test_generation_ends_cleanly_at_max_seq_len(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    generator = Generator(model, tokenizer, max_seq_len=20)
+    prompt = tokenizer.encode("Once upon a time", add_bos=True)
+    result = generator.generate(prompt, sampler=GREEDY, max_new_tokens=100, eos_ids=[])
+    assert result.stop_reason == "max_seq_len"
+    assert result.new_tokens == 20 - len(prompt) + 1  # the last token is sampled but never cached
+    assert generator.cache.seq_len == 20 and generator.max_seq_len == 20
+
+
+def test_prompt_longer_than_max_seq_len_is_refused(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    generator = Generator(model, tokenizer, max_seq_len=8)
+    with pytest.raises(ExlqError, match="max_seq_len is 8"):
+        generator.generate(list(range(5, 20)), sampler=GREEDY)
+
+
+def test_seeded_sampling_reproduces(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("Once upon a time", add_bos=True)
+
+    def run(seed):
+        return Generator(model, tokenizer, max_seq_len=64).generate(
+            prompt, sampler=SamplerSettings(temperature=1.5, seed=seed), max_new_tokens=20, eos_ids=[]
+        ).token_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_score_choices_match_full_forward(generator, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt_text = "The quick brown"
+    prompt = tokenizer.encode(prompt_text, add_bos=True)
+    labels = [" fox", " dog jumps", "A"]
+    choice_ids = [generator.continuation_ids(prompt_text, prompt, c) for c in labels]
+    assert any(len(ids) > 1 for ids in choice_ids)
+    scores = generator.score_choices(prompt, choice_ids, labels=labels)
+    for label, ids, score in zip(labels, choice_ids, scores.choices):
+        logits = model(torch.tensor([prompt + ids]), max_output_len=None)[0].float()
+        logprobs = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
+        expected = logprobs.gather(1, torch.tensor(ids)[:, None]).sum().item()
+        assert score.logprob == pytest.approx(expected, abs=1e-4), label
+    assert sum(c.probability for c in scores.choices) == pytest.approx(1.0)
+    assert scores.expected_value == pytest.approx(sum(c.probability * (i + 1) for i, c in enumerate(scores.choices)))
+    assert generator.cache.seq_len == len(prompt)  # candidates were rewound
+
+
+def test_default_choice_values():
+    assert default_choice_values(["A", "B", "C"]) == [1.0, 2.0, 3.0]
+    assert default_choice_values(["1", "5", "10"]) == [1.0, 5.0, 10.0]

@@ -1,0 +1,69 @@
+"""End-to-end checks on the real models from ../shared/tools/get-models (skipped when absent)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import real_model_dir
+from exlq.data.text_sources import load_text
+from exlq.eval.perplexity import evaluate_perplexity
+from exlq.runtime.generator import Generator
+from exlq.runtime.loader import load_model
+from exlq.runtime.prompt_format import format_prompt, prompt_encoding
+from exlq.runtime.sampler import SamplerSettings
+from exlq.runtime.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+ROWS, LENGTH = 3, 1024
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    path = real_model_dir("smollm2-135m")
+    return path, load_model(path, device="cpu", dtype="fp32"), Tokenizer.from_dir(path)
+
+
+def test_eval_ppl_matches_transformers_on_wikitext(smollm):
+    """Same windows, same tokens: exlq's perplexity within 0.5 % of transformers' (in practice ~1e-6)."""
+    import transformers
+
+    try:
+        text = load_text("wikitext2").text
+    except Exception as exc:  # the shared data is optional for this test
+        pytest.skip(f"wikitext-2 test text not available: {exc}")
+    path, model, tokenizer = smollm
+    ids = torch.tensor(tokenizer.encode(text[:200_000]))
+    ours = evaluate_perplexity(model, ids, length=LENGTH, rows=ROWS)
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    hf_ids = hf_tok(text[:200_000], return_tensors="pt", add_special_tokens=False).input_ids[0]
+    assert torch.equal(hf_ids[: ROWS * LENGTH], ids[: ROWS * LENGTH])
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in range(ROWS):
+            x = hf_ids[w * LENGTH : (w + 1) * LENGTH][None]
+            logp = torch.log_softmax(reference(x).logits.float()[0, :-1], dim=-1)
+            nll -= logp.gather(1, x[0, 1:, None]).sum().item()
+            n += LENGTH - 1
+    expected = math.exp(nll / n)
+    assert ours.tokens_scored == n
+    assert ours.perplexity == pytest.approx(expected, rel=5e-3)
+    assert 10 < ours.perplexity < 40  # a trained model on English text, not noise
+
+
+def test_chat_answer_is_coherent(smollm):
+    path, model, tokenizer = smollm
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = format_prompt(messages, "auto", tokenizer)
+    add_bos, special = prompt_encoding("chat_template", tokenizer, prompt)
+    ids = tokenizer.encode(prompt, add_bos=add_bos, encode_special_tokens=special)
+    result = Generator(model, tokenizer, max_seq_len=512).generate(
+        ids, sampler=SamplerSettings(temperature=0.0), max_new_tokens=32
+    )
+    assert "Paris" in result.text
+    assert result.stop_reason == "eos"
