@@ -48,6 +48,11 @@ def _error(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's UsageError, whether from click itself or the copy that newer typer vendors."""
+    return any(cls.__name__ == "UsageError" for cls in type(exc).__mro__) and hasattr(exc, "format_message")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     args = sys.argv[1:] if argv is None else argv
@@ -59,17 +64,16 @@ def main(argv: list[str] | None = None) -> None:
         _error("interrupted", 130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.TyperException as exc:  # click's usage errors, vendored by typer
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            if os.environ.get("EXLQ_DEBUG"):
+                traceback.print_exc()
+            _error(f"internal error: {type(exc).__name__}: {exc} (set EXLQ_DEBUG=1 for the traceback)", 1)
         ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            sys.stdout.write(ctx.get_help() + "\n")
+        if type(exc).__name__ == "NoArgsIsHelpError":  # typer has printed the help already
             sys.exit(0)
         where = f"exlq {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "exlq --help"
         _error(f"{exc.format_message()} (see '{where}')", 2)
-    except Exception as exc:  # a bug: keep it to one line unless asked
-        if os.environ.get("EXLQ_DEBUG"):
-            traceback.print_exc()
-        _error(f"internal error: {type(exc).__name__}: {exc} (set EXLQ_DEBUG=1 for the traceback)", 1)
     sys.exit(result if isinstance(result, int) else 0)
 
 
