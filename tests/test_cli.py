@@ -7,6 +7,7 @@ same error mapping (ExlqError and usage errors -> exit 2 with one `exlq: error:`
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -29,27 +30,43 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox"
 STOP_REASONS = {"eos", "max_new_tokens", "stop_string"}
 LONG_TEXT = "\n".join(_TRAINING_TEXT * 3)  # a few hundred tiny-tokenizer tokens
+SEEDED_OPTIONS = ("--temperature", 1, "--seed", 5, "--max-new-tokens", 16, "--json", "--format", "raw")
 
 
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-def run_cli(*args: str, input: str | None = None, tmp_path: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m exlq.cli.app ARGS` in a subprocess, stdout and stderr captured apart."""
+def _cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "EXLQ_DEBUG"}
-    env.update(COLUMNS="200", PYTHONIOENCODING="utf-8")
-    if tmp_path is not None:  # keep datasets' arrow cache out of the user's home
-        env["HF_DATASETS_CACHE"] = str(tmp_path / "hf_datasets_cache")
-    return subprocess.run(
+    # a wide console (no wrapped status lines); datasets' arrow cache kept out of the user's home
+    env.update(COLUMNS="200", PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets_cache"))
+    return env
+
+
+def start_cli(args, tmp_path: Path, input: str | None = None):
+    """Start `python -m exlq.cli.app ARGS` (stdout and stderr captured apart); finish it with finish_cli."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "exlq.cli.app", *map(str, args)],
-        input=input,
-        capture_output=True,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         encoding="utf-8",
-        env=env,
+        env=_cli_env(tmp_path),
         cwd=str(REPO),
-        timeout=120,
     )
+    return proc, input
+
+
+def finish_cli(started) -> subprocess.CompletedProcess:
+    proc, input = started
+    try:
+        out, err = proc.communicate(input, timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{proc.args} timed out; stderr: {err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -150,16 +167,43 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def long_text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ppl") / "text.txt"
+    path.write_text(LONG_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_runs(tiny_llama_dir, broken_model_dirs, long_text_file, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """The subprocess runs of this file, started together (each spends ~2-4 s importing torch)."""
+    tmp = tmp_path_factory.mktemp("cli-subprocess")
+    commands = {
+        "help": (["--help"], None),
+        "version": (["--version"], None),
+        "infer_json": (["infer", tiny_llama_dir, "-p", PROMPT, "--greedy", "--max-new-tokens", 8, "--json", "--format", "raw"], None),
+        "infer_stdin": (["infer", tiny_llama_dir, "--prompt-file", "-", *SEEDED_OPTIONS], PROMPT),
+        "eval_ppl": (["eval-ppl", tiny_llama_dir, "--data", long_text_file, "--rows", 2, "--length", 32, "--json"], None),
+        "missing_model": (["infer", tmp / "no-such-model", "-p", "hi"], None),
+        "truncated": (["eval-ppl", broken_model_dirs["truncated"], "--data", long_text_file], None),
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: CI boxes are small
+        futures = {name: pool.submit(lambda c: finish_cli(start_cli(c[0], tmp, c[1])), command) for name, command in commands.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    results["missing_model_path"] = tmp / "no-such-model"
+    return results
+
+
 # --- help and version -------------------------------------------------------------------------------
 
 
-def test_root_help_and_version_subprocess():
-    result = run_cli("--help")
+def test_root_help_and_version_subprocess(real_runs):
+    result = real_runs["help"]
     assert result.returncode == 0, result.stderr
     assert "infer" in result.stdout and "eval-ppl" in result.stdout and "--version" in result.stdout
     assert result.stderr == ""
 
-    result = run_cli("--version")
+    result = real_runs["version"]
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"exlq {exlq.__version__}"
     assert result.stderr == ""
@@ -189,8 +233,8 @@ def test_subcommand_help(capsys, command, options):
 # --- infer: generation ------------------------------------------------------------------------------
 
 
-def test_infer_json_greedy_subprocess_matches_python_api(tiny_llama_dir, api):
-    result = run_cli("infer", tiny_llama_dir, "-p", PROMPT, "--greedy", "--max-new-tokens", 8, "--json", "--format", "raw")
+def test_infer_json_greedy_subprocess_matches_python_api(real_runs, api):
+    result = real_runs["infer_json"]  # infer MODEL -p PROMPT --greedy --max-new-tokens 8 --json --format raw
     assert result.returncode == 0, result.stderr
     payload = parse_one_json(result.stdout)
     for key in ("text", "prompt_tokens", "new_tokens", "stop_reason", "time_to_first_token_s", "decode_tokens_per_second"):
@@ -235,17 +279,16 @@ def test_infer_greedy_is_deterministic(capsys, tiny_llama_dir):
     assert runs[0]["format"] == "chat_template"  # the tiny tokenizer has a chat template: auto picks it
 
 
-def test_infer_seeded_sampling_is_reproducible_including_stdin_prompt(capsys, tiny_llama_dir):
-    options = ("--temperature", 1, "--seed", 5, "--max-new-tokens", 16, "--json", "--format", "raw")
+def test_infer_seeded_sampling_is_reproducible_including_stdin_prompt(capsys, tiny_llama_dir, real_runs):
     runs = []
     for _ in range(2):
-        code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", PROMPT, *options)
+        code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", PROMPT, *SEEDED_OPTIONS)
         assert code == 0, err
         runs.append(parse_one_json(out))
     assert runs[0]["text"] == runs[1]["text"]
     assert runs[0]["seed"] == 5
     # A real process reading the prompt from stdin samples the same tokens.
-    result = run_cli("infer", tiny_llama_dir, "--prompt-file", "-", *options, input=PROMPT)
+    result = real_runs["infer_stdin"]  # infer MODEL --prompt-file - SEEDED_OPTIONS, PROMPT on stdin
     assert result.returncode == 0, result.stderr
     assert parse_one_json(result.stdout)["text"] == runs[0]["text"]
 
@@ -324,15 +367,8 @@ def test_score_choices_numeric_labels_and_plain_output(capsys, tiny_llama_dir):
 # --- eval-ppl ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def long_text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ppl") / "text.txt"
-    path.write_text(LONG_TEXT, encoding="utf-8")
-    return path
-
-
-def test_eval_ppl_nonoverlapping_subprocess(tiny_llama_dir, long_text_file, api, tmp_path):
-    result = run_cli("eval-ppl", tiny_llama_dir, "--data", long_text_file, "--rows", 2, "--length", 32, "--json", tmp_path=tmp_path)
+def test_eval_ppl_nonoverlapping_subprocess(real_runs, api):
+    result = real_runs["eval_ppl"]  # eval-ppl MODEL --data long_text_file --rows 2 --length 32 --json
     assert result.returncode == 0, result.stderr
     payload = parse_one_json(result.stdout)
     assert payload["tokens_scored"] == 2 * 31
@@ -391,11 +427,10 @@ def test_eval_ppl_jsonl_text_field(capsys, tiny_llama_dir, api, tmp_path):
 # --- bad input --------------------------------------------------------------------------------------
 
 
-def test_bad_model_dir_subprocess(tmp_path, broken_model_dirs):
-    missing = tmp_path / "no-such-model"
-    result = run_cli("infer", missing, "-p", "hi")
-    assert_usage_error(result.returncode, result.stdout, result.stderr, "does not exist", str(missing))
-    result = run_cli("eval-ppl", broken_model_dirs["truncated"], "--data", Path(__file__))
+def test_bad_model_dir_subprocess(real_runs):
+    result = real_runs["missing_model"]
+    assert_usage_error(result.returncode, result.stdout, result.stderr, "does not exist", str(real_runs["missing_model_path"]))
+    result = real_runs["truncated"]
     assert_usage_error(result.returncode, result.stdout, result.stderr, "model.safetensors")
 
 

@@ -30,6 +30,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_optional_json(path: Path) -> dict[str, Any] | None:
+    """Like read_json, but None when the file is absent (most files of a model directory are optional)."""
+    return read_json(path) if Path(path).is_file() else None
+
+
 def read_model_config(model_dir: Path) -> dict[str, Any]:
     """The raw `config.json` of a model directory, with clear errors for the usual mistakes."""
     model_dir = Path(model_dir)

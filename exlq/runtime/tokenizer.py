@@ -8,7 +8,6 @@ of exlq never has to know where each value came from.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,7 @@ from typing import Any
 import tokenizers
 
 from exlq.errors import ExlqError
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None when the file is absent (all config files but one are optional)."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExlqError(f"{path} is not valid JSON ({e}); fix or re-download the file") from e
-    if not isinstance(data, dict):
-        raise ExlqError(f"{path} should hold a JSON object, not {type(data).__name__}; fix or re-download the file")
-    return data
+from exlq.runtime.config import read_optional_json
 
 
 def _token_text(value: Any) -> str | None:
@@ -108,9 +95,9 @@ class Tokenizer:
         """
         directory = Path(path)
         backend = _load_backend(directory / "tokenizer.json")
-        tok_cfg = _read_json(directory / "tokenizer_config.json") or {}
-        gen_cfg = _read_json(directory / "generation_config.json") or {}
-        model_cfg = _read_json(directory / "config.json") or {}
+        tok_cfg = read_optional_json(directory / "tokenizer_config.json") or {}
+        gen_cfg = read_optional_json(directory / "generation_config.json") or {}
+        model_cfg = read_optional_json(directory / "config.json") or {}
 
         def token_and_id(key: str) -> tuple[str | None, int | None]:
             text = _token_text(tok_cfg.get(key))
