@@ -58,6 +58,16 @@ def real_model_dir(name: str) -> Path:
     return path
 
 
+def write_jsonl(path: Path, rows: list[dict], opener=open) -> Path:
+    """Rows as JSON lines (`opener=gzip.open` for .jsonl.gz)."""
+    import json
+
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
 def hf_tokenizer(path: Path):
     """transformers' tokenizer for the same directory: the reference exlq is checked against."""
     transformers = pytest.importorskip("transformers")

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import write_jsonl
 import torch
 
 import exlq
@@ -137,23 +139,6 @@ def broken_model_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     (dirs["badjson"] / "config.json").write_text("{this is not: json,")
     (dirs["noconfig"] / "config.json").unlink()
     return dirs
-
-
-@pytest.fixture
-def datasets_cache_in_tmp(tmp_path_factory, monkeypatch):
-    """Keep `datasets`' arrow cache (written even for local .jsonl files) out of the user's home."""
-    cache = tmp_path_factory.mktemp("hf_datasets_cache")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    try:  # once imported, datasets reads its cache dir from config, not the environment
-        import datasets.config
-    except ImportError:
-        return
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -443,7 +428,6 @@ def test_eval_ppl_more_rows_than_fit_warns(capsys, tiny_llama_dir, long_text_fil
     assert f"only {fit} windows" in err
 
 
-@pytest.mark.usefixtures("datasets_cache_in_tmp")
 def test_eval_ppl_jsonl_text_field(capsys, tiny_llama_dir, api, tmp_path):
     rows = list(_TRAINING_TEXT) * 2
     joined = "\n\n".join(rows)
@@ -500,19 +484,20 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
         (["-p", "hi", "--bogus-option"], ["--bogus-option"], False),
         ([], ["--prompt"], False),
         (["-p", "hi", "--prompt-file", __file__], ["--prompt", "--prompt-file"], False),
-        (["-p", "hi", "--format", "nope"], ["nope", "raw", "chatml"], True),
+        (["-p", "hi", "--format", "nope"], ["nope", "raw", "chatml"], False),
         (["-p", "hi", "--top-p", 1.5], ["top_p", "1.5"], False),
         (["-p", "hi", "--dtype", "fp8"], ["fp8", "fp16"], False),
         (["-p", "hi", "--device", "cuda"], ["cuda", "--device cpu"], False),
         (["-p", "hi", "--max-new-tokens", "many"], ["--max-new-tokens"], False),
-        (["-p", "hi", "--max-new-tokens", 0], ["max_new_tokens"], True),
+        (["-p", "hi", "--max-new-tokens", 0], ["--max-new-tokens"], False),
         (["-p", "hi", "--max-seq-len", 0], ["--max-seq-len"], False),
         (["-p", "hi", "--seed", -1], ["seed"], False),
         (["-p", "hi", "--temperature", -0.5], ["temperature"], False),
         (["--prompt-file", "/nonexistent/prompt.txt"], ["/nonexistent/prompt.txt"], False),
-        (["-p", "hi", "--score-choices", "a,b", "--choice-values", "1"], ["1 values", "2 choices"], True),
-        (["-p", "hi", "--score-choices", "a,b", "--choice-values", "x,y"], ["--choice-values"], True),
-        (["-p", "hi", "--score-choices", " , "], ["--score-choices"], True),
+        (["-p", "hi", "--score-choices", "a,b", "--choice-values", "1"], ["1 numbers", "2 choices"], False),
+        (["-p", "hi", "--score-choices", "a,b", "--choice-values", "x,y"], ["--choice-values"], False),
+        (["-p", "hi", "--score-choices", " , "], ["--score-choices"], False),
+        (["-p", "hi", "--choice-values", "1,2"], ["--score-choices"], False),
     ],
 )
 def test_infer_bad_input(capsys, tiny_llama_dir, args, needles, after_load):
@@ -528,10 +513,10 @@ def test_infer_bad_input(capsys, tiny_llama_dir, args, needles, after_load):
         (["--data", "/nonexistent/data.txt"], ["/nonexistent/data.txt", "does not exist"], False),
         (["--data", "TEXT", "--rows", 0], ["--rows"], False),
         (["--data", "TEXT", "--rows", 2, "--stride", 16], ["--rows", "--stride"], False),
-        (["--data", "TEXT", "--stride", 64, "--length", 32], ["--stride", "32"], True),
+        (["--data", "TEXT", "--stride", 64, "--length", 32], ["--stride", "32"], False),
         (["--data", "SHORT", "--length", 32], ["fewer than one window", "32"], True),
-        (["--data", "TEXT", "--length", 1], ["--length"], True),
-        (["--data", "TEXT", "--rows", 1, "--length", 8, "--batch-size", 0], ["--batch-size"], True),
+        (["--data", "TEXT", "--length", 1], ["--length"], False),
+        (["--data", "TEXT", "--rows", 1, "--length", 8, "--batch-size", 0], ["--batch-size"], False),
         (["--data", "TEXT", "--rows", "two"], ["--rows"], False),
     ],
 )
@@ -543,7 +528,6 @@ def test_eval_ppl_bad_input(capsys, tiny_llama_dir, long_text_file, tmp_path, ar
     assert_usage_error(code, out, err, *needles, after_load=after_load)
 
 
-@pytest.mark.usefixtures("datasets_cache_in_tmp")
 def test_eval_ppl_jsonl_missing_field(capsys, tiny_llama_dir, tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"body": "hello there"}, {"body": "general kenobi"}])
     code, out, err = cli(capsys, "eval-ppl", tiny_llama_dir, "--data", path, "--json")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_jsonl
+
 from exlq.data import text_sources
 from exlq.data.text_sources import NAMED_SOURCES, find_shared_dir, load_text
 from exlq.errors import ExlqError
@@ -16,25 +18,6 @@ from exlq.errors import ExlqError
 ROWS = [" = Title = \n", "", " First paragraph .\n", "Zürich 🙂\n"]
 JOINED = " = Title = \n\n\n\n\n First paragraph .\n\n\nZürich 🙂\n"  # written out by hand
 WIKITEXT_SHA256_PREFIX = "71fa921e"
-
-
-@pytest.fixture(autouse=True)
-def datasets_cache_in_tmp(tmp_path_factory, monkeypatch):
-    """Keep `datasets`' arrow cache out of the user's home (it writes even for local files)."""
-    cache = tmp_path_factory.mktemp("hf_datasets_cache")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    try:  # once imported, datasets reads its cache dir from config, not the environment
-        import datasets.config
-    except ImportError:
-        return
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-
-
-def write_jsonl(path: Path, rows: list[dict], opener=open) -> Path:
-    with opener(path, "wt", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
 
 
 def test_joined_constant_matches_rows():
@@ -208,3 +191,14 @@ def test_shared_dir_fallbacks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ../shared from here does not exist: the repo's sibling is next
     assert text_sources.shared_dir_candidates()[-1] == repo_sibling
     assert find_shared_dir() == (repo_sibling if repo_sibling.is_dir() else None)
+
+
+def test_reading_a_file_leaves_no_datasets_cache(tmp_path, monkeypatch):
+    import datasets.config
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    load_text(str(write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}])))
+    assert list(cache.iterdir()) == []

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 # Human-readable text and progress go to stderr; stdout carries results (text or --json).
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json).", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -31,6 +30,8 @@ def eval_ppl(
     every token after the first is scored once with up to length-S tokens of context.
     The text is tokenized with no BOS or other special tokens.
     """
+    import torch
+
     from exlq.data.text_sources import load_text
     from exlq.errors import ExlqError
     from exlq.eval.perplexity import evaluate_perplexity, nonoverlapping_windows, sliding_windows
@@ -39,6 +40,10 @@ def eval_ppl(
         raise ExlqError("--rows and --stride choose different modes: give one of them")
     if rows is not None and rows < 1:
         raise ExlqError(f"--rows must be at least 1 (got {rows})")
+    if batch_size < 1:
+        raise ExlqError(f"--batch-size must be at least 1 (got {batch_size})")
+    # Window rules are checked on a notional long text now, before minutes go into loading.
+    sliding_windows(length * 2, length, stride) if stride else nonoverlapping_windows(length, length, None)
     source = load_text(data, text_field=text_field)
     model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype)
     with stderr.status("tokenizing", spinner="dots"):

@@ -50,10 +50,16 @@ def infer(
     Example: exlq infer MODEL -p "Write a haiku about GPUs" --max-new-tokens 64
     """
     from exlq.runtime.generator import Generator
-    from exlq.runtime.prompt_format import format_prompt, prompt_encoding, resolve_format, stop_strings_for
+    from exlq.runtime.prompt_format import FORMATS, format_prompt, prompt_encoding, resolve_format, stop_strings_for
     from exlq.runtime.sampler import SamplerSettings
 
+    # Everything that can be checked without the model is checked before loading it.
     user_text = _read_prompt(prompt, prompt_file)
+    if prompt_format not in FORMATS:
+        raise ExlqError(f"unknown prompt format {prompt_format!r}; choose one of: {', '.join(FORMATS)}")
+    if max_new_tokens < 1:
+        raise ExlqError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    labels, values = _parse_choices(score_choices, choice_values)
     settings = SamplerSettings(
         temperature=0.0 if greedy else temperature,
         top_k=top_k,
@@ -76,11 +82,16 @@ def infer(
         add_bos=default_bos if add_bos is None else add_bos,
         encode_special_tokens=default_special if encode_special_tokens is None else encode_special_tokens,
     )
+    if max_seq_len is not None and max_seq_len > model.config.max_position_embeddings:
+        stderr.print(
+            f"[yellow]warning: --max-seq-len {max_seq_len} is beyond the model's max_position_embeddings "
+            f"({model.config.max_position_embeddings}); quality may drop past that[/yellow]"
+        )
     generator = Generator(model, tokenizer, max_seq_len=max_seq_len)
     common = {"model": str(model_dir), "format": fmt, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "prompt_tokens": len(prompt_ids)}
 
-    if score_choices is not None:
-        _score(generator, prompt_text, prompt_ids, score_choices, choice_values, common, json_output)
+    if labels:
+        _score(generator, prompt_text, prompt_ids, labels, values, common, json_output)
         return
 
     out = sys.stderr if json_output else sys.stdout
@@ -128,16 +139,27 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         raise ExlqError(f"cannot read --prompt-file {prompt_file}: {exc}") from None
 
 
-def _score(generator, prompt_text, prompt_ids, score_choices, choice_values, common, json_output) -> None:
+def _parse_choices(score_choices: str | None, choice_values: str | None) -> tuple[list[str], list[float] | None]:
+    """Labels and values of --score-choices/--choice-values (no labels: generate instead)."""
+    if score_choices is None:
+        if choice_values is not None:
+            raise ExlqError("--choice-values needs --score-choices")
+        return [], None
     labels = split_list(score_choices)
     if not labels:
         raise ExlqError("--score-choices needs at least one comma-separated choice")
-    values = None
-    if choice_values is not None:
-        try:
-            values = [float(v) for v in split_list(choice_values)]
-        except ValueError:
-            raise ExlqError(f"--choice-values must be comma-separated numbers (got {choice_values!r})") from None
+    if choice_values is None:
+        return labels, None
+    try:
+        values = [float(v) for v in split_list(choice_values)]
+    except ValueError:
+        raise ExlqError(f"--choice-values must be comma-separated numbers (got {choice_values!r})") from None
+    if len(values) != len(labels):
+        raise ExlqError(f"--choice-values has {len(values)} numbers for {len(labels)} choices")
+    return labels, values
+
+
+def _score(generator, prompt_text, prompt_ids, labels, values, common, json_output) -> None:
     choice_ids = [generator.continuation_ids(prompt_text, prompt_ids, label) for label in labels]
     scores = generator.score_choices(prompt_ids, choice_ids, labels=labels, values=values)
     if json_output:

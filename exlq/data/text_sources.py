@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +181,13 @@ def _load_dataset(builder: str, path: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps parse errors in many types; all mean "bad file"
-        raise ExlqError(f"cannot read {path} as {builder}: {type(e).__name__}: {e}") from e
+    datasets.disable_progress_bars()  # our own progress goes to stderr; theirs would garble it
+    datasets.logging.set_verbosity_error()
+    # A throw-away cache: reading a local file once should leave nothing behind in ~/.cache.
+    with tempfile.TemporaryDirectory(prefix="exlq-datasets-") as cache_dir:
+        try:
+            return datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True
+            )
+        except Exception as e:  # datasets wraps parse errors in many types; all mean "bad file"
+            raise ExlqError(f"cannot read {path} as {builder}: {type(e).__name__}: {e}") from e

@@ -2,8 +2,10 @@
 
 New tokens attending to cached ones need a causal mask aligned to the lower right (query i sits
 at absolute position past+i). SDPA's `is_causal` is upper-left aligned, so it is used only when
-nothing is cached; otherwise torch's `causal_lower_right` bias keeps the fast kernels. Left
-padding (batches of unequal prompts) and sliding windows need an explicit boolean mask.
+nothing is cached and a single decoded token needs no mask at all; chunked prefill after cached
+tokens, left padding (batches of unequal prompts) and sliding windows get an explicit boolean
+mask. (torch's `causal_lower_right` bias would do for the first case, but importing it loads
+torch._dynamo, which costs every CLI call about two seconds.)
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -43,7 +44,6 @@ def build_mask(
             return None, False
         if past_len == 0:
             return None, True
-        return causal_lower_right(new_len, total), False
     q_pos = torch.arange(past_len, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     allowed = k_pos <= q_pos
