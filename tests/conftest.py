@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 def tiny_llama_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
 
+
+needs_datasets = pytest.mark.skipif(
+    importlib.util.find_spec("datasets") is None, reason="the datasets package is not installed"
+)
 
 REAL_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
 

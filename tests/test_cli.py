@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import needs_datasets, write_jsonl
 import torch
 
 import exlq
@@ -428,6 +428,7 @@ def test_eval_ppl_more_rows_than_fit_warns(capsys, tiny_llama_dir, long_text_fil
     assert f"only {fit} windows" in err
 
 
+@needs_datasets
 def test_eval_ppl_jsonl_text_field(capsys, tiny_llama_dir, api, tmp_path):
     rows = list(_TRAINING_TEXT) * 2
     joined = "\n\n".join(rows)
@@ -528,6 +529,7 @@ def test_eval_ppl_bad_input(capsys, tiny_llama_dir, long_text_file, tmp_path, ar
     assert_usage_error(code, out, err, *needles, after_load=after_load)
 
 
+@needs_datasets
 def test_eval_ppl_jsonl_missing_field(capsys, tiny_llama_dir, tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"body": "hello there"}, {"body": "general kenobi"}])
     code, out, err = cli(capsys, "eval-ppl", tiny_llama_dir, "--data", path, "--json")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import needs_datasets, write_jsonl
 
 from exlq.data import text_sources
 from exlq.data.text_sources import NAMED_SOURCES, find_shared_dir, load_text
@@ -55,6 +55,7 @@ def test_unknown_extension_is_read_as_text_and_max_rows_keeps_first_lines(tmp_pa
     assert "first 2 of 3 lines" in src.description
 
 
+@needs_datasets
 def test_jsonl_rows_joined_with_blank_line_and_empty_rows_kept(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"text": r, "id": i} for i, r in enumerate(ROWS)])
     src = load_text(str(path))
@@ -63,6 +64,7 @@ def test_jsonl_rows_joined_with_blank_line_and_empty_rows_kept(tmp_path):
     assert "data.jsonl" in src.description and "4 rows" in src.description and "empty rows kept" in src.description
 
 
+@needs_datasets
 def test_jsonl_gz_and_custom_field_and_max_rows(tmp_path):
     rows = [{"body": r, "text": "wrong"} for r in ROWS]
     path = write_jsonl(tmp_path / "data.jsonl.gz", rows, opener=gzip.open)
@@ -72,12 +74,14 @@ def test_jsonl_gz_and_custom_field_and_max_rows(tmp_path):
     assert "first 2 of 4 rows" in src.description and "gzip" in src.description
 
 
+@needs_datasets
 def test_json_array_file(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps([{"text": r} for r in ROWS]), encoding="utf-8")
     assert load_text(str(path)).text == JOINED
 
 
+@needs_datasets
 def test_parquet(tmp_path):
     import datasets
 
@@ -87,18 +91,21 @@ def test_parquet(tmp_path):
     assert src.text == JOINED and src.rows == 4 and "parquet" in src.description
 
 
+@needs_datasets
 def test_missing_field_lists_columns(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"content": "a", "meta": 1}])
     with pytest.raises(ExlqError, match=r"no field 'text'.*content, meta"):
         load_text(str(path))
 
 
+@needs_datasets
 def test_non_text_field_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"text": "a", "n": 3}])
     with pytest.raises(ExlqError, match="field 'n' is int"):
         load_text(str(path), text_field="n")
 
 
+@needs_datasets
 def test_malformed_json_is_an_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a"}\n{not json\n', encoding="utf-8")
@@ -193,6 +200,7 @@ def test_shared_dir_fallbacks(tmp_path, monkeypatch):
     assert find_shared_dir() == (repo_sibling if repo_sibling.is_dir() else None)
 
 
+@needs_datasets
 def test_reading_a_file_leaves_no_datasets_cache(tmp_path, monkeypatch):
     import datasets.config
 
