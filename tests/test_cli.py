@@ -45,10 +45,19 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def on_cpu(args) -> list[str]:
+    """Model commands run on the CPU reference path (the tests compare with fp32 CPU results),
+    unless a test asks for a device itself; `auto` would pick a GPU where there is one."""
+    args = [str(a) for a in args]
+    if args and args[0] in ("infer", "eval-ppl") and "--device" not in args and "--help" not in args:
+        args += ["--device", "cpu"]
+    return args
+
+
 def run_cli(args, tmp_path: Path, input: str | None = None) -> subprocess.CompletedProcess:
     """`python -m exlq.cli.app ARGS` in a subprocess, stdout and stderr captured apart."""
     return subprocess.run(
-        [sys.executable, "-m", "exlq.cli.app", *map(str, args)],
+        [sys.executable, "-m", "exlq.cli.app", *on_cpu(args)],
         input=input,
         stdin=None if input is not None else subprocess.DEVNULL,
         capture_output=True,
@@ -64,7 +73,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     """`exlq ARGS` in-process: (exit code, stdout, stderr). main() always ends in SystemExit."""
     capsys.readouterr()  # drop anything printed before
     with pytest.raises(SystemExit) as exc_info:
-        main([str(a) for a in args])
+        main(on_cpu(args))
     out, err = capsys.readouterr()
     code = exc_info.value.code
     return (0 if code is None else code), out, err
