@@ -97,6 +97,10 @@ class Generator:
 
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Make the cache hold exactly `prompt_ids`; return the last position's logits [1, vocab]."""
+        return self._prefill(prompt_ids)[0]
+
+    def _prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """prefill(), also returning how many prompt tokens were already cached."""
         if not prompt_ids:
             raise ExlqError("the prompt is empty after tokenization")
         if len(prompt_ids) > self.max_seq_len:
@@ -111,7 +115,7 @@ class Generator:
         while len(pending) > PREFILL_CHUNK:
             self._run(pending[:PREFILL_CHUNK], max_output_len=0)
             pending = pending[PREFILL_CHUNK:]
-        return self._run(pending, max_output_len=1)[:, -1]
+        return self._run(pending, max_output_len=1)[:, -1], keep
 
     def generate(
         self,
@@ -144,8 +148,7 @@ class Generator:
                     on_text(text)
 
         start = time.perf_counter()
-        reused = min(common_prefix_length(self._cached_ids, prompt_ids), len(prompt_ids) - 1)
-        logits = self.prefill(prompt_ids)
+        logits, reused = self._prefill(prompt_ids)
         history = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
         new_ids: list[int] = []
         first_token_at = None
