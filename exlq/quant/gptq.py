@@ -1,0 +1,241 @@
+"""GPTQ-style error-compensating quantization of one weight matrix into EXL2 groups.
+
+The matrix's input channels are put in act-order (largest Hessian diagonal first), cut into
+groups of descending bit width (the salient channels get the most bits, as the format requires),
+and quantized group by group: each channel's rounding error is pushed onto the channels not yet
+quantized through the inverse Hessian's Cholesky factor, and the rest of the matrix is updated
+lazily after every group, so each group's scales are searched on fully updated weights.
+
+Scales follow the format exactly (spec §4, §14): per group one fp16 `q_scale_max` and per output
+column a 4-bit code c ∈ 1..16 with scale ≈ (c/16)²·q_scale_max, reproduced with the same fp16
+roundings the runtime's dequantizer applies, so what we measure here is what the model computes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from exlq.errors import ExlqError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+CLIP_CANDIDATES = torch.linspace(0.70, 1.20, 97)  # the reference converter's clipping grid (§14)
+ERROR_NORM = 3.5  # exponent of the clip search's error, as in the reference converter
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantization option for a matrix: bit widths (descending), their shares of K, group sizes."""
+
+    bits: tuple[int, ...]
+    proportions: tuple[float, ...]
+    group_sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.bits) == len(self.proportions) == len(self.group_sizes)) or not self.bits:
+            raise ExlqError(f"bits, proportions and group sizes must be non-empty lists of equal length: {self}")
+        if any(b not in SUPPORTED_BITS for b in self.bits) or list(self.bits) != sorted(self.bits, reverse=True):
+            raise ExlqError(f"bit widths must be distinct, descending and among {SUPPORTED_BITS}: {self.bits}")
+        if len(set(self.bits)) != len(self.bits):
+            raise ExlqError(f"bit widths must be distinct: {self.bits}")
+        if abs(sum(self.proportions) - 1.0) > 1e-9:
+            raise ExlqError(f"proportions must sum to 1: {self.proportions}")
+        if any(g % 32 for g in self.group_sizes):
+            raise ExlqError(f"group sizes must be multiples of 32: {self.group_sizes}")
+
+    @classmethod
+    def uniform(cls, bits: int, group_size: int = 128) -> QuantSpec:
+        return cls((bits,), (1.0,), (group_size,))
+
+    def describe(self) -> str:
+        return "/".join(
+            f"{b}b{round(p * 100)}%g{g}" for b, p, g in zip(self.bits, self.proportions, self.group_sizes)
+        )
+
+    def group_layout(self, in_features: int) -> list[tuple[int, int]]:
+        """[(bits, rows)] per group in stored order, cut as the reference converter does (§2.6)."""
+        k = in_features
+        if k % 32 and not (k % 32 == 16):
+            raise ExlqError(f"EXL2 needs in_features to be a multiple of 32 (or 32m+16); got {k}")
+        layout: list[tuple[int, int]] = []
+        start, remaining = 0, k
+        for bits, share, size in zip(self.bits, self.proportions, self.group_sizes):
+            count = math.ceil(min(k * share, remaining) / size) if remaining > 0 else 0
+            for _ in range(count):
+                rows = min(size, k - start)
+                if rows <= 0:
+                    break
+                layout.append((bits, rows))
+                start += rows
+            remaining -= count * size
+        if start != k:
+            raise ExlqError(f"{self.describe()} does not cover {k} input channels")
+        last_bits, last_rows = layout[-1]
+        if last_rows % 32 and last_bits != 2:
+            # A 16-row tail must be 2-bit (§2.5): demote it rather than write an unreadable layout.
+            layout[-1] = (2, last_rows)
+        return layout
+
+
+def fp16_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp16 product, as the GPU's fp16 multiply gives it (exact in fp32 first)."""
+    return (a.float() * b.float()).half()
+
+
+def effective_scales(scale_codes: torch.Tensor, q_scale_max: torch.Tensor) -> torch.Tensor:
+    """S[g, n] = f16(f16(c²) · f16(q_scale_max[g] / 256)) as fp16, with the runtime's exact roundings (§4.3)."""
+    m = fp16_mul(q_scale_max.half(), torch.tensor(1 / 256))
+    return fp16_mul((scale_codes.float() ** 2).half(), m[..., None])
+
+
+def quantize_codes(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """q = clamp(rint(w / S) + 2^(b-1), 0, 2^b - 1) per column scale; w [N, r], scales [N]."""
+    zero = 2 ** (bits - 1)
+    return torch.clamp(torch.round(w / scales.float()[:, None]) + zero, 0, 2**bits - 1)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """f16((q - 2^(b-1)) · S) as the runtime computes it, returned as float32."""
+    return ((codes - 2 ** (bits - 1)) * scales.float()[:, None]).half().float()
+
+
+def search_group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale codes [N] (1..16), q_scale_max (fp16 scalar) and effective scales [N] for group weights w [N, r].
+
+    Codes come from each column's range relative to the largest (uniform in √scale); a global
+    clipping factor p is then chosen to minimize Σ|dequant(quant(w)) − w|^3.5 over the group.
+    """
+    amax = w.abs().amax(dim=1) + 1e-12
+    base = amax / ((2**bits - 1) / 2)
+    smax = base.max()
+    codes = torch.clamp(torch.round(16 * torch.sqrt(base / smax)), 1, 16)
+    candidates = (smax * CLIP_CANDIDATES.to(w.device)).half()  # q_scale_max candidates
+    scales = effective_scales(codes[None].expand(len(candidates), -1), candidates)  # [P, N]
+    errors = torch.stack(
+        [
+            (dequantize_codes(quantize_codes(w, s, bits), s, bits) - w).abs().pow(ERROR_NORM).sum()
+            for s in scales
+        ]
+    )
+    best = int(torch.argmin(errors))
+    return codes.to(torch.int32), candidates[best], scales[best]
+
+
+@dataclass
+class QuantizedMatrix:
+    """A weight matrix in EXL2 terms, in stored (act-order) row order; see exlq.quant.exl2_pack."""
+
+    codes: torch.Tensor  # [K, N] int32 unsigned codes, stored order
+    scale_codes: torch.Tensor  # [G, N] int32 in 1..16
+    q_scale_max: torch.Tensor  # [G] fp16
+    groups: list[tuple[int, int]]  # (bits, rows) per group, descending bits
+    perm: torch.Tensor  # [K] int64: stored row i holds input channel perm[i]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] float32 in original channel order, exactly as the runtime reconstructs it."""
+        scales = effective_scales(self.scale_codes, self.q_scale_max)
+        stored = torch.empty(self.codes.shape, dtype=torch.float32)
+        start = 0
+        for g, (bits, rows) in enumerate(self.groups):
+            block = self.codes[start : start + rows].T.float()  # [N, rows]
+            stored[start : start + rows] = dequantize_codes(block, scales[g], bits).T
+            start += rows
+        weight = torch.empty_like(stored)
+        weight[self.perm] = stored
+        return weight.T.contiguous()
+
+    def weight_bits(self) -> int:
+        """Bits of codes alone (Σ rows·bits·N); the format's full accounting adds scales and indices."""
+        return sum(bits * rows for bits, rows in self.groups) * self.out_features
+
+
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fix dead channels (H_ii = 0: never active, weight irrelevant) and add relative damping."""
+    h = hessian.clone().double()
+    w = weight.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    return h, w
+
+
+def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ (GPTQ's error-propagation matrix), adding damping if H is not PD."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    extra = 0.0
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(h + extra * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            return torch.linalg.cholesky(inverse, upper=True).float()
+        extra = max(extra * 10, 1e-6 * float(torch.mean(torch.diag(h))))
+    raise ExlqError("the Hessian is not positive definite even after extra damping (too little calibration data?)")
+
+
+def quantize_gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    spec: QuantSpec,
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> QuantizedMatrix:
+    """Quantize W [N, K] given the input Hessian H = XᵀX [K, K] (None: plain round-to-nearest)."""
+    n_out, k_in = weight.shape
+    if not torch.isfinite(weight).all():
+        raise ExlqError("the weight matrix holds NaN or Inf")
+    layout = spec.group_layout(k_in)
+    if hessian is None:
+        h = torch.eye(k_in, dtype=torch.float64)
+        w = weight.float().clone()
+        rtn = True
+    else:
+        if hessian.shape != (k_in, k_in) or not torch.isfinite(hessian).all():
+            raise ExlqError(f"the Hessian must be a finite [{k_in}, {k_in}] matrix")
+        h, w = prepare_hessian(hessian, weight, damp)
+        rtn = False
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k_in)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    hinv = None if rtn else inverse_cholesky_upper(h)
+
+    codes = torch.empty(k_in, n_out, dtype=torch.int32)
+    scale_codes = torch.empty(len(layout), n_out, dtype=torch.int32)
+    q_scale_max = torch.empty(len(layout), dtype=torch.float16)
+    start = 0
+    for g, (bits, rows) in enumerate(layout):
+        end = start + rows
+        block = w[:, start:end].clone()
+        scale_codes[g], q_scale_max[g], scales = search_group_scales(block, bits)
+        if rtn:
+            codes[start:end] = quantize_codes(block, scales, bits).T.to(torch.int32)
+        else:
+            errors = torch.empty_like(block)
+            hinv_block = hinv[start:end, start:end]
+            for i in range(rows):
+                column = block[:, i : i + 1]
+                q = quantize_codes(column, scales, bits)
+                codes[start + i] = q[:, 0].to(torch.int32)
+                err = (column - dequantize_codes(q, scales, bits)) / hinv_block[i, i]
+                block[:, i:] -= err * hinv_block[i : i + 1, i:]
+                errors[:, i : i + 1] = err
+            w[:, end:] -= errors @ hinv[start:end, end:]
+        start = end
+    return QuantizedMatrix(codes, scale_codes, q_scale_max, layout, perm)
+
+
+def hessian_weighted_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """trace((W − Q) H (W − Q)ᵀ): the expected squared output error for inputs with second moment H."""
+    delta = (weight.double() - quantized.double())
+    return float(torch.einsum("nk,kl,nl->", delta, hessian.double(), delta))

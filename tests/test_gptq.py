@@ -1,0 +1,89 @@
+"""GPTQ quantizer core: group layout per the format, error compensation beats rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exlq.errors import ExlqError
+from exlq.quant.gptq import QuantSpec, effective_scales, hessian_weighted_error, quantize_gptq
+
+
+def test_group_layout_matches_the_reference_example():
+    spec = QuantSpec((6, 3, 2), (0.05, 0.2, 0.75), (32, 64, 64))
+    layout = spec.group_layout(14336)
+    assert layout[:23] == [(6, 32)] * 23
+    assert layout[23:68] == [(3, 64)] * 45
+    assert layout[68:] == [(2, 64)] * 167 + [(2, 32)]
+    assert sum(rows for _, rows in layout) == 14336
+
+
+def test_layout_rules():
+    assert QuantSpec.uniform(4, 128).group_layout(320) == [(4, 128), (4, 128), (4, 64)]
+    assert QuantSpec.uniform(4, 32).group_layout(48) == [(4, 32), (2, 16)]  # a 16-row tail must be 2-bit
+    with pytest.raises(ExlqError):
+        QuantSpec.uniform(4).group_layout(100)
+    with pytest.raises(ExlqError):
+        QuantSpec((2, 4), (0.5, 0.5), (32, 32))  # ascending bits are unreadable by the runtime
+    with pytest.raises(ExlqError):
+        QuantSpec((7,), (1.0,), (32,))
+
+
+def correlated_problem(n_out=64, k_in=256, samples=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k_in, k_in, generator=g) / k_in**0.5 + torch.eye(k_in)
+    scale = torch.exp(torch.randn(k_in, generator=g))  # channels of very different magnitude
+    x = torch.randn(samples, k_in, generator=g) @ mix * scale
+    weight = torch.randn(n_out, k_in, generator=g) / k_in**0.5
+    return weight, x.T.double() @ x.double()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec.uniform(4, 64), QuantSpec.uniform(3, 32), QuantSpec((4, 2), (0.25, 0.75), (32, 32))])
+def test_gptq_beats_round_to_nearest_on_hessian_weighted_error(spec):
+    weight, hessian = correlated_problem()
+    gptq = quantize_gptq(weight, hessian, spec).dequantize()
+    rtn = quantize_gptq(weight, None, spec).dequantize()
+    e_gptq = hessian_weighted_error(weight, gptq, hessian)
+    e_rtn = hessian_weighted_error(weight, rtn, hessian)
+    assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_more_bits_less_error_and_8_bit_is_nearly_lossless():
+    weight, hessian = correlated_problem(seed=1)
+    errors = [
+        hessian_weighted_error(weight, quantize_gptq(weight, hessian, QuantSpec.uniform(b, 64)).dequantize(), hessian)
+        for b in (2, 3, 4, 5, 6, 8)
+    ]
+    assert errors == sorted(errors, reverse=True)
+    reference = hessian_weighted_error(weight, torch.zeros_like(weight), hessian)
+    assert errors[-1] / reference < 1e-4
+
+
+def test_codes_scales_and_act_order():
+    weight, hessian = correlated_problem(seed=2)
+    spec = QuantSpec((5, 3), (0.25, 0.75), (32, 64))
+    q = quantize_gptq(weight, hessian, spec)
+    start = 0
+    for bits, rows in q.groups:
+        block = q.codes[start : start + rows]
+        assert block.min() >= 0 and block.max() <= 2**bits - 1
+        start += rows
+    assert q.scale_codes.min() >= 1 and q.scale_codes.max() <= 16
+    assert q.q_scale_max.dtype == torch.float16
+    diag = torch.diag(hessian)[q.perm]
+    assert torch.all(diag[:-1] >= diag[1:])  # most salient channels first: they get the 5-bit group
+    assert sorted(q.perm.tolist()) == list(range(weight.shape[1]))
+
+
+def test_effective_scales_use_fp16_roundings():
+    """q_scale_max in the fp16 subnormal range after /256: the spec's worked example (§4.3)."""
+    q_scale_max = torch.tensor([0x1A25], dtype=torch.int16).view(torch.float16)
+    s = effective_scales(torch.tensor([[7]]), q_scale_max)
+    assert s.view(torch.int16).item() == 0x10B7
+
+
+def test_nan_weights_are_refused():
+    weight, hessian = correlated_problem(n_out=8, k_in=64, samples=128)
+    weight[3, 5] = float("nan")
+    with pytest.raises(ExlqError, match="NaN"):
+        quantize_gptq(weight, hessian, QuantSpec.uniform(4, 32))
