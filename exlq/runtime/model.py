@@ -145,13 +145,8 @@ class DecoderOnlyLM(nn.Module):
             pad_lengths = cache.pad_lengths
         elif pad_lengths is not None:
             pad_lengths = pad_lengths.to(self._device)
-        positions = torch.arange(past_len, past_len + new_len, device=self._device)[None].expand(bsz, -1)
-        if pad_lengths is not None:
-            positions = (positions - pad_lengths[:, None]).clamp(min=0)
-        cos, sin = self.rotary.cos_sin(positions, self._dtype)
-        batch = AttentionBatch(past_len, new_len, cos, sin, pad_lengths)
-
-        hidden = self.model.embed_tokens(input_ids).float()
+        batch = self.attention_batch(bsz, new_len, past_len, pad_lengths)
+        hidden = self.embed(input_ids)
         for i, layer in enumerate(self.model.layers):
             hidden = layer(hidden, batch, cache, i)
         if cache is not None:
@@ -160,4 +155,24 @@ class DecoderOnlyLM(nn.Module):
             return None
         if max_output_len is not None:
             hidden = hidden[:, -max_output_len:]
+        return self.logits(hidden)
+
+    # ----- pieces of forward, public so the quantizer can run layers one at a time -----
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the float32 residual stream [B, T, hidden]."""
+        return self.model.embed_tokens(input_ids.to(self._device)).float()
+
+    def attention_batch(
+        self, bsz: int, new_len: int, past_len: int = 0, pad_lengths: torch.Tensor | None = None
+    ) -> AttentionBatch:
+        """Positions, RoPE tables and masks shared by all layers for one forward call."""
+        positions = torch.arange(past_len, past_len + new_len, device=self._device)[None].expand(bsz, -1)
+        if pad_lengths is not None:
+            positions = (positions - pad_lengths[:, None]).clamp(min=0)
+        cos, sin = self.rotary.cos_sin(positions, self._dtype)
+        return AttentionBatch(past_len, new_len, cos, sin, pad_lengths)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head over residual-stream rows."""
         return self.lm_head(self.model.norm(hidden))
