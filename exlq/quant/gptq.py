@@ -86,7 +86,7 @@ def fp16_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def effective_scales(scale_codes: torch.Tensor, q_scale_max: torch.Tensor) -> torch.Tensor:
     """S[g, n] = f16(f16(c²) · f16(q_scale_max[g] / 256)) as fp16, with the runtime's exact roundings (§4.3)."""
-    m = fp16_mul(q_scale_max.half(), torch.tensor(1 / 256))
+    m = fp16_mul(q_scale_max.half(), torch.tensor(1 / 256, device=q_scale_max.device))
     return fp16_mul((scale_codes.float() ** 2).half(), m[..., None])
 
 
@@ -113,14 +113,22 @@ def search_group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     codes = torch.clamp(torch.round(16 * torch.sqrt(base / smax)), 1, 16)
     candidates = (smax * CLIP_CANDIDATES.to(w.device)).half()  # q_scale_max candidates
     scales = effective_scales(codes[None].expand(len(candidates), -1), candidates)  # [P, N]
-    errors = torch.stack(
-        [
-            (dequantize_codes(quantize_codes(w, s, bits), s, bits) - w).abs().pow(ERROR_NORM).sum()
-            for s in scales
-        ]
-    )
+    errors = torch.cat([_clip_errors(w, chunk, bits) for chunk in scales.split(_candidates_per_pass(w))])
     best = int(torch.argmin(errors))
     return codes.to(torch.int32), candidates[best], scales[best]
+
+
+def _candidates_per_pass(w: torch.Tensor, max_elements: int = 1 << 24) -> int:
+    return max(1, max_elements // w.numel())
+
+
+def _clip_errors(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Σ|dequant(quant(w)) − w|^3.5 for each candidate scale row [P, N] at once -> [P]."""
+    zero = 2 ** (bits - 1)
+    s = scales.float()[:, :, None]  # [P, N, 1]
+    q = torch.clamp(torch.round(w[None] / s) + zero, 0, 2**bits - 1)
+    dequant = ((q - zero) * s).half().float()
+    return (dequant - w[None]).abs().pow(ERROR_NORM).sum(dim=(1, 2))
 
 
 @dataclass
@@ -144,7 +152,7 @@ class QuantizedMatrix:
     def dequantize(self) -> torch.Tensor:
         """W [N, K] float32 in original channel order, exactly as the runtime reconstructs it."""
         scales = effective_scales(self.scale_codes, self.q_scale_max)
-        stored = torch.empty(self.codes.shape, dtype=torch.float32)
+        stored = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
         start = 0
         for g, (bits, rows) in enumerate(self.groups):
             block = self.codes[start : start + rows].T.float()  # [N, rows]
@@ -166,13 +174,13 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) ->
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return h, w
 
 
 def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ (GPTQ's error-propagation matrix), adding damping if H is not PD."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     extra = 0.0
     for _ in range(8):
         factor, info = torch.linalg.cholesky_ex(h + extra * eye)
@@ -193,26 +201,27 @@ def quantize_gptq(
 ) -> QuantizedMatrix:
     """Quantize W [N, K] given the input Hessian H = XᵀX [K, K] (None: plain round-to-nearest)."""
     n_out, k_in = weight.shape
+    device = weight.device
     if not torch.isfinite(weight).all():
         raise ExlqError("the weight matrix holds NaN or Inf")
     layout = spec.group_layout(k_in)
     if hessian is None:
-        h = torch.eye(k_in, dtype=torch.float64)
+        h = torch.eye(k_in, dtype=torch.float64, device=device)
         w = weight.float().clone()
         rtn = True
     else:
         if hessian.shape != (k_in, k_in) or not torch.isfinite(hessian).all():
             raise ExlqError(f"the Hessian must be a finite [{k_in}, {k_in}] matrix")
-        h, w = prepare_hessian(hessian, weight, damp)
+        h, w = prepare_hessian(hessian.to(device), weight, damp)
         rtn = False
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k_in)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k_in, device=device)
     w = w[:, perm]
     h = h[perm][:, perm]
     hinv = None if rtn else inverse_cholesky_upper(h)
 
-    codes = torch.empty(k_in, n_out, dtype=torch.int32)
-    scale_codes = torch.empty(len(layout), n_out, dtype=torch.int32)
-    q_scale_max = torch.empty(len(layout), dtype=torch.float16)
+    codes = torch.empty(k_in, n_out, dtype=torch.int32, device=device)
+    scale_codes = torch.empty(len(layout), n_out, dtype=torch.int32, device=device)
+    q_scale_max = torch.empty(len(layout), dtype=torch.float16, device=device)
     start = 0
     for g, (bits, rows) in enumerate(layout):
         end = start + rows

@@ -1,0 +1,169 @@
+"""Measurement: what each quantization option costs (bits) and breaks (error), per matrix.
+
+Options are measured per matrix, not as joint rows of a layer table: each matrix is quantized
+alone with every candidate spec (GPTQ with its layer's Hessian) and the error is the relative
+squared error of the *decoder layer's output* on calibration states, ‖Δy‖²/‖y‖², so matrices
+whose errors matter more downstream (through attention or the MLP) are seen as such. States come
+from the unquantized model; the measurement is independent of the target bitrate and is reused
+for any `--bpw`.
+
+JSON schema (`measurement.json`, "format": "exlq-measurement", "version": 1):
+    {"format", "version", "exlq_version", "model": {"path", "architecture"},
+     "calibration": {"description", "fingerprint", "rows", "length"},
+     "error_metric": str,
+     "matrices": [{"name": "model.layers.0.self_attn.q_proj", "in_features": K, "out_features": N,
+                   "bias": bool, "options": [{"key": "4b100%g128", "bits": [4], "proportions": [1.0],
+                   "group_sizes": [128], "total_bits": int, "error": float}, ...]}, ...]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from exlq import __version__
+from exlq.errors import ExlqError
+from exlq.quant.calibration import Calibration
+from exlq.quant.gptq import QuantSpec, quantize_gptq
+from exlq.quant.hessian import LayerRunner, linear_modules
+from exlq.quant.options import candidate_specs, total_bits
+from exlq.runtime.model import DecoderOnlyLM
+
+FORMAT = "exlq-measurement"
+VERSION = 1
+ERROR_METRIC = "relative squared error of the decoder layer output, ||dy||^2/||y||^2, this matrix alone quantized"
+
+
+def padded(n: int) -> int:
+    """EXL2 stores output columns padded to a multiple of 32 (spec §3.5)."""
+    return (n + 31) // 32 * 32
+
+
+@dataclass
+class OptionResult:
+    key: str
+    bits: list[int]
+    proportions: list[float]
+    group_sizes: list[int]
+    total_bits: int
+    error: float
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(tuple(self.bits), tuple(self.proportions), tuple(self.group_sizes))
+
+    @classmethod
+    def of(cls, spec: QuantSpec, bits: int, error: float) -> OptionResult:
+        return cls(spec.describe(), list(spec.bits), list(spec.proportions), list(spec.group_sizes), bits, error)
+
+
+@dataclass
+class MatrixResult:
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    options: list[OptionResult] = field(default_factory=list)
+
+
+@dataclass
+class Measurement:
+    model: dict
+    calibration: dict
+    matrices: list[MatrixResult]
+    error_metric: str = ERROR_METRIC
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "exlq_version": __version__, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Measurement:
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ExlqError(f"not an exlq measurement (format {FORMAT!r} version {VERSION} expected)")
+        matrices = [
+            MatrixResult(**{**m, "options": [OptionResult(**o) for o in m["options"]]}) for m in data["matrices"]
+        ]
+        return cls(data["model"], data["calibration"], matrices, data.get("error_metric", ERROR_METRIC))
+
+
+def dense_weight(module: nn.Module, name: str) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ExlqError(f"{name} is not an unquantized linear layer: quantize from an FP16/BF16/FP32 model")
+    return weight
+
+
+@contextmanager
+def substituted_weight(module: nn.Module, weight: torch.Tensor):
+    """Temporarily run `module` with another weight (same shape and dtype)."""
+    original = module.weight.data
+    module.weight.data = weight
+    try:
+        yield
+    finally:
+        module.weight.data = original
+
+
+def relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outputs, reference))
+    den = sum(float(r.double().pow(2).sum()) for r in reference)
+    return num / max(den, 1e-30)
+
+
+SpecsFor = Callable[[str], list[QuantSpec]]
+
+
+def measure_layer(
+    runner: LayerRunner, layer: nn.Module, *, specs_for: SpecsFor = candidate_specs, damp: float = 0.01
+) -> list[MatrixResult]:
+    """Every candidate option of every linear in `layer`, on the runner's current states."""
+    prefix = f"model.layers.{runner.layer_index}"
+    hessians = runner.collect_hessians(layer)
+    reference = runner.outputs(layer)
+    results = []
+    for name, module in linear_modules(layer).items():
+        weight = dense_weight(module, f"{prefix}.{name}")
+        result = MatrixResult(f"{prefix}.{name}", module.in_features, module.out_features, module.bias is not None)
+        hessian = hessians.hessian(name)
+        for spec in specs_for(name.rsplit(".", 1)[-1]):
+            quantized = quantize_gptq(weight.float(), hessian, spec, damp=damp).dequantize().to(weight.dtype)
+            with substituted_weight(module, quantized):
+                error = relative_error(runner.outputs(layer), reference)
+            bits = total_bits(spec, module.in_features, padded(module.out_features), result.bias)
+            result.options.append(OptionResult.of(spec, bits, error))
+        results.append(result)
+    return results
+
+
+def measure_model(
+    model: DecoderOnlyLM,
+    calibration: Calibration,
+    *,
+    done: dict[int, list[MatrixResult]] | None = None,
+    on_layer: Callable[[int, list[MatrixResult]], None] | None = None,
+    batch_rows: int = 8,
+    specs_for: SpecsFor = candidate_specs,
+) -> Measurement:
+    """Measure every decoder layer; `done` holds layers measured by an earlier (interrupted) run."""
+    done = dict(done or {})
+    runner = LayerRunner(model, calibration.ids, batch_rows=batch_rows)
+    for i, layer in enumerate(model.model.layers):
+        if i not in done:
+            done[i] = measure_layer(runner, layer, specs_for=specs_for)
+            if on_layer is not None:
+                on_layer(i, done[i])
+        runner.advance(layer)
+    return Measurement(
+        model={"path": str(getattr(model, "model_dir", "")), "architecture": type(model).__name__},
+        calibration={
+            "description": calibration.description,
+            "fingerprint": calibration.fingerprint,
+            "rows": calibration.ids.shape[0],
+            "length": calibration.ids.shape[1],
+        },
+        matrices=[m for i in sorted(done) for m in done[i]],
+    )

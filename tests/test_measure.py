@@ -1,0 +1,57 @@
+"""Measurement on a tiny model: every matrix and option measured, errors ordered by bits, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from exlq.quant.calibration import Calibration
+from exlq.quant.gptq import QuantSpec
+from exlq.quant.measure import Measurement, measure_model
+
+# A small grid keeps these tests fast; the full per-matrix grid is exercised by the option tests.
+SMALL_GRID = [QuantSpec.uniform(2, 32), QuantSpec((4, 3), (0.25, 0.75), (32, 32)), QuantSpec.uniform(8, 64)]
+
+
+def small_grid(_name: str) -> list[QuantSpec]:
+    return SMALL_GRID
+from exlq.runtime.loader import load_model
+
+
+def test_measure_tiny_model_and_round_trip(tiny_model_dirs, tmp_path):
+    model = load_model(tiny_model_dirs["qwen2"], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    calibration = Calibration(ids, "random ids")
+    seen = []
+    measurement = measure_model(model, calibration, on_layer=lambda i, r: seen.append(i), batch_rows=2, specs_for=small_grid)
+    assert seen == [0, 1]
+    names = [m.name for m in measurement.matrices]
+    assert names[:7] == [f"model.layers.0.{n}" for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert len(names) == 14
+    for matrix in measurement.matrices:
+        assert len(matrix.options) == 3
+        cheapest = min(matrix.options, key=lambda o: o.total_bits)
+        dearest = max(matrix.options, key=lambda o: o.total_bits)
+        assert 0 < dearest.error < cheapest.error, matrix.name
+        assert matrix.bias == matrix.name.endswith(("q_proj", "k_proj", "v_proj"))  # Qwen2's qkv bias
+    path = tmp_path / "measurement.json"
+    path.write_text(json.dumps(measurement.to_json()))
+    again = Measurement.from_json(json.loads(path.read_text()))
+    assert again == measurement
+
+
+def test_measure_resumes_from_done_layers(tiny_model_dirs):
+    model = load_model(tiny_model_dirs["llama"], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    calibration = Calibration(ids, "random ids")
+    full = measure_model(model, calibration, specs_for=small_grid)
+    first_layer = [m for m in full.matrices if m.name.startswith("model.layers.0.")]
+    measured = []
+    resumed = measure_model(
+        model, calibration, done={0: first_layer}, on_layer=lambda i, r: measured.append(i), specs_for=small_grid
+    )
+    assert measured == [1]
+    assert resumed == full
