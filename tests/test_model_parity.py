@@ -72,3 +72,18 @@ def test_state_dict_uses_hf_names(tiny_model_dirs):
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert names <= set(model.state_dict())
+
+
+def test_stale_index_falls_back_to_the_directory_files(tiny_model_dirs, tmp_path):
+    """EXL2 folders made by ExLlamaV2 keep the source's index naming shards that are not there."""
+    import json
+    import shutil
+
+    target = tmp_path / "stale"
+    shutil.copytree(tiny_model_dirs["llama"], target)
+    (target / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}})
+    )
+    model = load_model(target, device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert torch.equal(model(ids), load_model(tiny_model_dirs["llama"], device="cpu")(ids))

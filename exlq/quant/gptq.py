@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from exlq.errors import ExlqError
+from exlq.runtime.exl2 import effective_scales
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 CLIP_CANDIDATES = torch.linspace(0.70, 1.20, 97)  # the reference converter's clipping grid (§14)
@@ -77,17 +78,6 @@ class QuantSpec:
             # A 16-row tail must be 2-bit (§2.5): demote it rather than write an unreadable layout.
             layout[-1] = (2, last_rows)
         return layout
-
-
-def fp16_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The correctly rounded fp16 product, as the GPU's fp16 multiply gives it (exact in fp32 first)."""
-    return (a.float() * b.float()).half()
-
-
-def effective_scales(scale_codes: torch.Tensor, q_scale_max: torch.Tensor) -> torch.Tensor:
-    """S[g, n] = f16(f16(c²) · f16(q_scale_max[g] / 256)) as fp16, with the runtime's exact roundings (§4.3)."""
-    m = fp16_mul(q_scale_max.half(), torch.tensor(1 / 256, device=q_scale_max.device))
-    return fp16_mul((scale_codes.float() ** 2).half(), m[..., None])
 
 
 def quantize_codes(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:

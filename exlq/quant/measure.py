@@ -70,6 +70,14 @@ class MatrixResult:
     options: list[OptionResult] = field(default_factory=list)
 
 
+def matrix_to_json(matrix: MatrixResult) -> dict:
+    return asdict(matrix)
+
+
+def matrix_from_json(data: dict) -> MatrixResult:
+    return MatrixResult(**{**data, "options": [OptionResult(**o) for o in data["options"]]})
+
+
 @dataclass
 class Measurement:
     model: dict
@@ -84,9 +92,7 @@ class Measurement:
     def from_json(cls, data: dict) -> Measurement:
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ExlqError(f"not an exlq measurement (format {FORMAT!r} version {VERSION} expected)")
-        matrices = [
-            MatrixResult(**{**m, "options": [OptionResult(**o) for o in m["options"]]}) for m in data["matrices"]
-        ]
+        matrices = [matrix_from_json(m) for m in data["matrices"]]
         return cls(data["model"], data["calibration"], matrices, data.get("error_metric", ERROR_METRIC))
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exlq.errors import ExlqError
+from exlq.runtime.exl2 import Exl2Linear
 from exlq.runtime.weights import WeightStore
 
 
@@ -74,7 +75,7 @@ class DenseLinear(nn.Module):
 
 
 # Formats tried in order; later issues register quantized formats ahead of DenseLinear.
-LINEAR_FORMATS: list[type] = [DenseLinear]
+LINEAR_FORMATS: list[type] = [Exl2Linear, DenseLinear]
 
 
 def load_linear(

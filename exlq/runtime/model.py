@@ -83,8 +83,11 @@ class DecoderOnlyLM(nn.Module):
         )
 
     def load_head(self, store: WeightStore) -> nn.Module:
-        if self.config.tie_word_embeddings:
-            return DenseLinear(self.model.embed_tokens.weight)  # shares the tensor: no copy
+        # A tied model shares the embedding (no copy), unless the checkpoint stores a head of its own
+        # in another format: EXL2 files always carry a quantized `lm_head` (spec §10.1).
+        stored_other_format = "lm_head.weight" not in store and any(n.startswith("lm_head.") for n in store.names())
+        if self.config.tie_word_embeddings and not stored_other_format:
+            return DenseLinear(self.model.embed_tokens.weight)
         return self.linear(store, "lm_head", self.config.hidden_size, self.config.vocab_size, False)
 
     # ----- properties -----

@@ -33,17 +33,23 @@ class WeightStore:
                 self._file_of[name] = path
 
     def _checkpoint_files(self) -> list[Path]:
+        """The index's shards when they are all there; otherwise every *.safetensors of the directory.
+
+        EXL2 directories made by ExLlamaV2 carry the source model's index, which names shards that
+        are not there (spec §10.3): such an index is stale, not a missing-file error.
+        """
+        files = sorted(self.model_dir.glob("*.safetensors"))
         index = self.model_dir / INDEX_FILE
         if index.exists():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ExlqError(f"{index} has no weight_map")
-            files = sorted({self.model_dir / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
+            listed = sorted({self.model_dir / f for f in weight_map.values()})
+            if all(f.exists() for f in listed):
+                return listed
+            if not files:
+                missing = [f.name for f in listed if not f.exists()]
                 raise ExlqError(f"{index.name} lists shard(s) that are missing: {', '.join(missing)}")
-            return files
-        files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
             raise ExlqError(f"{self.model_dir} holds no *.safetensors weights (other formats are not supported)")
         return files

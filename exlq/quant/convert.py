@@ -1,0 +1,231 @@
+"""`convert`: measure (or reuse a measurement), allocate bits, quantize layer by layer, write EXL2.
+
+Layers are quantized in order on calibration states that went through the layers already
+quantized (the states the converted model will really see), with each matrix's option chosen by
+the allocator from the measurement. Every finished layer is checkpointed in the work directory,
+so an interrupted conversion resumes where it stopped; the output directory appears only at the
+end, atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from exlq import __version__
+from exlq.errors import ExlqError
+from exlq.quant.allocate import Option, allocate_to_bpw
+from exlq.quant.calibration import Calibration
+from exlq.quant.exl2_pack import pack_exl2
+from exlq.quant.gptq import QuantSpec, quantize_gptq
+from exlq.quant.hessian import HessianCollector, LayerRunner, linear_modules
+from exlq.quant.job import Job, fingerprint
+from exlq.quant.measure import (
+    Measurement,
+    SpecsFor,
+    MatrixResult,
+    dense_weight,
+    matrix_from_json,
+    matrix_to_json,
+    measure_model,
+    padded,
+)
+from exlq.quant.options import HEAD_OPTIONS, candidate_specs
+from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
+from exlq.runtime.model import DecoderOnlyLM
+
+HEAD_BITS = (2, 3, 4, 5, 6, 8, 16)
+MIN_BPW, MAX_BPW = 2.0, 8.0
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class ConvertOptions:
+    bpw: float
+    head_bits: int = 6
+    damp: float = 0.01
+    batch_rows: int = 8
+
+    def validate(self) -> None:
+        if not MIN_BPW <= self.bpw <= MAX_BPW:
+            raise ExlqError(f"--bpw must be between {MIN_BPW} and {MAX_BPW} (got {self.bpw})")
+        if self.head_bits not in HEAD_BITS:
+            raise ExlqError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))} (got {self.head_bits})")
+
+
+@dataclass
+class ConvertSummary:
+    out_dir: str
+    target_bpw: float
+    decoder_bpw: float  # achieved, over the decoder linears (padded widths, spec §13 accounting)
+    head_bits: int
+    choices: dict[str, str] = field(default_factory=dict)  # matrix name -> option key
+    seconds: float = 0.0
+
+
+def allocate_options(measurement: Measurement, bpw: float) -> tuple[dict[str, QuantSpec], float]:
+    """The option per matrix that minimizes total measured error within bpw (and the bpw reached)."""
+    items = [[Option(o.key, o.total_bits, o.error) for o in m.options] for m in measurement.matrices]
+    weights = [m.in_features * padded(m.out_features) for m in measurement.matrices]
+    allocation = allocate_to_bpw(items, weights, bpw)
+    chosen = {
+        m.name: m.options[choice].spec for m, choice in zip(measurement.matrices, allocation.choices)
+    }
+    return chosen, allocation.total_bits / sum(weights)
+
+
+def quantize_layer(
+    runner: LayerRunner, layer: torch.nn.Module, specs: dict[str, QuantSpec], damp: float
+) -> dict[str, torch.Tensor]:
+    """GPTQ every linear of `layer` with its chosen spec; the layer then computes with the quantized
+    weights (dequantized, for the torch path) and the packed EXL2 tensors are returned."""
+    prefix = f"model.layers.{runner.layer_index}"
+    hessians = runner.collect_hessians(layer)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in linear_modules(layer).items():
+        weight = dense_weight(module, f"{prefix}.{name}")
+        quantized = quantize_gptq(weight.float(), hessians.hessian(name), specs[f"{prefix}.{name}"], damp=damp)
+        bias = None if module.bias is None else module.bias.detach()
+        packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm, bias)
+        tensors.update(packed.state_dict(f"{prefix}.{name}"))
+        module.weight.data = quantized.dequantize().to(weight.dtype)
+    return tensors
+
+
+def quantize_head(model: DecoderOnlyLM, runner: LayerRunner, head_bits: int, damp: float) -> dict[str, torch.Tensor]:
+    """lm_head as EXL2 with the head option for `head_bits` (also for tied models: spec §10.1), or fp16."""
+    weight = dense_weight(model.lm_head, "lm_head")
+    if head_bits == 16:
+        return {"lm_head.weight": weight.detach().half().contiguous()}
+    collector = HessianCollector({"lm_head": model.lm_head}, "lm_head")
+    with collector.active(), torch.inference_mode():
+        for chunk in runner.chunks:
+            model.logits(chunk)
+    quantized = quantize_gptq(weight.float(), collector.hessian("lm_head"), HEAD_OPTIONS[head_bits], damp=damp)
+    packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm)
+    return packed.state_dict("lm_head")
+
+
+def fp16_tensors(model: DecoderOnlyLM) -> dict[str, torch.Tensor]:
+    """Embeddings and norms, which stay fp16 in EXL2 models."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    names += [
+        f"model.layers.{i}.{norm}.weight"
+        for i in range(len(model.model.layers))
+        for norm in ("input_layernorm", "post_attention_layernorm")
+    ]
+    state = model.state_dict()
+    return {name: state[name].detach().half().contiguous() for name in names}
+
+
+def convert_model(
+    model: DecoderOnlyLM,
+    model_dir: Path,
+    out_dir: Path,
+    calibration: Calibration,
+    options: ConvertOptions,
+    *,
+    work_dir: Path,
+    measurement: Measurement | None = None,
+    restart: bool = False,
+    progress: Progress | None = None,
+    specs_for: SpecsFor = candidate_specs,
+) -> ConvertSummary:
+    """Convert `model` (loaded from `model_dir`) into an EXL2 model directory `out_dir`."""
+    options.validate()
+    check_out_dir(out_dir, model_dir)
+    started = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+    job_options = {
+        "bpw": options.bpw,
+        "head_bits": options.head_bits,
+        "damp": options.damp,
+        "calibration": calibration.fingerprint,
+        "measurement": None if measurement is None else measurement.calibration.get("fingerprint"),
+        "exlq": __version__,
+    }
+    with Job(work_dir, fingerprint(model_dir, job_options), restart=restart) as job:
+        if measurement is None:
+            measurement = _measure_with_checkpoints(model, calibration, job, options, report, specs_for)
+        specs, achieved = allocate_options(measurement, options.bpw)
+        runner = LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            step = f"layer-{i}"
+            saved = job.load_tensors(step) if job.done(step) else None
+            if saved is None:
+                job.save_tensors(step, quantize_layer(runner, layer, specs, options.damp))
+                job.mark_done(step)
+            else:
+                _restore_layer(layer, saved, f"model.layers.{i}")
+            runner.advance(layer)
+            report("quantize", i + 1, len(layers))
+        if not job.done("head"):
+            job.save_tensors("head", quantize_head(model, runner, options.head_bits, options.damp))
+            job.mark_done("head")
+        config = quantization_config(
+            bits=options.bpw,
+            head_bits=options.head_bits,
+            calibration={
+                "rows": calibration.ids.shape[0],
+                "length": calibration.ids.shape[1],
+                "dataset": calibration.description,
+            },
+        )
+        write_model_dir(out_dir, model_dir, lambda: _output_tensors(model, job, len(layers)), config)
+    return ConvertSummary(
+        out_dir=str(out_dir),
+        target_bpw=options.bpw,
+        decoder_bpw=achieved,
+        head_bits=options.head_bits,
+        choices={name: spec.describe() for name, spec in specs.items()},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _measure_with_checkpoints(
+    model, calibration, job: Job, options: ConvertOptions, report: Progress, specs_for: SpecsFor
+) -> Measurement:
+    done: dict[int, list[MatrixResult]] = {}
+    for i in range(len(model.model.layers)):
+        saved = job.load_json(f"measure-{i}") if job.done(f"measure-{i}") else None
+        if saved is not None:
+            done[i] = [matrix_from_json(m) for m in saved]
+
+    def checkpoint(i: int, results: list[MatrixResult]) -> None:
+        job.save_json(f"measure-{i}", [matrix_to_json(m) for m in results])
+        job.mark_done(f"measure-{i}")
+        report("measure", i + 1, len(model.model.layers))
+
+    return measure_model(
+        model, calibration, done=done, on_layer=checkpoint, batch_rows=options.batch_rows, specs_for=specs_for
+    )
+
+
+def _restore_layer(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Give a layer quantized in an earlier run its dequantized weights again (for the states that follow)."""
+    from exlq.runtime.exl2 import Exl2Tensors
+
+    for name, module in linear_modules(layer).items():
+        key = f"{prefix}.{name}"
+        stored = Exl2Tensors(**{k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == key})
+        weight = stored.dequantize()[:, : module.out_features].T
+        module.weight.data = weight.to(module.weight.dtype).to(module.weight.device).contiguous()
+
+
+def _output_tensors(model: DecoderOnlyLM, job: Job, num_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors in the order the reference converter writes them (spec §10.2), one layer in memory at a time."""
+    plain = fp16_tensors(model)
+    yield "model.embed_tokens.weight", plain["model.embed_tokens.weight"]
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}"
+        yield f"{prefix}.input_layernorm.weight", plain[f"{prefix}.input_layernorm.weight"]
+        yield f"{prefix}.post_attention_layernorm.weight", plain[f"{prefix}.post_attention_layernorm.weight"]
+        yield from job.load_tensors(f"layer-{i}").items()
+    yield "model.norm.weight", plain["model.norm.weight"]
+    yield from job.load_tensors("head").items()

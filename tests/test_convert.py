@@ -1,0 +1,100 @@
+"""End-to-end conversion of tiny random models on CPU: EXL2 out, loaded back by the runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from exlq.errors import ExlqError
+from exlq.quant.calibration import Calibration
+from exlq.quant.convert import ConvertOptions, convert_model
+from exlq.quant.gptq import QuantSpec
+from exlq.runtime.loader import load_model
+
+GRID = [QuantSpec.uniform(2, 32), QuantSpec((4, 3), (0.25, 0.75), (32, 32)), QuantSpec.uniform(4, 32), QuantSpec.uniform(8, 32)]
+
+
+def grid(_name: str) -> list[QuantSpec]:
+    return GRID
+
+
+def calibration_for(model, rows=4, length=64, seed=0) -> Calibration:
+    ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return Calibration(ids, "random ids")
+
+
+def file_hashes(directory) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "variant,bpw,head_bits,max_error",
+    [("llama-tied-llama3rope", 4.0, 6, 0.5), ("qwen2", 4.0, 16, 0.5), ("qwen2", 8.0, 8, 0.1)],
+)
+def test_convert_and_load_back(tiny_model_dirs, tmp_path, variant, bpw, head_bits, max_error):
+    """Random tiny weights quantize badly at 4 bpw (logit error ~0.3); at 8 bpw (mostly 8-bit groups: their
+    scale overhead puts an all-8-bit model just above 8.0) the error is several times smaller (~0.05)."""
+    source = tiny_model_dirs[variant]
+    before = file_hashes(source)
+    model = load_model(source, device="cpu")
+    reference = load_model(source, device="cpu")
+    calibration = calibration_for(model)
+    out = tmp_path / "out"
+    summary = convert_model(
+        model, source, out, calibration, ConvertOptions(bpw=bpw, head_bits=head_bits),
+        work_dir=tmp_path / "work", specs_for=grid,
+    )
+    assert file_hashes(source) == before  # the input is never written
+    assert bpw - 0.6 <= summary.decoder_bpw <= bpw
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "exl2"
+    assert config["quantization_config"]["head_bits"] == head_bits
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+    quantized = load_model(out, device="cpu")
+    assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "Exl2Linear"
+    assert type(quantized.lm_head).__name__ == ("DenseLinear" if head_bits == 16 else "Exl2Linear")
+    ids = calibration.ids[:2]
+    expected = reference(ids, max_output_len=None)
+    got = quantized(ids, max_output_len=None)
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < max_error, rel
+    # The runtime's reading of the files equals what the quantizer computed with (same dequantization).
+    assert torch.allclose(quantized.model.layers[1].mlp.down_proj(torch.eye(96)),
+                          model.model.layers[1].mlp.down_proj(torch.eye(96)), atol=1e-3)
+
+
+def test_resume_after_interruption_gives_identical_files(tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs["llama"]
+    options = ConvertOptions(bpw=3.0, head_bits=4)
+
+    def run(out, work, progress=None):
+        model = load_model(source, device="cpu")
+        return convert_model(model, source, out, calibration_for(model), options, work_dir=work, specs_for=grid, progress=progress)
+
+    run(tmp_path / "straight", tmp_path / "work-straight")
+
+    def crash_after_first_layer(stage, done, total):
+        if stage == "quantize" and done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", tmp_path / "work-resumed", crash_after_first_layer)
+    assert not (tmp_path / "resumed").exists()
+    run(tmp_path / "resumed", tmp_path / "work-resumed")
+    assert file_hashes(tmp_path / "resumed") == file_hashes(tmp_path / "straight")
+
+
+def test_bad_options(tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs["llama"]
+    model = load_model(source, device="cpu")
+    for options, message in [(ConvertOptions(bpw=1.5), "--bpw"), (ConvertOptions(bpw=4.0, head_bits=7), "--head-bits")]:
+        with pytest.raises(ExlqError, match=message):
+            convert_model(model, source, tmp_path / "o", calibration_for(model), options, work_dir=tmp_path / "w", specs_for=grid)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ExlqError):
+        convert_model(model, source, tmp_path / "full", calibration_for(model), ConvertOptions(bpw=4.0), work_dir=tmp_path / "w", specs_for=grid)
