@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from exlq.errors import ExlqError
-from exlq.quant.gptq import QuantSpec, effective_scales, hessian_weighted_error, quantize_gptq
+from exlq.quant.gptq import QuantSpec, effective_scales, hessian_weighted_error, quantize_gptq, quantize_gptq_many
 
 
 def test_group_layout_matches_the_reference_example():
@@ -87,3 +87,12 @@ def test_nan_weights_are_refused():
     weight[3, 5] = float("nan")
     with pytest.raises(ExlqError, match="NaN"):
         quantize_gptq(weight, hessian, QuantSpec.uniform(4, 32))
+
+
+def test_batched_specs_equal_one_at_a_time():
+    weight, hessian = correlated_problem(n_out=48, k_in=192, seed=3)
+    specs = [QuantSpec.uniform(2, 32), QuantSpec((6, 3, 2), (0.05, 0.2, 0.75), (32, 64, 64)), QuantSpec.uniform(8, 128)]
+    for spec, batched in zip(specs, quantize_gptq_many(weight, hessian, specs)):
+        single = quantize_gptq(weight, hessian, spec)
+        assert torch.equal(batched.codes, single.codes) and torch.equal(batched.scale_codes, single.scale_codes)
+        assert torch.equal(batched.q_scale_max, single.q_scale_max) and batched.groups == single.groups

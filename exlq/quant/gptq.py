@@ -83,7 +83,7 @@ class QuantSpec:
 def quantize_codes(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """q = clamp(rint(w / S) + 2^(b-1), 0, 2^b - 1) per column scale; w [N, r], scales [N]."""
     zero = 2 ** (bits - 1)
-    return torch.clamp(torch.round(w / scales.float()[:, None]) + zero, 0, 2**bits - 1)
+    return torch.clamp(torch.round(_safe_div(w, scales.float()[:, None])) + zero, 0, 2**bits - 1)
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -116,7 +116,7 @@ def _clip_errors(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tens
     """Σ|dequant(quant(w)) − w|^3.5 for each candidate scale row [P, N] at once -> [P]."""
     zero = 2 ** (bits - 1)
     s = scales.float()[:, :, None]  # [P, N, 1]
-    q = torch.clamp(torch.round(w[None] / s) + zero, 0, 2**bits - 1)
+    q = torch.clamp(torch.round(_safe_div(w[None], s)) + zero, 0, 2**bits - 1)
     dequant = ((q - zero) * s).half().float()
     return (dequant - w[None]).abs().pow(ERROR_NORM).sum(dim=(1, 2))
 
@@ -190,48 +190,95 @@ def quantize_gptq(
     act_order: bool = True,
 ) -> QuantizedMatrix:
     """Quantize W [N, K] given the input Hessian H = XᵀX [K, K] (None: plain round-to-nearest)."""
+    return quantize_gptq_many(weight, hessian, [spec], damp=damp, act_order=act_order)[0]
+
+
+def quantize_gptq_many(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    specs: list[QuantSpec],
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> list[QuantizedMatrix]:
+    """quantize_gptq for several specs at once: one pass over the columns, batched over the specs.
+
+    All specs share the act-order permutation and H⁻¹, and every group boundary falls on a
+    multiple of 32 columns, so the column loop (GPTQ's sequential part) runs once with the specs
+    stacked [P, N, K], with the lazy update after every 32-column block.
+    """
     n_out, k_in = weight.shape
     device = weight.device
     if not torch.isfinite(weight).all():
         raise ExlqError("the weight matrix holds NaN or Inf")
-    layout = spec.group_layout(k_in)
+    layouts = [spec.group_layout(k_in) for spec in specs]
     if hessian is None:
-        h = torch.eye(k_in, dtype=torch.float64, device=device)
-        w = weight.float().clone()
-        rtn = True
+        h, w = torch.eye(k_in, dtype=torch.float64, device=device), weight.float().clone()
     else:
         if hessian.shape != (k_in, k_in) or not torch.isfinite(hessian).all():
             raise ExlqError(f"the Hessian must be a finite [{k_in}, {k_in}] matrix")
         h, w = prepare_hessian(hessian.to(device), weight, damp)
-        rtn = False
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k_in, device=device)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-    hinv = None if rtn else inverse_cholesky_upper(h)
+    hinv = None if hessian is None else inverse_cholesky_upper(h[perm][:, perm])
+    stacked = w[:, perm].unsqueeze(0).repeat(len(specs), 1, 1)  # [P, N, K]
 
-    codes = torch.empty(k_in, n_out, dtype=torch.int32, device=device)
-    scale_codes = torch.empty(len(layout), n_out, dtype=torch.int32, device=device)
-    q_scale_max = torch.empty(len(layout), dtype=torch.float16, device=device)
-    start = 0
+    codes = torch.empty(len(specs), k_in, n_out, dtype=torch.int32, device=device)
+    scale_codes = [torch.empty(len(layout), n_out, dtype=torch.int32, device=device) for layout in layouts]
+    q_scale_max = [torch.empty(len(layout), dtype=torch.float16, device=device) for layout in layouts]
+    scales = torch.zeros(len(specs), n_out, device=device)
+    group_at = [_group_starts(layout) for layout in layouts]
+    block_bits = torch.empty(len(specs), dtype=torch.float32, device=device)
+    for b0 in range(0, k_in, BLOCK):
+        b1 = min(b0 + BLOCK, k_in)
+        for p, starts in enumerate(group_at):
+            g, bits, rows = starts[b0] if b0 in starts else (None, None, None)
+            if g is not None:
+                scale_codes[p][g], q_scale_max[p][g], s = search_group_scales(stacked[p, :, b0 : b0 + rows], bits)
+                scales[p] = s.float()
+            block_bits[p] = _bits_at(layouts[p], b0)
+        zero = (2 ** (block_bits - 1))[:, None]
+        maxq = (2**block_bits - 1)[:, None]
+        block = stacked[:, :, b0:b1].clone()
+        errors = torch.empty_like(block)
+        for i in range(b1 - b0):
+            column = block[:, :, i]
+            q = torch.minimum(torch.clamp(torch.round(_safe_div(column, scales)) + zero, min=0), maxq)
+            codes[:, b0 + i] = q.to(torch.int32)
+            if hinv is None:
+                continue
+            err = (column - ((q - zero) * scales).half().float()) / hinv[b0 + i, b0 + i]
+            block[:, :, i:] -= err[:, :, None] * hinv[b0 + i, b0 + i : b1]
+            errors[:, :, i] = err
+        if hinv is not None:
+            stacked[:, :, b1:] -= errors @ hinv[b0:b1, b1:]
+    return [
+        QuantizedMatrix(codes[p], scale_codes[p], q_scale_max[p], layouts[p], perm) for p in range(len(specs))
+    ]
+
+
+BLOCK = 32  # every group boundary is a multiple of 32 rows (group sizes are), so blocks never straddle groups
+
+
+def _group_starts(layout: list[tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
+    starts, row = {}, 0
     for g, (bits, rows) in enumerate(layout):
-        end = start + rows
-        block = w[:, start:end].clone()
-        scale_codes[g], q_scale_max[g], scales = search_group_scales(block, bits)
-        if rtn:
-            codes[start:end] = quantize_codes(block, scales, bits).T.to(torch.int32)
-        else:
-            errors = torch.empty_like(block)
-            hinv_block = hinv[start:end, start:end]
-            for i in range(rows):
-                column = block[:, i : i + 1]
-                q = quantize_codes(column, scales, bits)
-                codes[start + i] = q[:, 0].to(torch.int32)
-                err = (column - dequantize_codes(q, scales, bits)) / hinv_block[i, i]
-                block[:, i:] -= err * hinv_block[i : i + 1, i:]
-                errors[:, i : i + 1] = err
-            w[:, end:] -= errors @ hinv[start:end, end:]
-        start = end
-    return QuantizedMatrix(codes, scale_codes, q_scale_max, layout, perm)
+        starts[row] = (g, bits, rows)
+        row += rows
+    return starts
+
+
+def _bits_at(layout: list[tuple[int, int]], row: int) -> int:
+    start = 0
+    for bits, rows in layout:
+        if row < start + rows:
+            return bits
+        start += rows
+    raise IndexError(row)
+
+
+def _safe_div(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x / scale, with 0 where a scale is 0 (an all-zero group: every code is the zero point)."""
+    return torch.where(scales > 0, x / torch.where(scales > 0, scales, 1.0), 0.0)
 
 
 def hessian_weighted_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:

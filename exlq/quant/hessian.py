@@ -90,9 +90,17 @@ class LayerRunner:
         return self.model.attention_batch(rows, self.length)
 
     @torch.inference_mode()
-    def outputs(self, layer: nn.Module) -> list[torch.Tensor]:
-        """The layer's outputs on the current states (without advancing)."""
-        return [layer(h, self._attention_batch(h.shape[0]), None, self.layer_index) for h in self.chunks]
+    def outputs(self, layer: nn.Module, rows: int | None = None) -> list[torch.Tensor]:
+        """The layer's outputs on the current states (without advancing); `rows`: only the first rows."""
+        chunks, taken = [], 0
+        for h in self.chunks:
+            if rows is not None and taken >= rows:
+                break
+            if rows is not None:
+                h = h[: rows - taken]
+            chunks.append(layer(h, self._attention_batch(h.shape[0]), None, self.layer_index))
+            taken += h.shape[0]
+        return chunks
 
     def collect_hessians(self, layer: nn.Module) -> HessianCollector:
         collector = HessianCollector(linear_modules(layer), f"model.layers.{self.layer_index}")

@@ -28,7 +28,7 @@ from torch import nn
 from exlq import __version__
 from exlq.errors import ExlqError
 from exlq.quant.calibration import Calibration
-from exlq.quant.gptq import QuantSpec, quantize_gptq
+from exlq.quant.gptq import QuantSpec, quantize_gptq_many
 from exlq.quant.hessian import LayerRunner, linear_modules
 from exlq.quant.options import candidate_specs, total_bits
 from exlq.runtime.model import DecoderOnlyLM
@@ -123,22 +123,29 @@ def relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -
 SpecsFor = Callable[[str], list[QuantSpec]]
 
 
+MEASURE_ROWS = 16  # calibration rows whose layer outputs score each option (Hessians use all rows)
+
+
 def measure_layer(
-    runner: LayerRunner, layer: nn.Module, *, specs_for: SpecsFor = candidate_specs, damp: float = 0.01
+    runner: LayerRunner,
+    layer: nn.Module,
+    *,
+    specs_for: SpecsFor = candidate_specs,
+    damp: float = 0.01,
+    measure_rows: int = MEASURE_ROWS,
 ) -> list[MatrixResult]:
     """Every candidate option of every linear in `layer`, on the runner's current states."""
     prefix = f"model.layers.{runner.layer_index}"
     hessians = runner.collect_hessians(layer)
-    reference = runner.outputs(layer)
+    reference = runner.outputs(layer, rows=measure_rows)
     results = []
     for name, module in linear_modules(layer).items():
         weight = dense_weight(module, f"{prefix}.{name}")
         result = MatrixResult(f"{prefix}.{name}", module.in_features, module.out_features, module.bias is not None)
-        hessian = hessians.hessian(name)
-        for spec in specs_for(name.rsplit(".", 1)[-1]):
-            quantized = quantize_gptq(weight.float(), hessian, spec, damp=damp).dequantize().to(weight.dtype)
-            with substituted_weight(module, quantized):
-                error = relative_error(runner.outputs(layer), reference)
+        specs = specs_for(name.rsplit(".", 1)[-1])
+        for spec, quantized in zip(specs, quantize_gptq_many(weight.float(), hessians.hessian(name), specs, damp=damp)):
+            with substituted_weight(module, quantized.dequantize().to(weight.dtype)):
+                error = relative_error(runner.outputs(layer, rows=measure_rows), reference)
             bits = total_bits(spec, module.in_features, padded(module.out_features), result.bias)
             result.options.append(OptionResult.of(spec, bits, error))
         results.append(result)
