@@ -98,3 +98,17 @@ def test_bad_options(tiny_model_dirs, tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ExlqError):
         convert_model(model, source, tmp_path / "full", calibration_for(model), ConvertOptions(bpw=4.0), work_dir=tmp_path / "w", specs_for=grid)
+
+
+def test_output_folder_has_ordinary_permissions(tiny_model_dirs, tmp_path):
+    import os
+    import stat
+
+    source = tiny_model_dirs["llama"]
+    model = load_model(source, device="cpu")
+    out = tmp_path / "perm"
+    convert_model(model, source, out, calibration_for(model), ConvertOptions(bpw=4.0), work_dir=tmp_path / "w", specs_for=grid)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in out.iterdir())

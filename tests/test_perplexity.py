@@ -81,3 +81,22 @@ def test_batch_size_does_not_change_the_result(models):
     four = evaluate_perplexity(model, ids, length=32, batch_size=4)
     assert four.perplexity == pytest.approx(one.perplexity, rel=1e-6)
     assert one.windows == 9
+
+
+def test_kl_against_reference(models, tiny_model_dirs):
+    model, reference_hf = models
+    ids = torch.randint(0, model.config.vocab_size, (100,), generator=torch.Generator().manual_seed(3))
+    same = evaluate_perplexity(model, ids, length=32, reference=model)
+    assert same.kl_divergence == pytest.approx(0.0, abs=1e-9) and same.top1_agreement == 1.0
+    other = load_model(tiny_model_dirs["qwen2-tied"], device="cpu")
+    result = evaluate_perplexity(model, ids, length=32, reference=other)
+    # Independent computation of the mean KL(P_other || P_model) over the scored rows.
+    kl, n = 0.0, 0
+    for w in nonoverlapping_windows(100, 32, None):
+        x = ids[w.start : w.end][None]
+        logp = torch.log_softmax(model(x, max_output_len=None)[0, :-1].double(), -1)
+        logq = torch.log_softmax(other(x, max_output_len=None)[0, :-1].double(), -1)
+        kl += float((logq.exp() * (logq - logp)).sum())
+        n += w.scored
+    assert result.kl_divergence == pytest.approx(kl / n, rel=1e-4)
+    assert 0 <= result.top1_agreement < 1

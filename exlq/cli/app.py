@@ -15,11 +15,12 @@ import typer
 from exlq import __version__
 from exlq.cli.eval_ppl import eval_ppl
 from exlq.cli.infer import infer
+from exlq.cli.quantize import convert, measure
 from exlq.errors import ExlqError
 
 app = typer.Typer(
     name="exlq",
-    help="Quantize LLMs to EXL2 and run them: infer, eval-ppl.",
+    help="Quantize LLMs to EXL2 and run them: convert, measure, infer, eval-ppl.",
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -28,6 +29,8 @@ app = typer.Typer(
 )
 app.command("infer")(infer)
 app.command("eval-ppl")(eval_ppl)
+app.command("measure")(measure)
+app.command("convert")(convert)
 
 
 def _version(value: bool) -> None:

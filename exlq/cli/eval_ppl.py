@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -19,6 +20,7 @@ def eval_ppl(
     length: Annotated[int, typer.Option(help="Window length in tokens.")] = 2048,
     stride: Annotated[Optional[int], typer.Option(help="Sliding windows every STRIDE tokens over the whole text instead of non-overlapping ones.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows run together (faster on GPUs, more memory).")] = 1,
+    kl_ref: Annotated[Optional[Path], typer.Option("--kl-ref", help="Reference model (e.g. the FP16 original): also report the mean KL divergence KL(P_ref || P_model) per scored token and top-1 agreement.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_output: JsonOpt = False,
@@ -46,6 +48,11 @@ def eval_ppl(
     sliding_windows(length * 2, length, stride) if stride else nonoverlapping_windows(length, length, None)
     source = load_text(data, text_field=text_field)
     model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype)
+    reference = None
+    if kl_ref is not None:
+        reference, ref_tokenizer = load_model_and_tokenizer(kl_ref, device, dtype)
+        if ref_tokenizer.vocab_size != tokenizer.vocab_size or reference.config.vocab_size != model.config.vocab_size:
+            raise ExlqError(f"--kl-ref {kl_ref} has a different vocabulary than {model_dir}: KL needs the same tokens")
     with stderr.status("tokenizing", spinner="dots"):
         ids = torch.tensor(tokenizer.encode(source.text), dtype=torch.long)
     windows = sliding_windows(ids.numel(), length, stride) if stride else nonoverlapping_windows(ids.numel(), length, rows)
@@ -57,7 +64,7 @@ def eval_ppl(
         task = progress.add_task("windows", total=len(windows))
         result = evaluate_perplexity(
             model, ids, length=length, rows=rows, stride=stride, batch_size=batch_size,
-            on_window=lambda n: progress.advance(task, n),
+            on_window=lambda n: progress.advance(task, n), reference=reference,
         )
     payload = {
         "model": str(model_dir),
@@ -74,8 +81,12 @@ def eval_ppl(
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
     }
+    if reference is not None:
+        payload.update(kl_reference=str(kl_ref), kl_divergence=result.kl_divergence, top1_agreement=result.top1_agreement)
     if json_output:
         print_json(payload)
         return
     sys.stdout.write(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens ({result.windows} windows)\n")
+    if reference is not None:
+        sys.stdout.write(f"KL divergence vs {kl_ref}: {result.kl_divergence:.5f} per token; top-1 agreement {result.top1_agreement:.4f}\n")
     stderr.print(f"[dim]data: {source.description}\nconvention: {result.convention}\n{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s[/dim]")

@@ -39,6 +39,8 @@ class PerplexityResult:
     windows: int
     convention: str
     seconds: float
+    kl_divergence: float | None = None  # mean KL(P_reference || P_model) per scored token
+    top1_agreement: float | None = None  # share of scored tokens where both models' argmax agree
 
     @property
     def tokens_per_second(self) -> float:
@@ -88,6 +90,17 @@ def describe(windows: list[Window], length: int, stride: int | None) -> str:
     return f"{how}; no BOS or other special tokens added; perplexity = exp(mean NLL over {scored} tokens)"
 
 
+def window_kl(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, int]:
+    """(Σ KL(P_ref ‖ P), Σ [argmax agrees]) over rows of [B, n, vocab] logits, in float32 log-softmax."""
+    kl, agree = 0.0, 0
+    for s in range(0, logits.shape[1], LOGSOFTMAX_ROWS):
+        logp = torch.log_softmax(logits[:, s : s + LOGSOFTMAX_ROWS].float(), dim=-1)
+        logq = torch.log_softmax(reference[:, s : s + LOGSOFTMAX_ROWS].float(), dim=-1)
+        kl += float((logq.exp() * (logq - logp)).sum(dim=-1).double().sum())
+        agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+    return kl, agree
+
+
 def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood of `targets` [B, n] under `logits` [B, n, vocab], per row."""
     total = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
@@ -107,8 +120,13 @@ def evaluate_perplexity(
     stride: int | None = None,
     batch_size: int = 1,
     on_window: Callable[[int], None] | None = None,
+    reference: DecoderOnlyLM | None = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on the 1-D `token_ids` (see the module docstring for conventions)."""
+    """Perplexity of `model` on the 1-D `token_ids` (see the module docstring for conventions).
+
+    With `reference` (e.g. the FP16 model a quantized one was made from), also the mean KL
+    divergence KL(P_ref ‖ P_model) per scored token and the top-1 agreement, on the same windows.
+    """
     if batch_size < 1:
         raise ExlqError(f"--batch-size must be at least 1 (got {batch_size})")
     total_tokens = token_ids.numel()
@@ -117,12 +135,17 @@ def evaluate_perplexity(
     else:
         windows = sliding_windows(total_tokens, length, stride)
     started = time.perf_counter()
-    nll = 0.0
+    nll, kl, agree = 0.0, 0.0, 0
     for group in _batches(windows, batch_size):
         ids = torch.stack([token_ids[w.start : w.end] for w in group]).to(model.device)
         scored = group[0].scored
         logits = model(ids, max_output_len=scored + 1)[:, :-1]  # row j predicts token j+1
         nll += float(window_nll(logits, ids[:, -scored:]).sum())
+        if reference is not None:
+            ref_logits = reference(ids.to(reference.device), max_output_len=scored + 1)[:, :-1]
+            window_kl_sum, window_agree = window_kl(logits, ref_logits.to(logits.device))
+            kl += window_kl_sum
+            agree += window_agree
         if on_window is not None:
             on_window(len(group))
     scored_tokens = sum(w.scored for w in windows)
@@ -134,6 +157,8 @@ def evaluate_perplexity(
         windows=len(windows),
         convention=describe(windows, length, stride),
         seconds=time.perf_counter() - started,
+        kl_divergence=None if reference is None else kl / scored_tokens,
+        top1_agreement=None if reference is None else agree / scored_tokens,
     )
 
 

@@ -24,16 +24,7 @@ from exlq.quant.exl2_pack import pack_exl2
 from exlq.quant.gptq import QuantSpec, quantize_gptq
 from exlq.quant.hessian import HessianCollector, LayerRunner, linear_modules
 from exlq.quant.job import Job, fingerprint
-from exlq.quant.measure import (
-    Measurement,
-    SpecsFor,
-    MatrixResult,
-    dense_weight,
-    matrix_from_json,
-    matrix_to_json,
-    measure_model,
-    padded,
-)
+from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
 from exlq.quant.options import HEAD_OPTIONS, candidate_specs
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
 from exlq.runtime.model import DecoderOnlyLM
@@ -151,7 +142,9 @@ def convert_model(
     }
     with Job(work_dir, fingerprint(model_dir, job_options), restart=restart) as job:
         if measurement is None:
-            measurement = _measure_with_checkpoints(model, calibration, job, options, report, specs_for)
+            measurement = measure_resumable(
+                model, calibration, job, batch_rows=options.batch_rows, specs_for=specs_for, progress=report
+            )
         specs, achieved = allocate_options(measurement, options.bpw)
         runner = LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
         layers = model.model.layers
@@ -185,25 +178,6 @@ def convert_model(
         head_bits=options.head_bits,
         choices={name: spec.describe() for name, spec in specs.items()},
         seconds=time.perf_counter() - started,
-    )
-
-
-def _measure_with_checkpoints(
-    model, calibration, job: Job, options: ConvertOptions, report: Progress, specs_for: SpecsFor
-) -> Measurement:
-    done: dict[int, list[MatrixResult]] = {}
-    for i in range(len(model.model.layers)):
-        saved = job.load_json(f"measure-{i}") if job.done(f"measure-{i}") else None
-        if saved is not None:
-            done[i] = [matrix_from_json(m) for m in saved]
-
-    def checkpoint(i: int, results: list[MatrixResult]) -> None:
-        job.save_json(f"measure-{i}", [matrix_to_json(m) for m in results])
-        job.mark_done(f"measure-{i}")
-        report("measure", i + 1, len(model.model.layers))
-
-    return measure_model(
-        model, calibration, done=done, on_layer=checkpoint, batch_rows=options.batch_rows, specs_for=specs_for
     )
 
 

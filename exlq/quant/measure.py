@@ -30,6 +30,7 @@ from exlq.errors import ExlqError
 from exlq.quant.calibration import Calibration
 from exlq.quant.gptq import QuantSpec, quantize_gptq_many
 from exlq.quant.hessian import LayerRunner, linear_modules
+from exlq.quant.job import Job
 from exlq.quant.options import candidate_specs, total_bits
 from exlq.runtime.model import DecoderOnlyLM
 
@@ -123,6 +124,14 @@ def relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -
 SpecsFor = Callable[[str], list[QuantSpec]]
 
 
+def distinct_layouts(specs: list[QuantSpec], in_features: int) -> list[QuantSpec]:
+    """One spec per distinct group layout: at small K several specs cut the same groups."""
+    seen: dict[tuple, QuantSpec] = {}
+    for spec in specs:
+        seen.setdefault(tuple(spec.group_layout(in_features)), spec)
+    return list(seen.values())
+
+
 MEASURE_ROWS = 16  # calibration rows whose layer outputs score each option (Hessians use all rows)
 
 
@@ -142,7 +151,7 @@ def measure_layer(
     for name, module in linear_modules(layer).items():
         weight = dense_weight(module, f"{prefix}.{name}")
         result = MatrixResult(f"{prefix}.{name}", module.in_features, module.out_features, module.bias is not None)
-        specs = specs_for(name.rsplit(".", 1)[-1])
+        specs = distinct_layouts(specs_for(name.rsplit(".", 1)[-1]), module.in_features)
         for spec, quantized in zip(specs, quantize_gptq_many(weight.float(), hessians.hessian(name), specs, damp=damp)):
             with substituted_weight(module, quantized.dequantize().to(weight.dtype)):
                 error = relative_error(runner.outputs(layer, rows=measure_rows), reference)
@@ -180,3 +189,29 @@ def measure_model(
         },
         matrices=[m for i in sorted(done) for m in done[i]],
     )
+
+
+def measure_resumable(
+    model: DecoderOnlyLM,
+    calibration: Calibration,
+    job: Job,
+    *,
+    batch_rows: int = 8,
+    specs_for: SpecsFor = candidate_specs,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Measurement:
+    """measure_model with every layer's results checkpointed in `job` (a rerun resumes)."""
+    layers = len(model.model.layers)
+    done = {
+        i: [matrix_from_json(m) for m in job.load_json(f"measure-{i}")]
+        for i in range(layers)
+        if job.done(f"measure-{i}") and job.load_json(f"measure-{i}") is not None
+    }
+
+    def checkpoint(i: int, results: list[MatrixResult]) -> None:
+        job.save_json(f"measure-{i}", [matrix_to_json(m) for m in results])
+        job.mark_done(f"measure-{i}")
+        if progress is not None:
+            progress("measure", i + 1, layers)
+
+    return measure_model(model, calibration, done=done, on_layer=checkpoint, batch_rows=batch_rows, specs_for=specs_for)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from exlq import __version__
 from exlq.errors import ExlqError
-from exlq.quant.job import fsync_path, storable
+from exlq.quant.job import current_umask, fsync_path, storable
 from exlq.runtime.config import read_model_config
 
 DEFAULT_SHARD_SIZE = 8192 * 1024**2  # §10.2: ExLlamaV2's default `-ss 8192` MiB
@@ -88,8 +88,11 @@ def write_model_dir(
         _write_config(tmp / "config.json", config, config_update)
         _copy_non_weight_files(input_dir, tmp)
         _write_shards(tmp, tensors() if callable(tensors) else tensors, shard_size_bytes)
+        mask = current_umask()
         for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~mask)
             fsync_path(path)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes the folder private; the model is an ordinary folder
         fsync_path(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException:

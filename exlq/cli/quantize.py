@@ -1,0 +1,165 @@
+"""`exlq measure` and `exlq convert`: calibrate, measure, allocate and write EXL2 models."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from exlq.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+from exlq.errors import ExlqError
+
+CALIBRATION = "Calibration"
+CalibrationOpt = Annotated[str, typer.Option("--calibration", help="Calibration text: 'builtin' (an offline mix of web text, code, multilingual, technical and story text shipped with exlq) or a .txt/.jsonl/.parquet file.", rich_help_panel=CALIBRATION)]
+RowsOpt = Annotated[int, typer.Option("--rows", help="Calibration rows.", rich_help_panel=CALIBRATION)]
+LengthOpt = Annotated[int, typer.Option("--length", help="Tokens per calibration row.", rich_help_panel=CALIBRATION)]
+WorkDirOpt = Annotated[Optional[Path], typer.Option("--work-dir", help="Where checkpoints go (default: a hidden folder beside the output, removed after success). Rerunning the same command resumes.", show_default=False)]
+RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard the work directory's progress (also when it belongs to another conversion).")]
+
+
+def peak_memory() -> str:
+    import torch
+
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
+    text = f"peak RAM {host:.1f} GB"
+    if torch.cuda.is_available():
+        text += f", VRAM {torch.cuda.max_memory_allocated() / 2**30:.1f} GB"
+    return text
+
+
+@contextmanager
+def layer_progress() -> Iterator:
+    """A rich progress bar per stage (measure, quantize): layer i/N, ETA, peak memory."""
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("[dim]{task.fields[memory]}"), console=stderr,
+    )
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total, memory="")
+        progress.update(tasks[stage], completed=done, memory=peak_memory())
+
+    with progress:
+        yield report
+
+
+def _prepare(model_dir: Path, calibration: str, rows: int, length: int, device: str, dtype: str):
+    from exlq.quant.calibration import load_calibration
+
+    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype)
+    with stderr.status("tokenizing calibration text", spinner="dots"):
+        calib = load_calibration(tokenizer, calibration, rows=rows, length=length)
+    stderr.print(f"[dim]calibration: {calib.description}[/dim]")
+    return model, calib
+
+
+def _work_dir(given: Path | None, output: Path) -> tuple[Path, bool]:
+    if given is not None:
+        return given, False
+    return output.parent / f".{output.name}.exlq-work", True
+
+
+def measure(
+    model_dir: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write measurement.json.")],
+    calibration: CalibrationOpt = "builtin",
+    rows: RowsOpt = 100,
+    length: LengthOpt = 2048,
+    work_dir: WorkDirOpt = None,
+    restart: RestartOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Measure every quantization option of every decoder linear (bits and output error).
+
+    The measurement does not depend on the target bitrate: pass it to `exlq convert
+    --measurement` to convert to any --bpw without measuring again.
+    """
+    from exlq.quant.job import Job, fingerprint, write_json_file
+    from exlq.quant.measure import measure_resumable
+
+    if output.exists() and not output.is_file():
+        raise ExlqError(f"--output {output} is not a file")
+    model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
+    work, default_work = _work_dir(work_dir, output)
+    options = {"task": "measure", "calibration": calib.fingerprint}
+    with layer_progress() as report, Job(work, fingerprint(model_dir, options), restart=restart) as job:
+        result = measure_resumable(model, calib, job, progress=report)
+    write_json_file(output, result.to_json())
+    if default_work:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {"model": str(model_dir), "output": str(output), "matrices": len(result.matrices), "calibration": calib.description, "memory": peak_memory()}
+    if json_output:
+        print_json(summary)
+    else:
+        sys.stdout.write(f"measured {len(result.matrices)} matrices -> {output}\n")
+
+
+def convert(
+    model_dir: ModelArg,
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder for the EXL2 model (must not exist or be empty).", show_default=False)],
+    bpw: Annotated[float, typer.Option("--bpw", help="Target bits per weight of the decoder linears (2 to 8).")] = 4.0,
+    head_bits: Annotated[int, typer.Option("--head-bits", help="lm_head bits: 2, 3, 4, 5, 6 or 8, or 16 to keep it FP16.")] = 6,
+    measurement: Annotated[Optional[Path], typer.Option("--measurement", help="Reuse a measurement.json from `exlq measure` (skips measuring).", show_default=False)] = None,
+    calibration: CalibrationOpt = "builtin",
+    rows: RowsOpt = 100,
+    length: LengthOpt = 2048,
+    work_dir: WorkDirOpt = None,
+    restart: RestartOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_output: JsonOpt = False,
+) -> None:
+    """Quantize a Hugging Face model to EXL2 at a target bits per weight.
+
+    Measures every option per matrix (or reuses --measurement), picks the options that minimize
+    the measured error within the bit budget, quantizes layer by layer with GPTQ on calibration
+    states that went through the already quantized layers, and writes the model atomically.
+    Interrupted conversions resume when the same command is run again. The input is never written.
+    """
+    from exlq.quant.convert import ConvertOptions, convert_model
+    from exlq.quant.measure import Measurement
+    from exlq.quant.writer import check_out_dir
+    from exlq.runtime.config import read_json
+
+    options = ConvertOptions(bpw=bpw, head_bits=head_bits)
+    options.validate()
+    check_out_dir(out_dir, model_dir)
+    loaded = Measurement.from_json(read_json(measurement)) if measurement is not None else None
+    model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
+    if loaded is not None:
+        expected = {f"model.layers.{i}.{n}" for i, layer in enumerate(model.model.layers) for n, _ in layer.named_modules() if n.endswith("_proj")}
+        if {m.name for m in loaded.matrices} != expected:
+            raise ExlqError(f"--measurement {measurement} was made for another model (its matrices differ)")
+    work, default_work = _work_dir(work_dir, out_dir)
+    with layer_progress() as report:
+        summary = convert_model(
+            model, model_dir, out_dir, calib, options, work_dir=work, measurement=loaded, restart=restart, progress=report
+        )
+    if default_work:
+        shutil.rmtree(work, ignore_errors=True)
+    payload = {
+        "model": str(model_dir),
+        "output": summary.out_dir,
+        "target_bpw": summary.target_bpw,
+        "decoder_bpw": round(summary.decoder_bpw, 4),
+        "head_bits": summary.head_bits,
+        "calibration": calib.description,
+        "seconds": round(summary.seconds, 1),
+        "memory": peak_memory(),
+        "choices": summary.choices,
+    }
+    if json_output:
+        print_json(payload)
+    else:
+        sys.stdout.write(f"wrote {out_dir}: {summary.decoder_bpw:.3f} bpw in the decoder (target {bpw}), head {head_bits} bits, {summary.seconds:.0f} s\n")

@@ -1,0 +1,90 @@
+"""`exlq measure` and `exlq convert` from the command line, on tiny models (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exlq.cli.app import main
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exc.value.code or 0, out, err
+
+
+SMALL = ("--rows", 4, "--length", 64, "--device", "cpu")
+
+
+def test_measure_then_convert_with_the_measurement(capsys, tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs["qwen2"]
+    measurement = tmp_path / "measurement.json"
+    code, out, _ = cli(capsys, "measure", source, "-o", measurement, *SMALL, "--json")
+    assert code == 0 and json.loads(out)["matrices"] == 14
+    data = json.loads(measurement.read_text())
+    assert data["format"] == "exlq-measurement" and len(data["matrices"]) == 14
+    assert not list(tmp_path.glob(".*exlq-work"))  # the default work dir is removed after success
+
+    for bpw in (4.0, 6.0):  # tiny matrices carry ~0.5 bpw of index overhead: 3.79 is their floor
+        out_dir = tmp_path / f"q{bpw}"
+        code, out, err = cli(capsys, "convert", source, out_dir, "--bpw", bpw, "--measurement", measurement, *SMALL, "--json")
+        assert code == 0, err
+        summary = json.loads(out)
+        assert abs(summary["decoder_bpw"] - bpw) < 0.25 and summary["decoder_bpw"] <= bpw
+        assert len(summary["choices"]) == 14
+        assert "measure" not in err  # the measurement was reused, not redone
+    code, out, _ = cli(capsys, "eval-ppl", tmp_path / "q6.0", "--data", source / "tokenizer.json", "--rows", 1, "--length", 64,
+                       "--kl-ref", source, "--device", "cpu", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["kl_divergence"] > 0 and 0 < result["top1_agreement"] <= 1
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--bpw", 1.5], "--bpw"),
+        (["--bpw", 8.5], "--bpw"),
+        (["--head-bits", 7], "--head-bits"),
+    ],
+)
+def test_convert_bad_options(capsys, tiny_llama_dir, tmp_path, args, needle):
+    code, out, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out", *args, *SMALL)
+    assert code == 2 and out == "" and needle in err and err.count("\n") == 1
+
+
+def test_convert_refuses_non_empty_output_and_foreign_measurement(capsys, tiny_model_dirs, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "file").write_text("x")
+    code, _, err = cli(capsys, "convert", tiny_model_dirs["llama"], busy, *SMALL)
+    assert code == 2 and "not empty" in err
+    measurement = tmp_path / "m.json"
+    assert cli(capsys, "measure", tiny_model_dirs["llama"], "-o", measurement, *SMALL)[0] == 0
+    bigger = tiny_model_dirs["mistral-window"]
+    code, _, err = cli(capsys, "convert", bigger, tmp_path / "o", "--measurement", measurement, *SMALL)
+    assert code == 0 or "another model" in err  # same shapes would be accepted; names must match
+
+
+def test_convert_resumes_after_interrupt(capsys, tiny_llama_dir, tmp_path, monkeypatch):
+    import exlq.quant.convert as convert_module
+
+    original = convert_module.quantize_layer
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "quantize_layer", flaky)
+    code, _, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out", *SMALL)
+    assert code == 130 and not (tmp_path / "out").exists()
+    assert list(tmp_path.glob(".out.exlq-work"))  # progress kept for the rerun
+    code, out, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out", *SMALL)
+    assert code == 0 and (tmp_path / "out" / "model.safetensors").exists()
+    assert calls["n"] == 3  # layer 0 came from the checkpoint; layer 1 was quantized on the rerun
