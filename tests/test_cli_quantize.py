@@ -37,7 +37,9 @@ def test_measure_then_convert_with_the_measurement(capsys, tiny_model_dirs, tmp_
         assert abs(summary["decoder_bpw"] - bpw) < 0.25 and summary["decoder_bpw"] <= bpw
         assert len(summary["choices"]) == 14
         assert "measure" not in err  # the measurement was reused, not redone
-    code, out, _ = cli(capsys, "eval-ppl", tmp_path / "q6.0", "--data", source / "tokenizer.json", "--rows", 1, "--length", 64,
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a little model that could count tokens. " * 40)
+    code, out, _ = cli(capsys, "eval-ppl", tmp_path / "q6.0", "--data", text, "--rows", 1, "--length", 64,
                        "--kl-ref", source, "--device", "cpu", "--json")
     result = json.loads(out)
     assert code == 0 and result["kl_divergence"] > 0 and 0 < result["top1_agreement"] <= 1
