@@ -80,3 +80,32 @@ def test_real_model_fp16_on_gpu_close_to_fp32_cpu():
     expected = load_model(path, device="cpu", dtype="fp32")(ids, max_output_len=None)
     gpu = load_model(path, device="cuda", dtype="fp16")
     assert rel(gpu(ids, max_output_len=None).float(), expected) < 1e-2
+
+
+def test_exl2_dequantize_on_cuda_is_bit_identical_to_cpu():
+    from exlq.quant.exl2_pack import quantize_rtn
+    from exlq.runtime.exl2 import dequantize
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(200, 256, generator=g)
+    layout = [(8, 32), (6, 32), (5, 32), (4, 64), (3, 64), (2, 32)]
+    packed = quantize_rtn(weight, layout, perm=torch.randperm(256, generator=g))
+    tensors = (packed.q_weight, packed.q_scale, packed.q_scale_max, packed.q_groups, packed.q_invperm)
+    cpu = dequantize(*tensors)
+    gpu = dequantize(*(t.cuda() for t in tensors))
+    assert torch.equal(gpu.cpu().view(torch.int16), cpu.view(torch.int16))
+
+
+def test_gptq_on_cuda_matches_cpu_quality():
+    from exlq.quant.gptq import QuantSpec, hessian_weighted_error, quantize_gptq
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 512, generator=g) @ (torch.eye(512) + torch.randn(512, 512, generator=g) / 30)
+    hessian = x.T.double() @ x.double() / 4096
+    weight = torch.randn(256, 512, generator=g) / 20
+    spec = QuantSpec((5, 3), (0.2, 0.8), (32, 64))
+    cpu = hessian_weighted_error(weight, quantize_gptq(weight, hessian, spec).dequantize(), hessian)
+    gpu_q = quantize_gptq(weight.cuda(), hessian.cuda(), spec)
+    assert gpu_q.codes.is_cuda
+    gpu = hessian_weighted_error(weight, gpu_q.dequantize().cpu(), hessian)
+    assert gpu == pytest.approx(cpu, rel=0.03)

@@ -1,0 +1,115 @@
+"""Quantization quality: convert one model at several bitrates and score each against FP16.
+
+    python bench/quality.py MODEL_DIR --out-root DIR [--bpw 2.5 3.0 ...] [--head-bits 6] [--device cuda]
+
+One measurement (built-in calibration, 100 x 2048 tokens) is reused for every target. Scoring is
+the harness of ../shared/tools/README.md: the first 20 non-overlapping 1024-token windows of the
+joined WikiText-2 test text, no special tokens; KL = mean over scored tokens of KL(P_fp16 ‖ P_quant)
+from fp32 log-softmax of the full vocabulary. Results are appended to OUT_ROOT/quality.jsonl as
+they come, and a markdown table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exlq.data.text_sources import load_text  # noqa: E402
+from exlq.eval.perplexity import evaluate_perplexity  # noqa: E402
+from exlq.quant.calibration import load_calibration  # noqa: E402
+from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
+from exlq.quant.job import Job, fingerprint  # noqa: E402
+from exlq.quant.measure import measure_resumable  # noqa: E402
+from exlq.runtime.loader import load_model, resolve_device  # noqa: E402
+from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
+
+EXLLAMAV2_KL = {2.5: 1.658, 3.0: 0.959, 3.5: 0.504, 4.0: 0.239, 5.0: 0.061, 6.0: 0.019, 8.0: 0.0045}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--out-root", type=Path, required=True)
+    parser.add_argument("--bpw", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0])
+    parser.add_argument("--head-bits", type=int, nargs="+", default=[6])
+    parser.add_argument("--extra", default="4.0:16", help="more bpw:head pairs, comma-separated")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rows", type=int, default=100)
+    parser.add_argument("--length", type=int, default=2048)
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    args.out_root.mkdir(parents=True, exist_ok=True)
+    log = args.out_root / "quality.jsonl"
+    tokenizer = Tokenizer.from_dir(args.model_dir)
+    text_ids = torch.tensor(tokenizer.encode(load_text("wikitext2").text[:400_000]), dtype=torch.long)
+    reference = load_model(args.model_dir, device=device)
+    base = evaluate_perplexity(reference, text_ids, length=1024, rows=20)
+    print(f"FP16 ({reference.dtype}) ppl {base.perplexity:.3f} over {base.tokens_scored} tokens", flush=True)
+
+    calibration = load_calibration(tokenizer, rows=args.rows, length=args.length)
+    started = time.perf_counter()
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    model = load_model(args.model_dir, device=device)
+    with Job(args.out_root / "measure-work", fingerprint(args.model_dir, {"calibration": calibration.fingerprint}), restart=True) as job:
+        measurement = measure_resumable(model, calibration, job, progress=lambda s, d, t: print(f"  {s} {d}/{t}", flush=True) if d % 10 == 0 else None)
+    measure_seconds = time.perf_counter() - started
+    print(f"measured in {measure_seconds:.0f} s", flush=True)
+    del model
+
+    pairs = [(b, h) for b in args.bpw for h in args.head_bits]
+    pairs += [(float(p.split(":")[0]), int(p.split(":")[1])) for p in args.extra.split(",") if p]
+    rows = []
+    for bpw, head in pairs:
+        out = args.out_root / f"{args.model_dir.name}-{bpw}bpw-h{head}"
+        shutil.rmtree(out, ignore_errors=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model = load_model(args.model_dir, device=device)
+        t0 = time.perf_counter()
+        summary = convert_model(
+            model, args.model_dir, out, calibration, ConvertOptions(bpw=bpw, head_bits=head),
+            work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,
+        )
+        seconds = time.perf_counter() - t0
+        vram = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        del model
+        quantized = load_model(out, device=device)
+        result = evaluate_perplexity(quantized, text_ids, length=1024, rows=20, reference=reference)
+        del quantized
+        row = {
+            "bpw_target": bpw, "head_bits": head, "decoder_bpw": round(summary.decoder_bpw, 4),
+            "ppl": round(result.perplexity, 4), "kl": round(result.kl_divergence, 5),
+            "top1": round(result.top1_agreement, 4), "file_MB": round(folder_bytes(out) / 1e6, 1),
+            "convert_s": round(seconds, 1), "peak_vram_GB": None if vram is None else round(vram, 2),
+            "exllamav2_kl": EXLLAMAV2_KL.get(bpw) if head == 6 else None,
+        }
+        rows.append(row)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(args.out_root / f"work-{bpw}-{head}", ignore_errors=True)
+
+    print(f"\nmodel {args.model_dir.name}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+          f"FP16 ppl {base.perplexity:.3f}, measurement {measure_seconds:.0f} s ({calibration.description})")
+    print("| bpw | head | decoder bpw | ppl | KL | top-1 | ExLlamaV2 KL | size MB | convert s | peak VRAM GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bpw_target']} | {r['head_bits']} | {r['decoder_bpw']} | {r['ppl']} | {r['kl']} | {r['top1']} | "
+              f"{r['exllamav2_kl'] or ''} | {r['file_MB']} | {r['convert_s']} | {r['peak_vram_GB']} |")
+
+
+if __name__ == "__main__":
+    main()
