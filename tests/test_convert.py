@@ -112,3 +112,11 @@ def test_output_folder_has_ordinary_permissions(tiny_model_dirs, tmp_path):
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in out.iterdir())
+
+
+def test_nan_weights_name_the_layer(tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs["llama"]
+    model = load_model(source, device="cpu")
+    model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
+    with pytest.raises(ExlqError, match="model.layers.1"):
+        convert_model(model, source, tmp_path / "o", calibration_for(model), ConvertOptions(bpw=4.0), work_dir=tmp_path / "w", specs_for=grid)

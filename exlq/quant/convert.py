@@ -22,7 +22,7 @@ from exlq.quant.allocate import Option, allocate_to_bpw
 from exlq.quant.calibration import Calibration
 from exlq.quant.exl2_pack import pack_exl2
 from exlq.quant.gptq import QuantSpec, quantize_gptq
-from exlq.quant.hessian import HessianCollector, LayerRunner, linear_modules
+from exlq.quant.hessian import LayerRunner, linear_modules
 from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
 from exlq.quant.options import HEAD_OPTIONS, candidate_specs
@@ -80,7 +80,9 @@ def quantize_layer(
     tensors: dict[str, torch.Tensor] = {}
     for name, module in linear_modules(layer).items():
         weight = dense_weight(module, f"{prefix}.{name}")
-        quantized = quantize_gptq(weight.float(), hessians.hessian(name), specs[f"{prefix}.{name}"], damp=damp)
+        quantized = quantize_gptq(
+            weight.float(), hessians.hessian(name), specs[f"{prefix}.{name}"], damp=damp, name=f"{prefix}.{name}"
+        )
         bias = None if module.bias is None else module.bias.detach()
         packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm, bias)
         tensors.update(packed.state_dict(f"{prefix}.{name}"))
@@ -93,11 +95,15 @@ def quantize_head(model: DecoderOnlyLM, runner: LayerRunner, head_bits: int, dam
     weight = dense_weight(model.lm_head, "lm_head")
     if head_bits == 16:
         return {"lm_head.weight": weight.detach().half().contiguous()}
-    collector = HessianCollector({"lm_head": model.lm_head}, "lm_head")
-    with collector.active(), torch.inference_mode():
+    # The head's input is the final norm's output: no need to compute vocabulary-sized logits.
+    hessian = torch.zeros(weight.shape[1], weight.shape[1], device=weight.device)
+    rows = 0
+    with torch.inference_mode():
         for chunk in runner.chunks:
-            model.logits(chunk)
-    quantized = quantize_gptq(weight.float(), collector.hessian("lm_head"), HEAD_OPTIONS[head_bits], damp=damp)
+            x = model.model.norm(chunk).reshape(-1, weight.shape[1]).float()
+            hessian.addmm_(x.T, x)
+            rows += x.shape[0]
+    quantized = quantize_gptq(weight.float(), hessian / rows, HEAD_OPTIONS[head_bits], damp=damp, name="lm_head")
     packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm)
     return packed.state_dict("lm_head")
 

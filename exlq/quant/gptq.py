@@ -199,9 +199,10 @@ def quantize_gptq(
     *,
     damp: float = 0.01,
     act_order: bool = True,
+    name: str = "the weight matrix",
 ) -> QuantizedMatrix:
     """Quantize W [N, K] given the input Hessian H = XᵀX [K, K] (None: plain round-to-nearest)."""
-    return quantize_gptq_many(weight, hessian, [spec], damp=damp, act_order=act_order)[0]
+    return quantize_gptq_many(weight, hessian, [spec], damp=damp, act_order=act_order, name=name)[0]
 
 
 def quantize_gptq_many(
@@ -211,6 +212,7 @@ def quantize_gptq_many(
     *,
     damp: float = 0.01,
     act_order: bool = True,
+    name: str = "the weight matrix",
 ) -> list[QuantizedMatrix]:
     """quantize_gptq for several specs at once: one pass over the columns, batched over the specs.
 
@@ -221,13 +223,13 @@ def quantize_gptq_many(
     n_out, k_in = weight.shape
     device = weight.device
     if not torch.isfinite(weight).all():
-        raise ExlqError("the weight matrix holds NaN or Inf")
+        raise ExlqError(f"{name} holds NaN or Inf weights; the input model is damaged")
     layouts = [spec.group_layout(k_in) for spec in specs]
     if hessian is None:
         h, w = torch.eye(k_in, dtype=torch.float64, device=device), weight.float().clone()
     else:
         if hessian.shape != (k_in, k_in) or not torch.isfinite(hessian).all():
-            raise ExlqError(f"the Hessian must be a finite [{k_in}, {k_in}] matrix")
+            raise ExlqError(f"the Hessian of {name} must be a finite [{k_in}, {k_in}] matrix")
         h, w = prepare_hessian(hessian.to(device), weight, damp)
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k_in, device=device)
     hinv = None if hessian is None else inverse_cholesky_upper(h[perm][:, perm])

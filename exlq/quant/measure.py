@@ -152,7 +152,7 @@ def measure_layer(
         weight = dense_weight(module, f"{prefix}.{name}")
         result = MatrixResult(f"{prefix}.{name}", module.in_features, module.out_features, module.bias is not None)
         specs = distinct_layouts(specs_for(name.rsplit(".", 1)[-1]), module.in_features)
-        for spec, quantized in zip(specs, quantize_gptq_many(weight.float(), hessians.hessian(name), specs, damp=damp)):
+        for spec, quantized in zip(specs, quantize_gptq_many(weight.float(), hessians.hessian(name), specs, damp=damp, name=result.name)):
             with substituted_weight(module, quantized.dequantize().to(weight.dtype)):
                 error = relative_error(runner.outputs(layer, rows=measure_rows), reference)
             bits = total_bits(spec, module.in_features, padded(module.out_features), result.bias)
