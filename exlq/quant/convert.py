@@ -133,7 +133,12 @@ def convert_model(
     progress: Progress | None = None,
     specs_for: SpecsFor = candidate_specs,
 ) -> ConvertSummary:
-    """Convert `model` (loaded from `model_dir`) into an EXL2 model directory `out_dir`."""
+    """Convert `model` (loaded from `model_dir`) into an EXL2 model directory `out_dir`.
+
+    `model` is consumed: its linear weights are replaced by their quantized (dequantized) values
+    as the layers are done, which is what propagates quantized states to the next layer. Load a
+    fresh copy for anything else.
+    """
     options.validate()
     check_out_dir(out_dir, model_dir)
     started = time.perf_counter()
