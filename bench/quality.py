@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--no-kl-aware", action="store_true", help="allocate on layer-local errors alone")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -80,7 +81,7 @@ def main() -> None:
         model = load_model(args.model_dir, device=device)
         t0 = time.perf_counter()
         summary = convert_model(
-            model, args.model_dir, out, calibration, ConvertOptions(bpw=bpw, head_bits=head),
+            model, args.model_dir, out, calibration, ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware),
             work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,
         )
         seconds = time.perf_counter() - t0
@@ -90,7 +91,7 @@ def main() -> None:
         result = evaluate_perplexity(quantized, text_ids, length=1024, rows=20, reference=reference)
         del quantized
         row = {
-            "bpw_target": bpw, "head_bits": head, "decoder_bpw": round(summary.decoder_bpw, 4),
+            "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "decoder_bpw": round(summary.decoder_bpw, 4),
             "ppl": round(result.perplexity, 4), "kl": round(result.kl_divergence, 5),
             "top1": round(result.top1_agreement, 4), "file_MB": round(folder_bytes(out) / 1e6, 1),
             "convert_s": round(seconds, 1), "peak_vram_GB": None if vram is None else round(vram, 2),

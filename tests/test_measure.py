@@ -55,3 +55,32 @@ def test_measure_resumes_from_done_layers(tiny_model_dirs):
     )
     assert measured == [1]
     assert resumed == full
+
+
+def test_layer_sensitivities_are_measured(tiny_model_dirs):
+    model = load_model(tiny_model_dirs["llama"], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(2))
+    measurement = measure_model(model, Calibration(ids, "random ids"), specs_for=small_grid)
+    per_layer = {m.name.split(".")[2]: m.sensitivity for m in measurement.matrices}
+    assert len(per_layer) == 2 and all(0 < s < float("inf") for s in per_layer.values())
+    for m in measurement.matrices:
+        assert m.sensitivity == per_layer[m.name.split(".")[2]]  # one factor per layer
+    again = Measurement.from_json(json.loads(json.dumps(measurement.to_json())))
+    assert [m.sensitivity for m in again.matrices] == [m.sensitivity for m in measurement.matrices]
+
+
+def test_kl_aware_allocation_favours_sensitive_layers():
+    from exlq.quant.convert import allocate_options
+    from exlq.quant.measure import MatrixResult, OptionResult
+
+    def matrix(name, sensitivity):
+        options = [OptionResult.of(spec, bits, error) for spec, bits, error in
+                   [(SMALL_GRID[0], 2 * 64 * 64, 1.0), (SMALL_GRID[2], 8 * 64 * 64, 0.01)]]
+        return MatrixResult(name, 64, 64, False, options, sensitivity)
+
+    measurement = Measurement({}, {}, [matrix("model.layers.0.a", 10.0), matrix("model.layers.1.a", 1.0)])
+    chosen, _ = allocate_options(measurement, 5.0)  # room for one 8-bit matrix
+    assert chosen["model.layers.0.a"] == SMALL_GRID[2] and chosen["model.layers.1.a"] == SMALL_GRID[0]
+    flipped = Measurement({}, {}, [matrix("model.layers.0.a", 1.0), matrix("model.layers.1.a", 10.0)])
+    chosen, _ = allocate_options(flipped, 5.0)
+    assert chosen["model.layers.1.a"] == SMALL_GRID[2]

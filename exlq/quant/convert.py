@@ -41,6 +41,7 @@ class ConvertOptions:
     head_bits: int = 6
     damp: float = 0.01
     batch_rows: int = 8
+    kl_aware: bool = True  # weigh each layer's errors by its measured output sensitivity
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
@@ -59,9 +60,16 @@ class ConvertSummary:
     seconds: float = 0.0
 
 
-def allocate_options(measurement: Measurement, bpw: float) -> tuple[dict[str, QuantSpec], float]:
-    """The option per matrix that minimizes total measured error within bpw (and the bpw reached)."""
-    items = [[Option(o.key, o.total_bits, o.error) for o in m.options] for m in measurement.matrices]
+def allocate_options(measurement: Measurement, bpw: float, kl_aware: bool = True) -> tuple[dict[str, QuantSpec], float]:
+    """The option per matrix that minimizes total measured error within bpw (and the bpw reached).
+
+    KL-aware: each matrix's errors are scaled by its layer's sensitivity, so the budget goes where
+    errors cost most at the model's output rather than where layer-local errors are largest.
+    """
+    items = [
+        [Option(o.key, o.total_bits, o.error * (m.sensitivity if kl_aware else 1.0)) for o in m.options]
+        for m in measurement.matrices
+    ]
     weights = [m.in_features * padded(m.out_features) for m in measurement.matrices]
     allocation = allocate_to_bpw(items, weights, bpw)
     chosen = {
@@ -147,6 +155,7 @@ def convert_model(
         "bpw": options.bpw,
         "head_bits": options.head_bits,
         "damp": options.damp,
+        "kl_aware": options.kl_aware,
         "calibration": calibration.fingerprint,
         "measurement": None if measurement is None else measurement.calibration.get("fingerprint"),
         "exlq": __version__,
@@ -156,7 +165,7 @@ def convert_model(
             measurement = measure_resumable(
                 model, calibration, job, batch_rows=options.batch_rows, specs_for=specs_for, progress=report
             )
-        specs, achieved = allocate_options(measurement, options.bpw)
+        specs, achieved = allocate_options(measurement, options.bpw, options.kl_aware)
         runner = LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
         layers = model.model.layers
         for i, layer in enumerate(layers):

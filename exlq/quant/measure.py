@@ -69,6 +69,9 @@ class MatrixResult:
     out_features: int
     bias: bool
     options: list[OptionResult] = field(default_factory=list)
+    # KL of the model's final output per unit of this layer's summed measured error: converts
+    # layer-local errors into what they cost at the output (1.0 = unknown, errors used as they are).
+    sensitivity: float = 1.0
 
 
 def matrix_to_json(matrix: MatrixResult) -> dict:
@@ -142,23 +145,67 @@ def measure_layer(
     specs_for: SpecsFor = candidate_specs,
     damp: float = 0.01,
     measure_rows: int = MEASURE_ROWS,
+    probe: Callable[[], float] | None = None,
 ) -> list[MatrixResult]:
-    """Every candidate option of every linear in `layer`, on the runner's current states."""
+    """Every candidate option of every linear in `layer`, on the runner's current states.
+
+    With `probe` (the model's output KL vs FP16 as the layer currently stands), the whole layer is
+    also quantized with each matrix's middle option to calibrate the layer's `sensitivity`.
+    """
     prefix = f"model.layers.{runner.layer_index}"
     hessians = runner.collect_hessians(layer)
     reference = runner.outputs(layer, rows=measure_rows)
     results = []
+    probe_weights: dict[nn.Module, torch.Tensor] = {}
+    probe_error = 0.0
     for name, module in linear_modules(layer).items():
         weight = dense_weight(module, f"{prefix}.{name}")
         result = MatrixResult(f"{prefix}.{name}", module.in_features, module.out_features, module.bias is not None)
         specs = distinct_layouts(specs_for(name.rsplit(".", 1)[-1]), module.in_features)
-        for spec, quantized in zip(specs, quantize_gptq_many(weight.float(), hessians.hessian(name), specs, damp=damp, name=result.name)):
-            with substituted_weight(module, quantized.dequantize().to(weight.dtype)):
+        middle = len(specs) // 2
+        quantized_all = quantize_gptq_many(weight.float(), hessians.hessian(name), specs, damp=damp, name=result.name)
+        for index, (spec, quantized) in enumerate(zip(specs, quantized_all)):
+            dequantized = quantized.dequantize().to(weight.dtype)
+            with substituted_weight(module, dequantized):
                 error = relative_error(runner.outputs(layer, rows=measure_rows), reference)
             bits = total_bits(spec, module.in_features, padded(module.out_features), result.bias)
             result.options.append(OptionResult.of(spec, bits, error))
+            if index == middle and probe is not None:
+                probe_weights[module], probe_error = dequantized, probe_error + error
         results.append(result)
+    if probe is not None:
+        sensitivity = layer_sensitivity(probe, probe_weights, probe_error)
+        for result in results:
+            result.sensitivity = sensitivity
     return results
+
+
+def layer_sensitivity(probe: Callable[[], float], weights: dict[nn.Module, torch.Tensor], error: float) -> float:
+    """Output KL caused by quantizing the whole layer at once, per unit of its summed layer errors."""
+    originals = {module: module.weight.data for module in weights}
+    try:
+        for module, weight in weights.items():
+            module.weight.data = weight
+        kl = probe()
+    finally:
+        for module, weight in originals.items():
+            module.weight.data = weight
+    return max(kl, 0.0) / max(error, 1e-30)
+
+
+PROBE_ROWS, PROBE_LENGTH = 4, 256
+
+
+def output_kl_probe(model: DecoderOnlyLM, calibration: Calibration) -> Callable[[], float]:
+    """A function giving the model's mean KL(P_fp16 ‖ P_now) on a few calibration rows."""
+    ids = calibration.ids[:PROBE_ROWS, :PROBE_LENGTH].to(model.device)
+    reference = torch.log_softmax(model(ids, max_output_len=None).float(), dim=-1)
+
+    def probe() -> float:
+        logp = torch.log_softmax(model(ids, max_output_len=None).float(), dim=-1)
+        return float((reference.exp() * (reference - logp)).sum(-1).mean())
+
+    return probe
 
 
 def measure_model(
@@ -173,9 +220,10 @@ def measure_model(
     """Measure every decoder layer; `done` holds layers measured by an earlier (interrupted) run."""
     done = dict(done or {})
     runner = LayerRunner(model, calibration.ids, batch_rows=batch_rows)
+    probe = output_kl_probe(model, calibration) if len(done) < len(model.model.layers) else None
     for i, layer in enumerate(model.model.layers):
         if i not in done:
-            done[i] = measure_layer(runner, layer, specs_for=specs_for)
+            done[i] = measure_layer(runner, layer, specs_for=specs_for, probe=probe)
             if on_layer is not None:
                 on_layer(i, done[i])
         runner.advance(layer)
