@@ -49,6 +49,14 @@ def test_convert_and_load_back(tiny_model_dirs, tmp_path, variant, bpw, head_bit
     )
     assert file_hashes(source) == before  # the input is never written
     assert bpw - 0.6 <= summary.decoder_bpw <= bpw
+    # Calibration perplexity of the converted model, recomputed independently from the written files.
+    import math
+
+    converted = load_model(out, device="cpu")
+    rows = calibration.ids[:8]
+    logp = torch.log_softmax(converted(rows, max_output_len=None)[:, :-1].double(), -1)
+    nll = -logp.gather(2, rows[:, 1:, None]).mean().item()
+    assert summary.calibration_perplexity == pytest.approx(math.exp(nll), rel=1e-3)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "exl2"
     assert config["quantization_config"]["head_bits"] == head_bits

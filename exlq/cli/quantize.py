@@ -155,6 +155,7 @@ def convert(
         "decoder_bpw": round(summary.decoder_bpw, 4),
         "head_bits": summary.head_bits,
         "calibration": calib.description,
+        "calibration_perplexity": round(summary.calibration_perplexity, 4),
         "seconds": round(summary.seconds, 1),
         "memory": peak_memory(),
         "choices": summary.choices,
@@ -162,4 +163,7 @@ def convert(
     if json_output:
         print_json(payload)
     else:
-        sys.stdout.write(f"wrote {out_dir}: {summary.decoder_bpw:.3f} bpw in the decoder (target {bpw}), head {head_bits} bits, {summary.seconds:.0f} s\n")
+        sys.stdout.write(
+            f"wrote {out_dir}: {summary.decoder_bpw:.3f} bpw in the decoder (target {bpw}), head {head_bits} bits, "
+            f"calibration perplexity {summary.calibration_perplexity:.3f}, {summary.seconds:.0f} s\n"
+        )

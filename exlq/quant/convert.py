@@ -58,6 +58,7 @@ class ConvertSummary:
     head_bits: int
     choices: dict[str, str] = field(default_factory=dict)  # matrix name -> option key
     seconds: float = 0.0
+    calibration_perplexity: float = float("nan")  # the converted model on the first calibration rows
 
 
 def allocate_options(measurement: Measurement, bpw: float, kl_aware: bool = True) -> tuple[dict[str, QuantSpec], float]:
@@ -114,6 +115,36 @@ def quantize_head(model: DecoderOnlyLM, runner: LayerRunner, head_bits: int, dam
     quantized = quantize_gptq(weight.float(), hessian / rows, HEAD_OPTIONS[head_bits], damp=damp, name="lm_head")
     packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm)
     return packed.state_dict("lm_head")
+
+
+CALIBRATION_PPL_ROWS = 8
+
+
+def head_weight(model: DecoderOnlyLM, head: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head as the converted model computes it: [vocab, hidden] in the compute dtype."""
+    from exlq.runtime.exl2 import Exl2Tensors
+
+    if "lm_head.weight" in head:
+        return head["lm_head.weight"].to(model.device, model.dtype)
+    stored = Exl2Tensors(**{k.split(".", 1)[1]: v.to(model.device) for k, v in head.items()})
+    return stored.dequantize()[:, : model.config.vocab_size].T.to(model.dtype)
+
+
+@torch.inference_mode()
+def calibration_perplexity(model: DecoderOnlyLM, runner: LayerRunner, ids: torch.Tensor, weight: torch.Tensor) -> float:
+    """exp(mean NLL) of the converted model (states after all quantized layers, quantized head) on
+    the first calibration rows, one row at a time so vocabulary-sized logits stay small."""
+    import math
+
+    from exlq.eval.perplexity import window_nll
+
+    nll, tokens = 0.0, 0
+    states = torch.cat(runner.chunks)[:CALIBRATION_PPL_ROWS]
+    for row_states, row_ids in zip(states, ids[:CALIBRATION_PPL_ROWS].to(model.device)):
+        logits = torch.nn.functional.linear(model.model.norm(row_states[None, :-1]), weight)
+        nll += float(window_nll(logits, row_ids[None, 1:]).sum())
+        tokens += row_ids.numel() - 1
+    return math.exp(nll / tokens)
 
 
 def fp16_tensors(model: DecoderOnlyLM) -> dict[str, torch.Tensor]:
@@ -181,6 +212,7 @@ def convert_model(
         if not job.done("head"):
             job.save_tensors("head", quantize_head(model, runner, options.head_bits, options.damp))
             job.mark_done("head")
+        calibration_ppl = calibration_perplexity(model, runner, calibration.ids, head_weight(model, job.load_tensors("head")))
         config = quantization_config(
             bits=options.bpw,
             head_bits=options.head_bits,
@@ -198,6 +230,7 @@ def convert_model(
         head_bits=options.head_bits,
         choices={name: spec.describe() for name, spec in specs.items()},
         seconds=time.perf_counter() - started,
+        calibration_perplexity=calibration_ppl,
     )
 
 
