@@ -27,6 +27,7 @@ from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
 from exlq.quant.options import HEAD_OPTIONS, candidate_specs
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
+from exlq.runtime.exl2 import Exl2Tensors
 from exlq.runtime.model import DecoderOnlyLM
 
 HEAD_BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -122,12 +123,10 @@ CALIBRATION_PPL_ROWS = 8
 
 def head_weight(model: DecoderOnlyLM, head: dict[str, torch.Tensor]) -> torch.Tensor:
     """The head as the converted model computes it: [vocab, hidden] in the compute dtype."""
-    from exlq.runtime.exl2 import Exl2Tensors
-
     if "lm_head.weight" in head:
         return head["lm_head.weight"].to(model.device, model.dtype)
-    stored = Exl2Tensors(**{k.split(".", 1)[1]: v.to(model.device) for k, v in head.items()})
-    return stored.dequantize()[:, : model.config.vocab_size].T.to(model.dtype)
+    on_device = {k: v.to(model.device) for k, v in head.items()}
+    return Exl2Tensors.from_state_dict(on_device, "lm_head").weight(model.config.vocab_size).to(model.dtype)
 
 
 @torch.inference_mode()
@@ -236,13 +235,9 @@ def convert_model(
 
 def _restore_layer(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     """Give a layer quantized in an earlier run its dequantized weights again (for the states that follow)."""
-    from exlq.runtime.exl2 import Exl2Tensors
-
     for name, module in linear_modules(layer).items():
-        key = f"{prefix}.{name}"
-        stored = Exl2Tensors(**{k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == key})
-        weight = stored.dequantize()[:, : module.out_features].T
-        module.weight.data = weight.to(module.weight.dtype).to(module.weight.device).contiguous()
+        weight = Exl2Tensors.from_state_dict(tensors, f"{prefix}.{name}").weight(module.out_features)
+        module.weight.data = weight.to(module.weight.device, module.weight.dtype).contiguous()
 
 
 def _output_tensors(model: DecoderOnlyLM, job: Job, num_layers: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -310,6 +310,17 @@ class Exl2Tensors:
         """Wt fp16 [K, N_pad] in original row order (see `dequantize`)."""
         return dequantize(self.q_weight, self.q_scale, self.q_scale_max, self.q_groups, self.q_invperm, prescale)
 
+    def weight(self, out_features: int, prescale: float = 1.0) -> torch.Tensor:
+        """The exact fp16 weight in HF layout [out_features, in_features] (padded columns dropped)."""
+        return self.dequantize(prescale)[:, :out_features].T
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str) -> Exl2Tensors:
+        """The inverse of `state_dict`: this layer's `<prefix>.<suffix>` tensors out of a flat dict."""
+        names = {f.name for f in fields(cls)}
+        start = len(prefix) + 1
+        return cls(**{k[start:]: v for k, v in tensors.items() if k.startswith(f"{prefix}.") and k[start:] in names})
+
 
 # ----- the runtime layer -----
 
@@ -358,7 +369,7 @@ class Exl2Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The exact fp16 weight in HF layout [out_features, in_features] (padded columns dropped)."""
-        return self.tensors.dequantize(self.prescale)[:, : self.out_features].T
+        return self.tensors.weight(self.out_features, self.prescale)
 
     def clear_cache(self) -> None:
         self._dense = None
