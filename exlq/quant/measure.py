@@ -27,6 +27,7 @@ from torch import nn
 
 from exlq import __version__
 from exlq.errors import ExlqError
+from exlq.eval.perplexity import window_kl
 from exlq.quant.calibration import Calibration
 from exlq.quant.gptq import QuantSpec, quantize_gptq_many
 from exlq.quant.hessian import LayerRunner, linear_modules
@@ -199,11 +200,10 @@ PROBE_ROWS, PROBE_LENGTH = 4, 256
 def output_kl_probe(model: DecoderOnlyLM, calibration: Calibration) -> Callable[[], float]:
     """A function giving the model's mean KL(P_fp16 ‖ P_now) on a few calibration rows."""
     ids = calibration.ids[:PROBE_ROWS, :PROBE_LENGTH].to(model.device)
-    reference = torch.log_softmax(model(ids, max_output_len=None).float(), dim=-1)
+    reference = model(ids, max_output_len=None)
 
     def probe() -> float:
-        logp = torch.log_softmax(model(ids, max_output_len=None).float(), dim=-1)
-        return float((reference.exp() * (reference - logp)).sum(-1).mean())
+        return window_kl(model(ids, max_output_len=None), reference)[0] / ids.numel()
 
     return probe
 
@@ -250,11 +250,8 @@ def measure_resumable(
 ) -> Measurement:
     """measure_model with every layer's results checkpointed in `job` (a rerun resumes)."""
     layers = len(model.model.layers)
-    done = {
-        i: [matrix_from_json(m) for m in job.load_json(f"measure-{i}")]
-        for i in range(layers)
-        if job.done(f"measure-{i}") and job.load_json(f"measure-{i}") is not None
-    }
+    saved = {i: job.load_json(f"measure-{i}") for i in range(layers) if job.done(f"measure-{i}")}
+    done = {i: [matrix_from_json(m) for m in data] for i, data in saved.items() if data is not None}
 
     def checkpoint(i: int, results: list[MatrixResult]) -> None:
         job.save_json(f"measure-{i}", [matrix_to_json(m) for m in results])
