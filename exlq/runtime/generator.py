@@ -149,12 +149,15 @@ class Generator:
 
         start = time.perf_counter()
         logits, reused = self._prefill(prompt_ids)
-        history = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
+        # Prompt + room for every new token, filled in place: no per-token reallocation.
+        history = torch.empty(1, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=self.model.device)
+        history[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
+        length = len(prompt_ids)
         new_ids: list[int] = []
         first_token_at = None
         stop_reason = "max_new_tokens"
         while True:
-            token = sampler.sample(logits, history)
+            token = sampler.sample(logits, history[:, :length])
             token_id = int(token.item())
             if first_token_at is None:
                 first_token_at = time.perf_counter()
@@ -162,7 +165,8 @@ class Generator:
                 stop_reason = "eos"
                 break
             new_ids.append(token_id)
-            history = torch.cat([history, token.view(1, 1)], dim=1)
+            history[0, length] = token[0]
+            length += 1
             text, stopped = stops.push(decoder.push(token_id))
             emit(text)
             if stopped:
