@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from exlq.errors import ExlqError
+from exlq.quant.gptq import column_scale_codes, quantize_codes
 from exlq.runtime.exl2 import (
     MAX_IN_FEATURES,
     SUPPORTED_BITS,
@@ -206,12 +207,10 @@ def quantize_rtn(
     scale_codes = torch.empty(len(layout), wt.shape[1], dtype=torch.int64, device=wt.device)
     q_scale_max = torch.empty(len(layout), dtype=torch.float16, device=wt.device)
     for g, ((bits, rows), a) in enumerate(zip(layout, group_row_starts(layout))):
-        x = wt[a : a + rows]
-        base = (x.abs().amax(dim=0) + 1e-12) / ((2**bits - 1) / 2)
-        smax = base.max()
-        scale_codes[g] = torch.round(16 * torch.sqrt(base / smax)).clamp(1, 16).to(torch.int64)
+        x = wt[a : a + rows].T  # [N, rows]
+        column_codes, smax = column_scale_codes(x, bits)
+        scale_codes[g] = column_codes.to(torch.int64)
         q_scale_max[g] = smax.half()
-        scale = effective_scales(scale_codes[g : g + 1], q_scale_max[g : g + 1])[0].float()
-        ratio = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1.0), 0.0)
-        codes[a : a + rows] = (torch.round(ratio) + 2 ** (bits - 1)).clamp(0, 2**bits - 1).to(torch.int64)
+        scale = effective_scales(scale_codes[g : g + 1], q_scale_max[g : g + 1])[0]
+        codes[a : a + rows] = quantize_codes(x, scale, bits).T.to(torch.int64)
     return pack_exl2(codes, scale_codes, q_scale_max, layout, perm, bias)

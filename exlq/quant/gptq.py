@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from exlq.errors import ExlqError
-from exlq.runtime.exl2 import effective_scales
+from exlq.runtime.exl2 import effective_scales, group_row_starts
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # Clipping factors searched per group (the reference converter tries 97 over [0.70, 1.20], §14):
@@ -94,16 +94,21 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> to
     return ((codes - 2 ** (bits - 1)) * scales.float()[:, None]).half().float()
 
 
+def column_scale_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column 4-bit scale codes c ∈ 1..16 [N] for group weights w [N, r], and the group's largest
+    base scale smax (scale ≈ (c/16)²·smax: codes uniform in √scale, spec §14)."""
+    base = (w.abs().amax(dim=1) + 1e-12) / ((2**bits - 1) / 2)
+    smax = base.max()
+    return torch.clamp(torch.round(16 * torch.sqrt(base / smax)), 1, 16), smax
+
+
 def search_group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale codes [N] (1..16), q_scale_max (fp16 scalar) and effective scales [N] for group weights w [N, r].
 
     Codes come from each column's range relative to the largest (uniform in √scale); a global
     clipping factor p is then chosen to minimize Σ|dequant(quant(w)) − w|^3.5 over the group.
     """
-    amax = w.abs().amax(dim=1) + 1e-12
-    base = amax / ((2**bits - 1) / 2)
-    smax = base.max()
-    codes = torch.clamp(torch.round(16 * torch.sqrt(base / smax)), 1, 16)
+    codes, smax = column_scale_codes(w, bits)
     best_p = _best_clip(w, codes, smax, COARSE_CLIP.to(w.device), bits)
     fine = (best_p + FINE_CLIP_OFFSETS.to(w.device)).clamp(0.70, 1.20)
     candidates = (smax * fine).half()
@@ -239,16 +244,19 @@ def quantize_gptq_many(
     scale_codes = [torch.empty(len(layout), n_out, dtype=torch.int32, device=device) for layout in layouts]
     q_scale_max = [torch.empty(len(layout), dtype=torch.float16, device=device) for layout in layouts]
     scales = torch.zeros(len(specs), n_out, device=device)
-    group_at = [_group_starts(layout) for layout in layouts]
-    block_bits = torch.empty(len(specs), dtype=torch.float32, device=device)
+    group_at = [
+        {start: (g, bits, rows) for g, ((bits, rows), start) in enumerate(zip(layout, group_row_starts(layout)))}
+        for layout in layouts
+    ]
+    row_bits = torch.tensor([[b for b, rows in layout for _ in range(rows)] for layout in layouts], device=device)
     for b0 in range(0, k_in, BLOCK):
         b1 = min(b0 + BLOCK, k_in)
         for p, starts in enumerate(group_at):
-            g, bits, rows = starts[b0] if b0 in starts else (None, None, None)
-            if g is not None:
+            if b0 in starts:  # a group of option p begins here: search its scales on updated weights
+                g, bits, rows = starts[b0]
                 scale_codes[p][g], q_scale_max[p][g], s = search_group_scales(stacked[p, :, b0 : b0 + rows], bits)
                 scales[p] = s.float()
-            block_bits[p] = _bits_at(layouts[p], b0)
+        block_bits = row_bits[:, b0].float()  # blocks never straddle groups
         zero = (2 ** (block_bits - 1))[:, None]
         maxq = (2**block_bits - 1)[:, None]
         block = stacked[:, :, b0:b1].clone()
@@ -270,23 +278,6 @@ def quantize_gptq_many(
 
 
 BLOCK = 32  # every group boundary is a multiple of 32 rows (group sizes are), so blocks never straddle groups
-
-
-def _group_starts(layout: list[tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
-    starts, row = {}, 0
-    for g, (bits, rows) in enumerate(layout):
-        starts[row] = (g, bits, rows)
-        row += rows
-    return starts
-
-
-def _bits_at(layout: list[tuple[int, int]], row: int) -> int:
-    start = 0
-    for bits, rows in layout:
-        if row < start + rows:
-            return bits
-        start += rows
-    raise IndexError(row)
 
 
 def _safe_div(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
