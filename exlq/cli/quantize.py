@@ -137,10 +137,6 @@ def convert(
     check_out_dir(out_dir, model_dir)
     loaded = Measurement.from_json(read_json(measurement)) if measurement is not None else None
     model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
-    if loaded is not None:
-        expected = {f"model.layers.{i}.{n}" for i, layer in enumerate(model.model.layers) for n, _ in layer.named_modules() if n.endswith("_proj")}
-        if {m.name for m in loaded.matrices} != expected:
-            raise ExlqError(f"--measurement {measurement} was made for another model (its matrices differ)")
     work, default_work = _work_dir(work_dir, out_dir)
     with layer_progress() as report:
         summary = convert_model(

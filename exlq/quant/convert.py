@@ -80,6 +80,17 @@ def allocate_options(measurement: Measurement, bpw: float, kl_aware: bool = True
     return chosen, allocation.total_bits / sum(weights)
 
 
+def check_measurement_fits(measurement: Measurement, model: DecoderOnlyLM) -> None:
+    """A reused measurement must describe exactly this model's decoder linears."""
+    expected = {
+        (f"model.layers.{i}.{name}", module.in_features, module.out_features)
+        for i, layer in enumerate(model.model.layers)
+        for name, module in linear_modules(layer).items()
+    }
+    if {(m.name, m.in_features, m.out_features) for m in measurement.matrices} != expected:
+        raise ExlqError("the measurement was made for another model (its matrices differ from this model's)")
+
+
 def quantize_layer(
     runner: LayerRunner, layer: torch.nn.Module, specs: dict[str, QuantSpec], damp: float
 ) -> dict[str, torch.Tensor]:
@@ -190,6 +201,8 @@ def convert_model(
         "measurement": None if measurement is None else measurement.calibration.get("fingerprint"),
         "exlq": __version__,
     }
+    if measurement is not None:
+        check_measurement_fits(measurement, model)
     with Job(work_dir, fingerprint(model_dir, job_options), restart=restart) as job:
         if measurement is None:
             measurement = measure_resumable(
