@@ -36,7 +36,7 @@ def eval_ppl(
 
     from exlq.data.text_sources import load_text
     from exlq.errors import ExlqError
-    from exlq.eval.perplexity import evaluate_perplexity, nonoverlapping_windows, sliding_windows
+    from exlq.eval.perplexity import check_window_options, evaluate_perplexity, nonoverlapping_windows, sliding_windows
 
     if rows is not None and stride is not None:
         raise ExlqError("--rows and --stride choose different modes: give one of them")
@@ -44,8 +44,7 @@ def eval_ppl(
         raise ExlqError(f"--rows must be at least 1 (got {rows})")
     if batch_size < 1:
         raise ExlqError(f"--batch-size must be at least 1 (got {batch_size})")
-    # Window rules are checked on a notional long text now, before minutes go into loading.
-    sliding_windows(length * 2, length, stride) if stride else nonoverlapping_windows(length, length, None)
+    check_window_options(length, stride)
     source = load_text(data, text_field=text_field)
     model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype)
     reference = None

@@ -47,9 +47,16 @@ class PerplexityResult:
         return self.tokens_scored / self.seconds if self.seconds > 0 else 0.0
 
 
-def nonoverlapping_windows(total_tokens: int, length: int, rows: int | None) -> list[Window]:
+def check_window_options(length: int, stride: int | None = None) -> None:
+    """Window options that no text can satisfy, reported before anything is loaded."""
     if length < 2:
         raise ExlqError(f"--length must be at least 2 (got {length})")
+    if stride is not None and not 0 < stride <= length:
+        raise ExlqError(f"--stride must be between 1 and --length ({length}); got {stride}")
+
+
+def nonoverlapping_windows(total_tokens: int, length: int, rows: int | None) -> list[Window]:
+    check_window_options(length)
     available = total_tokens // length
     if available == 0:
         raise ExlqError(f"the text has {total_tokens} tokens, fewer than one window of {length}")
@@ -58,8 +65,7 @@ def nonoverlapping_windows(total_tokens: int, length: int, rows: int | None) -> 
 
 
 def sliding_windows(total_tokens: int, length: int, stride: int) -> list[Window]:
-    if not 0 < stride <= length:
-        raise ExlqError(f"--stride must be between 1 and --length ({length}); got {stride}")
+    check_window_options(length, stride)
     if total_tokens < 2:
         raise ExlqError("the text has fewer than 2 tokens")
     windows, previous_end = [], 0
