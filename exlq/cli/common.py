@@ -19,6 +19,11 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (fp1
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout; human text goes to stderr.")]
 
 
+def dtype_name(dtype) -> str:
+    """torch.float16 -> "float16", for messages and JSON."""
+    return str(dtype).removeprefix("torch.")
+
+
 def print_json(payload: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
@@ -34,7 +39,7 @@ def load_model_and_tokenizer(model_dir: Path, device: str, dtype: str):
         tokenizer = Tokenizer.from_dir(model_dir)
     stderr.print(
         f"[dim]loaded {type(model).__name__} from {model_dir} on {model.device} "
-        f"({str(model.dtype).removeprefix('torch.')})[/dim]"
+        f"({dtype_name(model.dtype)})[/dim]"
     )
     return model, tokenizer
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from exlq.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
 
 
 def eval_ppl(
@@ -76,7 +76,7 @@ def eval_ppl(
         "stride": stride,
         "convention": result.convention,
         "device": str(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": dtype_name(model.dtype),
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
     }

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from exlq.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
+from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
 from exlq.errors import ExlqError
 
 SAMPLING = "Sampling"
@@ -88,7 +88,7 @@ def infer(
             f"({model.config.max_position_embeddings}); quality may drop past that[/yellow]"
         )
     generator = Generator(model, tokenizer, max_seq_len=max_seq_len)
-    common = {"model": str(model_dir), "format": fmt, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "prompt_tokens": len(prompt_ids)}
+    common = {"model": str(model_dir), "format": fmt, "device": str(model.device), "dtype": dtype_name(model.dtype), "prompt_tokens": len(prompt_ids)}
 
     if labels:
         _score(generator, prompt_text, prompt_ids, labels, values, common, json_output)
