@@ -28,6 +28,7 @@ from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
 from exlq.quant.measure import measure_resumable  # noqa: E402
+from exlq.quant.rotate import rotate_model, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model, resolve_device  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
 
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--no-kl-aware", action="store_true", help="allocate on layer-local errors alone")
+    parser.add_argument("--no-rotate", action="store_true", help="quantize the model as it is (no incoherence rotation)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -61,11 +63,19 @@ def main() -> None:
     print(f"FP16 ({reference.dtype}) ppl {base.perplexity:.3f} over {base.tokens_scored} tokens", flush=True)
 
     calibration = load_calibration(tokenizer, rows=args.rows, length=args.length)
+    rotation = rotation_for(not args.no_rotate)
     started = time.perf_counter()
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     model = load_model(args.model_dir, device=device)
-    with Job(args.out_root / "measure-work", fingerprint(args.model_dir, {"calibration": calibration.fingerprint}), restart=True) as job:
-        measurement = measure_resumable(model, calibration, job, progress=lambda s, d, t: print(f"  {s} {d}/{t}", flush=True) if d % 10 == 0 else None)
+    if rotation is not None:
+        rotate_model(model, **rotation)
+    # Resumable across calls (the device runs at most 10 minutes per command): same options, same work dir.
+    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation})
+    with Job(args.out_root / "measure-work", key, restart=False) as job:
+        measurement = measure_resumable(
+            model, calibration, job, rotation=rotation,
+            progress=lambda s, d, t: print(f"  {s} {d}/{t}", flush=True) if d % 10 == 0 else None,
+        )
     measure_seconds = time.perf_counter() - started
     print(f"measured in {measure_seconds:.0f} s", flush=True)
     del model
@@ -81,7 +91,8 @@ def main() -> None:
         model = load_model(args.model_dir, device=device)
         t0 = time.perf_counter()
         summary = convert_model(
-            model, args.model_dir, out, calibration, ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware),
+            model, args.model_dir, out, calibration,
+            ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware, rotate=rotation is not None),
             work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,
         )
         seconds = time.perf_counter() - t0
@@ -91,7 +102,7 @@ def main() -> None:
         result = evaluate_perplexity(quantized, text_ids, length=1024, rows=20, reference=reference)
         del quantized
         row = {
-            "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "decoder_bpw": round(summary.decoder_bpw, 4),
+            "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None, "decoder_bpw": round(summary.decoder_bpw, 4),
             "ppl": round(result.perplexity, 4), "kl": round(result.kl_divergence, 5),
             "top1": round(result.top1_agreement, 4), "file_MB": round(folder_bytes(out) / 1e6, 1),
             "convert_s": round(seconds, 1), "peak_vram_GB": None if vram is None else round(vram, 2),

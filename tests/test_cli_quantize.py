@@ -69,6 +69,9 @@ def test_convert_refuses_non_empty_output_and_foreign_measurement(capsys, tiny_m
     bigger = tiny_model_dirs["mistral-window"]
     code, _, err = cli(capsys, "convert", bigger, tmp_path / "o", "--measurement", measurement, *SMALL)
     assert code == 0 or "another model" in err  # same shapes would be accepted; names must match
+    # A measurement of the rotated model does not describe the unrotated one (and vice versa).
+    code, _, err = cli(capsys, "convert", tiny_model_dirs["llama"], tmp_path / "o2", "--measurement", measurement, "--no-rotate", *SMALL)
+    assert code == 2 and "with rotation" in err and not (tmp_path / "o2").exists()
 
 
 def test_convert_resumes_after_interrupt(capsys, tiny_llama_dir, tmp_path, monkeypatch):

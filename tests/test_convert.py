@@ -60,6 +60,8 @@ def test_convert_and_load_back(tiny_model_dirs, tmp_path, variant, bpw, head_bit
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "exl2"
     assert config["quantization_config"]["head_bits"] == head_bits
+    # Rotated by default: embedding and head are stored apart (the source may tie them).
+    assert config["quantization_config"]["rotation"] == {"seed": 0} and config["tie_word_embeddings"] is False
     assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
 
     quantized = load_model(out, device="cpu")
@@ -73,6 +75,17 @@ def test_convert_and_load_back(tiny_model_dirs, tmp_path, variant, bpw, head_bit
     # The runtime's reading of the files equals what the quantizer computed with (same dequantization).
     assert torch.allclose(quantized.model.layers[1].mlp.down_proj(torch.eye(96)),
                           model.model.layers[1].mlp.down_proj(torch.eye(96)), atol=1e-3)
+
+
+def test_unrotated_conversion_keeps_the_tied_head(tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs["qwen2-tied"]
+    model = load_model(source, device="cpu")
+    out = tmp_path / "out"
+    convert_model(model, source, out, calibration_for(model), ConvertOptions(bpw=4.0, rotate=False), work_dir=tmp_path / "w", specs_for=grid)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and "rotation" not in config["quantization_config"]
+    converted = load_model(out, device="cpu")
+    assert torch.equal(converted.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight.half().float())
 
 
 def test_resume_after_interruption_gives_identical_files(tiny_model_dirs, tmp_path):

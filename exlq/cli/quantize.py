@@ -21,6 +21,7 @@ CalibrationOpt = Annotated[str, typer.Option("--calibration", help="Calibration 
 RowsOpt = Annotated[int, typer.Option("--rows", help="Calibration rows.", rich_help_panel=CALIBRATION)]
 LengthOpt = Annotated[int, typer.Option("--length", help="Tokens per calibration row.", rich_help_panel=CALIBRATION)]
 WorkDirOpt = Annotated[Optional[Path], typer.Option("--work-dir", help="Where checkpoints go (default: a hidden folder beside the output, removed after success). Rerunning the same command resumes.", show_default=False)]
+RotateOpt = Annotated[bool, typer.Option("--rotate/--no-rotate", help="Rotate the residual stream and value heads by a fixed random orthogonal matrix folded into the weights (same model function, outliers spread out, lower quantization error). The output stores embedding and lm_head separately and all-ones norms.")]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard the work directory's progress (also when it belongs to another conversion).")]
 
 
@@ -76,6 +77,7 @@ def measure(
     length: LengthOpt = 2048,
     work_dir: WorkDirOpt = None,
     restart: RestartOpt = False,
+    rotate: RotateOpt = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_output: JsonOpt = False,
@@ -87,14 +89,18 @@ def measure(
     """
     from exlq.quant.job import Job, fingerprint, write_json_file
     from exlq.quant.measure import measure_resumable
+    from exlq.quant.rotate import rotate_model, rotation_for
 
     if output.exists() and not output.is_file():
         raise ExlqError(f"--output {output} is not a file")
     model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
     work, default_work = _work_dir(work_dir, output)
-    options = {"task": "measure", "calibration": calib.fingerprint}
+    rotation = rotation_for(rotate)
+    if rotation is not None:
+        rotate_model(model, **rotation)
+    options = {"task": "measure", "calibration": calib.fingerprint, "rotation": rotation}
     with layer_progress() as report, Job(work, fingerprint(model_dir, options), restart=restart) as job:
-        result = measure_resumable(model, calib, job, progress=report)
+        result = measure_resumable(model, calib, job, progress=report, rotation=rotation)
     write_json_file(output, result.to_json())
     if default_work:
         shutil.rmtree(work, ignore_errors=True)
@@ -116,6 +122,7 @@ def convert(
     length: LengthOpt = 2048,
     work_dir: WorkDirOpt = None,
     restart: RestartOpt = False,
+    rotate: RotateOpt = True,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_output: JsonOpt = False,
@@ -132,7 +139,7 @@ def convert(
     from exlq.quant.writer import check_out_dir
     from exlq.runtime.config import read_json
 
-    options = ConvertOptions(bpw=bpw, head_bits=head_bits)
+    options = ConvertOptions(bpw=bpw, head_bits=head_bits, rotate=rotate)
     options.validate()
     check_out_dir(out_dir, model_dir)
     loaded = Measurement.from_json(read_json(measurement)) if measurement is not None else None

@@ -26,6 +26,7 @@ from exlq.quant.hessian import LayerRunner, linear_modules
 from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
 from exlq.quant.options import HEAD_OPTIONS, candidate_specs
+from exlq.quant.rotate import check_rotation, rotation_for, rotate_model
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
 from exlq.runtime.exl2 import Exl2Tensors
 from exlq.runtime.model import DecoderOnlyLM
@@ -43,6 +44,7 @@ class ConvertOptions:
     damp: float = 0.01
     batch_rows: int = 8
     kl_aware: bool = True  # weigh each layer's errors by its measured output sensitivity
+    rotate: bool = True  # incoherence processing folded into the weights (exlq.quant.rotate)
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
@@ -192,21 +194,27 @@ def convert_model(
     check_out_dir(out_dir, model_dir)
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
+    rotation = rotation_for(options.rotate)
     job_options = {
         "bpw": options.bpw,
         "head_bits": options.head_bits,
         "damp": options.damp,
         "kl_aware": options.kl_aware,
+        "rotation": rotation,
         "calibration": calibration.fingerprint,
         "measurement": None if measurement is None else measurement.calibration.get("fingerprint"),
         "exlq": __version__,
     }
     if measurement is not None:
         check_measurement_fits(measurement, model)
+        check_rotation(measurement.rotation, rotation)
+    if rotation is not None:
+        rotate_model(model, **rotation)
     with Job(work_dir, fingerprint(model_dir, job_options), restart=restart) as job:
         if measurement is None:
             measurement = measure_resumable(
-                model, calibration, job, batch_rows=options.batch_rows, specs_for=specs_for, progress=report
+                model, calibration, job, batch_rows=options.batch_rows, specs_for=specs_for, progress=report,
+                rotation=rotation,
             )
         specs, achieved = allocate_options(measurement, options.bpw, options.kl_aware)
         runner = LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
@@ -234,6 +242,9 @@ def convert_model(
                 "dataset": calibration.description,
             },
         )
+        if rotation is not None:  # embedding and head differ once rotated (and norms are all ones)
+            config["quantization_config"]["rotation"] = rotation
+            config["tie_word_embeddings"] = False
         write_model_dir(out_dir, model_dir, lambda: _output_tensors(model, job, len(layers)), config)
     return ConvertSummary(
         out_dir=str(out_dir),

@@ -10,7 +10,7 @@ for any `--bpw`.
 JSON schema (`measurement.json`, "format": "exlq-measurement", "version": 1):
     {"format", "version", "exlq_version", "model": {"path", "architecture"},
      "calibration": {"description", "fingerprint", "rows", "length"},
-     "error_metric": str,
+     "error_metric": str, "rotation": {"seed": int} or null (measured on the rotated model),
      "matrices": [{"name": "model.layers.0.self_attn.q_proj", "in_features": K, "out_features": N,
                    "bias": bool, "options": [{"key": "4b100%g128", "bits": [4], "proportions": [1.0],
                    "group_sizes": [128], "total_bits": int, "error": float}, ...]}, ...]}
@@ -89,6 +89,7 @@ class Measurement:
     calibration: dict
     matrices: list[MatrixResult]
     error_metric: str = ERROR_METRIC
+    rotation: dict | None = None  # the rotation applied to the model before measuring (exlq.quant.rotate)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "exlq_version": __version__, **asdict(self)}
@@ -98,7 +99,9 @@ class Measurement:
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ExlqError(f"not an exlq measurement (format {FORMAT!r} version {VERSION} expected)")
         matrices = [matrix_from_json(m) for m in data["matrices"]]
-        return cls(data["model"], data["calibration"], matrices, data.get("error_metric", ERROR_METRIC))
+        return cls(
+            data["model"], data["calibration"], matrices, data.get("error_metric", ERROR_METRIC), data.get("rotation")
+        )
 
 
 def dense_weight(module: nn.Module, name: str) -> torch.Tensor:
@@ -216,6 +219,7 @@ def measure_model(
     on_layer: Callable[[int, list[MatrixResult]], None] | None = None,
     batch_rows: int = 8,
     specs_for: SpecsFor = candidate_specs,
+    rotation: dict | None = None,
 ) -> Measurement:
     """Measure every decoder layer; `done` holds layers measured by an earlier (interrupted) run."""
     done = dict(done or {})
@@ -236,6 +240,7 @@ def measure_model(
             "length": calibration.ids.shape[1],
         },
         matrices=[m for i in sorted(done) for m in done[i]],
+        rotation=rotation,
     )
 
 
@@ -247,6 +252,7 @@ def measure_resumable(
     batch_rows: int = 8,
     specs_for: SpecsFor = candidate_specs,
     progress: Callable[[str, int, int], None] | None = None,
+    rotation: dict | None = None,
 ) -> Measurement:
     """measure_model with every layer's results checkpointed in `job` (a rerun resumes)."""
     layers = len(model.model.layers)
@@ -259,4 +265,6 @@ def measure_resumable(
         if progress is not None:
             progress("measure", i + 1, layers)
 
-    return measure_model(model, calibration, done=done, on_layer=checkpoint, batch_rows=batch_rows, specs_for=specs_for)
+    return measure_model(
+        model, calibration, done=done, on_layer=checkpoint, batch_rows=batch_rows, specs_for=specs_for, rotation=rotation
+    )
