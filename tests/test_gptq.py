@@ -96,3 +96,20 @@ def test_batched_specs_equal_one_at_a_time():
         single = quantize_gptq(weight, hessian, spec)
         assert torch.equal(batched.codes, single.codes) and torch.equal(batched.scale_codes, single.scale_codes)
         assert torch.equal(batched.q_scale_max, single.q_scale_max) and batched.groups == single.groups
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_each_column_gets_its_least_squares_scale_code(bits):
+    """Brute force over the 16 codes per column, with the group's q_scale_max and the runtime's fp16 roundings."""
+    from exlq.quant.gptq import dequantize_codes, quantize_codes, search_group_scales
+
+    w = torch.randn(40, 32, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.1, 3.0, 40)[:, None]
+    codes, q_scale_max, scales = search_group_scales(w, bits)
+    assert torch.equal(scales, effective_scales(codes[None], q_scale_max[None])[0])
+    for column in range(w.shape[0]):
+        row = w[column : column + 1]
+        errors = []
+        for code in range(1, 17):
+            s = effective_scales(torch.tensor([[code]]), q_scale_max[None])[0]
+            errors.append(float((dequantize_codes(quantize_codes(row, s, bits), s, bits) - row).pow(2).sum()))
+        assert errors[int(codes[column]) - 1] <= min(errors) * (1 + 1e-6)

@@ -106,7 +106,8 @@ def search_group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     """Scale codes [N] (1..16), q_scale_max (fp16 scalar) and effective scales [N] for group weights w [N, r].
 
     Codes come from each column's range relative to the largest (uniform in √scale); a global
-    clipping factor p is then chosen to minimize Σ|dequant(quant(w)) − w|^3.5 over the group.
+    clipping factor p is then chosen to minimize Σ|dequant(quant(w)) − w|^3.5 over the group, and
+    finally each column picks its own least-squares code under that q_scale_max.
     """
     codes, smax = column_scale_codes(w, bits)
     best_p = _best_clip(w, codes, smax, COARSE_CLIP.to(w.device), bits)
@@ -115,7 +116,26 @@ def search_group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     scales = effective_scales(codes[None].expand(len(candidates), -1), candidates)  # [P, N]
     errors = torch.cat([_clip_errors(w, chunk, bits) for chunk in scales.split(_candidates_per_pass(w))])
     best = int(torch.argmin(errors))
-    return codes.to(torch.int32), candidates[best], scales[best]
+    codes = _best_column_codes(w, candidates[best], bits)
+    return codes, candidates[best], effective_scales(codes[None], candidates[best][None])[0]
+
+
+def _best_column_codes(w: torch.Tensor, q_scale_max: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each column's own least-squares code (1..16) under the group's q_scale_max.
+
+    The range-based codes are only a starting point: with few bits, clipping a column's largest
+    weights often lowers its total error. Squared error here (not the clip search's 3.5 norm) is
+    what measured best: uniform 3-bit GPTQ of the rotated smollm2-135m, KL vs FP16 0.863 -> 0.730.
+    """
+    zero = 2 ** (bits - 1)
+    all_codes = torch.arange(1, 17, device=w.device, dtype=torch.int32)[:, None].expand(16, w.shape[0])
+    scales = effective_scales(all_codes, q_scale_max.reshape(1).expand(16)).float()  # [16, N]
+    errors = torch.empty(16, w.shape[0], device=w.device)
+    for c in range(16):
+        s = scales[c][:, None]
+        q = torch.clamp(torch.round(_safe_div(w, s)) + zero, 0, 2**bits - 1)
+        errors[c] = (((q - zero) * s).half().float() - w).pow(2).sum(dim=1)
+    return (torch.argmin(errors, dim=0) + 1).to(torch.int32)
 
 
 def _best_clip(w: torch.Tensor, codes: torch.Tensor, smax: torch.Tensor, factors: torch.Tensor, bits: int) -> torch.Tensor:
