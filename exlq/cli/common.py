@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +16,7 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json).", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (first GPU, else CPU), cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")]
+LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Decoder layers to run, in order, e.g. 0-15,8-23,16-31 (repeats share weights; each position gets its own cache slot).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout; human text goes to stderr.")]
 
 
@@ -29,14 +30,19 @@ def print_json(payload: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def load_model_and_tokenizer(model_dir: Path, device: str, dtype: str):
-    """Load a model directory for a command, with a status line on stderr."""
+def load_model_and_tokenizer(model_dir: Path, device: str, dtype: str, layers: str | None = None):
+    """Load a model directory for a command, with a status line on stderr; `layers`: a --layers list."""
+    from exlq.runtime.layer_order import parse_layer_list
     from exlq.runtime.loader import load_model
     from exlq.runtime.tokenizer import Tokenizer
 
+    if layers is not None:
+        parse_layer_list(layers, num_layers=1 << 30)  # the syntax, before the (slow) load
     with stderr.status(f"loading {model_dir}", spinner="dots"):
         model = load_model(model_dir, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_dir(model_dir)
+    if layers is not None:
+        model.set_layer_order(parse_layer_list(layers, len(model.model.layers)))
     stderr.print(
         f"[dim]loaded {type(model).__name__} from {model_dir} on {model.device} "
         f"({dtype_name(model.dtype)})[/dim]"

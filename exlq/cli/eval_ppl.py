@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
 
 
 def eval_ppl(
@@ -23,6 +23,7 @@ def eval_ppl(
     kl_ref: Annotated[Optional[Path], typer.Option("--kl-ref", help="Reference model (e.g. the FP16 original): also report the mean KL divergence KL(P_ref || P_model) per scored token and top-1 agreement.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    layers: LayersOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Perplexity over token windows; the exact convention is printed with the result.
@@ -46,7 +47,7 @@ def eval_ppl(
         raise ExlqError(f"--batch-size must be at least 1 (got {batch_size})")
     check_window_options(length, stride)
     source = load_text(data, text_field=text_field)
-    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype)
+    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, layers)
     reference = None
     if kl_ref is not None:
         reference, ref_tokenizer = load_model_and_tokenizer(kl_ref, device, dtype)
@@ -80,6 +81,8 @@ def eval_ppl(
         "seconds": round(result.seconds, 3),
         "tokens_per_second": round(result.tokens_per_second, 1),
     }
+    if layers is not None:
+        payload["layer_order"] = model.layer_order
     if reference is not None:
         payload.update(kl_reference=str(kl_ref), kl_divergence=result.kl_divergence, top1_agreement=result.top1_agreement)
     if json_output:

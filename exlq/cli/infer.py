@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
+from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
 from exlq.errors import ExlqError
 
 SAMPLING = "Sampling"
@@ -38,6 +38,7 @@ def infer(
     choice_values: Annotated[Optional[str], typer.Option(help="Comma-separated numbers for the choices, for the expected value (default: numeric labels themselves, else 1..n).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    layers: LayersOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Generate a reply to a prompt, streaming the text to stdout.
@@ -72,7 +73,7 @@ def infer(
     settings.validate()
     if max_seq_len is not None and max_seq_len < 1:
         raise ExlqError(f"--max-seq-len must be positive (got {max_seq_len})")
-    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype)
+    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, layers)
     fmt = resolve_format(prompt_format, tokenizer)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
     prompt_text = format_prompt(messages, fmt, tokenizer)

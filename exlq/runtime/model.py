@@ -39,6 +39,7 @@ class DecoderOnlyLM(nn.Module):
         self.model.norm = self.load_norm(store, "model.norm")
         self.lm_head = self.load_head(store)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, self._device)
+        self.layer_order: list[int] = list(range(config.num_hidden_layers))
 
     # ----- construction; architectures override the pieces that differ -----
 
@@ -103,7 +104,20 @@ class DecoderOnlyLM(nn.Module):
     @property
     def num_cache_layers(self) -> int:
         """KV-cache slots needed: one per decoder layer in execution order."""
-        return len(self.model.layers)
+        return len(self.layer_order)
+
+    def set_layer_order(self, order: list[int] | None) -> None:
+        """Run the decoder layers in `order` (repeats allowed; None: the stored order).
+
+        Repeated layers share their weights, so memory for weights does not grow; each position in
+        the order gets its own KV-cache slot, so caches made before the change no longer fit.
+        """
+        count = len(self.model.layers)
+        if order is None:
+            order = list(range(count))
+        if not order or any(not 0 <= i < count for i in order):
+            raise ExlqError(f"layer order must list layers 0..{count - 1} (got {order})")
+        self.layer_order = list(order)
 
     def new_cache(self, max_seq_len: int, batch_size: int = 1) -> KVCache:
         return KVCache.for_model(self, max_seq_len, batch_size)
@@ -139,6 +153,11 @@ class DecoderOnlyLM(nn.Module):
         bsz, new_len = input_ids.shape
         past_len = 0
         if cache is not None:
+            if cache.num_layers != self.num_cache_layers:
+                raise ExlqError(
+                    f"the cache has {cache.num_layers} layer slots but the model runs {self.num_cache_layers} layers; "
+                    "make a new cache after changing the layer order"
+                )
             cache.check_fits(bsz, new_len)
             past_len = cache.seq_len
             if pad_lengths is not None:
@@ -150,8 +169,8 @@ class DecoderOnlyLM(nn.Module):
             pad_lengths = pad_lengths.to(self._device)
         batch = self.attention_batch(bsz, new_len, past_len, pad_lengths)
         hidden = self.embed(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            hidden = layer(hidden, batch, cache, i)
+        for slot, i in enumerate(self.layer_order):
+            hidden = self.model.layers[i](hidden, batch, cache, slot)
         if cache is not None:
             cache.seq_len = past_len + new_len
         if max_output_len == 0:
