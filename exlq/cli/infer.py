@@ -39,6 +39,8 @@ def infer(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     layers: LayersOpt = None,
+    lora: Annotated[Optional[list[Path]], typer.Option("--lora", help="PEFT LoRA adapter folder (repeatable: several adapters at once).", show_default=False)] = None,
+    lora_scale: Annotated[Optional[list[float]], typer.Option("--lora-scale", help="Scale of the adapters: one value for all, or one per --lora (default 1).", show_default=False)] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Generate a reply to a prompt, streaming the text to stdout.
@@ -51,6 +53,7 @@ def infer(
     Example: exlq infer MODEL -p "Write a haiku about GPUs" --max-new-tokens 64
     """
     from exlq.runtime.generator import Generator
+    from exlq.runtime.lora import load_lora, set_loras
     from exlq.runtime.prompt_format import FORMATS, format_prompt, prompt_encoding, resolve_format, stop_strings_for
     from exlq.runtime.sampler import SamplerSettings
 
@@ -73,7 +76,10 @@ def infer(
     settings.validate()
     if max_seq_len is not None and max_seq_len < 1:
         raise ExlqError(f"--max-seq-len must be positive (got {max_seq_len})")
+    scales = _lora_scales(lora or [], lora_scale or [])
+    adapters = [load_lora(path, scale) for path, scale in zip(lora or [], scales)]
     model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, layers)
+    set_loras(model, adapters)
     fmt = resolve_format(prompt_format, tokenizer)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
     prompt_text = format_prompt(messages, fmt, tokenizer)
@@ -179,3 +185,16 @@ def _score(generator, prompt_text, prompt_ids, labels, values, common, json_outp
     for c in scores.choices:
         sys.stdout.write(f"{c.text}\t{c.probability:.4f}\tlogprob {c.logprob:.4f}\n")
     sys.stdout.write(f"expected value: {scores.expected_value:.4f}\nbest: {scores.best}\n")
+
+
+def _lora_scales(paths: list[Path], scales: list[float]) -> list[float]:
+    """One scale per adapter: none given (1.0), one for all, or one each."""
+    if not scales:
+        return [1.0] * len(paths)
+    if not paths:
+        raise ExlqError("--lora-scale needs --lora")
+    if len(scales) == 1:
+        return scales * len(paths)
+    if len(scales) != len(paths):
+        raise ExlqError(f"give one --lora-scale for all adapters or one per --lora ({len(paths)}), not {len(scales)}")
+    return scales
