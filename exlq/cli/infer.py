@@ -39,6 +39,8 @@ def infer(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     layers: LayersOpt = None,
+    draft: Annotated[Optional[Path], typer.Option("--draft", help="Draft model for speculative decoding (same tokenizer; e.g. a smaller model of the family). The output distribution stays the main model's.", show_default=False)] = None,
+    draft_tokens: Annotated[int, typer.Option("--draft-tokens", help="Tokens the draft proposes per step at first (adapted to the acceptance rate, up to twice this).")] = 4,
     lora: Annotated[Optional[list[Path]], typer.Option("--lora", help="PEFT LoRA adapter folder (repeatable: several adapters at once).", show_default=False)] = None,
     lora_scale: Annotated[Optional[list[float]], typer.Option("--lora-scale", help="Scale of the adapters: one value for all, or one per --lora (default 1).", show_default=False)] = None,
     json_output: JsonOpt = False,
@@ -76,6 +78,10 @@ def infer(
     settings.validate()
     if max_seq_len is not None and max_seq_len < 1:
         raise ExlqError(f"--max-seq-len must be positive (got {max_seq_len})")
+    if draft is not None and score_choices:
+        raise ExlqError("--draft speeds up generation; it does not apply to --score-choices")
+    if draft_tokens < 1:
+        raise ExlqError(f"--draft-tokens must be at least 1 (got {draft_tokens})")
     scales = _lora_scales(lora or [], lora_scale or [])
     adapters = [load_lora(path, scale) for path, scale in zip(lora or [], scales)]
     model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, layers)
@@ -95,6 +101,13 @@ def infer(
             f"({model.config.max_position_embeddings}); quality may drop past that[/yellow]"
         )
     generator = Generator(model, tokenizer, max_seq_len=max_seq_len)
+    if draft is not None:
+        from exlq.runtime.speculative import SpeculativeGenerator
+
+        draft_model, draft_tokenizer = load_model_and_tokenizer(draft, device, dtype)
+        generator = SpeculativeGenerator(
+            generator, Generator(draft_model, draft_tokenizer, max_seq_len=generator.max_seq_len), draft_tokens=draft_tokens
+        )
     common = {"model": str(model_dir), "format": fmt, "device": str(model.device), "dtype": dtype_name(model.dtype), "prompt_tokens": len(prompt_ids)}
 
     if labels:
@@ -117,7 +130,8 @@ def infer(
     out.write("\n")
     stderr.print(
         f"[dim]{result.prompt_tokens} prompt tokens, {result.new_tokens} new; first token after "
-        f"{result.time_to_first_token:.2f} s, {result.decode_tokens_per_second:.1f} tokens/s; stop: {result.stop_reason}[/dim]"
+        f"{result.time_to_first_token:.2f} s, {result.decode_tokens_per_second:.1f} tokens/s; stop: {result.stop_reason}"
+        + (f"; draft accepted {result.draft_accepted}/{result.draft_proposed}" if draft else "") + "[/dim]"
     )
     if json_output:
         print_json(
@@ -129,6 +143,7 @@ def infer(
                 "time_to_first_token_s": round(result.time_to_first_token, 4),
                 "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
                 "seed": settings.seed,
+                **({"draft": str(draft), "draft_proposed": result.draft_proposed, "draft_accepted": result.draft_accepted} if draft else {}),
             }
         )
 

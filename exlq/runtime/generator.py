@@ -31,6 +31,8 @@ class GenerationResult:
     stop_reason: str  # "eos", "stop_string", "max_new_tokens" or "max_seq_len"
     time_to_first_token: float  # seconds from the call to the first sampled token
     decode_seconds: float  # from the first sampled token to the last
+    draft_proposed: int = 0  # speculative decoding: draft tokens proposed and accepted
+    draft_accepted: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -61,6 +63,56 @@ class ChoiceScores:
         self.best = max(self.choices, key=lambda c: c.logprob).text
 
 
+class TokenSink:
+    """Where sampled tokens go: EOS, stop strings, the token limit, streamed text and the result."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str], eos_ids: Sequence[int] | None,
+                 on_text: Callable[[str], None] | None, max_new_tokens: int):  # fmt: skip
+        if max_new_tokens < 1:
+            raise ExlqError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        self.eos = set(tokenizer.eos_token_ids if eos_ids is None else eos_ids)
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = StopStrings(list(stop_strings))
+        self.on_text = on_text
+        self.max_new_tokens = max_new_tokens
+        self.emitted: list[str] = []
+        self.token_ids: list[int] = []
+        self.stop_reason = "max_new_tokens"
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.emitted.append(text)
+            if self.on_text is not None:
+                self.on_text(text)
+
+    def push(self, token_id: int) -> bool:
+        """Take one sampled token; False when generation must stop (EOS, stop string, limit)."""
+        if token_id in self.eos:
+            self.stop_reason = "eos"
+            return False
+        self.token_ids.append(token_id)
+        text, stopped = self.stops.push(self.decoder.push(token_id))
+        self._emit(text)
+        if stopped:
+            self.stop_reason = "stop_string"
+            return False
+        return len(self.token_ids) < self.max_new_tokens
+
+    def result(self, prompt_ids: Sequence[int], reused: int, start: float, first_token_at: float | None) -> GenerationResult:
+        if self.stop_reason != "stop_string":
+            self._emit(self.stops.push(self.decoder.flush())[0] + self.stops.flush())
+        end = time.perf_counter()
+        return GenerationResult(
+            text="".join(self.emitted),
+            token_ids=self.token_ids,
+            prompt_tokens=len(prompt_ids),
+            reused_tokens=reused,
+            stop_reason=self.stop_reason,
+            time_to_first_token=(first_token_at or end) - start,
+            decode_seconds=end - (first_token_at or end),
+        )
+
+
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -84,16 +136,30 @@ class Generator:
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
 
-    def _run(self, ids: Sequence[int], max_output_len: int | None) -> torch.Tensor | None:
+    def run(self, ids: Sequence[int], max_output_len: int | None) -> torch.Tensor | None:
+        """Append `ids` to the cache; logits of the last `max_output_len` positions [1, n, vocab]."""
         tensor = torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
         logits = self.model(tensor, self.cache, max_output_len=max_output_len)
         self._cached_ids.extend(ids)
         self.tokens_processed += len(ids)
         return logits
 
-    def _rewind(self, length: int) -> None:
+    def rewind(self, length: int) -> None:
+        """Keep only the first `length` cached tokens."""
         self.cache.truncate(length)
         del self._cached_ids[length:]
+
+    def sync(self, ids: Sequence[int]) -> None:
+        """Make the cache hold exactly `ids`, running only what is not cached yet (no logits)."""
+        self.rewind(common_prefix_length(self._cached_ids, ids))
+        pending = list(ids[len(self._cached_ids) :])
+        for start in range(0, len(pending), PREFILL_CHUNK):
+            self.run(pending[start : start + PREFILL_CHUNK], max_output_len=0)
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The tokens whose keys/values the cache holds (read-only view by convention)."""
+        return self._cached_ids
 
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Make the cache hold exactly `prompt_ids`; return the last position's logits [1, vocab]."""
@@ -110,12 +176,12 @@ class Generator:
             )
         # Keep at least one token to run: its logits are the ones we need.
         keep = min(common_prefix_length(self._cached_ids, prompt_ids), len(prompt_ids) - 1)
-        self._rewind(keep)
+        self.rewind(keep)
         pending = list(prompt_ids[keep:])
         while len(pending) > PREFILL_CHUNK:
-            self._run(pending[:PREFILL_CHUNK], max_output_len=0)
+            self.run(pending[:PREFILL_CHUNK], max_output_len=0)
             pending = pending[PREFILL_CHUNK:]
-        return self._run(pending, max_output_len=1)[:, -1], keep
+        return self.run(pending, max_output_len=1)[:, -1], keep
 
     def generate(
         self,
@@ -132,64 +198,29 @@ class Generator:
         `on_text` receives the decoded text as it becomes final (never half a UTF-8 character,
         never text that might still turn out to be part of a stop string).
         """
-        if max_new_tokens < 1:
-            raise ExlqError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
         if not isinstance(sampler, Sampler):
             sampler = Sampler(sampler or SamplerSettings())
-        eos = set(self.tokenizer.eos_token_ids if eos_ids is None else eos_ids)
-        decoder = StreamDecoder(self.tokenizer)
-        stops = StopStrings(list(stop_strings))
-        emitted: list[str] = []
-
-        def emit(text: str) -> None:
-            if text:
-                emitted.append(text)
-                if on_text is not None:
-                    on_text(text)
-
+        sink = TokenSink(self.tokenizer, stop_strings, eos_ids, on_text, max_new_tokens)
         start = time.perf_counter()
         logits, reused = self._prefill(prompt_ids)
         # Prompt + room for every new token, filled in place: no per-token reallocation.
         history = torch.empty(1, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=self.model.device)
         history[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
         length = len(prompt_ids)
-        new_ids: list[int] = []
         first_token_at = None
-        stop_reason = "max_new_tokens"
         while True:
             token = sampler.sample(logits, history[:, :length])
-            token_id = int(token.item())
             if first_token_at is None:
                 first_token_at = time.perf_counter()
-            if token_id in eos:
-                stop_reason = "eos"
+            if not sink.push(int(token.item())):
                 break
-            new_ids.append(token_id)
             history[0, length] = token[0]
             length += 1
-            text, stopped = stops.push(decoder.push(token_id))
-            emit(text)
-            if stopped:
-                stop_reason = "stop_string"
-                break
-            if len(new_ids) >= max_new_tokens:
-                break
             if self.cache.seq_len >= self.max_seq_len:
-                stop_reason = "max_seq_len"
+                sink.stop_reason = "max_seq_len"
                 break
-            logits = self._run([token_id], max_output_len=1)[:, -1]
-        if stop_reason != "stop_string":
-            emit(stops.push(decoder.flush())[0] + stops.flush())
-        end = time.perf_counter()
-        return GenerationResult(
-            text="".join(emitted),
-            token_ids=new_ids,
-            prompt_tokens=len(prompt_ids),
-            reused_tokens=reused,
-            stop_reason=stop_reason,
-            time_to_first_token=(first_token_at or end) - start,
-            decode_seconds=end - (first_token_at or end),
-        )
+            logits = self.run([sink.token_ids[-1]], max_output_len=1)[:, -1]
+        return sink.result(prompt_ids, reused, start, first_token_at)
 
     def continuation_ids(self, prompt_text: str, prompt_ids: Sequence[int], continuation: str) -> list[int]:
         """Token ids of `continuation` as the tokenizer splits it after `prompt_text`.
@@ -226,9 +257,9 @@ class Generator:
         for ids in choice_ids:
             total = first_logprobs[ids[0]]
             if len(ids) > 1:
-                logits = self._run(ids[:-1], max_output_len=None)[0].float()
+                logits = self.run(ids[:-1], max_output_len=None)[0].float()
                 total = total + torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:], device=logits.device)[:, None]).sum()
-                self._rewind(base)
+                self.rewind(base)
             totals.append(float(total))
         probs = torch.softmax(torch.tensor(totals, dtype=torch.float64), dim=0).tolist()
         values = list(values) if values is not None else default_choice_values(labels)

@@ -183,3 +183,11 @@ class Sampler:
         probs = self._filtered_probs(logits)
         generator = self._generator_for(probs.device)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token id per row [B] from explicit probabilities [B, V] (e.g. a speculative residual)."""
+        return torch.multinomial(probs, 1, generator=self._generator_for(probs.device)).squeeze(-1)
+
+    def uniform(self, device: torch.device) -> float:
+        """A uniform number in [0, 1) from the private generator."""
+        return float(torch.rand((), generator=self._generator_for(torch.device(device)), device=device))

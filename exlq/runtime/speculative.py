@@ -1,0 +1,158 @@
+"""Speculative decoding: a small draft model proposes tokens, the main model checks them in one forward.
+
+Exact speculative sampling (Leviathan et al., Chen et al.): draft token d with draft probability
+q(d) is accepted with probability min(1, p(d)/q(d)) under the main model's p; on rejection the
+token is drawn from norm(max(0, p − q)). The output then follows the main model's distribution
+at any sampling setting (p and q are the sampler's final distributions, filters included), and
+greedy output is exactly the main model's greedy output.
+
+Both generators keep their caches equal to the accepted text minus its last token, which has not
+been run yet; rejected positions are rewound. Near max_seq_len the draft proposes only what the
+main cache can still take, so generation ends exactly where plain decoding would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from exlq.errors import ExlqError
+from exlq.runtime.generator import GenerationResult, Generator, TokenSink, common_prefix_length
+from exlq.runtime.sampler import Sampler, SamplerSettings
+
+
+@dataclass
+class SpeculativeStats:
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+def check_same_vocabulary(main: Generator, draft: Generator) -> None:
+    """Speculative sampling compares the two models token by token: their vocabularies must be one."""
+    same = (
+        main.model.config.vocab_size == draft.model.config.vocab_size
+        and main.tokenizer.backend.get_vocab(with_added_tokens=True) == draft.tokenizer.backend.get_vocab(with_added_tokens=True)
+    )
+    if not same:
+        raise ExlqError("the draft model's tokenizer/vocabulary differs from the main model's; use a draft of the same family")
+
+
+class SpeculativeGenerator:
+    """Generation with a draft model; `draft_tokens` is the starting (and typical) proposal length."""
+
+    def __init__(self, main: Generator, draft: Generator, *, draft_tokens: int = 4, adaptive: bool = True):
+        if draft_tokens < 1:
+            raise ExlqError(f"draft tokens must be at least 1 (got {draft_tokens})")
+        check_same_vocabulary(main, draft)
+        if draft.max_seq_len < main.max_seq_len:
+            raise ExlqError(f"the draft cache ({draft.max_seq_len}) must be at least as long as the main one ({main.max_seq_len})")
+        self.main, self.draft = main, draft
+        self.draft_tokens = draft_tokens
+        self.max_draft_tokens = 2 * draft_tokens if adaptive else draft_tokens
+        self.adaptive = adaptive
+        self.stats = SpeculativeStats()
+
+    def _proposal_length(self, current: int, new_so_far: int, max_new_tokens: int) -> int:
+        room = self.main.max_seq_len - self.main.cache.seq_len - 1  # the main forward runs 1 + k tokens
+        return max(0, min(current, room, max_new_tokens - new_so_far - 1))
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        sampler: SamplerSettings | Sampler | None = None,
+        max_new_tokens: int = 256,
+        stop_strings: Sequence[str] = (),
+        eos_ids: Sequence[int] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Generator.generate with the draft's help: same arguments, same result, same distribution."""
+        if not prompt_ids:
+            raise ExlqError("the prompt is empty after tokenization")
+        if len(prompt_ids) > self.main.max_seq_len:
+            raise ExlqError(f"the prompt has {len(prompt_ids)} tokens but max_seq_len is {self.main.max_seq_len}")
+        if not isinstance(sampler, Sampler):
+            sampler = Sampler(sampler or SamplerSettings())
+        sink = TokenSink(self.main.tokenizer, stop_strings, eos_ids, on_text, max_new_tokens)
+        start = time.perf_counter()
+        context = list(prompt_ids)
+        reused = common_prefix_length(self.main.cached_ids, context[:-1])
+        proposed, accepted_before = self.stats.proposed, self.stats.accepted
+        first_token_at = None
+        k = self.draft_tokens
+        while True:
+            self.main.sync(context[:-1])
+            self.draft.sync(context[:-1])
+            if self.main.cache.seq_len + 1 > self.main.max_seq_len:
+                sink.stop_reason = "max_seq_len"
+                break
+            k_now = self._proposal_length(k, len(sink.token_ids), max_new_tokens)
+            tokens, accepted = self._round(context, k_now, sampler)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if self.adaptive and k_now:
+                k = min(k + 1, self.max_draft_tokens) if accepted == k_now else max(1, k - 1) if accepted < k_now / 2 else k
+            go_on = True
+            for token in tokens:
+                go_on = sink.push(token)
+                if not go_on:
+                    break
+                context.append(token)
+            if not go_on:
+                break
+        result = sink.result(prompt_ids, reused, start, first_token_at)
+        result.draft_proposed = self.stats.proposed - proposed
+        result.draft_accepted = self.stats.accepted - accepted_before
+        return result
+
+    def _round(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], int]:
+        """Propose k draft tokens after `context`, verify them; return the new tokens and how many drafts stood."""
+        device = self.main.model.device
+        history = torch.tensor([context], dtype=torch.long, device=device)
+        drafts: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        feed = [context[-1]]
+        for _ in range(k):
+            logits = self.draft.run(feed, max_output_len=1)[:, -1]
+            probs = sampler.probabilities(logits.to(device), _extended(history, drafts))
+            token = int(sampler.draw(probs)[0])
+            drafts.append(token)
+            draft_probs.append(probs[0])
+            feed = [token]
+        main_logits = self.main.run([context[-1], *drafts], max_output_len=None)[0]  # [k + 1, vocab]
+        base = self.main.cache.seq_len - (k + 1)
+        self.stats.rounds += 1
+        self.stats.proposed += k
+        for i, token in enumerate(drafts):
+            p = sampler.probabilities(main_logits[i : i + 1], _extended(history, drafts[:i]))[0]
+            q = draft_probs[i]
+            if sampler.uniform(device) * float(q[token]) < float(p[token]):  # u < p/q, without dividing by q = 0
+                continue
+            residual = torch.clamp(p - q, min=0)
+            total = float(residual.sum())
+            fixed = int(sampler.draw((residual / total if total > 0 else p)[None])[0])
+            self._keep(base, i)
+            self.stats.accepted += i
+            return [*drafts[:i], fixed], i
+        bonus = int(sampler.draw(sampler.probabilities(main_logits[k : k + 1], _extended(history, drafts)))[0])
+        self._keep(base, k)
+        self.stats.accepted += k
+        return [*drafts, bonus], k
+
+    def _keep(self, base: int, accepted: int) -> None:
+        """Drop rejected positions: the main cache keeps context + accepted drafts (the draft resyncs)."""
+        self.main.rewind(base + 1 + accepted)
+
+
+def _extended(history: torch.Tensor, extra: list[int]) -> torch.Tensor:
+    if not extra:
+        return history
+    return torch.cat([history, torch.tensor([extra], dtype=torch.long, device=history.device)], dim=1)
