@@ -67,3 +67,25 @@ def test_chat_answer_is_coherent(smollm):
     )
     assert "Paris" in result.text
     assert result.stop_reason == "eos"
+
+
+def test_speculative_decoding_on_real_models(smollm):
+    """Qwen draft for a Qwen main: same greedy tokens as plain decoding; a SmolLM2 draft is refused."""
+    from exlq.errors import ExlqError
+    from exlq.runtime.speculative import SpeculativeGenerator
+
+    path = real_model_dir("qwen2.5-coder-0.5b")
+    tokenizer = Tokenizer.from_dir(path)
+    model = load_model(path, device="cpu", dtype="fp32")
+    prompt = tokenizer.encode('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n')
+    greedy = SamplerSettings(temperature=0.0)
+    expected = Generator(model, tokenizer, max_seq_len=256).generate(prompt, sampler=greedy, max_new_tokens=24)
+    # The model drafts for itself with half its layers skipped (layer order): a cheaper, different draft.
+    draft_model = load_model(path, device="cpu", dtype="fp32")
+    draft_model.set_layer_order(list(range(0, len(draft_model.model.layers), 2)))
+    spec = SpeculativeGenerator(Generator(model, tokenizer, max_seq_len=256), Generator(draft_model, tokenizer, max_seq_len=256))
+    got = spec.generate(prompt, sampler=greedy, max_new_tokens=24)
+    assert got.token_ids == expected.token_ids and got.draft_proposed > 0
+    _, smol_model, smol_tokenizer = smollm
+    with pytest.raises(ExlqError, match="vocabulary differs"):
+        SpeculativeGenerator(Generator(model, tokenizer, max_seq_len=256), Generator(smol_model, smol_tokenizer, max_seq_len=256))
