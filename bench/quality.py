@@ -28,7 +28,7 @@ from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
 from exlq.quant.measure import measure_resumable  # noqa: E402
-from exlq.quant.rotate import rotate_model, rotation_for  # noqa: E402
+from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model, resolve_device  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
 
@@ -67,8 +67,7 @@ def main() -> None:
     started = time.perf_counter()
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     model = load_model(args.model_dir, device=device)
-    if rotation is not None:
-        rotate_model(model, **rotation)
+    apply_rotation(model, rotation)
     # Resumable across calls (the device runs at most 10 minutes per command): same options, same work dir.
     key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation})
     with Job(args.out_root / "measure-work", key, restart=False) as job:

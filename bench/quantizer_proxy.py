@@ -24,7 +24,7 @@ from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import quantize_layer  # noqa: E402
 from exlq.quant.gptq import QuantSpec  # noqa: E402
 from exlq.quant.hessian import LayerRunner, linear_modules  # noqa: E402
-from exlq.quant.rotate import rotate_model, rotation_for  # noqa: E402
+from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
 
@@ -47,8 +47,7 @@ def main() -> None:
         bits, group_size = map(int, text_spec.split(":"))
         spec = QuantSpec.uniform(bits, group_size)
         model = load_model(args.model_dir, device="cpu")
-        if rotation is not None:
-            rotate_model(model, **rotation)
+        apply_rotation(model, rotation)
         started = time.perf_counter()
         runner = LayerRunner(model, calibration.ids)
         for i, layer in enumerate(model.model.layers):

@@ -89,15 +89,14 @@ def measure(
     """
     from exlq.quant.job import Job, fingerprint, write_json_file
     from exlq.quant.measure import measure_resumable
-    from exlq.quant.rotate import rotate_model, rotation_for
+    from exlq.quant.rotate import apply_rotation, rotation_for
 
     if output.exists() and not output.is_file():
         raise ExlqError(f"--output {output} is not a file")
     model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
     work, default_work = _work_dir(work_dir, output)
     rotation = rotation_for(rotate)
-    if rotation is not None:
-        rotate_model(model, **rotation)
+    apply_rotation(model, rotation)
     options = {"task": "measure", "calibration": calib.fingerprint, "rotation": rotation}
     with layer_progress() as report, Job(work, fingerprint(model_dir, options), restart=restart) as job:
         result = measure_resumable(model, calib, job, progress=report, rotation=rotation)

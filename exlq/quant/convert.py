@@ -26,7 +26,7 @@ from exlq.quant.hessian import LayerRunner, linear_modules
 from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
 from exlq.quant.options import HEAD_OPTIONS, candidate_specs
-from exlq.quant.rotate import check_rotation, rotation_for, rotate_model
+from exlq.quant.rotate import apply_rotation, check_rotation, rotation_for
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
 from exlq.runtime.exl2 import Exl2Tensors
 from exlq.runtime.model import DecoderOnlyLM
@@ -208,8 +208,7 @@ def convert_model(
     if measurement is not None:
         check_measurement_fits(measurement, model)
         check_rotation(measurement.rotation, rotation)
-    if rotation is not None:
-        rotate_model(model, **rotation)
+    apply_rotation(model, rotation)
     with Job(work_dir, fingerprint(model_dir, job_options), restart=restart) as job:
         if measurement is None:
             measurement = measure_resumable(

@@ -38,6 +38,12 @@ def rotation_for(rotate: bool) -> dict | None:
     return {"seed": SEED} if rotate else None
 
 
+def apply_rotation(model: DecoderOnlyLM, rotation: dict | None) -> None:
+    """Rotate `model` as `rotation` (from rotation_for) says; None leaves it as it is."""
+    if rotation is not None:
+        rotate_model(model, **rotation)
+
+
 def check_rotation(measured: dict | None, wanted: dict | None) -> None:
     """A measurement's errors hold only for the model as rotated when it was measured."""
     if measured != wanted:
@@ -82,10 +88,9 @@ def rotate_model(model: DecoderOnlyLM, seed: int = 0) -> None:
             _set_ones(getattr(layer, norm_name).weight)
         for name in OUTPUT_SIDE:
             _update(linears[name], weight=lambda w: q.T @ w, bias=lambda b: b @ q)
-        per_head = lambda w: w.reshape(c.num_key_value_heads, c.head_dim, -1)  # noqa: E731
         _update(
             linears["self_attn.v_proj"],
-            weight=lambda w: (r.T @ per_head(w)).reshape(w.shape),
+            weight=lambda w: (r.T @ w.reshape(c.num_key_value_heads, c.head_dim, -1)).reshape(w.shape),
             bias=lambda b: (b.reshape(-1, c.head_dim) @ r).reshape(b.shape),
         )
         _update(
