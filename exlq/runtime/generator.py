@@ -161,12 +161,8 @@ class Generator:
         """The tokens whose keys/values the cache holds (read-only view by convention)."""
         return self._cached_ids
 
-    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
-        """Make the cache hold exactly `prompt_ids`; return the last position's logits [1, vocab]."""
-        return self._prefill(prompt_ids)[0]
-
-    def _prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, int]:
-        """prefill(), also returning how many prompt tokens were already cached."""
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """A prompt must hold at least one token and fit the cache."""
         if not prompt_ids:
             raise ExlqError("the prompt is empty after tokenization")
         if len(prompt_ids) > self.max_seq_len:
@@ -174,6 +170,14 @@ class Generator:
                 f"the prompt has {len(prompt_ids)} tokens but max_seq_len is {self.max_seq_len}; "
                 "raise --max-seq-len or shorten the prompt"
             )
+
+    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Make the cache hold exactly `prompt_ids`; return the last position's logits [1, vocab]."""
+        return self._prefill(prompt_ids)[0]
+
+    def _prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """prefill(), also returning how many prompt tokens were already cached."""
+        self.check_prompt(prompt_ids)
         # Keep at least one token to run: its logits are the ones we need.
         keep = min(common_prefix_length(self._cached_ids, prompt_ids), len(prompt_ids) - 1)
         self.rewind(keep)

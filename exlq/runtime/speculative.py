@@ -75,10 +75,7 @@ class SpeculativeGenerator:
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Generator.generate with the draft's help: same arguments, same result, same distribution."""
-        if not prompt_ids:
-            raise ExlqError("the prompt is empty after tokenization")
-        if len(prompt_ids) > self.main.max_seq_len:
-            raise ExlqError(f"the prompt has {len(prompt_ids)} tokens but max_seq_len is {self.main.max_seq_len}")
+        self.main.check_prompt(prompt_ids)
         if not isinstance(sampler, Sampler):
             sampler = Sampler(sampler or SamplerSettings())
         sink = TokenSink(self.main.tokenizer, stop_strings, eos_ids, on_text, max_new_tokens)
