@@ -81,6 +81,10 @@ class SpeculativeGenerator:
         sink = TokenSink(self.main.tokenizer, stop_strings, eos_ids, on_text, max_new_tokens)
         start = time.perf_counter()
         context = list(prompt_ids)
+        # Context + room for every new token and a full proposal, filled in place (drafts are
+        # written after the context and overwritten when rejected): no per-round tensor building.
+        history = torch.empty(1, len(context) + max_new_tokens + self.max_draft_tokens, dtype=torch.long, device=self.main.model.device)
+        history[0, : len(context)] = torch.tensor(context, dtype=torch.long)
         reused = common_prefix_length(self.main.cached_ids, context[:-1])
         proposed, accepted_before = self.stats.proposed, self.stats.accepted
         first_token_at = None
@@ -92,7 +96,7 @@ class SpeculativeGenerator:
                 sink.stop_reason = "max_seq_len"
                 break
             k_now = self._proposal_length(k, len(sink.token_ids), max_new_tokens)
-            tokens, accepted = self._round(context, k_now, sampler)
+            tokens, accepted = self._round(context, history, k_now, sampler)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             if self.adaptive and k_now:
@@ -102,6 +106,7 @@ class SpeculativeGenerator:
                 go_on = sink.push(token)
                 if not go_on:
                     break
+                history[0, len(context)] = token
                 context.append(token)
             if not go_on:
                 break
@@ -110,46 +115,38 @@ class SpeculativeGenerator:
         result.draft_accepted = self.stats.accepted - accepted_before
         return result
 
-    def _round(self, context: list[int], k: int, sampler: Sampler) -> tuple[list[int], int]:
-        """Propose k draft tokens after `context`, verify them; return the new tokens and how many drafts stood."""
+    def _round(self, context: list[int], history: torch.Tensor, k: int, sampler: Sampler) -> tuple[list[int], int]:
+        """Propose k draft tokens after `context`, verify them; return the new tokens and how many drafts stood.
+
+        `history[0, :len(context)]` holds the context; the drafts are written after it.
+        """
         device = self.main.model.device
-        history = torch.tensor([context], dtype=torch.long, device=device)
+        n = len(context)
         drafts: list[int] = []
         draft_probs: list[torch.Tensor] = []
-        feed = [context[-1]]
-        for _ in range(k):
-            logits = self.draft.run(feed, max_output_len=1)[:, -1]
-            probs = sampler.probabilities(logits.to(device), _extended(history, drafts))
+        for i in range(k):
+            logits = self.draft.run([drafts[-1] if drafts else context[-1]], max_output_len=1)[:, -1]
+            probs = sampler.probabilities(logits.to(device), history[:, : n + i])
             token = int(sampler.draw(probs)[0])
+            history[0, n + i] = token
             drafts.append(token)
             draft_probs.append(probs[0])
-            feed = [token]
         main_logits = self.main.run([context[-1], *drafts], max_output_len=None)[0]  # [k + 1, vocab]
-        base = self.main.cache.seq_len - (k + 1)
         self.stats.rounds += 1
         self.stats.proposed += k
+        accepted, fixed = k, None
         for i, token in enumerate(drafts):
-            p = sampler.probabilities(main_logits[i : i + 1], _extended(history, drafts[:i]))[0]
+            p = sampler.probabilities(main_logits[i : i + 1], history[:, : n + i])[0]
             q = draft_probs[i]
             if sampler.uniform(device) * float(q[token]) < float(p[token]):  # u < p/q, without dividing by q = 0
                 continue
             residual = torch.clamp(p - q, min=0)
             total = float(residual.sum())
-            fixed = int(sampler.draw((residual / total if total > 0 else p)[None])[0])
-            self._keep(base, i)
-            self.stats.accepted += i
-            return [*drafts[:i], fixed], i
-        bonus = int(sampler.draw(sampler.probabilities(main_logits[k : k + 1], _extended(history, drafts)))[0])
-        self._keep(base, k)
-        self.stats.accepted += k
-        return [*drafts, bonus], k
-
-    def _keep(self, base: int, accepted: int) -> None:
-        """Drop rejected positions: the main cache keeps context + accepted drafts (the draft resyncs)."""
-        self.main.rewind(base + 1 + accepted)
-
-
-def _extended(history: torch.Tensor, extra: list[int]) -> torch.Tensor:
-    if not extra:
-        return history
-    return torch.cat([history, torch.tensor([extra], dtype=torch.long, device=history.device)], dim=1)
+            accepted, fixed = i, int(sampler.draw((residual / total if total > 0 else p)[None])[0])
+            break
+        if fixed is None:  # every draft stood: one more token from the main model's last position
+            fixed = int(sampler.draw(sampler.probabilities(main_logits[k : k + 1], history[:, : n + k]))[0])
+        # The main cache keeps context + accepted drafts; the draft's cache is resynced next round.
+        self.main.rewind(n + accepted)
+        self.stats.accepted += accepted
+        return [*drafts[:accepted], fixed], accepted
