@@ -128,12 +128,19 @@ def set_loras(model: nn.Module, adapters: list[LoraAdapter]) -> None:
             "this model was converted with rotation (its weights live in a rotated basis), so adapters trained on the "
             "original model do not apply; convert it again with --no-rotate"
         )
+    try:
+        _apply(model, adapters)
+    except ExlqError:
+        _remove_all(model)  # all or nothing: a refused adapter leaves the model as it was
+        raise
+
+
+def _apply(model: nn.Module, adapters: list[LoraAdapter]) -> None:
     replaced: dict[str, Path] = {}
     for adapter in adapters:
         for name, (a, b, scale) in adapter.pairs.items():
             module = _module(model, name, adapter.path)
             if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
-                _remove_all(model)
                 raise ExlqError(f"{adapter.path}: {name} expects {module.in_features} -> {module.out_features}, the adapter has {a.shape[1]} -> {b.shape[0]}")
             if not isinstance(module, LoraLinear):
                 module = LoraLinear(module)
@@ -141,7 +148,6 @@ def set_loras(model: nn.Module, adapters: list[LoraAdapter]) -> None:
             module.terms.append((a.to(model.device, model.dtype), b.to(model.device, model.dtype), scale))
         for name, weight in adapter.replacements.items():
             if name in replaced:
-                _remove_all(model)
                 raise ExlqError(f"{adapter.path} and {replaced[name]} both replace {name}; use one of them")
             replaced[name] = adapter.path
             _replace_whole(model, name, weight.to(model.device, model.dtype))
@@ -151,15 +157,13 @@ def _module(model: nn.Module, name: str, path: Path) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        _remove_all(model)
         raise ExlqError(f"{path}: the model has no module {name!r} (an adapter for another architecture?)") from None
 
 
 def _replace_whole(model: nn.Module, name: str, weight: torch.Tensor) -> None:
     old = model.get_submodule(name)
-    expected = tuple(old.weight.shape) if hasattr(old, "weight") and isinstance(old.weight, torch.Tensor) else (old.out_features, old.in_features)
+    expected = tuple(old.weight.shape) if isinstance(old, Embedding) else (old.out_features, old.in_features)
     if tuple(weight.shape) != expected:
-        _remove_all(model)
         raise ExlqError(f"replacement {name} has shape {tuple(weight.shape)}, the model's is {expected}")
     new = Embedding(weight) if name == "model.embed_tokens" else DenseLinear(weight)
     originals = model.__dict__.setdefault("_lora_originals", {})
