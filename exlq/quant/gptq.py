@@ -110,14 +110,10 @@ def search_group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     finally each column picks its own least-squares code under that q_scale_max.
     """
     codes, smax = column_scale_codes(w, bits)
-    best_p = _best_clip(w, codes, smax, COARSE_CLIP.to(w.device), bits)
-    fine = (best_p + FINE_CLIP_OFFSETS.to(w.device)).clamp(0.70, 1.20)
-    candidates = (smax * fine).half()
-    scales = effective_scales(codes[None].expand(len(candidates), -1), candidates)  # [P, N]
-    errors = torch.cat([_clip_errors(w, chunk, bits) for chunk in scales.split(_candidates_per_pass(w))])
-    best = int(torch.argmin(errors))
-    codes = _best_column_codes(w, candidates[best], bits)
-    return codes, candidates[best], effective_scales(codes[None], candidates[best][None])[0]
+    best_p, _ = _best_clip(w, codes, smax, COARSE_CLIP.to(w.device), bits)
+    _, q_scale_max = _best_clip(w, codes, smax, (best_p + FINE_CLIP_OFFSETS.to(w.device)).clamp(0.70, 1.20), bits)
+    codes = _best_column_codes(w, q_scale_max, bits)
+    return codes, q_scale_max, effective_scales(codes[None], q_scale_max[None])[0]
 
 
 def _best_column_codes(w: torch.Tensor, q_scale_max: torch.Tensor, bits: int) -> torch.Tensor:
@@ -129,14 +125,17 @@ def _best_column_codes(w: torch.Tensor, q_scale_max: torch.Tensor, bits: int) ->
     """
     all_codes = torch.arange(1, 17, device=w.device, dtype=torch.int32)[:, None].expand(16, w.shape[0])
     scales = effective_scales(all_codes, q_scale_max.reshape(1).expand(16))  # [16, N]
-    errors = torch.cat([_column_errors(w, chunk, bits, 2.0) for chunk in scales.split(_candidates_per_pass(w))])
+    errors = _column_errors(w, scales, bits, 2.0)
     return (torch.argmin(errors, dim=0) + 1).to(torch.int32)
 
 
-def _best_clip(w: torch.Tensor, codes: torch.Tensor, smax: torch.Tensor, factors: torch.Tensor, bits: int) -> torch.Tensor:
-    scales = effective_scales(codes[None].expand(len(factors), -1), (smax * factors).half())
-    errors = torch.cat([_clip_errors(w, chunk, bits) for chunk in scales.split(_candidates_per_pass(w))])
-    return factors[int(torch.argmin(errors))]
+def _best_clip(
+    w: torch.Tensor, codes: torch.Tensor, smax: torch.Tensor, factors: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping factor with the smallest 3.5-norm error, and its fp16 q_scale_max."""
+    candidates = (smax * factors).half()
+    best = int(torch.argmin(_clip_errors(w, effective_scales(codes[None].expand(len(factors), -1), candidates), bits)))
+    return factors[best], candidates[best]
 
 
 def _candidates_per_pass(w: torch.Tensor, max_elements: int = 1 << 24) -> int:
@@ -149,12 +148,17 @@ def _clip_errors(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tens
 
 
 def _column_errors(w: torch.Tensor, scales: torch.Tensor, bits: int, norm: float) -> torch.Tensor:
-    """Per column Σ_rows |dequant(quant(w)) − w|^norm for candidate scale rows [P, N] -> [P, N]."""
+    """Per column Σ_rows |dequant(quant(w)) − w|^norm for candidate scale rows [P, N] -> [P, N].
+
+    Candidates are evaluated a bounded number at a time, so memory stays ~16 M floats.
+    """
     zero = 2 ** (bits - 1)
-    s = scales.float()[:, :, None]  # [P, N, 1]
-    q = torch.clamp(torch.round(_safe_div(w[None], s)) + zero, 0, 2**bits - 1)
-    dequant = ((q - zero) * s).half().float()
-    return (dequant - w[None]).abs().pow(norm).sum(dim=2)
+    errors = []
+    for chunk in scales.split(_candidates_per_pass(w)):
+        s = chunk.float()[:, :, None]  # [p, N, 1]
+        q = torch.clamp(torch.round(_safe_div(w[None], s)) + zero, 0, 2**bits - 1)
+        errors.append((((q - zero) * s).half().float() - w[None]).abs().pow(norm).sum(dim=2))
+    return torch.cat(errors)
 
 
 @dataclass
