@@ -15,24 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from exlq.errors import ExlqError
 from exlq.runtime.generator import GenerationResult, Generator, TokenSink, common_prefix_length
 from exlq.runtime.sampler import Sampler, SamplerSettings
-
-
-@dataclass
-class SpeculativeStats:
-    proposed: int = 0
-    accepted: int = 0
-    rounds: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
 
 
 def check_same_vocabulary(main: Generator, draft: Generator) -> None:
@@ -58,7 +46,6 @@ class SpeculativeGenerator:
         self.draft_tokens = draft_tokens
         self.max_draft_tokens = 2 * draft_tokens if adaptive else draft_tokens
         self.adaptive = adaptive
-        self.stats = SpeculativeStats()
 
     def _proposal_length(self, current: int, new_so_far: int, max_new_tokens: int) -> int:
         room = self.main.max_seq_len - self.main.cache.seq_len - 1  # the main forward runs 1 + k tokens
@@ -86,7 +73,7 @@ class SpeculativeGenerator:
         history = torch.empty(1, len(context) + max_new_tokens + self.max_draft_tokens, dtype=torch.long, device=self.main.model.device)
         history[0, : len(context)] = torch.tensor(context, dtype=torch.long)
         reused = common_prefix_length(self.main.cached_ids, context[:-1])
-        proposed, accepted_before = self.stats.proposed, self.stats.accepted
+        proposed = accepted_total = 0
         first_token_at = None
         k = self.draft_tokens
         while True:
@@ -97,6 +84,8 @@ class SpeculativeGenerator:
                 break
             k_now = self._proposal_length(k, len(sink.token_ids), max_new_tokens)
             tokens, accepted = self._round(context, history, k_now, sampler)
+            proposed += k_now
+            accepted_total += accepted
             if first_token_at is None:
                 first_token_at = time.perf_counter()
             if self.adaptive and k_now:
@@ -111,8 +100,7 @@ class SpeculativeGenerator:
             if not go_on:
                 break
         result = sink.result(prompt_ids, reused, start, first_token_at)
-        result.draft_proposed = self.stats.proposed - proposed
-        result.draft_accepted = self.stats.accepted - accepted_before
+        result.draft_proposed, result.draft_accepted = proposed, accepted_total
         return result
 
     def _round(self, context: list[int], history: torch.Tensor, k: int, sampler: Sampler) -> tuple[list[int], int]:
@@ -132,8 +120,6 @@ class SpeculativeGenerator:
             drafts.append(token)
             draft_probs.append(probs[0])
         main_logits = self.main.run([context[-1], *drafts], max_output_len=None)[0]  # [k + 1, vocab]
-        self.stats.rounds += 1
-        self.stats.proposed += k
         accepted, fixed = k, None
         for i, token in enumerate(drafts):
             p = sampler.probabilities(main_logits[i : i + 1], history[:, : n + i])[0]
@@ -148,5 +134,4 @@ class SpeculativeGenerator:
             fixed = int(sampler.draw(sampler.probabilities(main_logits[k : k + 1], history[:, : n + k]))[0])
         # The main cache keeps context + accepted drafts; the draft's cache is resynced next round.
         self.main.rewind(n + accepted)
-        self.stats.accepted += accepted
         return [*drafts[:accepted], fixed], accepted
