@@ -36,13 +36,12 @@ def load_model_and_tokenizer(model_dir: Path, device: str, dtype: str, layers: s
     from exlq.runtime.loader import load_model
     from exlq.runtime.tokenizer import Tokenizer
 
-    if layers is not None:
-        parse_layer_list(layers, num_layers=1 << 30)  # the syntax, before the (slow) load
+    order = None if layers is None else parse_layer_list(layers)  # the syntax, before the (slow) load
     with stderr.status(f"loading {model_dir}", spinner="dots"):
         model = load_model(model_dir, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_dir(model_dir)
-    if layers is not None:
-        model.set_layer_order(parse_layer_list(layers, len(model.model.layers)))
+    if order is not None:
+        model.set_layer_order(order)
     stderr.print(
         f"[dim]loaded {type(model).__name__} from {model_dir} on {model.device} "
         f"({dtype_name(model.dtype)})[/dim]"
