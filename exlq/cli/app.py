@@ -13,6 +13,7 @@ import traceback
 import typer
 
 from exlq import __version__
+from exlq.cli.eval_humaneval import eval_humaneval
 from exlq.cli.eval_ppl import eval_ppl
 from exlq.cli.infer import infer
 from exlq.cli.quantize import convert, measure
@@ -20,7 +21,7 @@ from exlq.errors import ExlqError
 
 app = typer.Typer(
     name="exlq",
-    help="Quantize LLMs to EXL2 and run them: convert, measure, infer, eval-ppl.",
+    help="Quantize LLMs to EXL2 and run them: convert, measure, infer, eval-ppl, eval-humaneval.",
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.command("infer")(infer)
 app.command("eval-ppl")(eval_ppl)
+app.command("eval-humaneval")(eval_humaneval)
 app.command("measure")(measure)
 app.command("convert")(convert)
 
