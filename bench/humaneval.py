@@ -4,8 +4,9 @@
         [--temperature 0.8] [--top-p 0.95] [--batch-size 64] [--limit N] [--device cuda] [--out DIR]
 
 Each (model, cache) pair is one `exlq eval-humaneval ... --json` run in its own process (so GPU
-memory starts empty each time); the per-sample JSONL and the JSON summary are kept in --out, one
-JSON line per run is appended to DIR/humaneval.jsonl, and a Markdown table is printed at the end.
+memory starts empty each time); the per-sample JSONL and the JSON summary are kept in --out, and a
+Markdown table of all of them is printed at the end. Pairs whose summary is already in --out are
+not run again, so the same command continues where an earlier, time-limited call stopped.
 Defaults are the usual pass@10 protocol: all 164 problems, 10 samples each, temperature 0.8, top-p 0.95.
 """
 
@@ -20,8 +21,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def same_settings(result: dict, args: argparse.Namespace) -> bool:
+    s = result.get("settings", {})
+    return (result.get("samples_per_task"), s.get("temperature"), s.get("top_p"), s.get("max_new_tokens"), s.get("seed"), s.get("limit")) == (
+        args.samples_per_task, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.limit)
+
+
 def run_one(model: Path, cache: str, args: argparse.Namespace) -> dict:
     name = f"{model.name}-{cache}"
+    done_before = args.out / f"{name}.json"
+    if done_before.exists():  # finished in an earlier call of the same command: keep it
+        kept = json.loads(done_before.read_text())
+        if same_settings(kept, args):
+            print(f"{name}: kept from {done_before}", file=sys.stderr)
+            return kept
     command = [
         sys.executable, "-m", "exlq.cli.app", "eval-humaneval", str(model), "--cache", cache,
         "--samples-per-task", str(args.samples_per_task), "--temperature", str(args.temperature),
@@ -59,10 +72,7 @@ def main() -> None:
     rows = []
     for model in args.models:
         for cache in args.caches:
-            result = run_one(model, cache, args)
-            rows.append(result)
-            with open(args.out / "humaneval.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(result) + "\n")
+            rows.append(run_one(model, cache, args))
     print("| model | cache | problems × samples | pass@1 | pass@10 | time s | generation tok/s | device |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

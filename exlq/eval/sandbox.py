@@ -12,9 +12,11 @@ Enforced by the operating system (hard limits; they hold whatever the program do
   RLIMIT_NPROC = 0 (no new processes or threads), set with soft = hard;
 - a new, empty network namespace via unshare(CLONE_NEWNET) when the kernel allows it (as root, or
   through an unprivileged user namespace): no route anywhere, not even loopback;
-- as root, when the interpreter's files are world-readable: the child becomes uid/gid `nobody`
-  before the program runs, so file permissions protect everything it does not own, the rlimits
-  cannot be raised again and RLIMIT_NPROC is counted (the kernel does not apply it to root).
+- as root, when the interpreter's files are world-readable and the temporary directory is
+  reachable by others: the child becomes uid/gid `nobody` before the program runs, so file
+  permissions protect everything it does not own, the rlimits cannot be raised again and
+  RLIMIT_NPROC is counted (the kernel does not apply it to root). On the GPU machines (Python in
+  /usr, /opt) this is in effect; the JSON summary of `eval-humaneval` lists what was (`sandbox`).
 
 Enforced only by Python-level guards, installed just before the program runs: os.fork/forkpty,
 os.system/popen/exec*/spawn*/posix_spawn, subprocess.Popen and its fork_exec primitive, os.kill,

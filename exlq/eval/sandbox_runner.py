@@ -91,17 +91,21 @@ def isolate_network() -> str | None:
     return None
 
 
-def _world_readable(path: str) -> bool:
-    """Every ancestor searchable and the path itself readable by others (as `nobody` would need)."""
+def _others_can_use(path: str, *, read: bool) -> bool:
+    """Whether `nobody` could reach `path` (every ancestor directory searchable by others) and,
+    with `read`, read it (list it, for a directory)."""
     import stat
 
     path = os.path.realpath(path)
-    parts = path.split(os.sep)
-    for i in range(2, len(parts) + 1):
-        mode = os.stat(os.sep.join(parts[:i]) or os.sep).st_mode
+    ancestors = [os.path.dirname(path)]
+    while ancestors[-1] != os.path.dirname(ancestors[-1]):
+        ancestors.append(os.path.dirname(ancestors[-1]))
+    if any(not os.stat(d).st_mode & stat.S_IXOTH for d in ancestors):
+        return False
+    if read:
+        mode = os.stat(path).st_mode
         need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) else 0)
-        if mode & need != need:
-            return False
+        return mode & need == need
     return True
 
 
@@ -109,13 +113,15 @@ def drop_root(workdir: str) -> bool:
     """As root, become uid/gid `nobody`: the kernel then enforces RLIMIT_NPROC and file permissions.
 
     Skipped when `nobody` could not read the interpreter's standard library (e.g. Python installed
-    under a private /root): the program could then not import anything.
+    under a private /root: the program could then not import anything) or could not reach the
+    working directory (a private TMPDIR).
     """
     if os.geteuid() != 0:
         return False
     try:
         stdlib = os.path.dirname(os.__file__)
-        if not (_world_readable(stdlib) and _world_readable(sys.executable)):
+        usable = _others_can_use(stdlib, read=True) and _others_can_use(sys.executable, read=True)
+        if not (usable and _others_can_use(workdir, read=False)):
             return False
         os.chown(workdir, NOBODY, NOBODY)
         os.setgroups([])
