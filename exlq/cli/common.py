@@ -18,6 +18,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (first GPU, else 
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")]
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Decoder layers to run, in order, e.g. 0-15,8-23,16-31 (repeats share weights; each position gets its own cache slot).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout; human text goes to stderr.")]
+CacheOpt = Annotated[str, typer.Option("--cache", help="KV cache: fp16 (unquantized, in the compute dtype), q8, q6 or q4 (Hadamard-rotated groups of 32, one fp16 scale each).")]
+CacheBitsOpt = Annotated[Optional[str], typer.Option("--cache-bits", metavar="K,V", help="Quantize keys to K and values to V bits (2-8 each, e.g. 4,2); overrides --cache.", show_default=False)]
 
 
 def dtype_name(dtype) -> str:

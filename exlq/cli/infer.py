@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
+from exlq.cli.common import CacheBitsOpt, CacheOpt, DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
 from exlq.errors import ExlqError
 
 SAMPLING = "Sampling"
@@ -34,6 +34,8 @@ def infer(
     greedy: Annotated[bool, typer.Option("--greedy", help="Always take the most likely token (same as --temperature 0).", rich_help_panel=SAMPLING)] = False,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable); EOS always stops.")] = None,
     max_seq_len: Annotated[Optional[int], typer.Option(help="KV-cache length: prompt + answer must fit (default: the model's max_position_embeddings).")] = None,
+    cache: CacheOpt = "fp16",
+    cache_bits: CacheBitsOpt = None,
     score_choices: Annotated[Optional[str], typer.Option(help="Instead of generating, score these comma-separated continuations (e.g. 'A,B,C,D').")] = None,
     choice_values: Annotated[Optional[str], typer.Option(help="Comma-separated numbers for the choices, for the expected value (default: numeric labels themselves, else 1..n).")] = None,
     device: DeviceOpt = "auto",
@@ -55,6 +57,7 @@ def infer(
     Example: exlq infer MODEL -p "Write a haiku about GPUs" --max-new-tokens 64
     """
     from exlq.runtime.generator import Generator
+    from exlq.runtime.kv_quant import parse_cache_type
     from exlq.runtime.lora import load_lora, set_loras
     from exlq.runtime.prompt_format import FORMATS, format_prompt, prompt_encoding, resolve_format, stop_strings_for
     from exlq.runtime.sampler import SamplerSettings
@@ -78,6 +81,7 @@ def infer(
     settings.validate()
     if max_seq_len is not None and max_seq_len < 1:
         raise ExlqError(f"--max-seq-len must be positive (got {max_seq_len})")
+    cache_type = parse_cache_type(cache, cache_bits)
     if draft is not None and score_choices:
         raise ExlqError("--draft speeds up generation; it does not apply to --score-choices")
     if draft_tokens < 1:
@@ -100,15 +104,15 @@ def infer(
             f"[yellow]warning: --max-seq-len {max_seq_len} is beyond the model's max_position_embeddings "
             f"({model.config.max_position_embeddings}); quality may drop past that[/yellow]"
         )
-    generator = Generator(model, tokenizer, max_seq_len=max_seq_len)
+    generator = Generator(model, tokenizer, max_seq_len=max_seq_len, cache_type=cache_type)
     if draft is not None:
         from exlq.runtime.speculative import SpeculativeGenerator
 
         draft_model, draft_tokenizer = load_model_and_tokenizer(draft, device, dtype)
         generator = SpeculativeGenerator(
-            generator, Generator(draft_model, draft_tokenizer, max_seq_len=generator.max_seq_len), draft_tokens=draft_tokens
+            generator, Generator(draft_model, draft_tokenizer, max_seq_len=generator.max_seq_len, cache_type=cache_type), draft_tokens=draft_tokens
         )
-    common = {"model": str(model_dir), "format": fmt, "device": str(model.device), "dtype": dtype_name(model.dtype), "prompt_tokens": len(prompt_ids)}
+    common = {"model": str(model_dir), "format": fmt, "device": str(model.device), "dtype": dtype_name(model.dtype), "prompt_tokens": len(prompt_ids), "cache": cache_type.name}
 
     if labels:
         _score(generator, prompt_text, prompt_ids, labels, values, common, json_output)
@@ -131,7 +135,8 @@ def infer(
     stderr.print(
         f"[dim]{result.prompt_tokens} prompt tokens, {result.new_tokens} new; first token after "
         f"{result.time_to_first_token:.2f} s, {result.decode_tokens_per_second:.1f} tokens/s; stop: {result.stop_reason}"
-        + (f"; draft accepted {result.draft_accepted}/{result.draft_proposed}" if draft else "") + "[/dim]"
+        + (f"; draft accepted {result.draft_accepted}/{result.draft_proposed}" if draft else "")
+        + (f"; {cache_type.name} KV cache" if cache_type.quantized else "") + "[/dim]"
     )
     if json_output:
         print_json(

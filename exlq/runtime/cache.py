@@ -3,6 +3,14 @@
 `max_seq_len` is fixed when the cache is made and never changed behind the user's back: input
 that does not fit is an error. All rows of a batch share one length; unequal prompts are left
 padded and the pad lengths are remembered here so every later step masks and positions them.
+
+Keys and values are each kept by a store: dense in the model dtype (the fp16 cache type), or
+quantized (`exlq.runtime.kv_quant`: packed codes and one fp16 scale per group, after a short
+dense prefix whose mean is subtracted first). A quantized store quantizes only the new positions
+on write and dequantizes the whole history on read, so attention always sees dequantized
+keys/values, the new positions included. A position's cached value depends only on its own
+key/value vector and the dense prefix, never on how the input was chunked, and a rewind followed
+by the same input writes bit-identical codes.
 """
 
 from __future__ import annotations
@@ -10,6 +18,106 @@ from __future__ import annotations
 import torch
 
 from exlq.errors import ExlqError
+from exlq.runtime.kv_quant import SCALE_DTYPE, CacheType, as_cache_type, dequantize_kv, packed_size, quantize_kv
+
+Shape = tuple[int, int, int, int]  # [batch, kv_heads, max_seq_len, head_dim]
+
+
+class DenseStore:
+    """One side (keys or values) of every layer, unquantized in the model dtype."""
+
+    def __init__(self, num_layers: int, shape: Shape, dtype: torch.dtype, device: torch.device):
+        self.num_layers, self.shape, self.dtype, self.device = num_layers, shape, dtype, device
+        self.data: list[torch.Tensor] = []
+
+    @property
+    def bytes_per_position(self) -> int:
+        """Bytes one position of one batch row takes over all layers and heads."""
+        _, heads, _, dim = self.shape
+        return self.num_layers * heads * dim * torch.tensor([], dtype=self.dtype).element_size()
+
+    def bytes_for(self, length: int) -> int:
+        return length * self.bytes_per_position
+
+    def allocate(self) -> None:
+        self.data = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+
+    def write(self, layer: int, x: torch.Tensor, start: int) -> None:
+        self.data[layer][: x.shape[0], :, start : start + x.shape[2]] = x
+
+    def read(self, layer: int, batch: int, end: int) -> torch.Tensor:
+        return self.data[layer][:batch, :, :end]
+
+
+class QuantizedStore:
+    """One side of every layer: a dense prefix, then packed b-bit codes and fp16 scales per group.
+
+    The first `prefix` positions stay unquantized (in the model dtype); once they are written,
+    their mean per (row, head, channel) becomes the offset every later position is quantized
+    relative to. Qwen2 keys carry a near-constant channel offset (from the k_proj bias, in the
+    RoPE channels that barely rotate) of up to ~150 against a spread of ~1: quantizing around it
+    spends every level on the constant, which 4-bit keys cannot afford (perplexity 40 -> 136 on
+    qwen2.5-coder-0.5b without it; docs/benchmarks.md). The prefix also keeps attention-sink
+    tokens exact. Positions after it are stored as codes [B, H, S, D·b/8] and scales [B, H, S, D/group]
+    (the first `prefix` slots of those stay unused, so positions index them directly).
+    """
+
+    def __init__(
+        self, num_layers: int, shape: Shape, dtype: torch.dtype, device: torch.device, bits: int, group: int, prefix: int
+    ):  # fmt: skip
+        self.num_layers, self.shape, self.dtype, self.device = num_layers, shape, dtype, device
+        self.bits, self.group, self.prefix = bits, group, min(prefix, shape[2])
+        self.codes: list[torch.Tensor] = []
+        self.scales: list[torch.Tensor] = []
+        self.dense = DenseStore(num_layers, (*shape[:2], self.prefix, shape[3]), dtype, device)
+        self.offsets: list[torch.Tensor] = []  # [B, H, 1, D] float32 per layer
+
+    @property
+    def bytes_per_position(self) -> int:
+        _, heads, _, dim = self.shape
+        scale_bytes = torch.tensor([], dtype=SCALE_DTYPE).element_size()
+        return self.num_layers * heads * (packed_size(dim, self.bits) + dim // self.group * scale_bytes)
+
+    def bytes_for(self, length: int) -> int:
+        """Bytes of `length` positions of one row: the dense prefix, then codes and scales."""
+        dense = min(length, self.prefix)
+        return dense * self.dense.bytes_per_position + (length - dense) * self.bytes_per_position
+
+    def allocate(self) -> None:
+        batch, heads, length, dim = self.shape
+        code_shape = (batch, heads, length, packed_size(dim, self.bits))
+        scale_shape = (batch, heads, length, dim // self.group)
+        self.codes = [torch.zeros(code_shape, dtype=torch.uint8, device=self.device) for _ in range(self.num_layers)]
+        self.scales = [torch.zeros(scale_shape, dtype=SCALE_DTYPE, device=self.device) for _ in range(self.num_layers)]
+        self.offsets = [torch.zeros(batch, heads, 1, dim, device=self.device) for _ in range(self.num_layers)]
+        self.dense.allocate()
+
+    def write(self, layer: int, x: torch.Tensor, start: int) -> None:
+        rows, end = x.shape[0], start + x.shape[2]
+        split = min(max(self.prefix - start, 0), x.shape[2])  # how many of the new positions are prefix
+        if split:
+            self.dense.write(layer, x[:, :, :split], start)
+            if start + split == self.prefix:  # the prefix is complete: (re)fix the offset
+                self.offsets[layer][:rows] = self.dense.read(layer, rows, self.prefix).float().mean(2, keepdim=True)
+        if split == x.shape[2]:
+            return
+        codes, scales = quantize_kv(x[:, :, split:].float() - self.offsets[layer][:rows], self.bits, self.group)
+        self.codes[layer][:rows, :, start + split : end] = codes
+        self.scales[layer][:rows, :, start + split : end] = scales
+
+    def read(self, layer: int, batch: int, end: int) -> torch.Tensor:
+        dense = self.dense.read(layer, batch, min(end, self.prefix))
+        if end <= self.prefix:
+            return dense
+        codes, scales = self.codes[layer][:batch, :, self.prefix : end], self.scales[layer][:batch, :, self.prefix : end]
+        rest = (dequantize_kv(codes, scales, self.bits, self.group, torch.float32) + self.offsets[layer][:batch]).to(self.dtype)
+        return torch.cat([dense, rest], dim=2) if self.prefix else rest
+
+
+def make_store(bits: int | None, cache_type: CacheType, num_layers: int, shape: Shape, dtype: torch.dtype, device: torch.device):
+    if bits is None:
+        return DenseStore(num_layers, shape, dtype, device)
+    return QuantizedStore(num_layers, shape, dtype, device, bits, cache_type.group, cache_type.dense_prefix)
 
 
 class KVCache:
@@ -25,9 +133,12 @@ class KVCache:
         batch_size: int = 1,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
+        cache_type: CacheType | str | None = None,
     ):
         if max_seq_len < 1 or batch_size < 1:
             raise ExlqError(f"max_seq_len and batch_size must be positive (got {max_seq_len}, {batch_size})")
+        self.cache_type = as_cache_type(cache_type)
+        self.cache_type.check_head_dim(head_dim)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -37,12 +148,19 @@ class KVCache:
         self.device = torch.device(device)
         self.seq_len = 0
         self.pad_lengths: torch.Tensor | None = None
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.keys = make_store(self.cache_type.key_bits, self.cache_type, num_layers, shape, dtype, self.device)
+        self.values = make_store(self.cache_type.value_bits, self.cache_type, num_layers, shape, dtype, self.device)
+        self._allocated = False
 
     @classmethod
-    def for_model(cls, model, max_seq_len: int, batch_size: int = 1) -> KVCache:
-        """A cache shaped for `model` (its layer count, KV heads, head size, dtype and device)."""
+    def for_model(
+        cls, model, max_seq_len: int, batch_size: int = 1, *, cache_type: CacheType | str | None = None
+    ) -> KVCache:
+        """A cache shaped for `model` (its layer count, KV heads, head size, dtype and device).
+
+        `cache_type`: a CacheType, a name ("fp16", "q4", "q6", "q8") or None (fp16).
+        """
         return cls(
             num_layers=model.num_cache_layers,
             num_kv_heads=model.config.num_key_value_heads,
@@ -51,21 +169,24 @@ class KVCache:
             batch_size=batch_size,
             dtype=model.dtype,
             device=model.device,
+            cache_type=cache_type,
         )
 
     @property
     def allocated(self) -> bool:
-        return bool(self._keys)
+        return self._allocated
 
     @property
     def bytes_per_token(self) -> int:
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element * self.batch_size
+        """Bytes one more position takes in the whole cache (all layers, keys and values, all batch rows).
 
-    def _allocate(self) -> None:
-        shape = (self.batch_size, self.num_kv_heads, self.max_seq_len, self.head_dim)
-        self._keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self._values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        For a quantized cache: a position after its dense prefix (see bytes_for)."""
+        return (self.keys.bytes_per_position + self.values.bytes_per_position) * self.batch_size
+
+    def bytes_for(self, length: int) -> int:
+        """Bytes that `length` positions of one sequence take (all layers, keys and values; a
+        quantized cache's dense prefix included): what bytes_per_token alone would miss."""
+        return self.keys.bytes_for(length) + self.values.bytes_for(length)
 
     def check_fits(self, batch: int, new_len: int) -> None:
         if batch > self.batch_size:
@@ -79,14 +200,41 @@ class KVCache:
     def store(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor, past_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values [B, Hkv, T, D] at `past_len` and return views of everything so far."""
-        if not self._keys:
-            self._allocate()
+        """Write new keys/values [B, Hkv, T, D] at `past_len`; return all keys/values so far [B, Hkv, past_len+T, D].
+
+        Dense stores return views; quantized ones return fresh dequantized tensors in the model dtype.
+        """
+        self._allocate()
         batch, _, new_len, _ = keys.shape
         end = past_len + new_len
-        self._keys[layer][:batch, :, past_len:end] = keys
-        self._values[layer][:batch, :, past_len:end] = values
-        return self._keys[layer][:batch, :, :end], self._values[layer][:batch, :, :end]
+        self.keys.write(layer, keys, past_len)
+        self.values.write(layer, values, past_len)
+        return self.keys.read(layer, batch, end), self.values.read(layer, batch, end)
+
+    def dense_layer(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole key and value buffers [batch, Hkv, max_seq_len, D] of slot `layer` for kernels that
+        write the cache in place (fused RoPE + store, CUDA-graph decode); None for quantized caches."""
+        if not (isinstance(self.keys, DenseStore) and isinstance(self.values, DenseStore)):
+            return None
+        if not self._allocated:
+            self.keys.allocate()
+            self.values.allocate()
+            self._allocated = True
+        return self.keys.data[layer][:batch], self.values.data[layer][:batch]
+
+    def dense_layer(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Whole key/value buffers [batch, Hkv, max_seq_len, D] of one layer, for kernels that write
+        in place and read up to their own end; None when either side is quantized."""
+        if not (isinstance(self.keys, DenseStore) and isinstance(self.values, DenseStore)):
+            return None
+        self._allocate()
+        return self.keys.data[layer][:batch], self.values.data[layer][:batch]
+
+    def _allocate(self) -> None:
+        if not self._allocated:
+            self.keys.allocate()
+            self.values.allocate()
+            self._allocated = True
 
     def truncate(self, length: int) -> None:
         """Rewind to the first `length` positions (what is beyond is overwritten by later input)."""

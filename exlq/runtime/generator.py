@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from exlq.errors import ExlqError
+from exlq.runtime.cache import KVCache
+from exlq.runtime.kv_quant import CacheType
 from exlq.runtime.model import DecoderOnlyLM
 from exlq.runtime.sampler import Sampler, SamplerSettings
 from exlq.runtime.streaming import StopStrings, StreamDecoder
@@ -125,10 +127,18 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 class Generator:
     """Batch-1 generation and scoring with prefix reuse across calls."""
 
-    def __init__(self, model: DecoderOnlyLM, tokenizer: Tokenizer, *, max_seq_len: int | None = None):
+    def __init__(
+        self,
+        model: DecoderOnlyLM,
+        tokenizer: Tokenizer,
+        *,
+        max_seq_len: int | None = None,
+        cache_type: CacheType | str | None = None,
+    ):
+        """`cache_type`: fp16 (default), a quantized CacheType, or its name ("q4"); see kv_quant."""
         self.model = model
         self.tokenizer = tokenizer
-        self.cache = model.new_cache(max_seq_len or model.config.max_position_embeddings)
+        self.cache = KVCache.for_model(model, max_seq_len or model.config.max_position_embeddings, cache_type=cache_type)
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
         self.tokens_processed = 0  # every token ever run through the model by this generator
 
