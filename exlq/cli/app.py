@@ -13,6 +13,7 @@ import traceback
 import typer
 
 from exlq import __version__
+from exlq.cli.bench import bench
 from exlq.cli.eval_humaneval import eval_humaneval
 from exlq.cli.eval_ppl import eval_ppl
 from exlq.cli.infer import infer
@@ -21,7 +22,7 @@ from exlq.errors import ExlqError
 
 app = typer.Typer(
     name="exlq",
-    help="Quantize LLMs to EXL2 and run them: convert, measure, infer, eval-ppl, eval-humaneval.",
+    help="Quantize LLMs to EXL2 and run them: convert, measure, infer, eval-ppl, eval-humaneval, bench.",
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,
@@ -33,6 +34,7 @@ app.command("eval-ppl")(eval_ppl)
 app.command("eval-humaneval")(eval_humaneval)
 app.command("measure")(measure)
 app.command("convert")(convert)
+app.command("bench")(bench)
 
 
 def _version(value: bool) -> None:

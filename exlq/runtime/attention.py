@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from exlq.runtime import kernels
+from exlq.runtime.rope import apply_rotary
+
 
 @dataclass
 class AttentionBatch:
@@ -32,6 +35,41 @@ class AttentionBatch:
         if window not in self._masks:
             self._masks[window] = build_mask(self.past_len, self.new_len, self.pad_lengths, window, self.cos.device)
         return self._masks[window]
+
+    def store(self, cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this forward's keys/values to `cache` slot `layer`; returns all keys/values to attend to."""
+        return cache.store(layer, keys, values, self.past_len)
+
+    def cache_position(self) -> int | torch.Tensor:
+        """Where this forward's first token goes in the cache (a device tensor for CUDA graphs)."""
+        return self.past_len
+
+    def attended(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of whole cache buffers that attention reads: everything up to this forward's last token."""
+        end = self.past_len + self.new_len
+        return keys[:, :, :end], values[:, :, :end]
+
+    def rotate_and_store(
+        self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE on q, k [B, T, H, D], k and v appended to the cache: (q, all keys, all values) as [B, H, T|K, D].
+
+        One fused kernel on the GPU when the cache is unquantized; the torch ops otherwise.
+        """
+        buffers = None
+        if cache is not None and q.dtype in (torch.float16, torch.bfloat16) and kernels.enabled(q.device):
+            buffers = cache.dense_layer(layer, q.shape[0])
+        if buffers is not None:
+            from exlq.runtime.kernels.fused_ops import rope_store
+
+            q = rope_store(q, k, v, self.cos, self.sin, *buffers, self.cache_position())
+            return (q, *self.attended(*buffers))
+        q = apply_rotary(q.transpose(1, 2), self.cos, self.sin)
+        k = apply_rotary(k.transpose(1, 2), self.cos, self.sin)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = self.store(cache, layer, k, v)
+        return q, k, v
 
 
 def build_mask(
@@ -58,7 +96,18 @@ def build_mask(
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object | None, is_causal: bool) -> torch.Tensor:
-    """softmax(q kᵀ/√d + mask) v for q [B, H, T, D] and k, v [B, Hkv, K, D] (grouped-query aware)."""
+    """softmax(q kᵀ/√d + mask) v for q [B, H, T, D] and k, v [B, Hkv, K, D] (grouped-query aware).
+
+    One-token decode with grouped KV heads folds the G query heads of each KV head into G query rows
+    of that head ([B, Hkv, G, D]): the same result, with no KV expansion and no GQA code path in SDPA.
+    The masks of a one-token step do not depend on the query row, so they broadcast unchanged.
+    """
+    bsz, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    if length == 1 and heads != kv_heads and not is_causal:
+        folded = q.reshape(bsz, kv_heads, heads // kv_heads, dim)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+        return out.reshape(bsz, heads, 1, dim)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=heads != kv_heads
     )

@@ -212,17 +212,6 @@ class KVCache:
         return self.keys.read(layer, batch, end), self.values.read(layer, batch, end)
 
     def dense_layer(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The whole key and value buffers [batch, Hkv, max_seq_len, D] of slot `layer` for kernels that
-        write the cache in place (fused RoPE + store, CUDA-graph decode); None for quantized caches."""
-        if not (isinstance(self.keys, DenseStore) and isinstance(self.values, DenseStore)):
-            return None
-        if not self._allocated:
-            self.keys.allocate()
-            self.values.allocate()
-            self._allocated = True
-        return self.keys.data[layer][:batch], self.values.data[layer][:batch]
-
-    def dense_layer(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Whole key/value buffers [batch, Hkv, max_seq_len, D] of one layer, for kernels that write
         in place and read up to their own end; None when either side is quantized."""
         if not (isinstance(self.keys, DenseStore) and isinstance(self.values, DenseStore)):

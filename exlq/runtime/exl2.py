@@ -326,9 +326,11 @@ class Exl2Tensors:
 
 
 class Exl2Linear(nn.Module):
-    """An EXL2-quantized linear layer for the torch reference path.
+    """An EXL2-quantized linear layer: CUDA kernels on the packed data, or the torch reference path.
 
-    The stored tensors are kept as buffers, exactly as on disk (a CUDA kernel will consume them). The
+    The stored tensors are kept as buffers, exactly as on disk. On a GPU with kernels enabled
+    (`exlq.runtime.kernels.enabled`) and fp16/bf16 activations, the kernels read them directly
+    (`exlq.runtime.kernels.exl2_ops`): no dense copy is ever made. Otherwise (CPU, fp32, old GPUs) the
     first forward dequantizes them once into a dense [out, in] weight in the compute dtype and caches
     it: a 4-bit layer then costs its packed size plus 2 (fp16) or 4 (fp32) bytes per weight, i.e. no
     memory saving over a dense model, in exchange for plain `F.linear` speed. `clear_cache()` drops it.
@@ -353,6 +355,7 @@ class Exl2Linear(nn.Module):
         #: Stored bits per weight, spec §13 (padded N; q_invperm and bias included).
         self.bits_per_weight = tensors.bits_per_weight()
         self._dense: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._plan = None  # kernel tables (exl2_ops.Exl2Plan), built on the first kernel forward
 
     @classmethod
     def can_load(cls, store: WeightStore, prefix: str) -> bool:
@@ -373,6 +376,7 @@ class Exl2Linear(nn.Module):
 
     def clear_cache(self) -> None:
         self._dense = None
+        self._plan = None
 
     def _dense_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._dense is None or self._dense[0].device != self.q_weight.device:
@@ -383,7 +387,24 @@ class Exl2Linear(nn.Module):
             self._dense = (weight, bias)
         return self._dense
 
+    def kernel_plan(self):
+        """The kernels' tables for this layer on its current device (built once)."""
+        from exlq.runtime.kernels.exl2_ops import build_plan
+
+        if self._plan is None or self._plan.q_weight.data_ptr() != self.q_weight.data_ptr():
+            self._plan = build_plan(self.tensors, self.layout, self.out_features, self.prescale)
+        return self._plan
+
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        from exlq.runtime import kernels
+
+        return x.dtype in (torch.float16, torch.bfloat16) and kernels.enabled(x.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernels(x):
+            from exlq.runtime.kernels.exl2_ops import matmul
+
+            return matmul(self.kernel_plan(), x)
         weight, bias = self._dense_weight()
         return F.linear(x, weight, bias)
 

@@ -12,9 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch, attend
 from exlq.runtime.cache import KVCache
-from exlq.runtime.rope import apply_rotary
+
+
+def _fused(t: torch.Tensor) -> bool:
+    """Whether the fused CUDA kernels apply to activations like `t` (fp16/bf16 on a kernel-enabled GPU)."""
+    return t.dtype in (torch.float16, torch.bfloat16) and kernels.enabled(t.device)
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +31,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and _fused(self.weight):
+            from exlq.runtime.kernels.fused_ops import add_rms_norm
+
+            return add_rms_norm(x, None, self.weight, self.eps)[1]
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(self.weight.dtype)
+
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta in float32, the norm of that): one kernel on the GPU instead of four."""
+        if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and _fused(self.weight):
+            from exlq.runtime.kernels.fused_ops import add_rms_norm
+
+            return add_rms_norm(residual, delta, self.weight, self.eps)
+        residual = residual + delta.float()
+        return residual, self(residual)
 
 
 class Embedding(nn.Module):
@@ -64,13 +82,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int) -> torch.Tensor:
         bsz, length, _ = x.shape
-        q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, batch.cos, batch.sin)
-        k = apply_rotary(k, batch.cos, batch.sin)
-        if cache is not None:
-            k, v = cache.store(cache_layer, k, v, batch.past_len)
+        q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim)
+        q, k, v = batch.rotate_and_store(cache, cache_layer, q, k, v)
         mask, is_causal = batch.mask(self.window)
         out = attend(q, k, v, mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim))
@@ -84,7 +99,12 @@ class GatedMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if _fused(gate):
+            from exlq.runtime.kernels.fused_ops import silu_mul
+
+            return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -100,5 +120,6 @@ class DecoderLayer(nn.Module):
     def forward(
         self, residual: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int
     ) -> torch.Tensor:
-        residual = residual + self.self_attn(self.input_layernorm(residual), batch, cache, cache_layer).float()
-        return residual + self.mlp(self.post_attention_layernorm(residual)).float()
+        attended = self.self_attn(self.input_layernorm(residual), batch, cache, cache_layer)
+        residual, normed = self.post_attention_layernorm.add_and_norm(residual, attended)
+        return residual + self.mlp(normed).float()

@@ -15,6 +15,7 @@ from torch import nn
 from exlq.errors import ExlqError
 from exlq.runtime.attention import AttentionBatch
 from exlq.runtime.cache import KVCache
+from exlq.runtime.graphs import DecodeGraphs, graphs_wanted
 from exlq.runtime.layers import Attention, DecoderLayer, Embedding, GatedMLP, RMSNorm
 from exlq.runtime.linear import DenseLinear, load_linear
 from exlq.runtime.rope import RotaryEmbedding
@@ -40,6 +41,7 @@ class DecoderOnlyLM(nn.Module):
         self.lm_head = self.load_head(store)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, self._device)
         self.layer_order: list[int] = list(range(config.num_hidden_layers))
+        self.decode_graphs = DecodeGraphs()
 
     # ----- construction; architectures override the pieces that differ -----
 
@@ -118,6 +120,7 @@ class DecoderOnlyLM(nn.Module):
         if not order or any(not 0 <= i < count for i in order):
             raise ExlqError(f"layer order must list layers 0..{count - 1} (got {order})")
         self.layer_order = list(order)
+        self.decode_graphs.clear()
 
     def new_cache(self, max_seq_len: int, batch_size: int = 1) -> KVCache:
         return KVCache.for_model(self, max_seq_len, batch_size)
@@ -130,6 +133,7 @@ class DecoderOnlyLM(nn.Module):
         if not isinstance(old, nn.Module):
             raise ExlqError(f"model has no module named {name!r}")
         setattr(parent, child, module)
+        self.decode_graphs.clear()  # captured steps call the old module
         return old
 
     # ----- forward -----
@@ -167,6 +171,10 @@ class DecoderOnlyLM(nn.Module):
             pad_lengths = cache.pad_lengths
         elif pad_lengths is not None:
             pad_lengths = pad_lengths.to(self._device)
+        if graphs_wanted(self, cache, bsz, new_len, max_output_len):
+            logits = self.decode_graphs.run(self, input_ids, cache)
+            cache.seq_len = past_len + 1
+            return logits
         batch = self.attention_batch(bsz, new_len, past_len, pad_lengths)
         hidden = self.embed(input_ids)
         for slot, i in enumerate(self.layer_order):

@@ -1,0 +1,88 @@
+"""Kernel-level benchmark: the EXL2 GEMV alone at Llama-3-8B layer shapes, GB/s against copy bandwidth.
+
+    python3 bench/gemv.py [--bpw 4.0] [--json-out FILE]
+
+Each product is captured 50 times in one CUDA graph and the graph replayed, so launch overhead from Python
+is not in the number. Bytes counted: every stored tensor of the layer (q_weight, q_scale, q_scale_max,
+q_groups, q_invperm), read once per product. torch's FP16 GEMV (F.linear on the dense weight) is timed the
+same way for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from exlq.eval.speed import copy_bandwidth  # noqa: E402
+from exlq.quant.synthetic import SyntheticStore, synthetic_config  # noqa: E402
+from exlq.runtime.exl2 import Exl2Linear  # noqa: E402
+
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (in_features K, out_features N)
+PER_GRAPH = 50
+
+
+def graph_seconds(fn, replays: int = 20) -> float:
+    """Seconds per call of `fn`, from replaying a CUDA graph of PER_GRAPH calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(PER_GRAPH):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * PER_GRAPH)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bpw", type=float, default=4.0)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1])
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    store = SyntheticStore(synthetic_config("llama3-8b"), args.bpw, device)
+    results = []
+    print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s")
+    for k, n in SHAPES:
+        tensors = store._random_exl2(k, n, args.bpw)
+        layer = Exl2Linear(tensors, k, n, dtype=torch.float16)
+        dense = torch.randn(n, k, device=device, dtype=torch.float16)
+        stored = tensors.total_bits() // 8
+        for rows in args.rows:
+            x = torch.randn(rows, k, device=device, dtype=torch.float16)
+            seconds = graph_seconds(lambda: layer(x))
+            fp16_seconds = graph_seconds(lambda: F.linear(x, dense))
+            row = {
+                "k": k, "n": n, "rows": rows, "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,
+                "gbps": stored / seconds / 1e9, "fraction_of_copy": stored / seconds / 1e9 / bandwidth,
+                "fp16_microseconds": fp16_seconds * 1e6, "fp16_gbps": dense.numel() * 2 / fp16_seconds / 1e9,
+            }
+            results.append(row)
+            print(f"K={k:5d} N={n:5d} M={rows:2d} bpw {row['bpw']:.3f}: {row['microseconds']:7.1f} us "
+                  f"{row['gbps']:6.0f} GB/s = {100 * row['fraction_of_copy']:5.1f}% of copy | "
+                  f"torch fp16 {row['fp16_microseconds']:7.1f} us {row['fp16_gbps']:6.0f} GB/s")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": bandwidth,
+                                             "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

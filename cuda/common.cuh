@@ -1,0 +1,58 @@
+// Shared helpers for exlq kernels. Self-contained on purpose: no CUDA toolkit headers, so NVRTC
+// compiles every kernel with nothing but libnvrtc (CI has no toolkit). Activations are 16-bit
+// values held as `unsigned short`; the conversions are single PTX instructions.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+struct fp16_t {};  // tag types for the activation dtype (template arguments)
+struct bf16_t {};
+
+template <typename T> struct Act;
+
+template <> struct Act<fp16_t> {
+    static __device__ __forceinline__ float load(u16 v) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+        return f;
+    }
+    static __device__ __forceinline__ u16 store(float f) {
+        u16 v;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+        return v;
+    }
+};
+
+template <> struct Act<bf16_t> {
+    static __device__ __forceinline__ float load(u16 v) { return __int_as_float(((u32)v) << 16); }
+    static __device__ __forceinline__ u16 store(float f) {
+        u16 v;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+        return v;
+    }
+};
+
+// fp16 round trip (round to nearest even), for reproducing the format's exact fp16 arithmetic.
+__device__ __forceinline__ float round_f16(float f) { return Act<fp16_t>::load(Act<fp16_t>::store(f)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Packed fp16 pairs (half2 in a u32: low half first), via PTX.
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ float half2_sum(u32 a) {
+    return Act<fp16_t>::load((u16)(a & 0xffffu)) + Act<fp16_t>::load((u16)(a >> 16));
+}

@@ -1,0 +1,289 @@
+// EXL2 matrix multiply: a split-K GEMV for decode (1..32 activation rows) and a dequantizer for
+// prefill (dense fp16/bf16 tiles for cuBLAS). Both read the on-disk packing of q_weight directly
+// (spec §3: each column's codes in consecutive 32-bit words, LSB first), described per "chunk":
+// at most 128 stored rows of one group, hence one bit width and one scale row. The host builds the
+// chunk table once per layer (exlq/runtime/kernels/exl2_ops.py).
+//
+// Chunk: int4 {bits | rows << 8, first q_weight row (word), first stored row, group}.
+#include "common.cuh"
+
+#define THREADS 128        // one thread per output column
+#define SPLIT_ROWS 256     // at most this many stored rows per K split (x slice in shared memory)
+
+// Code i of a b-bit field string held in registers: funnel shift joins the two words a field may straddle.
+template <int B>
+__device__ __forceinline__ u32 field(const u32* words, int i) {
+    const int bit = i * B;
+    return __funnelshift_r(words[bit >> 5], words[(bit >> 5) + 1], bit & 31) & ((1u << B) - 1u);
+}
+
+// (q - z) as float, exactly, without an int->float conversion: 2^23 + q has q in its low mantissa bits.
+template <int B>
+__device__ __forceinline__ float centered(u32 code) {
+    return __int_as_float(0x4B000000u | code) - (8388608.0f + (float)(1 << (B - 1)));
+}
+
+// Effective scale of (group g, column n) before the format's fp16 rounding: c^2 * M_g, c = nibble + 1.
+__device__ __forceinline__ float column_scale(const u32* __restrict__ q_scale, const float* __restrict__ scale_max,
+                                              int g, int n, int n_pad) {
+    const u32 word = __ldg(q_scale + (size_t)g * (n_pad >> 3) + (n >> 3));
+    const float c = (float)(((word >> ((n & 7) * 4)) & 15u) + 1u);
+    return c * c * __ldg(scale_max + g);
+}
+
+// fp32 path, any width: dot[m] += sum_i x[m][lr + i] (q_i - z) over 32 rows whose B words are in registers.
+template <int B, int M>
+__device__ __forceinline__ void sub_float(const u32* words, const float (*xs)[SPLIT_ROWS], int lr, float* dot) {
+#pragma unroll
+    for (int i = 0; i < 32; i += 4) {
+        const float q0 = centered<B>(field<B>(words, i));
+        const float q1 = centered<B>(field<B>(words, i + 1));
+        const float q2 = centered<B>(field<B>(words, i + 2));
+        const float q3 = centered<B>(field<B>(words, i + 3));
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const float4 xv = *reinterpret_cast<const float4*>(&xs[m][lr + i]);
+            dot[m] = fmaf(xv.x, q0, fmaf(xv.y, q1, fmaf(xv.z, q2, fmaf(xv.w, q3, dot[m]))));
+        }
+    }
+}
+
+// The short last group of a matrix (fewer than 32 rows: rows * B / 32 words), loading as it goes.
+template <int B, int M>
+__device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
+                                           int lr, int rows, float* dot) {
+    const int nw = rows * B / 32;
+    for (int i = 0; i < rows; i++) {
+        const int bit = i * B, wi = bit >> 5;
+        const u32 lo = __ldg(w + (size_t)wi * stride);
+        const u32 hi = wi + 1 < nw ? __ldg(w + (size_t)(wi + 1) * stride) : 0u;
+        const float q = centered<B>(__funnelshift_r(lo, hi, bit & 31) & ((1u << B) - 1u));
+#pragma unroll
+        for (int m = 0; m < M; m++) dot[m] = fmaf(xs[m][lr + i], q, dot[m]);
+    }
+}
+
+// ----- fp16 path for 2, 4 and 8 bits -----
+// Codes are turned into exact fp16 values two at a time (the "1024 trick": 0x6400 | c is the fp16 number
+// 1024 + c, so one mask-and-or gives a pair 1024 + q·2^s, and one fma gives q - z exactly), multiplied by
+// the activations as half2 and summed in fp16 over at most 8 weights before joining the fp32 sum. The
+// activations sit in shared memory in "pair order" (the two rows whose codes share a mask are adjacent)
+// and pre-scaled by 2^-HALF_SHIFT(b), so no fp16 partial sum can exceed max|x| (no overflow to inf).
+
+__host__ __device__ constexpr int half_shift(int bits) { return bits == 2 ? 3 : bits == 4 ? 5 : 9; }
+__device__ __forceinline__ bool half_width(int bits) { return bits == 2 || bits == 4 || bits == 8; }
+
+// Position of row p (0..31 of a 32-row block) in pair order, for b in 2, 4, 8.
+__device__ __forceinline__ int pair_slot(int bits, int p) {
+    if (bits == 4) return (p & ~7) + (p & 3) * 2 + ((p >> 2) & 1);
+    if (bits == 2) return (p & ~15) + (p & 7) * 2 + ((p >> 3) & 1);
+    return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1);  // 8 bits
+}
+
+// (w & mask) | 0x6400 in both halves = 1024 + q·2^s; times 2^-s minus (1024·2^-s + z) = q - z, exactly.
+template <u32 MASK>
+__device__ __forceinline__ u32 centered_pair(u32 w, u32 scale_pair, u32 offset_pair) {
+    return hfma2((w & MASK) | 0x64006400u, scale_pair, offset_pair);
+}
+
+__device__ __forceinline__ u32 h2(float value) {
+    const u32 h = Act<fp16_t>::store(value);
+    return h | (h << 16);
+}
+
+template <int M>
+__device__ __forceinline__ void dot4_pairs(u32 q0, u32 q1, u32 q2, u32 q3, const u16 (*xh)[SPLIT_ROWS], int at,
+                                           float* dot) {
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(&xh[m][at]);
+        u32 acc = hmul2(q0, xv.x);
+        acc = hfma2(q1, xv.y, acc);
+        acc = hfma2(q2, xv.z, acc);
+        acc = hfma2(q3, xv.w, acc);
+        dot[m] += half2_sum(acc);
+    }
+}
+
+template <int B, int M>
+__device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT_ROWS], int lr, float* dot) {
+    constexpr float Z = (float)(1 << (B - 1));
+    if (B == 4) {
+        const u32 one = h2(1.0f), sixteenth = h2(1.0f / 16.0f), off0 = h2(-(1024.0f + Z)), off1 = h2(-(64.0f + Z));
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 lo = words[j], hi = words[j] >> 8;
+            dot4_pairs<M>(centered_pair<0x000F000Fu>(lo, one, off0), centered_pair<0x00F000F0u>(lo, sixteenth, off1),
+                          centered_pair<0x000F000Fu>(hi, one, off0), centered_pair<0x00F000F0u>(hi, sixteenth, off1),
+                          xh, lr + j * 8, dot);
+        }
+    } else if (B == 2) {
+        const u32 s0 = h2(1.0f), s1 = h2(0.25f), s2 = h2(1.0f / 16.0f), s3 = h2(1.0f / 64.0f);
+        const u32 o0 = h2(-(1024.0f + Z)), o1 = h2(-(256.0f + Z)), o2 = h2(-(64.0f + Z)), o3 = h2(-(16.0f + Z));
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {  // rows (i, i + 8) of the word, i = 4·half .. 4·half + 3
+                const u32 v = words[j] >> (8 * half);
+                dot4_pairs<M>(centered_pair<0x00030003u>(v, s0, o0), centered_pair<0x000C000Cu>(v, s1, o1),
+                              centered_pair<0x00300030u>(v, s2, o2), centered_pair<0x00C000C0u>(v, s3, o3),
+                              xh, lr + j * 16 + half * 8, dot);
+            }
+        }
+    } else {  // 8 bits: rows (0, 2) and (1, 3) of each word
+        const u32 one = h2(1.0f), off = h2(-(1024.0f + Z));
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            dot4_pairs<M>(centered_pair<0x00FF00FFu>(words[j], one, off),
+                          centered_pair<0x00FF00FFu>(words[j] >> 8, one, off),
+                          centered_pair<0x00FF00FFu>(words[j + 1], one, off),
+                          centered_pair<0x00FF00FFu>(words[j + 1] >> 8, one, off), xh, lr + j * 4, dot);
+        }
+    }
+}
+
+// One chunk (≤ 128 rows of one group): all its words are loaded first (up to 4 blocks of 32 rows in
+// flight per thread), then multiplied; a last partial block of rows goes through tail_float.
+template <int B, int M, bool HALF>
+__device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
+                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, float* dot) {
+    const int blocks = rows >> 5;
+    u32 words[4][B + 1];
+#pragma unroll
+    for (int sb = 0; sb < 4; sb++) {
+#pragma unroll
+        for (int j = 0; j < B; j++) words[sb][j] = sb < blocks ? __ldg(w + (size_t)(sb * B + j) * stride) : 0u;
+        words[sb][B] = 0u;
+    }
+    if (HALF && (B == 2 || B == 4 || B == 8)) {
+        float part[M];
+#pragma unroll
+        for (int m = 0; m < M; m++) part[m] = 0.0f;
+#pragma unroll
+        for (int sb = 0; sb < 4; sb++)
+            if (sb < blocks) sub_half<B, M>(words[sb], xh, lr + 32 * sb, part);
+#pragma unroll
+        for (int m = 0; m < M; m++) dot[m] = fmaf(part[m], (float)(1 << half_shift(B)), dot[m]);
+    } else {
+#pragma unroll
+        for (int sb = 0; sb < 4; sb++)
+            if (sb < blocks) sub_float<B, M>(words[sb], xs, lr + 32 * sb, dot);
+    }
+    if (rows & 31) tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, dot);
+}
+
+template <typename T> struct HalfPath { static constexpr bool value = false; };
+template <> struct HalfPath<fp16_t> { static constexpr bool value = true; };
+
+// y[M, N] = x[M, K] @ W: grid (ceil(N_pad / THREADS), K splits). Each block sums its K split into
+// the fp32 workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the
+// workspace and its counter, so one launch does the whole product and leaves the workspace clean.
+template <typename T, int M>
+__global__ void __launch_bounds__(THREADS) exl2_gemv(
+    const u16* __restrict__ x, const u32* __restrict__ q_weight, const u32* __restrict__ q_scale,
+    const float* __restrict__ scale_max, const int4* __restrict__ chunks, const int* __restrict__ split_chunks,
+    const int* __restrict__ perm, const float* __restrict__ bias, float* __restrict__ workspace,
+    int* __restrict__ counters, u16* __restrict__ y, int K, int N, int n_pad) {
+    constexpr bool HALF = HalfPath<T>::value;
+    __shared__ __align__(16) float xs[M][SPLIT_ROWS];
+    __shared__ __align__(16) u16 xh[HALF ? M : 1][SPLIT_ROWS];
+    __shared__ int is_last;
+    const int n = blockIdx.x * THREADS + threadIdx.x;
+    const bool valid = n < n_pad;
+    const int c0 = split_chunks[blockIdx.y], c1 = split_chunks[blockIdx.y + 1];
+    const int r0 = chunks[c0].z;
+
+    for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
+        const int4 ch = chunks[c];
+        const int bits = ch.x & 0xff, rows = ch.x >> 8, lr = ch.z - r0, full = rows & ~31;
+        const bool paired = HALF && half_width(bits);
+        const float prescale = paired ? 1.0f / (float)(1 << half_shift(bits)) : 1.0f;
+        for (int i = threadIdx.x; i < rows * M; i += THREADS) {
+            const int m = i / rows, p = i - m * rows;
+            const float v = Act<T>::load(x[(size_t)m * K + perm[ch.z + p]]);
+            xs[m][lr + p] = v;
+            if (paired && p < full) xh[HALF ? m : 0][lr + (p & ~31) + pair_slot(bits, p & 31)] = Act<fp16_t>::store(v * prescale);
+        }
+    }
+    __syncthreads();
+
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.0f;
+    if (valid) {
+        for (int c = c0; c < c1; c++) {
+            const int4 ch = chunks[c];
+            const int bits = ch.x & 0xff, rows = ch.x >> 8, lr = ch.z - r0;
+            const u32* w = q_weight + (size_t)ch.y * n_pad + n;
+            float dot[M];
+#pragma unroll
+            for (int m = 0; m < M; m++) dot[m] = 0.0f;
+            const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
+            switch (bits) {
+                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+            }
+            const float s = column_scale(q_scale, scale_max, ch.w, n, n_pad);
+#pragma unroll
+            for (int m = 0; m < M; m++) acc[m] = fmaf(s, dot[m], acc[m]);
+        }
+    }
+
+    const float b = (bias != nullptr && valid) ? bias[n] : 0.0f;
+    if (gridDim.y == 1) {
+        if (n < N) {
+#pragma unroll
+            for (int m = 0; m < M; m++) y[(size_t)m * N + n] = Act<T>::store(acc[m] + b);
+        }
+        return;
+    }
+    if (valid) {
+#pragma unroll
+        for (int m = 0; m < M; m++) atomicAdd(workspace + (size_t)m * n_pad + n, acc[m]);
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (valid) {
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float* slot = workspace + (size_t)m * n_pad + n;
+            const float v = __ldcg(slot);
+            *slot = 0.0f;
+            if (n < N) y[(size_t)m * N + n] = Act<T>::store(v + b);
+        }
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+// Dense Wt in stored row order [K, N_pad]: grid (ceil(N_pad / THREADS), chunks). In fp16 the values
+// are bit-exact with the format's reference dequantization (spec §6): S = f16(c^2 * M), w = f16((q - z) * S),
+// where scale_max holds M = f16(q_scale_max * prescale / 256) exactly.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) exl2_dequant(
+    const u32* __restrict__ q_weight, const u32* __restrict__ q_scale, const float* __restrict__ scale_max,
+    const int4* __restrict__ chunks, u16* __restrict__ out, int n_pad) {
+    const int n = blockIdx.x * THREADS + threadIdx.x;
+    if (n >= n_pad) return;
+    const int4 ch = chunks[blockIdx.y];
+    const int bits = ch.x & 0xff, rows = ch.x >> 8;
+    const float s = round_f16(column_scale(q_scale, scale_max, ch.w, n, n_pad));
+    const u32* w = q_weight + (size_t)ch.y * n_pad + n;
+    const int nw = rows * bits / 32;
+    const u32 mask = (1u << bits) - 1u;
+    const float z = (float)(1 << (bits - 1));
+    for (int i = 0; i < rows; i++) {
+        const int bit = i * bits, wi = bit >> 5;
+        const u32 lo = __ldg(w + (size_t)wi * n_pad);
+        const u32 hi = wi + 1 < nw ? __ldg(w + (size_t)(wi + 1) * n_pad) : 0u;
+        const float q = (float)(__funnelshift_r(lo, hi, bit & 31) & mask);
+        out[(size_t)(ch.z + i) * n_pad + n] = Act<T>::store((q - z) * s);
+    }
+}

@@ -1,0 +1,85 @@
+// Element-wise pieces of the decode step that torch would run as several kernels each:
+// residual add + RMSNorm (one read of the row, one write of each output) and SiLU(gate) * up.
+// Rounding follows the torch reference path (exlq/runtime/layers.py) step by step.
+#include "common.cuh"
+
+// new_residual = residual + delta (float32; skipped when delta is null), out = weight * T(x / rms(x)).
+// One block per row; blockDim.x a multiple of 32, at most 1024.
+template <typename T>
+__global__ void add_rms_norm(const float* __restrict__ residual, const u16* __restrict__ delta,
+                             const u16* __restrict__ weight, float* __restrict__ new_residual,
+                             u16* __restrict__ out, int hidden, float eps) {
+    __shared__ float partial[32];
+    const size_t base = (size_t)blockIdx.x * hidden;
+    float sum_sq = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = residual[base + i];
+        if (delta != nullptr) {
+            v += Act<T>::load(delta[base + i]);
+            new_residual[base + i] = v;
+        }
+        sum_sq += v * v;
+    }
+    sum_sq = warp_sum(sum_sq);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum_sq;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) partial[0] = v;
+    }
+    __syncthreads();
+    const float inv_rms = rsqrtf(partial[0] / (float)hidden + eps);
+    const float* src = delta != nullptr ? new_residual : residual;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float normed = Act<T>::load(Act<T>::store(src[base + i] * inv_rms));
+        out[base + i] = Act<T>::store(Act<T>::load(weight[i]) * normed);
+    }
+}
+
+// out = T(silu(gate)) * up, element-wise over n values.
+template <typename T>
+__global__ void silu_mul(const u16* __restrict__ gate, const u16* __restrict__ up, u16* __restrict__ out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float g = Act<T>::load(gate[i]);
+        const float s = Act<T>::load(Act<T>::store(g / (1.0f + __expf(-g))));
+        out[i] = Act<T>::store(s * Act<T>::load(up[i]));
+    }
+}
+
+// RoPE on the new queries and keys (HF's half-split convention, rounded like the torch path: x·cos and
+// rotate_half(x)·sin each rounded to T, then their sum), queries written as [B, Hq, T, D], keys and values
+// appended to the cache [B, Hkv, S, D] at position (*position or position_value) + t.
+// Grid (B·T, Hq + Hkv), block D/2 threads: thread i rotates the pair (i, i + D/2).
+template <typename T>
+__global__ void rope_store(const u16* __restrict__ q_in, const u16* __restrict__ k_in, const u16* __restrict__ v_in,
+                           const u16* __restrict__ cos, const u16* __restrict__ sin, u16* __restrict__ q_out,
+                           u16* __restrict__ k_cache, u16* __restrict__ v_cache, const long long* __restrict__ position,
+                           int position_value, int tokens, int q_heads, int kv_heads, int dim, int cache_len) {
+    const int bt = blockIdx.x, b = bt / tokens, t = bt - b * tokens;
+    const int head = blockIdx.y, i = threadIdx.x, half = dim >> 1;
+    const bool is_query = head < q_heads;
+    const int h = is_query ? head : head - q_heads;
+    const u16* src = (is_query ? q_in + (size_t)bt * q_heads * dim : k_in + (size_t)bt * kv_heads * dim) + (size_t)h * dim;
+    const u16* c = cos + (size_t)bt * dim;
+    const u16* s = sin + (size_t)bt * dim;
+    const float x1 = Act<T>::load(src[i]), x2 = Act<T>::load(src[i + half]);
+    const float a1 = Act<T>::load(Act<T>::store(x1 * Act<T>::load(c[i])));
+    const float b1 = Act<T>::load(Act<T>::store(-x2 * Act<T>::load(s[i])));
+    const float a2 = Act<T>::load(Act<T>::store(x2 * Act<T>::load(c[i + half])));
+    const float b2 = Act<T>::load(Act<T>::store(x1 * Act<T>::load(s[i + half])));
+    const u16 r1 = Act<T>::store(a1 + b1), r2 = Act<T>::store(a2 + b2);
+    if (is_query) {
+        u16* dst = q_out + (((size_t)b * q_heads + h) * tokens + t) * dim;
+        dst[i] = r1;
+        dst[i + half] = r2;
+        return;
+    }
+    const int pos = (position != nullptr ? (int)*position : position_value) + t;
+    const size_t row = (((size_t)b * kv_heads + h) * cache_len + pos) * dim;
+    k_cache[row + i] = r1;
+    k_cache[row + i + half] = r2;
+    const u16* vs = v_in + (size_t)bt * kv_heads * dim + (size_t)h * dim;
+    v_cache[row + i] = vs[i];
+    v_cache[row + i + half] = vs[i + half];
+}

@@ -1,0 +1,75 @@
+"""`exlq bench`: decode and prefill speed, weight bandwidth and VRAM of a model, real or synthetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from exlq.cli.common import JsonOpt, print_json, stderr
+
+
+def bench(
+    model_dir: Annotated[Optional[Path], typer.Argument(metavar="[MODEL]", help="Model directory (FP16 or EXL2); or use --synthetic.", show_default=False)] = None,
+    synthetic: Annotated[Optional[str], typer.Option(help="Build a model of this shape with random weights instead: llama3-8b, llama3.2-1b, qwen2.5-0.5b, smollm2-135m.", show_default=False)] = None,
+    bpw: Annotated[float, typer.Option(help="With --synthetic: EXL2 bits per weight of the decoder linears (2-8), or 16 for FP16.")] = 4.0,
+    cache_tokens: Annotated[int, typer.Option("--max-seq-len", help="KV-cache length allocated for the decode test (FP16 cache).")] = 4096,
+    new_tokens: Annotated[int, typer.Option(help="Decode steps timed.")] = 256,
+    prefill: Annotated[str, typer.Option(help="Prefill lengths timed, comma separated.")] = "512,2048",
+    device: Annotated[str, typer.Option(help="cuda or cuda:N.")] = "cuda",
+    json_output: JsonOpt = False,
+) -> None:
+    """Batch-1 decode tokens/s, prefill tokens/s, achieved weight GB/s against the copy bandwidth, peak VRAM.
+
+    The conventions are in `exlq/eval/speed.py`. --synthetic needs no weights: decoder linears get random
+    EXL2 codes at --bpw (layout as the converter cuts it, group size 128, lm_head at 6 bits when untied).
+    """
+    import torch
+
+    from exlq.errors import ExlqError
+    from exlq.eval.speed import measure_speed
+
+    if (model_dir is None) == (synthetic is None):
+        raise ExlqError("give a MODEL directory or --synthetic SHAPE (one of them)")
+    if not torch.cuda.is_available():
+        raise ExlqError("exlq bench measures GPU speed and needs a CUDA GPU (none is visible)")
+    target = torch.device(device)
+    if target.type != "cuda":
+        raise ExlqError(f"--device must be cuda or cuda:N, got {device!r}")
+    lengths = [int(x) for x in prefill.split(",") if x.strip()]
+    if any(n < 1 for n in lengths) or cache_tokens < 64 or new_tokens < 1:
+        raise ExlqError("--prefill lengths and --new-tokens must be positive and --max-seq-len at least 64")
+    with stderr.status("building the model", spinner="dots"):
+        model = _synthetic_model(synthetic, bpw, target) if synthetic else _real_model(model_dir, target)
+    stderr.print(f"[dim]timing on {torch.cuda.get_device_name(target)}[/dim]")
+    report = measure_speed(model, cache_tokens=max(cache_tokens, max(lengths, default=0)), prefill_lengths=lengths, new_tokens=new_tokens)
+    payload = {"model": str(model_dir) if model_dir else f"synthetic:{synthetic}", "bpw": None if model_dir else bpw, **report.as_dict()}
+    if json_output:
+        print_json(payload)
+        return
+    print(f"{payload['model']} on {report.device}")
+    print(f"decode (batch 1): {report.decode_tokens_per_second:.1f} tokens/s, weights {report.weight_bytes_per_token / 1e9:.3f} GB/token, "
+          f"{report.decode_weight_gbps:.0f} GB/s = {100 * report.roofline_fraction:.1f}% of copy bandwidth {report.copy_bandwidth_gbps:.0f} GB/s")
+    for n, tps in report.prefill_tokens_per_second.items():
+        print(f"prefill {n}: {tps:.0f} tokens/s")
+    print(f"peak VRAM: {report.peak_vram_gib:.2f} GiB (cache of {report.cache_tokens} tokens)")
+
+
+def _synthetic_model(shape: str, bpw: float, device):
+    import torch
+
+    from exlq.quant.synthetic import SyntheticStore, synthetic_config
+    from exlq.runtime.architectures.registry import model_class_for
+    from exlq.runtime.config import config_from_dict
+
+    raw = synthetic_config(shape)
+    model_class = model_class_for(raw)
+    store = SyntheticStore(raw, bpw, device)
+    return model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float16, device=device).eval()
+
+
+def _real_model(model_dir: Path, device):
+    from exlq.runtime.loader import load_model
+
+    return load_model(model_dir, device=device, dtype="fp16")

@@ -1,0 +1,143 @@
+"""Synthetic models of real shapes with random weights, for speed measurements without real weights.
+
+`SyntheticStore` stands in for a checkpoint's `WeightStore`: every tensor is made on request, directly
+on the target device. Decoder linears are EXL2 at a target bpw (or dense fp16 for bpw 16), built from
+uniformly random codes and scale codes. That is what plain rounding of random weights produces, and a
+kernel's speed does not depend on the values, only on the layout, which is the converter's (§2.6).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from exlq.errors import ExlqError
+from exlq.quant.exl2_pack import converter_layout, pack_exl2
+from exlq.runtime.exl2 import SUPPORTED_BITS
+
+#: Named shapes (the HF config.json fields that matter for speed).
+SHAPES: dict[str, dict] = {
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      rope_theta=500000.0, tie_word_embeddings=False),
+    "llama3.2-1b": dict(architectures=["LlamaForCausalLM"], hidden_size=2048, intermediate_size=8192,
+                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                        rope_theta=500000.0, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         rope_theta=1000000.0, tie_word_embeddings=True),
+    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+}
+GROUP_SIZE = 128
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def synthetic_config(shape: str) -> dict:
+    if shape not in SHAPES:
+        raise ExlqError(f"unknown synthetic shape {shape!r}; known: {', '.join(SHAPES)}")
+    return {"model_type": "llama", "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **SHAPES[shape]}
+
+
+def bit_mix(bpw: float, out_features: int) -> tuple[list[int], list[float]]:
+    """Two neighbouring EXL2 widths (descending) averaging `bpw` once scales and permutation are counted.
+
+    Overhead per weight: 4-bit scale codes per group of GROUP_SIZE rows, and a 32-bit permutation entry
+    per input row shared by the N columns (spec §13).
+    """
+    if not 2.0 <= bpw <= 8.0:
+        raise ExlqError(f"--bpw must be in [2, 8] for EXL2 (or 16 for FP16), got {bpw}")
+    target = max(2.0, bpw - 4 / GROUP_SIZE - 32 / out_features)
+    lo = max(b for b in SUPPORTED_BITS if b <= target)
+    hi = min((b for b in SUPPORTED_BITS if b > lo), default=lo)
+    if hi == lo or math.isclose(target, lo):
+        return [lo], [1.0]
+    p_hi = (target - lo) / (hi - lo)
+    return [hi, lo], [p_hi, 1.0 - p_hi]
+
+
+@dataclass
+class SyntheticStore:
+    """A `WeightStore` look-alike that makes random tensors of `config`'s shapes on `device`."""
+
+    config: dict
+    bpw: float
+    device: torch.device
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._pending: dict[str, torch.Tensor] = {}
+        self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        c = self.config
+        head_dim = c["hidden_size"] // c["num_attention_heads"]
+        q, kv, h, i = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["hidden_size"], c["intermediate_size"]
+        shapes = dict(zip(LINEARS, [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]))
+        self._linears = {f"model.layers.{n}.{name}": s for n in range(c["num_hidden_layers"]) for name, s in shapes.items()}
+        if not c.get("tie_word_embeddings"):
+            self._linears["lm_head"] = (c["vocab_size"], h)  # quantized like the converter's default head (6 bits)
+        self._plain = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
+        for n in range(c["num_hidden_layers"]):
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                self._plain[f"model.layers.{n}.{norm}.weight"] = (h,)
+        self._suffixes = ("weight",) if self.bpw >= 16 else ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
+        qwen2 = c["architectures"][0] == "Qwen2ForCausalLM"  # the one family here with q/k/v biases
+        self._biased = {p for p in self._linears if qwen2 and p.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")}
+
+    def names(self) -> list[str]:
+        biases = [f"{p}.bias" for p in self._biased]
+        return list(self._plain) + [f"{p}.{s}" for p in self._linears for s in self._suffixes] + biases
+
+    def __contains__(self, name: str) -> bool:
+        prefix, _, suffix = name.rpartition(".")
+        return name in self._plain or (prefix in self._linears and suffix in self._suffixes) or (
+            suffix == "bias" and prefix in self._biased
+        )
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._plain:
+            return self._plain[name]
+        prefix, _, suffix = name.rpartition(".")
+        if suffix == "weight":
+            return self._linears[prefix]
+        return tuple(self._pending_tensor(name).shape)
+
+    def get(self, name: str, dtype=None, device=None, shape=None) -> torch.Tensor:
+        if name in self._plain:
+            size = self._plain[name]
+            if len(size) == 1:
+                return torch.ones(size, dtype=dtype or torch.float16, device=device)
+            return (torch.randn(size, device=self.device, generator=self._generator) * 0.02).to(device=device, dtype=dtype or torch.float16)
+        prefix, _, suffix = name.rpartition(".")
+        if suffix == "bias" and self.bpw >= 16:
+            return torch.zeros(self._linears[prefix][0], dtype=dtype or torch.float16, device=device)
+        if suffix == "weight":
+            out_features, in_features = self._linears[prefix]
+            w = torch.randn(out_features, in_features, device=self.device, generator=self._generator)
+            return (w / math.sqrt(in_features)).to(device=device, dtype=dtype or torch.float16)
+        tensor = self._pending_tensor(name)
+        del self._pending[name]
+        return tensor.to(device=device, dtype=dtype) if dtype is not None else tensor.to(device)
+
+    def _pending_tensor(self, name: str) -> torch.Tensor:
+        if name not in self._pending:
+            prefix = name.rpartition(".")[0]
+            out_features, in_features = self._linears[prefix]
+            bits = 6.0 if prefix == "lm_head" else self.bpw
+            packed = self._random_exl2(in_features, out_features, bits, bias=prefix in self._biased)
+            self._pending.update(packed.state_dict(prefix))
+        return self._pending[name]
+
+    def _random_exl2(self, in_features: int, out_features: int, bpw: float, bias: bool = False):
+        bits, props = bit_mix(bpw, out_features)
+        layout = converter_layout(in_features, bits, props, GROUP_SIZE)
+        g = self._generator
+        codes = torch.cat([torch.randint(0, 1 << b, (r, out_features), device=self.device, generator=g) for b, r in layout])
+        scale_codes = torch.randint(1, 17, (len(layout), out_features), device=self.device, generator=g)
+        q_scale_max = torch.full((len(layout),), 0.01, dtype=torch.float16, device=self.device)
+        perm = torch.randperm(in_features, device=self.device, generator=g)
+        zeros = torch.zeros(out_features, device=self.device) if bias else None
+        return pack_exl2(codes, scale_codes, q_scale_max, layout, perm, zeros)

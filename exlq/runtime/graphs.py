@@ -1,0 +1,153 @@
+"""CUDA-graph decode: one captured graph replays a whole single-token decode step.
+
+A small model decodes in a few hundred microseconds of GPU time, but launching its ~20 kernels per
+layer from Python costs more than that. Capturing the step once and replaying it removes the host
+from the loop. A graph needs fixed shapes and addresses, so the captured step differs from the eager
+one only in how it finds the position: the cache position lives in a device tensor, the new key and
+value are written at that position (fused RoPE + store kernel, or `index_copy_`), and attention runs
+over a fixed-length prefix of the cache buffer with a mask (keys beyond the position are masked out).
+That length is a bucket: the position rounded up to a multiple of `BUCKET`, one graph per bucket, so
+attention costs what the context needs, not what `max_seq_len` allows. The rest is the eager code.
+
+Used automatically by `DecoderOnlyLM.forward` for one-token steps into an unquantized `KVCache`
+on a CUDA device whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off). Graphs are
+captured per (cache, batch shape) on first use and dropped when the model's modules or layer order
+change.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from exlq.runtime.attention import AttentionBatch
+from exlq.runtime.cache import DenseStore, KVCache
+
+MAX_GRAPHS = 16  # captured steps kept per model (each holds a private memory pool), least recently used dropped
+BUCKET = 256  # attention spans of the captured steps: multiples of this many positions
+
+
+@dataclass
+class StaticDecodeBatch(AttentionBatch):
+    """An AttentionBatch whose position is a device tensor, so the same graph serves every step."""
+
+    write_index: torch.Tensor | None = None  # [1] int64: the cache position being written
+    key_positions: torch.Tensor | None = None  # [max_seq_len] int64: 0..max_seq_len-1
+
+    def mask(self, window: int | None) -> tuple[object | None, bool]:
+        if window not in self._masks:
+            allowed = self.key_positions <= self.write_index
+            if window is not None:
+                allowed = allowed & (self.write_index - self.key_positions < window)
+            allowed = allowed[None, None, None, :]  # [1, 1, 1, K]
+            if self.pad_lengths is not None:
+                allowed = allowed & (self.key_positions[None, :] >= self.pad_lengths[:, None])[:, None, None, :]
+            self._masks[window] = (allowed, False)
+        return self._masks[window]
+
+    def store(self, cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        full_keys, full_values = cache.dense_layer(layer, keys.shape[0])
+        full_keys.index_copy_(2, self.write_index, keys)
+        full_values.index_copy_(2, self.write_index, values)
+        return self.attended(full_keys, full_values)
+
+    def cache_position(self) -> torch.Tensor:
+        return self.write_index
+
+    def attended(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.key_positions.numel()  # the graph's bucket: positions beyond the token are masked
+        return keys[:, :, :length], values[:, :, :length]
+
+
+def graphs_wanted(model, cache, bsz: int, new_len: int, max_output_len: int | None) -> bool:
+    """Whether this forward can replay a captured decode step."""
+    return (
+        new_len == 1
+        and cache is not None
+        and type(cache) is KVCache
+        and isinstance(cache.keys, DenseStore)
+        and isinstance(cache.values, DenseStore)
+        and cache.allocated
+        and bsz == cache.batch_size
+        and max_output_len in (1, None)
+        and model.device.type == "cuda"
+        and os.environ.get("EXLQ_CUDA_GRAPHS", "1") != "0"
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+class DecodeGraph:
+    """One captured single-token decode step for one cache and batch size."""
+
+    def __init__(self, model, cache: KVCache, padded: bool, span: int):
+        device, bsz = model.device, cache.batch_size
+        self.cache_ref = weakref.ref(cache)
+        self.ids = torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.pad = torch.zeros(bsz, dtype=torch.long, device=device) if padded else None
+        self.key_positions = torch.arange(span, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits: torch.Tensor | None = None
+
+    def capture(self, model, cache: KVCache) -> None:
+        """Warm up on a side stream (loads kernels, sizes workspaces), then capture the step."""
+        side = torch.cuda.Stream(model.device)
+        side.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(model, cache)
+        torch.cuda.current_stream(model.device).wait_stream(side)
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(model, cache)
+
+    def _step(self, model, cache: KVCache) -> torch.Tensor:
+        bsz = self.ids.shape[0]
+        positions = self.position.expand(bsz)[:, None]
+        if self.pad is not None:
+            positions = (positions - self.pad[:, None]).clamp(min=0)
+        cos, sin = model.rotary.cos_sin(positions, model.dtype)
+        batch = StaticDecodeBatch(
+            0, 1, cos, sin, self.pad, write_index=self.position, key_positions=self.key_positions
+        )
+        hidden = model.embed(self.ids)
+        for slot, i in enumerate(model.layer_order):
+            hidden = model.model.layers[i](hidden, batch, cache, slot)
+        return model.logits(hidden)
+
+    def run(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, 1, vocab] of `ids` [B, 1] at position `cache.seq_len` (the caller advances seq_len)."""
+        self.ids.copy_(ids)
+        self.position.fill_(cache.seq_len)
+        if self.pad is not None:
+            self.pad.copy_(cache.pad_lengths)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+class DecodeGraphs:
+    """The captured steps of one model, looked up by cache and batch shape."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple, DecodeGraph] = {}
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def run(self, model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        span = min(cache.max_seq_len, -(-(cache.seq_len + 1) // BUCKET) * BUCKET)
+        key = (id(cache), cache.batch_size, cache.pad_lengths is not None, span)
+        graph = self._graphs.pop(key, None)
+        if graph is None or graph.cache_ref() is not cache:
+            while len(self._graphs) >= MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            graph = DecodeGraph(model, cache, padded=cache.pad_lengths is not None, span=span)
+            graph.ids.copy_(ids)
+            graph.position.fill_(cache.seq_len)
+            if graph.pad is not None:
+                graph.pad.copy_(cache.pad_lengths)
+            graph.capture(model, cache)
+        self._graphs[key] = graph  # most recently used last
+        return graph.run(ids, cache)

@@ -1,0 +1,35 @@
+"""CUDA kernels for the runtime: sources in `cuda/`, compiled by NVRTC at run time (see `compiler`).
+
+Every kernel has a torch reference path; the runtime uses a kernel only where `enabled(device)` holds:
+a CUDA device of compute capability 8.0 or newer, CuPy importable, and `EXLQ_KERNELS` not set to 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def _cupy_importable() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # ImportError, or a CuPy built for another CUDA
+        return False
+    return True
+
+
+@functools.cache
+def _capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY and _cupy_importable()
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels run for tensors on `device` (CPU and old GPUs use the torch path; EXLQ_KERNELS=0 forces it)."""
+    if device.type != "cuda" or os.environ.get("EXLQ_KERNELS", "1") == "0":
+        return False
+    return _capable(device)

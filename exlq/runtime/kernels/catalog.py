@@ -1,0 +1,13 @@
+"""Every kernel source in `cuda/` with the instance sets the runtime compiles it with (for CI's compile check).
+
+A source may be compiled as several modules (e.g. one per activation dtype); each set is one module.
+"""
+
+from __future__ import annotations
+
+from exlq.runtime.kernels import exl2_ops, fused_ops
+
+SOURCES: dict[str, list[tuple[str, ...]]] = {
+    exl2_ops.SOURCE: list(exl2_ops.INSTANCE_SETS.values()),
+    fused_ops.SOURCE: [fused_ops.INSTANCES],
+}

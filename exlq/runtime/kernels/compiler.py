@@ -1,0 +1,92 @@
+"""Run-time compilation of the `cuda/` sources with NVRTC, cached on disk per architecture and source hash.
+
+No build step and no CUDA toolkit: NVRTC (from `nvidia-cuda-nvrtc` or CuPy's CUDA) turns a `.cu` file into
+a cubin for one architecture (`sm_80`, `sm_89`, `sm_90`, ...). The cubin and the lowered names of its
+template instances are cached under `$EXLQ_CACHE_DIR/kernels` (default `~/.cache/exlq/kernels`), keyed by
+a hash of the sources, options, instances and the NVRTC version, so a second run loads in milliseconds.
+This module needs no GPU: CI compiles every kernel with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from exlq.errors import ExlqError
+
+#: The kernel sources: `cuda/` beside the package in a source checkout.
+SOURCE_DIR = Path(__file__).resolve().parents[3] / "cuda"
+OPTIONS = ("-std=c++17", "--use_fast_math", "-lineinfo")
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"', re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """A cubin and the mangled name of each requested kernel instance (e.g. "exl2_gemv<fp16_t, 1>")."""
+
+    cubin: bytes
+    names: dict[str, str]
+    arch: str
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EXLQ_CACHE_DIR") or Path.home() / ".cache" / "exlq"
+    return Path(root) / "kernels"
+
+
+def read_source(name: str) -> tuple[str, dict[str, str]]:
+    """The text of `cuda/<name>` and of the local headers it includes (NVRTC gets them by name)."""
+    path = SOURCE_DIR / name
+    if not path.is_file():
+        raise ExlqError(f"kernel source {path} is missing (exlq's CUDA kernels need a source checkout)")
+    text = path.read_text()
+    headers = {h: (SOURCE_DIR / h).read_text() for h in _INCLUDE.findall(text)}
+    return text, headers
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cupy.cuda import nvrtc
+
+    return tuple(nvrtc.getVersion())
+
+
+def compile_source(name: str, arch: str, instances: list[str]) -> CompiledModule:
+    """Compile `cuda/<name>` for `arch` (e.g. "sm_90"), from the disk cache when the same build exists."""
+    source, headers = read_source(name)
+    key = hashlib.sha256(
+        json.dumps([source, sorted(headers.items()), OPTIONS, arch, instances, nvrtc_version()]).encode()
+    ).hexdigest()[:24]
+    stem = cache_dir() / arch / f"{Path(name).stem}-{key}"
+    cubin_path, names_path = stem.with_suffix(".cubin"), stem.with_suffix(".json")
+    if cubin_path.is_file() and names_path.is_file():
+        return CompiledModule(cubin_path.read_bytes(), json.loads(names_path.read_text()), arch)
+    module = _nvrtc_compile(name, source, headers, arch, instances)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for path, data in ((cubin_path, module.cubin), (names_path, json.dumps(module.names).encode())):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+    return module
+
+
+def _nvrtc_compile(name: str, source: str, headers: dict[str, str], arch: str, instances: list[str]) -> CompiledModule:
+    from cupy.cuda import nvrtc
+
+    program = nvrtc.createProgram(
+        source, name, tuple(h.encode() for h in headers.values()), tuple(h.encode() for h in headers)
+    )
+    try:
+        for instance in instances:
+            nvrtc.addNameExpression(program, instance)
+        try:
+            nvrtc.compileProgram(program, (*OPTIONS, f"-arch={arch}"))
+        except nvrtc.NVRTCError as exc:
+            raise ExlqError(f"NVRTC failed to compile cuda/{name} for {arch}:\n{nvrtc.getProgramLog(program)}") from exc
+        names = {instance: nvrtc.getLoweredName(program, instance) for instance in instances}
+        return CompiledModule(nvrtc.getCUBIN(program), names, arch)
+    finally:
+        nvrtc.destroyProgram(program)

@@ -1,0 +1,174 @@
+"""EXL2 matrix products on the GPU: host-side tables for `cuda/exl2_matmul.cu` and the dispatch by row count.
+
+Decode (at most `GEMV_MAX_ROWS` activation rows) streams the packed weights once per `GEMV_ROWS_PER_LAUNCH`
+rows with the split-K GEMV kernel; prefill dequantizes the layer to a dense fp16/bf16 matrix and lets
+cuBLAS do the product, which is cheaper than a quantized kernel once the product is compute bound.
+
+The packed tensors stay exactly as stored (no load-time re-layout); the kernels need only a chunk table
+(≤ 128 rows of one group each), the K-split boundaries, the act-order permutation and the group scale
+multipliers M_g = f16(q_scale_max · prescale / 256), all built once per layer by `build_plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exlq.runtime.exl2 import Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, scale_multipliers
+from exlq.runtime.kernels.launch import kernel, launch
+
+SOURCE = "exl2_matmul.cu"
+THREADS = 128  # THREADS in the .cu: output columns per block
+SPLIT_ROWS = 256  # SPLIT_ROWS in the .cu: most stored rows one block reads
+CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in flight together)
+GEMV_ROWS = (8, 4, 3, 2, 1)  # kernel instances by activation rows; other counts are cut into these
+GEMV_ROWS_PER_LAUNCH = GEMV_ROWS[0]
+GEMV_MAX_ROWS = 32  # above this, dequantize + cuBLAS
+TARGET_BLOCKS = 264  # about two blocks per SM on an H100: K splits shrink until this many exist
+_TAGS = {torch.float16: "fp16_t", torch.bfloat16: "bf16_t"}
+#: One module per activation dtype, compiled on first use of that dtype (halves a cold start).
+INSTANCE_SETS = {
+    dtype: tuple([f"exl2_gemv<{tag}, {m}>" for m in GEMV_ROWS] + [f"exl2_dequant<{tag}>"])
+    for dtype, tag in _TAGS.items()
+}
+SUPPORTED_DTYPES = tuple(_TAGS)
+
+
+@dataclass
+class Exl2Plan:
+    """What the kernels need besides the packed tensors, on the layer's device."""
+
+    q_weight: torch.Tensor  # int32 [words, N_pad], as stored
+    q_scale: torch.Tensor  # int32 [G, N_pad / 8], as stored
+    scale_max: torch.Tensor  # float32 [G]: the fp16 values M_g
+    chunks: torch.Tensor  # int32 [C, 4]: bits | rows << 8, first word row, first stored row, group
+    split_chunks: torch.Tensor  # int32 [S + 1]: chunk index where each K split starts
+    perm: torch.Tensor  # int32 [K]: stored row -> input channel
+    perm_long: torch.Tensor  # int64 [K], for torch indexing
+    bias: torch.Tensor | None  # float32 [N_pad]
+    in_features: int
+    out_features: int
+
+    @property
+    def n_pad(self) -> int:
+        return self.q_weight.shape[1]
+
+    @property
+    def column_tiles(self) -> int:
+        return -(-self.n_pad // THREADS)
+
+
+def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int]]:
+    """(bits, rows, first word row, first stored row, group) of every ≤128-row piece of every group."""
+    table = []
+    for g, ((bits, rows), row0, word0) in enumerate(zip(layout, group_row_starts(layout), group_word_offsets(layout))):
+        for start in range(0, rows, CHUNK_ROWS):
+            table.append((bits, min(CHUNK_ROWS, rows - start), word0 + start * bits // 32, row0 + start, g))
+    return table
+
+
+def split_points(table: list[tuple[int, int, int, int, int]], column_tiles: int) -> list[int]:
+    """Chunk indices where K splits start (plus the end): splits of ≤ SPLIT_ROWS rows, enough blocks overall."""
+    total_rows = sum(t[1] for t in table)
+    wanted = -(-total_rows * column_tiles // TARGET_BLOCKS)
+    split_rows = max(CHUNK_ROWS, min(SPLIT_ROWS, -(-wanted // CHUNK_ROWS) * CHUNK_ROWS))
+    points, rows = [0], 0
+    for i, (_, chunk_rows, *_rest) in enumerate(table):
+        if rows + chunk_rows > split_rows:
+            points.append(i)
+            rows = 0
+        rows += chunk_rows
+    points.append(len(table))
+    return points
+
+
+def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale: float = 1.0) -> Exl2Plan:
+    device = tensors.q_weight.device
+    table = chunk_table(layout)
+    packed = [(bits | rows << 8, word, row, g) for bits, rows, word, row, g in table]
+    perm = perm_from_invperm(tensors.q_invperm)
+    plan = Exl2Plan(
+        q_weight=tensors.q_weight.contiguous(),
+        q_scale=tensors.q_scale.contiguous(),
+        scale_max=scale_multipliers(tensors.q_scale_max, prescale).float().contiguous(),
+        chunks=torch.tensor(packed, dtype=torch.int32, device=device),
+        split_chunks=torch.empty(0),
+        perm=perm.to(torch.int32).contiguous(),
+        perm_long=perm,
+        bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
+        in_features=perm.numel(),
+        out_features=out_features,
+    )
+    plan.split_chunks = torch.tensor(split_points(table, plan.column_tiles), dtype=torch.int32, device=device)
+    return plan
+
+
+class _Workspace:
+    """Per-device fp32 partial sums and tile counters for the split-K GEMV, kept zeroed by the kernel itself."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        have = self._buffers.get(device)
+        if have is None or have[0].numel() < floats or have[1].numel() < tiles:
+            floats = max(floats, 0 if have is None else have[0].numel())
+            tiles = max(tiles, 0 if have is None else have[1].numel())
+            have = (torch.zeros(floats, dtype=torch.float32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device))
+            self._buffers[device] = have
+        return have
+
+
+_workspace = _Workspace()
+
+
+def gemv(plan: Exl2Plan, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out[M, N] = x[M, K] @ W (+ bias) for M in GEMV_ROWS contiguous rows."""
+    rows = x.shape[0]
+    device = x.device
+    workspace, counters = _workspace.get(device, rows * plan.n_pad, plan.column_tiles)
+    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_gemv<{_TAGS[x.dtype]}, {rows}>", device)
+    grid = (plan.column_tiles, plan.split_chunks.numel() - 1, 1)
+    launch(
+        function,
+        grid,
+        (THREADS, 1, 1),
+        (x, plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, plan.split_chunks, plan.perm, plan.bias,
+         workspace, counters, out, plan.in_features, plan.out_features, plan.n_pad),
+        device,
+    )
+
+
+def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype) -> torch.Tensor:
+    """Wt [K, N_pad] in stored row order; in fp16 bit-exact with `exlq.runtime.exl2.dequantize_stored`."""
+    out = torch.empty(plan.in_features, plan.n_pad, dtype=dtype, device=plan.q_weight.device)
+    function = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_dequant<{_TAGS[dtype]}>", out.device)
+    launch(
+        function,
+        (plan.column_tiles, plan.chunks.shape[0], 1),
+        (THREADS, 1, 1),
+        (plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, out, plan.n_pad),
+        out.device,
+    )
+    return out
+
+
+def matmul(plan: Exl2Plan, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ Wᵀ (+ bias) for x [..., K] in fp16 or bf16: GEMV for few rows, dequantize + cuBLAS for many."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, plan.in_features).contiguous()
+    rows = x2.shape[0]
+    if rows <= GEMV_MAX_ROWS:
+        y = torch.empty(rows, plan.out_features, dtype=x.dtype, device=x.device)
+        start = 0
+        while start < rows:
+            stop = start + next(m for m in GEMV_ROWS if m <= rows - start)
+            gemv(plan, x2[start:stop], y[start:stop])
+            start = stop
+    else:
+        weight = dequantize_stored(plan, x.dtype)[:, : plan.out_features]
+        y = x2.index_select(1, plan.perm_long) @ weight
+        if plan.bias is not None:
+            y += plan.bias[: plan.out_features].to(x.dtype)
+    return y.view(*lead, plan.out_features)

@@ -1,0 +1,76 @@
+"""Fused element-wise kernels of the decode step (`cuda/fused.cu`): residual add + RMSNorm, SiLU gate."""
+
+from __future__ import annotations
+
+import torch
+
+from exlq.runtime.kernels.launch import kernel, launch
+
+SOURCE = "fused.cu"
+_TAGS = {torch.float16: "fp16_t", torch.bfloat16: "bf16_t"}
+INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "silu_mul", "rope_store") for tag in _TAGS.values())
+SUPPORTED_DTYPES = tuple(_TAGS)
+
+
+def add_rms_norm(
+    residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + delta in float32, weight * norm(that) in weight's dtype); delta None: just the norm."""
+    hidden = weight.numel()
+    residual = residual.contiguous()
+    rows = residual.numel() // hidden
+    new_residual = residual if delta is None else torch.empty_like(residual)
+    out = torch.empty(residual.shape, dtype=weight.dtype, device=residual.device)
+    threads = min(1024, max(32, -(-hidden // 4 // 32) * 32))
+    function = kernel(SOURCE, INSTANCES, f"add_rms_norm<{_TAGS[weight.dtype]}>", residual.device)
+    launch(
+        function,
+        (rows, 1, 1),
+        (threads, 1, 1),
+        (residual, None if delta is None else delta.contiguous(), weight, new_residual, out, hidden, float(eps)),
+        residual.device,
+    )
+    return new_residual, out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """T(silu(gate)) * up, as `F.silu(gate) * up` computes it in gate's dtype."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    blocks = min(-(-n // 256), 4096)
+    function = kernel(SOURCE, INSTANCES, f"silu_mul<{_TAGS[gate.dtype]}>", gate.device)
+    launch(function, (max(blocks, 1), 1, 1), (256, 1, 1), (gate, up, out, n), gate.device)
+    return out
+
+
+def rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    position: torch.Tensor | int,
+) -> torch.Tensor:
+    """RoPE on q [B, T, Hq, D] and k [B, T, Hkv, D], k and v appended to the caches [B, Hkv, S, D] at `position`.
+
+    `position` is the first cache position written: an int, or a [1] int64 device tensor (CUDA graphs).
+    Returns the rotated queries [B, Hq, T, D]; rounding as `apply_rotary` in the cache dtype.
+    """
+    bsz, tokens, q_heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q_out = torch.empty(bsz, q_heads, tokens, dim, dtype=q.dtype, device=q.device)
+    function = kernel(SOURCE, INSTANCES, f"rope_store<{_TAGS[q.dtype]}>", q.device)
+    device_position = position if isinstance(position, torch.Tensor) else None
+    launch(
+        function,
+        (bsz * tokens, q_heads + kv_heads, 1),
+        (dim // 2, 1, 1),
+        (q, k, v, cos.contiguous(), sin.contiguous(), q_out, key_cache, value_cache, device_position,
+         0 if device_position is not None else int(position), tokens, q_heads, kv_heads, dim, key_cache.shape[2]),
+        q.device,
+    )
+    return q_out

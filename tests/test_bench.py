@@ -1,0 +1,52 @@
+"""`exlq bench` pieces that run without a GPU: synthetic models and the bit mix; the command's errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exlq.eval.speed import _linear_bytes, decoder_bits_per_weight
+from exlq.quant.synthetic import SHAPES, SyntheticStore, bit_mix, synthetic_config
+from exlq.runtime.architectures.registry import model_class_for
+from exlq.runtime.config import config_from_dict
+from exlq.runtime.exl2 import Exl2Linear
+from exlq.runtime.linear import DenseLinear
+from test_cli import run_cli
+
+
+def small_synthetic(shape: str, bpw: float):
+    raw = {**synthetic_config(shape), "num_hidden_layers": 2, "vocab_size": 512}  # real layer shapes, small vocab
+    model_class = model_class_for(raw)
+    store = SyntheticStore(raw, bpw, torch.device("cpu"))
+    return model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("shape", ["qwen2.5-0.5b", "smollm2-135m", "llama3.2-1b"])
+def test_synthetic_models_run_at_the_target_bpw(shape):
+    model = small_synthetic(shape, 4.0)
+    layers = [m for m in model.model.layers.modules() if isinstance(m, Exl2Linear)]
+    assert len(layers) == 14
+    assert abs(decoder_bits_per_weight(model) - 4.0) < (0.1 if SHAPES[shape]["hidden_size"] < 1024 else 0.03)
+    logits = model(torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 1, 512) and torch.isfinite(logits).all()
+    dense = small_synthetic(shape, 16)
+    dense_layers = [m for m in dense.model.layers.modules() if isinstance(m, DenseLinear)]
+    assert len(dense_layers) == 14 and not any(isinstance(m, Exl2Linear) for m in dense.modules())
+    ratio = sum(map(_linear_bytes, dense_layers)) / sum(map(_linear_bytes, layers))  # fp32 on the CPU vs ~4 bits
+    assert 7.5 < ratio < 8.1
+
+
+@pytest.mark.parametrize("bpw", [2.0, 2.5, 3.0, 4.0, 4.65, 6.0, 8.0])
+def test_bit_mix_averages_to_the_target(bpw):
+    bits, props = bit_mix(bpw, 4096)
+    assert bits == sorted(bits, reverse=True) and abs(sum(props) - 1) < 1e-9
+    average = sum(b * p for b, p in zip(bits, props))
+    assert abs(average - max(2.0, bpw - 4 / 128 - 32 / 4096)) < 1e-9
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_bench_command_errors(tmp_path):
+    nothing = run_cli(["bench"], tmp_path)
+    assert nothing.returncode == 2 and "MODEL" in nothing.stderr
+    no_gpu = run_cli(["bench", "--synthetic", "llama3-8b"], tmp_path)
+    assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr

@@ -1,0 +1,279 @@
+"""CUDA kernels against their torch reference paths (marker `gpu`: skipped without a GPU).
+
+Kernel outputs are poisoned with NaN before each launch, so an element a kernel fails to write shows up.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import real_model_dir
+from exlq.quant.exl2_pack import converter_layout, pack_exl2
+from exlq.runtime.exl2 import Exl2Linear, dequantize, dequantize_stored
+from exlq.runtime.generator import Generator
+from exlq.runtime.kernels import enabled
+from exlq.runtime.kernels import exl2_ops, fused_ops
+from exlq.runtime.layers import RMSNorm
+from exlq.runtime.loader import load_model
+from exlq.runtime.sampler import SamplerSettings
+from exlq.runtime.tokenizer import Tokenizer
+from test_exl2_format import VALID_CASES, Case, exl2_and_reference_dirs, golden, same_bits  # noqa: F401
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+CUDA = torch.device("cuda")
+
+# (K, bits, proportions, group sizes): odd K, 16-row 2-bit tails, every width, mixed layouts.
+LAYOUTS = [
+    (64, [8], [1.0], 32),
+    (96, [6], [1.0], 32),
+    (160, [5], [1.0], 32),
+    (256, [4], [1.0], 128),
+    (288, [3], [1.0], 32),
+    (592, [2], [1.0], 64),  # 9 groups of 64 and a 16-row tail
+    (576, [8, 4, 3], [0.1, 0.4, 0.5], [32, 64, 64]),
+    (976, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 64]),  # every width, 2-bit tail
+    (4096, [5, 4], [0.25, 0.75], 128),
+]
+
+
+# fp16 products of 2/4/8-bit chunks are summed in fp16 over 4-8 weights (half2 math), the rest in fp32;
+# bf16 outputs carry 8 mantissa bits.
+TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 1e-2}
+
+
+def random_exl2(k: int, n: int, bits, props, group_size, *, seed: int, bias: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    layout = converter_layout(k, bits, props, group_size)
+    codes = torch.cat([torch.randint(0, 1 << b, (r, n), generator=gen) for b, r in layout])
+    scale_codes = torch.randint(1, 17, (len(layout), n), generator=gen)
+    q_scale_max = (torch.rand(len(layout), generator=gen) * 0.02 + 0.001).half()
+    perm = torch.randperm(k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    return pack_exl2(codes, scale_codes, q_scale_max, layout, perm, b), layout
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("EXLQ_KERNELS", "1")
+    assert enabled(CUDA), "a GPU test without kernels: is CuPy installed on this machine?"
+
+
+@pytest.mark.parametrize("name", VALID_CASES)
+def test_dequant_kernel_is_bit_exact_on_golden_vectors(golden, name):  # noqa: F811
+    case = Case(golden, name)
+    tensors = case.stored()
+    tensors = type(tensors)(**{f: getattr(tensors, f).to(CUDA) if getattr(tensors, f) is not None else None
+                               for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "bias")})
+    from exlq.runtime.exl2 import decode_q_groups
+
+    layout = decode_q_groups(tensors.q_groups.cpu(), tensors.q_weight.shape[0])
+    plan = exl2_ops.build_plan(tensors, layout, tensors.q_weight.shape[1], case.prescale)
+    stored = exl2_ops.dequantize_stored(plan, torch.float16).cpu()
+    if case.use_perm:
+        out = torch.empty_like(stored)
+        out[plan.perm_long.cpu()] = stored
+    else:
+        out = stored
+    assert same_bits(out, case["recon"])
+
+
+@pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
+@pytest.mark.parametrize("n", [32, 200, 4160])
+def test_dequant_kernel_matches_torch(k, bits, props, group, n):
+    tensors, layout = random_exl2(k, n, bits, props, group, seed=k + n)
+    reference = dequantize_stored(tensors.q_weight, tensors.q_scale, tensors.q_scale_max, tensors.q_groups)
+    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    plan = exl2_ops.build_plan(cuda, layout, n)
+    assert same_bits(exl2_ops.dequantize_stored(plan, torch.float16).cpu(), reference)
+    bf16 = exl2_ops.dequantize_stored(plan, torch.bfloat16).cpu()
+    assert torch.equal(bf16, reference.float().to(torch.bfloat16)) or rel(bf16, reference) < 4e-3
+
+
+@pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
+@pytest.mark.parametrize("n, rows", [(32, 1), (200, 3), (4160, 8), (544, 13), (160, 7), (1024, 32), (96, 40)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dtype):
+    tensors, layout = random_exl2(k, n, bits, props, group, seed=3 * k + n, bias=rows % 2 == 1)
+    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    layer = Exl2Linear(cuda, k, n, dtype=dtype)
+    x = torch.randn(rows, k, device=CUDA).to(dtype)
+    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+    expected = x.double() @ weight[:, :n].double()
+    if cuda.bias is not None:
+        expected += cuda.bias[:n].double()
+    plan = layer.kernel_plan()
+    if rows in exl2_ops.GEMV_ROWS:  # the raw kernel, into a poisoned output
+        out = torch.full((rows, n), float("nan"), dtype=dtype, device=CUDA)
+        exl2_ops.gemv(plan, x, out)
+        assert torch.isfinite(out).all()
+        assert rel(out, expected) < TOLERANCE[dtype]
+    y = layer(x[None])[0]
+    assert y.shape == (rows, n) and y.dtype == dtype and torch.isfinite(y).all()
+    assert rel(y, expected) < TOLERANCE[dtype]
+    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
+    assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
+
+
+@pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
+def test_gemv_survives_large_activations(bits):
+    """The fp16 path sums pairs in half precision: activations in the thousands must not overflow to inf."""
+    props = [1.0 / len(bits)] * len(bits)
+    tensors, layout = random_exl2(512, 256, bits, props, 32, seed=len(bits))
+    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    layer = Exl2Linear(cuda, 512, 256, dtype=torch.float16)
+    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+    x = torch.randn(2, 512, device=CUDA)
+    x[:, :8] *= 3000 / x[:, :8].abs().max()  # a few channels in the thousands, as real down_proj inputs have
+    x = x * min(1.0, 30000 / (x.double() @ weight[:, :256].double()).abs().max().item())  # outputs fit fp16
+    x = x.half()
+    assert torch.isfinite(x).all() and x.abs().max() > 100
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    assert rel(y, x.double() @ weight[:, :256].double()) < TOLERANCE[torch.float16]
+
+
+def test_gemv_reaches_torch_path_on_repeated_calls():
+    """The split-K reduction is deterministic enough that repeated calls agree to fp16 rounding."""
+    tensors, layout = random_exl2(4096, 4096, [4], [1.0], 128, seed=1)
+    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    layer = Exl2Linear(cuda, 4096, 4096, dtype=torch.float16)
+    x = torch.randn(1, 4096, device=CUDA, dtype=torch.float16)
+    first = layer(x)
+    for _ in range(5):
+        assert rel(layer(x), first) < 1e-3
+
+
+@pytest.mark.parametrize("hidden", [64, 576, 1000, 4096])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_add_rms_norm_and_silu_match_torch(hidden, dtype, monkeypatch):
+    gen = torch.Generator(device=CUDA).manual_seed(hidden)
+    residual = torch.randn(3, 5, hidden, device=CUDA, generator=gen) * 4
+    delta = torch.randn(3, 5, hidden, device=CUDA, generator=gen).to(dtype)
+    norm = RMSNorm(torch.randn(hidden, device=CUDA, generator=gen).to(dtype), 1e-5)
+    new_residual, normed = fused_ops.add_rms_norm(residual, delta, norm.weight, norm.eps)
+    monkeypatch.setenv("EXLQ_KERNELS", "0")
+    expected_residual = residual + delta.float()
+    torch.testing.assert_close(new_residual, expected_residual, rtol=0, atol=0)
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    assert rel(normed, norm(expected_residual)) < tol
+    assert rel(fused_ops.add_rms_norm(residual, None, norm.weight, norm.eps)[1], norm(residual)) < tol
+    gate, up = delta, torch.randn(3, 5, hidden, device=CUDA, generator=gen).to(dtype)
+    assert rel(fused_ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, position", [(1, 0), (1, 37), (9, 5)])
+def test_fused_rope_store_matches_torch(dtype, tokens, position):
+    from exlq.runtime.rope import RotaryEmbedding, apply_rotary
+
+    bsz, q_heads, kv_heads, dim, length = 2, 6, 2, 64, 64
+    gen = torch.Generator(device=CUDA).manual_seed(tokens + position)
+    q, k, v = (torch.randn(bsz, tokens, h, dim, device=CUDA, generator=gen).to(dtype) for h in (q_heads, kv_heads, kv_heads))
+    positions = torch.arange(position, position + tokens, device=CUDA)[None].expand(bsz, -1)
+    cos, sin = RotaryEmbedding(dim, 10000.0, None, CUDA).cos_sin(positions, dtype)
+    keys = torch.full((bsz, kv_heads, length, dim), float("nan"), dtype=dtype, device=CUDA)
+    values = keys.clone()
+    at = torch.tensor([position], device=CUDA) if tokens == 1 else position
+    q_out = fused_ops.rope_store(q, k, v, cos, sin, keys, values, at)
+    assert torch.equal(q_out, apply_rotary(q.transpose(1, 2), cos, sin))
+    written = slice(position, position + tokens)
+    assert torch.equal(keys[:, :, written], apply_rotary(k.transpose(1, 2), cos, sin))
+    assert torch.equal(values[:, :, written], v.transpose(1, 2))
+    assert torch.isnan(keys[:, :, position + tokens :]).all() and torch.isnan(keys[:, :, :position]).all()
+
+
+def _logits_both_ways(path, ids, monkeypatch, dtype="fp16"):
+    monkeypatch.setenv("EXLQ_KERNELS", "1")
+    with_kernels = load_model(path, device="cuda", dtype=dtype)(ids, max_output_len=None).float()
+    monkeypatch.setenv("EXLQ_KERNELS", "0")
+    torch_path = load_model(path, device="cuda", dtype=dtype)(ids, max_output_len=None).float()
+    monkeypatch.setenv("EXLQ_KERNELS", "1")
+    return with_kernels, torch_path
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_tiny_exl2_model_logits_kernels_vs_torch(tmp_path, monkeypatch, rows):
+    _, exl2_dir, _ = exl2_and_reference_dirs(tmp_path)
+    ids = torch.randint(0, 200, (2, rows))
+    with_kernels, torch_path = _logits_both_ways(exl2_dir, ids, monkeypatch)
+    assert rel(with_kernels, torch_path) < 1e-2
+
+
+def _converted_model() -> str | None:
+    return os.environ.get("EXLQ_TEST_EXL2_MODEL")
+
+
+def test_real_exl2_model_logits_and_greedy_kernels_vs_torch(monkeypatch):
+    path = _converted_model()
+    if not path:
+        pytest.skip("set EXLQ_TEST_EXL2_MODEL to a converted real model (bench/gpu_session.sh does)")
+    tokenizer = Tokenizer.from_dir(path)
+    ids = torch.tensor([tokenizer.encode("The history of the Roman Empire begins with")])
+    with_kernels, torch_path = _logits_both_ways(path, ids, monkeypatch)
+    assert rel(with_kernels, torch_path) < 1e-2
+    outputs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("EXLQ_KERNELS", flag)
+        generator = Generator(load_model(path, device="cuda", dtype="fp16"), tokenizer, max_seq_len=256)
+        result = generator.generate(ids[0].tolist(), sampler=SamplerSettings(temperature=0), max_new_tokens=64)
+        outputs[flag] = result.token_ids
+    assert outputs["1"] == outputs["0"]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_graph_decode_equals_eager(tiny_model_dirs, monkeypatch, padded):
+    model = load_model(tiny_model_dirs["qwen2"], device="cuda", dtype="fp16")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
+    steps = torch.randint(0, model.config.vocab_size, (2, 10), generator=gen)
+    pad = torch.tensor([0, 3]) if padded else None
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", flag)
+        cache = model.new_cache(64, batch_size=2)
+        model(ids, cache, pad_lengths=pad)
+        out = [model(steps[:, i : i + 1], cache) for i in range(steps.shape[1])]
+        cache.truncate(cache.seq_len - 4)  # rewind, then decode again over the same positions
+        out += [model(steps[:, i : i + 1], cache) for i in range(6, 10)]
+        results[flag] = torch.cat(out, dim=1).float()
+    assert len(model.decode_graphs._graphs) == 1
+    assert rel(results["1"], results["0"]) < 2e-3
+
+
+def test_cuda_graph_exl2_greedy_generation_equals_eager(tmp_path, monkeypatch):
+    _, exl2_dir, _ = exl2_and_reference_dirs(tmp_path)
+    tokenizer = Tokenizer.from_dir(exl2_dir)
+    model = load_model(exl2_dir, device="cuda", dtype="fp16")
+    prompt = [1, 17, 42, 99, 7]
+    texts = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", flag)
+        generator = Generator(model, tokenizer, max_seq_len=128)
+        texts[flag] = generator.generate(prompt, sampler=SamplerSettings(temperature=0), max_new_tokens=64).token_ids
+    assert texts["0"] == texts["1"]
+
+
+def test_kernel_cache_is_fast_when_warm():
+    import time
+
+    from exlq.runtime.kernels.catalog import SOURCES
+    from exlq.runtime.kernels.compiler import compile_source
+    from exlq.runtime.kernels.launch import arch_of
+
+    arch = arch_of(CUDA)
+    for source, sets in SOURCES.items():
+        for instances in sets:
+            compile_source(source, arch, list(instances))
+            start = time.perf_counter()
+            compile_source(source, arch, list(instances))
+            assert time.perf_counter() - start < 1.0
