@@ -66,11 +66,10 @@ __device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride
 // ----- fp16 path for 2, 4 and 8 bits -----
 // Codes are turned into exact fp16 values two at a time (the "1024 trick": 0x6400 | c is the fp16 number
 // 1024 + c, so one mask-and-or gives a pair 1024 + q·2^s, and one fma gives q - z exactly), multiplied by
-// the activations as half2 and summed in fp16 over one 32-row block (8 rows for 8 bits) before joining the
-// fp32 sum. The activations sit in shared memory in "pair order" (the two rows whose codes share a mask are
-// adjacent), pre-scaled by 2^-half_shift(b): a half2 partial sum is then at most max|x| (no overflow).
+// the activations as half2 and summed in fp16 over at most 8 weights before joining the fp32 sum. The
+// activations sit in shared memory in "pair order" (the two rows whose codes share a mask are adjacent)
+// and pre-scaled by 2^-HALF_SHIFT(b), so no fp16 partial sum can exceed max|x| (no overflow to inf).
 
-// 2 bits: 16 products of |q - z| <= 2 per lane; 4 bits: 16 of <= 8; 8 bits: 4 of <= 128.
 __host__ __device__ constexpr int half_shift(int bits) { return bits == 2 ? 5 : bits == 4 ? 7 : 9; }
 __device__ __forceinline__ bool half_width(int bits) { return bits == 2 || bits == 4 || bits == 8; }
 
@@ -157,26 +156,19 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
     flush<M>(acc, dot);
 }
 
-// A chunk's words: up to 4 blocks of 32 rows, `bits` words each, all loads issued together. Sized for the
-// widest code (8 bits) plus the zero word field() may read past a block's last word.
-typedef u32 ChunkWords[4][9];
-
-__device__ __forceinline__ void load_chunk(const u32* __restrict__ w, int stride, int bits, int rows, ChunkWords words) {
+// One chunk (≤ 128 rows of one group): all its words are loaded first (up to 4 blocks of 32 rows in
+// flight per thread), then multiplied; a last partial block of rows goes through tail_float.
+template <int B, int M, bool HALF>
+__device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
+                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, float* dot) {
     const int blocks = rows >> 5;
+    u32 words[4][B + 1];
 #pragma unroll
     for (int sb = 0; sb < 4; sb++) {
 #pragma unroll
-        for (int j = 0; j < 9; j++)
-            words[sb][j] = (sb < blocks && j < bits) ? __ldg(w + (size_t)(sb * bits + j) * stride) : 0u;
+        for (int j = 0; j < B; j++) words[sb][j] = sb < blocks ? __ldg(w + (size_t)(sb * B + j) * stride) : 0u;
+        words[sb][B] = 0u;
     }
-}
-
-// dot[m] += the chunk's rows (≤ 128 of one group) times x; a last partial block of rows goes through tail_float.
-template <int B, int M, bool HALF>
-__device__ __forceinline__ void chunk_dot(const ChunkWords words, const u32* __restrict__ w, int stride,
-                                          const float (*xs)[SPLIT_ROWS], const u16 (*xh)[SPLIT_ROWS], int lr, int rows,
-                                          float* dot) {
-    const int blocks = rows >> 5;
     if (HALF && (B == 2 || B == 4 || B == 8)) {
         float part[M];
 #pragma unroll
@@ -215,12 +207,6 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
     const int c0 = split_chunks[blockIdx.y], c1 = split_chunks[blockIdx.y + 1];
     const int r0 = chunks[c0].z;
 
-    // The first chunk's weights are requested before the activations are gathered, so the two latencies overlap.
-    ChunkWords words;
-    {
-        const int4 ch = chunks[c0];
-        if (valid) load_chunk(q_weight + (size_t)ch.y * n_pad + n, n_pad, ch.x & 0xff, ch.x >> 8, words);
-    }
     for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
         const int4 ch = chunks[c];
         const int bits = ch.x & 0xff, rows = ch.x >> 8, lr = ch.z - r0, full = rows & ~31;
@@ -243,18 +229,17 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
             const int4 ch = chunks[c];
             const int bits = ch.x & 0xff, rows = ch.x >> 8, lr = ch.z - r0;
             const u32* w = q_weight + (size_t)ch.y * n_pad + n;
-            if (c > c0) load_chunk(w, n_pad, bits, rows, words);
             float dot[M];
 #pragma unroll
             for (int m = 0; m < M; m++) dot[m] = 0.0f;
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
             switch (bits) {
-                case 8: chunk_dot<8, M, HALF>(words, w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 6: chunk_dot<6, M, HALF>(words, w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 5: chunk_dot<5, M, HALF>(words, w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 4: chunk_dot<4, M, HALF>(words, w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 3: chunk_dot<3, M, HALF>(words, w, n_pad, xs, xhv, lr, rows, dot); break;
-                default: chunk_dot<2, M, HALF>(words, w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
             }
             const float s = column_scale(q_scale, scale_max, ch.w, n, n_pad);
 #pragma unroll
