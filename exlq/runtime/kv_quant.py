@@ -10,9 +10,9 @@ Rounding is symmetric "mid-rise": b-bit codes c in [0, 2ᵇ-1] stand for (c - (2
 with scale = max|y| / ((2ᵇ-1)/2) stored as fp16. This uses all 2ᵇ levels (mid-tread rounding
 with a zero level, codes in ±(2ᵇ⁻¹-1), leaves one unused: 3 levels instead of 4 at 2 bits) and
 needs no zero point; rotated groups are close to zero-mean and Gaussian, so the missing exact
-zero costs nothing (measured on smollm2-135m and qwen2.5-coder-0.5b keys and values: lower
-mean-squared error than mid-tread at every width tried, 2, 4 and 8 bits, by 12-50 % at 2-4 bits;
-`bench/kv_cache.py --rounding`, docs/benchmarks.md). An asymmetric min/max variant was a little
+zero costs nothing (measured on smollm2-135m and qwen2.5-coder-0.5b keys and values, rotated
+as here: lower squared error than mid-tread at 2, 4 and 8 bits, by 13-55 % at 2-4 bits and ~1 %
+at 8; unrotated, mid-tread can win; `bench/kv_cache.py --rounding`, docs/benchmarks.md). An asymmetric min/max variant was a little
 more accurate at the same bits but needs a second fp16 number per group (+0.5 bit per element),
 which buys more when spent on the codes. The cache (cache.py) subtracts a per-channel offset
 before calling these functions; see QuantizedStore.
