@@ -122,8 +122,9 @@ class DecoderOnlyLM(nn.Module):
         self.layer_order = list(order)
         self.decode_graphs.clear()
 
-    def new_cache(self, max_seq_len: int, batch_size: int = 1) -> KVCache:
-        return KVCache.for_model(self, max_seq_len, batch_size)
+    def new_cache(self, max_seq_len: int, batch_size: int = 1, cache_type=None) -> KVCache:
+        """A KV cache for this model; `cache_type` as `KVCache.for_model` takes it (None: fp16)."""
+        return KVCache.for_model(self, max_seq_len, batch_size, cache_type=cache_type)
 
     def replace_module(self, name: str, module: nn.Module) -> nn.Module:
         """Swap the submodule at dotted `name` (e.g. "lm_head") at run time; returns the old one."""
