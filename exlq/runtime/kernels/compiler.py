@@ -18,8 +18,9 @@ from pathlib import Path
 
 from exlq.errors import ExlqError
 
-#: The kernel sources: `cuda/` beside the package in a source checkout.
-SOURCE_DIR = Path(__file__).resolve().parents[3] / "cuda"
+#: The kernel sources: `cuda/` at the top of the repository, reached through the package's link
+#: `exlq/cuda_sources` (a wheel stores the files themselves there).
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda_sources"
 OPTIONS = ("-std=c++17", "--use_fast_math", "-lineinfo")
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"', re.MULTILINE)
 
@@ -42,7 +43,7 @@ def read_source(name: str) -> tuple[str, dict[str, str]]:
     """The text of `cuda/<name>` and of the local headers it includes (NVRTC gets them by name)."""
     path = SOURCE_DIR / name
     if not path.is_file():
-        raise ExlqError(f"kernel source {path} is missing (exlq's CUDA kernels need a source checkout)")
+        raise ExlqError(f"kernel source {path} is missing: reinstall exlq (its CUDA sources ship with the package)")
     text = path.read_text()
     headers = {h: (SOURCE_DIR / h).read_text() for h in _INCLUDE.findall(text)}
     return text, headers
