@@ -79,6 +79,26 @@ def graphs_wanted(model, cache, bsz: int, new_len: int, max_output_len: int | No
     )
 
 
+def static_decode_step(
+    model, cache: KVCache, ids: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None, key_positions: torch.Tensor
+) -> torch.Tensor:
+    """One decode step whose shapes and addresses do not depend on the position (what a graph captures).
+
+    ids [B, 1]; position [1] int64 (the cache position written); pad [B] left-pad lengths or None;
+    key_positions arange(span): attention reads cache positions below span, masked beyond `position`.
+    Runs anywhere (the CPU tests check it against eager decoding); only its capture needs CUDA.
+    """
+    positions = position.expand(ids.shape[0])[:, None]
+    if pad is not None:
+        positions = (positions - pad[:, None]).clamp(min=0)
+    cos, sin = model.rotary.cos_sin(positions, model.dtype)
+    batch = StaticDecodeBatch(0, 1, cos, sin, pad, write_index=position, key_positions=key_positions)
+    hidden = model.embed(ids)
+    for slot, i in enumerate(model.layer_order):
+        hidden = model.model.layers[i](hidden, batch, cache, slot)
+    return model.logits(hidden)
+
+
 class DecodeGraph:
     """One captured single-token decode step for one cache and batch size."""
 
@@ -104,18 +124,7 @@ class DecodeGraph:
             self.logits = self._step(model, cache)
 
     def _step(self, model, cache: KVCache) -> torch.Tensor:
-        bsz = self.ids.shape[0]
-        positions = self.position.expand(bsz)[:, None]
-        if self.pad is not None:
-            positions = (positions - self.pad[:, None]).clamp(min=0)
-        cos, sin = model.rotary.cos_sin(positions, model.dtype)
-        batch = StaticDecodeBatch(
-            0, 1, cos, sin, self.pad, write_index=self.position, key_positions=self.key_positions
-        )
-        hidden = model.embed(self.ids)
-        for slot, i in enumerate(model.layer_order):
-            hidden = model.model.layers[i](hidden, batch, cache, slot)
-        return model.logits(hidden)
+        return static_decode_step(model, cache, self.ids, self.position, self.pad, self.key_positions)
 
     def run(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, 1, vocab] of `ids` [B, 1] at position `cache.seq_len` (the caller advances seq_len)."""

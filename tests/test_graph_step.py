@@ -1,0 +1,57 @@
+"""The position-independent decode step that CUDA graphs capture, and the GEMV's chunk tables (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exlq.quant.exl2_pack import converter_layout
+from exlq.runtime.graphs import BUCKET, static_decode_step
+from exlq.runtime.kernels.exl2_ops import CHUNK_ROWS, SPLIT_ROWS, chunk_table, split_points
+from exlq.runtime.loader import load_model
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "mistral-window"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_step_equals_eager_decode(tiny_model_dirs, variant, padded):
+    model = load_model(tiny_model_dirs[variant], device="cpu", dtype="fp32")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=gen)
+    steps = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
+    pad = torch.tensor([0, 4]) if padded else None
+    eager_cache, static_cache = model.new_cache(48, batch_size=2), model.new_cache(48, batch_size=2)
+    model(ids, eager_cache, pad_lengths=pad)
+    model(ids, static_cache, pad_lengths=pad)
+    span = torch.arange(32)  # a bucket shorter than max_seq_len: positions beyond it are never read
+    for i in range(steps.shape[1]):
+        expected = model(steps[:, i : i + 1], eager_cache)
+        position = torch.tensor([static_cache.seq_len])
+        with torch.inference_mode():  # as inside model.forward, where the graphs run it
+            got = static_decode_step(model, static_cache, steps[:, i : i + 1], position, static_cache.pad_lengths, span)
+        static_cache.seq_len += 1
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert BUCKET % 32 == 0
+
+
+LAYOUTS = [
+    (576, [8, 4, 3], [0.1, 0.4, 0.5], [32, 64, 64]),
+    (976, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 64]),
+    (14336, [4, 3], [0.96, 0.04], 128),
+]
+
+
+@pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
+@pytest.mark.parametrize("tiles", [1, 5, 112])
+def test_chunk_table_and_splits_cover_every_row_once(k, bits, props, group, tiles):
+    layout = converter_layout(k, bits, props, group)
+    table = chunk_table(layout)
+    row, word = 0, 0
+    for b, rows, first_word, first_row, g in table:
+        assert first_row == row and first_word == word and 0 < rows <= CHUNK_ROWS
+        assert layout[g][0] == b and (rows * b) % 32 == 0
+        row, word = row + rows, word + rows * b // 32
+    assert row == k and word == sum(r * b // 32 for b, r in layout)
+    points = split_points(table, tiles)
+    assert points[0] == 0 and points[-1] == len(table) and points == sorted(set(points))
+    for start, stop in zip(points, points[1:]):
+        assert sum(t[1] for t in table[start:stop]) <= SPLIT_ROWS
