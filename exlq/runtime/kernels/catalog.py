@@ -5,9 +5,10 @@ A source may be compiled as several modules (e.g. one per activation dtype); eac
 
 from __future__ import annotations
 
-from exlq.runtime.kernels import exl2_ops, fused_ops
+from exlq.runtime.kernels import exl2_ops, fused_ops, kv_ops
 
 SOURCES: dict[str, list[tuple[str, ...]]] = {
     exl2_ops.SOURCE: list(exl2_ops.INSTANCE_SETS.values()),
     fused_ops.SOURCE: [fused_ops.INSTANCES],
+    kv_ops.SOURCE: [kv_ops.INSTANCES],
 }

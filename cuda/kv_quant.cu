@@ -1,0 +1,64 @@
+// KV-cache quantization (the torch reference is exlq/runtime/kv_quant.py): groups of 32 values, rotated by
+// the normalized 32-point Hadamard matrix, rounded mid-rise against their max-abs scale (rounded to fp16),
+// codes packed densely (8 codes of b bits = b bytes, little-endian). One warp per group, one lane per value:
+// the Hadamard is a 5-stage butterfly over shuffles, the pack an OR over 8 lanes.
+#include "common.cuh"
+
+#define GROUP 32
+#define FULL 0xffffffffu
+
+__device__ __forceinline__ float hadamard32(float v) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int s = 1; s < 32; s <<= 1) {
+        const float other = __shfl_xor_sync(FULL, v, s);
+        v = (lane & s) ? other - v : v + other;
+    }
+    return v * 0.17677669529663687f;  // 1/sqrt(32)
+}
+
+// x float32 [groups·32] (rows of D values, D a multiple of 32) -> codes uint8 [groups·32·B/8], scales fp16 [groups].
+template <int B>
+__global__ void kv_quantize(const float* __restrict__ x, unsigned char* __restrict__ codes, u16* __restrict__ scales,
+                            int groups) {
+    const int group = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (group >= groups) return;  // whole warps leave together
+    const int lane = threadIdx.x & 31;
+    const float v = hadamard32(x[(size_t)group * GROUP + lane]);
+    float amax = fabsf(v);
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, s));
+    constexpr float HALF_RANGE = ((1 << B) - 1) * 0.5f;
+    const u16 scale16 = Act<fp16_t>::store(fminf(fmaxf(__fdiv_rn(amax, HALF_RANGE), 6.103515625e-5f), 65504.0f));
+    const float scale = Act<fp16_t>::load(scale16);
+    const float q = fminf(fmaxf(rintf(__fdiv_rn(v, scale) + HALF_RANGE), 0.0f), 2.0f * HALF_RANGE);  // IEEE division, as torch
+    unsigned long long word = (unsigned long long)(unsigned)q << (B * (lane & 7));
+#pragma unroll
+    for (int s = 1; s < 8; s <<= 1) {
+        const unsigned lo = __shfl_xor_sync(FULL, (unsigned)word, s), hi = __shfl_xor_sync(FULL, (unsigned)(word >> 32), s);
+        word |= ((unsigned long long)hi << 32) | lo;
+    }
+    if ((lane & 7) == 0) {
+        unsigned char* out = codes + ((size_t)group * GROUP + lane) * B / 8;
+#pragma unroll
+        for (int byte = 0; byte < B; byte++) out[byte] = (unsigned char)(word >> (8 * byte));
+    }
+    if (lane == 0) scales[group] = scale16;
+}
+
+// The inverse: codes and scales -> x float32 [groups·32] (before any offset), up to rounding.
+template <int B>
+__global__ void kv_dequantize(const unsigned char* __restrict__ codes, const u16* __restrict__ scales,
+                              float* __restrict__ x, int groups) {
+    const int group = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (group >= groups) return;
+    const int lane = threadIdx.x & 31;
+    const unsigned char* block = codes + ((size_t)group * GROUP + (lane & ~7)) * B / 8;
+    unsigned long long word = 0;
+#pragma unroll
+    for (int byte = 0; byte < B; byte++) word |= (unsigned long long)block[byte] << (8 * byte);
+    const unsigned code = (unsigned)(word >> (B * (lane & 7))) & ((1u << B) - 1u);
+    constexpr float HALF_RANGE = ((1 << B) - 1) * 0.5f;
+    const float v = ((float)code - HALF_RANGE) * Act<fp16_t>::load(scales[group]);
+    x[(size_t)group * GROUP + lane] = hadamard32(v);
+}

@@ -1,0 +1,44 @@
+"""KV-cache quantization kernels (`cuda/kv_quant.cu`): the GPU twins of `kv_quant.quantize_kv` / `dequantize_kv`.
+
+Written this session and compiled in CI; checked against the torch functions by the GPU tests
+(`tests/test_kernels_gpu.py::test_kv_quant_kernels_match_torch`), which had not run yet when this was committed:
+the cache does not call them until they have (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exlq.runtime.kernels.launch import kernel, launch
+
+SOURCE = "kv_quant.cu"
+BITS = (2, 3, 4, 5, 6, 7, 8)
+INSTANCES = tuple(f"{name}<{b}>" for name in ("kv_quantize", "kv_dequantize") for b in BITS)
+GROUP = 32
+WARPS = 8  # groups per block
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] (D a multiple of 32) -> (uint8 codes [..., D·bits/8], fp16 scales [..., D/32]), as quantize_kv."""
+    *lead, dim = x.shape
+    flat = x.float().contiguous().view(-1)
+    groups = flat.numel() // GROUP
+    codes = torch.empty(*lead, dim * bits // 8, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(*lead, dim // GROUP, dtype=torch.float16, device=x.device)
+    if groups:
+        function = kernel(SOURCE, INSTANCES, f"kv_quantize<{bits}>", x.device)
+        launch(function, (-(-groups // WARPS), 1, 1), (32 * WARPS, 1, 1), (flat, codes, scales, groups), x.device)
+    return codes, scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize`, as dequantize_kv: values [..., D] in `dtype`."""
+    *lead, width = codes.shape
+    dim = width * 8 // bits
+    out = torch.empty(*lead, dim, dtype=torch.float32, device=codes.device)
+    groups = out.numel() // GROUP
+    if groups:
+        function = kernel(SOURCE, INSTANCES, f"kv_dequantize<{bits}>", codes.device)
+        launch(function, (-(-groups // WARPS), 1, 1), (32 * WARPS, 1, 1),
+               (codes.contiguous(), scales.contiguous(), out, groups), codes.device)
+    return out.to(dtype)
