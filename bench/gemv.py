@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exlq.eval.speed import copy_bandwidth  # noqa: E402
-from exlq.quant.synthetic import SyntheticStore, synthetic_config  # noqa: E402
+from exlq.quant.synthetic import random_exl2  # noqa: E402
 from exlq.runtime.exl2 import Exl2Linear  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (in_features K, out_features N)
@@ -58,11 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
-    store = SyntheticStore(synthetic_config("llama3-8b"), args.bpw, device)
+    generator = torch.Generator(device=device).manual_seed(0)
     results = []
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s")
     for k, n in SHAPES:
-        tensors = store._random_exl2(k, n, args.bpw)
+        tensors = random_exl2(k, n, args.bpw, generator)
         layer = Exl2Linear(tensors, k, n, dtype=torch.float16)
         dense = torch.randn(n, k, device=device, dtype=torch.float16)
         stored = tensors.total_bits() // 8

@@ -35,7 +35,10 @@ MODELS = {
 
 
 def tensor_digest(tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()).hexdigest()
+    """sha256 of a tensor's raw bytes (its dtype's bit patterns, C order)."""
+    import torch
+
+    return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def make_manifest(model_dir: Path, out: Path) -> None:

@@ -127,17 +127,19 @@ class SyntheticStore:
             prefix = name.rpartition(".")[0]
             out_features, in_features = self._linears[prefix]
             bits = 6.0 if prefix == "lm_head" else self.bpw
-            packed = self._random_exl2(in_features, out_features, bits, bias=prefix in self._biased)
+            packed = random_exl2(in_features, out_features, bits, self._generator, bias=prefix in self._biased)
             self._pending.update(packed.state_dict(prefix))
         return self._pending[name]
 
-    def _random_exl2(self, in_features: int, out_features: int, bpw: float, bias: bool = False):
-        bits, props = bit_mix(bpw, out_features)
-        layout = converter_layout(in_features, bits, props, GROUP_SIZE)
-        g = self._generator
-        codes = torch.cat([torch.randint(0, 1 << b, (r, out_features), device=self.device, generator=g) for b, r in layout])
-        scale_codes = torch.randint(1, 17, (len(layout), out_features), device=self.device, generator=g)
-        q_scale_max = torch.full((len(layout),), 0.01, dtype=torch.float16, device=self.device)
-        perm = torch.randperm(in_features, device=self.device, generator=g)
-        zeros = torch.zeros(out_features, device=self.device) if bias else None
-        return pack_exl2(codes, scale_codes, q_scale_max, layout, perm, zeros)
+
+def random_exl2(in_features: int, out_features: int, bpw: float, generator: torch.Generator, *, bias: bool = False):
+    """Exl2Tensors of uniformly random codes at `bpw`, in the converter's layout, on `generator`'s device."""
+    bits, props = bit_mix(bpw, out_features)
+    layout = converter_layout(in_features, bits, props, GROUP_SIZE)
+    device = generator.device
+    codes = torch.cat([torch.randint(0, 1 << b, (r, out_features), device=device, generator=generator) for b, r in layout])
+    scale_codes = torch.randint(1, 17, (len(layout), out_features), device=device, generator=generator)
+    q_scale_max = torch.full((len(layout),), 0.01, dtype=torch.float16, device=device)
+    perm = torch.randperm(in_features, device=device, generator=generator)
+    zeros = torch.zeros(out_features, device=device) if bias else None
+    return pack_exl2(codes, scale_codes, q_scale_max, layout, perm, zeros)

@@ -57,7 +57,7 @@ class AttentionBatch:
         One fused kernel on the GPU when the cache is unquantized; the torch ops otherwise.
         """
         buffers = None
-        if cache is not None and q.dtype in (torch.float16, torch.bfloat16) and kernels.enabled(q.device):
+        if cache is not None and kernels.applies(q):
             buffers = cache.dense_layer(layer, q.shape[0])
         if buffers is not None:
             from exlq.runtime.kernels.fused_ops import rope_store

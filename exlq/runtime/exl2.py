@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exlq.errors import ExlqError
+from exlq.runtime import kernels
 from exlq.runtime.weights import WeightStore
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -395,13 +396,8 @@ class Exl2Linear(nn.Module):
             self._plan = build_plan(self.tensors, self.layout, self.out_features, self.prescale)
         return self._plan
 
-    def uses_kernels(self, x: torch.Tensor) -> bool:
-        from exlq.runtime import kernels
-
-        return x.dtype in (torch.float16, torch.bfloat16) and kernels.enabled(x.device)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_kernels(x):
+        if kernels.applies(x):
             from exlq.runtime.kernels.exl2_ops import matmul
 
             return matmul(self.kernel_plan(), x)

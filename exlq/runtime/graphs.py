@@ -126,12 +126,16 @@ class DecodeGraph:
     def _step(self, model, cache: KVCache) -> torch.Tensor:
         return static_decode_step(model, cache, self.ids, self.position, self.pad, self.key_positions)
 
-    def run(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, 1, vocab] of `ids` [B, 1] at position `cache.seq_len` (the caller advances seq_len)."""
+    def load_inputs(self, ids: torch.Tensor, cache: KVCache) -> None:
+        """Copy this step's token ids, cache position and pad lengths into the captured input tensors."""
         self.ids.copy_(ids)
         self.position.fill_(cache.seq_len)
         if self.pad is not None:
             self.pad.copy_(cache.pad_lengths)
+
+    def run(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, 1, vocab] of `ids` [B, 1] at position `cache.seq_len` (the caller advances seq_len)."""
+        self.load_inputs(ids, cache)
         self.graph.replay()
         return self.logits.clone()
 
@@ -153,10 +157,7 @@ class DecodeGraphs:
             while len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             graph = DecodeGraph(model, cache, padded=cache.pad_lengths is not None, span=span)
-            graph.ids.copy_(ids)
-            graph.position.fill_(cache.seq_len)
-            if graph.pad is not None:
-                graph.pad.copy_(cache.pad_lengths)
+            graph.load_inputs(ids, cache)  # the warm-up and capture run on the real step's inputs
             graph.capture(model, cache)
         self._graphs[key] = graph  # most recently used last
         return graph.run(ids, cache)

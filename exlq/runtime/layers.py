@@ -17,11 +17,6 @@ from exlq.runtime.attention import AttentionBatch, attend
 from exlq.runtime.cache import KVCache
 
 
-def _fused(t: torch.Tensor) -> bool:
-    """Whether the fused CUDA kernels apply to activations like `t` (fp16/bf16 on a kernel-enabled GPU)."""
-    return t.dtype in (torch.float16, torch.bfloat16) and kernels.enabled(t.device)
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and returned in the weight's dtype."""
 
@@ -31,7 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and _fused(self.weight):
+        if x.dtype == torch.float32 and kernels.applies(self.weight):
             from exlq.runtime.kernels.fused_ops import add_rms_norm
 
             return add_rms_norm(x, None, self.weight, self.eps)[1]
@@ -41,7 +36,7 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + delta in float32, the norm of that): one kernel on the GPU instead of four."""
-        if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and _fused(self.weight):
+        if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and kernels.applies(self.weight):
             from exlq.runtime.kernels.fused_ops import add_rms_norm
 
             return add_rms_norm(residual, delta, self.weight, self.eps)
@@ -100,7 +95,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if _fused(gate):
+        if kernels.applies(gate):
             from exlq.runtime.kernels.fused_ops import silu_mul
 
             return self.down_proj(silu_mul(gate, up))

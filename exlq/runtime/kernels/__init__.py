@@ -12,6 +12,8 @@ import os
 import torch
 
 MIN_CAPABILITY = (8, 0)
+#: Activation dtypes the kernels take, with the tag type their templates are instantiated on (cuda/common.cuh).
+ACTIVATION_TAGS = {torch.float16: "fp16_t", torch.bfloat16: "bf16_t"}
 
 
 @functools.cache
@@ -33,3 +35,8 @@ def enabled(device: torch.device) -> bool:
     if device.type != "cuda" or os.environ.get("EXLQ_KERNELS", "1") == "0":
         return False
     return _capable(device)
+
+
+def applies(t: torch.Tensor) -> bool:
+    """Whether kernels run for activations like `t`: fp16/bf16 on a kernel-enabled GPU (else the torch path)."""
+    return t.dtype in ACTIVATION_TAGS and enabled(t.device)

@@ -1,6 +1,6 @@
 """EXL2 matrix products on the GPU: host-side tables for `cuda/exl2_matmul.cu` and the dispatch by row count.
 
-Decode (at most `GEMV_MAX_ROWS` activation rows) streams the packed weights once per `GEMV_ROWS_PER_LAUNCH`
+Decode (at most `GEMV_MAX_ROWS` activation rows) streams the packed weights once per launch of up to `GEMV_ROWS[0]`
 rows with the split-K GEMV kernel; prefill dequantizes the layer to a dense fp16/bf16 matrix and lets
 cuBLAS do the product, which is cheaper than a quantized kernel once the product is compute bound.
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from exlq.runtime.exl2 import Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, scale_multipliers
+from exlq.runtime.kernels import ACTIVATION_TAGS
 from exlq.runtime.kernels.launch import kernel, launch
 
 SOURCE = "exl2_matmul.cu"
@@ -23,16 +24,13 @@ THREADS = 128  # THREADS in the .cu: output columns per block
 SPLIT_ROWS = 256  # SPLIT_ROWS in the .cu: most stored rows one block reads
 CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in flight together)
 GEMV_ROWS = (8, 4, 3, 2, 1)  # kernel instances by activation rows; other counts are cut into these
-GEMV_ROWS_PER_LAUNCH = GEMV_ROWS[0]
 GEMV_MAX_ROWS = 32  # above this, dequantize + cuBLAS
 TARGET_BLOCKS = 264  # about two blocks per SM on an H100: K splits shrink until this many exist
-_TAGS = {torch.float16: "fp16_t", torch.bfloat16: "bf16_t"}
 #: One module per activation dtype, compiled on first use of that dtype (halves a cold start).
 INSTANCE_SETS = {
     dtype: tuple([f"exl2_gemv<{tag}, {m}>" for m in GEMV_ROWS] + [f"exl2_dequant<{tag}>"])
-    for dtype, tag in _TAGS.items()
+    for dtype, tag in ACTIVATION_TAGS.items()
 }
-SUPPORTED_DTYPES = tuple(_TAGS)
 
 
 @dataclass
@@ -128,7 +126,7 @@ def gemv(plan: Exl2Plan, x: torch.Tensor, out: torch.Tensor) -> None:
     rows = x.shape[0]
     device = x.device
     workspace, counters = _workspace.get(device, rows * plan.n_pad, plan.column_tiles)
-    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_gemv<{_TAGS[x.dtype]}, {rows}>", device)
+    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_gemv<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
     grid = (plan.column_tiles, plan.split_chunks.numel() - 1, 1)
     launch(
         function,
@@ -143,7 +141,7 @@ def gemv(plan: Exl2Plan, x: torch.Tensor, out: torch.Tensor) -> None:
 def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype) -> torch.Tensor:
     """Wt [K, N_pad] in stored row order; in fp16 bit-exact with `exlq.runtime.exl2.dequantize_stored`."""
     out = torch.empty(plan.in_features, plan.n_pad, dtype=dtype, device=plan.q_weight.device)
-    function = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_dequant<{_TAGS[dtype]}>", out.device)
+    function = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_dequant<{ACTIVATION_TAGS[dtype]}>", out.device)
     launch(
         function,
         (plan.column_tiles, plan.chunks.shape[0], 1),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from exlq.runtime.kernels import ACTIVATION_TAGS
 from exlq.runtime.kernels.launch import kernel, launch
 
 SOURCE = "fused.cu"
-_TAGS = {torch.float16: "fp16_t", torch.bfloat16: "bf16_t"}
+_TAGS = ACTIVATION_TAGS
 INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "silu_mul", "rope_store") for tag in _TAGS.values())
-SUPPORTED_DTYPES = tuple(_TAGS)
 
 
 def add_rms_norm(
