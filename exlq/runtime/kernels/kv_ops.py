@@ -1,8 +1,8 @@
 """KV-cache quantization kernels (`cuda/kv_quant.cu`): the GPU twins of `kv_quant.quantize_kv` / `dequantize_kv`.
 
-Written this session and compiled in CI; checked against the torch functions by the GPU tests
-(`tests/test_kernels_gpu.py::test_kv_quant_kernels_match_torch`), which had not run yet when this was committed:
-the cache does not call them until they have (see docs/benchmarks.md).
+Checked against the torch functions by the GPU tests
+(`tests/test_kernels_gpu.py::test_kv_quant_kernels_match_torch`); `cache.QuantizedStore` uses them on a
+kernel-enabled GPU when the cache groups are 32 wide (the default).
 """
 
 from __future__ import annotations
