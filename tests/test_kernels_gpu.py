@@ -250,6 +250,42 @@ def test_cuda_graph_decode_equals_eager(tiny_model_dirs, monkeypatch, padded):
     assert rel(results["1"], results["0"]) < 2e-3
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_graph_multi_token_step_equals_eager(tiny_model_dirs, monkeypatch, padded):
+    """graph_step=True calls of 5 tokens (speculative verification) replay one graph and match eager forwards."""
+    model = load_model(tiny_model_dirs["qwen2"], device="cuda", dtype="fp16")
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
+    steps = torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
+    pad = torch.tensor([0, 3]) if padded else None
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", flag)
+        model.decode_graphs.clear()
+        cache = model.new_cache(64, batch_size=2)
+        model(ids, cache, pad_lengths=pad)
+        out = [model(steps[:, i : i + 5], cache, max_output_len=None, graph_step=True) for i in range(0, 20, 5)]
+        cache.truncate(cache.seq_len - 7)  # rewind into the previous step, then run over those positions again
+        out.append(model(steps[:, 3:8], cache, max_output_len=None, graph_step=True))
+        results[flag] = torch.cat(out, dim=1).float()
+    assert len(model.decode_graphs._graphs) == 1
+    assert rel(results["1"], results["0"]) < 2e-3
+
+
+def test_speculative_with_graphs_equals_plain_greedy(tiny_model_dirs):
+    from exlq.runtime.speculative import SpeculativeGenerator
+
+    model = load_model(tiny_model_dirs["llama"], device="cuda", dtype="fp16")
+    draft = load_model(tiny_model_dirs["llama-tied-llama3rope"], device="cuda", dtype="fp16")
+    tokenizer = Tokenizer.from_dir(tiny_model_dirs["llama"])
+    greedy = SamplerSettings(temperature=0)
+    prompt = [1, 5, 9, 23, 7]
+    plain = Generator(model, tokenizer, max_seq_len=96).generate(prompt, sampler=greedy, max_new_tokens=80, eos_ids=[])
+    spec = SpeculativeGenerator(Generator(model, tokenizer, max_seq_len=96), Generator(draft, tokenizer, max_seq_len=96))
+    got = spec.generate(prompt, sampler=greedy, max_new_tokens=80, eos_ids=[])
+    assert got.token_ids == plain.token_ids and got.stop_reason == plain.stop_reason
+
+
 def test_cuda_graph_exl2_greedy_generation_equals_eager(tmp_path, monkeypatch):
     _, exl2_dir, _ = exl2_and_reference_dirs(tmp_path)
     tokenizer = Tokenizer.from_dir(exl2_dir)

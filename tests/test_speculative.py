@@ -49,6 +49,29 @@ def test_greedy_output_equals_the_main_model(pair, draft_tokens):
     assert again.token_ids == expected.token_ids and again.draft_accepted == again.draft_proposed
 
 
+def test_padded_verification_changes_nothing(pair, monkeypatch):
+    """The GPU pads each verification to one length (for its CUDA graph): forced here on the CPU, the
+    output is still the main model's greedy output, also at the context edge, and no padding stays cached."""
+    import exlq.runtime.speculative as speculative
+
+    monkeypatch.setattr(speculative, "graphs_possible", lambda model, cache: True)
+    calls = []
+    main, draft, _ = generators(pair, max_seq_len=40)
+    real_run = main.run
+    main.run = lambda ids, max_output_len, graph_step=False: calls.append((len(ids), graph_step)) or real_run(
+        ids, max_output_len, graph_step=graph_step)  # fmt: skip
+    plain = Generator(main.model, main.tokenizer, max_seq_len=40)
+    prompt = [1, 5, 9, 23, 7]
+    expected = plain.generate(prompt, sampler=GREEDY, max_new_tokens=60, eos_ids=[])
+    spec = SpeculativeGenerator(main, draft, draft_tokens=3)
+    got = spec.generate(prompt, sampler=GREEDY, max_new_tokens=60, eos_ids=[])
+    assert got.token_ids == expected.token_ids and got.stop_reason == expected.stop_reason == "max_seq_len"
+    verifications = [n for n, graph_step in calls if graph_step]
+    # One length, max_draft_tokens + 1, until the cache's free room is shorter (then the room).
+    assert verifications.count(spec.max_draft_tokens + 1) >= 3 and verifications == sorted(verifications, reverse=True)
+    assert main.cached_ids == (prompt + got.token_ids)[: main.cache.seq_len]
+
+
 def test_context_edge_every_draft_length_and_start(pair):
     """max_seq_len 24, prompts ending 1..6 positions before it, N = 1..6: clean stop, same tokens as plain decoding."""
     main, draft, _ = generators(pair, max_seq_len=24)

@@ -146,10 +146,12 @@ class Generator:
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
 
-    def run(self, ids: Sequence[int], max_output_len: int | None) -> torch.Tensor | None:
-        """Append `ids` to the cache; logits of the last `max_output_len` positions [1, n, vocab]."""
+    def run(self, ids: Sequence[int], max_output_len: int | None, *, graph_step: bool = False) -> torch.Tensor | None:
+        """Append `ids` to the cache; logits of the last `max_output_len` positions [1, n, vocab].
+
+        `graph_step`: replay a CUDA graph for this multi-token call (see DecoderOnlyLM.forward)."""
         tensor = torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
-        logits = self.model(tensor, self.cache, max_output_len=max_output_len)
+        logits = self.model(tensor, self.cache, max_output_len=max_output_len, graph_step=graph_step)
         self._cached_ids.extend(ids)
         self.tokens_processed += len(ids)
         return logits

@@ -1,18 +1,21 @@
-"""CUDA-graph decode: one captured graph replays a whole single-token decode step.
+"""CUDA-graph decode: one captured graph replays a whole decode step.
 
 A small model decodes in a few hundred microseconds of GPU time, but launching its ~20 kernels per
 layer from Python costs more than that. Capturing the step once and replaying it removes the host
 from the loop. A graph needs fixed shapes and addresses, so the captured step differs from the eager
-one only in how it finds the position: the cache position lives in a device tensor, the new key and
-value are written at that position (fused RoPE + store kernel, or `index_copy_`), and attention runs
-over a fixed-length prefix of the cache buffer with a mask (keys beyond the position are masked out).
-That length is a bucket: the position rounded up to a multiple of `BUCKET`, one graph per bucket, so
-attention costs what the context needs, not what `max_seq_len` allows. The rest is the eager code.
+one only in how it finds the position: the cache position lives in a device tensor, the new keys and
+values are written from that position on (fused RoPE + store kernel, or `index_copy_`), and attention
+runs over a fixed-length prefix of the cache buffer with a mask (keys beyond each token's position are
+masked out). That length is a bucket: the end position rounded up to a multiple of `BUCKET`, one graph
+per bucket, so attention costs what the context needs, not what `max_seq_len` allows. The rest is the
+eager code.
 
 Used automatically by `DecoderOnlyLM.forward` for one-token steps into an unquantized `KVCache`
-on a CUDA device whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off). Graphs are
-captured per (cache, batch shape) on first use and dropped when the model's modules or layer order
-change.
+on a CUDA device whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off). Calls of a few
+tokens that repeat with one length ask for it with `graph_step=True` (speculative verification:
+eager, its k+1-token forward cost ~6x a replayed one-token step on the H200, all of it host time).
+Graphs are captured per (cache, batch shape, tokens) on first use and dropped when the model's
+modules or layer order change.
 """
 
 from __future__ import annotations
@@ -28,21 +31,24 @@ from exlq.runtime.cache import DenseStore, KVCache
 
 MAX_GRAPHS = 16  # captured steps kept per model (each holds a private memory pool), least recently used dropped
 BUCKET = 256  # attention spans of the captured steps: multiples of this many positions
+MAX_STEP_TOKENS = 16  # longest multi-token call (graph_step=True) replayed from a graph
 
 
 @dataclass
 class StaticDecodeBatch(AttentionBatch):
     """An AttentionBatch whose position is a device tensor, so the same graph serves every step."""
 
-    write_index: torch.Tensor | None = None  # [1] int64: the cache position being written
-    key_positions: torch.Tensor | None = None  # [max_seq_len] int64: 0..max_seq_len-1
+    write_index: torch.Tensor | None = None  # [1] int64: the cache position of the first new token
+    key_positions: torch.Tensor | None = None  # [span] int64: 0..span-1, the cache positions attention reads
+    write_positions: torch.Tensor | None = None  # [T] int64: write_index + 0..T-1
 
     def mask(self, window: int | None) -> tuple[object | None, bool]:
         if window not in self._masks:
-            allowed = self.key_positions <= self.write_index
+            query_positions = self.write_positions[:, None]  # [T, 1]
+            allowed = self.key_positions[None, :] <= query_positions
             if window is not None:
-                allowed = allowed & (self.write_index - self.key_positions < window)
-            allowed = allowed[None, None, None, :]  # [1, 1, 1, K]
+                allowed = allowed & (query_positions - self.key_positions[None, :] < window)
+            allowed = allowed[None, None]  # [1, 1, T, K]
             if self.pad_lengths is not None:
                 allowed = allowed & (self.key_positions[None, :] >= self.pad_lengths[:, None])[:, None, None, :]
             self._masks[window] = (allowed, False)
@@ -50,8 +56,8 @@ class StaticDecodeBatch(AttentionBatch):
 
     def store(self, cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         full_keys, full_values = cache.dense_layer(layer, keys.shape[0])
-        full_keys.index_copy_(2, self.write_index, keys)
-        full_values.index_copy_(2, self.write_index, values)
+        full_keys.index_copy_(2, self.write_positions, keys)
+        full_values.index_copy_(2, self.write_positions, values)
         return self.attended(full_keys, full_values)
 
     def cache_position(self) -> torch.Tensor:
@@ -62,19 +68,26 @@ class StaticDecodeBatch(AttentionBatch):
         return keys[:, :, :length], values[:, :, :length]
 
 
-def graphs_wanted(model, cache, bsz: int, new_len: int, max_output_len: int | None) -> bool:
-    """Whether this forward can replay a captured decode step."""
+def graphs_possible(model, cache) -> bool:
+    """Whether steps of `model` into `cache` can be replayed from graphs at all (device, cache type, switch)."""
     return (
-        new_len == 1
-        and cache is not None
+        cache is not None
         and type(cache) is KVCache
         and isinstance(cache.keys, DenseStore)
         and isinstance(cache.values, DenseStore)
-        and cache.allocated
-        and bsz == cache.batch_size
-        and max_output_len in (1, None)
         and model.device.type == "cuda"
         and os.environ.get("EXLQ_CUDA_GRAPHS", "1") != "0"
+    )
+
+
+def graphs_wanted(model, cache, bsz: int, new_len: int, max_output_len: int | None, graph_step: bool = False) -> bool:
+    """Whether this forward replays a captured step: every one-token step that can, and `graph_step` calls."""
+    one_token = new_len == 1 and max_output_len in (1, None)
+    return (
+        (one_token or (graph_step and 1 <= new_len <= MAX_STEP_TOKENS))
+        and graphs_possible(model, cache)
+        and cache.allocated
+        and bsz == cache.batch_size
         and not torch.cuda.is_current_stream_capturing()
     )
 
@@ -82,17 +95,22 @@ def graphs_wanted(model, cache, bsz: int, new_len: int, max_output_len: int | No
 def static_decode_step(
     model, cache: KVCache, ids: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None, key_positions: torch.Tensor
 ) -> torch.Tensor:
-    """One decode step whose shapes and addresses do not depend on the position (what a graph captures).
+    """A step of T tokens whose shapes and addresses do not depend on the position (what a graph captures).
 
-    ids [B, 1]; position [1] int64 (the cache position written); pad [B] left-pad lengths or None;
-    key_positions arange(span): attention reads cache positions below span, masked beyond `position`.
-    Runs anywhere (the CPU tests check it against eager decoding); only its capture needs CUDA.
+    ids [B, T]; position [1] int64 (the cache position of the first token); pad [B] left-pad lengths or
+    None; key_positions arange(span): attention reads cache positions below span, each token masked
+    beyond its own position. Returns logits [B, T, vocab]. Runs anywhere (the CPU tests check it
+    against eager forwards); only its capture needs CUDA.
     """
-    positions = position.expand(ids.shape[0])[:, None]
+    bsz, tokens = ids.shape
+    write_positions = position + torch.arange(tokens, device=position.device)
+    positions = write_positions[None].expand(bsz, tokens)
     if pad is not None:
         positions = (positions - pad[:, None]).clamp(min=0)
     cos, sin = model.rotary.cos_sin(positions, model.dtype)
-    batch = StaticDecodeBatch(0, 1, cos, sin, pad, write_index=position, key_positions=key_positions)
+    batch = StaticDecodeBatch(
+        0, tokens, cos, sin, pad, write_index=position, key_positions=key_positions, write_positions=write_positions
+    )
     hidden = model.embed(ids)
     for slot, i in enumerate(model.layer_order):
         hidden = model.model.layers[i](hidden, batch, cache, slot)
@@ -100,12 +118,12 @@ def static_decode_step(
 
 
 class DecodeGraph:
-    """One captured single-token decode step for one cache and batch size."""
+    """One captured step of `tokens` tokens for one cache and batch size."""
 
-    def __init__(self, model, cache: KVCache, padded: bool, span: int):
+    def __init__(self, model, cache: KVCache, padded: bool, span: int, tokens: int = 1):
         device, bsz = model.device, cache.batch_size
         self.cache_ref = weakref.ref(cache)
-        self.ids = torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        self.ids = torch.zeros(bsz, tokens, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.pad = torch.zeros(bsz, dtype=torch.long, device=device) if padded else None
         self.key_positions = torch.arange(span, device=device)
@@ -134,7 +152,7 @@ class DecodeGraph:
             self.pad.copy_(cache.pad_lengths)
 
     def run(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, 1, vocab] of `ids` [B, 1] at position `cache.seq_len` (the caller advances seq_len)."""
+        """Logits [B, T, vocab] of `ids` [B, T] from position `cache.seq_len` on (the caller advances seq_len)."""
         self.load_inputs(ids, cache)
         self.graph.replay()
         return self.logits.clone()
@@ -150,13 +168,14 @@ class DecodeGraphs:
         self._graphs.clear()
 
     def run(self, model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        span = min(cache.max_seq_len, -(-(cache.seq_len + 1) // BUCKET) * BUCKET)
-        key = (id(cache), cache.batch_size, cache.pad_lengths is not None, span)
+        tokens = ids.shape[1]
+        span = min(cache.max_seq_len, -(-(cache.seq_len + tokens) // BUCKET) * BUCKET)
+        key = (id(cache), cache.batch_size, cache.pad_lengths is not None, span, tokens)
         graph = self._graphs.pop(key, None)
         if graph is None or graph.cache_ref() is not cache:
             while len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
-            graph = DecodeGraph(model, cache, padded=cache.pad_lengths is not None, span=span)
+            graph = DecodeGraph(model, cache, padded=cache.pad_lengths is not None, span=span, tokens=tokens)
             graph.load_inputs(ids, cache)  # the warm-up and capture run on the real step's inputs
             graph.capture(model, cache)
         self._graphs[key] = graph  # most recently used last

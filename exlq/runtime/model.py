@@ -147,12 +147,15 @@ class DecoderOnlyLM(nn.Module):
         *,
         max_output_len: int | None = 1,
         pad_lengths: torch.Tensor | None = None,
+        graph_step: bool = False,
     ) -> torch.Tensor | None:
         """Run `input_ids` [B, T] after whatever `cache` holds and return logits [B, n, vocab].
 
         n = `max_output_len` last positions (None: all; 0: no logits, prefill only). With a cache,
         the new keys/values are appended and `cache.seq_len` advances by T. `pad_lengths` [B]
         gives the number of left-pad tokens per row; with a cache it is set on the first call.
+        `graph_step`: replay a CUDA graph for this multi-token call too, where graphs apply (worth it
+        for calls repeated with one length, e.g. speculative verification; one-token steps always do).
         """
         input_ids = input_ids.to(self._device)
         bsz, new_len = input_ids.shape
@@ -172,10 +175,10 @@ class DecoderOnlyLM(nn.Module):
             pad_lengths = cache.pad_lengths
         elif pad_lengths is not None:
             pad_lengths = pad_lengths.to(self._device)
-        if graphs_wanted(self, cache, bsz, new_len, max_output_len):
+        if graphs_wanted(self, cache, bsz, new_len, max_output_len, graph_step):
             logits = self.decode_graphs.run(self, input_ids, cache)
-            cache.seq_len = past_len + 1
-            return logits
+            cache.seq_len = past_len + new_len
+            return last_positions(logits, max_output_len)
         batch = self.attention_batch(bsz, new_len, past_len, pad_lengths)
         hidden = self.embed(input_ids)
         for slot, i in enumerate(self.layer_order):
@@ -184,9 +187,7 @@ class DecoderOnlyLM(nn.Module):
             cache.seq_len = past_len + new_len
         if max_output_len == 0:
             return None
-        if max_output_len is not None:
-            hidden = hidden[:, -max_output_len:]
-        return self.logits(hidden)
+        return self.logits(last_positions(hidden, max_output_len))
 
     # ----- pieces of forward, public so the quantizer can run layers one at a time -----
 
@@ -207,3 +208,10 @@ class DecoderOnlyLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head over residual-stream rows."""
         return self.lm_head(self.model.norm(hidden))
+
+
+def last_positions(x: torch.Tensor, count: int | None) -> torch.Tensor | None:
+    """The last `count` positions of x [B, T, ...] (None: all of them; 0: None)."""
+    if count == 0:
+        return None
+    return x if count is None else x[:, -count:]
