@@ -13,48 +13,27 @@ from exlq.runtime.loader import load_model
 
 @pytest.mark.parametrize("variant", ["qwen2", "mistral-window"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_static_step_equals_eager_decode(tiny_model_dirs, variant, padded):
+@pytest.mark.parametrize("tokens", [1, 3])  # decode steps; 3: speculative verification's multi-token graphs
+def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, tokens):
     model = load_model(tiny_model_dirs[variant], device="cpu", dtype="fp32")
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=gen)
-    steps = torch.randint(0, model.config.vocab_size, (2, 6), generator=gen)
+    steps = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
     pad = torch.tensor([0, 4]) if padded else None
     eager_cache, static_cache = model.new_cache(48, batch_size=2), model.new_cache(48, batch_size=2)
     model(ids, eager_cache, pad_lengths=pad)
     model(ids, static_cache, pad_lengths=pad)
     span = torch.arange(32)  # a bucket shorter than max_seq_len: positions beyond it are never read
-    for i in range(steps.shape[1]):
-        expected = model(steps[:, i : i + 1], eager_cache)
+    for i in range(0, steps.shape[1], tokens):
+        expected = model(steps[:, i : i + tokens], eager_cache, max_output_len=None)
         position = torch.tensor([static_cache.seq_len])
         with torch.inference_mode():  # as inside model.forward, where the graphs run it
-            got = static_decode_step(model, static_cache, steps[:, i : i + 1], position, static_cache.pad_lengths, span)
-        static_cache.seq_len += 1
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert BUCKET % 32 == 0
-
-
-@pytest.mark.parametrize("variant", ["qwen2", "mistral-window"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_multi_token_static_step_equals_eager_forward(tiny_model_dirs, variant, padded):
-    """Steps of 3 tokens (speculative verification's graphs): the same logits and cache as eager forwards."""
-    model = load_model(tiny_model_dirs[variant], device="cpu", dtype="fp32")
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=gen)
-    steps = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
-    pad = torch.tensor([0, 3]) if padded else None
-    eager_cache, static_cache = model.new_cache(48, batch_size=2), model.new_cache(48, batch_size=2)
-    model(ids, eager_cache, pad_lengths=pad)
-    model(ids, static_cache, pad_lengths=pad)
-    span = torch.arange(32)
-    for i in range(0, steps.shape[1], 3):
-        expected = model(steps[:, i : i + 3], eager_cache, max_output_len=None)
-        position = torch.tensor([static_cache.seq_len])
-        with torch.inference_mode():
-            got = static_decode_step(model, static_cache, steps[:, i : i + 3], position, static_cache.pad_lengths, span)
-        static_cache.seq_len += 3
+            got = static_decode_step(model, static_cache, steps[:, i : i + tokens], position, static_cache.pad_lengths, span)
+        static_cache.seq_len += tokens
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     end = eager_cache.seq_len
     torch.testing.assert_close(static_cache.keys.data[0][:, :, :end], eager_cache.keys.data[0][:, :, :end])
+    assert BUCKET % 32 == 0
 
 
 LAYOUTS = [

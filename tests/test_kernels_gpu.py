@@ -231,30 +231,10 @@ def test_real_exl2_model_logits_and_greedy_kernels_vs_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_cuda_graph_decode_equals_eager(tiny_model_dirs, monkeypatch, padded):
+@pytest.mark.parametrize("tokens", [1, 5])  # 5: graph_step=True calls, as speculative verification makes them
+def test_cuda_graph_step_equals_eager(tiny_model_dirs, monkeypatch, padded, tokens):
     model = load_model(tiny_model_dirs["qwen2"], device="cuda", dtype="fp16")
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
-    steps = torch.randint(0, model.config.vocab_size, (2, 10), generator=gen)
-    pad = torch.tensor([0, 3]) if padded else None
-    results = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", flag)
-        cache = model.new_cache(64, batch_size=2)
-        model(ids, cache, pad_lengths=pad)
-        out = [model(steps[:, i : i + 1], cache) for i in range(steps.shape[1])]
-        cache.truncate(cache.seq_len - 4)  # rewind, then decode again over the same positions
-        out += [model(steps[:, i : i + 1], cache) for i in range(6, 10)]
-        results[flag] = torch.cat(out, dim=1).float()
-    assert len(model.decode_graphs._graphs) == 1
-    assert rel(results["1"], results["0"]) < 2e-3
-
-
-@pytest.mark.parametrize("padded", [False, True])
-def test_cuda_graph_multi_token_step_equals_eager(tiny_model_dirs, monkeypatch, padded):
-    """graph_step=True calls of 5 tokens (speculative verification) replay one graph and match eager forwards."""
-    model = load_model(tiny_model_dirs["qwen2"], device="cuda", dtype="fp16")
-    gen = torch.Generator().manual_seed(4)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
     steps = torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
     pad = torch.tensor([0, 3]) if padded else None
@@ -264,9 +244,10 @@ def test_cuda_graph_multi_token_step_equals_eager(tiny_model_dirs, monkeypatch, 
         model.decode_graphs.clear()
         cache = model.new_cache(64, batch_size=2)
         model(ids, cache, pad_lengths=pad)
-        out = [model(steps[:, i : i + 5], cache, max_output_len=None, graph_step=True) for i in range(0, 20, 5)]
-        cache.truncate(cache.seq_len - 7)  # rewind into the previous step, then run over those positions again
-        out.append(model(steps[:, 3:8], cache, max_output_len=None, graph_step=True))
+        run = lambda chunk: model(chunk, cache, max_output_len=None, graph_step=tokens > 1)  # noqa: E731
+        out = [run(steps[:, i : i + tokens]) for i in range(0, steps.shape[1], tokens)]
+        cache.truncate(cache.seq_len - 7)  # rewind, then run over the same positions again
+        out += [run(steps[:, i : i + tokens]) for i in range(13, 18, tokens)]
         results[flag] = torch.cat(out, dim=1).float()
     assert len(model.decode_graphs._graphs) == 1
     assert rel(results["1"], results["0"]) < 2e-3
