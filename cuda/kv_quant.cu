@@ -62,3 +62,31 @@ __global__ void kv_dequantize(const unsigned char* __restrict__ codes, const u16
     const float v = ((float)code - HALF_RANGE) * Act<fp16_t>::load(scales[group]);
     x[(size_t)group * GROUP + lane] = hadamard32(v);
 }
+
+// Dequantize positions [s0, s0 + length) of the first rows·heads (row, head) slots of one layer's cache straight into
+// a dense buffer in the activation dtype: out = H·((code - z)·scale) · channel_scale + offset. codes [.., S, D·B/8],
+// scales [.., S, D/32], out [.., S, D] share the slot/position layout (S = s_max positions per slot); offset and
+// channel_scale are float32 [slots, D] (channel_scale may be null: 1). One warp per group of 32 values.
+template <typename T, int B>
+__global__ void kv_dequantize_into(const unsigned char* __restrict__ codes, const u16* __restrict__ scales,
+                                   const float* __restrict__ offset, const float* __restrict__ channel_scale,
+                                   u16* __restrict__ out, int groups, int groups_per_position, int length, int s0,
+                                   int s_max) {
+    const int group = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (group >= groups) return;
+    const int lane = threadIdx.x & 31;
+    const int dg = group % groups_per_position, s = (group / groups_per_position) % length;
+    const int slot = group / (groups_per_position * length);
+    const int dim = groups_per_position * GROUP;
+    const size_t position = (size_t)slot * s_max + s0 + s;
+    const unsigned char* block = codes + (position * dim + dg * GROUP + (lane & ~7)) * B / 8;
+    unsigned long long word = 0;
+#pragma unroll
+    for (int byte = 0; byte < B; byte++) word |= (unsigned long long)block[byte] << (8 * byte);
+    const unsigned code = (unsigned)(word >> (B * (lane & 7))) & ((1u << B) - 1u);
+    constexpr float HALF_RANGE = ((1 << B) - 1) * 0.5f;
+    float v = hadamard32(((float)code - HALF_RANGE) * Act<fp16_t>::load(scales[position * groups_per_position + dg]));
+    const int channel = slot * dim + dg * GROUP + lane;
+    if (channel_scale != nullptr) v *= channel_scale[channel];
+    out[position * dim + dg * GROUP + lane] = Act<T>::store(v + offset[channel]);
+}

@@ -337,3 +337,26 @@ def test_quantized_cache_decode_kernels_vs_torch(tmp_path, monkeypatch, cache):
         out += [model(steps[:, i : i + 1], kv) for i in range(5, 8)]
         results[flag] = torch.cat(out, dim=1).float()
     assert rel(results["1"], results["0"]) < 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_channel_scale", [False, True])
+def test_kv_dequantize_into_matches_torch(bits, dtype, with_channel_scale):
+    """The cache's read kernel: a position range of the first rows, offset and channel scale applied, nothing else written."""
+    from exlq.runtime.kernels import kv_ops
+    from exlq.runtime.kv_quant import dequantize_kv, quantize_kv
+
+    gen = torch.Generator(device=CUDA).manual_seed(bits)
+    x = torch.randn(3, 2, 40, 64, device=CUDA, generator=gen)
+    codes, scales = quantize_kv(x, bits)
+    offset = torch.randn(3, 2, 1, 64, device=CUDA, generator=gen) * 10
+    channel_scale = torch.rand(3, 2, 1, 64, device=CUDA, generator=gen) + 0.5 if with_channel_scale else None
+    out = torch.full((3, 2, 40, 64), float("nan"), dtype=dtype, device=CUDA)
+    kv_ops.dequantize_into(out, codes, scales, offset, channel_scale, bits, rows=2, start=5, end=33)
+    expected = dequantize_kv(codes[:2, :, 5:33], scales[:2, :, 5:33], bits, dtype=torch.float32)
+    if channel_scale is not None:
+        expected = expected * channel_scale[:2]
+    expected = (expected + offset[:2]).to(dtype)
+    assert rel(out[:2, :, 5:33].float(), expected.float()) < 1e-2
+    assert out[:2, :, :5].isnan().all() and out[:2, :, 33:].isnan().all() and out[2].isnan().all()

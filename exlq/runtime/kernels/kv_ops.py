@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from exlq.runtime.kernels import ACTIVATION_TAGS
 from exlq.runtime.kernels.launch import kernel, launch
 
 SOURCE = "kv_quant.cu"
 BITS = (2, 3, 4, 5, 6, 7, 8)
-INSTANCES = tuple(f"{name}<{b}>" for name in ("kv_quantize", "kv_dequantize") for b in BITS)
+INSTANCES = tuple(f"{name}<{b}>" for name in ("kv_quantize", "kv_dequantize") for b in BITS) + tuple(
+    f"kv_dequantize_into<{tag}, {b}>" for tag in ACTIVATION_TAGS.values() for b in BITS
+)
 GROUP = 32
 WARPS = 8  # groups per block
 
@@ -42,3 +45,32 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torc
         launch(function, (-(-groups // WARPS), 1, 1), (32 * WARPS, 1, 1),
                (codes.contiguous(), scales.contiguous(), out, groups), codes.device)
     return out.to(dtype)
+
+
+def dequantize_into(
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offset: torch.Tensor,
+    channel_scale: torch.Tensor | None,
+    bits: int,
+    rows: int,
+    start: int,
+    end: int,
+) -> None:
+    """Positions start..end-1 of the first `rows` batch rows, dequantized into `out` in its dtype (fp16/bf16).
+
+    out [B, H, S, D], codes [B, H, S, D·bits/8] and scales [B, H, S, D/32] are one layer's whole
+    buffers (contiguous); offset and channel_scale (or None) are float32 [B, H, 1, D]:
+    out = dequantize(codes, scales) · channel_scale + offset, as the torch path computes it.
+    """
+    _, heads, s_max, dim = out.shape
+    length = end - start
+    groups = rows * heads * length * (dim // GROUP)
+    if groups <= 0:
+        return
+    tag = ACTIVATION_TAGS[out.dtype]
+    function = kernel(SOURCE, INSTANCES, f"kv_dequantize_into<{tag}, {bits}>", out.device)
+    arguments = (codes, scales, offset.contiguous(), None if channel_scale is None else channel_scale.contiguous(), out,
+                 groups, dim // GROUP, length, start, s_max)  # fmt: skip
+    launch(function, (-(-groups // WARPS), 1, 1), (32 * WARPS, 1, 1), arguments, out.device)
