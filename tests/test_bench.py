@@ -50,3 +50,6 @@ def test_bench_command_errors(tmp_path):
     assert nothing.returncode == 2 and "MODEL" in nothing.stderr
     no_gpu = run_cli(["bench", "--synthetic", "llama3-8b"], tmp_path)
     assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr
+    bad_cache = run_cli(["bench", "--synthetic", "llama3-8b", "--cache", "q5"], tmp_path)
+    assert bad_cache.returncode == 2 and "unknown --cache" in bad_cache.stderr
+

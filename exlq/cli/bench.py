@@ -7,14 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from exlq.cli.common import JsonOpt, print_json, stderr
+from exlq.cli.common import CacheBitsOpt, CacheOpt, JsonOpt, print_json, stderr
 
 
 def bench(
     model_dir: Annotated[Optional[Path], typer.Argument(metavar="[MODEL]", help="Model directory (FP16 or EXL2); or use --synthetic.", show_default=False)] = None,
     synthetic: Annotated[Optional[str], typer.Option(help="Build a model of this shape with random weights instead: llama3-8b, llama3.2-1b, qwen2.5-0.5b, smollm2-135m.", show_default=False)] = None,
     bpw: Annotated[float, typer.Option(help="With --synthetic: EXL2 bits per weight of the decoder linears (2-8), or 16 for FP16.")] = 4.0,
-    cache_tokens: Annotated[int, typer.Option("--max-seq-len", help="KV-cache length allocated for the decode test (FP16 cache).")] = 4096,
+    cache_tokens: Annotated[int, typer.Option("--max-seq-len", help="KV-cache length allocated for the decode test.")] = 4096,
+    cache: CacheOpt = "fp16",
+    cache_bits: CacheBitsOpt = None,
     new_tokens: Annotated[int, typer.Option(help="Decode steps timed.")] = 256,
     prefill: Annotated[str, typer.Option(help="Prefill lengths timed, comma separated.")] = "512,2048",
     device: Annotated[str, typer.Option(help="cuda or cuda:N.")] = "cuda",
@@ -29,9 +31,11 @@ def bench(
 
     from exlq.errors import ExlqError
     from exlq.eval.speed import measure_speed
+    from exlq.runtime.kv_quant import parse_cache_type
 
     if (model_dir is None) == (synthetic is None):
         raise ExlqError("give a MODEL directory or --synthetic SHAPE (one of them)")
+    cache_type = parse_cache_type(cache, cache_bits)
     if not torch.cuda.is_available():
         raise ExlqError("exlq bench measures GPU speed and needs a CUDA GPU (none is visible)")
     target = torch.device(device)
@@ -43,7 +47,8 @@ def bench(
     with stderr.status("building the model", spinner="dots"):
         model = _synthetic_model(synthetic, bpw, target) if synthetic else _real_model(model_dir, target)
     stderr.print(f"[dim]timing on {torch.cuda.get_device_name(target)}[/dim]")
-    report = measure_speed(model, cache_tokens=max(cache_tokens, max(lengths, default=0)), prefill_lengths=lengths, new_tokens=new_tokens)
+    report = measure_speed(model, cache_tokens=max(cache_tokens, max(lengths, default=0)), prefill_lengths=lengths,
+                           new_tokens=new_tokens, cache_type=cache_type)  # fmt: skip
     payload = {"model": str(model_dir) if model_dir else f"synthetic:{synthetic}", "bpw": None if model_dir else bpw, **report.as_dict()}
     if json_output:
         print_json(payload)
@@ -53,7 +58,7 @@ def bench(
           f"{report.decode_weight_gbps:.0f} GB/s = {100 * report.roofline_fraction:.1f}% of copy bandwidth {report.copy_bandwidth_gbps:.0f} GB/s")
     for n, tps in report.prefill_tokens_per_second.items():
         print(f"prefill {n}: {tps:.0f} tokens/s")
-    print(f"peak VRAM: {report.peak_vram_gib:.2f} GiB (cache of {report.cache_tokens} tokens)")
+    print(f"peak VRAM: {report.peak_vram_gib:.2f} GiB ({report.cache} cache of {report.cache_tokens} tokens)")
 
 
 def _synthetic_model(shape: str, bpw: float, device):

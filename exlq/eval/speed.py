@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from exlq.runtime.exl2 import Exl2Linear
+from exlq.runtime.kv_quant import as_cache_type
 from exlq.runtime.linear import DenseLinear
 
 PROMPT_TOKENS = 32
@@ -36,6 +37,7 @@ class SpeedReport:
     prefill_tokens_per_second: dict[int, float] = field(default_factory=dict)
     peak_vram_gib: float = 0.0
     cache_tokens: int = 0
+    cache: str = "fp16"  # KV-cache type of the decode test
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,10 +92,10 @@ def _timed(device: torch.device, fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def decode_speed(model, cache_tokens: int, new_tokens: int = 256) -> float:
-    """Batch-1 greedy decode tokens/s after a short prompt (one host sync per token)."""
+def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=None) -> float:
+    """Batch-1 greedy decode tokens/s after a short prompt (one host sync per token); `cache_type` as new_cache takes it."""
     device = model.device
-    cache = model.new_cache(cache_tokens)
+    cache = model.new_cache(cache_tokens, cache_type=cache_type)
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_TOKENS), device=device)
     steps = min(new_tokens, cache_tokens - PROMPT_TOKENS - 8)
 
@@ -130,12 +132,15 @@ def prefill_speed(model, length: int, repeats: int = 3) -> float:
     return length / _timed(device, run, repeats)
 
 
-def measure_speed(model, *, cache_tokens: int = 4096, prefill_lengths=(512, 2048), new_tokens: int = 256) -> SpeedReport:
+def measure_speed(
+    model, *, cache_tokens: int = 4096, prefill_lengths=(512, 2048), new_tokens: int = 256, cache_type=None
+) -> SpeedReport:
+    """Decode (through a cache of `cache_type`, default fp16) and prefill speed, bandwidth and peak VRAM."""
     device = model.device
     bandwidth = copy_bandwidth(device)
     torch.cuda.reset_peak_memory_stats(device)  # after the copy buffers are gone: weights stay counted
     weight_bytes = weight_bytes_per_token(model)
-    decode = decode_speed(model, cache_tokens, new_tokens)
+    decode = decode_speed(model, cache_tokens, new_tokens, cache_type)
     prefill = {n: prefill_speed(model, n) for n in prefill_lengths}
     weight_gbps = weight_bytes * decode / 1e9
     return SpeedReport(
@@ -149,4 +154,5 @@ def measure_speed(model, *, cache_tokens: int = 4096, prefill_lengths=(512, 2048
         prefill_tokens_per_second=prefill,
         peak_vram_gib=torch.cuda.max_memory_allocated(device) / 2**30,
         cache_tokens=cache_tokens,
+        cache=as_cache_type(cache_type).name,
     )
