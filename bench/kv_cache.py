@@ -7,7 +7,8 @@ Each model scores the first ROWS non-overlapping LENGTH-token windows of the Wik
 (exactly `exlq eval-ppl MODEL --rows R --length L --token-by-token --cache C`): every window runs
 through the cache CHUNK tokens per step (1: a one-token prefill, then decode steps). Δ is against
 the fp16 row (the unquantized cache in the compute dtype). Cache names: fp16, q8, q6, q4, kKvV
-(e.g. k4v2), with optional g<group> and p<dense prefix> suffixes (q4g64, q4p0).
+(e.g. k4v2), with optional g<group>, p<dense prefix> and s0 (no per-channel key scales) suffixes
+(q4g64, q4p0, q4s0).
 
 --rounding also prints, for one window's keys and values (fp16 cache, all layers), the relative
 squared error (over the energy around the dense-prefix mean) of the rounding choices kv_quant.py's docstring compares: mid-rise vs
@@ -36,13 +37,14 @@ from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
 
 
 def cache_type(name: str) -> CacheType:
-    """fp16 / q4 / k4v2, optionally followed by g<group> and p<dense prefix>."""
-    match = re.fullmatch(r"(fp16|q\d|k(\d)v(\d))(?:g(\d+))?(?:p(\d+))?", name)
+    """fp16 / q4 / k4v2, optionally followed by g<group>, p<dense prefix> and s0 (no per-channel key scales)."""
+    match = re.fullmatch(r"(fp16|q\d|k(\d)v(\d))(?:g(\d+))?(?:p(\d+))?(s0)?", name)
     if not match:
         raise SystemExit(f"bad cache name {name!r}")
-    base, k, v, group, prefix = match.groups()
+    base, k, v, group, prefix, unscaled = match.groups()
     parsed = parse_cache_type("fp16", f"{k},{v}") if k else parse_cache_type(base)
-    return CacheType(parsed.key_bits, parsed.value_bits, int(group or parsed.group), int(prefix if prefix is not None else parsed.dense_prefix))
+    group, prefix = int(group or parsed.group), int(prefix if prefix is not None else parsed.dense_prefix)
+    return CacheType(parsed.key_bits, parsed.value_bits, group, prefix, key_scales=not unscaled)
 
 
 def rounding_errors(model, ids: torch.Tensor, bits_list=(2, 4, 8)) -> list[str]:

@@ -21,6 +21,7 @@ from exlq.runtime.kv_quant import (
     CacheType,
     dequantize_kv,
     hadamard,
+    key_channel_scales,
     pack_codes,
     parse_cache_type,
     quantize_kv,
@@ -129,6 +130,83 @@ def test_quantize_keeps_fp16_and_bf16_inputs():
         assert dequantize_kv(codes, scales, 6, 32, dtype).dtype == dtype
 
 
+def test_key_channel_scales_weigh_query_energy_against_key_spread():
+    g = torch.Generator().manual_seed(0)
+    centered = torch.randn(2, 3, 16, 64, generator=g)
+    centered -= centered.mean(-2, keepdim=True)
+    scales = key_channel_scales(centered)
+    assert scales.shape == (2, 3, 1, 64)
+    assert torch.allclose(scales.pow(2).mean(-1), torch.ones(2, 3, 1))  # RMS 1 over the channels
+    assert torch.allclose(key_channel_scales(centered, torch.ones(2, 3, 16, 64)), scales)  # flat queries = no queries
+    # s² ∝ rms(q) / rms(k): 4x the query energy (2x rms) and 4x the key spread cancel; each alone moves s by √2
+    energy = torch.ones(2, 3, 16, 64)
+    energy[..., 7] = 4.0
+    wide = centered.clone()
+    wide[..., 7] *= 4.0
+    base = scales[..., 7] / scales[..., 8]
+    assert torch.allclose(key_channel_scales(centered, energy)[..., 7] / key_channel_scales(centered, energy)[..., 8], base * 2**0.5, rtol=1e-4)
+    assert torch.allclose(key_channel_scales(wide)[..., 7] / key_channel_scales(wide)[..., 8], base / 2, rtol=1e-4)
+    # a channel constant over the prefix is floored at 0.1x the mean spread instead of getting an unbounded weight
+    flat = centered.clone()
+    flat[..., 7] = 0.0
+    floored = key_channel_scales(flat)
+    assert torch.isfinite(floored).all() and (floored[..., 7] / floored.median(-1).values < 4).all()
+    assert torch.isfinite(key_channel_scales(torch.zeros(1, 1, 16, 64))).all()
+
+
+def outlier_channel_head(seed: int = 0, length: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [1, 1, length, 64] and queries [1, 2, length, 64] shaped like a Qwen2.5-0.5B head: channel 5's
+    keys sit on a large constant (the k_proj bias) and barely vary, while the queries are large there."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 1, length, 64, generator=g)
+    keys[..., 5] = 100.0 + 0.05 * keys[..., 5]
+    queries = torch.randn(1, 2, length, 64, generator=g)
+    queries[..., 5] += 30.0
+    return keys, queries
+
+
+def logit_error_through_cache(cache_type: CacheType, show_queries: bool) -> float:
+    """RMS error of the logits q·k of the positions after the dense prefix, keys read back from a q4 cache."""
+    keys, queries = outlier_channel_head()
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=64, max_seq_len=80, dtype=torch.float32, cache_type=cache_type)
+    for start in range(0, 80, 8):  # chunked, as a prefill then decode steps would write it
+        if show_queries:
+            cache.observe_queries(0, queries[:, :, start : start + 8], start)
+        cache.store(0, keys[:, :, start : start + 8], keys[:, :, start : start + 8], start)
+    read = cache.keys.read(0, 1, 80)
+    prefix = cache_type.dense_prefix
+    errors = queries[..., prefix:, :] @ (read - keys)[..., prefix:, :].transpose(-1, -2)
+    return float(errors.pow(2).mean().sqrt())
+
+
+def test_key_channel_scales_cut_the_logit_error_where_queries_are_large():
+    plain = logit_error_through_cache(CacheType(4, 4, key_scales=False), show_queries=True)
+    keys_only = logit_error_through_cache(CacheType(4, 4), show_queries=False)
+    query_aware = logit_error_through_cache(CacheType(4, 4), show_queries=True)
+    assert query_aware < keys_only < plain / 2 and query_aware < plain / 3, (plain, keys_only, query_aware)
+
+
+def test_key_channel_scales_are_fixed_by_the_prefix_and_rewrite_identically():
+    keys, queries = outlier_channel_head(seed=1, length=40)
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=64, max_seq_len=40, dtype=torch.float32, cache_type="q4")
+
+    def run(start: int, step: int) -> list[torch.Tensor]:
+        for i in range(start, 40, step):
+            cache.observe_queries(0, queries[:, :, i : i + step], i)
+            cache.store(0, keys[:, :, i : i + step], keys[:, :, i : i + step], i)
+        cache.seq_len = 40
+        return [cache.keys.multipliers[0].clone(), cache.keys.codes[0].clone(), cache.keys.scales[0].clone()]
+
+    first = run(0, 4)
+    for keep in (20, 3):  # rewind inside the quantized part, inside the dense prefix
+        cache.truncate(keep)
+        assert all(torch.equal(a, b) for a, b in zip(run(keep, 4), first))
+    cache.truncate(0)
+    at_once = run(0, 40)  # chunking changes only float summation order
+    assert torch.allclose(at_once[0], first[0], rtol=1e-5)
+    assert (at_once[1] != first[1]).float().mean() < 0.01
+
+
 # --- cache types, parsing, bytes ---------------------------------------------------------------------
 
 
@@ -155,6 +233,7 @@ def test_parse_cache_type_rejects(cache, bits, needle):
 def test_cache_type_names():
     assert [CacheType(*b).name for b in [(None, None), (4, 4), (8, 8), (4, 2), (4, None)]] == ["fp16", "q4", "q8", "k4v2", "k4v16"]
     assert CacheType(4, 4, group=64, dense_prefix=0).name == "q4g64p0"
+    assert CacheType(4, 4, key_scales=False).name == "q4s0" and CacheType(None, 4, key_scales=False).name == "k16v4"
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,12 @@ padded and the pad lengths are remembered here so every later step masks and pos
 
 Keys and values are each kept by a store: dense in the model dtype (the fp16 cache type), or
 quantized (`exlq.runtime.kv_quant`: packed codes and one fp16 scale per group, after a short
-dense prefix whose mean is subtracted first). A quantized store quantizes only the new positions
-on write and dequantizes the whole history on read, so attention always sees dequantized
-keys/values, the new positions included. A position's cached value depends only on its own
-key/value vector and the dense prefix, never on how the input was chunked, and a rewind followed
-by the same input writes bit-identical codes.
+dense prefix whose mean is subtracted first; keys are also scaled per channel from the prefix and
+the queries seen there). A quantized store quantizes only the new positions on write and
+dequantizes the whole history on read, so attention always sees dequantized keys/values, the new
+positions included. A position's cached value depends only on its own key/value vector and the
+dense prefix (its keys, values and queries), never on how the input was chunked, and a rewind
+followed by the same input writes bit-identical codes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import torch
 from exlq.errors import ExlqError
 from exlq.runtime import kernels
 from exlq.runtime.kernels import kv_ops
-from exlq.runtime.kv_quant import SCALE_DTYPE, CacheType, as_cache_type, dequantize_kv, packed_size, quantize_kv
+from exlq.runtime.kv_quant import (
+    SCALE_DTYPE,
+    CacheType,
+    as_cache_type,
+    dequantize_kv,
+    key_channel_scales,
+    packed_size,
+    quantize_kv,
+)
 
 Shape = tuple[int, int, int, int]  # [batch, kv_heads, max_seq_len, head_dim]
 
@@ -62,17 +71,29 @@ class QuantizedStore:
     qwen2.5-coder-0.5b without it; docs/benchmarks.md). The prefix also keeps attention-sink
     tokens exact. Positions after it are stored as codes [B, H, S, D·b/8] and scales [B, H, S, D/group]
     (the first `prefix` slots of those stay unused, so positions index them directly).
+
+    With `channel_scales` (the keys' store), the completed prefix also fixes a multiplier per
+    (row, head, channel), `kv_quant.key_channel_scales`: positions are quantized as (x - offset)·s
+    and read back as x̂/s + offset. It weighs each channel by how much the queries look at it
+    (their energy over the prefix positions, handed over by `observe_queries` before the keys
+    are written; without it, s² = 1/spread): Qwen2.5-0.5B's q4 perplexity cost falls from +19 % to
+    +2 % (+4.6 % from the key spread alone; docs/benchmarks.md). The quantize/dequantize functions
+    (and CUDA kernels) see only the offset and scaled float32 tensor.
     """
 
     def __init__(
-        self, num_layers: int, shape: Shape, dtype: torch.dtype, device: torch.device, bits: int, group: int, prefix: int
+        self, num_layers: int, shape: Shape, dtype: torch.dtype, device: torch.device, bits: int, group: int, prefix: int,
+        channel_scales: bool = False,
     ):  # fmt: skip
         self.num_layers, self.shape, self.dtype, self.device = num_layers, shape, dtype, device
         self.bits, self.group, self.prefix = bits, group, min(prefix, shape[2])
+        self.channel_scales = channel_scales and self.prefix > 0
         self.codes: list[torch.Tensor] = []
         self.scales: list[torch.Tensor] = []
         self.dense = DenseStore(num_layers, (*shape[:2], self.prefix, shape[3]), dtype, device)
         self.offsets: list[torch.Tensor] = []  # [B, H, 1, D] float32 per layer
+        self.multipliers: list[torch.Tensor] = []  # [B, H, 1, D] float32 per layer (channel_scales only)
+        self.query_energy: list[torch.Tensor] = []  # [B, H, prefix, D] float32 per layer (channel_scales only)
 
     @property
     def bytes_per_position(self) -> int:
@@ -92,6 +113,10 @@ class QuantizedStore:
         self.codes = [torch.zeros(code_shape, dtype=torch.uint8, device=self.device) for _ in range(self.num_layers)]
         self.scales = [torch.zeros(scale_shape, dtype=SCALE_DTYPE, device=self.device) for _ in range(self.num_layers)]
         self.offsets = [torch.zeros(batch, heads, 1, dim, device=self.device) for _ in range(self.num_layers)]
+        if self.channel_scales:
+            self.multipliers = [torch.ones(batch, heads, 1, dim, device=self.device) for _ in range(self.num_layers)]
+            energy_shape = (batch, heads, self.prefix, dim)
+            self.query_energy = [torch.zeros(energy_shape, device=self.device) for _ in range(self.num_layers)]
         self.dense.allocate()
 
     @property
@@ -109,16 +134,36 @@ class QuantizedStore:
             return kv_ops.dequantize(codes, scales, self.bits, torch.float32)
         return dequantize_kv(codes, scales, self.bits, self.group, torch.float32)
 
+    def observe_queries(self, layer: int, queries: torch.Tensor, start: int) -> None:
+        """Record the energy of queries [B, Hq, T, D] at positions start.. that fall in the dense prefix.
+
+        Summed over the query heads that share each KV head; call it before writing the same
+        positions' keys (the write that completes the prefix fixes the channel scales)."""
+        rows, query_heads, length, dim = queries.shape
+        count = min(max(self.prefix - start, 0), length)
+        if not (self.channel_scales and count):
+            return
+        heads = self.shape[1]
+        energy = queries[:, :, :count].float().pow(2).reshape(rows, heads, query_heads // heads, count, dim).sum(2)
+        self.query_energy[layer][:rows, :, start : start + count] = energy
+
     def write(self, layer: int, x: torch.Tensor, start: int) -> None:
         rows, end = x.shape[0], start + x.shape[2]
         split = min(max(self.prefix - start, 0), x.shape[2])  # how many of the new positions are prefix
         if split:
             self.dense.write(layer, x[:, :, :split], start)
-            if start + split == self.prefix:  # the prefix is complete: (re)fix the offset
-                self.offsets[layer][:rows] = self.dense.read(layer, rows, self.prefix).float().mean(2, keepdim=True)
+            if start + split == self.prefix:  # the prefix is complete: (re)fix the offset and channel scales
+                prefix = self.dense.read(layer, rows, self.prefix).float()
+                self.offsets[layer][:rows] = offset = prefix.mean(2, keepdim=True)
+                if self.channel_scales:
+                    energy = self.query_energy[layer][:rows]
+                    self.multipliers[layer][:rows] = key_channel_scales(prefix - offset, energy)
         if split == x.shape[2]:
             return
-        codes, scales = self._quantize(x[:, :, split:].float() - self.offsets[layer][:rows])
+        centered = x[:, :, split:].float() - self.offsets[layer][:rows]
+        if self.channel_scales:
+            centered = centered * self.multipliers[layer][:rows]
+        codes, scales = self._quantize(centered)
         self.codes[layer][:rows, :, start + split : end] = codes
         self.scales[layer][:rows, :, start + split : end] = scales
 
@@ -127,14 +172,22 @@ class QuantizedStore:
         if end <= self.prefix:
             return dense
         codes, scales = self.codes[layer][:batch, :, self.prefix : end], self.scales[layer][:batch, :, self.prefix : end]
-        rest = (self._dequantize(codes, scales) + self.offsets[layer][:batch]).to(self.dtype)
+        rest = self._dequantize(codes, scales)
+        if self.channel_scales:
+            rest = rest / self.multipliers[layer][:batch]
+        rest = (rest + self.offsets[layer][:batch]).to(self.dtype)
         return torch.cat([dense, rest], dim=2) if self.prefix else rest
 
 
-def make_store(bits: int | None, cache_type: CacheType, num_layers: int, shape: Shape, dtype: torch.dtype, device: torch.device):
+def make_store(
+    bits: int | None, cache_type: CacheType, num_layers: int, shape: Shape, dtype: torch.dtype, device: torch.device,
+    channel_scales: bool = False,
+) -> DenseStore | QuantizedStore:  # fmt: skip
     if bits is None:
         return DenseStore(num_layers, shape, dtype, device)
-    return QuantizedStore(num_layers, shape, dtype, device, bits, cache_type.group, cache_type.dense_prefix)
+    return QuantizedStore(
+        num_layers, shape, dtype, device, bits, cache_type.group, cache_type.dense_prefix, channel_scales
+    )
 
 
 class KVCache:
@@ -166,7 +219,8 @@ class KVCache:
         self.seq_len = 0
         self.pad_lengths: torch.Tensor | None = None
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
-        self.keys = make_store(self.cache_type.key_bits, self.cache_type, num_layers, shape, dtype, self.device)
+        key_scales = self.cache_type.key_scales
+        self.keys = make_store(self.cache_type.key_bits, self.cache_type, num_layers, shape, dtype, self.device, key_scales)
         self.values = make_store(self.cache_type.value_bits, self.cache_type, num_layers, shape, dtype, self.device)
         self._allocated = False
 
@@ -227,6 +281,18 @@ class KVCache:
         self.keys.write(layer, keys, past_len)
         self.values.write(layer, values, past_len)
         return self.keys.read(layer, batch, end), self.values.read(layer, batch, end)
+
+    def observe_queries(self, layer: int, queries: torch.Tensor, past_len: int) -> None:
+        """Show the cache this forward's queries [B, Hq, T, D], before `store` writes its keys.
+
+        Only a quantized key store with channel scales uses them, and only for positions in its dense
+        prefix (their energy sets the per-channel key scales); otherwise this does nothing. The model
+        passes them before RoPE (layers.Attention): the channels that matter, with large near-constant
+        keys, are the slowly rotating ones, and that measured as well as after RoPE."""
+        keys = self.keys
+        if isinstance(keys, QuantizedStore) and keys.channel_scales and past_len < keys.prefix:
+            self._allocate()
+            keys.observe_queries(layer, queries, past_len)
 
     def dense_layer(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Whole key/value buffers [batch, Hkv, max_seq_len, D] of one layer, for kernels that write

@@ -15,7 +15,19 @@ as here: lower squared error than mid-tread at 2, 4 and 8 bits, by 13-55 % at 2-
 at 8; unrotated, mid-tread can win; `bench/kv_cache.py --rounding`, docs/benchmarks.md). An asymmetric min/max variant was a little
 more accurate at the same bits but needs a second fp16 number per group (+0.5 bit per element),
 which buys more when spent on the codes. The cache (cache.py) subtracts a per-channel offset
-before calling these functions; see QuantizedStore.
+before calling these functions and, for keys, multiplies each channel by a scale from the dense
+prefix (`key_channel_scales`); see QuantizedStore.
+
+Why key channels are scaled: attention reads keys only through the logits q·k, so a key
+channel's rounding error costs in proportion to the query on that channel. The rotation spreads
+the error of a group evenly over its channels (its step is set by the whole group's energy), so
+a channel where the queries are large but the keys barely vary gets as much error as a busy one.
+Qwen2.5-0.5B has exactly that (a few channels with huge queries and, from the k_proj bias, huge but
+near-constant keys): without the scales its q4 cache cost +19 % perplexity, with them +2 %
+(docs/benchmarks.md; SmolLM2's +2.9 % became +2.3 %). Quantizing k·s instead of k, the logit
+error is Σ_c q_c·e_c/s_c with e roughly uniform of variance ∝ Σ_c s_c²·σ_c² (σ_c: the key
+spread); by Cauchy-Schwarz that is smallest for s_c² ∝ |q_c|/σ_c, estimated from the dense
+prefix as rms(q_c)/rms(k_c - m_c).
 
 Codes are packed densely: every 8 consecutive b-bit codes fill b bytes, little-endian (code i
 of the 8 sits at bits b·i .. b·i+b-1 of that 8b-bit word). `quantize_kv` and `dequantize_kv` are
@@ -34,6 +46,7 @@ from exlq.errors import ExlqError
 
 DEFAULT_GROUP = 32
 DEFAULT_DENSE_PREFIX = 16
+KEY_SCALE_FLOOR = 0.1  # per-channel rms statistics are floored at this fraction of their mean over the head
 MIN_BITS, MAX_BITS = 2, 8
 NAMED_TYPES = {"fp16": None, "q4": 4, "q6": 6, "q8": 8}
 SCALE_DTYPE = torch.float16
@@ -49,6 +62,7 @@ class CacheType:
     value_bits: int | None = None
     group: int = DEFAULT_GROUP
     dense_prefix: int = DEFAULT_DENSE_PREFIX  # first positions kept unquantized; their mean is the offset
+    key_scales: bool = True  # per-channel key scales from the dense prefix (key_channel_scales); False for ablations
 
     def __post_init__(self) -> None:
         for side, bits in (("key", self.key_bits), ("value", self.value_bits)):
@@ -65,7 +79,8 @@ class CacheType:
 
     @property
     def name(self) -> str:
-        """fp16, q4, q6, q8, or k4v2 style for other combinations; g64 / p0 mark a non-default group / dense prefix."""
+        """fp16, q4, q6, q8, or k4v2 style for other combinations; g64 / p0 / s0 mark a non-default group / dense
+        prefix / no per-channel key scales."""
         if self.key_bits == self.value_bits:
             name = "fp16" if self.key_bits is None else f"q{self.key_bits}"
         else:
@@ -74,6 +89,8 @@ class CacheType:
             name += f"g{self.group}"
         if self.quantized and self.dense_prefix != DEFAULT_DENSE_PREFIX:
             name += f"p{self.dense_prefix}"
+        if self.key_bits is not None and not self.key_scales:
+            name += "s0"
         return name
 
     def check_head_dim(self, head_dim: int) -> None:
@@ -122,6 +139,29 @@ def hadamard(size: int, device: torch.device | str = "cpu", dtype: torch.dtype =
     while h.shape[0] < size:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / math.sqrt(size)).to(device=device, dtype=dtype)
+
+
+def key_channel_scales(
+    centered: torch.Tensor, query_energy: torch.Tensor | None = None, floor: float = KEY_SCALE_FLOOR
+) -> torch.Tensor:
+    """Per-channel key multipliers s [..., 1, D] from the dense prefix (see the module docstring).
+
+    `centered`: the prefix's keys minus their mean, [..., P, D]; `query_energy`: the queries' q² at
+    those positions, summed over the query heads that share the KV head, [..., P, D] (None or all
+    zero when the cache was not shown the queries: they then count as equal on every channel).
+    s_c² = rms(q_c) / rms(k_c - m_c), each rms floored at `floor` × its mean over the channels so
+    that a channel nearly constant over the prefix (or without query energy) gets no runaway weight,
+    then s is scaled to RMS 1 over the channels, which keeps the fp16 group scales in their range.
+    Keys are quantized as (k - m)·s and read back as x̂/s + m.
+    """
+
+    def floored(x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(x, floor * x.mean(-1, keepdim=True)).clamp_min(1e-12)
+
+    key_rms = floored(centered.float().pow(2).mean(-2, keepdim=True).sqrt())
+    query_rms = torch.ones_like(key_rms) if query_energy is None else floored(query_energy.float().mean(-2, keepdim=True).sqrt())
+    scales = (query_rms / key_rms).sqrt()
+    return scales / scales.pow(2).mean(-1, keepdim=True).sqrt()
 
 
 def packed_size(n: int, bits: int) -> int:

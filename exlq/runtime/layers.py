@@ -80,6 +80,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim)
+        if cache is not None:  # a quantized cache weighs its key channels by the queries of its first positions
+            cache.observe_queries(cache_layer, q.transpose(1, 2), batch.past_len)
         q, k, v = batch.rotate_and_store(cache, cache_layer, q, k, v)
         mask, is_causal = batch.mask(self.window)
         out = attend(q, k, v, mask, is_causal)
