@@ -58,6 +58,10 @@ print(f'all kernels cold: {total:.1f} s')"
     echo "== speculative (1.5B main, 0.5B draft, fp16)"
     python3 bench/speculative.py $Q15 $Q05 --device cuda --prompts 8 --max-new-tokens 128 2>&1 | tee $OUT/speculative.txt | tail -15
   fi
+  for cache in q8 q4; do  # batch-1 decode through a quantized cache (graphs since the static quantized step)
+    echo "== bench qwen 0.5B fp16, $cache cache"; python3 -m exlq.cli.app bench $Q05 --cache $cache --prefill 512 --json \
+      > $OUT/bench_q05_$cache.json 2>>$OUT/err.log; grep -E "decode_tokens|cache" $OUT/bench_q05_$cache.json
+  done
   tail -3 $OUT/err.log 2>/dev/null
 else
   echo "== HumanEval"

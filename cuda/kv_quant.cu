@@ -64,12 +64,12 @@ __global__ void kv_dequantize(const unsigned char* __restrict__ codes, const u16
 }
 
 // Dequantize positions [s0, s0 + length) of the first rows·heads (row, head) slots of one layer's cache straight into
-// a dense buffer in the activation dtype: out = H·((code - z)·scale) · channel_scale + offset. codes [.., S, D·B/8],
+// a dense buffer in the activation dtype: out = H·((code - z)·scale) / divisor + offset. codes [.., S, D·B/8],
 // scales [.., S, D/32], out [.., S, D] share the slot/position layout (S = s_max positions per slot); offset and
-// channel_scale are float32 [slots, D] (channel_scale may be null: 1). One warp per group of 32 values.
+// divisor (the keys' channel scales) are float32 [slots, D]; divisor may be null (1). One warp per group of 32.
 template <typename T, int B>
 __global__ void kv_dequantize_into(const unsigned char* __restrict__ codes, const u16* __restrict__ scales,
-                                   const float* __restrict__ offset, const float* __restrict__ channel_scale,
+                                   const float* __restrict__ offset, const float* __restrict__ divisor,
                                    u16* __restrict__ out, int groups, int groups_per_position, int length, int s0,
                                    int s_max) {
     const int group = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -87,6 +87,6 @@ __global__ void kv_dequantize_into(const unsigned char* __restrict__ codes, cons
     constexpr float HALF_RANGE = ((1 << B) - 1) * 0.5f;
     float v = hadamard32(((float)code - HALF_RANGE) * Act<fp16_t>::load(scales[position * groups_per_position + dg]));
     const int channel = slot * dim + dg * GROUP + lane;
-    if (channel_scale != nullptr) v *= channel_scale[channel];
+    if (divisor != nullptr) v = __fdiv_rn(v, divisor[channel]);  // IEEE division, as the torch path
     out[position * dim + dg * GROUP + lane] = Act<T>::store(v + offset[channel]);
 }

@@ -8,19 +8,22 @@ import torch
 from exlq.quant.exl2_pack import converter_layout
 from exlq.runtime.graphs import BUCKET, static_decode_step
 from exlq.runtime.kernels.exl2_ops import CHUNK_ROWS, SPLIT_ROWS, chunk_table, split_points
+from exlq.runtime.kv_quant import CacheType
 from exlq.runtime.loader import load_model
 
 
 @pytest.mark.parametrize("variant", ["qwen2", "mistral-window"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("tokens", [1, 3])  # decode steps; 3: speculative verification's multi-token graphs
-def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, tokens):
+@pytest.mark.parametrize("cache_type", [None, CacheType(4, 4, group=16, dense_prefix=2)], ids=["fp16", "q4"])
+def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, tokens, cache_type):
+    """The step a graph captures gives eager decoding's logits and cache contents (a quantized cache: its codes)."""
     model = load_model(tiny_model_dirs[variant], device="cpu", dtype="fp32")
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=gen)
     steps = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
     pad = torch.tensor([0, 4]) if padded else None
-    eager_cache, static_cache = model.new_cache(48, batch_size=2), model.new_cache(48, batch_size=2)
+    eager_cache, static_cache = (model.new_cache(48, batch_size=2, cache_type=cache_type) for _ in range(2))
     model(ids, eager_cache, pad_lengths=pad)
     model(ids, static_cache, pad_lengths=pad)
     span = torch.arange(32)  # a bucket shorter than max_seq_len: positions beyond it are never read
@@ -32,7 +35,11 @@ def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, toke
         static_cache.seq_len += tokens
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     end = eager_cache.seq_len
-    torch.testing.assert_close(static_cache.keys.data[0][:, :, :end], eager_cache.keys.data[0][:, :, :end])
+    if cache_type is None:
+        torch.testing.assert_close(static_cache.keys.data[0][:, :, :end], eager_cache.keys.data[0][:, :, :end])
+    else:
+        assert torch.equal(static_cache.keys.codes[0][:, :, :end], eager_cache.keys.codes[0][:, :, :end])
+        assert torch.equal(static_cache.values.scales[1][:, :, :end], eager_cache.values.scales[1][:, :, :end])
     assert BUCKET % 32 == 0
 
 

@@ -341,8 +341,8 @@ def test_quantized_cache_decode_kernels_vs_torch(tmp_path, monkeypatch, cache):
 
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("with_channel_scale", [False, True])
-def test_kv_dequantize_into_matches_torch(bits, dtype, with_channel_scale):
+@pytest.mark.parametrize("with_divisor", [False, True])
+def test_kv_dequantize_into_matches_torch(bits, dtype, with_divisor):
     """The cache's read kernel: a position range of the first rows, offset and channel scale applied, nothing else written."""
     from exlq.runtime.kernels import kv_ops
     from exlq.runtime.kv_quant import dequantize_kv, quantize_kv
@@ -351,12 +351,37 @@ def test_kv_dequantize_into_matches_torch(bits, dtype, with_channel_scale):
     x = torch.randn(3, 2, 40, 64, device=CUDA, generator=gen)
     codes, scales = quantize_kv(x, bits)
     offset = torch.randn(3, 2, 1, 64, device=CUDA, generator=gen) * 10
-    channel_scale = torch.rand(3, 2, 1, 64, device=CUDA, generator=gen) + 0.5 if with_channel_scale else None
+    divisor = torch.rand(3, 2, 1, 64, device=CUDA, generator=gen) + 0.5 if with_divisor else None
     out = torch.full((3, 2, 40, 64), float("nan"), dtype=dtype, device=CUDA)
-    kv_ops.dequantize_into(out, codes, scales, offset, channel_scale, bits, rows=2, start=5, end=33)
+    kv_ops.dequantize_into(out, codes, scales, offset, divisor, bits, rows=2, start=5, end=33)
     expected = dequantize_kv(codes[:2, :, 5:33], scales[:2, :, 5:33], bits, dtype=torch.float32)
-    if channel_scale is not None:
-        expected = expected * channel_scale[:2]
+    if divisor is not None:
+        expected = expected / divisor[:2]
     expected = (expected + offset[:2]).to(dtype)
     assert rel(out[:2, :, 5:33].float(), expected.float()) < 1e-2
     assert out[:2, :, :5].isnan().all() and out[:2, :, 33:].isnan().all() and out[2].isnan().all()
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_cuda_graph_step_through_a_quantized_cache_equals_eager(tmp_path, monkeypatch, tokens):
+    """Past its dense prefix a q4 cache is part of the captured step (quantize on write, dequantize on read)."""
+    from tiny_models import make_tiny_model_dir
+
+    shape = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}  # head_dim 32: one kernel group
+    model = load_model(make_tiny_model_dir(tmp_path / "qwen2", "qwen2", seed=5, **shape), device="cuda", dtype="fp16")
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=gen)
+    steps = torch.randint(0, model.config.vocab_size, (1, 24), generator=gen)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", flag)
+        model.decode_graphs.clear()
+        cache = model.new_cache(96, cache_type="q4")
+        model(ids, cache)
+        run = lambda chunk: model(chunk, cache, max_output_len=None, graph_step=tokens > 1)  # noqa: E731
+        out = [run(steps[:, i : i + tokens]) for i in range(0, 24, tokens)]
+        cache.truncate(cache.seq_len - 8)
+        out += [run(steps[:, i : i + tokens]) for i in range(16, 24, tokens)]
+        results[flag] = torch.cat(out, dim=1).float()
+        assert len(model.decode_graphs._graphs) == (flag == "1")
+    assert rel(results["1"], results["0"]) < 2e-3

@@ -56,6 +56,10 @@ class DenseStore:
     def write(self, layer: int, x: torch.Tensor, start: int) -> None:
         self.data[layer][: x.shape[0], :, start : start + x.shape[2]] = x
 
+    def write_at(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write x [B, H, T, D] at cache positions `positions` [T] (a device tensor: CUDA graphs)."""
+        self.data[layer][: x.shape[0]].index_copy_(2, positions, x)
+
     def read(self, layer: int, batch: int, end: int) -> torch.Tensor:
         return self.data[layer][:batch, :, :end]
 
@@ -94,6 +98,7 @@ class QuantizedStore:
         self.offsets: list[torch.Tensor] = []  # [B, H, 1, D] float32 per layer
         self.multipliers: list[torch.Tensor] = []  # [B, H, 1, D] float32 per layer (channel_scales only)
         self.query_energy: list[torch.Tensor] = []  # [B, H, prefix, D] float32 per layer (channel_scales only)
+        self.scratch: torch.Tensor | None = None  # [B, H, S, D] in dtype: what reads return on a GPU
 
     @property
     def bytes_per_position(self) -> int:
@@ -130,9 +135,14 @@ class QuantizedStore:
         return quantize_kv(x, self.bits, self.group)
 
     def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        if self.uses_kernels:
+        if self.uses_kernels:  # an fp32 model on a GPU (fp16/bf16 ones read into the scratch buffer)
             return kv_ops.dequantize(codes, scales, self.bits, torch.float32)
         return dequantize_kv(codes, scales, self.bits, self.group, torch.float32)
+
+    @property
+    def reads_into_scratch(self) -> bool:
+        """On a kernel-enabled GPU a read is one kernel into a dense scratch buffer shared by all layers."""
+        return self.uses_kernels and self.dtype in kernels.ACTIVATION_TAGS
 
     def observe_queries(self, layer: int, queries: torch.Tensor, start: int) -> None:
         """Record the energy of queries [B, Hq, T, D] at positions start.. that fall in the dense prefix.
@@ -167,16 +177,43 @@ class QuantizedStore:
         self.codes[layer][:rows, :, start + split : end] = codes
         self.scales[layer][:rows, :, start + split : end] = scales
 
+    def write_at(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write x [B, H, T, D] at cache positions `positions` [T] (a device tensor: CUDA graphs), all past the
+        dense prefix, so offsets and channel scales are fixed: the same codes as `write` gives them."""
+        rows = x.shape[0]
+        centered = x.float() - self.offsets[layer][:rows]
+        if self.channel_scales:
+            centered = centered * self.multipliers[layer][:rows]
+        codes, scales = self._quantize(centered)
+        self.codes[layer][:rows].index_copy_(2, positions, codes)
+        self.scales[layer][:rows].index_copy_(2, positions, scales)
+
     def read(self, layer: int, batch: int, end: int) -> torch.Tensor:
+        """Positions 0..end-1 of the first `batch` rows, dequantized, in the model dtype [batch, H, end, D].
+
+        On a GPU the result is a view of the store's scratch buffer, valid until the next read of this
+        store (attention uses it at once); on the CPU a new tensor."""
         dense = self.dense.read(layer, batch, min(end, self.prefix))
         if end <= self.prefix:
             return dense
+        if self.reads_into_scratch:
+            return self._read_into_scratch(layer, batch, end)
         codes, scales = self.codes[layer][:batch, :, self.prefix : end], self.scales[layer][:batch, :, self.prefix : end]
         rest = self._dequantize(codes, scales)
         if self.channel_scales:
             rest = rest / self.multipliers[layer][:batch]
         rest = (rest + self.offsets[layer][:batch]).to(self.dtype)
         return torch.cat([dense, rest], dim=2) if self.prefix else rest
+
+    def _read_into_scratch(self, layer: int, batch: int, end: int) -> torch.Tensor:
+        if self.scratch is None:
+            self.scratch = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        out = self.scratch
+        out[:batch, :, : self.prefix] = self.dense.data[layer][:batch]
+        divisors = self.multipliers[layer] if self.channel_scales else None
+        kv_ops.dequantize_into(out, self.codes[layer], self.scales[layer], self.offsets[layer], divisors,
+                               self.bits, batch, self.prefix, end)  # fmt: skip
+        return out[:batch, :, :end]
 
 
 def make_store(
@@ -273,7 +310,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values [B, Hkv, T, D] at `past_len`; return all keys/values so far [B, Hkv, past_len+T, D].
 
-        Dense stores return views; quantized ones return fresh dequantized tensors in the model dtype.
+        Dense stores return views of the cache; quantized ones dequantized tensors in the model dtype (on a
+        GPU views of a scratch buffer that the next store() into the same layer side overwrites).
         """
         self._allocate()
         batch, _, new_len, _ = keys.shape
@@ -281,6 +319,26 @@ class KVCache:
         self.keys.write(layer, keys, past_len)
         self.values.write(layer, values, past_len)
         return self.keys.read(layer, batch, end), self.values.read(layer, batch, end)
+
+    def write_at(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write keys/values [B, Hkv, T, D] at cache positions `positions` [T], a device tensor (CUDA graphs);
+        only where `static_steps_ok` holds. Read them back with `read_span`."""
+        self.keys.write_at(layer, keys, positions)
+        self.values.write_at(layer, values, positions)
+
+    def read_span(self, layer: int, batch: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of positions 0..span-1 whatever seq_len is (positions past it are stale: mask them)."""
+        return self.keys.read(layer, batch, span), self.values.read(layer, batch, span)
+
+    @property
+    def static_steps_ok(self) -> bool:
+        """Whether position-independent steps (CUDA graphs) can write here: dense stores, or quantized ones
+        past their dense prefix (offsets fixed) whose reads and writes are kernels."""
+        return all(
+            isinstance(store, DenseStore)
+            or (self.seq_len >= store.prefix and store.reads_into_scratch)
+            for store in (self.keys, self.values)
+        )
 
     def observe_queries(self, layer: int, queries: torch.Tensor, past_len: int) -> None:
         """Show the cache this forward's queries [B, Hq, T, D], before `store` writes its keys.

@@ -10,8 +10,9 @@ masked out). That length is a bucket: the end position rounded up to a multiple 
 per bucket, so attention costs what the context needs, not what `max_seq_len` allows. The rest is the
 eager code.
 
-Used automatically by `DecoderOnlyLM.forward` for one-token steps into an unquantized `KVCache`
-on a CUDA device whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off). Calls of a few
+Used automatically by `DecoderOnlyLM.forward` for one-token steps into a `KVCache` on a CUDA device
+whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off): an unquantized one, or a quantized one
+past its dense prefix (its quantize and dequantize kernels are part of the step). Calls of a few
 tokens that repeat with one length ask for it with `graph_step=True` (speculative verification:
 eager, its k+1-token forward cost ~6x a replayed one-token step on the H200, all of it host time).
 Graphs are captured per (cache, batch shape, tokens) on first use and dropped when the model's
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from exlq.runtime.attention import AttentionBatch
-from exlq.runtime.cache import DenseStore, KVCache
+from exlq.runtime.cache import KVCache
 
 MAX_GRAPHS = 16  # captured steps kept per model (each holds a private memory pool), least recently used dropped
 BUCKET = 256  # attention spans of the captured steps: multiples of this many positions
@@ -55,10 +56,8 @@ class StaticDecodeBatch(AttentionBatch):
         return self._masks[window]
 
     def store(self, cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        full_keys, full_values = cache.dense_layer(layer, keys.shape[0])
-        full_keys.index_copy_(2, self.write_positions, keys)
-        full_values.index_copy_(2, self.write_positions, values)
-        return self.attended(full_keys, full_values)
+        cache.write_at(layer, keys, values, self.write_positions)
+        return cache.read_span(layer, keys.shape[0], self.key_positions.numel())
 
     def cache_position(self) -> torch.Tensor:
         return self.write_index
@@ -69,12 +68,11 @@ class StaticDecodeBatch(AttentionBatch):
 
 
 def graphs_possible(model, cache) -> bool:
-    """Whether steps of `model` into `cache` can be replayed from graphs at all (device, cache type, switch)."""
+    """Whether steps of `model` into `cache` can be replayed from graphs now (device, cache state, switch)."""
     return (
         cache is not None
         and type(cache) is KVCache
-        and isinstance(cache.keys, DenseStore)
-        and isinstance(cache.values, DenseStore)
+        and cache.static_steps_ok
         and model.device.type == "cuda"
         and os.environ.get("EXLQ_CUDA_GRAPHS", "1") != "0"
     )
@@ -108,8 +106,10 @@ def static_decode_step(
     if pad is not None:
         positions = (positions - pad[:, None]).clamp(min=0)
     cos, sin = model.rotary.cos_sin(positions, model.dtype)
+    # past_len: the position at capture, for host-side choices only (a quantized cache's prefix is complete).
     batch = StaticDecodeBatch(
-        0, tokens, cos, sin, pad, write_index=position, key_positions=key_positions, write_positions=write_positions
+        cache.seq_len, tokens, cos, sin, pad, write_index=position, key_positions=key_positions,
+        write_positions=write_positions,
     )
     hidden = model.embed(ids)
     for slot, i in enumerate(model.layer_order):

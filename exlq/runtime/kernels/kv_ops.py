@@ -52,7 +52,7 @@ def dequantize_into(
     codes: torch.Tensor,
     scales: torch.Tensor,
     offset: torch.Tensor,
-    channel_scale: torch.Tensor | None,
+    divisor: torch.Tensor | None,
     bits: int,
     rows: int,
     start: int,
@@ -61,8 +61,8 @@ def dequantize_into(
     """Positions start..end-1 of the first `rows` batch rows, dequantized into `out` in its dtype (fp16/bf16).
 
     out [B, H, S, D], codes [B, H, S, D·bits/8] and scales [B, H, S, D/32] are one layer's whole
-    buffers (contiguous); offset and channel_scale (or None) are float32 [B, H, 1, D]:
-    out = dequantize(codes, scales) · channel_scale + offset, as the torch path computes it.
+    buffers (contiguous); offset and divisor (the keys' channel scales, or None) are float32 [B, H, 1, D]:
+    out = dequantize(codes, scales) / divisor + offset, as the torch path (cache.QuantizedStore.read) computes it.
     """
     _, heads, s_max, dim = out.shape
     length = end - start
@@ -71,6 +71,6 @@ def dequantize_into(
         return
     tag = ACTIVATION_TAGS[out.dtype]
     function = kernel(SOURCE, INSTANCES, f"kv_dequantize_into<{tag}, {bits}>", out.device)
-    arguments = (codes, scales, offset.contiguous(), None if channel_scale is None else channel_scale.contiguous(), out,
+    arguments = (codes, scales, offset.contiguous(), None if divisor is None else divisor.contiguous(), out,
                  groups, dim // GROUP, length, start, s_max)  # fmt: skip
     launch(function, (-(-groups // WARPS), 1, 1), (32 * WARPS, 1, 1), arguments, out.device)
