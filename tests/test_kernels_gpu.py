@@ -102,7 +102,9 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
 @pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
 @pytest.mark.parametrize("n, rows", [(32, 1), (200, 3), (4160, 8), (544, 13), (160, 7), (1024, 32), (96, 40)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dtype):
+@pytest.mark.parametrize("variant", sorted(exl2_ops.GEMV_VARIANTS))
+def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dtype, variant, monkeypatch):
+    monkeypatch.setenv("EXLQ_GEMV", variant)
     tensors, layout = random_exl2(k, n, bits, props, group, seed=3 * k + n, bias=rows % 2 == 1)
     cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
     layer = Exl2Linear(cuda, k, n, dtype=dtype)
@@ -125,8 +127,10 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
 
 
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
-def test_gemv_survives_large_activations(bits):
+@pytest.mark.parametrize("variant", sorted(exl2_ops.GEMV_VARIANTS))
+def test_gemv_survives_large_activations(bits, variant, monkeypatch):
     """The fp16 path sums pairs in half precision: activations in the thousands must not overflow to inf."""
+    monkeypatch.setenv("EXLQ_GEMV", variant)
     props = [1.0 / len(bits)] * len(bits)
     tensors, layout = random_exl2(512, 256, bits, props, 32, seed=len(bits))
     cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
@@ -142,8 +146,10 @@ def test_gemv_survives_large_activations(bits):
     assert rel(y, x.double() @ weight[:, :256].double()) < TOLERANCE[torch.float16]
 
 
-def test_gemv_reaches_torch_path_on_repeated_calls():
+@pytest.mark.parametrize("variant", sorted(exl2_ops.GEMV_VARIANTS))
+def test_gemv_reaches_torch_path_on_repeated_calls(variant, monkeypatch):
     """The split-K reduction is deterministic enough that repeated calls agree to fp16 rounding."""
+    monkeypatch.setenv("EXLQ_GEMV", variant)
     tensors, layout = random_exl2(4096, 4096, [4], [1.0], 128, seed=1)
     cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
     layer = Exl2Linear(cuda, 4096, 4096, dtype=torch.float16)
@@ -314,18 +320,24 @@ def test_kv_quant_kernels_match_torch(bits):
     assert rel(out, x) < {2: 0.7, 3: 0.3, 4: 0.15, 5: 0.08, 6: 0.04, 7: 0.02, 8: 0.01}[bits]
 
 
+def head_dim_32_model(tmp_path, *, seed: int, rows: int, prompt: int, steps: int):
+    """A tiny fp16 Qwen2 on the GPU whose head_dim (32) is one KV-kernel group, a prompt and decode tokens."""
+    from tiny_models import make_tiny_model_dir
+
+    shape = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+    model = load_model(make_tiny_model_dir(tmp_path / "qwen2", "qwen2", seed=seed, **shape), device="cuda", dtype="fp16")
+    gen = torch.Generator().manual_seed(seed + 1)
+    draw = lambda length: torch.randint(0, model.config.vocab_size, (rows, length), generator=gen)  # noqa: E731
+    return model, draw(prompt), draw(steps)
+
+
 @pytest.mark.parametrize("cache", ["q4", "q8", "k4v2"])
 def test_quantized_cache_decode_kernels_vs_torch(tmp_path, monkeypatch, cache):
     """Prefill, decode and a rewind through a quantized cache: the kernels give the torch path's logits."""
     from exlq.runtime.kv_quant import parse_cache_type
-    from tiny_models import make_tiny_model_dir
 
     cache_type = parse_cache_type("q4", "4,2") if cache == "k4v2" else parse_cache_type(cache)
-    shape = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}  # head_dim 32: one kernel group
-    model = load_model(make_tiny_model_dir(tmp_path / "qwen2", "qwen2", seed=3, **shape), device="cuda", dtype="fp16")
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=gen)
-    steps = torch.randint(0, model.config.vocab_size, (2, 8), generator=gen)
+    model, ids, steps = head_dim_32_model(tmp_path, seed=3, rows=2, prompt=40, steps=8)
     results = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("EXLQ_KERNELS", flag)
@@ -365,13 +377,7 @@ def test_kv_dequantize_into_matches_torch(bits, dtype, with_divisor):
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_cuda_graph_step_through_a_quantized_cache_equals_eager(tmp_path, monkeypatch, tokens):
     """Past its dense prefix a q4 cache is part of the captured step (quantize on write, dequantize on read)."""
-    from tiny_models import make_tiny_model_dir
-
-    shape = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}  # head_dim 32: one kernel group
-    model = load_model(make_tiny_model_dir(tmp_path / "qwen2", "qwen2", seed=5, **shape), device="cuda", dtype="fp16")
-    gen = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=gen)
-    steps = torch.randint(0, model.config.vocab_size, (1, 24), generator=gen)
+    model, ids, steps = head_dim_32_model(tmp_path, seed=5, rows=1, prompt=20, steps=24)
     results = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("EXLQ_CUDA_GRAPHS", flag)

@@ -45,7 +45,13 @@ def read_source(name: str) -> tuple[str, dict[str, str]]:
     if not path.is_file():
         raise ExlqError(f"kernel source {path} is missing: reinstall exlq (its CUDA sources ship with the package)")
     text = path.read_text()
-    headers = {h: (SOURCE_DIR / h).read_text() for h in _INCLUDE.findall(text)}
+    headers: dict[str, str] = {}
+    pending = _INCLUDE.findall(text)
+    while pending:  # headers of headers too (a variant source includes another .cu, which includes common.cuh)
+        header = pending.pop()
+        if header not in headers:
+            headers[header] = (SOURCE_DIR / header).read_text()
+            pending += _INCLUDE.findall(headers[header])
     return text, headers
 
 
