@@ -53,7 +53,7 @@ class DenseStore:
     def allocate(self) -> None:
         self.data = [torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
-    def write(self, layer: int, x: torch.Tensor, start: int) -> None:
+    def write(self, layer: int, x: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> None:
         self.data[layer][: x.shape[0], :, start : start + x.shape[2]] = x
 
     def write_at(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> None:
@@ -75,6 +75,11 @@ class QuantizedStore:
     qwen2.5-coder-0.5b without it; docs/benchmarks.md). The prefix also keeps attention-sink
     tokens exact. Positions after it are stored as codes [B, H, S, D·b/8] and scales [B, H, S, D/group]
     (the first `prefix` slots of those stay unused, so positions index them directly).
+
+    In a left-padded batch a row's statistics (offset, channel scales) come from its own first `prefix`
+    real positions (`statistics_window`), not from its padding: with the padding's keys as the offset,
+    a padded row's q4 KL on Qwen2.5-0.5B was 9× worse (0.35 vs 0.038; bench/kv_padding.py). The
+    physical dense prefix stays positions 0..prefix-1 (padding, for such a row).
 
     With `channel_scales` (the keys' store), the completed prefix also fixes a multiplier per
     (row, head, channel), `kv_quant.key_channel_scales`: positions are quantized as (x - offset)·s
@@ -120,7 +125,7 @@ class QuantizedStore:
         self.offsets = [torch.zeros(batch, heads, 1, dim, device=self.device) for _ in range(self.num_layers)]
         if self.channel_scales:
             self.multipliers = [torch.ones(batch, heads, 1, dim, device=self.device) for _ in range(self.num_layers)]
-            energy_shape = (batch, heads, self.prefix, dim)
+            energy_shape = (batch, heads, self.prefix + 1, dim)  # + a spare slot for positions outside windows
             self.query_energy = [torch.zeros(energy_shape, device=self.device) for _ in range(self.num_layers)]
         self.dense.allocate()
 
@@ -144,30 +149,56 @@ class QuantizedStore:
         """On a kernel-enabled GPU a read is one kernel into a dense scratch buffer shared by all layers."""
         return self.uses_kernels and self.dtype in kernels.ACTIVATION_TAGS
 
-    def observe_queries(self, layer: int, queries: torch.Tensor, start: int) -> None:
-        """Record the energy of queries [B, Hq, T, D] at positions start.. that fall in the dense prefix.
+    def statistics_window(self, start: int, length: int, pad: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For positions start..start+length-1: each row's slot in its statistics window and whether it has one.
 
-        Summed over the query heads that share each KV head; call it before writing the same
-        positions' keys (the write that completes the prefix fixes the channel scales)."""
-        rows, query_heads, length, dim = queries.shape
-        count = min(max(self.prefix - start, 0), length)
-        if not (self.channel_scales and count):
+        A row's window is its first `prefix` real positions, pad..pad+prefix-1 (left padding is not
+        text: its keys would make a meaningless offset), so slot = position - pad, valid in 0..prefix-1."""
+        positions = torch.arange(start, start + length, device=self.device)
+        first = pad[:rows, None] if pad is not None else torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        slots = positions[None, :] - first
+        return slots, (slots >= 0) & (slots < self.prefix)
+
+    def observe_queries(self, layer: int, queries: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> None:
+        """Record the energy of queries [B, Hq, T, D] at positions start.. that fall in their row's statistics
+        window (see statistics_window), summed over the query heads that share each KV head. Call it before
+        writing the same positions' keys (the write that completes the dense prefix fixes the channel scales)."""
+        if not self.channel_scales:
             return
+        rows, query_heads, length, dim = queries.shape
         heads = self.shape[1]
-        energy = queries[:, :, :count].float().pow(2).reshape(rows, heads, query_heads // heads, count, dim).sum(2)
-        self.query_energy[layer][:rows, :, start : start + count] = energy
+        energy = queries.float().pow(2).reshape(rows, heads, query_heads // heads, length, dim).sum(2)
+        slots, valid = self.statistics_window(start, length, pad, rows)
+        slots = torch.where(valid, slots, self.prefix)  # outside the window: the spare last slot, never read
+        self.query_energy[layer][:rows].scatter_(2, slots[:, None, :, None].expand_as(energy), energy)
 
-    def write(self, layer: int, x: torch.Tensor, start: int) -> None:
+    def _fix_statistics(self, layer: int, x: torch.Tensor, start: int, pad: torch.Tensor | None) -> None:
+        """Offset (and channel scales) of each row from its statistics window, by the write that completes the prefix.
+
+        The window's keys come from the dense prefix and this write (x holds positions start..); a row whose
+        window has not started by the end of this write (more left padding than that) falls back to the
+        first `prefix` positions."""
+        rows, heads, _, dim = x.shape
+        known = torch.cat([self.dense.read(layer, rows, start), x], dim=2).float()  # positions 0..end-1
+        end = known.shape[2]
+        slots = torch.arange(self.prefix, device=self.device)[None]  # [1, P]
+        positions = slots + pad[:rows, None] if pad is not None else slots.expand(rows, -1)  # [rows, P]
+        positions = torch.where(positions[:, :1] < end, positions, slots)
+        valid = (positions < end)[:, None, :, None].float()  # [rows, 1, P, 1]
+        window = known.gather(2, positions.clamp(max=end - 1)[:, None, :, None].expand(rows, heads, self.prefix, dim))
+        self.offsets[layer][:rows] = offset = (window * valid).sum(2, keepdim=True) / valid.sum(2, keepdim=True)
+        if self.channel_scales:
+            energy = self.query_energy[layer][:rows, :, : self.prefix]
+            self.multipliers[layer][:rows] = key_channel_scales((window - offset) * valid, energy * valid, valid)
+
+    def write(self, layer: int, x: torch.Tensor, start: int, pad: torch.Tensor | None = None) -> None:
+        """Write x [B, H, T, D] at positions start..; `pad` [B]: the rows' left-padding lengths (or None)."""
         rows, end = x.shape[0], start + x.shape[2]
         split = min(max(self.prefix - start, 0), x.shape[2])  # how many of the new positions are prefix
         if split:
             self.dense.write(layer, x[:, :, :split], start)
             if start + split == self.prefix:  # the prefix is complete: (re)fix the offset and channel scales
-                prefix = self.dense.read(layer, rows, self.prefix).float()
-                self.offsets[layer][:rows] = offset = prefix.mean(2, keepdim=True)
-                if self.channel_scales:
-                    energy = self.query_energy[layer][:rows]
-                    self.multipliers[layer][:rows] = key_channel_scales(prefix - offset, energy)
+                self._fix_statistics(layer, x, start, pad)
         if split == x.shape[2]:
             return
         centered = x[:, :, split:].float() - self.offsets[layer][:rows]
@@ -254,7 +285,8 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.seq_len = 0
-        self.pad_lengths: torch.Tensor | None = None
+        self._pad_lengths: torch.Tensor | None = None
+        self.max_pad = 0  # the longest left padding, on the host
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
         key_scales = self.cache_type.key_scales
         self.keys = make_store(self.cache_type.key_bits, self.cache_type, num_layers, shape, dtype, self.device, key_scales)
@@ -283,6 +315,16 @@ class KVCache:
     @property
     def allocated(self) -> bool:
         return self._allocated
+
+    @property
+    def pad_lengths(self) -> torch.Tensor | None:
+        """Left-padding length of each row [B] (unequal prompts of a batch), or None."""
+        return self._pad_lengths
+
+    @pad_lengths.setter
+    def pad_lengths(self, pad: torch.Tensor | None) -> None:
+        self._pad_lengths = pad
+        self.max_pad = 0 if pad is None else int(pad.max())
 
     @property
     def bytes_per_token(self) -> int:
@@ -316,8 +358,8 @@ class KVCache:
         self._allocate()
         batch, _, new_len, _ = keys.shape
         end = past_len + new_len
-        self.keys.write(layer, keys, past_len)
-        self.values.write(layer, values, past_len)
+        self.keys.write(layer, keys, past_len, self.pad_lengths)
+        self.values.write(layer, values, past_len, self.pad_lengths)
         return self.keys.read(layer, batch, end), self.values.read(layer, batch, end)
 
     def write_at(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
@@ -348,9 +390,9 @@ class KVCache:
         passes them before RoPE (layers.Attention): the channels that matter, with large near-constant
         keys, are the slowly rotating ones, and that measured as well as after RoPE."""
         keys = self.keys
-        if isinstance(keys, QuantizedStore) and keys.channel_scales and past_len < keys.prefix:
+        if isinstance(keys, QuantizedStore) and keys.channel_scales and past_len < keys.prefix + self.max_pad:
             self._allocate()
-            keys.observe_queries(layer, queries, past_len)
+            keys.observe_queries(layer, queries, past_len, self.pad_lengths)
 
     def dense_layer(self, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Whole key/value buffers [batch, Hkv, max_seq_len, D] of one layer, for kernels that write

@@ -142,7 +142,10 @@ def hadamard(size: int, device: torch.device | str = "cpu", dtype: torch.dtype =
 
 
 def key_channel_scales(
-    centered: torch.Tensor, query_energy: torch.Tensor | None = None, floor: float = KEY_SCALE_FLOOR
+    centered: torch.Tensor,
+    query_energy: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    floor: float = KEY_SCALE_FLOOR,
 ) -> torch.Tensor:
     """Per-channel key multipliers s [..., 1, D] from the dense prefix (see the module docstring).
 
@@ -152,14 +155,16 @@ def key_channel_scales(
     s_c² = rms(q_c) / rms(k_c - m_c), each rms floored at `floor` × its mean over the channels so
     that a channel nearly constant over the prefix (or without query energy) gets no runaway weight,
     then s is scaled to RMS 1 over the channels, which keeps the fp16 group scales in their range.
-    Keys are quantized as (k - m)·s and read back as x̂/s + m.
+    Keys are quantized as (k - m)·s and read back as x̂/s + m. `valid` [..., P, 1] (1/0): the positions
+    that count (a row's window may be partly unknown); the others must be zero in both inputs.
     """
 
     def floored(x: torch.Tensor) -> torch.Tensor:
         return torch.maximum(x, floor * x.mean(-1, keepdim=True)).clamp_min(1e-12)
 
-    key_rms = floored(centered.float().pow(2).mean(-2, keepdim=True).sqrt())
-    query_rms = torch.ones_like(key_rms) if query_energy is None else floored(query_energy.float().mean(-2, keepdim=True).sqrt())
+    count = centered.shape[-2] if valid is None else valid.sum(-2, keepdim=True)
+    key_rms = floored((centered.float().pow(2).sum(-2, keepdim=True) / count).sqrt())
+    query_rms = torch.ones_like(key_rms) if query_energy is None else floored((query_energy.float().sum(-2, keepdim=True) / count).sqrt())
     scales = (query_rms / key_rms).sqrt()
     return scales / scales.pow(2).mean(-1, keepdim=True).sqrt()
 
