@@ -375,10 +375,10 @@ class KVCache:
     @property
     def static_steps_ok(self) -> bool:
         """Whether position-independent steps (CUDA graphs) can write here: dense stores, or quantized ones
-        past their dense prefix (offsets fixed) whose reads and writes are kernels."""
+        whose reads and writes are kernels, once every row's statistics window is written (offsets fixed)."""
         return all(
             isinstance(store, DenseStore)
-            or (self.seq_len >= store.prefix and store.reads_into_scratch)
+            or (self.seq_len >= store.prefix + self.max_pad and store.reads_into_scratch)
             for store in (self.keys, self.values)
         )
 
