@@ -1,19 +1,17 @@
 """Kernel-level benchmark: the EXL2 GEMV alone at Llama-3-8B layer shapes, GB/s against copy bandwidth.
 
-    python3 bench/gemv.py [--bpw 4.0] [--rows 1 4 8] [--variants default wide] [--json-out FILE]
+    python3 bench/gemv.py [--bpw 4.0] [--json-out FILE]
 
 Each product is captured 50 times in one CUDA graph and the graph replayed, so launch overhead from Python
 is not in the number. Bytes counted: every stored tensor of the layer (q_weight, q_scale, q_scale_max,
 q_groups, q_invperm), read once per product. torch's FP16 GEMV (F.linear on the dense weight) is timed the
-same way for reference. --variants times each GEMV variant (EXLQ_GEMV, exlq/runtime/kernels/exl2_ops.py)
-on the same layers.
+same way for reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -56,7 +54,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bpw", type=float, default=4.0)
     parser.add_argument("--rows", type=int, nargs="+", default=[1])
-    parser.add_argument("--variants", nargs="+", default=["default"])
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -66,25 +63,22 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s")
     for k, n in SHAPES:
         tensors = random_exl2(k, n, args.bpw, generator)
+        layer = Exl2Linear(tensors, k, n, dtype=torch.float16)
         dense = torch.randn(n, k, device=device, dtype=torch.float16)
         stored = tensors.total_bits() // 8
         for rows in args.rows:
             x = torch.randn(rows, k, device=device, dtype=torch.float16)
+            seconds = graph_seconds(lambda: layer(x))
             fp16_seconds = graph_seconds(lambda: F.linear(x, dense))
-            for variant in args.variants:
-                os.environ["EXLQ_GEMV"] = variant  # read when the layer's kernel plan is built
-                layer = Exl2Linear(tensors, k, n, dtype=torch.float16)
-                seconds = graph_seconds(lambda: layer(x))
-                row = {
-                    "k": k, "n": n, "rows": rows, "variant": variant, "bpw": round(layer.bits_per_weight, 4),
-                    "microseconds": seconds * 1e6, "gbps": stored / seconds / 1e9,
-                    "fraction_of_copy": stored / seconds / 1e9 / bandwidth,
-                    "fp16_microseconds": fp16_seconds * 1e6, "fp16_gbps": dense.numel() * 2 / fp16_seconds / 1e9,
-                }
-                results.append(row)
-                print(f"K={k:5d} N={n:5d} M={rows:2d} {variant:>7} bpw {row['bpw']:.3f}: {row['microseconds']:7.1f} us "
-                      f"{row['gbps']:6.0f} GB/s = {100 * row['fraction_of_copy']:5.1f}% of copy | "
-                      f"torch fp16 {row['fp16_microseconds']:7.1f} us {row['fp16_gbps']:6.0f} GB/s")
+            row = {
+                "k": k, "n": n, "rows": rows, "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,
+                "gbps": stored / seconds / 1e9, "fraction_of_copy": stored / seconds / 1e9 / bandwidth,
+                "fp16_microseconds": fp16_seconds * 1e6, "fp16_gbps": dense.numel() * 2 / fp16_seconds / 1e9,
+            }
+            results.append(row)
+            print(f"K={k:5d} N={n:5d} M={rows:2d} bpw {row['bpw']:.3f}: {row['microseconds']:7.1f} us "
+                  f"{row['gbps']:6.0f} GB/s = {100 * row['fraction_of_copy']:5.1f}% of copy | "
+                  f"torch fp16 {row['fp16_microseconds']:7.1f} us {row['fp16_gbps']:6.0f} GB/s")
     if args.json_out:
         args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": bandwidth,
                                              "results": results}, indent=2))

@@ -52,7 +52,7 @@ print(f'all kernels cold: {total:.1f} s')"
     echo "== bench qwen 0.5B EXL2 4.0"; python3 -m exlq.cli.app bench $E --json > $OUT/bench_q05_exl2.json 2>>$OUT/err.log
     grep -E "decode_tokens|prefill|\"512|\"2048|vram" $OUT/bench_q05_exl2.json
   fi
-  echo "== gemv"; python3 bench/gemv.py --rows 1 4 8 --variants default wide --json-out $OUT/gemv.json 2>&1 | tail -26
+  echo "== gemv"; python3 bench/gemv.py --rows 1 4 8 --json-out $OUT/gemv.json 2>&1 | tail -14
   echo "== bench 8B 4.0 (8192 cache)"; python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b.json 2>>$OUT/err.log; cat $OUT/bench_8b.json
   if [ -f $Q15/model.safetensors ]; then
     echo "== speculative (1.5B main, 0.5B draft, fp16)"

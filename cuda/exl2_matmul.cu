@@ -8,12 +8,7 @@
 #include "common.cuh"
 
 #define THREADS 128        // one thread per output column
-#ifndef SPLIT_ROWS
 #define SPLIT_ROWS 256     // at most this many stored rows per K split (x slice in shared memory)
-#endif
-#ifndef PIPELINED
-#define PIPELINED 0        // 1: the next chunk's words are loaded while this chunk is multiplied (exl2_matmul_wide.cu)
-#endif
 
 // Code i of a b-bit field string held in registers: funnel shift joins the two words a field may straddle.
 template <int B>
@@ -161,39 +156,6 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
     flush<M>(acc, dot);
 }
 
-// One chunk's product on its words already in registers: block(sb) gives the B words of 32-row block sb
-// (followed by one more word, read but masked out: a field never reaches past its block).
-template <int B, int M, bool HALF, typename Blocks>
-__device__ __forceinline__ void chunk_dot_loaded(Blocks block, const u32* __restrict__ w, int stride,
-                                                 const float (*xs)[SPLIT_ROWS], const u16 (*xh)[SPLIT_ROWS], int lr,
-                                                 int rows, float* dot) {
-    const int blocks = rows >> 5;
-    if (HALF && (B == 2 || B == 4 || B == 8)) {
-        float part[M];
-#pragma unroll
-        for (int m = 0; m < M; m++) part[m] = 0.0f;
-#pragma unroll
-        for (int sb = 0; sb < 4; sb++)
-            if (sb < blocks) sub_half<B, M>(block(sb), xh, lr + 32 * sb, part);
-#pragma unroll
-        for (int m = 0; m < M; m++) dot[m] = fmaf(part[m], (float)(1 << half_shift(B)), dot[m]);
-    } else {
-#pragma unroll
-        for (int sb = 0; sb < 4; sb++)
-            if (sb < blocks) sub_float<B, M>(block(sb), xs, lr + 32 * sb, dot);
-    }
-    if (rows & 31) tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, dot);
-}
-
-// The full 32-row blocks' words of chunk `ch` for column n (at most 4 blocks of 8 words), zero beyond.
-__device__ __forceinline__ void load_chunk_words(u32* words, const u32* __restrict__ q_weight, int4 ch, int n,
-                                                 int n_pad) {
-    const int count = ((ch.x >> 8) >> 5) * (ch.x & 0xff);
-    const u32* w = q_weight + (size_t)ch.y * n_pad + n;
-#pragma unroll
-    for (int j = 0; j < 32; j++) words[j] = j < count ? __ldg(w + (size_t)j * n_pad) : 0u;
-}
-
 // One chunk (≤ 128 rows of one group): all its words are loaded first (up to 4 blocks of 32 rows in
 // flight per thread), then multiplied; a last partial block of rows goes through tail_float.
 template <int B, int M, bool HALF>
@@ -207,18 +169,21 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
         for (int j = 0; j < B; j++) words[sb][j] = sb < blocks ? __ldg(w + (size_t)(sb * B + j) * stride) : 0u;
         words[sb][B] = 0u;
     }
-    chunk_dot_loaded<B, M, HALF>([&](int sb) -> const u32* { return words[sb]; }, w, stride, xs, xh, lr, rows, dot);
-}
-
-// One chunk's product, its words from the pipelined prefetch (`loaded`) or loaded here.
-template <int B, int M, bool HALF>
-__device__ __forceinline__ void chunk_product(const u32* loaded, const u32* __restrict__ w, int stride,
-                                              const float (*xs)[SPLIT_ROWS], const u16 (*xh)[SPLIT_ROWS], int lr,
-                                              int rows, float* dot) {
-    if (PIPELINED) {
-        chunk_dot_loaded<B, M, HALF>([&](int sb) { return loaded + sb * B; }, w, stride, xs, xh, lr, rows, dot);
+    if (HALF && (B == 2 || B == 4 || B == 8)) {
+        float part[M];
+#pragma unroll
+        for (int m = 0; m < M; m++) part[m] = 0.0f;
+#pragma unroll
+        for (int sb = 0; sb < 4; sb++)
+            if (sb < blocks) sub_half<B, M>(words[sb], xh, lr + 32 * sb, part);
+#pragma unroll
+        for (int m = 0; m < M; m++) dot[m] = fmaf(part[m], (float)(1 << half_shift(B)), dot[m]);
+    } else {
+#pragma unroll
+        for (int sb = 0; sb < 4; sb++)
+            if (sb < blocks) sub_float<B, M>(words[sb], xs, lr + 32 * sb, dot);
     }
-    else chunk_dot<B, M, HALF>(w, stride, xs, xh, lr, rows, dot);
+    if (rows & 31) tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, dot);
 }
 
 template <typename T> struct HalfPath { static constexpr bool value = false; };
@@ -260,14 +225,8 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
 #pragma unroll
     for (int m = 0; m < M; m++) acc[m] = 0.0f;
     if (valid) {
-        // PIPELINED: `cur` holds this chunk's words, loaded while the previous chunk was multiplied; else
-        // each chunk loads its own words (chunk_dot). Unused arrays cost no registers.
-        u32 cur[33], next[33];
-        cur[32] = next[32] = 0u;
-        if (PIPELINED) load_chunk_words(cur, q_weight, chunks[c0], n, n_pad);
         for (int c = c0; c < c1; c++) {
             const int4 ch = chunks[c];
-            if (PIPELINED && c + 1 < c1) load_chunk_words(next, q_weight, chunks[c + 1], n, n_pad);  // in flight now
             const int bits = ch.x & 0xff, rows = ch.x >> 8, lr = ch.z - r0;
             const u32* w = q_weight + (size_t)ch.y * n_pad + n;
             float dot[M];
@@ -275,20 +234,16 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
             for (int m = 0; m < M; m++) dot[m] = 0.0f;
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
             switch (bits) {
-                case 8: chunk_product<8, M, HALF>(cur, w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 6: chunk_product<6, M, HALF>(cur, w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 5: chunk_product<5, M, HALF>(cur, w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 4: chunk_product<4, M, HALF>(cur, w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 3: chunk_product<3, M, HALF>(cur, w, n_pad, xs, xhv, lr, rows, dot); break;
-                default: chunk_product<2, M, HALF>(cur, w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
             }
             const float s = column_scale(q_scale, scale_max, ch.w, n, n_pad);
 #pragma unroll
             for (int m = 0; m < M; m++) acc[m] = fmaf(s, dot[m], acc[m]);
-            if (PIPELINED) {
-#pragma unroll
-                for (int j = 0; j < 32; j++) cur[j] = next[j];
-            }
         }
     }
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exlq.errors import ExlqError
 from exlq.quant.exl2_pack import converter_layout
 from exlq.runtime.graphs import BUCKET, static_decode_step
-from exlq.runtime.kernels.exl2_ops import CHUNK_ROWS, GEMV_VARIANTS, chunk_table, gemv_variant, split_points
+from exlq.runtime.kernels.exl2_ops import CHUNK_ROWS, SPLIT_ROWS, chunk_table, split_points
 from exlq.runtime.kv_quant import CacheType
 from exlq.runtime.loader import load_model
 
@@ -53,8 +52,7 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
 @pytest.mark.parametrize("tiles", [1, 5, 112])
-@pytest.mark.parametrize("max_rows", sorted({rows for _, rows in GEMV_VARIANTS.values()}))
-def test_chunk_table_and_splits_cover_every_row_once(k, bits, props, group, tiles, max_rows):
+def test_chunk_table_and_splits_cover_every_row_once(k, bits, props, group, tiles):
     layout = converter_layout(k, bits, props, group)
     table = chunk_table(layout)
     row, word = 0, 0
@@ -63,17 +61,8 @@ def test_chunk_table_and_splits_cover_every_row_once(k, bits, props, group, tile
         assert layout[g][0] == b and (rows * b) % 32 == 0
         row, word = row + rows, word + rows * b // 32
     assert row == k and word == sum(r * b // 32 for b, r in layout)
-    points = split_points(table, tiles, max_rows)
+    points = split_points(table, tiles)
     assert points[0] == 0 and points[-1] == len(table) and points == sorted(set(points))
     for start, stop in zip(points, points[1:]):
-        assert sum(t[1] for t in table[start:stop]) <= max_rows
+        assert sum(t[1] for t in table[start:stop]) <= SPLIT_ROWS
 
-
-def test_gemv_variant_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv("EXLQ_GEMV", raising=False)
-    assert gemv_variant() == "default"
-    monkeypatch.setenv("EXLQ_GEMV", "wide")
-    assert gemv_variant() == "wide"
-    monkeypatch.setenv("EXLQ_GEMV", "fast")
-    with pytest.raises(ExlqError, match="EXLQ_GEMV must be one of"):
-        gemv_variant()

@@ -9,7 +9,6 @@ from exlq.runtime.kernels import exl2_ops, fused_ops, kv_ops
 
 SOURCES: dict[str, list[tuple[str, ...]]] = {
     exl2_ops.SOURCE: list(exl2_ops.INSTANCE_SETS.values()),
-    exl2_ops.GEMV_VARIANTS["wide"][0]: list(exl2_ops.WIDE_INSTANCE_SETS.values()),
     fused_ops.SOURCE: [fused_ops.INSTANCES],
     kv_ops.SOURCE: [kv_ops.INSTANCES],
 }

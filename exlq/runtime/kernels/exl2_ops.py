@@ -11,12 +11,10 @@ multipliers M_g = f16(q_scale_max · prescale / 256), all built once per layer b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from exlq.errors import ExlqError
 from exlq.runtime.exl2 import Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, scale_multipliers
 from exlq.runtime.kernels import ACTIVATION_TAGS
 from exlq.runtime.kernels.launch import kernel, launch
@@ -24,9 +22,6 @@ from exlq.runtime.kernels.launch import kernel, launch
 SOURCE = "exl2_matmul.cu"
 THREADS = 128  # THREADS in the .cu: output columns per block
 SPLIT_ROWS = 256  # SPLIT_ROWS in the .cu: most stored rows one block reads
-#: GEMV variants, chosen by EXLQ_GEMV when a layer's plan is built: source and its SPLIT_ROWS. "wide" is an
-#: experiment (cuda/exl2_matmul_wide.cu: 512-row splits, pipelined chunk loads) awaiting its GPU measurement.
-GEMV_VARIANTS = {"default": (SOURCE, SPLIT_ROWS), "wide": ("exl2_matmul_wide.cu", 512)}
 CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in flight together)
 GEMV_ROWS = (8, 4, 3, 2, 1)  # kernel instances by activation rows; other counts are cut into these
 GEMV_MAX_ROWS = 32  # above this, dequantize + cuBLAS
@@ -36,16 +31,6 @@ INSTANCE_SETS = {
     dtype: tuple([f"exl2_gemv<{tag}, {m}>" for m in GEMV_ROWS] + [f"exl2_dequant<{tag}>"])
     for dtype, tag in ACTIVATION_TAGS.items()
 }
-#: The experimental variant's modules: the GEMV instances only (dequantization always uses SOURCE).
-WIDE_INSTANCE_SETS = {dtype: tuple(f"exl2_gemv<{tag}, {m}>" for m in GEMV_ROWS) for dtype, tag in ACTIVATION_TAGS.items()}
-
-
-def gemv_variant() -> str:
-    """EXLQ_GEMV: "default" or "wide" (see GEMV_VARIANTS)."""
-    name = os.environ.get("EXLQ_GEMV", "default")
-    if name not in GEMV_VARIANTS:
-        raise ExlqError(f"EXLQ_GEMV must be one of {', '.join(GEMV_VARIANTS)} (got {name!r})")
-    return name
 
 
 @dataclass
@@ -62,7 +47,6 @@ class Exl2Plan:
     bias: torch.Tensor | None  # float32 [N_pad]
     in_features: int
     out_features: int
-    variant: str = "default"  # the GEMV_VARIANTS entry its split_chunks were cut for
 
     @property
     def n_pad(self) -> int:
@@ -82,11 +66,11 @@ def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int]]:
     return table
 
 
-def split_points(table: list[tuple[int, int, int, int, int]], column_tiles: int, max_rows: int = SPLIT_ROWS) -> list[int]:
-    """Chunk indices where K splits start (plus the end): splits of ≤ max_rows rows, enough blocks overall."""
+def split_points(table: list[tuple[int, int, int, int, int]], column_tiles: int) -> list[int]:
+    """Chunk indices where K splits start (plus the end): splits of ≤ SPLIT_ROWS rows, enough blocks overall."""
     total_rows = sum(t[1] for t in table)
     wanted = -(-total_rows * column_tiles // TARGET_BLOCKS)
-    split_rows = max(CHUNK_ROWS, min(max_rows, -(-wanted // CHUNK_ROWS) * CHUNK_ROWS))
+    split_rows = max(CHUNK_ROWS, min(SPLIT_ROWS, -(-wanted // CHUNK_ROWS) * CHUNK_ROWS))
     points, rows = [0], 0
     for i, (_, chunk_rows, *_rest) in enumerate(table):
         if rows + chunk_rows > split_rows:
@@ -113,10 +97,8 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
         out_features=out_features,
-        variant=gemv_variant(),
     )
-    max_rows = GEMV_VARIANTS[plan.variant][1]
-    plan.split_chunks = torch.tensor(split_points(table, plan.column_tiles, max_rows), dtype=torch.int32, device=device)
+    plan.split_chunks = torch.tensor(split_points(table, plan.column_tiles), dtype=torch.int32, device=device)
     return plan
 
 
@@ -144,9 +126,7 @@ def gemv(plan: Exl2Plan, x: torch.Tensor, out: torch.Tensor) -> None:
     rows = x.shape[0]
     device = x.device
     workspace, counters = _workspace.get(device, rows * plan.n_pad, plan.column_tiles)
-    source = GEMV_VARIANTS[plan.variant][0]
-    instances = (INSTANCE_SETS if source == SOURCE else WIDE_INSTANCE_SETS)[x.dtype]
-    function = kernel(source, instances, f"exl2_gemv<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
+    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_gemv<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
     grid = (plan.column_tiles, plan.split_chunks.numel() - 1, 1)
     launch(
         function,
