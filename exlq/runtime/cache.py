@@ -6,12 +6,13 @@ padded and the pad lengths are remembered here so every later step masks and pos
 
 Keys and values are each kept by a store: dense in the model dtype (the fp16 cache type), or
 quantized (`exlq.runtime.kv_quant`: packed codes and one fp16 scale per group, after a short
-dense prefix whose mean is subtracted first; keys are also scaled per channel from the prefix and
-the queries seen there). A quantized store quantizes only the new positions on write and
-dequantizes the whole history on read, so attention always sees dequantized keys/values, the new
-positions included. A position's cached value depends only on its own key/value vector and the
-dense prefix (its keys, values and queries), never on how the input was chunked, and a rewind
-followed by the same input writes bit-identical codes.
+dense prefix; each row's offset and key channel scales come from its first real positions and the
+queries seen there). A quantized store quantizes only the new positions on write and dequantizes
+the whole history on read (on a GPU one kernel into a scratch buffer), so attention always sees
+dequantized keys/values, the new positions included. A position's cached value depends only on
+its own key/value vector and its row's statistics window, never on how the input was chunked,
+and a rewind followed by the same input writes bit-identical codes. `write_at`/`read_span` are the
+position-independent forms the CUDA-graph step uses (`exlq.runtime.graphs`).
 """
 
 from __future__ import annotations
