@@ -65,7 +65,7 @@ print(f'all kernels cold: {total:.1f} s')"
   tail -3 $OUT/err.log 2>/dev/null
 else
   echo "== HumanEval"
-  python3 bench/humaneval.py ${HUMANEVAL_MODELS:-$Q05} --caches ${CACHES:-fp16 q4} --samples-per-task 10 \
+  python3 bench/humaneval.py ${HUMANEVAL_MODELS:-$Q05 $E $Q15} --caches ${CACHES:-fp16 q8 q6 q4} --samples-per-task 10 \
     --batch-size ${BATCH:-410} --device cuda --out /tmp/humaneval 2>&1 | tail -12
   cp /tmp/humaneval/*.json $OUT/ 2>/dev/null
   if [ -n "${KV_PPL:-}" ]; then
