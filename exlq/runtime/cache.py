@@ -202,21 +202,23 @@ class QuantizedStore:
                 self._fix_statistics(layer, x, start, pad)
         if split == x.shape[2]:
             return
-        centered = x[:, :, split:].float() - self.offsets[layer][:rows]
-        if self.channel_scales:
-            centered = centered * self.multipliers[layer][:rows]
-        codes, scales = self._quantize(centered)
+        codes, scales = self._encode(layer, x[:, :, split:])
         self.codes[layer][:rows, :, start + split : end] = codes
         self.scales[layer][:rows, :, start + split : end] = scales
+
+    def _encode(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and scales of positions past the prefix: offset subtracted, key channels scaled, quantized."""
+        rows = x.shape[0]
+        centered = x.float() - self.offsets[layer][:rows]
+        if self.channel_scales:
+            centered = centered * self.multipliers[layer][:rows]
+        return self._quantize(centered)
 
     def write_at(self, layer: int, x: torch.Tensor, positions: torch.Tensor) -> None:
         """Write x [B, H, T, D] at cache positions `positions` [T] (a device tensor: CUDA graphs), all past the
         dense prefix, so offsets and channel scales are fixed: the same codes as `write` gives them."""
         rows = x.shape[0]
-        centered = x.float() - self.offsets[layer][:rows]
-        if self.channel_scales:
-            centered = centered * self.multipliers[layer][:rows]
-        codes, scales = self._quantize(centered)
+        codes, scales = self._encode(layer, x)
         self.codes[layer][:rows].index_copy_(2, positions, codes)
         self.scales[layer][:rows].index_copy_(2, positions, scales)
 
@@ -225,11 +227,11 @@ class QuantizedStore:
 
         On a GPU the result is a view of the store's scratch buffer, valid until the next read of this
         store (attention uses it at once); on the CPU a new tensor."""
-        dense = self.dense.read(layer, batch, min(end, self.prefix))
         if end <= self.prefix:
-            return dense
+            return self.dense.read(layer, batch, end)
         if self.reads_into_scratch:
             return self._read_into_scratch(layer, batch, end)
+        dense = self.dense.read(layer, batch, self.prefix)
         codes, scales = self.codes[layer][:batch, :, self.prefix : end], self.scales[layer][:batch, :, self.prefix : end]
         rest = self._dequantize(codes, scales)
         if self.channel_scales:

@@ -39,9 +39,8 @@ MAX_STEP_TOKENS = 16  # longest multi-token call (graph_step=True) replayed from
 class StaticDecodeBatch(AttentionBatch):
     """An AttentionBatch whose position is a device tensor, so the same graph serves every step."""
 
-    write_index: torch.Tensor | None = None  # [1] int64: the cache position of the first new token
+    write_positions: torch.Tensor | None = None  # [T] int64: the cache positions of the new tokens
     key_positions: torch.Tensor | None = None  # [span] int64: 0..span-1, the cache positions attention reads
-    write_positions: torch.Tensor | None = None  # [T] int64: write_index + 0..T-1
 
     def mask(self, window: int | None) -> tuple[object | None, bool]:
         if window not in self._masks:
@@ -60,7 +59,7 @@ class StaticDecodeBatch(AttentionBatch):
         return cache.read_span(layer, keys.shape[0], self.key_positions.numel())
 
     def cache_position(self) -> torch.Tensor:
-        return self.write_index
+        return self.write_positions[:1]
 
     def attended(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         length = self.key_positions.numel()  # the graph's bucket: positions beyond the token are masked
@@ -108,8 +107,7 @@ def static_decode_step(
     cos, sin = model.rotary.cos_sin(positions, model.dtype)
     # past_len: the position at capture, for host-side choices only (a quantized cache's prefix is complete).
     batch = StaticDecodeBatch(
-        cache.seq_len, tokens, cos, sin, pad, write_index=position, key_positions=key_positions,
-        write_positions=write_positions,
+        cache.seq_len, tokens, cos, sin, pad, write_positions=write_positions, key_positions=key_positions
     )
     hidden = model.embed(ids)
     for slot, i in enumerate(model.layer_order):

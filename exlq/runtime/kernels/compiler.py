@@ -47,7 +47,7 @@ def read_source(name: str) -> tuple[str, dict[str, str]]:
     text = path.read_text()
     headers: dict[str, str] = {}
     pending = _INCLUDE.findall(text)
-    while pending:  # headers of headers too (a variant source includes another .cu, which includes common.cuh)
+    while pending:  # headers of headers too: all of them key the cache and reach NVRTC
         header = pending.pop()
         if header not in headers:
             headers[header] = (SOURCE_DIR / header).read_text()
