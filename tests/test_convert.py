@@ -88,9 +88,10 @@ def test_unrotated_conversion_keeps_the_tied_head(tiny_model_dirs, tmp_path):
     assert torch.equal(converted.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight.half().float())
 
 
-def test_resume_after_interruption_gives_identical_files(tiny_model_dirs, tmp_path):
+@pytest.mark.parametrize("asym_alpha", [0.0, 0.25])  # with asymmetric calibration the FP stream must resume too
+def test_resume_after_interruption_gives_identical_files(tiny_model_dirs, tmp_path, asym_alpha):
     source = tiny_model_dirs["llama"]
-    options = ConvertOptions(bpw=3.0, head_bits=4)
+    options = ConvertOptions(bpw=3.0, head_bits=4, asym_alpha=asym_alpha)
 
     def run(out, work, progress=None):
         model = load_model(source, device="cpu")

@@ -122,6 +122,8 @@ def convert(
     work_dir: WorkDirOpt = None,
     restart: RestartOpt = False,
     rotate: RotateOpt = True,
+    asym_alpha: Annotated[float, typer.Option("--asym-alpha", help="Asymmetric calibration (0 to 1; 0: off): quantize each linear toward the unquantized model's outputs, moving its target by this share of the GPTAQ-form correction W·(C−H)·(H+λI)⁻¹ before GPTQ. 0.25 is the measured good value (lower KL at 3 and 4 bits); 1 diverges. Costs one more layer forward per layer and one more copy of the calibration states.", rich_help_panel=CALIBRATION)] = 0.0,
+    asym_lambda: Annotated[float, typer.Option("--asym-lambda", help="Ridge of the asymmetric correction, relative to the mean diagonal of H (> 0; 0.001 to 0.1 measured).", rich_help_panel=CALIBRATION)] = 0.01,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     json_output: JsonOpt = False,
@@ -138,7 +140,7 @@ def convert(
     from exlq.quant.writer import check_out_dir
     from exlq.runtime.config import read_json
 
-    options = ConvertOptions(bpw=bpw, head_bits=head_bits, rotate=rotate)
+    options = ConvertOptions(bpw=bpw, head_bits=head_bits, rotate=rotate, asym_alpha=asym_alpha, asym_lambda=asym_lambda)
     options.validate()
     check_out_dir(out_dir, model_dir)
     loaded = Measurement.from_json(read_json(measurement)) if measurement is not None else None

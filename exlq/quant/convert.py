@@ -9,6 +9,7 @@ end, atomically.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 from exlq import __version__
 from exlq.errors import ExlqError
 from exlq.quant.allocate import Option, allocate_to_bpw
+from exlq.quant.asymmetric import Asymmetric
 from exlq.quant.calibration import Calibration
 from exlq.quant.exl2_pack import pack_exl2
 from exlq.quant.gptq import QuantSpec, quantize_gptq
@@ -45,12 +47,22 @@ class ConvertOptions:
     batch_rows: int = 8
     kl_aware: bool = True  # weigh each layer's errors by its measured output sensitivity
     rotate: bool = True  # incoherence processing folded into the weights (exlq.quant.rotate)
+    asym_alpha: float = 0.0  # share of the asymmetric target correction (exlq.quant.asymmetric); 0: off
+    asym_lambda: float = 0.01  # its ridge, relative to mean(diag H)
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
             raise ExlqError(f"--bpw must be between {MIN_BPW} and {MAX_BPW} (got {self.bpw})")
         if self.head_bits not in HEAD_BITS:
             raise ExlqError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))} (got {self.head_bits})")
+        if not 0 <= self.asym_alpha <= 1:
+            raise ExlqError(f"--asym-alpha must be between 0 and 1 (got {self.asym_alpha})")
+        if not 0 < self.asym_lambda < math.inf:
+            raise ExlqError(f"--asym-lambda must be a positive number (got {self.asym_lambda})")
+
+    def asymmetric(self) -> dict[str, float] | None:
+        """The asymmetric correction's settings when it is on (for fingerprints and the config), else None."""
+        return {"alpha": self.asym_alpha, "lambda": self.asym_lambda} if self.asym_alpha > 0 else None
 
 
 @dataclass
@@ -94,17 +106,26 @@ def check_measurement_fits(measurement: Measurement, model: DecoderOnlyLM) -> No
 
 
 def quantize_layer(
-    runner: LayerRunner, layer: torch.nn.Module, specs: dict[str, QuantSpec], damp: float
+    runner: LayerRunner,
+    layer: torch.nn.Module,
+    specs: dict[str, QuantSpec],
+    damp: float,
+    asymmetric: Asymmetric | None = None,
 ) -> dict[str, torch.Tensor]:
     """GPTQ every linear of `layer` with its chosen spec; the layer then computes with the quantized
-    weights (dequantized, for the torch path) and the packed EXL2 tensors are returned."""
+    weights (dequantized, for the torch path) and the packed EXL2 tensors are returned.
+
+    With `asymmetric`, each linear is quantized toward its corrected target (and the FP stream
+    advances through the layer before its weights are replaced).
+    """
     prefix = f"model.layers.{runner.layer_index}"
-    hessians = runner.collect_hessians(layer)
+    hessians = runner.collect_hessians(layer) if asymmetric is None else asymmetric.collect(runner, layer)
     tensors: dict[str, torch.Tensor] = {}
     for name, module in linear_modules(layer).items():
         weight = dense_weight(module, f"{prefix}.{name}")
+        target = weight.float() if asymmetric is None else asymmetric.target(hessians, name, weight)
         quantized = quantize_gptq(
-            weight.float(), hessians.hessian(name), specs[f"{prefix}.{name}"], damp=damp, name=f"{prefix}.{name}"
+            target, hessians.hessian(name), specs[f"{prefix}.{name}"], damp=damp, name=f"{prefix}.{name}"
         )
         bias = None if module.bias is None else module.bias.detach()
         packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm, bias)
@@ -146,8 +167,6 @@ def head_weight(model: DecoderOnlyLM, head: dict[str, torch.Tensor]) -> torch.Te
 def calibration_perplexity(model: DecoderOnlyLM, runner: LayerRunner, ids: torch.Tensor, weight: torch.Tensor) -> float:
     """exp(mean NLL) of the converted model (states after all quantized layers, quantized head) on
     the first calibration rows, one row at a time so vocabulary-sized logits stay small."""
-    import math
-
     from exlq.eval.perplexity import window_nll
 
     nll, tokens = 0.0, 0
@@ -195,21 +214,12 @@ def convert_model(
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     rotation = rotation_for(options.rotate)
-    job_options = {
-        "bpw": options.bpw,
-        "head_bits": options.head_bits,
-        "damp": options.damp,
-        "kl_aware": options.kl_aware,
-        "rotation": rotation,
-        "calibration": calibration.fingerprint,
-        "measurement": None if measurement is None else measurement.calibration.get("fingerprint"),
-        "exlq": __version__,
-    }
     if measurement is not None:
         check_measurement_fits(measurement, model)
         check_rotation(measurement.rotation, rotation)
     apply_rotation(model, rotation)
-    with Job(work_dir, fingerprint(model_dir, job_options), restart=restart) as job:
+    job_fingerprint = fingerprint(model_dir, job_options(options, rotation, calibration, measurement))
+    with Job(work_dir, job_fingerprint, restart=restart) as job:
         if measurement is None:
             measurement = measure_resumable(
                 model, calibration, job, batch_rows=options.batch_rows, specs_for=specs_for, progress=report,
@@ -217,14 +227,20 @@ def convert_model(
             )
         specs, achieved = allocate_options(measurement, options.bpw, options.kl_aware)
         runner = LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
+        asymmetric = None
+        if options.asymmetric() is not None:
+            fp_stream = LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
+            asymmetric = Asymmetric(fp_stream, options.asym_lambda, options.asym_alpha)
         layers = model.model.layers
         for i, layer in enumerate(layers):
             step = f"layer-{i}"
             saved = job.load_tensors(step) if job.done(step) else None
             if saved is None:
-                job.save_tensors(step, quantize_layer(runner, layer, specs, options.damp))
+                job.save_tensors(step, quantize_layer(runner, layer, specs, options.damp, asymmetric))
                 job.mark_done(step)
             else:
+                if asymmetric is not None:  # the freshly loaded layer still has its FP weights
+                    asymmetric.skip(layer)
                 _restore_layer(layer, saved, f"model.layers.{i}")
             runner.advance(layer)
             report("quantize", i + 1, len(layers))
@@ -235,11 +251,7 @@ def convert_model(
         config = quantization_config(
             bits=options.bpw,
             head_bits=options.head_bits,
-            calibration={
-                "rows": calibration.ids.shape[0],
-                "length": calibration.ids.shape[1],
-                "dataset": calibration.description,
-            },
+            calibration=calibration_info(calibration, options),
         )
         if rotation is not None:  # embedding and head differ once rotated (and norms are all ones)
             config["quantization_config"]["rotation"] = rotation
@@ -254,6 +266,35 @@ def convert_model(
         seconds=time.perf_counter() - started,
         calibration_perplexity=calibration_ppl,
     )
+
+
+def job_options(
+    options: ConvertOptions, rotation: dict | None, calibration: Calibration, measurement: Measurement | None
+) -> dict:
+    """What decides the work directory's contents (its fingerprint). The asymmetric settings join only
+    when the correction is on, so work directories of conversions without it stay valid."""
+    result = {
+        "bpw": options.bpw,
+        "head_bits": options.head_bits,
+        "damp": options.damp,
+        "kl_aware": options.kl_aware,
+        "rotation": rotation,
+        "calibration": calibration.fingerprint,
+        "measurement": None if measurement is None else measurement.calibration.get("fingerprint"),
+        "exlq": __version__,
+    }
+    if options.asymmetric() is not None:
+        result["asymmetric"] = options.asymmetric()
+    return result
+
+
+def calibration_info(calibration: Calibration, options: ConvertOptions) -> dict:
+    """The config's `quantization_config.calibration`: the spec's rows/length/dataset, plus the
+    asymmetric correction's settings when it was used."""
+    info = {"rows": calibration.ids.shape[0], "length": calibration.ids.shape[1], "dataset": calibration.description}
+    if options.asymmetric() is not None:
+        info["asymmetric"] = options.asymmetric()
+    return info
 
 
 def _restore_layer(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:

@@ -41,16 +41,20 @@ class HessianCollector:
                 return
             if not torch.isfinite(x).all():
                 raise ExlqError(f"non-finite activations (NaN/Inf) reach {self.layer_name}.{name}")
-            flat = x.reshape(-1, x.shape[-1]).float()
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
-                self.rows[name] = 0
-            self.sums[name].addmm_(flat.T, flat)
-            self.rows[name] += flat.shape[0]
+            self.add(name, x.reshape(-1, x.shape[-1]))
             self.owner[name] = name
             self._last = (x, name)
 
         return accumulate
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        """Accumulate the rows x [rows, K] of module `name`'s input (its own, not a shared one)."""
+        flat = x.float()
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+            self.rows[name] = 0
+        self.sums[name].addmm_(flat.T, flat)
+        self.rows[name] += flat.shape[0]
 
     @contextmanager
     def active(self) -> Iterator[HessianCollector]:
@@ -90,6 +94,11 @@ class LayerRunner:
         return self.model.attention_batch(rows, self.length)
 
     @torch.inference_mode()
+    def forward(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """`layer` (the current one) on one chunk of states."""
+        return layer(h, self._attention_batch(h.shape[0]), None, self.layer_index)
+
+    @torch.inference_mode()
     def outputs(self, layer: nn.Module, rows: int | None = None) -> list[torch.Tensor]:
         """The layer's outputs on the current states (without advancing); `rows`: only the first rows."""
         chunks, taken = [], 0
@@ -98,7 +107,7 @@ class LayerRunner:
                 break
             if rows is not None:
                 h = h[: rows - taken]
-            chunks.append(layer(h, self._attention_batch(h.shape[0]), None, self.layer_index))
+            chunks.append(self.forward(layer, h))
             taken += h.shape[0]
         return chunks
 
@@ -110,5 +119,9 @@ class LayerRunner:
 
     def advance(self, layer: nn.Module) -> None:
         """Replace the states by `layer`'s outputs (call it with the layer as it will be saved)."""
-        self.chunks = self.outputs(layer)
+        self.advance_to(self.outputs(layer))
+
+    def advance_to(self, chunks: list[torch.Tensor]) -> None:
+        """Replace the states by the current layer's outputs, computed by the caller chunk by chunk."""
+        self.chunks = chunks
         self.layer_index += 1
