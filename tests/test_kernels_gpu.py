@@ -253,6 +253,29 @@ def test_cuda_graph_step_equals_eager(tiny_model_dirs, monkeypatch, padded, toke
     assert rel(results["1"], results["0"]) < 2e-3
 
 
+def test_cache_only_one_token_steps_replay_the_graph(tiny_model_dirs, monkeypatch):
+    """A one-token step that wants no logits (a speculative draft catching up) is a graph step too, and fills the
+    cache as an eager step does."""
+    model = load_model(tiny_model_dirs["qwen2"], device="cuda", dtype="fp16")
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", flag)
+        model.decode_graphs.clear()
+        cache = model.new_cache(64)
+        model(ids[:, :10], cache, max_output_len=0)
+        out = []
+        for i in range(10, 30):
+            logits = model(ids[:, i : i + 1], cache, max_output_len=0 if i % 3 else 1)
+            if i % 3 == 0:
+                out.append(logits)
+            else:
+                assert logits is None
+        results[flag] = torch.cat(out, dim=1).float()
+        assert len(model.decode_graphs._graphs) == (flag == "1")
+    assert rel(results["1"], results["0"]) < 2e-3
+
+
 def test_speculative_with_graphs_equals_plain_greedy(tiny_model_dirs):
     from exlq.runtime.speculative import SpeculativeGenerator
 

@@ -78,8 +78,9 @@ def graphs_possible(model, cache) -> bool:
 
 
 def graphs_wanted(model, cache, bsz: int, new_len: int, max_output_len: int | None, graph_step: bool = False) -> bool:
-    """Whether this forward replays a captured step: every one-token step that can, and `graph_step` calls."""
-    one_token = new_len == 1 and max_output_len in (1, None)
+    """Whether this forward replays a captured step: every one-token step that can (with or without logits: a
+    speculative draft catching up runs one token for its cache only), and `graph_step` calls."""
+    one_token = new_len == 1 and max_output_len in (0, 1, None)
     return (
         (one_token or (graph_step and 1 <= new_len <= MAX_STEP_TOKENS))
         and graphs_possible(model, cache)
