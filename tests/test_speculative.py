@@ -49,22 +49,24 @@ def test_greedy_output_equals_the_main_model(pair, draft_tokens):
     assert again.token_ids == expected.token_ids and again.draft_accepted == again.draft_proposed
 
 
-def test_padded_verification_changes_nothing(pair, monkeypatch):
+@pytest.mark.parametrize("penalty", [1.0, 1.3])  # 1.0: the greedy round (drafts stay on the device); 1.3: the general one
+def test_padded_verification_changes_nothing(pair, monkeypatch, penalty):
     """The GPU pads each verification to one length (for its CUDA graph): forced here on the CPU, the
     output is still the main model's greedy output, also at the context edge, and no padding stays cached."""
+    sampler = SamplerSettings(temperature=0, repetition_penalty=penalty)
     import exlq.runtime.speculative as speculative
 
     monkeypatch.setattr(speculative, "graphs_possible", lambda model, cache: True)
     calls = []
     main, draft, _ = generators(pair, max_seq_len=40)
-    real_run = main.run
-    main.run = lambda ids, max_output_len, graph_step=False: calls.append((len(ids), graph_step)) or real_run(
+    real_run = main.run_tensor
+    main.run_tensor = lambda ids, max_output_len, graph_step=False: calls.append((ids.shape[1], graph_step)) or real_run(
         ids, max_output_len, graph_step=graph_step)  # fmt: skip
     plain = Generator(main.model, main.tokenizer, max_seq_len=40)
     prompt = [1, 5, 9, 23, 7]
-    expected = plain.generate(prompt, sampler=GREEDY, max_new_tokens=60, eos_ids=[])
+    expected = plain.generate(prompt, sampler=sampler, max_new_tokens=60, eos_ids=[])
     spec = SpeculativeGenerator(main, draft, draft_tokens=3)
-    got = spec.generate(prompt, sampler=GREEDY, max_new_tokens=60, eos_ids=[])
+    got = spec.generate(prompt, sampler=sampler, max_new_tokens=60, eos_ids=[])
     assert got.token_ids == expected.token_ids and got.stop_reason == expected.stop_reason == "max_seq_len"
     verifications = [n for n, graph_step in calls if graph_step]
     # One length, max_draft_tokens + 1, until the cache's free room is shorter (then the room).
@@ -113,11 +115,12 @@ def test_sampled_output_follows_the_main_distribution(pair):
     assert tv_main < 0.05 and tv_draft > 0.3, (tv_main, tv_draft)
 
 
-def test_rejections_keep_both_caches_consistent(pair):
+@pytest.mark.parametrize("temperature", [1.0, 0.0])  # the general round and the greedy one
+def test_rejections_keep_both_caches_consistent(pair, temperature):
     main, draft, _ = generators(pair)
     spec = SpeculativeGenerator(main, draft, draft_tokens=4)
     prompt = [2, 4, 6, 8]
-    result = spec.generate(prompt, sampler=SamplerSettings(temperature=1.0, seed=3), max_new_tokens=20, eos_ids=[])
+    result = spec.generate(prompt, sampler=SamplerSettings(temperature=temperature, seed=3), max_new_tokens=20, eos_ids=[])
     assert result.draft_accepted < result.draft_proposed  # different models: some rejections happened
     context = prompt + result.token_ids
     # The caches hold real keys/values for what they claim: continuing equals a fresh run.

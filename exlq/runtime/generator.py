@@ -151,10 +151,19 @@ class Generator:
 
         `graph_step`: replay a CUDA graph for this multi-token call (see DecoderOnlyLM.forward)."""
         tensor = torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
-        logits = self.model(tensor, self.cache, max_output_len=max_output_len, graph_step=graph_step)
+        logits = self.run_tensor(tensor, max_output_len, graph_step=graph_step)
+        self.record(ids)
+        return logits
+
+    def run_tensor(self, ids: torch.Tensor, max_output_len: int | None, *, graph_step: bool = False) -> torch.Tensor | None:
+        """`run` for ids [1, T] already on the model's device: no host copy and no wait for the GPU, so steps can
+        feed each other's outputs. The caller must `record` the ids' values once it has read them."""
+        return self.model(ids, self.cache, max_output_len=max_output_len, graph_step=graph_step)
+
+    def record(self, ids: Sequence[int]) -> None:
+        """Note that `ids` went into the cache through `run_tensor` (the bookkeeping `sync` and `rewind` rely on)."""
         self._cached_ids.extend(ids)
         self.tokens_processed += len(ids)
-        return logits
 
     def rewind(self, length: int) -> None:
         """Keep only the first `length` cached tokens."""
