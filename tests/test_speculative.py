@@ -159,3 +159,29 @@ def test_cli_draft(capsys, pair):
     assert spec["text"] == plain["text"] and spec["draft_proposed"] > 0
     code, out, err = cli(capsys, *args, "--draft", draft_dir, "--draft-tokens", 0)
     assert code == 2 and "--draft-tokens" in err
+
+
+def test_acceptance_and_correction_follow_speculative_sampling():
+    """`_accept` with fixed drafts: P(a drafts stand) = Π min(1, p/q) up to a then one rejection, and the next
+    token comes from norm(max(0, p − q)) at a rejection or from p after all k (checked jointly by frequency)."""
+    sampler = Sampler(SamplerSettings(temperature=1.0, seed=5))
+    gen = torch.Generator().manual_seed(0)
+    main_logits = torch.randn(3, 4, generator=gen) * 1.5  # k = 2 drafts, vocabulary of 4
+    p = torch.softmax(main_logits, dim=-1)
+    q = torch.softmax(torch.randn(2, 4, generator=gen), dim=-1)
+    drafts = torch.tensor([1, 2])
+    history = torch.zeros(1, 5, dtype=torch.long)
+    expected = torch.zeros(3, 4)  # [accepted, next token]
+    reach = 1.0
+    for i in range(2):
+        stand = min(1.0, float(p[i, drafts[i]] / q[i, drafts[i]]))
+        residual = (p[i] - q[i]).clamp_min(0)
+        expected[i] = reach * (1 - stand) * residual / residual.sum()
+        reach *= stand
+    expected[2] = reach * p[2]
+    counts = torch.zeros(3, 4)
+    trials = 4000
+    for _ in range(trials):
+        accepted, fixed = SpeculativeGenerator._accept(sampler, main_logits, q, drafts, history, 3)
+        counts[int(accepted), int(fixed)] += 1
+    assert 0.5 * float((counts / trials - expected).abs().sum()) < 0.04

@@ -180,14 +180,18 @@ class Sampler:
         logits = self._penalized(logits, history)
         if self.settings.greedy:
             return logits.argmax(dim=-1)
-        probs = self._filtered_probs(logits)
-        generator = self._generator_for(probs.device)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return self.draw(self._filtered_probs(logits))
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token id per row [B] from explicit probabilities [B, V] (e.g. a speculative residual)."""
-        return torch.multinomial(probs, 1, generator=self._generator_for(probs.device)).squeeze(-1)
+        """One token id per row [B] from probabilities [B, V] (normalized or not; e.g. a speculative residual).
 
-    def uniform(self, device: torch.device) -> float:
-        """A uniform number in [0, 1) from the private generator."""
-        return float(torch.rand((), generator=self._generator_for(torch.device(device)), device=device))
+        The exponential race, argmax p_i / E_i with E_i ~ Exp(1), picks i with probability p_i / Σp, as
+        torch.multinomial does (for one sample it runs the same race) but without multinomial's input check,
+        which reads a device value and so makes the host wait for the GPU.
+        """
+        race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=self._generator_for(probs.device))
+        return (probs.float() / race.clamp_min_(1e-30)).argmax(dim=-1)
+
+    def uniforms(self, count: int, device: torch.device) -> torch.Tensor:
+        """`count` uniform numbers in [0, 1) from the private generator, on `device` (no host wait)."""
+        return torch.rand(count, generator=self._generator_for(torch.device(device)), device=device)
