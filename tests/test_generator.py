@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from exlq.errors import ExlqError
-from exlq.runtime.generator import Generator, default_choice_values
+from exlq.runtime.generator import Generator, common_prefix_length, default_choice_values
 from exlq.runtime.loader import load_model
 from exlq.runtime.sampler import SamplerSettings
 from exlq.runtime.tokenizer import Tokenizer
@@ -153,3 +153,19 @@ def test_score_choices_match_full_forward(generator, model_and_tokenizer):
 def test_default_choice_values():
     assert default_choice_values(["A", "B", "C"]) == [1.0, 2.0, 3.0]
     assert default_choice_values(["1", "5", "10"]) == [1.0, 5.0, 10.0]
+
+
+def test_common_prefix_length_matches_the_id_by_id_count():
+    import random
+
+    def reference(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        a = [rng.randint(0, 2) for _ in range(rng.randint(0, 12))]
+        b = a[: rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 12))]
+        assert common_prefix_length(a, b) == common_prefix_length(tuple(b), a) == reference(a, b)

@@ -116,12 +116,17 @@ class TokenSink:
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading ids `a` and `b` share. Called every speculative round on the whole context, so prefixes
+    are compared as lists (at C speed) and the first difference found by bisection, not id by id in Python."""
+    a, b = list(a), list(b)
+    lo, hi = 0, min(len(a), len(b))  # the first lo ids agree; the answer is at most hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class Generator:
