@@ -35,6 +35,7 @@ from exlq.quant.convert import head_weight, quantize_head, quantize_layer  # noq
 from exlq.quant.gptq import QuantSpec  # noqa: E402
 from exlq.quant.hessian import LayerRunner, linear_modules  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
+from exlq.runtime.linear import DenseLinear  # noqa: E402
 from exlq.runtime.loader import load_model  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
 
@@ -70,9 +71,7 @@ def main() -> None:
                 quantize_layer(runner, layer, specs, args.damp, asymmetric)
             runner.advance(layer)
         if args.head != 16:
-            weight = head_weight(model, quantize_head(model, runner, args.head, args.damp))
-            head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
-            head.weight.data = weight
+            head = DenseLinear(head_weight(model, quantize_head(model, runner, args.head, args.damp)))
             model.replace_module("lm_head", head)  # a new module: a tied embedding keeps its weights
         result = evaluate_perplexity(model, text, length=512, rows=8, reference=reference)
         variant = f" asym {args.asym} lambda {args.asym_lambda} alpha {args.asym_alpha}" if args.asym else ""
