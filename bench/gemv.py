@@ -28,6 +28,12 @@ SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (in_featu
 PER_GRAPH = 50
 
 
+def shape(text: str) -> tuple[int, int]:
+    """'4096x14336' -> (4096, 14336)."""
+    k, n = text.lower().split("x")
+    return int(k), int(n)
+
+
 def copies_beyond_l2(nbytes: int, device: torch.device, hot: bool = False) -> int:
     """How many copies of an nbytes tensor together exceed twice the L2 cache (so none stays cached)."""
     if hot:
@@ -42,12 +48,12 @@ def cycling(product):
     return lambda: product(next(counter))
 
 
-def graph_seconds(fn, replays: int = 20) -> float:
-    """Seconds per call of `fn`, from replaying a CUDA graph of PER_GRAPH calls."""
+def graph_seconds(fn, replays: int = 20, warm_calls: int = PER_GRAPH) -> float:
+    """Seconds per call of `fn`, from replaying a CUDA graph of PER_GRAPH calls (after warm_calls uncaptured)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for _ in range(warm_calls):  # every layer copy once, before capture (a first call builds its launch plan)
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
@@ -70,6 +76,7 @@ def main() -> None:
     parser.add_argument("--bpw", type=float, default=4.0)
     parser.add_argument("--rows", type=int, nargs="+", default=[1])
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--shapes", type=shape, nargs="+", default=SHAPES, help="KxN (in x out features) each")
     parser.add_argument("--l2-hot", action="store_true", help="one copy per layer (may stay in L2)")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -77,7 +84,7 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(0)
     results = []
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s")
-    for k, n in SHAPES:
+    for k, n in args.shapes:
         tensors = random_exl2(k, n, args.bpw, generator)
         stored = tensors.total_bits() // 8
         layers = [Exl2Linear(tensors if i == 0 else random_exl2(k, n, args.bpw, generator), k, n, dtype=torch.float16)
@@ -87,7 +94,7 @@ def main() -> None:
         layer = layers[0]
         for rows in args.rows:
             x = torch.randn(rows, k, device=device, dtype=torch.float16)
-            seconds = graph_seconds(cycling(lambda i: layers[i % len(layers)](x)))
+            seconds = graph_seconds(cycling(lambda i: layers[i % len(layers)](x)), warm_calls=max(PER_GRAPH, len(layers)))
             fp16_seconds = graph_seconds(cycling(lambda i: F.linear(x, dense[i % len(dense)])))
             row = {
                 "k": k, "n": n, "rows": rows, "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,

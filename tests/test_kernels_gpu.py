@@ -337,6 +337,50 @@ def test_kv_quant_kernels_match_torch(bits):
     assert rel(out, x) < {2: 0.7, 3: 0.3, 4: 0.15, 5: 0.08, 6: 0.04, 7: 0.02, 8: 0.01}[bits]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_multiplier", [False, True])
+def test_kv_quantize_at_equals_the_unfused_steps(bits, dtype, with_multiplier):
+    """The graph step's fused cache write: bit for bit what offset, channel scale, kv_quantize and index_copy_ give,
+    at scattered positions of the first rows, from a non-contiguous input; nothing else written."""
+    from exlq.runtime.kernels import kv_ops
+
+    gen = torch.Generator(device=CUDA).manual_seed(bits)
+    x = (torch.randn(4, 3, 2, 64, device=CUDA, generator=gen) * 5).to(dtype).transpose(1, 2)[:3]  # [3, 2, 3, 64]
+    offset = torch.randn(4, 2, 1, 64, device=CUDA, generator=gen) * 3
+    multiplier = torch.rand(4, 2, 1, 64, device=CUDA, generator=gen) + 0.5 if with_multiplier else None
+    positions = torch.tensor([7, 2, 11], device=CUDA)
+    codes = torch.full((4, 2, 16, 64 * bits // 8), 0xAB, dtype=torch.uint8, device=CUDA)
+    scales = torch.full((4, 2, 16, 2), float("nan"), dtype=torch.float16, device=CUDA)
+    expected_codes, expected_scales = codes.clone(), scales.clone()
+    kv_ops.quantize_at(x, offset, multiplier, positions, codes, scales, bits)
+    centered = x.float() - offset[:3]
+    if multiplier is not None:
+        centered = centered * multiplier[:3]
+    new_codes, new_scales = kv_ops.quantize(centered, bits)
+    expected_codes[:3].index_copy_(2, positions, new_codes)
+    expected_scales[:3].index_copy_(2, positions, new_scales)
+    assert torch.equal(codes, expected_codes)
+    assert torch.equal(scales.view(torch.int16), expected_scales.view(torch.int16))
+
+
+def test_kv_dequantize_into_copies_the_dense_prefix():
+    """One launch refills the shared scratch: positions below the prefix come from the dense store, the rest dequantized."""
+    from exlq.runtime.kernels import kv_ops
+    from exlq.runtime.kv_quant import dequantize_kv, quantize_kv
+
+    gen = torch.Generator(device=CUDA).manual_seed(3)
+    codes, scales = quantize_kv(torch.randn(3, 2, 40, 64, device=CUDA, generator=gen), 4)
+    dense = torch.randn(3, 2, 16, 64, device=CUDA, generator=gen).half()
+    offset = torch.randn(3, 2, 1, 64, device=CUDA, generator=gen)
+    out = torch.full((3, 2, 40, 64), float("nan"), dtype=torch.float16, device=CUDA)
+    kv_ops.dequantize_into(out, codes, scales, offset, None, 4, rows=2, start=0, end=30, dense=dense)
+    assert torch.equal(out[:2, :, :16], dense[:2])
+    expected = (dequantize_kv(codes[:2, :, 16:30], scales[:2, :, 16:30], 4, dtype=torch.float32) + offset[:2]).half()
+    assert rel(out[:2, :, 16:30].float(), expected.float()) < 1e-2
+    assert out[:2, :, 30:].isnan().all() and out[2].isnan().all()
+
+
 def head_dim_32_model(tmp_path, *, seed: int, rows: int, prompt: int, steps: int):
     """A tiny fp16 Qwen2 on the GPU whose head_dim (32) is one KV-kernel group, a prompt and decode tokens."""
     from tiny_models import make_tiny_model_dir

@@ -218,6 +218,10 @@ class QuantizedStore:
         """Write x [B, H, T, D] at cache positions `positions` [T] (a device tensor: CUDA graphs), all past the
         dense prefix, so offsets and channel scales are fixed: the same codes as `write` gives them."""
         rows = x.shape[0]
+        if self.uses_kernels and x.dtype in kernels.ACTIVATION_TAGS:  # one fused kernel (a graph step's hot path)
+            multiplier = self.multipliers[layer] if self.channel_scales else None
+            kv_ops.quantize_at(x, self.offsets[layer], multiplier, positions, self.codes[layer], self.scales[layer], self.bits)
+            return
         codes, scales = self._encode(layer, x)
         self.codes[layer][:rows].index_copy_(2, positions, codes)
         self.scales[layer][:rows].index_copy_(2, positions, scales)
@@ -243,10 +247,9 @@ class QuantizedStore:
         if self.scratch is None:
             self.scratch = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         out = self.scratch
-        out[:batch, :, : self.prefix] = self.dense.data[layer][:batch]
         divisors = self.multipliers[layer] if self.channel_scales else None
         kv_ops.dequantize_into(out, self.codes[layer], self.scales[layer], self.offsets[layer], divisors,
-                               self.bits, batch, self.prefix, end)  # fmt: skip
+                               self.bits, batch, 0, end, dense=self.dense.data[layer])  # fmt: skip
         return out[:batch, :, :end]
 
 

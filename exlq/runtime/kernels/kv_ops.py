@@ -15,7 +15,7 @@ from exlq.runtime.kernels.launch import kernel, launch
 SOURCE = "kv_quant.cu"
 BITS = (2, 3, 4, 5, 6, 7, 8)
 INSTANCES = tuple(f"{name}<{b}>" for name in ("kv_quantize", "kv_dequantize") for b in BITS) + tuple(
-    f"kv_dequantize_into<{tag}, {b}>" for tag in ACTIVATION_TAGS.values() for b in BITS
+    f"{name}<{tag}, {b}>" for name in ("kv_dequantize_into", "kv_quantize_at") for tag in ACTIVATION_TAGS.values() for b in BITS
 )
 GROUP = 32
 WARPS = 8  # groups per block
@@ -57,12 +57,14 @@ def dequantize_into(
     rows: int,
     start: int,
     end: int,
+    dense: torch.Tensor | None = None,
 ) -> None:
     """Positions start..end-1 of the first `rows` batch rows, dequantized into `out` in its dtype (fp16/bf16).
 
     out [B, H, S, D], codes [B, H, S, D·bits/8] and scales [B, H, S, D/32] are one layer's whole
     buffers (contiguous); offset and divisor (the keys' channel scales, or None) are float32 [B, H, 1, D]:
     out = dequantize(codes, scales) / divisor + offset, as the torch path (cache.QuantizedStore.read) computes it.
+    `dense` [B, H, P, D] (contiguous, out's dtype): the store's dense prefix, copied for positions below P.
     """
     _, heads, s_max, dim = out.shape
     length = end - start
@@ -71,6 +73,34 @@ def dequantize_into(
         return
     tag = ACTIVATION_TAGS[out.dtype]
     function = kernel(SOURCE, INSTANCES, f"kv_dequantize_into<{tag}, {bits}>", out.device)
-    arguments = (codes, scales, offset.contiguous(), None if divisor is None else divisor.contiguous(), out,
-                 groups, dim // GROUP, length, start, s_max)  # fmt: skip
+    prefix = 0 if dense is None else dense.shape[2]
+    arguments = (codes, scales, offset.contiguous(), None if divisor is None else divisor.contiguous(), dense, out,
+                 groups, dim // GROUP, length, start, s_max, prefix)  # fmt: skip
     launch(function, (-(-groups // WARPS), 1, 1), (32 * WARPS, 1, 1), arguments, out.device)
+
+
+def quantize_at(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    multiplier: torch.Tensor | None,
+    positions: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+) -> None:
+    """Quantize x [rows, H, T, D] (fp16/bf16) into one layer's cache buffers at `positions` [T] (int64, on the device).
+
+    codes [B, H, S, D·bits/8] and scales [B, H, S, D/32] are the layer's whole buffers (contiguous); offset and
+    multiplier (the keys' channel scales, or None) float32 [B, H, 1, D]. One kernel for what the torch steps
+    `quantize((x - offset) · multiplier)` and two index_copy_ do, with bit-identical codes and scales.
+    """
+    rows, heads, tokens, dim = x.shape
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    groups = rows * heads * tokens * (dim // GROUP)
+    if groups == 0:
+        return
+    function = kernel(SOURCE, INSTANCES, f"kv_quantize_at<{ACTIVATION_TAGS[x.dtype]}, {bits}>", x.device)
+    arguments = (x, offset.contiguous(), None if multiplier is None else multiplier.contiguous(), positions, codes,
+                 scales, groups, dim // GROUP, tokens, heads, x.stride(0), x.stride(1), x.stride(2), codes.shape[2])  # fmt: skip
+    launch(function, (-(-groups // WARPS), 1, 1), (32 * WARPS, 1, 1), arguments, x.device)
