@@ -1,6 +1,6 @@
 """Quantization quality: convert one model at several bitrates and score each against FP16.
 
-    python bench/quality.py MODEL_DIR --out-root DIR [--bpw 2.5 3.0 ...] [--head-bits 6] [--device cuda] [--asym-alpha 0.25]
+    python bench/quality.py MODEL_DIR --out-root DIR [--bpw 2.5 3.0 ...] [--head-bits 6] [--device cuda] [--asym-alpha 0]
 
 One measurement (built-in calibration, 100 x 2048 tokens) is reused for every target. Scoring is
 the harness of ../shared/tools/README.md: the first 20 non-overlapping 1024-token windows of the
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--no-kl-aware", action="store_true", help="allocate on layer-local errors alone")
     parser.add_argument("--no-rotate", action="store_true", help="quantize the model as it is (no incoherence rotation)")
-    parser.add_argument("--asym-alpha", type=float, default=0.0, help="convert --asym-alpha (0: off)")
+    parser.add_argument("--asym-alpha", type=float, default=None, help="convert --asym-alpha (0: off; default: convert's)")
     parser.add_argument("--asym-lambda", type=float, default=0.01, help="convert --asym-lambda")
     args = parser.parse_args()
 
@@ -91,10 +91,10 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         model = load_model(args.model_dir, device=device)
         t0 = time.perf_counter()
+        options = ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware, rotate=rotation is not None,
+                                 asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda).resolved(calibration.ids.numel())
         summary = convert_model(
-            model, args.model_dir, out, calibration,
-            ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware, rotate=rotation is not None,
-                           asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda),
+            model, args.model_dir, out, calibration, options,
             work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,
         )
         seconds = time.perf_counter() - t0
@@ -105,7 +105,7 @@ def main() -> None:
         del quantized
         row = {
             "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None,
-            "asym_alpha": args.asym_alpha, "asym_lambda": args.asym_lambda, "decoder_bpw": round(summary.decoder_bpw, 4),
+            "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "decoder_bpw": round(summary.decoder_bpw, 4),
             "ppl": round(result.perplexity, 4), "kl": round(result.kl_divergence, 5),
             "top1": round(result.top1_agreement, 4), "file_MB": round(folder_bytes(out) / 1e6, 1),
             "convert_s": round(seconds, 1), "peak_vram_GB": None if vram is None else round(vram, 2),
