@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# A/B on the GPU: this tree against ALT (default /tmp/gpu/alt: this commit with bench/patches/*.patch applied,
-# made here with `git archive HEAD | tar -x -C .gpu/alt && patch -p1 -d .gpu/alt < PATCH` and carried in .gpu),
-# with smollm2-135m carried in pieces to /tmp/parts (docs/benchmarks.md, "moving models to the GPU").
-#   STAGE=prep:    assemble smollm2, convert it to EXL2 4.0 (quick calibration) beside ALT's full GPU test suite.
-#   STAGE=speed:   per tree: GEMV alone, the synthetic 8B, smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode.
+# GPU work of a session on smollm2-135m (carried in pieces to /tmp/parts; docs/benchmarks.md, "moving models to the
+# GPU") and the synthetic 8B, for this tree or, A/B, for this tree and ALT (default /tmp/gpu/alt: e.g. this commit with
+# a patch applied, made here with `git archive HEAD | tar -x -C .gpu/alt && patch -p1 -d .gpu/alt < PATCH`).
+#   STAGE=session: assemble and convert smollm2 (EXL2 4.0, quick calibration) beside this tree's full GPU test suite,
+#                  the real-EXL2 test, then the speed of this tree (as STAGE=speed TREES=$PWD).
+#   STAGE=prep:    the same preparation with ALT's GPU tests instead.
+#   STAGE=speed:   per tree in TREES (default: this tree and ALT): GEMV alone (wide and narrow), the synthetic 8B,
+#                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode.
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options).
 #   STAGE=wait:    wait up to WAIT seconds for the quality job, then print its log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 EXLQ_SHARED_DIR=/tmp/gpu/shared EXLQ_TEST_MODELS=/tmp/models
-OUT=${OUT:-/tmp/out}; ALT=${ALT:-/tmp/gpu/alt}; mkdir -p "$OUT" /tmp/models
+OUT=${OUT:-/tmp/out}; ALT=${ALT:-/tmp/gpu/alt}; HERE=$PWD; mkdir -p "$OUT" /tmp/models
 M=/tmp/models/smollm2-135m E=/tmp/models/smollm2-135m-exl2-4.0bpw
-case "${STAGE:-prep}" in
-prep)
+
+prepare() {  # $1: the tree whose GPU tests run while smollm2 converts
   if [ ! -f $M/model.safetensors ]; then
     mkdir -p $M.tmp && cp /tmp/gpu/smol-files/* $M.tmp/ && cat /tmp/parts/part.??? > $M.tmp/model.safetensors
     echo "d8d8571b3af99053c8ad455ce009d8479eec5da515f80a417c075d0a7f317904  $M.tmp/model.safetensors" | sha256sum -c \
@@ -20,26 +23,37 @@ prep)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   [ -f $E/config.json ] || python3 -m exlq.cli.app convert $M $E --bpw 4.0 --rows 16 --length 1024 --device cuda --json \
     > $OUT/convert_smol.json 2> $OUT/convert_smol.err &
-  echo "== GPU tests of $ALT"
-  (cd $ALT && python3 -m pytest -q -p no:cacheprovider -rs -m gpu 2>&1 | tee $OUT/pytest_alt.log | tail -15)
-  wait; tail -c 400 $OUT/convert_smol.json
-  echo "== real EXL2 model (smollm2 4.0), kernels vs torch, $ALT"
-  (cd $ALT && EXLQ_TEST_EXL2_MODEL=$E python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_gpu.py \
-    -k real_exl2 2>&1 | tail -3) ;;
-speed)
-  for tree in $PWD $ALT; do
-    echo "=== $tree"; cd $tree; tag=$(basename $tree)
-    python3 bench/gemv.py --rows 1 4 8 --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
-    python3 bench/gemv.py --rows 1 --l2-hot 2>&1 | tail -4
-    python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b_$tag.json \
-      2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048|vram|gbps" $OUT/bench_8b_$tag.json | head -8
-    for cache in fp16 q4; do
-      echo "-- smollm2 fp16, $cache cache"; python3 -m exlq.cli.app bench $M --cache $cache --prefill 512 --json \
-        > $OUT/bench_smol_${cache}_$tag.json 2>>$OUT/err.log; grep -E "decode_tokens" $OUT/bench_smol_${cache}_$tag.json
-    done
-    echo "-- smollm2 EXL2 4.0"; python3 -m exlq.cli.app bench $E --json > $OUT/bench_smol_exl2_$tag.json 2>>$OUT/err.log
-    grep -E "decode_tokens|\"512|\"2048" $OUT/bench_smol_exl2_$tag.json
-  done; tail -3 $OUT/err.log 2>/dev/null ;;
+  echo "== GPU tests of $1"
+  (cd $1 && python3 -m pytest -q -p no:cacheprovider -rs -m gpu 2>&1 | tee $OUT/pytest_gpu.log | tail -15)
+  wait; grep -E '"decoder_bpw"|"seconds"' $OUT/convert_smol.json
+  echo "== real EXL2 model (smollm2 4.0), kernels vs torch, $1"
+  (cd $1 && EXLQ_TEST_EXL2_MODEL=$E python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_kernels_gpu.py \
+    -k real_exl2 2>&1 | tail -3)
+}
+
+speed() {  # $1: tree
+  cd $1; tag=$(basename $1)
+  echo "=== $1"
+  python3 bench/gemv.py --rows 1 2 4 --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
+  python3 bench/gemv.py --rows 1 2 --narrow --shapes 4096x14336 14336x4096 4096x4096 --json-out $OUT/gemv_narrow_$tag.json \
+    2>&1 | tail -6
+  python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b_$tag.json \
+    2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048|vram|gbps" $OUT/bench_8b_$tag.json | head -8
+  for cache in fp16 q4; do
+    echo "-- smollm2 fp16, $cache cache"; python3 -m exlq.cli.app bench $M --cache $cache --prefill 512 --json \
+      > $OUT/bench_smol_${cache}_$tag.json 2>>$OUT/err.log; grep -E "decode_tokens" $OUT/bench_smol_${cache}_$tag.json
+  done
+  for run in 1 2; do
+    echo "-- smollm2 EXL2 4.0 ($run)"; python3 -m exlq.cli.app bench $E --json > $OUT/bench_smol_exl2_$tag.json \
+      2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048" $OUT/bench_smol_exl2_$tag.json
+  done
+  tail -3 $OUT/err.log 2>/dev/null; cd $HERE
+}
+
+case "${STAGE:-session}" in
+session) prepare $HERE; speed $HERE ;;
+prep) prepare $ALT ;;
+speed) for tree in ${TREES:-$HERE $ALT}; do speed $tree; done ;;
 quality)
   setsid nohup python3 bench/quality.py $M --out-root /tmp/quality --device cuda ${QUALITY_ARGS:-} \
     > /tmp/quality.log 2>&1 < /dev/null & echo "quality started" ;;
