@@ -5,7 +5,7 @@
 #   STAGE=session: assemble and convert smollm2 (EXL2 4.0, quick calibration) beside this tree's full GPU test suite,
 #                  the real-EXL2 test, then the speed of this tree (as STAGE=speed TREES=$PWD).
 #   STAGE=prep:    the same preparation with ALT's GPU tests instead.
-#   STAGE=speed:   per tree in TREES (default: this tree and ALT): GEMV alone (wide and narrow), the synthetic 8B,
+#   STAGE=speed:   per tree in TREES (default: this tree and ALT): GEMV alone, the synthetic 8B,
 #                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode.
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options).
 #   STAGE=wait:    wait up to WAIT seconds for the quality job, then print its log.
@@ -35,8 +35,6 @@ speed() {  # $1: tree
   cd $1; tag=$(basename $1)
   echo "=== $1"
   python3 bench/gemv.py --rows 1 2 4 --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
-  python3 bench/gemv.py --rows 1 2 --narrow --shapes 4096x14336 14336x4096 4096x4096 --json-out $OUT/gemv_narrow_$tag.json \
-    2>&1 | tail -6
   python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b_$tag.json \
     2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048|vram|gbps" $OUT/bench_8b_$tag.json | head -8
   for cache in fp16 q4; do

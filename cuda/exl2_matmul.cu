@@ -7,7 +7,7 @@
 // Chunk: int4 {bits | rows << 8, first q_weight row (word), first stored row, group}.
 #include "common.cuh"
 
-#define THREADS 128        // threads per block (one per output column, or per COLS adjacent columns)
+#define THREADS 128        // one thread per output column
 #define SPLIT_ROWS 256     // at most this many stored rows per K split (x slice in shared memory)
 
 // Code i of a b-bit field string held in registers: funnel shift joins the two words a field may straddle.
@@ -156,84 +156,43 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
     flush<M>(acc, dot);
 }
 
-// COLS adjacent output columns per thread: their words of one stored row-word sit side by side, so one
-// 4·COLS-byte load fetches them all (the "wide" GEMV's 16-byte loads: a quarter of the load instructions).
-template <int COLS> struct Words;
-template <> struct Words<1> {
-    static __device__ __forceinline__ void load(const u32* __restrict__ p, u32 (&v)[1]) { v[0] = __ldg(p); }
-};
-template <> struct Words<4> {
-    static __device__ __forceinline__ void load(const u32* __restrict__ p, u32 (&v)[4]) {
-        const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
-        v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
-    }
-};
-
-// 32-row blocks of one chunk whose words a thread has in flight at once: the whole chunk (4) for one column,
-// fewer for COLS columns, so the words fit in registers (at most 40 per thread).
-__host__ __device__ constexpr int blocks_in_flight(int bits, int cols) { return cols == 1 ? 4 : bits <= 4 ? 2 : 1; }
-
-// One chunk (≤ 128 rows of one group) for COLS columns: up to blocks_in_flight 32-row blocks of words are
-// loaded, then multiplied, until the chunk is done; a last partial block of rows goes through tail_float.
-template <int B, int M, bool HALF, int COLS>
+// One chunk (≤ 128 rows of one group): all its words are loaded first (up to 4 blocks of 32 rows in
+// flight per thread), then multiplied; a last partial block of rows goes through tail_float.
+template <int B, int M, bool HALF>
 __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
-                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, float (*dot)[M]) {
-    constexpr int SUBS = blocks_in_flight(B, COLS);
+                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, float* dot) {
     const int blocks = rows >> 5;
+    u32 words[4][B + 1];
 #pragma unroll
-    for (int s0 = 0; s0 < 4; s0 += SUBS) {
-        if (s0 >= blocks) break;
-        u32 words[COLS][SUBS][B + 1];
+    for (int sb = 0; sb < 4; sb++) {
 #pragma unroll
-        for (int sb = 0; sb < SUBS; sb++) {
-#pragma unroll
-            for (int j = 0; j < B; j++) {
-                u32 v[COLS];
-                if (s0 + sb < blocks) {
-                    Words<COLS>::load(w + (size_t)((s0 + sb) * B + j) * stride, v);
-                } else {
-#pragma unroll
-                    for (int c = 0; c < COLS; c++) v[c] = 0u;
-                }
-#pragma unroll
-                for (int c = 0; c < COLS; c++) words[c][sb][j] = v[c];
-            }
-#pragma unroll
-            for (int c = 0; c < COLS; c++) words[c][sb][B] = 0u;
-        }
-#pragma unroll
-        for (int c = 0; c < COLS; c++) {
-            if (HALF && (B == 2 || B == 4 || B == 8)) {
-                float part[M];
-#pragma unroll
-                for (int m = 0; m < M; m++) part[m] = 0.0f;
-#pragma unroll
-                for (int sb = 0; sb < SUBS; sb++)
-                    if (s0 + sb < blocks) sub_half<B, M>(words[c][sb], xh, lr + 32 * (s0 + sb), part);
-#pragma unroll
-                for (int m = 0; m < M; m++) dot[c][m] = fmaf(part[m], (float)(1 << half_shift(B)), dot[c][m]);
-            } else {
-#pragma unroll
-                for (int sb = 0; sb < SUBS; sb++)
-                    if (s0 + sb < blocks) sub_float<B, M>(words[c][sb], xs, lr + 32 * (s0 + sb), dot[c]);
-            }
-        }
+        for (int j = 0; j < B; j++) words[sb][j] = sb < blocks ? __ldg(w + (size_t)(sb * B + j) * stride) : 0u;
+        words[sb][B] = 0u;
     }
-    if (rows & 31) {
+    if (HALF && (B == 2 || B == 4 || B == 8)) {
+        float part[M];
 #pragma unroll
-        for (int c = 0; c < COLS; c++)
-            tail_float<B, M>(w + c + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, dot[c]);
+        for (int m = 0; m < M; m++) part[m] = 0.0f;
+#pragma unroll
+        for (int sb = 0; sb < 4; sb++)
+            if (sb < blocks) sub_half<B, M>(words[sb], xh, lr + 32 * sb, part);
+#pragma unroll
+        for (int m = 0; m < M; m++) dot[m] = fmaf(part[m], (float)(1 << half_shift(B)), dot[m]);
+    } else {
+#pragma unroll
+        for (int sb = 0; sb < 4; sb++)
+            if (sb < blocks) sub_float<B, M>(words[sb], xs, lr + 32 * sb, dot);
     }
+    if (rows & 31) tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, dot);
 }
 
 template <typename T> struct HalfPath { static constexpr bool value = false; };
 template <> struct HalfPath<fp16_t> { static constexpr bool value = true; };
 
-// y[M, N] = x[M, K] @ W: grid (ceil(N_pad / (THREADS·COLS)), K splits), COLS adjacent columns per thread
-// (N_pad is a multiple of 8, so a thread's columns are all valid or all padding). Each block sums its K split
-// into the fp32 workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the
+// y[M, N] = x[M, K] @ W: grid (ceil(N_pad / THREADS), K splits). Each block sums its K split into
+// the fp32 workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the
 // workspace and its counter, so one launch does the whole product and leaves the workspace clean.
-template <typename T, int M, int COLS>
+template <typename T, int M>
 __global__ void __launch_bounds__(THREADS) exl2_gemv(
     const u16* __restrict__ x, const u32* __restrict__ q_weight, const u32* __restrict__ q_scale,
     const float* __restrict__ scale_max, const int4* __restrict__ chunks, const int* __restrict__ split_chunks,
@@ -243,7 +202,7 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
     __shared__ __align__(16) float xs[M][SPLIT_ROWS];
     __shared__ __align__(16) u16 xh[HALF ? M : 1][SPLIT_ROWS];
     __shared__ int is_last;
-    const int n = (blockIdx.x * THREADS + threadIdx.x) * COLS;
+    const int n = blockIdx.x * THREADS + threadIdx.x;
     const bool valid = n < n_pad;
     const int c0 = split_chunks[blockIdx.y], c1 = split_chunks[blockIdx.y + 1];
     const int r0 = chunks[c0].z;
@@ -262,58 +221,43 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
     }
     __syncthreads();
 
-    float acc[COLS][M];
+    float acc[M];
 #pragma unroll
-    for (int c = 0; c < COLS; c++)
-#pragma unroll
-        for (int m = 0; m < M; m++) acc[c][m] = 0.0f;
+    for (int m = 0; m < M; m++) acc[m] = 0.0f;
     if (valid) {
-        for (int k = c0; k < c1; k++) {
-            const int4 ch = chunks[k];
+        for (int c = c0; c < c1; c++) {
+            const int4 ch = chunks[c];
             const int bits = ch.x & 0xff, rows = ch.x >> 8, lr = ch.z - r0;
             const u32* w = q_weight + (size_t)ch.y * n_pad + n;
-            float dot[COLS][M];
+            float dot[M];
 #pragma unroll
-            for (int c = 0; c < COLS; c++)
-#pragma unroll
-                for (int m = 0; m < M; m++) dot[c][m] = 0.0f;
+            for (int m = 0; m < M; m++) dot[m] = 0.0f;
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
             switch (bits) {
-                case 8: chunk_dot<8, M, HALF, COLS>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 6: chunk_dot<6, M, HALF, COLS>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 5: chunk_dot<5, M, HALF, COLS>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 4: chunk_dot<4, M, HALF, COLS>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 3: chunk_dot<3, M, HALF, COLS>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                default: chunk_dot<2, M, HALF, COLS>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
             }
+            const float s = column_scale(q_scale, scale_max, ch.w, n, n_pad);
 #pragma unroll
-            for (int c = 0; c < COLS; c++) {
-                const float s = column_scale(q_scale, scale_max, ch.w, n + c, n_pad);
-#pragma unroll
-                for (int m = 0; m < M; m++) acc[c][m] = fmaf(s, dot[c][m], acc[c][m]);
-            }
+            for (int m = 0; m < M; m++) acc[m] = fmaf(s, dot[m], acc[m]);
         }
     }
 
-    float b[COLS];
-#pragma unroll
-    for (int c = 0; c < COLS; c++) b[c] = (bias != nullptr && valid) ? bias[n + c] : 0.0f;
+    const float b = (bias != nullptr && valid) ? bias[n] : 0.0f;
     if (gridDim.y == 1) {
-        if (valid) {
+        if (n < N) {
 #pragma unroll
-            for (int c = 0; c < COLS; c++)
-                if (n + c < N) {
-#pragma unroll
-                    for (int m = 0; m < M; m++) y[(size_t)m * N + n + c] = Act<T>::store(acc[c][m] + b[c]);
-                }
+            for (int m = 0; m < M; m++) y[(size_t)m * N + n] = Act<T>::store(acc[m] + b);
         }
         return;
     }
     if (valid) {
 #pragma unroll
-        for (int c = 0; c < COLS; c++)
-#pragma unroll
-            for (int m = 0; m < M; m++) atomicAdd(workspace + (size_t)m * n_pad + n + c, acc[c][m]);
+        for (int m = 0; m < M; m++) atomicAdd(workspace + (size_t)m * n_pad + n, acc[m]);
     }
     __threadfence();
     __syncthreads();
@@ -323,14 +267,12 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
     __threadfence();
     if (valid) {
 #pragma unroll
-        for (int c = 0; c < COLS; c++)
-#pragma unroll
-            for (int m = 0; m < M; m++) {
-                float* slot = workspace + (size_t)m * n_pad + n + c;
-                const float v = __ldcg(slot);
-                *slot = 0.0f;
-                if (n + c < N) y[(size_t)m * N + n + c] = Act<T>::store(v + b[c]);
-            }
+        for (int m = 0; m < M; m++) {
+            float* slot = workspace + (size_t)m * n_pad + n;
+            const float v = __ldcg(slot);
+            *slot = 0.0f;
+            if (n < N) y[(size_t)m * N + n] = Act<T>::store(v + b);
+        }
     }
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }

@@ -124,38 +124,6 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
-@pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
-@pytest.mark.parametrize("n", [32, 200, 4160])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_wide_gemv_matches_reference(k, bits, props, group, n, dtype, monkeypatch):
-    """The wide GEMV (4 columns per thread, 16-byte loads), forced on for every layout, rows 1 and 2."""
-    monkeypatch.setattr(exl2_ops, "WIDE_MIN_BLOCKS", 0)
-    tensors, layout = random_exl2(k, n, bits, props, group, seed=5 * k + n, bias=n == 200)
-    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
-    plan = exl2_ops.build_plan(cuda, layout, n)
-    assert plan.wide_split_chunks is not None
-    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
-    for rows in exl2_ops.WIDE_ROWS:
-        x = torch.randn(rows, k, device=CUDA).to(dtype)
-        expected = x.double() @ weight[:, :n].double()
-        if cuda.bias is not None:
-            expected += cuda.bias[:n].double()
-        out = torch.full((rows, n), float("nan"), dtype=dtype, device=CUDA)
-        exl2_ops.gemv(plan, x, out)
-        assert torch.isfinite(out).all()
-        assert rel(out, expected) < TOLERANCE[dtype]
-    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
-    assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
-
-
-def test_wide_gemv_is_chosen_for_large_layers_only():
-    big, layout = random_exl2(4096, 4096, [4], [1.0], 128, seed=2)
-    small, small_layout = random_exl2(576, 1536, [4], [1.0], 128, seed=3)
-    to_cuda = lambda t: type(t)(**{f: None if v is None else v.to(CUDA) for f, v in vars(t).items()})  # noqa: E731
-    assert exl2_ops.build_plan(to_cuda(big), layout, 4096).wide_split_chunks is not None
-    assert exl2_ops.build_plan(to_cuda(small), small_layout, 1536).wide_split_chunks is None
-
-
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
 def test_gemv_survives_large_activations(bits):
     """The fp16 path sums pairs in half precision: activations in the thousands must not overflow to inf."""

@@ -27,7 +27,7 @@ _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"', re.MULTILINE)
 
 @dataclass(frozen=True)
 class CompiledModule:
-    """A cubin and the mangled name of each requested kernel instance (e.g. "exl2_gemv<fp16_t, 1, 1>")."""
+    """A cubin and the mangled name of each requested kernel instance (e.g. "exl2_gemv<fp16_t, 1>")."""
 
     cubin: bytes
     names: dict[str, str]

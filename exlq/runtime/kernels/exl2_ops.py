@@ -26,16 +26,9 @@ CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in
 GEMV_ROWS = (8, 4, 3, 2, 1)  # kernel instances by activation rows; other counts are cut into these
 GEMV_MAX_ROWS = 32  # above this, dequantize + cuBLAS
 TARGET_BLOCKS = 264  # about two blocks per SM on an H100: K splits shrink until this many exist
-WIDE_COLS = 4  # COLS of the wide GEMV: adjacent output columns per thread, their words in one 16-byte load
-WIDE_ROWS = (2, 1)  # activation rows with a wide instance (its registers grow with COLS x rows)
-WIDE_MIN_BLOCKS = TARGET_BLOCKS // 2  # the wide GEMV only where 128-row K splits give at least this many blocks
 #: One module per activation dtype, compiled on first use of that dtype (halves a cold start).
 INSTANCE_SETS = {
-    dtype: tuple(
-        [f"exl2_gemv<{tag}, {m}, 1>" for m in GEMV_ROWS]
-        + [f"exl2_gemv<{tag}, {m}, {WIDE_COLS}>" for m in WIDE_ROWS]
-        + [f"exl2_dequant<{tag}>"]
-    )
+    dtype: tuple([f"exl2_gemv<{tag}, {m}>" for m in GEMV_ROWS] + [f"exl2_dequant<{tag}>"])
     for dtype, tag in ACTIVATION_TAGS.items()
 }
 
@@ -48,8 +41,7 @@ class Exl2Plan:
     q_scale: torch.Tensor  # int32 [G, N_pad / 8], as stored
     scale_max: torch.Tensor  # float32 [G]: the fp16 values M_g
     chunks: torch.Tensor  # int32 [C, 4]: bits | rows << 8, first word row, first stored row, group
-    split_chunks: torch.Tensor  # int32 [S + 1]: chunk index where each K split starts (one column per thread)
-    wide_split_chunks: torch.Tensor | None  # the same for the wide GEMV, None where it does not pay (see `wide_splits`)
+    split_chunks: torch.Tensor  # int32 [S + 1]: chunk index where each K split starts
     perm: torch.Tensor  # int32 [K]: stored row -> input channel
     perm_long: torch.Tensor  # int64 [K], for torch indexing
     bias: torch.Tensor | None  # float32 [N_pad]
@@ -60,9 +52,9 @@ class Exl2Plan:
     def n_pad(self) -> int:
         return self.q_weight.shape[1]
 
-    def column_tiles(self, cols: int = 1) -> int:
-        """Blocks across the output columns with `cols` columns per thread."""
-        return -(-self.n_pad // (THREADS * cols))
+    @property
+    def column_tiles(self) -> int:
+        return -(-self.n_pad // THREADS)
 
 
 def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int]]:
@@ -89,16 +81,6 @@ def split_points(table: list[tuple[int, int, int, int, int]], column_tiles: int)
     return points
 
 
-def wide_splits(table: list[tuple[int, int, int, int, int]], n_pad: int, aligned: bool) -> list[int] | None:
-    """K splits for the wide GEMV, or None when its fewer column tiles could not fill the GPU (small N: the narrow
-    kernel's 4x more blocks hide latency better) or its 16-byte loads would be misaligned."""
-    tiles = -(-n_pad // (THREADS * WIDE_COLS))
-    most_blocks = tiles * sum(-(-t[1] // CHUNK_ROWS) for t in table)
-    if not aligned or n_pad % WIDE_COLS or most_blocks < WIDE_MIN_BLOCKS:
-        return None
-    return split_points(table, tiles)
-
-
 def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale: float = 1.0) -> Exl2Plan:
     device = tensors.q_weight.device
     table = chunk_table(layout)
@@ -110,17 +92,13 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         scale_max=scale_multipliers(tensors.q_scale_max, prescale).float().contiguous(),
         chunks=torch.tensor(packed, dtype=torch.int32, device=device),
         split_chunks=torch.empty(0),
-        wide_split_chunks=None,
         perm=perm.to(torch.int32).contiguous(),
         perm_long=perm,
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
         out_features=out_features,
     )
-    plan.split_chunks = torch.tensor(split_points(table, plan.column_tiles()), dtype=torch.int32, device=device)
-    wide = wide_splits(table, plan.n_pad, aligned=plan.q_weight.data_ptr() % 16 == 0)
-    if wide is not None:
-        plan.wide_split_chunks = torch.tensor(wide, dtype=torch.int32, device=device)
+    plan.split_chunks = torch.tensor(split_points(table, plan.column_tiles), dtype=torch.int32, device=device)
     return plan
 
 
@@ -147,16 +125,14 @@ def gemv(plan: Exl2Plan, x: torch.Tensor, out: torch.Tensor) -> None:
     """out[M, N] = x[M, K] @ W (+ bias) for M in GEMV_ROWS contiguous rows."""
     rows = x.shape[0]
     device = x.device
-    wide = plan.wide_split_chunks is not None and rows in WIDE_ROWS
-    cols, splits = (WIDE_COLS, plan.wide_split_chunks) if wide else (1, plan.split_chunks)
-    workspace, counters = _workspace.get(device, rows * plan.n_pad, plan.column_tiles())
-    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_gemv<{ACTIVATION_TAGS[x.dtype]}, {rows}, {cols}>", device)
-    grid = (plan.column_tiles(cols), splits.numel() - 1, 1)
+    workspace, counters = _workspace.get(device, rows * plan.n_pad, plan.column_tiles)
+    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_gemv<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
+    grid = (plan.column_tiles, plan.split_chunks.numel() - 1, 1)
     launch(
         function,
         grid,
         (THREADS, 1, 1),
-        (x, plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, splits, plan.perm, plan.bias,
+        (x, plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, plan.split_chunks, plan.perm, plan.bias,
          workspace, counters, out, plan.in_features, plan.out_features, plan.n_pad),
         device,
     )
@@ -168,7 +144,7 @@ def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype) -> torch.Tensor:
     function = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_dequant<{ACTIVATION_TAGS[dtype]}>", out.device)
     launch(
         function,
-        (plan.column_tiles(), plan.chunks.shape[0], 1),
+        (plan.column_tiles, plan.chunks.shape[0], 1),
         (THREADS, 1, 1),
         (plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, out, plan.n_pad),
         out.device,
