@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1])
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--shapes", type=shape, nargs="+", default=SHAPES, help="KxN (in x out features) each")
+    parser.add_argument("--group-size", type=int, default=128, help="rows per group (real conversions often use 32)")
     parser.add_argument("--l2-hot", action="store_true", help="one copy per layer (may stay in L2)")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -85,9 +86,12 @@ def main() -> None:
     results = []
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s")
     for k, n in args.shapes:
-        tensors = random_exl2(k, n, args.bpw, generator)
+        def make():
+            return random_exl2(k, n, args.bpw, generator, group_size=args.group_size)
+
+        tensors = make()
         stored = tensors.total_bits() // 8
-        layers = [Exl2Linear(tensors if i == 0 else random_exl2(k, n, args.bpw, generator), k, n, dtype=torch.float16)
+        layers = [Exl2Linear(tensors if i == 0 else make(), k, n, dtype=torch.float16)
                   for i in range(copies_beyond_l2(stored, device, args.l2_hot))]
         dense = [torch.randn(n, k, device=device, dtype=torch.float16)
                  for _ in range(copies_beyond_l2(n * k * 2, device, args.l2_hot))]
@@ -107,7 +111,7 @@ def main() -> None:
                   f"torch fp16 {row['fp16_microseconds']:7.1f} us {row['fp16_gbps']:6.0f} GB/s")
     if args.json_out:
         args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": bandwidth,
-                                             "l2_hot": args.l2_hot,
+                                             "l2_hot": args.l2_hot, "group_size": args.group_size,
                                              "results": results}, indent=2))
 
 

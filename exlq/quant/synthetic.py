@@ -132,10 +132,14 @@ class SyntheticStore:
         return self._pending[name]
 
 
-def random_exl2(in_features: int, out_features: int, bpw: float, generator: torch.Generator, *, bias: bool = False):
-    """Exl2Tensors of uniformly random codes at `bpw`, in the converter's layout, on `generator`'s device."""
+def random_exl2(
+    in_features: int, out_features: int, bpw: float, generator: torch.Generator, *, bias: bool = False,
+    group_size: int = GROUP_SIZE,
+):
+    """Exl2Tensors of uniformly random codes at `bpw`, in the converter's layout, on `generator`'s device.
+    `group_size` 32 gives the small groups real conversions choose for many matrices (e.g. "4b100%g32")."""
     bits, props = bit_mix(bpw, out_features)
-    layout = converter_layout(in_features, bits, props, GROUP_SIZE)
+    layout = converter_layout(in_features, bits, props, group_size)
     device = generator.device
     codes = torch.cat([torch.randint(0, 1 << b, (r, out_features), device=device, generator=generator) for b, r in layout])
     scale_codes = torch.randint(1, 17, (len(layout), out_features), device=device, generator=generator)
