@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--no-rotate", action="store_true")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--cd", type=int, default=0, help="coordinate-descent sweeps after GPTQ (refine_codes)")
     parser.add_argument("--asym", choices=("gptaq",), help="correct targets toward the FP model's outputs (see above)")
     parser.add_argument("--asym-lambda", type=float, default=0.01, help="ridge, relative to mean(diag H)")
     parser.add_argument("--asym-alpha", type=float, default=0.25, help="share of the correction applied")
@@ -68,14 +69,15 @@ def main() -> None:
         for i, layer in enumerate(model.model.layers):
             if spec is not None:
                 specs = {f"model.layers.{i}.{name}": spec for name in linear_modules(layer)}
-                quantize_layer(runner, layer, specs, args.damp, asymmetric)
+                quantize_layer(runner, layer, specs, args.damp, asymmetric, args.cd)
             runner.advance(layer)
         if args.head != 16:
-            head = DenseLinear(head_weight(model, quantize_head(model, runner, args.head, args.damp)))
+            head = DenseLinear(head_weight(model, quantize_head(model, runner, args.head, args.damp, args.cd)))
             model.replace_module("lm_head", head)  # a new module: a tied embedding keeps its weights
         result = evaluate_perplexity(model, text, length=512, rows=8, reference=reference)
         variant = f" asym {args.asym} lambda {args.asym_lambda} alpha {args.asym_alpha}" if args.asym else ""
         variant += f" head {args.head}" if args.head != 16 else ""
+        variant += f" cd {args.cd}" if args.cd else ""
         print(f"{'rotated' if rotation else 'unrotated'}{variant} {text_spec}: ppl {result.perplexity:.3f} "
               f"KL {result.kl_divergence:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
 

@@ -125,6 +125,7 @@ def quantize_layer(
     specs: dict[str, QuantSpec],
     damp: float,
     asymmetric: Asymmetric | None = None,
+    refine_sweeps: int = 0,
 ) -> dict[str, torch.Tensor]:
     """GPTQ every linear of `layer` with its chosen spec; the layer then computes with the quantized
     weights (dequantized, for the torch path) and the packed EXL2 tensors are returned.
@@ -139,7 +140,8 @@ def quantize_layer(
         weight = dense_weight(module, f"{prefix}.{name}")
         target = weight.float() if asymmetric is None else asymmetric.target(hessians, name, weight)
         quantized = quantize_gptq(
-            target, hessians.hessian(name), specs[f"{prefix}.{name}"], damp=damp, name=f"{prefix}.{name}"
+            target, hessians.hessian(name), specs[f"{prefix}.{name}"], damp=damp, name=f"{prefix}.{name}",
+            refine_sweeps=refine_sweeps,
         )
         bias = None if module.bias is None else module.bias.detach()
         packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm, bias)
@@ -148,7 +150,9 @@ def quantize_layer(
     return tensors
 
 
-def quantize_head(model: DecoderOnlyLM, runner: LayerRunner, head_bits: int, damp: float) -> dict[str, torch.Tensor]:
+def quantize_head(
+    model: DecoderOnlyLM, runner: LayerRunner, head_bits: int, damp: float, refine_sweeps: int = 0
+) -> dict[str, torch.Tensor]:
     """lm_head as EXL2 with the head option for `head_bits` (also for tied models: spec §10.1), or fp16."""
     weight = dense_weight(model.lm_head, "lm_head")
     if head_bits == 16:
@@ -161,7 +165,9 @@ def quantize_head(model: DecoderOnlyLM, runner: LayerRunner, head_bits: int, dam
             x = model.model.norm(chunk).reshape(-1, weight.shape[1]).float()
             hessian.addmm_(x.T, x)
             rows += x.shape[0]
-    quantized = quantize_gptq(weight.float(), hessian / rows, HEAD_OPTIONS[head_bits], damp=damp, name="lm_head")
+    quantized = quantize_gptq(
+        weight.float(), hessian / rows, HEAD_OPTIONS[head_bits], damp=damp, name="lm_head", refine_sweeps=refine_sweeps
+    )
     packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm)
     return packed.state_dict("lm_head")
 
