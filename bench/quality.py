@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--no-rotate", action="store_true", help="quantize the model as it is (no incoherence rotation)")
     parser.add_argument("--asym-alpha", type=float, default=None, help="convert --asym-alpha (0: off; default: convert's)")
     parser.add_argument("--asym-lambda", type=float, default=0.01, help="convert --asym-lambda")
+    parser.add_argument("--refine-sweeps", type=int, default=None, help="convert --refine-sweeps (default: convert's)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -92,7 +93,9 @@ def main() -> None:
         model = load_model(args.model_dir, device=device)
         t0 = time.perf_counter()
         options = ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware, rotate=rotation is not None,
-                                 asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda).resolved(calibration.ids.numel())
+                                 asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda,
+                                 **({} if args.refine_sweeps is None else {"refine_sweeps": args.refine_sweeps}),
+                                 ).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,
             work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,
@@ -105,7 +108,7 @@ def main() -> None:
         del quantized
         row = {
             "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None,
-            "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "decoder_bpw": round(summary.decoder_bpw, 4),
+            "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps, "decoder_bpw": round(summary.decoder_bpw, 4),
             "ppl": round(result.perplexity, 4), "kl": round(result.kl_divergence, 5),
             "top1": round(result.top1_agreement, 4), "file_MB": round(folder_bytes(out) / 1e6, 1),
             "convert_s": round(seconds, 1), "peak_vram_GB": None if vram is None else round(vram, 2),

@@ -51,6 +51,8 @@ def test_measure_then_convert_with_the_measurement(capsys, tiny_model_dirs, tmp_
         (["--bpw", 1.5], "--bpw"),
         (["--bpw", 8.5], "--bpw"),
         (["--head-bits", 7], "--head-bits"),
+        (["--refine-sweeps", 17], "--refine-sweeps"),
+        (["--refine-sweeps", -1], "--refine-sweeps"),
     ],
 )
 def test_convert_bad_options(capsys, tiny_llama_dir, tmp_path, args, needle):

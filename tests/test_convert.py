@@ -142,3 +142,29 @@ def test_nan_weights_name_the_layer(tiny_model_dirs, tmp_path):
     model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
     with pytest.raises(ExlqError, match="model.layers.1"):
         convert_model(model, source, tmp_path / "o", calibration_for(model), ConvertOptions(bpw=4.0), work_dir=tmp_path / "w", specs_for=grid)
+
+
+def test_refine_sweeps_change_the_codes_and_are_recorded(tiny_model_dirs, tmp_path):
+    """--refine-sweeps reaches every matrix (decoder and head), joins the fingerprint and the config."""
+    from exlq.quant.convert import job_options
+    from exlq.quant.rotate import rotation_for
+
+    source = tiny_model_dirs["llama"]
+    outputs = {}
+    for sweeps in (0, 2):
+        model = load_model(source, device="cpu")
+        calibration = calibration_for(model)
+        outputs[sweeps] = tmp_path / f"sweeps-{sweeps}"
+        options = ConvertOptions(bpw=3.0, head_bits=4, refine_sweeps=sweeps)
+        convert_model(model, source, outputs[sweeps], calibration, options, work_dir=tmp_path / f"w{sweeps}", specs_for=grid)
+    from safetensors.torch import load_file
+
+    plain, refined = (load_file(outputs[s] / "model.safetensors") for s in (0, 2))
+    assert not torch.equal(plain["lm_head.q_weight"], refined["lm_head.q_weight"])
+    assert not torch.equal(plain["model.layers.0.mlp.down_proj.q_weight"], refined["model.layers.0.mlp.down_proj.q_weight"])
+    assert torch.equal(plain["model.layers.0.mlp.down_proj.q_scale"], refined["model.layers.0.mlp.down_proj.q_scale"])
+    config = json.loads((outputs[2] / "config.json").read_text())["quantization_config"]["calibration"]
+    assert config["refine_sweeps"] == 2
+    assert "refine_sweeps" not in json.loads((outputs[0] / "config.json").read_text())["quantization_config"]["calibration"]
+    keys = job_options(ConvertOptions(bpw=3.0, refine_sweeps=2).resolved(0), rotation_for(True), calibration, None)
+    assert keys["refine_sweeps"] == 2

@@ -123,6 +123,7 @@ def convert(
     restart: RestartOpt = False,
     rotate: RotateOpt = True,
     asym_alpha: Annotated[Optional[float], typer.Option("--asym-alpha", help="Asymmetric calibration (0 to 1; 0: off): quantize each linear toward the unquantized model's outputs, moving its target by this share of the GPTAQ-form correction W·(C−H)·(H+λI)⁻¹ before GPTQ. Default: 0.25 when the calibration has at least 16 k tokens (the built-in default has 205 k; on smollm2 it lowered KL by 2-15 % at every bitrate), else off (with 2 k tokens it overfits). Costs one more layer forward per layer and one more copy of the calibration states.", rich_help_panel=CALIBRATION, show_default=False)] = None,
+    refine_sweeps: Annotated[int, typer.Option("--refine-sweeps", help="Coordinate-descent sweeps over each matrix's codes after GPTQ (0 to 16; 0: plain GPTQ): with its scales fixed, every code is re-chosen in turn to minimize the layer's output error given all the others, which GPTQ's one forward pass cannot. Each sweep costs about one more GPTQ.", rich_help_panel=CALIBRATION)] = 0,
     asym_lambda: Annotated[float, typer.Option("--asym-lambda", help="Ridge of the asymmetric correction, relative to the mean diagonal of H (> 0; 0.001 to 0.1 measured).", rich_help_panel=CALIBRATION)] = 0.01,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -140,7 +141,9 @@ def convert(
     from exlq.quant.writer import check_out_dir
     from exlq.runtime.config import read_json
 
-    options = ConvertOptions(bpw=bpw, head_bits=head_bits, rotate=rotate, asym_alpha=asym_alpha, asym_lambda=asym_lambda)
+    options = ConvertOptions(
+        bpw=bpw, head_bits=head_bits, rotate=rotate, asym_alpha=asym_alpha, asym_lambda=asym_lambda, refine_sweeps=refine_sweeps
+    )
     options.validate()
     check_out_dir(out_dir, model_dir)
     loaded = Measurement.from_json(read_json(measurement)) if measurement is not None else None

@@ -52,6 +52,7 @@ class ConvertOptions:
     asym_alpha: float | None = None  # share of the asymmetric target correction (exlq.quant.asymmetric); 0: off;
     # None: ASYM_ALPHA when the calibration has at least ASYM_MIN_TOKENS tokens, else off (see `resolved`)
     asym_lambda: float = 0.01  # its ridge, relative to mean(diag H)
+    refine_sweeps: int = 0  # coordinate-descent sweeps over each matrix's codes after GPTQ (gptq.refine_codes)
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
@@ -62,6 +63,8 @@ class ConvertOptions:
             raise ExlqError(f"--asym-alpha must be between 0 and 1 (got {self.asym_alpha})")
         if not 0 < self.asym_lambda < math.inf:
             raise ExlqError(f"--asym-lambda must be a positive number (got {self.asym_lambda})")
+        if not 0 <= self.refine_sweeps <= 16:
+            raise ExlqError(f"--refine-sweeps must be between 0 and 16 (got {self.refine_sweeps})")
 
     def resolved(self, calibration_tokens: int) -> ConvertOptions:
         """These options with the asymmetric share decided: the default applies the correction only with
@@ -257,7 +260,7 @@ def convert_model(
             step = f"layer-{i}"
             saved = job.load_tensors(step) if job.done(step) else None
             if saved is None:
-                job.save_tensors(step, quantize_layer(runner, layer, specs, options.damp, asymmetric))
+                job.save_tensors(step, quantize_layer(runner, layer, specs, options.damp, asymmetric, options.refine_sweeps))
                 job.mark_done(step)
             else:
                 if asymmetric is not None:  # the freshly loaded layer still has its FP weights
@@ -266,7 +269,7 @@ def convert_model(
             runner.advance(layer)
             report("quantize", i + 1, len(layers))
         if not job.done("head"):
-            job.save_tensors("head", quantize_head(model, runner, options.head_bits, options.damp))
+            job.save_tensors("head", quantize_head(model, runner, options.head_bits, options.damp, options.refine_sweeps))
             job.mark_done("head")
         calibration_ppl = calibration_perplexity(model, runner, calibration.ids, head_weight(model, job.load_tensors("head")))
         config = quantization_config(
@@ -292,8 +295,8 @@ def convert_model(
 def job_options(
     options: ConvertOptions, rotation: dict | None, calibration: Calibration, measurement: Measurement | None
 ) -> dict:
-    """What decides the work directory's contents (its fingerprint). The asymmetric settings join only
-    when the correction is on, so work directories of conversions without it stay valid."""
+    """What decides the work directory's contents (its fingerprint). The asymmetric settings and the
+    refinement sweeps join only when used, so work directories of conversions without them stay valid."""
     result = {
         "bpw": options.bpw,
         "head_bits": options.head_bits,
@@ -306,6 +309,8 @@ def job_options(
     }
     if options.asymmetric() is not None:
         result["asymmetric"] = options.asymmetric()
+    if options.refine_sweeps:
+        result["refine_sweeps"] = options.refine_sweeps
     return result
 
 
@@ -315,6 +320,8 @@ def calibration_info(calibration: Calibration, options: ConvertOptions) -> dict:
     info = {"rows": calibration.ids.shape[0], "length": calibration.ids.shape[1], "dataset": calibration.description}
     if options.asymmetric() is not None:
         info["asymmetric"] = options.asymmetric()
+    if options.refine_sweeps:
+        info["refine_sweeps"] = options.refine_sweeps
     return info
 
 
