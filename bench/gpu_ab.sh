@@ -37,6 +37,8 @@ speed() {  # $1: tree
   python3 bench/gemv.py --rows 1 2 4 --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
   python3 bench/gemv.py --rows 1 --group-size 32 --shapes 4096x14336 14336x4096 576x1536 1536x576 \
     --json-out $OUT/gemv_g32_$tag.json 2>&1 | tail -4
+  python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --group-size 32 --prefill 512 --json 2>/dev/null \
+    | grep -E "decode_tokens|\"512" | sed "s/^/g32 /"
   python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b_$tag.json \
     2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048|vram|gbps" $OUT/bench_8b_$tag.json | head -8
   for cache in fp16 q4; do

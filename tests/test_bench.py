@@ -14,10 +14,10 @@ from exlq.runtime.linear import DenseLinear
 from test_cli import run_cli
 
 
-def small_synthetic(shape: str, bpw: float):
+def small_synthetic(shape: str, bpw: float, group_size: int = 128):
     raw = {**synthetic_config(shape), "num_hidden_layers": 2, "vocab_size": 512}  # real layer shapes, small vocab
     model_class = model_class_for(raw)
-    store = SyntheticStore(raw, bpw, torch.device("cpu"))
+    store = SyntheticStore(raw, bpw, torch.device("cpu"), group_size=group_size)
     return model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float32, device=torch.device("cpu"))
 
 
@@ -36,6 +36,13 @@ def test_synthetic_models_run_at_the_target_bpw(shape):
     assert 7.5 < ratio < 8.1
 
 
+def test_synthetic_groups_of_32_keep_the_target_bpw():
+    model = small_synthetic("llama3.2-1b", 4.0, group_size=32)
+    layers = [m for m in model.model.layers.modules() if isinstance(m, Exl2Linear)]
+    assert all(rows == 32 for layer in layers for _, rows in layer.layout)
+    assert abs(decoder_bits_per_weight(model) - 4.0) < 0.03
+
+
 @pytest.mark.parametrize("bpw", [2.0, 2.5, 3.0, 4.0, 4.65, 6.0, 8.0])
 def test_bit_mix_averages_to_the_target(bpw):
     bits, props = bit_mix(bpw, 4096)
@@ -52,4 +59,6 @@ def test_bench_command_errors(tmp_path):
     assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr
     bad_cache = run_cli(["bench", "--synthetic", "llama3-8b", "--cache", "q5"], tmp_path)
     assert bad_cache.returncode == 2 and "unknown --cache" in bad_cache.stderr
+    bad_groups = run_cli(["bench", "--synthetic", "llama3-8b", "--group-size", "48"], tmp_path)
+    assert bad_groups.returncode == 2 and "--group-size" in bad_groups.stderr
 

@@ -14,6 +14,7 @@ def bench(
     model_dir: Annotated[Optional[Path], typer.Argument(metavar="[MODEL]", help="Model directory (FP16 or EXL2); or use --synthetic.", show_default=False)] = None,
     synthetic: Annotated[Optional[str], typer.Option(help="Build a model of this shape with random weights instead: llama3-8b, llama3.2-1b, qwen2.5-0.5b, smollm2-135m.", show_default=False)] = None,
     bpw: Annotated[float, typer.Option(help="With --synthetic: EXL2 bits per weight of the decoder linears (2-8), or 16 for FP16.")] = 4.0,
+    group_size: Annotated[int, typer.Option(help="With --synthetic: rows per group of the decoder linears, 32, 64 or 128 (real conversions choose 32 for many matrices, which costs the GEMV more).")] = 128,
     cache_tokens: Annotated[int, typer.Option("--max-seq-len", help="KV-cache length allocated for the decode test.")] = 4096,
     cache: CacheOpt = "fp16",
     cache_bits: CacheBitsOpt = None,
@@ -25,7 +26,8 @@ def bench(
     """Batch-1 decode tokens/s, prefill tokens/s, achieved weight GB/s against the copy bandwidth, peak VRAM.
 
     The conventions are in `exlq/eval/speed.py`. --synthetic needs no weights: decoder linears get random
-    EXL2 codes at --bpw (layout as the converter cuts it, group size 128, lm_head at 6 bits when untied).
+    EXL2 codes at --bpw (layout as the converter cuts it, groups of --group-size rows, lm_head at 6 bits
+    when untied).
     """
     import torch
 
@@ -36,6 +38,8 @@ def bench(
     if (model_dir is None) == (synthetic is None):
         raise ExlqError("give a MODEL directory or --synthetic SHAPE (one of them)")
     cache_type = parse_cache_type(cache, cache_bits)
+    if group_size not in (32, 64, 128):
+        raise ExlqError(f"--group-size must be 32, 64 or 128, got {group_size}")
     if not torch.cuda.is_available():
         raise ExlqError("exlq bench measures GPU speed and needs a CUDA GPU (none is visible)")
     target = torch.device(device)
@@ -45,11 +49,12 @@ def bench(
     if any(n < 1 for n in lengths) or cache_tokens < 64 or new_tokens < 1:
         raise ExlqError("--prefill lengths and --new-tokens must be positive and --max-seq-len at least 64")
     with stderr.status("building the model", spinner="dots"):
-        model = _synthetic_model(synthetic, bpw, target) if synthetic else _real_model(model_dir, target)
+        model = _synthetic_model(synthetic, bpw, target, group_size) if synthetic else _real_model(model_dir, target)
     stderr.print(f"[dim]timing on {torch.cuda.get_device_name(target)}[/dim]")
     report = measure_speed(model, cache_tokens=max(cache_tokens, max(lengths, default=0)), prefill_lengths=lengths,
                            new_tokens=new_tokens, cache_type=cache_type)  # fmt: skip
-    payload = {"model": str(model_dir) if model_dir else f"synthetic:{synthetic}", "bpw": None if model_dir else bpw, **report.as_dict()}
+    payload = {"model": str(model_dir) if model_dir else f"synthetic:{synthetic}", "bpw": None if model_dir else bpw,
+               "group_size": None if model_dir else group_size, **report.as_dict()}
     if json_output:
         print_json(payload)
         return
@@ -61,7 +66,7 @@ def bench(
     print(f"peak VRAM: {report.peak_vram_gib:.2f} GiB ({report.cache} cache of {report.cache_tokens} tokens)")
 
 
-def _synthetic_model(shape: str, bpw: float, device):
+def _synthetic_model(shape: str, bpw: float, device, group_size: int):
     import torch
 
     from exlq.quant.synthetic import SyntheticStore, synthetic_config
@@ -70,7 +75,7 @@ def _synthetic_model(shape: str, bpw: float, device):
 
     raw = synthetic_config(shape)
     model_class = model_class_for(raw)
-    store = SyntheticStore(raw, bpw, device)
+    store = SyntheticStore(raw, bpw, device, group_size=group_size)
     return model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float16, device=device).eval()
 
 

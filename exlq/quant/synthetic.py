@@ -43,15 +43,15 @@ def synthetic_config(shape: str) -> dict:
     return {"model_type": "llama", "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **SHAPES[shape]}
 
 
-def bit_mix(bpw: float, out_features: int) -> tuple[list[int], list[float]]:
+def bit_mix(bpw: float, out_features: int, group_size: int = GROUP_SIZE) -> tuple[list[int], list[float]]:
     """Two neighbouring EXL2 widths (descending) averaging `bpw` once scales and permutation are counted.
 
-    Overhead per weight: 4-bit scale codes per group of GROUP_SIZE rows, and a 32-bit permutation entry
+    Overhead per weight: 4-bit scale codes per group of `group_size` rows, and a 32-bit permutation entry
     per input row shared by the N columns (spec §13).
     """
     if not 2.0 <= bpw <= 8.0:
         raise ExlqError(f"--bpw must be in [2, 8] for EXL2 (or 16 for FP16), got {bpw}")
-    target = max(2.0, bpw - 4 / GROUP_SIZE - 32 / out_features)
+    target = max(2.0, bpw - 4 / group_size - 32 / out_features)
     lo = max(b for b in SUPPORTED_BITS if b <= target)
     hi = min((b for b in SUPPORTED_BITS if b > lo), default=lo)
     if hi == lo or math.isclose(target, lo):
@@ -68,6 +68,7 @@ class SyntheticStore:
     bpw: float
     device: torch.device
     seed: int = 0
+    group_size: int = GROUP_SIZE  # of the decoder linears (real conversions use 32 for many matrices)
 
     def __post_init__(self) -> None:
         self._pending: dict[str, torch.Tensor] = {}
@@ -126,8 +127,9 @@ class SyntheticStore:
         if name not in self._pending:
             prefix = name.rpartition(".")[0]
             out_features, in_features = self._linears[prefix]
-            bits = 6.0 if prefix == "lm_head" else self.bpw
-            packed = random_exl2(in_features, out_features, bits, self._generator, bias=prefix in self._biased)
+            head = prefix == "lm_head"
+            packed = random_exl2(in_features, out_features, 6.0 if head else self.bpw, self._generator,
+                                 bias=prefix in self._biased, group_size=GROUP_SIZE if head else self.group_size)
             self._pending.update(packed.state_dict(prefix))
         return self._pending[name]
 
@@ -138,7 +140,7 @@ def random_exl2(
 ):
     """Exl2Tensors of uniformly random codes at `bpw`, in the converter's layout, on `generator`'s device.
     `group_size` 32 gives the small groups real conversions choose for many matrices (e.g. "4b100%g32")."""
-    bits, props = bit_mix(bpw, out_features)
+    bits, props = bit_mix(bpw, out_features, group_size)
     layout = converter_layout(in_features, bits, props, group_size)
     device = generator.device
     codes = torch.cat([torch.randint(0, 1 << b, (r, out_features), device=device, generator=generator) for b, r in layout])
