@@ -27,6 +27,7 @@ from exlq.eval.perplexity import evaluate_perplexity  # noqa: E402
 from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
+from exlq.quant import measure as measure_module  # noqa: E402
 from exlq.quant.measure import measure_resumable  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model, resolve_device  # noqa: E402
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--no-rotate", action="store_true", help="quantize the model as it is (no incoherence rotation)")
     parser.add_argument("--asym-alpha", type=float, default=None, help="convert --asym-alpha (0: off; default: convert's)")
     parser.add_argument("--asym-lambda", type=float, default=0.01, help="convert --asym-lambda")
+    parser.add_argument("--probe", default=None, metavar="ROWSxLENGTH",
+                        help="calibration tokens of the measurement's KL probe (default: exlq.quant.measure's 4x256)")
     parser.add_argument("--refine-sweeps", type=int, default=None, help="convert --refine-sweeps (default: convert's)")
     args = parser.parse_args()
 
@@ -72,7 +75,12 @@ def main() -> None:
     model = load_model(args.model_dir, device=device)
     apply_rotation(model, rotation)
     # Resumable across calls (the device runs at most 10 minutes per command): same options, same work dir.
-    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation})
+    probe = None
+    if args.probe:  # a larger probe measures each layer's sensitivity on more tokens (a new measurement)
+        probe = tuple(int(v) for v in args.probe.lower().split("x"))
+        measure_module.PROBE_ROWS, measure_module.PROBE_LENGTH = probe
+    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation,
+                                       **({"probe": list(probe)} if probe else {})})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
             model, calibration, job, rotation=rotation,
