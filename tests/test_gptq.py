@@ -99,19 +99,24 @@ def test_batched_specs_equal_one_at_a_time():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_each_column_gets_its_least_squares_scale_code(bits):
-    """Brute force over the 16 codes per column, with the group's q_scale_max and the runtime's fp16 roundings."""
+@pytest.mark.parametrize("weighted", [False, True])
+def test_each_column_gets_its_least_squares_scale_code(bits, weighted):
+    """Brute force over the 16 codes per column, with the group's q_scale_max and the runtime's fp16 roundings;
+    with row weights (GPTQ's output saliency of each input row) the weighted squared error."""
     from exlq.quant.gptq import dequantize_codes, quantize_codes, search_group_scales
 
-    w = torch.randn(40, 32, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.1, 3.0, 40)[:, None]
-    codes, q_scale_max, scales = search_group_scales(w, bits)
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(40, 32, generator=gen) * torch.linspace(0.1, 3.0, 40)[:, None]
+    weights = torch.rand(32, generator=gen) * 10 if weighted else None
+    codes, q_scale_max, scales = search_group_scales(w, bits, weights)
     assert torch.equal(scales, effective_scales(codes[None], q_scale_max[None])[0])
     for column in range(w.shape[0]):
         row = w[column : column + 1]
         errors = []
         for code in range(1, 17):
             s = effective_scales(torch.tensor([[code]]), q_scale_max[None])[0]
-            errors.append(float((dequantize_codes(quantize_codes(row, s, bits), s, bits) - row).pow(2).sum()))
+            error = (dequantize_codes(quantize_codes(row, s, bits), s, bits) - row).pow(2)
+            errors.append(float((error if weights is None else error * weights).sum()))
         assert errors[int(codes[column]) - 1] <= min(errors) * (1 + 1e-6)
 
 

@@ -102,39 +102,46 @@ def column_scale_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     return torch.clamp(torch.round(16 * torch.sqrt(base / smax)), 1, 16), smax
 
 
-def search_group_scales(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def search_group_scales(
+    w: torch.Tensor, bits: int, row_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale codes [N] (1..16), q_scale_max (fp16 scalar) and effective scales [N] for group weights w [N, r].
 
     Codes come from each column's range relative to the largest (uniform in √scale); a global
     clipping factor p is then chosen to minimize Σ|dequant(quant(w)) − w|^3.5 over the group, and
-    finally each column picks its own least-squares code under that q_scale_max.
+    finally each column picks its own least-squares code under that q_scale_max, each row's squared
+    error weighted by `row_weights` [r] when given (GPTQ passes 1/[H⁻¹ Cholesky]_kk², the weight with
+    which row k's rounding error reaches the layer's output).
     """
     codes, smax = column_scale_codes(w, bits)
     best_p, _ = _best_clip(w, codes, smax, COARSE_CLIP.to(w.device), bits)
     _, q_scale_max = _best_clip(w, codes, smax, (best_p + FINE_CLIP_OFFSETS.to(w.device)).clamp(0.70, 1.20), bits)
-    codes = _best_column_codes(w, q_scale_max, bits)
+    codes = _best_column_codes(w, q_scale_max, bits, row_weights)
     return codes, q_scale_max, effective_scales(codes[None], q_scale_max[None])[0]
 
 
-def _best_column_codes(w: torch.Tensor, q_scale_max: torch.Tensor, bits: int) -> torch.Tensor:
+def _best_column_codes(w: torch.Tensor, q_scale_max: torch.Tensor, bits: int, row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Each column's own least-squares code (1..16) under the group's q_scale_max.
 
     The range-based codes are only a starting point: with few bits, clipping a column's largest
     weights often lowers its total error. Squared error here (not the clip search's 3.5 norm) is
-    what measured best: uniform 3-bit GPTQ of the rotated smollm2-135m, KL vs FP16 0.863 -> 0.730.
+    what measured best: uniform 3-bit GPTQ of the rotated smollm2-135m, KL vs FP16 0.863 -> 0.730;
+    weighting the rows by their output saliency took it to 0.668 (4-bit: 0.196 -> 0.187).
     """
     all_codes = torch.arange(1, 17, device=w.device, dtype=torch.int32)[:, None].expand(16, w.shape[0])
     scales = effective_scales(all_codes, q_scale_max.reshape(1).expand(16))  # [16, N]
-    errors = _column_errors(w, scales, bits, 2.0)
+    errors = _column_errors(w, scales, bits, 2.0, row_weights)
     return (torch.argmin(errors, dim=0) + 1).to(torch.int32)
 
 
 def _best_clip(
     w: torch.Tensor, codes: torch.Tensor, smax: torch.Tensor, factors: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipping factor with the smallest 3.5-norm error, and its fp16 q_scale_max."""
+    """The clipping factor with the smallest 3.5-norm error, and its fp16 q_scale_max (rows unweighted: weighting
+    them as the codes are was measured slightly worse, 3-bit proxy KL 0.675 against 0.668)."""
     candidates = (smax * factors).half()
-    best = int(torch.argmin(_clip_errors(w, effective_scales(codes[None].expand(len(factors), -1), candidates), bits)))
+    scales = effective_scales(codes[None].expand(len(factors), -1), candidates)
+    best = int(torch.argmin(_column_errors(w, scales, bits, ERROR_NORM).sum(dim=1)))
     return factors[best], candidates[best]
 
 
@@ -142,13 +149,10 @@ def _candidates_per_pass(w: torch.Tensor, max_elements: int = 1 << 24) -> int:
     return max(1, max_elements // w.numel())
 
 
-def _clip_errors(w: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """Σ|dequant(quant(w)) − w|^3.5 for each candidate scale row [P, N] at once -> [P]."""
-    return _column_errors(w, scales, bits, ERROR_NORM).sum(dim=1)
-
-
-def _column_errors(w: torch.Tensor, scales: torch.Tensor, bits: int, norm: float) -> torch.Tensor:
-    """Per column Σ_rows |dequant(quant(w)) − w|^norm for candidate scale rows [P, N] -> [P, N].
+def _column_errors(
+    w: torch.Tensor, scales: torch.Tensor, bits: int, norm: float, row_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per column Σ_rows weight_row·|dequant(quant(w)) − w|^norm for candidate scale rows [P, N] -> [P, N].
 
     Candidates are evaluated a bounded number at a time, so memory stays ~16 M floats.
     """
@@ -157,7 +161,8 @@ def _column_errors(w: torch.Tensor, scales: torch.Tensor, bits: int, norm: float
     for chunk in scales.split(_candidates_per_pass(w)):
         s = chunk.float()[:, :, None]  # [p, N, 1]
         q = torch.clamp(torch.round(_safe_div(w[None], s)) + zero, 0, 2**bits - 1)
-        errors.append((((q - zero) * s).half().float() - w[None]).abs().pow(norm).sum(dim=2))
+        error = (((q - zero) * s).half().float() - w[None]).abs().pow(norm)
+        errors.append((error if row_weights is None else error * row_weights).sum(dim=2))
     return torch.cat(errors)
 
 
@@ -283,7 +288,8 @@ def quantize_gptq_many(
         for p, starts in enumerate(group_at):
             if b0 in starts:  # a group of option p begins here: search its scales on updated weights
                 g, bits, rows = starts[b0]
-                scale_codes[p][g], q_scale_max[p][g], s = search_group_scales(stacked[p, :, b0 : b0 + rows], bits)
+                weights = None if hinv is None else 1.0 / torch.diagonal(hinv)[b0 : b0 + rows] ** 2
+                scale_codes[p][g], q_scale_max[p][g], s = search_group_scales(stacked[p, :, b0 : b0 + rows], bits, weights)
                 scales[p] = s.float()
         block_bits = row_bits[:, b0].float()  # blocks never straddle groups
         zero = (2 ** (block_bits - 1))[:, None]
