@@ -1,12 +1,13 @@
 """Kernel-level benchmark: the EXL2 GEMV alone at Llama-3-8B layer shapes, GB/s against copy bandwidth.
 
-    python3 bench/gemv.py [--bpw 4.0] [--json-out FILE]
+    python3 bench/gemv.py [--bpw 4.0] [--rows 1 4] [--shapes 4096x14336 ...] [--group-size 32] [--json-out FILE]
 
 Each product is captured 50 times in one CUDA graph and the graph replayed, so launch overhead from Python
-is not in the number. The 50 products cycle over enough copies of the layer to exceed twice the L2 cache, so
-the weights stream from device memory as in a real decode step (a 4096x14336 layer at 4 bpw fits in 50 MB of L2). Bytes counted: every stored tensor of the layer (q_weight, q_scale, q_scale_max,
-q_groups, q_invperm), read once per product. torch's FP16 GEMV (F.linear on the dense weight) is timed the
-same way for reference.
+is not in the number. The 50 products cycle over enough copies of the layer to exceed twice the L2 cache,
+so the weights stream from device memory as in a real decode step (a 4096x14336 layer at 4 bpw fits in the
+50 MB L2; `--l2-hot` times one copy, as before 2026-12-01). Bytes counted: every stored tensor of the layer
+(q_weight, q_scale, q_scale_max, q_groups, q_invperm), read once per product. torch's FP16 GEMV (F.linear on
+the dense weight) is timed the same way for reference.
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def main() -> None:
         del quantized
         row = {
             "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None,
-            "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps, "decoder_bpw": round(summary.decoder_bpw, 4),
+            "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps,
+            "decoder_bpw": round(summary.decoder_bpw, 4),
             "ppl": round(result.perplexity, 4), "kl": round(result.kl_divergence, 5),
             "top1": round(result.top1_agreement, 4), "file_MB": round(folder_bytes(out) / 1e6, 1),
             "convert_s": round(seconds, 1), "peak_vram_GB": None if vram is None else round(vram, 2),
