@@ -56,10 +56,12 @@ case "${STAGE:-session}" in
 session) prepare $HERE; speed $HERE ;;
 prep) prepare $ALT ;;
 speed) for tree in ${TREES:-$HERE $ALT}; do speed $tree; done ;;
-quality)
-  setsid nohup python3 bench/quality.py $M --out-root /tmp/quality --device cuda ${QUALITY_ARGS:-} \
-    > /tmp/quality.log 2>&1 < /dev/null & echo "quality started" ;;
+quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
+  tree=${QUALITY_TREE:-$HERE}; tag=$(basename $tree)
+  (cd $tree && setsid nohup python3 bench/quality.py $M --out-root /tmp/quality-$tag --device cuda ${QUALITY_ARGS:-} \
+    > /tmp/quality-$tag.log 2>&1 < /dev/null &) ; echo "quality started in $tree" ;;
 wait)
   for _ in $(seq ${WAIT:-540}); do pgrep -f bench/quality.py > /dev/null || break; sleep 1; done
-  grep -v '^  measure' /tmp/quality.log | tail -25; cp /tmp/quality/quality.jsonl $OUT/ 2>/dev/null ;;
+  for log in /tmp/quality-*.log; do echo "== $log"; grep -v '^  measure' $log | tail -14; done
+  cp /tmp/quality-*/quality.jsonl $OUT/ 2>/dev/null; for f in /tmp/quality-*/quality.jsonl; do cp $f $OUT/$(basename $(dirname $f)).jsonl; done ;;
 esac
