@@ -63,5 +63,5 @@ quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per 
 wait)
   for _ in $(seq ${WAIT:-540}); do pgrep -f bench/quality.py > /dev/null || break; sleep 1; done
   for log in /tmp/quality-*.log; do echo "== $log"; grep -v '^  measure' $log | tail -14; done
-  cp /tmp/quality-*/quality.jsonl $OUT/ 2>/dev/null; for f in /tmp/quality-*/quality.jsonl; do cp $f $OUT/$(basename $(dirname $f)).jsonl; done ;;
+  for f in /tmp/quality-*/quality.jsonl; do cp $f $OUT/$(basename $(dirname $f)).jsonl; done ;;
 esac
