@@ -283,12 +283,14 @@ def quantize_gptq_many(
         for layout in layouts
     ]
     row_bits = torch.tensor([[b for b, rows in layout for _ in range(rows)] for layout in layouts], device=device)
+    # How much each row's rounding error reaches the output (its scale codes weigh rows by it).
+    saliency = None if hinv is None else 1.0 / torch.diagonal(hinv) ** 2
     for b0 in range(0, k_in, BLOCK):
         b1 = min(b0 + BLOCK, k_in)
         for p, starts in enumerate(group_at):
             if b0 in starts:  # a group of option p begins here: search its scales on updated weights
                 g, bits, rows = starts[b0]
-                weights = None if hinv is None else 1.0 / torch.diagonal(hinv)[b0 : b0 + rows] ** 2
+                weights = None if saliency is None else saliency[b0 : b0 + rows]
                 scale_codes[p][g], q_scale_max[p][g], s = search_group_scales(stacked[p, :, b0 : b0 + rows], bits, weights)
                 scales[p] = s.float()
         block_bits = row_bits[:, b0].float()  # blocks never straddle groups
@@ -298,11 +300,11 @@ def quantize_gptq_many(
         errors = torch.empty_like(block)
         for i in range(b1 - b0):
             column = block[:, :, i]
-            q = torch.minimum(torch.clamp(torch.round(_safe_div(column, scales)) + zero, min=0), maxq)
+            q, value = _to_grid(column, scales, zero, maxq)
             codes[:, b0 + i] = q.to(torch.int32)
             if hinv is None:
                 continue
-            err = (column - ((q - zero) * scales).half().float()) / hinv[b0 + i, b0 + i]
+            err = (column - value) / hinv[b0 + i, b0 + i]
             block[:, :, i:] -= err[:, :, None] * hinv[b0 + i, b0 + i : b1]
             errors[:, :, i] = err
         if hinv is not None:
@@ -338,10 +340,7 @@ def refine_codes(matrix: QuantizedMatrix, target: torch.Tensor, hessian: torch.T
             b1 = min(b0 + BLOCK, k_in)
             changes = torch.zeros(target.shape[0], b1 - b0, device=target.device)
             for k in range(b0, b1):
-                best = values[k] + gradient[:, k] / diagonal[k]
-                q = torch.clamp(torch.round(_safe_div(best, row_scales[k])) + zero[k], min=0)
-                q = torch.minimum(q, maxq[k])
-                new = ((q - zero[k]) * row_scales[k]).half().float()
+                q, new = _to_grid(values[k] + gradient[:, k] / diagonal[k], row_scales[k], zero[k], maxq[k])
                 change = new - values[k]
                 codes[k], values[k] = q, new
                 gradient[:, b0:b1] -= change[:, None] * hessian[k, b0:b1]
@@ -352,6 +351,13 @@ def refine_codes(matrix: QuantizedMatrix, target: torch.Tensor, hessian: torch.T
 
 
 BLOCK = 32  # every group boundary is a multiple of 32 rows (group sizes are), so blocks never straddle groups
+
+
+def _to_grid(x: torch.Tensor, scales: torch.Tensor, zero, maxq) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest codes q (as floats, clamped to 0..maxq) and their values f16((q − zero)·scale), as the runtime
+    dequantizes them, for x on a grid of per-column `scales` (GPTQ's and coordinate descent's rounding)."""
+    q = torch.minimum(torch.clamp(torch.round(_safe_div(x, scales)) + zero, min=0), maxq)
+    return q, ((q - zero) * scales).half().float()
 
 
 def _safe_div(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
