@@ -2,6 +2,7 @@
 # GPU work of a session on smollm2-135m (carried in pieces to /tmp/parts; docs/benchmarks.md, "moving models to the
 # GPU") and the synthetic 8B, for this tree or, A/B, for this tree and ALT (default /tmp/gpu/alt: e.g. this commit with
 # a patch applied, made here with `git archive HEAD | tar -x -C .gpu/alt && patch -p1 -d .gpu/alt < PATCH`).
+#   STAGE=assemble: only put smollm2 together (STAGE may list several stages, run in order).
 #   STAGE=session: assemble and convert smollm2 (EXL2 4.0, quick calibration) beside this tree's full GPU test suite,
 #                  the real-EXL2 test, then the speed of this tree (as STAGE=speed TREES=$PWD).
 #   STAGE=prep:    the same preparation with ALT's GPU tests instead.
@@ -14,12 +15,15 @@ export PYTHONUNBUFFERED=1 EXLQ_SHARED_DIR=/tmp/gpu/shared EXLQ_TEST_MODELS=/tmp/
 OUT=${OUT:-/tmp/out}; ALT=${ALT:-/tmp/gpu/alt}; HERE=$PWD; mkdir -p "$OUT" /tmp/models
 M=/tmp/models/smollm2-135m E=/tmp/models/smollm2-135m-exl2-4.0bpw
 
+assemble() {  # smollm2 from its carried parts, checked
+  [ -f $M/model.safetensors ] && return
+  mkdir -p $M.tmp && cp /tmp/gpu/smol-files/* $M.tmp/ && cat /tmp/parts/part.??? > $M.tmp/model.safetensors
+  echo "d8d8571b3af99053c8ad455ce009d8479eec5da515f80a417c075d0a7f317904  $M.tmp/model.safetensors" | sha256sum -c \
+    && mv $M.tmp $M || exit 1
+}
+
 prepare() {  # $1: the tree whose GPU tests run while smollm2 converts
-  if [ ! -f $M/model.safetensors ]; then
-    mkdir -p $M.tmp && cp /tmp/gpu/smol-files/* $M.tmp/ && cat /tmp/parts/part.??? > $M.tmp/model.safetensors
-    echo "d8d8571b3af99053c8ad455ce009d8479eec5da515f80a417c075d0a7f317904  $M.tmp/model.safetensors" | sha256sum -c \
-      && mv $M.tmp $M || exit 1
-  fi
+  assemble
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   [ -f $E/config.json ] || python3 -m exlq.cli.app convert $M $E --bpw 4.0 --rows 16 --length 1024 --device cuda --json \
     > $OUT/convert_smol.json 2> $OUT/convert_smol.err &
@@ -52,7 +56,9 @@ speed() {  # $1: tree
   tail -3 $OUT/err.log 2>/dev/null; cd $HERE
 }
 
-case "${STAGE:-session}" in
+for stage in ${STAGE:-session}; do  # several stages in order, e.g. STAGE="assemble quality prep"
+case $stage in
+assemble) assemble ;;
 session) prepare $HERE; speed $HERE ;;
 prep) prepare $ALT ;;
 speed) for tree in ${TREES:-$HERE $ALT}; do speed $tree; done ;;
@@ -64,4 +70,6 @@ wait)
   for _ in $(seq ${WAIT:-540}); do pgrep -f bench/quality.py > /dev/null || break; sleep 1; done
   for log in /tmp/quality-*.log; do echo "== $log"; grep -v '^  measure' $log | tail -14; done
   for f in /tmp/quality-*/quality.jsonl; do cp $f $OUT/$(basename $(dirname $f)).jsonl; done ;;
+*) echo "unknown stage $stage"; exit 2 ;;
 esac
+done
