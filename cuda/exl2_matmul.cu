@@ -1,10 +1,11 @@
 // EXL2 matrix multiply: a split-K GEMV for decode (1..32 activation rows) and a dequantizer for
 // prefill (dense fp16/bf16 tiles for cuBLAS). Both read the on-disk packing of q_weight directly
 // (spec §3: each column's codes in consecutive 32-bit words, LSB first), described per "chunk":
-// at most 128 stored rows of one group, hence one bit width and one scale row. The host builds the
-// chunk table once per layer (exlq/runtime/kernels/exl2_ops.py).
+// at most 128 stored rows of one bit width: one group, or several equal groups of 32 or 64 rows (so
+// small groups do not cost one serial load each). Block sb (32 rows) of a chunk uses the scale row of
+// group first + (sb >> shift). The host builds the chunk table once per layer (exl2_ops.py).
 //
-// Chunk: int4 {bits | rows << 8, first q_weight row (word), first stored row, group}.
+// Chunk: int4 {bits | rows << 8 | shift << 16, first q_weight row (word), first stored row, first group}.
 #include "common.cuh"
 
 #define THREADS 128        // one thread per output column
@@ -156,11 +157,13 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
     flush<M>(acc, dot);
 }
 
-// One chunk (≤ 128 rows of one group): all its words are loaded first (up to 4 blocks of 32 rows in
-// flight per thread), then multiplied; a last partial block of rows goes through tail_float.
+// One chunk (≤ 128 rows): all its words are loaded first (up to 4 blocks of 32 rows in flight per
+// thread), then multiplied; a last partial block of rows goes through tail_float. acc[m] += Σ over
+// blocks of scale[block] · (block's dot): each 32-row block has its group's column scale.
 template <int B, int M, bool HALF>
 __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
-                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, float* dot) {
+                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, const float* scale,
+                                          float* acc) {
     const int blocks = rows >> 5;
     u32 words[4][B + 1];
 #pragma unroll
@@ -169,21 +172,31 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
         for (int j = 0; j < B; j++) words[sb][j] = sb < blocks ? __ldg(w + (size_t)(sb * B + j) * stride) : 0u;
         words[sb][B] = 0u;
     }
-    if (HALF && (B == 2 || B == 4 || B == 8)) {
+#pragma unroll
+    for (int sb = 0; sb < 4; sb++) {
+        if (sb < blocks) {
+            float part[M];
+#pragma unroll
+            for (int m = 0; m < M; m++) part[m] = 0.0f;
+            if (HALF && (B == 2 || B == 4 || B == 8)) {
+                sub_half<B, M>(words[sb], xh, lr + 32 * sb, part);
+#pragma unroll
+                for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[sb] * (float)(1 << half_shift(B)), acc[m]);
+            } else {
+                sub_float<B, M>(words[sb], xs, lr + 32 * sb, part);
+#pragma unroll
+                for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[sb], acc[m]);
+            }
+        }
+    }
+    if (rows & 31) {  // only in a chunk of one group: its scale is scale[0]
         float part[M];
 #pragma unroll
         for (int m = 0; m < M; m++) part[m] = 0.0f;
+        tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, part);
 #pragma unroll
-        for (int sb = 0; sb < 4; sb++)
-            if (sb < blocks) sub_half<B, M>(words[sb], xh, lr + 32 * sb, part);
-#pragma unroll
-        for (int m = 0; m < M; m++) dot[m] = fmaf(part[m], (float)(1 << half_shift(B)), dot[m]);
-    } else {
-#pragma unroll
-        for (int sb = 0; sb < 4; sb++)
-            if (sb < blocks) sub_float<B, M>(words[sb], xs, lr + 32 * sb, dot);
+        for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[0], acc[m]);
     }
-    if (rows & 31) tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, dot);
 }
 
 template <typename T> struct HalfPath { static constexpr bool value = false; };
@@ -209,7 +222,7 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
 
     for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
         const int4 ch = chunks[c];
-        const int bits = ch.x & 0xff, rows = ch.x >> 8, lr = ch.z - r0, full = rows & ~31;
+        const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, lr = ch.z - r0, full = rows & ~31;
         const bool paired = HALF && half_width(bits);
         const float prescale = paired ? 1.0f / (float)(1 << half_shift(bits)) : 1.0f;
         for (int i = threadIdx.x; i < rows * M; i += THREADS) {
@@ -227,23 +240,23 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
     if (valid) {
         for (int c = c0; c < c1; c++) {
             const int4 ch = chunks[c];
-            const int bits = ch.x & 0xff, rows = ch.x >> 8, lr = ch.z - r0;
+            const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16, lr = ch.z - r0;
             const u32* w = q_weight + (size_t)ch.y * n_pad + n;
-            float dot[M];
+            float scale[4];  // per 32-row block: its group's scale, requested before the weights
+            scale[0] = column_scale(q_scale, scale_max, ch.w, n, n_pad);
 #pragma unroll
-            for (int m = 0; m < M; m++) dot[m] = 0.0f;
+            for (int sb = 1; sb < 4; sb++)
+                scale[sb] = (sb >> shift) == 0 ? scale[0]
+                          : 32 * sb < rows ? column_scale(q_scale, scale_max, ch.w + (sb >> shift), n, n_pad) : 0.0f;
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
             switch (bits) {
-                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
-                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, dot); break;
+                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
+                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
+                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
+                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
+                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
+                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
             }
-            const float s = column_scale(q_scale, scale_max, ch.w, n, n_pad);
-#pragma unroll
-            for (int m = 0; m < M; m++) acc[m] = fmaf(s, dot[m], acc[m]);
         }
     }
 
@@ -287,13 +300,14 @@ __global__ void __launch_bounds__(THREADS) exl2_dequant(
     const int n = blockIdx.x * THREADS + threadIdx.x;
     if (n >= n_pad) return;
     const int4 ch = chunks[blockIdx.y];
-    const int bits = ch.x & 0xff, rows = ch.x >> 8;
-    const float s = round_f16(column_scale(q_scale, scale_max, ch.w, n, n_pad));
+    const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16;
+    float s = 0.0f;
     const u32* w = q_weight + (size_t)ch.y * n_pad + n;
     const int nw = rows * bits / 32;
     const u32 mask = (1u << bits) - 1u;
     const float z = (float)(1 << (bits - 1));
     for (int i = 0; i < rows; i++) {
+        if ((i & 31) == 0) s = round_f16(column_scale(q_scale, scale_max, ch.w + ((i >> 5) >> shift), n, n_pad));
         const int bit = i * bits, wi = bit >> 5;
         const u32 lo = __ldg(w + (size_t)wi * n_pad);
         const u32 hi = wi + 1 < nw ? __ldg(w + (size_t)(wi + 1) * n_pad) : 0u;

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from exlq.quant.exl2_pack import converter_layout
+from exlq.runtime.exl2 import group_row_starts
 from exlq.runtime.graphs import BUCKET, static_decode_step
 from exlq.runtime.kernels.exl2_ops import CHUNK_ROWS, SPLIT_ROWS, chunk_table, split_points
 from exlq.runtime.kv_quant import CacheType
@@ -47,7 +48,15 @@ LAYOUTS = [
     (576, [8, 4, 3], [0.1, 0.4, 0.5], [32, 64, 64]),
     (976, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 64]),
     (14336, [4, 3], [0.96, 0.04], 128),
+    (592, [5, 4, 2], [0.3, 0.3, 0.4], [32, 64, 32]),  # merged small groups and a 16-row 2-bit tail
 ]
+
+
+def test_small_equal_groups_share_a_chunk():
+    layout = converter_layout(576, [4], [1.0], 32)  # 18 groups of 32 rows
+    table = chunk_table(layout)
+    assert [t[1] for t in table] == [128, 128, 128, 128, 64] and all(t[5] == 0 for t in table)
+    assert [t[4] for t in table] == [0, 4, 8, 12, 16]
 
 
 @pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
@@ -56,9 +65,14 @@ def test_chunk_table_and_splits_cover_every_row_once(k, bits, props, group, tile
     layout = converter_layout(k, bits, props, group)
     table = chunk_table(layout)
     row, word = 0, 0
-    for b, rows, first_word, first_row, g in table:
+    starts = group_row_starts(layout)
+    for b, rows, first_word, first_row, g, shift in table:
         assert first_row == row and first_word == word and 0 < rows <= CHUNK_ROWS
-        assert layout[g][0] == b and (rows * b) % 32 == 0
+        assert layout[g][0] == b and (rows * b) % 32 == 0 and starts[g] <= first_row
+        # every 32-row block's group is first group + (block >> shift), all of this chunk's width
+        for block in range(-(-rows // 32)):
+            group = g + (block >> shift)
+            assert layout[group][0] == b and starts[group] <= first_row + 32 * block < starts[group] + layout[group][1]
         row, word = row + rows, word + rows * b // 32
     assert row == k and word == sum(r * b // 32 for b, r in layout)
     points = split_points(table, tiles)

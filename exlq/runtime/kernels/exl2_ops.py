@@ -5,7 +5,7 @@ rows with the split-K GEMV kernel; prefill dequantizes the layer to a dense fp16
 cuBLAS do the product, which is cheaper than a quantized kernel once the product is compute bound.
 
 The packed tensors stay exactly as stored (no load-time re-layout); the kernels need only a chunk table
-(≤ 128 rows of one group each), the K-split boundaries, the act-order permutation and the group scale
+(≤ 128 rows of one width each, one group or several small ones), the K-split boundaries, the act-order permutation and the group scale
 multipliers M_g = f16(q_scale_max · prescale / 256), all built once per layer by `build_plan`.
 """
 
@@ -40,7 +40,7 @@ class Exl2Plan:
     q_weight: torch.Tensor  # int32 [words, N_pad], as stored
     q_scale: torch.Tensor  # int32 [G, N_pad / 8], as stored
     scale_max: torch.Tensor  # float32 [G]: the fp16 values M_g
-    chunks: torch.Tensor  # int32 [C, 4]: bits | rows << 8, first word row, first stored row, group
+    chunks: torch.Tensor  # int32 [C, 4]: bits | rows << 8 | group shift << 16, first word row, first stored row, first group
     split_chunks: torch.Tensor  # int32 [S + 1]: chunk index where each K split starts
     perm: torch.Tensor  # int32 [K]: stored row -> input channel
     perm_long: torch.Tensor  # int64 [K], for torch indexing
@@ -57,16 +57,30 @@ class Exl2Plan:
         return -(-self.n_pad // THREADS)
 
 
-def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int]]:
-    """(bits, rows, first word row, first stored row, group) of every ≤128-row piece of every group."""
+def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int, int]]:
+    """(bits, rows, first word row, first stored row, first group, group shift) of every chunk: ≤ CHUNK_ROWS rows
+    of one width, whose words a thread loads at once. A chunk may hold several consecutive equal groups of 32 or
+    64 rows (2^shift blocks of 32 rows each; shift 2 for 128-row groups), so small groups cost no extra serial
+    load: real conversions use groups of 32 for many matrices. Groups with a partial 32-row block stand alone."""
     table = []
-    for g, ((bits, rows), row0, word0) in enumerate(zip(layout, group_row_starts(layout), group_word_offsets(layout))):
-        for start in range(0, rows, CHUNK_ROWS):
-            table.append((bits, min(CHUNK_ROWS, rows - start), word0 + start * bits // 32, row0 + start, g))
+    row0s, word0s = group_row_starts(layout), group_word_offsets(layout)
+    g = 0
+    while g < len(layout):
+        bits, rows = layout[g]
+        if rows % 32 == 0 and rows < CHUNK_ROWS and CHUNK_ROWS % rows == 0:
+            count = 1
+            while count < CHUNK_ROWS // rows and g + count < len(layout) and layout[g + count] == (bits, rows):
+                count += 1
+            table.append((bits, rows * count, word0s[g], row0s[g], g, (rows // 32).bit_length() - 1))
+            g += count
+            continue
+        for start in range(0, rows, CHUNK_ROWS):  # one group (of 128 rows, or an odd one) per chunk
+            table.append((bits, min(CHUNK_ROWS, rows - start), word0s[g] + start * bits // 32, row0s[g] + start, g, 2))
+        g += 1
     return table
 
 
-def split_points(table: list[tuple[int, int, int, int, int]], column_tiles: int) -> list[int]:
+def split_points(table: list[tuple[int, int, int, int, int, int]], column_tiles: int) -> list[int]:
     """Chunk indices where K splits start (plus the end): splits of ≤ SPLIT_ROWS rows, enough blocks overall."""
     total_rows = sum(t[1] for t in table)
     wanted = -(-total_rows * column_tiles // TARGET_BLOCKS)
@@ -84,7 +98,7 @@ def split_points(table: list[tuple[int, int, int, int, int]], column_tiles: int)
 def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale: float = 1.0) -> Exl2Plan:
     device = tensors.q_weight.device
     table = chunk_table(layout)
-    packed = [(bits | rows << 8, word, row, g) for bits, rows, word, row, g in table]
+    packed = [(bits | rows << 8 | shift << 16, word, row, g) for bits, rows, word, row, g, shift in table]
     perm = perm_from_invperm(tensors.q_invperm)
     plan = Exl2Plan(
         q_weight=tensors.q_weight.contiguous(),
