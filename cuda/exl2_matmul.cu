@@ -1,5 +1,6 @@
-// EXL2 matrix multiply: a split-K GEMV for decode (1..32 activation rows) and a dequantizer for
-// prefill (dense fp16/bf16 tiles for cuBLAS). Both read the on-disk packing of q_weight directly
+// EXL2 matrix multiply: a split-K GEMV for decode (1..32 activation rows; one matrix, or up to
+// MAX_GROUP matrices of the same activations in one launch) and a dequantizer for prefill (dense
+// fp16/bf16 tiles for cuBLAS). Both read the on-disk packing of q_weight directly
 // (spec §3: each column's codes in consecutive 32-bit words, LSB first), described per "chunk":
 // at most 128 stored rows of one bit width: one group, or several equal groups of 32 or 64 rows (so
 // small groups do not cost one serial load each). Block sb (32 rows) of a chunk uses the scale row of
@@ -202,22 +203,44 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
 template <typename T> struct HalfPath { static constexpr bool value = false; };
 template <> struct HalfPath<fp16_t> { static constexpr bool value = true; };
 
-// y[M, N] = x[M, K] @ W: grid (ceil(N_pad / THREADS), K splits). Each block sums its K split into
-// the fp32 workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the
-// workspace and its counter, so one launch does the whole product and leaves the workspace clean.
+// One matrix of a GEMV launch. A launch computes up to MAX_GROUP products of the same activations
+// (e.g. q/k/v or gate/up: one launch instead of three or two); each matrix keeps its own tables,
+// permutation, workspace slice, tile counters and output. Mirrored by exl2_ops.GemvMatrix.
+#define MAX_GROUP 4
+struct GemvMatrix {
+    const u32* q_weight;
+    const u32* q_scale;
+    const float* scale_max;
+    const int4* chunks;
+    const int* split_chunks;
+    const int* perm;
+    const float* bias;      // null: no bias
+    float* workspace;       // [M, n_pad] fp32 partial sums, zero between launches
+    int* counters;          // [tiles], zero between launches
+    u16* y;                 // [M, N]
+    int N, n_pad, tiles, splits, block0;  // block0: this matrix's first block in a group launch
+};
+struct GemvGroup {
+    GemvMatrix m[MAX_GROUP];
+    int count;
+};
+
+// y[M, N] = x[M, K] @ W for one matrix, as block `local` of its Σ tiles·splits blocks: column tile
+// local % tiles (THREADS columns), K split local / tiles. Each block sums its K split into the fp32
+// workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the workspace
+// and its counter, so one launch does the whole product and leaves the workspace clean.
 template <typename T, int M>
-__global__ void __launch_bounds__(THREADS) exl2_gemv(
-    const u16* __restrict__ x, const u32* __restrict__ q_weight, const u32* __restrict__ q_scale,
-    const float* __restrict__ scale_max, const int4* __restrict__ chunks, const int* __restrict__ split_chunks,
-    const int* __restrict__ perm, const float* __restrict__ bias, float* __restrict__ workspace,
-    int* __restrict__ counters, u16* __restrict__ y, int K, int N, int n_pad) {
+__device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, const GemvMatrix& mat, int local) {
     constexpr bool HALF = HalfPath<T>::value;
     __shared__ __align__(16) float xs[M][SPLIT_ROWS];
     __shared__ __align__(16) u16 xh[HALF ? M : 1][SPLIT_ROWS];
     __shared__ int is_last;
-    const int n = blockIdx.x * THREADS + threadIdx.x;
+    const u32* __restrict__ q_weight = mat.q_weight;
+    const int4* __restrict__ chunks = mat.chunks;
+    const int n_pad = mat.n_pad, tile = local % mat.tiles, split = local / mat.tiles;
+    const int n = tile * THREADS + threadIdx.x;
     const bool valid = n < n_pad;
-    const int c0 = split_chunks[blockIdx.y], c1 = split_chunks[blockIdx.y + 1];
+    const int c0 = mat.split_chunks[split], c1 = mat.split_chunks[split + 1];
     const int r0 = chunks[c0].z;
 
     for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
@@ -227,7 +250,7 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
         const float prescale = paired ? 1.0f / (float)(1 << half_shift(bits)) : 1.0f;
         for (int i = threadIdx.x; i < rows * M; i += THREADS) {
             const int m = i / rows, p = i - m * rows;
-            const float v = Act<T>::load(x[(size_t)m * K + perm[ch.z + p]]);
+            const float v = Act<T>::load(x[(size_t)m * K + mat.perm[ch.z + p]]);
             xs[m][lr + p] = v;
             if (paired && p < full) xh[HALF ? m : 0][lr + (p & ~31) + pair_slot(bits, p & 31)] = Act<fp16_t>::store(v * prescale);
         }
@@ -243,11 +266,11 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
             const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16, lr = ch.z - r0;
             const u32* w = q_weight + (size_t)ch.y * n_pad + n;
             float scale[4];  // per 32-row block: its group's scale, requested before the weights
-            scale[0] = column_scale(q_scale, scale_max, ch.w, n, n_pad);
+            scale[0] = column_scale(mat.q_scale, mat.scale_max, ch.w, n, n_pad);
 #pragma unroll
             for (int sb = 1; sb < 4; sb++)
                 scale[sb] = (sb >> shift) == 0 ? scale[0]
-                          : 32 * sb < rows ? column_scale(q_scale, scale_max, ch.w + (sb >> shift), n, n_pad) : 0.0f;
+                          : 32 * sb < rows ? column_scale(mat.q_scale, mat.scale_max, ch.w + (sb >> shift), n, n_pad) : 0.0f;
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
             switch (bits) {
                 case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
@@ -260,21 +283,24 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
         }
     }
 
-    const float b = (bias != nullptr && valid) ? bias[n] : 0.0f;
-    if (gridDim.y == 1) {
+    const int N = mat.N;
+    u16* __restrict__ y = mat.y;
+    const float b = (mat.bias != nullptr && valid) ? mat.bias[n] : 0.0f;
+    if (mat.splits == 1) {
         if (n < N) {
 #pragma unroll
             for (int m = 0; m < M; m++) y[(size_t)m * N + n] = Act<T>::store(acc[m] + b);
         }
         return;
     }
+    float* __restrict__ workspace = mat.workspace;
     if (valid) {
 #pragma unroll
         for (int m = 0; m < M; m++) atomicAdd(workspace + (size_t)m * n_pad + n, acc[m]);
     }
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == (int)gridDim.y - 1;
+    if (threadIdx.x == 0) is_last = atomicAdd(mat.counters + tile, 1) == mat.splits - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
@@ -287,8 +313,27 @@ __global__ void __launch_bounds__(THREADS) exl2_gemv(
             if (n < N) y[(size_t)m * N + n] = Act<T>::store(v + b);
         }
     }
-    if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+    if (threadIdx.x == 0) mat.counters[tile] = 0;
 }
+
+// One matrix (o_proj, down_proj, lm_head, ...): its fields are kernel parameters at fixed offsets, which
+// the compiler reads as operands (64 registers at M = 1, against 72 for the group kernel's indexed fields).
+template <typename T, int M>
+__global__ void __launch_bounds__(THREADS) exl2_gemv(const u16* __restrict__ x, int K, const GemvMatrix mat) {
+    gemv_block<T, M>(x, K, mat, blockIdx.x);
+}
+
+// Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each
+// matrix's blocks in turn.
+template <typename T, int M>
+__global__ void __launch_bounds__(THREADS) exl2_gemv_group(const u16* __restrict__ x, int K, const GemvGroup group) {
+    int which = 0;
+#pragma unroll
+    for (int i = 1; i < MAX_GROUP; i++)
+        if (i < group.count && (int)blockIdx.x >= group.m[i].block0) which = i;
+    gemv_block<T, M>(x, K, group.m[which], blockIdx.x - group.m[which].block0);
+}
+
 
 // Dense Wt in stored row order [K, N_pad]: grid (ceil(N_pad / THREADS), chunks). In fp16 the values
 // are bit-exact with the format's reference dequantization (spec §6): S = f16(c^2 * M), w = f16((q - z) * S),

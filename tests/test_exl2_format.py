@@ -36,7 +36,7 @@ from exlq.runtime.exl2 import (
     unpack_q_scale,
     unpack_q_weight,
 )
-from exlq.runtime.linear import LINEAR_FORMATS, DenseLinear
+from exlq.runtime.linear import LINEAR_FORMATS, DenseLinear, project_each
 from exlq.runtime.loader import load_model
 from exlq.runtime.weights import WeightStore
 from tiny_models import make_tiny_model_dir
@@ -285,6 +285,28 @@ def test_exl2_linear_forward_matches_dequantized_weight():
     assert layer._dense is not None and layer(x).shape == (3, 5, 40)
     assert layer.bits_per_weight == pytest.approx(packed.total_bits() / (64 * 64 + 64))
     assert LINEAR_FORMATS[0] is Exl2Linear and LINEAR_FORMATS[-1] is DenseLinear
+
+
+def test_project_each_groups_one_format_unless_hooked(monkeypatch):
+    """q/k/v-style projections of one input go through the format's `forward_many` (one GPU launch), but a
+    module hook (the quantizer's recorders) or a mix of formats gets one call per layer."""
+    torch.manual_seed(2)
+    layers = [Exl2Linear(quantize_rtn(torch.randn(n, 64), [(4, 64)], torch.randperm(64)), 64, n, dtype=torch.float32)
+              for n in (40, 24, 24)]
+    x = torch.randn(1, 3, 64)
+    expected = [layer(x) for layer in layers]
+    grouped = []
+    many = Exl2Linear.forward_many
+    monkeypatch.setattr(Exl2Linear, "forward_many", staticmethod(lambda ls, v: grouped.append(len(ls)) or many(ls, v)))
+    for y, ref in zip(project_each(layers, x), expected, strict=True):
+        assert torch.equal(y, ref)
+    assert grouped == [3]
+    seen = []
+    layers[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    assert all(torch.equal(y, ref) for y, ref in zip(project_each(layers, x), expected))
+    assert grouped == [3] and seen == [x.shape]
+    dense = DenseLinear(layers[0].dequantized_weight().float())
+    assert torch.allclose(project_each([dense, layers[2]], x)[0], expected[0], atol=1e-5) and grouped == [3]
 
 
 def write_layer(directory: Path, tensors: dict[str, torch.Tensor]) -> WeightStore:

@@ -17,6 +17,7 @@ from exlq.runtime.generator import Generator
 from exlq.runtime.kernels import enabled
 from exlq.runtime.kernels import exl2_ops, fused_ops
 from exlq.runtime.layers import RMSNorm
+from exlq.runtime.linear import project_each
 from exlq.runtime.loader import load_model
 from exlq.runtime.sampler import SamplerSettings
 from exlq.runtime.tokenizer import Tokenizer
@@ -114,12 +115,46 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
     plan = layer.kernel_plan()
     if rows in exl2_ops.GEMV_ROWS:  # the raw kernel, into a poisoned output
         out = torch.full((rows, n), float("nan"), dtype=dtype, device=CUDA)
-        exl2_ops.gemv(plan, x, out)
+        exl2_ops.gemv([plan], x, [out])
         assert torch.isfinite(out).all()
         assert rel(out, expected) < TOLERANCE[dtype]
     y = layer(x[None])[0]
     assert y.shape == (rows, n) and y.dtype == dtype and torch.isfinite(y).all()
     assert rel(y, expected) < TOLERANCE[dtype]
+    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
+    assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
+
+
+# Layers of one input size (as q/k/v or gate/up): different widths, layouts, biases; five of them so one
+# call needs two launches (MAX_GROUP is 4).
+GROUP_LAYERS = [(576, [4], [1.0], 32, True), (192, [6, 4], [0.2, 0.8], 64, True), (200, [3], [1.0], 32, False),
+                (4160, [8, 4, 3], [0.1, 0.4, 0.5], [32, 64, 64]), (96, [2], [1.0], 128, False)]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 40])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_gemv_matches_each_layer(rows, dtype):
+    """One launch for several matrices of the same x gives each matrix's own product (and a clean workspace)."""
+    k = 576
+    layers, expected = [], []
+    for i, (n, bits, props, group, *bias) in enumerate(GROUP_LAYERS):
+        tensors, _ = random_exl2(k, n, bits, props, group, seed=50 + i, bias=bool(bias and bias[0]))
+        cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+        layers.append(Exl2Linear(cuda, k, n, dtype=dtype))
+    x = torch.randn(rows, k, device=CUDA).to(dtype)
+    for layer in layers:
+        weight = dequantize(*(getattr(layer, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+        ref = x.double() @ weight[:, : layer.out_features].double()
+        expected.append(ref if layer.bias is None else ref + layer.bias[: layer.out_features].double())
+    if rows in exl2_ops.GEMV_ROWS:  # the raw group kernel, four matrices, into poisoned outputs
+        outs = [torch.full((rows, layer.out_features), float("nan"), dtype=dtype, device=CUDA) for layer in layers[:4]]
+        exl2_ops.gemv([layer.kernel_plan() for layer in layers[:4]], x, outs)
+        for out, ref in zip(outs, expected):
+            assert torch.isfinite(out).all() and rel(out, ref) < TOLERANCE[dtype]
+    ys = project_each(layers, x[None])
+    for y, layer, ref in zip(ys, layers, expected):
+        assert y.shape == (1, rows, layer.out_features) and y.dtype == dtype
+        assert torch.isfinite(y).all() and rel(y[0], ref) < TOLERANCE[dtype]
     workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 

@@ -404,6 +404,16 @@ class Exl2Linear(nn.Module):
         weight, bias = self._dense_weight()
         return F.linear(x, weight, bias)
 
+    @staticmethod
+    def forward_many(layers: list[Exl2Linear], x: torch.Tensor) -> list[torch.Tensor]:
+        """[layer(x) for layer in layers]; on the GPU one kernel launch for all (few-row x), because for small
+        models each launch costs more than the product itself."""
+        if not kernels.applies(x):
+            return [layer(x) for layer in layers]
+        from exlq.runtime.kernels.exl2_ops import matmul_many
+
+        return matmul_many([layer.kernel_plan() for layer in layers], x)
+
     def extra_repr(self) -> str:
         bits = "/".join(str(b) for b in dict.fromkeys(b for b, _ in self.layout))
         return (

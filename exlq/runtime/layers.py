@@ -15,6 +15,7 @@ from torch import nn
 from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch, attend
 from exlq.runtime.cache import KVCache
+from exlq.runtime.linear import project_each
 
 
 class RMSNorm(nn.Module):
@@ -77,9 +78,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int) -> torch.Tensor:
         bsz, length, _ = x.shape
-        q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim)
+        q, k, v = project_each((self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.view(bsz, length, self.num_heads, self.head_dim)
+        k = k.view(bsz, length, self.num_kv_heads, self.head_dim)
+        v = v.view(bsz, length, self.num_kv_heads, self.head_dim)
         if cache is not None:  # a quantized cache weighs its key channels by the queries of its first positions
             cache.observe_queries(cache_layer, q.transpose(1, 2), batch.past_len)
         q, k, v = batch.rotate_and_store(cache, cache_layer, q, k, v)
@@ -96,7 +98,7 @@ class GatedMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project_each((self.gate_proj, self.up_proj), x)
         if kernels.applies(gate):
             from exlq.runtime.kernels.fused_ops import silu_mul
 

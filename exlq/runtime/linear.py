@@ -7,6 +7,7 @@ layers with an FP16 `lm_head`). The quantizer swaps implementations the same way
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -72,6 +73,21 @@ class DenseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def project_each(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers] (e.g. q/k/v of one input). Layers of one format that has
+    `forward_many(layers, x)` run through it (EXL2 on the GPU: one launch instead of one per layer), unless a
+    module hook must see each call (the quantizer's Hessian and input recorders)."""
+    kind = type(layers[0])
+    many = getattr(kind, "forward_many", None)
+    if many is None or len(layers) < 2 or any(type(layer) is not kind or _hooked(layer) for layer in layers):
+        return [layer(x) for layer in layers]
+    return many(list(layers), x)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 # Formats tried in order; later issues register quantized formats ahead of DenseLinear.

@@ -1,7 +1,8 @@
 """EXL2 matrix products on the GPU: host-side tables for `cuda/exl2_matmul.cu` and the dispatch by row count.
 
 Decode (at most `GEMV_MAX_ROWS` activation rows) streams the packed weights once per launch of up to `GEMV_ROWS[0]`
-rows with the split-K GEMV kernel; prefill dequantizes the layer to a dense fp16/bf16 matrix and lets
+rows with the split-K GEMV kernel, which also multiplies up to `MAX_GROUP` matrices of the same input in one
+launch (q/k/v, gate/up: `matmul_many`); prefill dequantizes the layer to a dense fp16/bf16 matrix and lets
 cuBLAS do the product, which is cheaper than a quantized kernel once the product is compute bound.
 
 The packed tensors stay exactly as stored (no load-time re-layout); the kernels need only a chunk table
@@ -11,6 +12,8 @@ multipliers M_g = f16(q_scale_max · prescale / 256), all built once per layer b
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +29,12 @@ CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in
 GEMV_ROWS = (8, 4, 3, 2, 1)  # kernel instances by activation rows; other counts are cut into these
 GEMV_MAX_ROWS = 32  # above this, dequantize + cuBLAS
 TARGET_BLOCKS = 264  # about two blocks per SM on an H100: K splits shrink until this many exist
+MAX_GROUP = 4  # MAX_GROUP in the .cu: most matrices of one input one launch multiplies (q/k/v, gate/up)
 #: One module per activation dtype, compiled on first use of that dtype (halves a cold start).
 INSTANCE_SETS = {
-    dtype: tuple([f"exl2_gemv<{tag}, {m}>" for m in GEMV_ROWS] + [f"exl2_dequant<{tag}>"])
+    dtype: tuple(
+        [f"{name}<{tag}, {m}>" for name in ("exl2_gemv", "exl2_gemv_group") for m in GEMV_ROWS] + [f"exl2_dequant<{tag}>"]
+    )
     for dtype, tag in ACTIVATION_TAGS.items()
 }
 
@@ -135,21 +141,45 @@ class _Workspace:
 _workspace = _Workspace()
 
 
-def gemv(plan: Exl2Plan, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out[M, N] = x[M, K] @ W (+ bias) for M in GEMV_ROWS contiguous rows."""
+class GemvMatrix(ctypes.Structure):
+    """`struct GemvMatrix` of the .cu: one matrix of a GEMV launch (device pointers as 64-bit addresses)."""
+
+    _fields_ = [
+        *[(name, ctypes.c_uint64) for name in
+          ("q_weight", "q_scale", "scale_max", "chunks", "split_chunks", "perm", "bias", "workspace", "counters", "y")],
+        *[(name, ctypes.c_int32) for name in ("N", "n_pad", "tiles", "splits", "block0")],
+    ]
+
+
+class GemvGroup(ctypes.Structure):
+    """`struct GemvGroup` of the .cu, passed to the kernel by value."""
+
+    _fields_ = [("m", GemvMatrix * MAX_GROUP), ("count", ctypes.c_int32)]
+
+
+def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+    """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M in GEMV_ROWS contiguous rows, ≤ MAX_GROUP matrices of
+    input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch."""
     rows = x.shape[0]
     device = x.device
-    workspace, counters = _workspace.get(device, rows * plan.n_pad, plan.column_tiles)
-    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_gemv<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
-    grid = (plan.column_tiles, plan.split_chunks.numel() - 1, 1)
-    launch(
-        function,
-        grid,
-        (THREADS, 1, 1),
-        (x, plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, plan.split_chunks, plan.perm, plan.bias,
-         workspace, counters, out, plan.in_features, plan.out_features, plan.n_pad),
-        device,
-    )
+    workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.column_tiles for p in plans))
+    group = GemvGroup(count=len(plans))
+    blocks = floats = tiles = 0
+    for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
+        splits = plan.split_chunks.numel() - 1
+        group.m[i] = GemvMatrix(
+            plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.chunks.data_ptr(),
+            plan.split_chunks.data_ptr(), plan.perm.data_ptr(), 0 if plan.bias is None else plan.bias.data_ptr(),
+            workspace.data_ptr() + 4 * floats, counters.data_ptr() + 4 * tiles, out.data_ptr(),
+            plan.out_features, plan.n_pad, plan.column_tiles, splits, blocks,
+        )
+        blocks += plan.column_tiles * splits
+        floats += rows * plan.n_pad
+        tiles += plan.column_tiles
+    name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
+    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
+    args = group.m[0] if len(plans) == 1 else group
+    launch(function, (blocks, 1, 1), (THREADS, 1, 1), (x, plans[0].in_features, args), device)
 
 
 def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype) -> torch.Tensor:
@@ -166,21 +196,31 @@ def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def matmul(plan: Exl2Plan, x: torch.Tensor) -> torch.Tensor:
-    """y = x @ Wᵀ (+ bias) for x [..., K] in fp16 or bf16: GEMV for few rows, dequantize + cuBLAS for many."""
+def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor) -> list[torch.Tensor]:
+    """[x @ W_iᵀ (+ bias_i)] for x [..., K] in fp16 or bf16 and matrices of input size K: GEMV for few rows (up to
+    MAX_GROUP matrices a launch), dequantize + cuBLAS per matrix for many."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, plan.in_features).contiguous()
+    x2 = x.reshape(-1, plans[0].in_features).contiguous()
     rows = x2.shape[0]
-    if rows <= GEMV_MAX_ROWS:
-        y = torch.empty(rows, plan.out_features, dtype=x.dtype, device=x.device)
+    if rows > GEMV_MAX_ROWS:
+        ys = []
+        for plan in plans:
+            weight = dequantize_stored(plan, x.dtype)[:, : plan.out_features]
+            y = x2.index_select(1, plan.perm_long) @ weight
+            if plan.bias is not None:
+                y += plan.bias[: plan.out_features].to(x.dtype)
+            ys.append(y)
+    else:
+        ys = [torch.empty(rows, plan.out_features, dtype=x.dtype, device=x.device) for plan in plans]
         start = 0
         while start < rows:
             stop = start + next(m for m in GEMV_ROWS if m <= rows - start)
-            gemv(plan, x2[start:stop], y[start:stop])
+            for first in range(0, len(plans), MAX_GROUP):
+                gemv(plans[first : first + MAX_GROUP], x2[start:stop], [y[start:stop] for y in ys[first : first + MAX_GROUP]])
             start = stop
-    else:
-        weight = dequantize_stored(plan, x.dtype)[:, : plan.out_features]
-        y = x2.index_select(1, plan.perm_long) @ weight
-        if plan.bias is not None:
-            y += plan.bias[: plan.out_features].to(x.dtype)
-    return y.view(*lead, plan.out_features)
+    return [y.view(*lead, plan.out_features) for y, plan in zip(ys, plans)]
+
+
+def matmul(plan: Exl2Plan, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ Wᵀ (+ bias) for x [..., K] in fp16 or bf16: GEMV for few rows, dequantize + cuBLAS for many."""
+    return matmul_many([plan], x)[0]

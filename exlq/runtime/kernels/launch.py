@@ -6,7 +6,7 @@ CuPy's module loader. A launch calls the driver's `cuLaunchKernel` directly on
 `torch.cuda.graph` like any torch kernel. (CuPy's own launch path, with a stream object wrapping torch's,
 cost about 0.3 ms per launch on the H100 machine: more than most of these kernels run.)
 Arguments are packed as C values: tensors as 64-bit device pointers, None as a null pointer, Python
-ints as 32-bit `int`, floats as `float`.
+ints as 32-bit `int`, floats as `float`, ctypes structures by value.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def kernel(source: str, instances: tuple[str, ...], name: str, device: torch.dev
 
 
 def _argument(value):
+    if isinstance(value, ctypes.Structure):  # a struct passed by value, laid out as in the .cu
+        return value
     if isinstance(value, torch.Tensor):
         return ctypes.c_uint64(value.data_ptr())
     if value is None:
