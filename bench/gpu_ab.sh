@@ -10,6 +10,7 @@
 #                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode.
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options).
 #   STAGE=wait:    wait up to WAIT seconds for the quality job, then print its log.
+#   STAGE=stop:    end any quality job (e.g. STAGE="wait stop speed").
 set -uo pipefail
 export PYTHONUNBUFFERED=1 EXLQ_SHARED_DIR=/tmp/gpu/shared EXLQ_TEST_MODELS=/tmp/models
 OUT=${OUT:-/tmp/out}; ALT=${ALT:-/tmp/gpu/alt}; HERE=$PWD; mkdir -p "$OUT" /tmp/models
@@ -66,10 +67,11 @@ quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per 
   tree=${QUALITY_TREE:-$HERE}; tag=$(basename $tree)
   (cd $tree && setsid nohup python3 bench/quality.py $M --out-root /tmp/quality-$tag --device cuda ${QUALITY_ARGS:-} \
     > /tmp/quality-$tag.log 2>&1 < /dev/null &) ; echo "quality started in $tree" ;;
-wait)
-  for _ in $(seq ${WAIT:-540}); do pgrep -f bench/quality.py > /dev/null || break; sleep 1; done
+wait)  # (the pattern is anchored: a `pkill -f bench/quality.py` in the run's own command line would kill that shell)
+  for _ in $(seq ${WAIT:-540}); do pgrep -f "^python3 bench/quality.py" > /dev/null || break; sleep 1; done
   for log in /tmp/quality-*.log; do echo "== $log"; grep -v '^  measure' $log | tail -14; done
   for f in /tmp/quality-*/quality.jsonl; do cp $f $OUT/$(basename $(dirname $f)).jsonl; done ;;
+stop) pkill -f "^python3 bench/quality.py"; sleep 2 ;;  # a quality job still running would skew `speed`
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
 done

@@ -102,8 +102,7 @@ def main() -> None:
         t0 = time.perf_counter()
         options = ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware, rotate=rotation is not None,
                                  asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda,
-                                 **({} if args.refine_sweeps is None else {"refine_sweeps": args.refine_sweeps}),
-                                 ).resolved(calibration.ids.numel())
+                                 refine_sweeps=args.refine_sweeps).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,
             work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,

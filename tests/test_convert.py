@@ -144,6 +144,16 @@ def test_nan_weights_name_the_layer(tiny_model_dirs, tmp_path):
         convert_model(model, source, tmp_path / "o", calibration_for(model), ConvertOptions(bpw=4.0), work_dir=tmp_path / "w", specs_for=grid)
 
 
+def test_default_refines_with_enough_calibration():
+    from exlq.quant.convert import REFINE_MIN_TOKENS, REFINE_SWEEPS
+
+    default = ConvertOptions(bpw=3.0)
+    assert default.resolved(100 * 2048).refine_sweeps == REFINE_SWEEPS > 0  # the built-in calibration
+    assert default.resolved(REFINE_MIN_TOKENS - 1).refine_sweeps == 0  # e.g. --rows 16 --length 1024 would overfit
+    assert ConvertOptions(bpw=3.0, refine_sweeps=0).resolved(10**6).refine_sweeps == 0  # an explicit choice stands
+    assert ConvertOptions(bpw=3.0, refine_sweeps=3).resolved(10).refine_sweeps == 3
+
+
 def test_refine_sweeps_change_the_codes_and_are_recorded(tiny_model_dirs, tmp_path):
     """--refine-sweeps reaches every matrix (decoder and head), joins the fingerprint and the config."""
     from exlq.quant.convert import job_options

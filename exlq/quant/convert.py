@@ -37,6 +37,8 @@ HEAD_BITS = (2, 3, 4, 5, 6, 8, 16)
 MIN_BPW, MAX_BPW = 2.0, 8.0
 ASYM_ALPHA = 0.25  # the default share of the asymmetric correction (best of 0.25/0.5/1 on the proxy; 1 diverges)
 ASYM_MIN_TOKENS = 16_384  # calibration tokens below which the default leaves the correction off
+REFINE_SWEEPS = 2  # the default coordinate-descent sweeps after GPTQ (gptq.refine_codes) ...
+REFINE_MIN_TOKENS = 65_536  # ... with at least this much calibration (below, they fit its noise)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -52,7 +54,8 @@ class ConvertOptions:
     asym_alpha: float | None = None  # share of the asymmetric target correction (exlq.quant.asymmetric); 0: off;
     # None: ASYM_ALPHA when the calibration has at least ASYM_MIN_TOKENS tokens, else off (see `resolved`)
     asym_lambda: float = 0.01  # its ridge, relative to mean(diag H)
-    refine_sweeps: int = 0  # coordinate-descent sweeps over each matrix's codes after GPTQ (gptq.refine_codes)
+    refine_sweeps: int | None = None  # coordinate-descent sweeps over each matrix's codes after GPTQ
+    # (gptq.refine_codes); None: REFINE_SWEEPS with at least REFINE_MIN_TOKENS calibration tokens, else 0
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
@@ -63,17 +66,21 @@ class ConvertOptions:
             raise ExlqError(f"--asym-alpha must be between 0 and 1 (got {self.asym_alpha})")
         if not 0 < self.asym_lambda < math.inf:
             raise ExlqError(f"--asym-lambda must be a positive number (got {self.asym_lambda})")
-        if not 0 <= self.refine_sweeps <= 16:
+        if self.refine_sweeps is not None and not 0 <= self.refine_sweeps <= 16:
             raise ExlqError(f"--refine-sweeps must be between 0 and 16 (got {self.refine_sweeps})")
 
     def resolved(self, calibration_tokens: int) -> ConvertOptions:
-        """These options with the asymmetric share decided: the default applies the correction only with
-        enough calibration, because its cross term C = X_fpᵀX_q is fitted to noise on few tokens
-        (measured on smollm2: α = 0.25 lowered KL at every bitrate with 205 k tokens and at 2.5-4.0 with
-        16 k, and raised it by 6.5 % with 2 k; docs/benchmarks.md)."""
-        if self.asym_alpha is not None:
-            return self
-        return replace(self, asym_alpha=ASYM_ALPHA if calibration_tokens >= ASYM_MIN_TOKENS else 0.0)
+        """These options with the asymmetric share and the refinement sweeps decided. The defaults apply
+        both only with enough calibration, because both fit it more closely and fit its noise on few
+        tokens (measured on smollm2, docs/benchmarks.md: α = 0.25 lowered KL at every bitrate with 205 k
+        tokens and at 2.5-4.0 with 16 k, and raised it by 6.5 % with 2 k; two sweeps lowered KL by 4 % at
+        3.0 and 4.0 bpw with 205 k tokens, and raised it by 1.6 % at 4 bits with 16 k)."""
+        alpha, sweeps = self.asym_alpha, self.refine_sweeps
+        if alpha is None:
+            alpha = ASYM_ALPHA if calibration_tokens >= ASYM_MIN_TOKENS else 0.0
+        if sweeps is None:
+            sweeps = REFINE_SWEEPS if calibration_tokens >= REFINE_MIN_TOKENS else 0
+        return replace(self, asym_alpha=alpha, refine_sweeps=sweeps)
 
     def asymmetric(self) -> dict[str, float] | None:
         """The asymmetric correction's settings when it is on (for fingerprints and the config), else None."""
