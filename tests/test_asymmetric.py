@@ -130,16 +130,10 @@ def test_off_is_the_plain_code_path_and_fingerprint(tiny_model_dirs, tmp_path, m
     assert on == {**plain, "asymmetric": {"alpha": 0.25, "lambda": 0.01}}
 
 
-def test_default_turns_the_correction_on_with_enough_calibration():
-    from exlq.quant.convert import ASYM_ALPHA, ASYM_MIN_TOKENS
-
-    default = ConvertOptions(bpw=3.0)
-    assert default.resolved(100 * 2048).asym_alpha == ASYM_ALPHA > 0  # the built-in calibration
-    assert default.resolved(ASYM_MIN_TOKENS - 1).asym_alpha == 0.0  # e.g. --rows 8 --length 256 would overfit
-    assert ConvertOptions(bpw=3.0, asym_alpha=0.0).resolved(10**6).asym_alpha == 0.0  # an explicit choice stands
-    assert ConvertOptions(bpw=3.0, asym_alpha=0.5).resolved(10).asym_alpha == 0.5
+def test_undecided_options_cannot_reach_a_fingerprint():
+    """(The default's dependence on the calibration size: test_convert.test_defaults_that_need_enough_calibration.)"""
     with pytest.raises(ValueError):
-        default.asymmetric()  # undecided options must not reach a fingerprint
+        ConvertOptions(bpw=3.0).asymmetric()
 
 
 @pytest.mark.parametrize(

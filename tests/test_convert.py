@@ -144,14 +144,19 @@ def test_nan_weights_name_the_layer(tiny_model_dirs, tmp_path):
         convert_model(model, source, tmp_path / "o", calibration_for(model), ConvertOptions(bpw=4.0), work_dir=tmp_path / "w", specs_for=grid)
 
 
-def test_default_refines_with_enough_calibration():
-    from exlq.quant.convert import REFINE_MIN_TOKENS, REFINE_SWEEPS
+@pytest.mark.parametrize("field, constants", [("asym_alpha", ("ASYM_ALPHA", "ASYM_MIN_TOKENS")),
+                                               ("refine_sweeps", ("REFINE_SWEEPS", "REFINE_MIN_TOKENS"))])
+def test_defaults_that_need_enough_calibration(field, constants):
+    """The asymmetric correction and the refinement sweeps fit the calibration closely: on by default only with
+    enough of it (the built-in 100 × 2048 tokens; not e.g. --rows 8 --length 256), and an explicit value stands."""
+    from exlq.quant import convert
 
+    on, min_tokens = (getattr(convert, name) for name in constants)
     default = ConvertOptions(bpw=3.0)
-    assert default.resolved(100 * 2048).refine_sweeps == REFINE_SWEEPS > 0  # the built-in calibration
-    assert default.resolved(REFINE_MIN_TOKENS - 1).refine_sweeps == 0  # e.g. --rows 16 --length 1024 would overfit
-    assert ConvertOptions(bpw=3.0, refine_sweeps=0).resolved(10**6).refine_sweeps == 0  # an explicit choice stands
-    assert ConvertOptions(bpw=3.0, refine_sweeps=3).resolved(10).refine_sweeps == 3
+    assert getattr(default.resolved(100 * 2048), field) == on > 0
+    assert getattr(default.resolved(min_tokens - 1), field) == 0
+    assert getattr(ConvertOptions(bpw=3.0, **{field: 0}).resolved(10**6), field) == 0
+    assert getattr(ConvertOptions(bpw=3.0, **{field: 0.5 if field == "asym_alpha" else 3}).resolved(10), field) > 0
 
 
 def test_refine_sweeps_change_the_codes_and_are_recorded(tiny_model_dirs, tmp_path):
