@@ -6,8 +6,9 @@ launch (q/k/v, gate/up: `matmul_many`); prefill dequantizes the layer to a dense
 cuBLAS do the product, which is cheaper than a quantized kernel once the product is compute bound.
 
 The packed tensors stay exactly as stored (no load-time re-layout); the kernels need only a chunk table
-(≤ 128 rows of one width each, one group or several small ones), the K-split boundaries, the act-order permutation and the group scale
-multipliers M_g = f16(q_scale_max · prescale / 256), all built once per layer by `build_plan`.
+(≤ 128 rows of one width each, one group or several small ones), the K-split boundaries, the act-order
+permutation and the group scale multipliers M_g = f16(q_scale_max · prescale / 256), all built once per
+layer by `build_plan`.
 """
 
 from __future__ import annotations
