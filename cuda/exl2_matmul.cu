@@ -224,6 +224,9 @@ struct GemvGroup {
     GemvMatrix m[MAX_GROUP];
     int count;
 };
+// The host fills these byte for byte (ctypes); tests/test_kernel_compile.py checks that its sizes are these.
+static_assert(sizeof(GemvMatrix) == 104 && __builtin_offsetof(GemvMatrix, block0) == 96, "see exl2_ops.GemvMatrix");
+static_assert(sizeof(GemvGroup) == 424 && __builtin_offsetof(GemvGroup, count) == 416, "see exl2_ops.GemvGroup");
 
 // y[M, N] = x[M, K] @ W for one matrix, as block `local` of its Σ tiles·splits blocks: column tile
 // local % tiles (THREADS columns), K split local / tiles. Each block sums its K split into the fp32

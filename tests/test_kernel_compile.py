@@ -25,3 +25,21 @@ def test_kernel_compiles(source, arch, tmp_path, monkeypatch):
         assert set(module.names) == set(instances) and all(module.names.values())
         again = compile_source(source, arch, list(instances))  # now from the disk cache
         assert again.cubin == module.cubin and again.names == module.names
+
+
+def test_gemv_descriptors_match_the_kernel_structs():
+    """The GEMV's matrix descriptors are filled by ctypes on the host and read as C structs by the kernel: the
+    sizes and offsets the .cu asserts at compile time must be the ctypes ones."""
+    import ctypes
+    import re
+
+    from exlq.runtime.kernels.exl2_ops import MAX_GROUP, SOURCE, GemvGroup, GemvMatrix
+
+    text = (SOURCE_DIR / SOURCE).read_text()
+    asserted = {m[0]: (int(m[1]), m[2], int(m[3])) for m in re.findall(
+        r"sizeof\((\w+)\) == (\d+) && __builtin_offsetof\(\w+, (\w+)\) == (\d+)", text)}
+    assert set(asserted) == {"GemvMatrix", "GemvGroup"}
+    for struct in (GemvMatrix, GemvGroup):
+        size, field, offset = asserted[struct.__name__]
+        assert ctypes.sizeof(struct) == size and getattr(struct, field).offset == offset
+    assert f"#define MAX_GROUP {MAX_GROUP}" in text
