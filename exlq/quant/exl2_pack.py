@@ -29,6 +29,7 @@ from exlq.runtime.exl2 import (
     group_row_starts,
     group_word_offsets,
     padded_width,
+    row_bits,
 )
 
 
@@ -147,12 +148,6 @@ def _pad_columns(t: torch.Tensor, n_pad: int, value: torch.Tensor | int | float)
     return torch.cat([t, fill], dim=1)
 
 
-def _row_bits(layout: Layout, device: torch.device) -> torch.Tensor:
-    return torch.repeat_interleave(
-        torch.tensor([b for b, _ in layout], device=device), torch.tensor([r for _, r in layout], device=device)
-    )
-
-
 def pack_exl2(
     codes: torch.Tensor,
     scale_codes: torch.Tensor,
@@ -172,7 +167,7 @@ def pack_exl2(
     if tuple(q_scale_max.shape) != (len(layout),):
         raise ExlqError(f"q_scale_max has shape {list(q_scale_max.shape)}, expected [{len(layout)}]")
     n, n_pad = codes.shape[1], padded_width(codes.shape[1])
-    zero_codes = 1 << (_row_bits(layout, codes.device) - 1)
+    zero_codes = 1 << (row_bits(layout, codes.device) - 1)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ExlqError(f"bias has shape {list(bias.shape)}, expected [{n}]")
     return Exl2Tensors(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from exlq.errors import ExlqError
-from exlq.runtime.exl2 import effective_scales, group_row_starts
+from exlq.runtime.exl2 import effective_scales, group_row_starts, row_bits, row_groups
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # Clipping factors searched per group (the reference converter tries 97 over [0.70, 1.20], §14):
@@ -282,7 +282,7 @@ def quantize_gptq_many(
         {start: (g, bits, rows) for g, ((bits, rows), start) in enumerate(zip(layout, group_row_starts(layout)))}
         for layout in layouts
     ]
-    row_bits = torch.tensor([[b for b, rows in layout for _ in range(rows)] for layout in layouts], device=device)
+    bits_by_row = torch.stack([row_bits(layout, device) for layout in layouts])  # [P, K]
     # How much each row's rounding error reaches the output (its scale codes weigh rows by it).
     saliency = None if hinv is None else 1.0 / torch.diagonal(hinv) ** 2
     for b0 in range(0, k_in, BLOCK):
@@ -293,7 +293,7 @@ def quantize_gptq_many(
                 weights = None if saliency is None else saliency[b0 : b0 + rows]
                 scale_codes[p][g], q_scale_max[p][g], s = search_group_scales(stacked[p, :, b0 : b0 + rows], bits, weights)
                 scales[p] = s.float()
-        block_bits = row_bits[:, b0].float()  # blocks never straddle groups
+        block_bits = bits_by_row[:, b0].float()  # blocks never straddle groups
         zero = (2 ** (block_bits - 1))[:, None]
         maxq = (2**block_bits - 1)[:, None]
         block = stacked[:, :, b0:b1].clone()
@@ -326,9 +326,8 @@ def refine_codes(matrix: QuantizedMatrix, target: torch.Tensor, hessian: torch.T
     """
     k_in = matrix.in_features
     scales = effective_scales(matrix.scale_codes, matrix.q_scale_max).float()  # [G, N]
-    group_of_row = torch.tensor([g for g, (_, rows) in enumerate(matrix.groups) for _ in range(rows)], device=target.device)
-    bits_of_row = torch.tensor([b for b, rows in matrix.groups for _ in range(rows)], device=target.device)
-    row_scales = scales[group_of_row]  # [K, N]
+    bits_of_row = row_bits(matrix.groups, target.device)
+    row_scales = scales[row_groups(matrix.groups, target.device)]  # [K, N]
     zero = (2 ** (bits_of_row - 1)).float()[:, None]
     maxq = (2**bits_of_row - 1).float()[:, None]
     codes = matrix.codes.float()  # [K, N]

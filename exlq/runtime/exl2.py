@@ -66,6 +66,18 @@ def group_word_offsets(layout: Layout) -> list[int]:
     return offsets
 
 
+def row_bits(layout: Layout, device: torch.device | None = None) -> torch.Tensor:
+    """The bit width of every stored weight row [K] (int64)."""
+    return torch.repeat_interleave(
+        torch.tensor([b for b, _ in layout], device=device), torch.tensor([r for _, r in layout], device=device)
+    )
+
+
+def row_groups(layout: Layout, device: torch.device | None = None) -> torch.Tensor:
+    """The group index of every stored weight row [K] (int64)."""
+    return torch.repeat_interleave(torch.arange(len(layout), device=device), torch.tensor([r for _, r in layout], device=device))
+
+
 def group_row_starts(layout: Layout) -> list[int]:
     """a_g: the first stored weight row of each group."""
     starts, acc = [], 0
