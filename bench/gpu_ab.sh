@@ -8,6 +8,8 @@
 #   STAGE=prep:    the same preparation with ALT's GPU tests instead.
 #   STAGE=speed:   per tree in TREES (default: this tree and ALT): GEMV alone, the synthetic 8B,
 #                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode.
+#   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2) and the
+#                  EXL2 module's cold compile (fresh cache directory).
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options).
 #   STAGE=wait:    wait up to WAIT seconds for the quality job, then print its log.
 #   STAGE=stop:    end any quality job (e.g. STAGE="wait stop speed").
@@ -46,7 +48,7 @@ speed() {  # $1: tree
     | grep -E "decode_tokens|\"512" | sed "s/^/g32 /"
   python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b_$tag.json \
     2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048|vram|gbps" $OUT/bench_8b_$tag.json | head -8
-  for cache in fp16 q4; do
+  [ -n "${NO_FP16:-}" ] || for cache in fp16 q4; do  # NO_FP16=1: skip (the EXL2 kernels do not touch them)
     echo "-- smollm2 fp16, $cache cache"; python3 -m exlq.cli.app bench $M --cache $cache --prefill 512 --json \
       > $OUT/bench_smol_${cache}_$tag.json 2>>$OUT/err.log; grep -E "decode_tokens" $OUT/bench_smol_${cache}_$tag.json
   done
@@ -63,6 +65,17 @@ assemble) assemble ;;
 session) prepare $HERE; speed $HERE ;;
 prep) prepare $ALT ;;
 speed) for tree in ${TREES:-$HERE $ALT}; do speed $tree; done ;;
+profile)
+  python3 bench/profile_decode.py --synthetic llama3-8b 2>&1 | tail -28
+  [ -f $E/config.json ] && python3 bench/profile_decode.py --model $E --top 15 2>&1 | tail -18
+  EXLQ_CACHE_DIR=$(mktemp -d) python3 -c "
+import time, torch
+from exlq.runtime.kernels import compiler, exl2_ops
+for dtype in (torch.float16, torch.bfloat16):
+    start = time.perf_counter(); compiler.compile_source(exl2_ops.SOURCE, 'sm_90', list(exl2_ops.INSTANCE_SETS[dtype]))
+    cold = time.perf_counter() - start; start = time.perf_counter()
+    compiler.compile_source(exl2_ops.SOURCE, 'sm_90', list(exl2_ops.INSTANCE_SETS[dtype]))
+    print(f'EXL2 module {dtype}: cold compile {cold:.1f} s, cached {1e3 * (time.perf_counter() - start):.1f} ms')" ;;
 quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
   tree=${QUALITY_TREE:-$HERE}; tag=$(basename $tree)
   (cd $tree && setsid nohup python3 bench/quality.py $M --out-root /tmp/quality-$tag --device cuda ${QUALITY_ARGS:-} \

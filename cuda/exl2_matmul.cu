@@ -21,9 +21,19 @@ __device__ __forceinline__ u32 field(const u32* words, int i) {
 
 // (q - z) as float, exactly, without an int->float conversion: 2^23 + q has q in its low mantissa bits.
 template <int B>
-__device__ __forceinline__ float centered(u32 code) {
-    return __int_as_float(0x4B000000u | code) - (8388608.0f + (float)(1 << (B - 1)));
+__device__ __forceinline__ float centered(u32 code, u32 two23) {
+    return __int_as_float(two23 | code) - (8388608.0f + (float)(1 << (B - 1)));
 }
+
+// The constants OR-ed onto codes (0x4B000000: 2^23 in fp32; 0x64006400: 1024 in both fp16 halves), held
+// in registers the compiler cannot prove constant. LOP3 takes one immediate: with both the mask and the
+// constant known, ptxas keeps the constant as the immediate and re-creates the mask with a MOV for every
+// code or pair (the 4-bit pair decode took 4 instructions instead of 2; see docs/benchmarks.md, session 8).
+struct Magic {
+    u32 two23, h1024;
+    __device__ __forceinline__ explicit Magic(int nonnegative)
+        : two23(0x4B000000u | ((u32)nonnegative >> 31)), h1024(0x64006400u | ((u32)nonnegative >> 31)) {}
+};
 
 // Effective scale of (group g, column n) before the format's fp16 rounding: c^2 * M_g, c = nibble + 1.
 __device__ __forceinline__ float column_scale(const u32* __restrict__ q_scale, const float* __restrict__ scale_max,
@@ -35,13 +45,14 @@ __device__ __forceinline__ float column_scale(const u32* __restrict__ q_scale, c
 
 // fp32 path, any width: dot[m] += sum_i x[m][lr + i] (q_i - z) over 32 rows whose B words are in registers.
 template <int B, int M>
-__device__ __forceinline__ void sub_float(const u32* words, const float (*xs)[SPLIT_ROWS], int lr, float* dot) {
+__device__ __forceinline__ void sub_float(const u32* words, const float (*xs)[SPLIT_ROWS], int lr, const Magic& k,
+                                          float* dot) {
 #pragma unroll
     for (int i = 0; i < 32; i += 4) {
-        const float q0 = centered<B>(field<B>(words, i));
-        const float q1 = centered<B>(field<B>(words, i + 1));
-        const float q2 = centered<B>(field<B>(words, i + 2));
-        const float q3 = centered<B>(field<B>(words, i + 3));
+        const float q0 = centered<B>(field<B>(words, i), k.two23);
+        const float q1 = centered<B>(field<B>(words, i + 1), k.two23);
+        const float q2 = centered<B>(field<B>(words, i + 2), k.two23);
+        const float q3 = centered<B>(field<B>(words, i + 3), k.two23);
 #pragma unroll
         for (int m = 0; m < M; m++) {
             const float4 xv = *reinterpret_cast<const float4*>(&xs[m][lr + i]);
@@ -53,13 +64,13 @@ __device__ __forceinline__ void sub_float(const u32* words, const float (*xs)[SP
 // The short last group of a matrix (fewer than 32 rows: rows * B / 32 words), loading as it goes.
 template <int B, int M>
 __device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
-                                           int lr, int rows, float* dot) {
+                                           int lr, int rows, const Magic& k, float* dot) {
     const int nw = rows * B / 32;
     for (int i = 0; i < rows; i++) {
         const int bit = i * B, wi = bit >> 5;
         const u32 lo = __ldg(w + (size_t)wi * stride);
         const u32 hi = wi + 1 < nw ? __ldg(w + (size_t)(wi + 1) * stride) : 0u;
-        const float q = centered<B>(__funnelshift_r(lo, hi, bit & 31) & ((1u << B) - 1u));
+        const float q = centered<B>(__funnelshift_r(lo, hi, bit & 31) & ((1u << B) - 1u), k.two23);
 #pragma unroll
         for (int m = 0; m < M; m++) dot[m] = fmaf(xs[m][lr + i], q, dot[m]);
     }
@@ -84,8 +95,8 @@ __device__ __forceinline__ int pair_slot(int bits, int p) {
 
 // (w & mask) | 0x6400 in both halves = 1024 + q·2^s; times 2^-s minus (1024·2^-s + z) = q - z, exactly.
 template <u32 MASK>
-__device__ __forceinline__ u32 centered_pair(u32 w, u32 scale_pair, u32 offset_pair) {
-    return hfma2((w & MASK) | 0x64006400u, scale_pair, offset_pair);
+__device__ __forceinline__ u32 centered_pair(u32 w, u32 h1024, u32 scale_pair, u32 offset_pair) {
+    return hfma2((w & MASK) | h1024, scale_pair, offset_pair);
 }
 
 __device__ __forceinline__ u32 h2(float value) {
@@ -117,7 +128,7 @@ __device__ __forceinline__ void flush(u32* acc, float* dot) {
 }
 
 template <int B, int M>
-__device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT_ROWS], int lr, float* dot) {
+__device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT_ROWS], int lr, const Magic& k, float* dot) {
     constexpr float Z = (float)(1 << (B - 1));
     u32 acc[M];
 #pragma unroll
@@ -127,8 +138,8 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const u32 lo = words[j], hi = words[j] >> 8;
-            dot4_pairs<M>(centered_pair<0x000F000Fu>(lo, one, off0), centered_pair<0x00F000F0u>(lo, sixteenth, off1),
-                          centered_pair<0x000F000Fu>(hi, one, off0), centered_pair<0x00F000F0u>(hi, sixteenth, off1),
+            dot4_pairs<M>(centered_pair<0x000F000Fu>(lo, k.h1024, one, off0), centered_pair<0x00F000F0u>(lo, k.h1024, sixteenth, off1),
+                          centered_pair<0x000F000Fu>(hi, k.h1024, one, off0), centered_pair<0x00F000F0u>(hi, k.h1024, sixteenth, off1),
                           xh, lr + j * 8, acc);
         }
     } else if (B == 2) {
@@ -139,8 +150,8 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
 #pragma unroll
             for (int half = 0; half < 2; half++) {  // rows (i, i + 8) of the word, i = 4·half .. 4·half + 3
                 const u32 v = words[j] >> (8 * half);
-                dot4_pairs<M>(centered_pair<0x00030003u>(v, s0, o0), centered_pair<0x000C000Cu>(v, s1, o1),
-                              centered_pair<0x00300030u>(v, s2, o2), centered_pair<0x00C000C0u>(v, s3, o3),
+                dot4_pairs<M>(centered_pair<0x00030003u>(v, k.h1024, s0, o0), centered_pair<0x000C000Cu>(v, k.h1024, s1, o1),
+                              centered_pair<0x00300030u>(v, k.h1024, s2, o2), centered_pair<0x00C000C0u>(v, k.h1024, s3, o3),
                               xh, lr + j * 16 + half * 8, acc);
             }
         }
@@ -148,10 +159,10 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
         const u32 one = h2(1.0f), off = h2(-(1024.0f + Z));
 #pragma unroll
         for (int j = 0; j < 8; j += 2) {
-            dot4_pairs<M>(centered_pair<0x00FF00FFu>(words[j], one, off),
-                          centered_pair<0x00FF00FFu>(words[j] >> 8, one, off),
-                          centered_pair<0x00FF00FFu>(words[j + 1], one, off),
-                          centered_pair<0x00FF00FFu>(words[j + 1] >> 8, one, off), xh, lr + j * 4, acc);
+            dot4_pairs<M>(centered_pair<0x00FF00FFu>(words[j], k.h1024, one, off),
+                          centered_pair<0x00FF00FFu>(words[j] >> 8, k.h1024, one, off),
+                          centered_pair<0x00FF00FFu>(words[j + 1], k.h1024, one, off),
+                          centered_pair<0x00FF00FFu>(words[j + 1] >> 8, k.h1024, one, off), xh, lr + j * 4, acc);
             flush<M>(acc, dot);
         }
     }
@@ -164,13 +175,21 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
 template <int B, int M, bool HALF>
 __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
                                           const u16 (*xh)[SPLIT_ROWS], int lr, int rows, const float* scale,
-                                          float* acc) {
+                                          const Magic& k, float* acc) {
     const int blocks = rows >> 5;
     u32 words[4][B + 1];
+    // The thread's pointer, opaque to the compiler (else it folds it back into q_weight + a 64-bit index and
+    // spends 3-4 instructions an address), and 32-bit word offsets from it (a layer has < 2^32 words).
+    const u32* base;
+    asm("mov.b64 %0, %1;" : "=l"(base) : "l"(w));
+    unsigned at = 0;
 #pragma unroll
     for (int sb = 0; sb < 4; sb++) {
 #pragma unroll
-        for (int j = 0; j < B; j++) words[sb][j] = sb < blocks ? __ldg(w + (size_t)(sb * B + j) * stride) : 0u;
+        for (int j = 0; j < B; j++) {
+            words[sb][j] = sb < blocks ? __ldg(base + at) : 0u;
+            at += (unsigned)stride;
+        }
         words[sb][B] = 0u;
     }
 #pragma unroll
@@ -180,11 +199,11 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
 #pragma unroll
             for (int m = 0; m < M; m++) part[m] = 0.0f;
             if (HALF && (B == 2 || B == 4 || B == 8)) {
-                sub_half<B, M>(words[sb], xh, lr + 32 * sb, part);
+                sub_half<B, M>(words[sb], xh, lr + 32 * sb, k, part);
 #pragma unroll
                 for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[sb] * (float)(1 << half_shift(B)), acc[m]);
             } else {
-                sub_float<B, M>(words[sb], xs, lr + 32 * sb, part);
+                sub_float<B, M>(words[sb], xs, lr + 32 * sb, k, part);
 #pragma unroll
                 for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[sb], acc[m]);
             }
@@ -194,7 +213,7 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
         float part[M];
 #pragma unroll
         for (int m = 0; m < M; m++) part[m] = 0.0f;
-        tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, part);
+        tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, k, part);
 #pragma unroll
         for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[0], acc[m]);
     }
@@ -224,9 +243,10 @@ struct GemvGroup {
     GemvMatrix m[MAX_GROUP];
     int count;
 };
-// The host fills these byte for byte (ctypes); tests/test_kernel_compile.py checks that its sizes are these.
-static_assert(sizeof(GemvMatrix) == 104 && __builtin_offsetof(GemvMatrix, block0) == 96, "see exl2_ops.GemvMatrix");
-static_assert(sizeof(GemvGroup) == 424 && __builtin_offsetof(GemvGroup, count) == 416, "see exl2_ops.GemvGroup");
+// The host fills these byte for byte (ctypes); tests/test_kernel_compile.py checks that its sizes are these and
+// its fields are these, in this order. (No offsetof: the NVRTC of CUDA 13.0 rejects __builtin_offsetof.)
+static_assert(sizeof(GemvMatrix) == 104, "see exl2_ops.GemvMatrix");
+static_assert(sizeof(GemvGroup) == 424, "see exl2_ops.GemvGroup");
 
 // y[M, N] = x[M, K] @ W for one matrix, as block `local` of its Σ tiles·splits blocks: column tile
 // local % tiles (THREADS columns), K split local / tiles. Each block sums its K split into the fp32
@@ -263,6 +283,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; m++) acc[m] = 0.0f;
+    const Magic k(mat.N);
     if (valid) {
         for (int c = c0; c < c1; c++) {
             const int4 ch = chunks[c];
@@ -276,12 +297,12 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
                           : 32 * sb < rows ? column_scale(mat.q_scale, mat.scale_max, ch.w + (sb >> shift), n, n_pad) : 0.0f;
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
             switch (bits) {
-                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
-                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
-                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
-                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
-                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
-                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, acc); break;
+                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
+                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
+                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
+                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
+                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
+                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
             }
         }
     }
@@ -321,15 +342,16 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
 
 // One matrix (o_proj, down_proj, lm_head, ...): its fields are kernel parameters at fixed offsets, which
 // the compiler reads as operands (64 registers at M = 1, against 72 for the group kernel's indexed fields).
+// At M = 2 the bound keeps 7 blocks an SM (72 registers; left alone, ptxas took 95); other M as ptxas likes.
 template <typename T, int M>
-__global__ void __launch_bounds__(THREADS) exl2_gemv(const u16* __restrict__ x, int K, const GemvMatrix mat) {
+__global__ void __launch_bounds__(THREADS, M == 2 ? 7 : 0) exl2_gemv(const u16* __restrict__ x, int K, const GemvMatrix mat) {
     gemv_block<T, M>(x, K, mat, blockIdx.x);
 }
 
 // Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each
 // matrix's blocks in turn.
 template <typename T, int M>
-__global__ void __launch_bounds__(THREADS) exl2_gemv_group(const u16* __restrict__ x, int K, const GemvGroup group) {
+__global__ void __launch_bounds__(THREADS, M == 2 ? 7 : 0) exl2_gemv_group(const u16* __restrict__ x, int K, const GemvGroup group) {
     int which = 0;
 #pragma unroll
     for (int i = 1; i < MAX_GROUP; i++)
