@@ -147,13 +147,16 @@ def kl_sum(student: torch.Tensor, teacher: torch.Tensor, teacher_head: torch.Ten
 class Student:
     """The quantized model in fp32 with its multipliers (hooks on the linears' inputs and the norms' outputs).
 
-    `exact(theta)` puts the weights that would be written for θ into the model (hooks off);
-    `surrogate()` puts back the untuned dequantized weights with the hooks on (training).
+    `set_weights` puts the weights written for θ (or the untuned ones) into the model, exactly as the runtime
+    will compute them from the files (fp16 embedding, norms and biases, weights dequantized bit-exactly);
+    the hooks apply exp θ on top while `active` (training).
     """
 
     def __init__(self, model: DecoderOnlyLM, linears: dict[str, Exl2Tensors]):
         self.model = model
         device = model.device
+        embedding = model.model.embed_tokens.weight  # as written: fp16 (the FP stream has been through it)
+        embedding.data = embedding.data.half().to(embedding.dtype)
         self.linears = {
             name: Exl2Tensors(**{f.name: None if (v := getattr(t, f.name)) is None else v.to(device) for f in fields(t)})
             for name, t in linears.items()
@@ -220,8 +223,8 @@ class Student:
                 tensors = replace(tensors, q_scale_max=written[f"{name}.q_scale_max"].to(tensors.q_scale_max.device))
             weight = tensors.weight(module.out_features).to(module.weight.device, dtype)
             module.weight.data = weight.contiguous()
-            if module.bias is not None:
-                module.bias.data = module.bias.data.to(dtype)
+            if module.bias is not None:  # as written: fp16
+                module.bias.data = tensors.bias[: module.out_features].to(module.bias.device, dtype)
         for name, norm in self.norms.items():
             weight = self.base_norms[name] if written is None else written[f"{name}.weight"]
             norm.weight.data = weight.to(norm.weight.device, dtype)
