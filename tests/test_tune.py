@@ -154,6 +154,17 @@ def test_a_finished_conversion_is_tuned_without_requantizing(tiny_model_dirs, tm
     assert file_hashes(tmp_path / "tuned") == file_hashes(tmp_path / "tuned-fresh")
 
 
+def test_recomputed_activations_give_the_same_model(tiny_model_dirs, tmp_path, monkeypatch):
+    """Per-layer activation checkpointing (the default on CUDA) changes memory, not the result."""
+    from exlq.quant import tune
+
+    source = tiny_model_dirs["llama"]
+    convert(source, tmp_path / "plain", tmp_path / "w0", tune_epochs=2, tune_lr=0.01)
+    monkeypatch.setattr(tune, "CHECKPOINT_LAYERS", True)
+    convert(source, tmp_path / "recomputed", tmp_path / "w1", tune_epochs=2, tune_lr=0.01)
+    assert file_hashes(tmp_path / "plain") == file_hashes(tmp_path / "recomputed")
+
+
 def test_kl_is_chunked_over_tokens(monkeypatch):
     from exlq.quant import tune
 

@@ -47,6 +47,8 @@ TUNE_LR = 2e-3  # Adam's step size on θ (log multipliers), decayed by a cosine 
 HOLDOUT_EVERY = 8  # one calibration row in this many is held out of the training (at least one)
 PATIENCE = 2  # epochs without a better held-out KL before the training stops early
 LOGIT_ELEMENTS = 1 << 24  # tokens × vocabulary per chunk of logits (64 MB in fp32)
+CHECKPOINT_LAYERS: bool | None = None  # recompute each layer's activations in the backward pass; None: on CUDA
+# devices (long rows through deep models would hold every layer's activations; recomputing is cheap there)
 FP16_MAX = 65504.0
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
@@ -279,7 +281,7 @@ def tune(
     teacher_states = teacher_states.to(device)
     teacher_head = teacher_head.to(device, torch.float32)
     student_head = student_head.to(device, torch.float32)
-    checkpoint_layers = device.type == "cuda"  # activations of long rows through deep models; cheap to recompute there
+    checkpoint_layers = device.type == "cuda" if CHECKPOINT_LAYERS is None else CHECKPOINT_LAYERS
     student = Student(model, linears)
     names = list(student.params)
     params = [student.params[n] for n in names]
