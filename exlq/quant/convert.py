@@ -310,13 +310,14 @@ def convert_model(
         tuned: dict[str, torch.Tensor] = {}
         tune_info = None
         if tune_step is not None:
-            if not job.done(tune_step):
+            if not job.done(tune_step):  # the model comes out of it tuned (when the tuning is kept)
                 result = run_tuning(model, calibration, teacher, job, head, settings, tune_step, report)
                 job.save_tensors(tune_step, result.tensors, metadata=result.info)
                 job.mark_done(tune_step, result.info)
+                tuned = result.tensors
             else:
-                _apply_tuned(model, job, job.load_tensors(tune_step))
-            tuned = job.load_tensors(tune_step)
+                tuned = job.load_tensors(tune_step) or {}
+                _apply_tuned(model, job, tuned)
             tune_info = job.step_info(tune_step)
         if tuned:  # the states of the first rows through the tuned layers
             first = LayerRunner(model, calibration.ids[:CALIBRATION_PPL_ROWS], batch_rows=options.batch_rows)
