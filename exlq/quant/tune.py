@@ -45,7 +45,6 @@ from exlq.runtime.model import DecoderOnlyLM
 
 TUNE_LR = 2e-3  # Adam's step size on θ (log multipliers), decayed by a cosine over all steps
 HOLDOUT_EVERY = 8  # one calibration row in this many is held out of the training (at least one)
-PATIENCE = 2  # epochs without a better held-out KL before the training stops early
 LOGIT_ELEMENTS = 1 << 24  # tokens × vocabulary per chunk of logits (64 MB in fp32)
 CHECKPOINT_LAYERS: bool | None = None  # recompute each layer's activations in the backward pass; None: on CUDA
 # devices (long rows through deep models would hold every layer's activations; recomputing is cheap there)
@@ -93,7 +92,6 @@ class TuneState:
     best_kl: float
     best_epoch: int
     history: list[dict] = field(default_factory=list)
-    stopped: bool = False
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"theta/{k}": v for k, v in self.theta.items()}
@@ -101,7 +99,7 @@ class TuneState:
         tensors |= {f"adam/{k}": v for k, v in self.adam.items()}
         meta = {
             "epoch": self.epoch, "baseline_kl": self.baseline_kl, "best_kl": self.best_kl,
-            "best_epoch": self.best_epoch, "history": self.history, "stopped": self.stopped,
+            "best_epoch": self.best_epoch, "history": self.history,
         }
         return tensors, meta
 
@@ -113,7 +111,7 @@ class TuneState:
         return cls(
             epoch=meta["epoch"], theta=part("theta/"), best_theta=part("best/"), adam=part("adam/"),
             baseline_kl=meta["baseline_kl"], best_kl=meta["best_kl"], best_epoch=meta["best_epoch"],
-            history=meta["history"], stopped=meta["stopped"],
+            history=meta["history"],
         )
 
 
@@ -314,7 +312,7 @@ def tune(
             if state.adam:
                 optimizer.load_state_dict(_adam_state(optimizer, names, state.adam))
         student.active = True
-        while state.epoch < settings.epochs and not state.stopped:
+        while state.epoch < settings.epochs:  # no early stop: the cosine's last, small steps may be the best
             epoch_started = time.perf_counter()
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed + state.epoch))
             train_kl, train_tokens = 0.0, 0
@@ -340,7 +338,6 @@ def tune(
             state.adam = _flat_adam(optimizer, names)
             if kl < state.best_kl:
                 state.best_kl, state.best_epoch, state.best_theta = kl, state.epoch, snapshot()
-            state.stopped = state.epoch - state.best_epoch >= PATIENCE
             state.history.append({
                 "epoch": state.epoch, "train_kl": train_kl / train_tokens, "heldout_kl": kl,
                 "seconds": round(time.perf_counter() - epoch_started, 1),
