@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--refine-sweeps", type=int, default=None, help="convert --refine-sweeps (default: convert's)")
     parser.add_argument("--tune-epochs", type=int, default=None, help="convert --tune-epochs (default: convert's)")
     parser.add_argument("--tune-lr", type=float, default=None, help="convert --tune-lr (default: convert's)")
+    parser.add_argument("--tune-scales-only", action="store_true", help="tune only the group scales, not the norms")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -106,6 +107,7 @@ def main() -> None:
         options = ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware, rotate=rotation is not None,
                                  asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda,
                                  refine_sweeps=args.refine_sweeps, tune_epochs=args.tune_epochs,
+                                 tune_norms=not args.tune_scales_only,
                                  **({} if args.tune_lr is None else {"tune_lr": args.tune_lr})).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,
@@ -121,6 +123,7 @@ def main() -> None:
             "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None,
             "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps,
             "tune_epochs": options.tune_epochs, "tune_lr": options.tune_lr if options.tune_epochs else None,
+            "tune_norms": options.tune_norms if options.tune_epochs else None,
             "tune": None if summary.tune is None else {
                 k: summary.tune.get(k) for k in ("applied", "heldout_kl_before", "heldout_kl_after", "best_epoch", "seconds")
             },

@@ -63,6 +63,7 @@ class ConvertOptions:
     tune_epochs: int | None = None  # epochs of end-to-end tuning of norms and group scales (exlq.quant.tune); 0: off;
     # None: TUNE_EPOCHS with at least TUNE_MIN_TOKENS calibration tokens, else 0
     tune_lr: float = TUNE_LR  # its Adam step size on the log multipliers
+    tune_norms: bool = True  # it tunes the norms' weights too (else only the group scales)
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
@@ -105,7 +106,9 @@ class ConvertOptions:
         """The end-to-end tuning's settings when it is on, else None."""
         if self.tune_epochs is None:
             raise ValueError("ConvertOptions.resolved() decides tune_epochs first")
-        return TuneSettings(epochs=self.tune_epochs, lr=self.tune_lr) if self.tune_epochs > 0 else None
+        if self.tune_epochs == 0:
+            return None
+        return TuneSettings(epochs=self.tune_epochs, lr=self.tune_lr, norms=self.tune_norms)
 
 
 @dataclass

@@ -60,9 +60,11 @@ class TuneSettings:
     lr: float = TUNE_LR
     batch_rows: int = 1  # calibration rows per Adam step
     seed: int = 0  # the order of the rows in each epoch
+    norms: bool = True  # tune the norms' weights too (else only the group scales)
 
     def to_json(self) -> dict:
-        return {"epochs": self.epochs, "lr": self.lr, "batch_rows": self.batch_rows, "seed": self.seed}
+        result = {"epochs": self.epochs, "lr": self.lr, "batch_rows": self.batch_rows, "seed": self.seed}
+        return result if self.norms else {**result, "norms": False}
 
     def key(self) -> str:
         """A short name for this setting's checkpoints, e.g. `tune-3f2a…`."""
@@ -281,7 +283,7 @@ def tune(
     student_head = student_head.to(device, torch.float32)
     checkpoint_layers = device.type == "cuda" if CHECKPOINT_LAYERS is None else CHECKPOINT_LAYERS
     student = Student(model, linears)
-    names = list(student.params)
+    names = [n for n in student.params if settings.norms or n in linears]
     params = [student.params[n] for n in names]
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     steps_per_epoch = math.ceil(len(train) / settings.batch_rows)
