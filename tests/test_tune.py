@@ -85,6 +85,16 @@ def test_written_model_computes_exactly_what_was_tuned(tiny_model_dirs, tmp_path
     assert summary.calibration_perplexity == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-3)
 
 
+def test_group_scales_alone(tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs["llama"]
+    convert(source, tmp_path / "plain", tmp_path / "w0")
+    _, _, summary = convert(source, tmp_path / "scales", tmp_path / "w1", tune_epochs=3, tune_lr=0.01, tune_norms=False)
+    assert summary.tune["applied"] and summary.tune["settings"]["norms"] is False
+    a, b = safetensors_of(tmp_path / "plain"), safetensors_of(tmp_path / "scales")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.endswith(".q_scale_max") for k in changed)
+
+
 def test_tuning_that_cannot_help_changes_nothing(tiny_model_dirs, tmp_path):
     """A step size that only makes the model worse: no epoch beats the untuned model on the held-out row, so
     every tensor is written exactly as without tuning."""
