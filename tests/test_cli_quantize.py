@@ -111,7 +111,7 @@ def test_convert_with_tuning_reports_it(capsys, tiny_llama_dir, tmp_path):
                          "--tune-lr", 0.01, *SMALL, "--json")
     assert code == 0, err
     tune = json.loads(out)["tune"]
-    assert tune["settings"] == {"epochs": 2, "lr": 0.01, "batch_rows": 1, "seed": 0}
+    assert tune["settings"] == {"epochs": 2, "lr": 0.01, "steps": 16, "seed": 0}
     assert tune["heldout_kl_after"] <= tune["heldout_kl_before"] and len(tune["history"]) == 2
     code, out, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out2", "--bpw", 4.0, "--tune-epochs", 1, *SMALL)
     assert code == 0 and "end-to-end tuning" in out and "held-out calibration KL" in out

@@ -85,6 +85,22 @@ def test_written_model_computes_exactly_what_was_tuned(tiny_model_dirs, tmp_path
     assert summary.calibration_perplexity == pytest.approx(torch.tensor(nll).exp().item(), rel=1e-3)
 
 
+def test_more_rows_make_larger_steps_not_more(tiny_model_dirs, tmp_path, monkeypatch):
+    """With more training rows than STEPS_PER_EPOCH, each Adam step accumulates several rows."""
+    from exlq.quant import tune
+
+    steps = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    source = tiny_model_dirs["llama"]
+    model = load_model(source, device="cpu")
+    calibration = calibration_for(model, rows=40, length=16)  # 5 held out, 35 trained on: 3 rows a step
+    _, _, summary = convert(source, tmp_path / "o", tmp_path / "w", calibration=calibration, tune_epochs=2, tune_lr=0.01)
+    assert len(summary.tune["heldout_rows"]) == 5
+    assert len(steps) == 2 * -(-35 // -(-35 // tune.STEPS_PER_EPOCH)) == 24
+    assert summary.tune["applied"]
+
+
 def test_group_scales_alone(tiny_model_dirs, tmp_path):
     source = tiny_model_dirs["llama"]
     convert(source, tmp_path / "plain", tmp_path / "w0")

@@ -44,6 +44,8 @@ from exlq.runtime.exl2 import Exl2Tensors, decode_q_groups, row_groups
 from exlq.runtime.model import DecoderOnlyLM
 
 TUNE_LR = 2e-3  # Adam's step size on θ (log multipliers), decayed by a cosine over all steps
+STEPS_PER_EPOCH = 16  # Adam steps per epoch: more calibration makes larger (less noisy) steps, not more of them,
+# so a step size found on a small calibration carries over to a large one
 HOLDOUT_EVERY = 8  # one calibration row in this many is held out of the training (at least one)
 LOGIT_ELEMENTS = 1 << 24  # tokens × vocabulary per chunk of logits (64 MB in fp32)
 CHECKPOINT_LAYERS: bool | None = None  # recompute each layer's activations in the backward pass; None: on CUDA
@@ -58,12 +60,12 @@ class TuneSettings:
 
     epochs: int
     lr: float = TUNE_LR
-    batch_rows: int = 1  # calibration rows per Adam step
+    steps: int = STEPS_PER_EPOCH  # Adam steps per epoch, at most (rows per step: training rows / steps, rounded up)
     seed: int = 0  # the order of the rows in each epoch
     norms: bool = True  # tune the norms' weights too (else only the group scales)
 
     def to_json(self) -> dict:
-        result = {"epochs": self.epochs, "lr": self.lr, "batch_rows": self.batch_rows, "seed": self.seed}
+        result = {"epochs": self.epochs, "lr": self.lr, "steps": self.steps, "seed": self.seed}
         return result if self.norms else {**result, "norms": False}
 
     def key(self) -> str:
@@ -286,7 +288,8 @@ def tune(
     names = [n for n in student.params if settings.norms or n in linears]
     params = [student.params[n] for n in names]
     optimizer = torch.optim.Adam(params, lr=settings.lr)
-    steps_per_epoch = math.ceil(len(train) / settings.batch_rows)
+    rows_per_step = math.ceil(len(train) / settings.steps)
+    steps_per_epoch = math.ceil(len(train) / rows_per_step)
     total_steps = steps_per_epoch * settings.epochs
 
     def heldout_kl() -> float:
@@ -319,20 +322,20 @@ def tune(
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed + state.epoch))
             train_kl, train_tokens = 0.0, 0
             for step in range(steps_per_epoch):
-                picked = [train[int(i)] for i in order[step * settings.batch_rows : (step + 1) * settings.batch_rows]]
+                picked = [train[int(i)] for i in order[step * rows_per_step : (step + 1) * rows_per_step]]
                 done = state.epoch * steps_per_epoch + step
                 for group in optimizer.param_groups:  # cosine decay to 0 over all steps
                     group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * done / total_steps))
                 optimizer.zero_grad(set_to_none=False)
-                batch_ids = ids[picked]
-                tokens = batch_ids.numel()
-                states = student.final_states(batch_ids, checkpoint_layers)
-                leaf = states.detach().reshape(-1, states.shape[-1]).requires_grad_()
-                loss = kl_sum(leaf, teacher_states[picked].reshape(leaf.shape), teacher_head, student_head) / tokens
-                loss.backward()
-                states.backward(leaf.grad.reshape(states.shape))
+                tokens = len(picked) * ids.shape[1]
+                for r in picked:  # one row at a time, gradients accumulated: memory of one row
+                    states = student.final_states(ids[r : r + 1], checkpoint_layers)[0]
+                    leaf = states.detach().requires_grad_()
+                    loss = kl_sum(leaf, teacher_states[r], teacher_head, student_head) / tokens
+                    loss.backward()
+                    states.backward(leaf.grad)
+                    train_kl += float(loss.detach()) * tokens
                 optimizer.step()
-                train_kl += float(loss.detach()) * tokens
                 train_tokens += tokens
             kl = heldout_kl()
             state.epoch += 1
