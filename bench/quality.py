@@ -59,7 +59,7 @@ def main() -> None:
                         help="calibration tokens of the measurement's KL probe (default: exlq.quant.measure's 4x256)")
     parser.add_argument("--refine-sweeps", type=int, default=None, help="convert --refine-sweeps (default: convert's)")
     parser.add_argument("--tune-epochs", type=int, default=None, help="convert --tune-epochs (default: convert's)")
-    parser.add_argument("--tune-lr", type=float, default=None, help="convert --tune-lr (default: convert's)")
+    parser.add_argument("--tune-lr", type=float, default=None, help="convert --tune-lr (default: convert's, by bpw)")
     parser.add_argument("--tune-scales-only", action="store_true", help="tune only the group scales, not the norms")
     args = parser.parse_args()
 
@@ -108,7 +108,7 @@ def main() -> None:
                                  asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda,
                                  refine_sweeps=args.refine_sweeps, tune_epochs=args.tune_epochs,
                                  tune_norms=not args.tune_scales_only,
-                                 **({} if args.tune_lr is None else {"tune_lr": args.tune_lr})).resolved(calibration.ids.numel())
+                                 tune_lr=args.tune_lr).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,
             work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,

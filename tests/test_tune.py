@@ -220,6 +220,10 @@ def test_tuning_is_off_by_default_and_validated():
     assert ConvertOptions(bpw=3.0).resolved(100 * 2048).tune_epochs == 0
     assert ConvertOptions(bpw=3.0, tune_epochs=2).resolved(10).tuning().epochs == 2
     assert ConvertOptions(bpw=3.0, tune_epochs=0).resolved(10**6).tuning() is None
+    # The step size halves per extra bit unless given.
+    assert ConvertOptions(bpw=3.0, tune_epochs=1).resolved(10).tuning().lr == pytest.approx(2e-3)
+    assert ConvertOptions(bpw=4.0, tune_epochs=1).resolved(10).tuning().lr == pytest.approx(1e-3)
+    assert ConvertOptions(bpw=4.0, tune_epochs=1, tune_lr=0.05).resolved(10).tuning().lr == 0.05
     for options, flag in [(dict(tune_epochs=-1), "--tune-epochs"), (dict(tune_epochs=65), "--tune-epochs"),
                           (dict(tune_lr=0.0), "--tune-lr"), (dict(tune_lr=2.0), "--tune-lr")]:
         with pytest.raises(ExlqError, match=flag):

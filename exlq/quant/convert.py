@@ -29,7 +29,7 @@ from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
 from exlq.quant.options import HEAD_OPTIONS, candidate_specs
 from exlq.quant.rotate import apply_rotation, check_rotation, rotation_for
-from exlq.quant.tune import TUNE_LR, Student, TuneCheckpoint, TuneSettings, TuneState, tune
+from exlq.quant.tune import Student, TuneCheckpoint, TuneSettings, TuneState, default_lr, tune
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
 from exlq.runtime.exl2 import Exl2Tensors
 from exlq.runtime.model import DecoderOnlyLM
@@ -62,7 +62,7 @@ class ConvertOptions:
     # (gptq.refine_codes); None: REFINE_SWEEPS with at least REFINE_MIN_TOKENS calibration tokens, else 0
     tune_epochs: int | None = None  # epochs of end-to-end tuning of norms and group scales (exlq.quant.tune); 0: off;
     # None: TUNE_EPOCHS with at least TUNE_MIN_TOKENS calibration tokens, else 0
-    tune_lr: float = TUNE_LR  # its Adam step size on the log multipliers
+    tune_lr: float | None = None  # its Adam step size on the log multipliers; None: tune.default_lr(bpw)
     tune_norms: bool = True  # it tunes the norms' weights too (else only the group scales)
 
     def validate(self) -> None:
@@ -78,7 +78,7 @@ class ConvertOptions:
             raise ExlqError(f"--refine-sweeps must be between 0 and 16 (got {self.refine_sweeps})")
         if self.tune_epochs is not None and not 0 <= self.tune_epochs <= MAX_TUNE_EPOCHS:
             raise ExlqError(f"--tune-epochs must be between 0 and {MAX_TUNE_EPOCHS} (got {self.tune_epochs})")
-        if not 0 < self.tune_lr <= 1:
+        if self.tune_lr is not None and not 0 < self.tune_lr <= 1:
             raise ExlqError(f"--tune-lr must be above 0 and at most 1 (got {self.tune_lr})")
 
     def resolved(self, calibration_tokens: int) -> ConvertOptions:
@@ -94,7 +94,8 @@ class ConvertOptions:
             sweeps = REFINE_SWEEPS if calibration_tokens >= REFINE_MIN_TOKENS else 0
         if epochs is None:
             epochs = TUNE_EPOCHS if calibration_tokens >= TUNE_MIN_TOKENS else 0
-        return replace(self, asym_alpha=alpha, refine_sweeps=sweeps, tune_epochs=epochs)
+        lr = default_lr(self.bpw) if self.tune_lr is None else self.tune_lr
+        return replace(self, asym_alpha=alpha, refine_sweeps=sweeps, tune_epochs=epochs, tune_lr=lr)
 
     def asymmetric(self) -> dict[str, float] | None:
         """The asymmetric correction's settings when it is on (for fingerprints and the config), else None."""
@@ -104,8 +105,8 @@ class ConvertOptions:
 
     def tuning(self) -> TuneSettings | None:
         """The end-to-end tuning's settings when it is on, else None."""
-        if self.tune_epochs is None:
-            raise ValueError("ConvertOptions.resolved() decides tune_epochs first")
+        if self.tune_epochs is None or self.tune_lr is None:
+            raise ValueError("ConvertOptions.resolved() decides tune_epochs and tune_lr first")
         if self.tune_epochs == 0:
             return None
         return TuneSettings(epochs=self.tune_epochs, lr=self.tune_lr, norms=self.tune_norms)
