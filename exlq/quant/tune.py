@@ -44,14 +44,6 @@ from exlq.runtime.exl2 import Exl2Tensors, decode_q_groups, row_groups
 from exlq.runtime.model import DecoderOnlyLM
 
 TUNE_LR = 2e-3  # Adam's step size on θ (log multipliers) at 3 bits per weight, decayed by a cosine over all steps
-
-
-def default_lr(bpw: float) -> float:
-    """TUNE_LR at 3.0 bpw, halved per extra bit: the quantization error and so the multipliers' distance to their
-    best values halve per bit (on smollm2 with 8 k calibration tokens, 2e-3 was best of 2e-3/5e-3 at 3.0 bpw, and
-    5e-4 ≈ 1e-3 > 2e-3 at 4.0)."""
-    return TUNE_LR * 2.0 ** (3.0 - bpw)
-
 STEPS_PER_EPOCH = 16  # Adam steps per epoch: more calibration makes larger (less noisy) steps, not more of them,
 # so a step size found on a small calibration carries over to a large one
 HOLDOUT_EVERY = 8  # one calibration row in this many is held out of the training (at least one)
@@ -60,6 +52,13 @@ CHECKPOINT_LAYERS: bool | None = None  # recompute each layer's activations in t
 # devices (long rows through deep models would hold every layer's activations; recomputing is cheap there)
 FP16_MAX = 65504.0
 NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def default_lr(bpw: float) -> float:
+    """TUNE_LR at 3.0 bpw, halved per extra bit: the quantization error and so the multipliers' distance to their
+    best values halve per bit (on smollm2 with 8 k calibration tokens, 2e-3 was best of 2e-3/5e-3 at 3.0 bpw, and
+    5e-4 ≈ 1e-3 > 2e-3 at 4.0)."""
+    return TUNE_LR * 2.0 ** (3.0 - bpw)
 
 
 @dataclass(frozen=True)
