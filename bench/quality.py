@@ -1,6 +1,7 @@
 """Quantization quality: convert one model at several bitrates and score each against FP16.
 
     python bench/quality.py MODEL_DIR --out-root DIR [--bpw 2.5 3.0 ...] [--head-bits 6] [--device cuda] [--asym-alpha 0]
+                            [--tune-epochs 4 [--tune-lr 0.002]]
 
 One measurement (built-in calibration, 100 x 2048 tokens) is reused for every target. Scoring is
 the harness of ../shared/tools/README.md: the first 20 non-overlapping 1024-token windows of the
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--probe", default=None, metavar="ROWSxLENGTH",
                         help="calibration tokens of the measurement's KL probe (default: exlq.quant.measure's 4x256)")
     parser.add_argument("--refine-sweeps", type=int, default=None, help="convert --refine-sweeps (default: convert's)")
+    parser.add_argument("--tune-epochs", type=int, default=None, help="convert --tune-epochs (default: convert's)")
+    parser.add_argument("--tune-lr", type=float, default=None, help="convert --tune-lr (default: convert's, by bpw)")
+    parser.add_argument("--tune-scales-only", action="store_true", help="tune only the group scales, not the norms")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -102,7 +106,9 @@ def main() -> None:
         t0 = time.perf_counter()
         options = ConvertOptions(bpw=bpw, head_bits=head, kl_aware=not args.no_kl_aware, rotate=rotation is not None,
                                  asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda,
-                                 refine_sweeps=args.refine_sweeps).resolved(calibration.ids.numel())
+                                 refine_sweeps=args.refine_sweeps, tune_epochs=args.tune_epochs,
+                                 tune_norms=not args.tune_scales_only,
+                                 tune_lr=args.tune_lr).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,
             work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,
@@ -116,6 +122,11 @@ def main() -> None:
         row = {
             "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None,
             "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps,
+            "tune_epochs": options.tune_epochs, "tune_lr": options.tune_lr if options.tune_epochs else None,
+            "tune_norms": options.tune_norms if options.tune_epochs else None,
+            "tune": None if summary.tune is None else {
+                k: summary.tune.get(k) for k in ("applied", "heldout_kl_before", "heldout_kl_after", "best_epoch", "seconds")
+            },
             "decoder_bpw": round(summary.decoder_bpw, 4),
             "ppl": round(result.perplexity, 4), "kl": round(result.kl_divergence, 5),
             "top1": round(result.top1_agreement, 4), "file_MB": round(folder_bytes(out) / 1e6, 1),

@@ -53,6 +53,10 @@ def test_measure_then_convert_with_the_measurement(capsys, tiny_model_dirs, tmp_
         (["--head-bits", 7], "--head-bits"),
         (["--refine-sweeps", 17], "--refine-sweeps"),
         (["--refine-sweeps", -1], "--refine-sweeps"),
+        (["--tune-epochs", 65], "--tune-epochs"),
+        (["--tune-epochs", -1], "--tune-epochs"),
+        (["--tune-lr", 0], "--tune-lr"),
+        (["--tune-lr", 1.5], "--tune-lr"),
     ],
 )
 def test_convert_bad_options(capsys, tiny_llama_dir, tmp_path, args, needle):
@@ -95,3 +99,19 @@ def test_convert_resumes_after_interrupt(capsys, tiny_llama_dir, tmp_path, monke
     code, out, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out", *SMALL)
     assert code == 0 and (tmp_path / "out" / "model.safetensors").exists()
     assert calls["n"] == 3  # layer 0 came from the checkpoint; layer 1 was quantized on the rerun
+
+
+def test_convert_help_lists_the_tuning(capsys):
+    code, out, _ = cli(capsys, "convert", "--help")
+    assert code == 0 and "--tune-epochs" in out and "--tune-lr" in out
+
+
+def test_convert_with_tuning_reports_it(capsys, tiny_llama_dir, tmp_path):
+    code, out, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out", "--bpw", 4.0, "--tune-epochs", 2,
+                         "--tune-lr", 0.01, *SMALL, "--json")
+    assert code == 0, err
+    tune = json.loads(out)["tune"]
+    assert tune["settings"] == {"epochs": 2, "lr": 0.01, "steps": 16, "seed": 0}
+    assert tune["heldout_kl_after"] <= tune["heldout_kl_before"] and len(tune["history"]) == 2
+    code, out, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out2", "--bpw", 4.0, "--tune-epochs", 1, *SMALL)
+    assert code == 0 and "end-to-end tuning" in out and "held-out calibration KL" in out

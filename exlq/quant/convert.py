@@ -29,6 +29,7 @@ from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
 from exlq.quant.options import HEAD_OPTIONS, candidate_specs
 from exlq.quant.rotate import apply_rotation, check_rotation, rotation_for
+from exlq.quant.tune import Student, TuneCheckpoint, TuneSettings, TuneState, default_lr, tune
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
 from exlq.runtime.exl2 import Exl2Tensors
 from exlq.runtime.model import DecoderOnlyLM
@@ -39,6 +40,10 @@ ASYM_ALPHA = 0.25  # the default share of the asymmetric correction (best of 0.2
 ASYM_MIN_TOKENS = 16_384  # calibration tokens below which the default leaves the correction off
 REFINE_SWEEPS = 2  # the default coordinate-descent sweeps after GPTQ (gptq.refine_codes) ...
 REFINE_MIN_TOKENS = 65_536  # ... with at least this much calibration (below, they fit its noise)
+TUNE_EPOCHS = 0  # the default epochs of end-to-end tuning (exlq.quant.tune): off until confirmed on the GPU with
+# the full calibration (4 epochs lowered KL by 18 % at 2.5 bpw, 13 % at 3.0, 2 % at 4.0 on the CPU proxy, 8 k tokens) ...
+TUNE_MIN_TOKENS = 8_192  # ... with at least this much calibration (the proxy's; its held-out guard covers less)
+MAX_TUNE_EPOCHS = 64
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -56,6 +61,10 @@ class ConvertOptions:
     asym_lambda: float = 0.01  # its ridge, relative to mean(diag H)
     refine_sweeps: int | None = None  # coordinate-descent sweeps over each matrix's codes after GPTQ
     # (gptq.refine_codes); None: REFINE_SWEEPS with at least REFINE_MIN_TOKENS calibration tokens, else 0
+    tune_epochs: int | None = None  # epochs of end-to-end tuning of norms and group scales (exlq.quant.tune); 0: off;
+    # None: TUNE_EPOCHS with at least TUNE_MIN_TOKENS calibration tokens, else 0
+    tune_lr: float | None = None  # its Adam step size on the log multipliers; None: tune.default_lr(bpw)
+    tune_norms: bool = True  # it tunes the norms' weights too (else only the group scales)
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
@@ -68,6 +77,10 @@ class ConvertOptions:
             raise ExlqError(f"--asym-lambda must be a positive number (got {self.asym_lambda})")
         if self.refine_sweeps is not None and not 0 <= self.refine_sweeps <= 16:
             raise ExlqError(f"--refine-sweeps must be between 0 and 16 (got {self.refine_sweeps})")
+        if self.tune_epochs is not None and not 0 <= self.tune_epochs <= MAX_TUNE_EPOCHS:
+            raise ExlqError(f"--tune-epochs must be between 0 and {MAX_TUNE_EPOCHS} (got {self.tune_epochs})")
+        if self.tune_lr is not None and not 0 < self.tune_lr <= 1:
+            raise ExlqError(f"--tune-lr must be above 0 and at most 1 (got {self.tune_lr})")
 
     def resolved(self, calibration_tokens: int) -> ConvertOptions:
         """These options with the asymmetric share and the refinement sweeps decided. The defaults apply
@@ -75,18 +88,29 @@ class ConvertOptions:
         tokens (measured on smollm2, docs/benchmarks.md: α = 0.25 lowered KL at every bitrate with 205 k
         tokens and at 2.5-4.0 with 16 k, and raised it by 6.5 % with 2 k; two sweeps lowered KL by 4 % at
         3.0 and 4.0 bpw with 205 k tokens, and raised it by 1.6 % at 4 bits with 16 k)."""
-        alpha, sweeps = self.asym_alpha, self.refine_sweeps
+        alpha, sweeps, epochs = self.asym_alpha, self.refine_sweeps, self.tune_epochs
         if alpha is None:
             alpha = ASYM_ALPHA if calibration_tokens >= ASYM_MIN_TOKENS else 0.0
         if sweeps is None:
             sweeps = REFINE_SWEEPS if calibration_tokens >= REFINE_MIN_TOKENS else 0
-        return replace(self, asym_alpha=alpha, refine_sweeps=sweeps)
+        if epochs is None:
+            epochs = TUNE_EPOCHS if calibration_tokens >= TUNE_MIN_TOKENS else 0
+        lr = default_lr(self.bpw) if self.tune_lr is None else self.tune_lr
+        return replace(self, asym_alpha=alpha, refine_sweeps=sweeps, tune_epochs=epochs, tune_lr=lr)
 
     def asymmetric(self) -> dict[str, float] | None:
         """The asymmetric correction's settings when it is on (for fingerprints and the config), else None."""
         if self.asym_alpha is None:
             raise ValueError("ConvertOptions.resolved() decides asym_alpha first")
         return {"alpha": self.asym_alpha, "lambda": self.asym_lambda} if self.asym_alpha > 0 else None
+
+    def tuning(self) -> TuneSettings | None:
+        """The end-to-end tuning's settings when it is on, else None."""
+        if self.tune_epochs is None or self.tune_lr is None:
+            raise ValueError("ConvertOptions.resolved() decides tune_epochs and tune_lr first")
+        if self.tune_epochs == 0:
+            return None
+        return TuneSettings(epochs=self.tune_epochs, lr=self.tune_lr, norms=self.tune_norms)
 
 
 @dataclass
@@ -98,6 +122,7 @@ class ConvertSummary:
     choices: dict[str, str] = field(default_factory=dict)  # matrix name -> option key
     seconds: float = 0.0
     calibration_perplexity: float = float("nan")  # the converted model on the first calibration rows
+    tune: dict | None = None  # the end-to-end tuning's outcome (held-out KL before/after, ...) when it was on
 
 
 def allocate_options(measurement: Measurement, bpw: float, kl_aware: bool = True) -> tuple[dict[str, QuantSpec], float]:
@@ -194,13 +219,13 @@ def head_weight(model: DecoderOnlyLM, head: dict[str, torch.Tensor]) -> torch.Te
 
 
 @torch.inference_mode()
-def calibration_perplexity(model: DecoderOnlyLM, runner: LayerRunner, ids: torch.Tensor, weight: torch.Tensor) -> float:
-    """exp(mean NLL) of the converted model (states after all quantized layers, quantized head) on
+def calibration_perplexity(model: DecoderOnlyLM, states: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor) -> float:
+    """exp(mean NLL) of the converted model (`states`: after all quantized layers, quantized head) on
     the first calibration rows, one row at a time so vocabulary-sized logits stay small."""
     from exlq.eval.perplexity import window_nll
 
     nll, tokens = 0.0, 0
-    states = torch.cat(runner.chunks)[:CALIBRATION_PPL_ROWS]
+    states = states[:CALIBRATION_PPL_ROWS]
     for row_states, row_ids in zip(states, ids[:CALIBRATION_PPL_ROWS].to(model.device)):
         logits = torch.nn.functional.linear(model.model.norm(row_states[None, :-1]), weight)
         nll += float(window_nll(logits, row_ids[None, 1:]).sum())
@@ -262,10 +287,18 @@ def convert_model(
         if options.asymmetric() is not None:
             fp_stream = LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
             asymmetric = Asymmetric(fp_stream, options.asym_lambda, options.asym_alpha)
+        settings = options.tuning()
+        tune_step = None if settings is None else settings.key()
+        # The tuning's teacher: the FP model's final states (the asymmetric correction keeps them anyway).
+        teacher = None
+        if tune_step is not None and not job.done(tune_step):
+            teacher = asymmetric.fp if asymmetric is not None else LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
         layers = model.model.layers
         for i, layer in enumerate(layers):
             step = f"layer-{i}"
             saved = job.load_tensors(step) if job.done(step) else None
+            if asymmetric is None and teacher is not None:  # while the layer still has its FP weights
+                teacher.advance(layer)
             if saved is None:
                 job.save_tensors(step, quantize_layer(runner, layer, specs, options.damp, asymmetric, options.refine_sweeps))
                 job.mark_done(step)
@@ -278,16 +311,36 @@ def convert_model(
         if not job.done("head"):
             job.save_tensors("head", quantize_head(model, runner, options.head_bits, options.damp, options.refine_sweeps))
             job.mark_done("head")
-        calibration_ppl = calibration_perplexity(model, runner, calibration.ids, head_weight(model, job.load_tensors("head")))
+        head = head_weight(model, job.load_tensors("head"))
+        tuned: dict[str, torch.Tensor] = {}
+        tune_info = None
+        if tune_step is not None:
+            if not job.done(tune_step):  # the model comes out of it tuned (when the tuning is kept)
+                result = run_tuning(model, calibration, teacher, job, head, settings, tune_step, report)
+                job.save_tensors(tune_step, result.tensors, metadata=result.info)
+                job.mark_done(tune_step, result.info)
+                tuned = result.tensors
+            else:
+                tuned = job.load_tensors(tune_step) or {}
+                _apply_tuned(model, job, tuned)
+            tune_info = job.step_info(tune_step)
+        if tuned:  # the states of the first rows through the tuned layers
+            first = LayerRunner(model, calibration.ids[:CALIBRATION_PPL_ROWS], batch_rows=options.batch_rows)
+            for layer in layers:
+                first.advance(layer)
+            states = torch.cat(first.chunks)
+        else:
+            states = torch.cat(runner.chunks)
+        calibration_ppl = calibration_perplexity(model, states, calibration.ids, head)
         config = quantization_config(
             bits=options.bpw,
             head_bits=options.head_bits,
-            calibration=calibration_info(calibration, options),
+            calibration=calibration_info(calibration, options, tune_info),
         )
         if rotation is not None:  # embedding and head differ once rotated (and norms are all ones)
             config["quantization_config"]["rotation"] = rotation
             config["tie_word_embeddings"] = False
-        write_model_dir(out_dir, model_dir, lambda: _output_tensors(model, job, len(layers)), config)
+        write_model_dir(out_dir, model_dir, lambda: _output_tensors(model, job, len(layers), tuned), config)
     return ConvertSummary(
         out_dir=str(out_dir),
         target_bpw=options.bpw,
@@ -296,14 +349,71 @@ def convert_model(
         choices={name: spec.describe() for name, spec in specs.items()},
         seconds=time.perf_counter() - started,
         calibration_perplexity=calibration_ppl,
+        tune=tune_info,
     )
+
+
+def run_tuning(
+    model: DecoderOnlyLM,
+    calibration: Calibration,
+    teacher: LayerRunner,
+    job: Job,
+    student_head: torch.Tensor,
+    settings: TuneSettings,
+    step: str,
+    report: Progress,
+):
+    """The end-to-end tuning stage (exlq.quant.tune) of a converted model, its state checkpointed in `job`
+    after every epoch under `<step>-state` (a rerun continues from the last finished epoch).
+
+    `teacher`: the FP model's stream after all layers; `model`: every layer quantized (its weights and
+    norms become the tuned ones, exactly as written).
+    """
+    with torch.no_grad():  # the FP model's normalized final states (the norms are not tuned yet)
+        states = torch.cat([model.model.norm(chunk).float() for chunk in teacher.chunks])
+    teacher.chunks = []
+    linears = _quantized_linears(model, job)
+    state_name = f"{step}-state"
+
+    def load() -> TuneState | None:
+        meta = job.load_metadata(state_name)
+        return None if meta is None else TuneState.from_checkpoint(job.load_tensors(state_name), meta)
+
+    def save(state: TuneState) -> None:
+        tensors, meta = state.to_checkpoint()
+        job.save_tensors(state_name, tensors, metadata=meta)
+
+    return tune(
+        model, calibration.ids, states, model.lm_head.weight, linears, student_head, settings,
+        checkpoint=TuneCheckpoint(load, save), progress=lambda done, total: report("tune", done, total),
+    )
+
+
+def _quantized_linears(model: DecoderOnlyLM, job: Job) -> dict[str, Exl2Tensors]:
+    """The packed tensors of every decoder linear, from the job's layer checkpoints."""
+    linears = {}
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}"
+        saved = job.load_tensors(f"layer-{i}")
+        for name in linear_modules(layer):
+            linears[f"{prefix}.{name}"] = Exl2Tensors.from_state_dict(saved, f"{prefix}.{name}")
+    return linears
+
+
+def _apply_tuned(model: DecoderOnlyLM, job: Job, tuned: dict[str, torch.Tensor]) -> None:
+    """Give a model restored from checkpoints the tuned norms and weights of an earlier run."""
+    if tuned:
+        Student(model, _quantized_linears(model, job)).set_weights(tuned, model.dtype)
 
 
 def job_options(
     options: ConvertOptions, rotation: dict | None, calibration: Calibration, measurement: Measurement | None
 ) -> dict:
     """What decides the work directory's contents (its fingerprint). The asymmetric settings and the
-    refinement sweeps join only when used, so work directories of conversions without them stay valid."""
+    refinement sweeps join only when used, so work directories of conversions without them stay valid.
+    The end-to-end tuning's settings never join: they change no other step, and its checkpoints are
+    named by them (TuneSettings.key), so a finished conversion's work directory can be tuned (again,
+    with other settings) without redoing its layers."""
     result = {
         "bpw": options.bpw,
         "head_bits": options.head_bits,
@@ -321,14 +431,18 @@ def job_options(
     return result
 
 
-def calibration_info(calibration: Calibration, options: ConvertOptions) -> dict:
+def calibration_info(calibration: Calibration, options: ConvertOptions, tune_info: dict | None = None) -> dict:
     """The config's `quantization_config.calibration`: the spec's rows/length/dataset, plus the
-    asymmetric correction's settings when it was used."""
+    asymmetric correction's, the refinement's and the end-to-end tuning's settings when they were used."""
     info = {"rows": calibration.ids.shape[0], "length": calibration.ids.shape[1], "dataset": calibration.description}
     if options.asymmetric() is not None:
         info["asymmetric"] = options.asymmetric()
     if options.refine_sweeps:
         info["refine_sweeps"] = options.refine_sweeps
+    if tune_info is not None:
+        info["tune"] = {
+            key: tune_info[key] for key in ("settings", "applied", "heldout_kl_before", "heldout_kl_after") if key in tune_info
+        }
     return info
 
 
@@ -339,14 +453,17 @@ def _restore_layer(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], pre
         module.weight.data = weight.to(module.weight.device, module.weight.dtype).contiguous()
 
 
-def _output_tensors(model: DecoderOnlyLM, job: Job, num_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors in the order the reference converter writes them (spec §10.2), one layer in memory at a time."""
-    plain = fp16_tensors(model)
+def _output_tensors(
+    model: DecoderOnlyLM, job: Job, num_layers: int, tuned: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors in the order the reference converter writes them (spec §10.2), one layer in memory at a time;
+    `tuned` replaces norms and q_scale_max (the end-to-end tuning's result)."""
+    plain = fp16_tensors(model) | tuned
     yield "model.embed_tokens.weight", plain["model.embed_tokens.weight"]
     for i in range(num_layers):
         prefix = f"model.layers.{i}"
         yield f"{prefix}.input_layernorm.weight", plain[f"{prefix}.input_layernorm.weight"]
         yield f"{prefix}.post_attention_layernorm.weight", plain[f"{prefix}.post_attention_layernorm.weight"]
-        yield from job.load_tensors(f"layer-{i}").items()
+        yield from ((name, tuned.get(name, tensor)) for name, tensor in job.load_tensors(f"layer-{i}").items())
     yield "model.norm.weight", plain["model.norm.weight"]
     yield from job.load_tensors("head").items()
