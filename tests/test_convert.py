@@ -145,10 +145,12 @@ def test_nan_weights_name_the_layer(tiny_model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("field, constants", [("asym_alpha", ("ASYM_ALPHA", "ASYM_MIN_TOKENS")),
-                                               ("refine_sweeps", ("REFINE_SWEEPS", "REFINE_MIN_TOKENS"))])
+                                               ("refine_sweeps", ("REFINE_SWEEPS", "REFINE_MIN_TOKENS")),
+                                               ("tune_epochs", ("TUNE_EPOCHS", "TUNE_MIN_TOKENS"))])
 def test_defaults_that_need_enough_calibration(field, constants):
-    """The asymmetric correction and the refinement sweeps fit the calibration closely: on by default only with
-    enough of it (the built-in 100 × 2048 tokens; not e.g. --rows 8 --length 256), and an explicit value stands."""
+    """The asymmetric correction, the refinement sweeps and the end-to-end tuning fit the calibration closely: on
+    by default only with enough of it (the built-in 100 × 2048 tokens; not e.g. --rows 8 --length 256), and an
+    explicit value stands."""
     from exlq.quant import convert
 
     on, min_tokens = (getattr(convert, name) for name in constants)

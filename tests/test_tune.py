@@ -126,6 +126,25 @@ def test_tuning_that_cannot_help_changes_nothing(tiny_model_dirs, tmp_path):
     assert config["tune"]["applied"] is False
 
 
+def test_out_of_memory_in_the_tuning_writes_the_untuned_model(tiny_model_dirs, tmp_path, monkeypatch):
+    """A device too small for the fp32 student must not cost the conversion: the tuning stops, the model is
+    written exactly as without it, and the summary says why."""
+    import exlq.quant.convert as convert_module
+
+    source = tiny_model_dirs["llama"]
+    convert(source, tmp_path / "plain", tmp_path / "w0")
+    original = convert_module.run_tuning
+
+    def tune_then_run_out(model, *args, **kwargs):
+        original(model, *args, **kwargs)  # leaves the model tuned (weights, norms) before the failure
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(convert_module, "run_tuning", tune_then_run_out)
+    _, _, summary = convert(source, tmp_path / "tuned", tmp_path / "w1", tune_epochs=2, tune_lr=0.01)
+    assert summary.tune["applied"] is False and "out of memory" in summary.tune["reason"]
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "tuned" / "model.safetensors").read_bytes()
+
+
 def test_one_calibration_row_is_not_tuned(tiny_model_dirs, tmp_path):
     source = tiny_model_dirs["llama"]
     model = load_model(source, device="cpu")
@@ -214,10 +233,10 @@ def test_holdout_rows_are_spread():
     assert len(holdout_rows(100)) == 12 and holdout_rows(100)[0] > 0 and holdout_rows(100)[-1] < 99
 
 
-def test_tuning_is_off_by_default_and_validated():
+def test_tuning_options_are_validated():
+    """(Its default by calibration size: test_convert.test_defaults_that_need_enough_calibration.)"""
     from exlq.errors import ExlqError
 
-    assert ConvertOptions(bpw=3.0).resolved(100 * 2048).tune_epochs == 0
     assert ConvertOptions(bpw=3.0, tune_epochs=2).resolved(10).tuning().epochs == 2
     assert ConvertOptions(bpw=3.0, tune_epochs=0).resolved(10**6).tuning() is None
     # The step size halves per extra bit unless given.

@@ -179,8 +179,7 @@ class Student:
         }
         if set(self.modules) != set(linears):
             raise ValueError("tuning needs the quantized tensors of every decoder linear")
-        self.norms = {f"model.layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(model.model.layers) for n in NORMS}
-        self.norms["model.norm"] = model.model.norm
+        self.norms = self.norm_modules(model)
         self.base_norms = {name: norm.weight.detach().float().clone() for name, norm in self.norms.items()}
         self.channel_group = {}
         for name, t in self.linears.items():
@@ -189,6 +188,13 @@ class Student:
         self.params = {name: nn.Parameter(torch.zeros(t.q_scale_max.numel(), device=device)) for name, t in self.linears.items()}
         self.params |= {name: nn.Parameter(torch.zeros_like(w)) for name, w in self.base_norms.items()}
         self.active = False
+
+    @staticmethod
+    def norm_modules(model: DecoderOnlyLM) -> dict[str, nn.Module]:
+        """The tuned RMSNorms by name: each layer's two and the final one."""
+        norms = {f"model.layers.{i}.{n}": getattr(layer, n) for i, layer in enumerate(model.model.layers) for n in NORMS}
+        norms["model.norm"] = model.model.norm
+        return norms
 
     @contextmanager
     def hooked(self) -> Iterator[None]:
