@@ -237,12 +237,7 @@ def calibration_perplexity(model: DecoderOnlyLM, states: torch.Tensor, ids: torc
 
 def fp16_tensors(model: DecoderOnlyLM) -> dict[str, torch.Tensor]:
     """Embeddings and norms, which stay fp16 in EXL2 models."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    names += [
-        f"model.layers.{i}.{norm}.weight"
-        for i in range(len(model.model.layers))
-        for norm in ("input_layernorm", "post_attention_layernorm")
-    ]
+    names = ["model.embed_tokens.weight", *(f"{norm}.weight" for norm in Student.norm_modules(model))]
     state = model.state_dict()
     return {name: state[name].detach().half().contiguous() for name in names}
 
