@@ -179,11 +179,12 @@ def convert(
             f"wrote {out_dir}: {summary.decoder_bpw:.3f} bpw in the decoder (target {bpw}), head {head_bits} bits, "
             f"calibration perplexity {summary.calibration_perplexity:.3f}, {summary.seconds:.0f} s\n"
         )
-        if summary.tune is not None and "heldout_kl_before" in summary.tune:
-            verdict = "kept" if summary.tune["applied"] else "not kept"
+        tune = summary.tune or {}
+        if "heldout_kl_before" in tune:
+            verdict = "kept" if tune["applied"] else "not kept"
             sys.stdout.write(
-                f"end-to-end tuning {verdict}: held-out calibration KL {summary.tune['heldout_kl_before']:.4f} -> "
-                f"{summary.tune['heldout_kl_after']:.4f} (best epoch {summary.tune['best_epoch']})\n"
+                f"end-to-end tuning {verdict}: held-out calibration KL {tune['heldout_kl_before']:.4f} -> "
+                f"{tune['heldout_kl_after']:.4f} (best epoch {tune['best_epoch']})\n"
             )
-        elif summary.tune is not None and summary.tune.get("reason"):
-            sys.stdout.write(f"end-to-end tuning not run: {summary.tune['reason']}\n")
+        elif tune.get("reason"):
+            sys.stdout.write(f"end-to-end tuning not run: {tune['reason']}\n")

@@ -275,7 +275,6 @@ def tune(
     *,
     checkpoint: TuneCheckpoint | None = None,
     progress: Callable[[int, int], None] | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Tune the norms and group scales of the quantized `model` toward the teacher; see the module docstring.
 
@@ -360,9 +359,6 @@ def tune(
                 "epoch": state.epoch, "train_kl": train_kl / train_tokens, "heldout_kl": kl,
                 "seconds": round(time.perf_counter() - epoch_started, 1),
             })
-            if log is not None:
-                log(f"tune epoch {state.epoch}: train KL {train_kl / train_tokens:.5f}, held-out KL {kl:.5f} "
-                    f"(untuned {state.baseline_kl:.5f})")
             if checkpoint is not None:
                 checkpoint.save(state)
             if progress is not None:
