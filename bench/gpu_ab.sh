@@ -10,7 +10,10 @@
 #                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode.
 #   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2) and the
 #                  EXL2 module's cold compile (fresh cache directory).
-#   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options).
+#   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options);
+#                  with QUALITY_BPWS="2.5 3.5 ...", one job per bitrate, 10 s apart, sharing one out-root (start them
+#                  once its measurement exists: STAGE=measured), each logging to /tmp/quality-TAG-BPW.log.
+#   STAGE=measured: wait up to WAIT seconds for a quality job's log to say its measurement is done.
 #   STAGE=wait:    wait up to WAIT seconds for the quality job, then print its log.
 #   STAGE=stop:    end any quality job (e.g. STAGE="wait stop speed").
 set -uo pipefail
@@ -78,12 +81,20 @@ for dtype in (torch.float16, torch.bfloat16):
     print(f'EXL2 module {dtype}: cold compile {cold:.1f} s, cached {1e3 * (time.perf_counter() - start):.1f} ms')" ;;
 quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
   tree=${QUALITY_TREE:-$HERE}; tag=$(basename $tree)
-  (cd $tree && setsid nohup python3 bench/quality.py $M --out-root /tmp/quality-$tag --device cuda ${QUALITY_ARGS:-} \
-    > /tmp/quality-$tag.log 2>&1 < /dev/null &) ; echo "quality started in $tree" ;;
+  for bpw in ${QUALITY_BPWS:-all}; do
+    if [ $bpw = all ]; then args="${QUALITY_ARGS:-}" log=/tmp/quality-$tag.log
+    else args="--bpw $bpw --extra= ${QUALITY_ARGS:-}" log=/tmp/quality-$tag-$bpw.log; fi
+    (cd $tree && OMP_NUM_THREADS=${QUALITY_THREADS:-4} setsid nohup python3 bench/quality.py $M --out-root /tmp/quality-$tag \
+      --device cuda $args > $log 2>&1 < /dev/null &) ; echo "quality started in $tree: $args"
+    [ $bpw = all ] || sleep 10
+  done ;;
+measured)
+  for _ in $(seq ${WAIT:-540}); do grep -qs "measured in" /tmp/quality-*.log && break; sleep 1; done
+  grep -hs "measured in" /tmp/quality-*.log ;;
 wait)  # (the pattern is anchored: a `pkill -f bench/quality.py` in the run's own command line would kill that shell)
   for _ in $(seq ${WAIT:-540}); do pgrep -f "^python3 bench/quality.py" > /dev/null || break; sleep 1; done
   for log in /tmp/quality-*.log; do echo "== $log"; grep -v '^  measure' $log | tail -14; done
-  for f in /tmp/quality-*/quality.jsonl; do cp $f $OUT/$(basename $(dirname $f)).jsonl; done ;;
+  for f in /tmp/quality-*/quality.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")").jsonl"; done ;;
 stop) pkill -f "^python3 bench/quality.py"; sleep 2 ;;  # a quality job still running would skew `speed`
 *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -4,36 +4,53 @@
 #include "common.cuh"
 
 // new_residual = residual + delta (float32; skipped when delta is null), out = weight * T(x / rms(x)).
-// One block per row; blockDim.x a multiple of 32, at most 1024.
+// One block per row, blockDim.x a multiple of 32 (at most 1024) with hidden <= NORM_PER_THREAD * blockDim.x:
+// each thread keeps its values (and weights) in registers, so the row is read once and every load is in
+// flight before the reduction (a decode step runs this once per row: latency is all it costs).
+#define NORM_PER_THREAD 16
 template <typename T>
 __global__ void add_rms_norm(const float* __restrict__ residual, const u16* __restrict__ delta,
                              const u16* __restrict__ weight, float* __restrict__ new_residual,
                              u16* __restrict__ out, int hidden, float eps) {
     __shared__ float partial[32];
     const size_t base = (size_t)blockIdx.x * hidden;
-    float sum_sq = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = residual[base + i];
-        if (delta != nullptr) {
-            v += Act<T>::load(delta[base + i]);
-            new_residual[base + i] = v;
+    float v[NORM_PER_THREAD];
+    u16 w[NORM_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = 0.0f;
+        w[j] = 0;
+        if (i < hidden) {
+            v[j] = residual[base + i];
+            if (delta != nullptr) v[j] += Act<T>::load(delta[base + i]);
+            w[j] = weight[i];
         }
-        sum_sq += v * v;
+    }
+    float sum_sq = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (delta != nullptr && i < hidden) new_residual[base + i] = v[j];
+        sum_sq += v[j] * v[j];
     }
     sum_sq = warp_sum(sum_sq);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum_sq;
     __syncthreads();
     if (threadIdx.x < 32) {
-        float v = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0f;
-        v = warp_sum(v);
-        if (threadIdx.x == 0) partial[0] = v;
+        float p = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0f;
+        p = warp_sum(p);
+        if (threadIdx.x == 0) partial[0] = p;
     }
     __syncthreads();
     const float inv_rms = rsqrtf(partial[0] / (float)hidden + eps);
-    const float* src = delta != nullptr ? new_residual : residual;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float normed = Act<T>::load(Act<T>::store(src[base + i] * inv_rms));
-        out[base + i] = Act<T>::store(Act<T>::load(weight[i]) * normed);
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < hidden) {
+            const float normed = Act<T>::load(Act<T>::store(v[j] * inv_rms));
+            out[base + i] = Act<T>::store(Act<T>::load(w[j]) * normed);
+        }
     }
 }
 

@@ -188,7 +188,7 @@ def test_gemv_reaches_torch_path_on_repeated_calls():
         assert rel(layer(x), first) < 1e-3
 
 
-@pytest.mark.parametrize("hidden", [64, 576, 1000, 4096])
+@pytest.mark.parametrize("hidden", [64, 576, 1000, 4096, 12000, 16384])  # 16384: 16 values a thread
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_add_rms_norm_and_silu_match_torch(hidden, dtype, monkeypatch):
     gen = torch.Generator(device=CUDA).manual_seed(hidden)

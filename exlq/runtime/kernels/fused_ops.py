@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from exlq.errors import ExlqError
 from exlq.runtime.kernels import ACTIVATION_TAGS
 from exlq.runtime.kernels.launch import kernel, launch
 
 SOURCE = "fused.cu"
 _TAGS = ACTIVATION_TAGS
+NORM_PER_THREAD = 16  # NORM_PER_THREAD in the .cu: values of a row each thread of add_rms_norm holds
 INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "silu_mul", "rope_store") for tag in _TAGS.values())
 
 
@@ -21,7 +23,9 @@ def add_rms_norm(
     rows = residual.numel() // hidden
     new_residual = residual if delta is None else torch.empty_like(residual)
     out = torch.empty(residual.shape, dtype=weight.dtype, device=residual.device)
-    threads = min(1024, max(32, -(-hidden // 4 // 32) * 32))
+    threads = min(1024, max(32, -(-hidden // 8 // 32) * 32))  # about 8 values a thread
+    if hidden > NORM_PER_THREAD * threads:
+        raise ExlqError(f"the fused RMSNorm kernel holds at most {NORM_PER_THREAD * 1024} values a row, not {hidden}")
     function = kernel(SOURCE, INSTANCES, f"add_rms_norm<{_TAGS[weight.dtype]}>", residual.device)
     launch(
         function,
