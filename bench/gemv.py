@@ -1,6 +1,7 @@
 """Kernel-level benchmark: the EXL2 GEMV alone at Llama-3-8B layer shapes, GB/s against copy bandwidth.
 
     python3 bench/gemv.py [--bpw 4.0] [--rows 1 4] [--shapes 4096x14336 ...] [--group-size 32] [--json-out FILE]
+    python3 bench/gemv.py --once --shapes 4096x14336     # a few plain calls, no timing: for ncu (gpu_ab.sh STAGE=ncu)
 
 Each product is captured 50 times in one CUDA graph and the graph replayed, so launch overhead from Python
 is not in the number. The 50 products cycle over enough copies of the layer to exceed twice the L2 cache,
@@ -80,8 +81,19 @@ def main() -> None:
     parser.add_argument("--shapes", type=shape, nargs="+", default=SHAPES, help="KxN (in x out features) each")
     parser.add_argument("--group-size", type=int, default=128, help="rows per group (real conversions often use 32)")
     parser.add_argument("--l2-hot", action="store_true", help="one copy per layer (may stay in L2)")
+    parser.add_argument("--once", action="store_true", help="8 plain calls per shape and row count, no timing (profilers)")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.once:
+        generator = torch.Generator(device=device).manual_seed(0)
+        for k, n in args.shapes:
+            layer = Exl2Linear(random_exl2(k, n, args.bpw, generator, group_size=args.group_size), k, n, dtype=torch.float16)
+            for rows in args.rows:
+                x = torch.randn(rows, k, device=device, dtype=torch.float16)
+                for _ in range(8):
+                    layer(x)
+        torch.cuda.synchronize()
+        return
     bandwidth = copy_bandwidth(device)
     generator = torch.Generator(device=device).manual_seed(0)
     results = []

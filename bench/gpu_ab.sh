@@ -10,6 +10,8 @@
 #                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode.
 #   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2) and the
 #                  EXL2 module's cold compile (fresh cache directory).
+#   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager): the full set with source-level counters, its
+#                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options);
 #                  with QUALITY_BPWS="2.5 3.5 ...", one job per bitrate, 10 s apart, sharing one out-root (start them
 #                  once its measurement exists: STAGE=measured), each logging to /tmp/quality-TAG-BPW.log.
@@ -79,6 +81,11 @@ for dtype in (torch.float16, torch.bfloat16):
     cold = time.perf_counter() - start; start = time.perf_counter()
     compiler.compile_source(exl2_ops.SOURCE, 'sm_90', list(exl2_ops.INSTANCE_SETS[dtype]))
     print(f'EXL2 module {dtype}: cold compile {cold:.1f} s, cached {1e3 * (time.perf_counter() - start):.1f} ms')" ;;
+ncu)
+  ncu --clock-control none --set full --import-source yes -k regex:exl2_gemv --launch-skip 4 --launch-count 1 -f \
+    -o $OUT/gemv_ncu python3 bench/gemv.py --once --shapes 4096x14336 --rows 1 2>&1 | tail -3
+  ncu -i $OUT/gemv_ncu.ncu-rep --page details 2>&1 | grep -vE "^ +-+$" | head -120
+  ncu -i $OUT/gemv_ncu.ncu-rep --page source --csv > $OUT/gemv_ncu_source.csv 2>&1; wc -l $OUT/gemv_ncu_source.csv ;;
 quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
   tree=${QUALITY_TREE:-$HERE}; tag=$(basename $tree)
   for bpw in ${QUALITY_BPWS:-all}; do
