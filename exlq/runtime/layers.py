@@ -26,8 +26,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
+    def _fused(self) -> bool:
+        """Whether the fused kernel runs this norm (on a kernel-enabled GPU, rows it can hold in registers)."""
+        if not kernels.applies(self.weight):
+            return False
+        from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN
+
+        return self.weight.numel() <= NORM_MAX_HIDDEN
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and kernels.applies(self.weight):
+        if x.dtype == torch.float32 and self._fused():
             from exlq.runtime.kernels.fused_ops import add_rms_norm
 
             return add_rms_norm(x, None, self.weight, self.eps)[1]
@@ -37,7 +45,7 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + delta in float32, the norm of that): one kernel on the GPU instead of four."""
-        if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and kernels.applies(self.weight):
+        if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and self._fused():
             from exlq.runtime.kernels.fused_ops import add_rms_norm
 
             return add_rms_norm(residual, delta, self.weight, self.eps)

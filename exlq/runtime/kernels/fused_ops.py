@@ -11,6 +11,7 @@ from exlq.runtime.kernels.launch import kernel, launch
 SOURCE = "fused.cu"
 _TAGS = ACTIVATION_TAGS
 NORM_PER_THREAD = 16  # NORM_PER_THREAD in the .cu: values of a row each thread of add_rms_norm holds
+NORM_MAX_HIDDEN = NORM_PER_THREAD * 1024  # longer rows take the torch path (layers.RMSNorm)
 INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "silu_mul", "rope_store") for tag in _TAGS.values())
 
 
@@ -24,8 +25,8 @@ def add_rms_norm(
     new_residual = residual if delta is None else torch.empty_like(residual)
     out = torch.empty(residual.shape, dtype=weight.dtype, device=residual.device)
     threads = min(1024, max(32, -(-hidden // 8 // 32) * 32))  # about 8 values a thread
-    if hidden > NORM_PER_THREAD * threads:
-        raise ExlqError(f"the fused RMSNorm kernel holds at most {NORM_PER_THREAD * 1024} values a row, not {hidden}")
+    if hidden > NORM_MAX_HIDDEN:
+        raise ExlqError(f"the fused RMSNorm kernel holds at most {NORM_MAX_HIDDEN} values a row, not {hidden}")
     function = kernel(SOURCE, INSTANCES, f"add_rms_norm<{_TAGS[weight.dtype]}>", residual.device)
     launch(
         function,
