@@ -1,7 +1,7 @@
 """Quantization quality: convert one model at several bitrates and score each against FP16.
 
     python bench/quality.py MODEL_DIR --out-root DIR [--bpw 2.5 3.0 ...] [--head-bits 6] [--device cuda] [--asym-alpha 0]
-                            [--tune-epochs 4 [--tune-lr 0.002]]
+                            [--tune-epochs 4 [--tune-lr 0.002] [--tune-steps 100000]]
 
 One measurement (built-in calibration, 100 x 2048 tokens) is reused for every target. Scoring is
 the harness of ../shared/tools/README.md: the first 20 non-overlapping 1024-token windows of the
@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--tune-epochs", type=int, default=None, help="convert --tune-epochs (default: convert's)")
     parser.add_argument("--tune-lr", type=float, default=None, help="convert --tune-lr (default: convert's, by bpw)")
     parser.add_argument("--tune-scales-only", action="store_true", help="tune only the group scales, not the norms")
+    parser.add_argument("--tune-steps", type=int, default=None,
+                        help="Adam steps per tuning epoch, at most (default: convert's; 100000: one calibration row a step)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -108,6 +110,7 @@ def main() -> None:
                                  asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda,
                                  refine_sweeps=args.refine_sweeps, tune_epochs=args.tune_epochs,
                                  tune_norms=not args.tune_scales_only,
+                                 **({} if args.tune_steps is None else {"tune_steps": args.tune_steps}),
                                  tune_lr=args.tune_lr).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,
@@ -124,6 +127,7 @@ def main() -> None:
             "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps,
             "tune_epochs": options.tune_epochs, "tune_lr": options.tune_lr if options.tune_epochs else None,
             "tune_norms": options.tune_norms if options.tune_epochs else None,
+            "tune_steps": options.tune_steps if options.tune_epochs else None,
             "tune": None if summary.tune is None else {
                 k: summary.tune.get(k) for k in ("applied", "heldout_kl_before", "heldout_kl_after", "best_epoch", "seconds")
             },

@@ -99,6 +99,9 @@ def test_more_rows_make_larger_steps_not_more(tiny_model_dirs, tmp_path, monkeyp
     assert len(summary.tune["heldout_rows"]) == 5
     assert len(steps) == 2 * -(-35 // -(-35 // tune.STEPS_PER_EPOCH)) == 24
     assert summary.tune["applied"]
+    steps.clear()  # tune_steps at least the training rows: one row a step
+    convert(source, tmp_path / "o1", tmp_path / "w1", calibration=calibration, tune_epochs=2, tune_lr=0.01, tune_steps=10**5)
+    assert len(steps) == 2 * 35
 
 
 def test_group_scales_alone(tiny_model_dirs, tmp_path):
@@ -244,7 +247,8 @@ def test_tuning_options_are_validated():
     assert ConvertOptions(bpw=4.0, tune_epochs=1).resolved(10).tuning().lr == pytest.approx(1e-3)
     assert ConvertOptions(bpw=4.0, tune_epochs=1, tune_lr=0.05).resolved(10).tuning().lr == 0.05
     for options, flag in [(dict(tune_epochs=-1), "--tune-epochs"), (dict(tune_epochs=65), "--tune-epochs"),
-                          (dict(tune_lr=0.0), "--tune-lr"), (dict(tune_lr=2.0), "--tune-lr")]:
+                          (dict(tune_lr=0.0), "--tune-lr"), (dict(tune_lr=2.0), "--tune-lr"),
+                          (dict(tune_steps=0), "Adam step")]:
         with pytest.raises(ExlqError, match=flag):
             ConvertOptions(bpw=3.0, **options).validate()
 

@@ -29,7 +29,7 @@ from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
 from exlq.quant.options import HEAD_OPTIONS, candidate_specs
 from exlq.quant.rotate import apply_rotation, check_rotation, rotation_for
-from exlq.quant.tune import Student, TuneCheckpoint, TuneResult, TuneSettings, TuneState, default_lr, tune
+from exlq.quant.tune import STEPS_PER_EPOCH, Student, TuneCheckpoint, TuneResult, TuneSettings, TuneState, default_lr, tune
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
 from exlq.runtime.exl2 import Exl2Tensors
 from exlq.runtime.model import DecoderOnlyLM
@@ -65,6 +65,8 @@ class ConvertOptions:
     # None: TUNE_EPOCHS with at least TUNE_MIN_TOKENS calibration tokens, else 0
     tune_lr: float | None = None  # its Adam step size on the log multipliers; None: tune.default_lr(bpw)
     tune_norms: bool = True  # it tunes the norms' weights too (else only the group scales)
+    tune_steps: int = STEPS_PER_EPOCH  # its Adam steps per epoch, at most (rows accumulated per step: training rows /
+    # steps, rounded up; a number ≥ the training rows makes one row a step)
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
@@ -81,6 +83,8 @@ class ConvertOptions:
             raise ExlqError(f"--tune-epochs must be between 0 and {MAX_TUNE_EPOCHS} (got {self.tune_epochs})")
         if self.tune_lr is not None and not 0 < self.tune_lr <= 1:
             raise ExlqError(f"--tune-lr must be above 0 and at most 1 (got {self.tune_lr})")
+        if self.tune_steps < 1:
+            raise ExlqError(f"tuning needs at least one Adam step an epoch (got {self.tune_steps})")
 
     def resolved(self, calibration_tokens: int) -> ConvertOptions:
         """These options with the asymmetric share and the refinement sweeps decided. The defaults apply
@@ -112,7 +116,7 @@ class ConvertOptions:
             raise ValueError("ConvertOptions.resolved() decides tune_epochs and tune_lr first")
         if self.tune_epochs == 0:
             return None
-        return TuneSettings(epochs=self.tune_epochs, lr=self.tune_lr, norms=self.tune_norms)
+        return TuneSettings(epochs=self.tune_epochs, lr=self.tune_lr, steps=self.tune_steps, norms=self.tune_norms)
 
 
 @dataclass
