@@ -15,6 +15,7 @@ from torch import nn
 from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch, attend
 from exlq.runtime.cache import KVCache
+from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN
 from exlq.runtime.linear import project_each
 
 
@@ -28,11 +29,7 @@ class RMSNorm(nn.Module):
 
     def _fused(self) -> bool:
         """Whether the fused kernel runs this norm (on a kernel-enabled GPU, rows it can hold in registers)."""
-        if not kernels.applies(self.weight):
-            return False
-        from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN
-
-        return self.weight.numel() <= NORM_MAX_HIDDEN
+        return self.weight.numel() <= NORM_MAX_HIDDEN and kernels.applies(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self._fused():
