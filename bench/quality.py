@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--tune-epochs", type=int, default=None, help="convert --tune-epochs (default: convert's)")
     parser.add_argument("--tune-lr", type=float, default=None, help="convert --tune-lr (default: convert's, by bpw)")
     parser.add_argument("--tune-scales-only", action="store_true", help="tune only the group scales, not the norms")
-    parser.add_argument("--tune-steps", type=int, default=None,
+    parser.add_argument("--tune-steps", type=int, default=ConvertOptions.tune_steps,
                         help="Adam steps per tuning epoch, at most (default: convert's; 100000: one calibration row a step)")
     args = parser.parse_args()
 
@@ -110,7 +110,7 @@ def main() -> None:
                                  asym_alpha=args.asym_alpha, asym_lambda=args.asym_lambda,
                                  refine_sweeps=args.refine_sweeps, tune_epochs=args.tune_epochs,
                                  tune_norms=not args.tune_scales_only,
-                                 **({} if args.tune_steps is None else {"tune_steps": args.tune_steps}),
+                                 tune_steps=args.tune_steps,
                                  tune_lr=args.tune_lr).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,

@@ -15,7 +15,7 @@ from torch import nn
 from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch, attend
 from exlq.runtime.cache import KVCache
-from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN
+from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, add_rms_norm, silu_mul
 from exlq.runtime.linear import project_each
 
 
@@ -33,8 +33,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self._fused():
-            from exlq.runtime.kernels.fused_ops import add_rms_norm
-
             return add_rms_norm(x, None, self.weight, self.eps)[1]
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -43,8 +41,6 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + delta in float32, the norm of that): one kernel on the GPU instead of four."""
         if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and self._fused():
-            from exlq.runtime.kernels.fused_ops import add_rms_norm
-
             return add_rms_norm(residual, delta, self.weight, self.eps)
         residual = residual + delta.float()
         return residual, self(residual)
@@ -105,8 +101,6 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project_each((self.gate_proj, self.up_proj), x)
         if kernels.applies(gate):
-            from exlq.runtime.kernels.fused_ops import silu_mul
-
             return self.down_proj(silu_mul(gate, up))
         return self.down_proj(F.silu(gate) * up)
 
