@@ -7,10 +7,12 @@
 #                  the real-EXL2 test, then the speed of this tree (as STAGE=speed TREES=$PWD).
 #   STAGE=prep:    the same preparation with ALT's GPU tests instead.
 #   STAGE=speed:   per tree in TREES (default: this tree and ALT): GEMV alone, the synthetic 8B,
-#                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode.
+#                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode (NO_SMOL=1: no smollm2 runs); once per
+#                  setting in SPEED_ENVS (e.g. SPEED_ENVS="EXLQ_MMA=1 EXLQ_MMA=0": each kernel in turn).
+#   STAGE=tests:   this tree's GPU tests alone (no model needed; the real-EXL2 test skips).
 #   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2) and the
 #                  EXL2 module's cold compile (fresh cache directory).
-#   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager): the full set with source-level counters, its
+#   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
 #                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options);
 #                  with QUALITY_BPWS="2.5 3.5 ...", one job per bitrate, 10 s apart, sharing one out-root (start them
@@ -20,6 +22,8 @@
 #   STAGE=stop:    end any quality job (e.g. STAGE="wait stop speed").
 set -uo pipefail
 export PYTHONUNBUFFERED=1 EXLQ_SHARED_DIR=/tmp/gpu/shared EXLQ_TEST_MODELS=/tmp/models
+# Kernels compiled here (same NVRTC 13.0, sm_90) travel in .gpu/kcache: a cache hit saves the device ~15 s a module.
+[ -d /tmp/gpu/kcache ] && export EXLQ_CACHE_DIR=${EXLQ_CACHE_DIR:-/tmp/gpu/kcache}
 OUT=${OUT:-/tmp/out}; ALT=${ALT:-/tmp/gpu/alt}; HERE=$PWD; mkdir -p "$OUT" /tmp/models
 M=/tmp/models/smollm2-135m E=/tmp/models/smollm2-135m-exl2-4.0bpw
 
@@ -43,9 +47,9 @@ prepare() {  # $1: the tree whose GPU tests run while smollm2 converts
     -k real_exl2 2>&1 | tail -3)
 }
 
-speed() {  # $1: tree
-  cd $1; tag=$(basename $1)
-  echo "=== $1"
+speed() {  # $1: tree; $2: environment settings for this run (e.g. EXLQ_MMA=0), also in the output names
+  cd $1; tag=$(basename $1)$(echo "${2:-}" | tr -c 'A-Za-z0-9\n' _); [ -n "${2:-}" ] && export ${2}
+  echo "=== $1 ${2:-}"
   python3 bench/gemv.py --rows 1 2 4 --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
   python3 bench/gemv.py --rows 1 --group-size 32 --shapes 4096x14336 14336x4096 576x1536 1536x576 \
     --json-out $OUT/gemv_g32_$tag.json 2>&1 | tail -4
@@ -53,6 +57,7 @@ speed() {  # $1: tree
     | grep -E "decode_tokens|\"512" | sed "s/^/g32 /"
   python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b_$tag.json \
     2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048|vram|gbps" $OUT/bench_8b_$tag.json | head -8
+  [ -n "${NO_SMOL:-}" ] && { tail -3 $OUT/err.log 2>/dev/null; cd $HERE; [ -n "${2:-}" ] && unset ${2%%=*}; return; }
   [ -n "${NO_FP16:-}" ] || for cache in fp16 q4; do  # NO_FP16=1: skip (the EXL2 kernels do not touch them)
     echo "-- smollm2 fp16, $cache cache"; python3 -m exlq.cli.app bench $M --cache $cache --prefill 512 --json \
       > $OUT/bench_smol_${cache}_$tag.json 2>>$OUT/err.log; grep -E "decode_tokens" $OUT/bench_smol_${cache}_$tag.json
@@ -61,15 +66,16 @@ speed() {  # $1: tree
     echo "-- smollm2 EXL2 4.0 ($run)"; python3 -m exlq.cli.app bench $E --json > $OUT/bench_smol_exl2_$tag.json \
       2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048" $OUT/bench_smol_exl2_$tag.json
   done
-  tail -3 $OUT/err.log 2>/dev/null; cd $HERE
+  tail -3 $OUT/err.log 2>/dev/null; cd $HERE; [ -n "${2:-}" ] && unset ${2%%=*}
 }
 
 for stage in ${STAGE:-session}; do  # several stages in order, e.g. STAGE="assemble quality prep"
 case $stage in
 assemble) assemble ;;
 session) prepare $HERE; speed $HERE ;;
+tests) (python3 -m pytest -q -p no:cacheprovider -rs -m gpu 2>&1 | tee $OUT/pytest_gpu.log | tail -15) ;;
 prep) prepare $ALT ;;
-speed) for tree in ${TREES:-$HERE $ALT}; do speed $tree; done ;;
+speed) for tree in ${TREES:-$HERE $ALT}; do for env in ${SPEED_ENVS:-""}; do speed $tree "$env"; done; done ;;
 profile)
   python3 bench/profile_decode.py --synthetic llama3-8b 2>&1 | tail -28
   [ -f $E/config.json ] && python3 bench/profile_decode.py --model $E --top 15 2>&1 | tail -18
@@ -82,10 +88,13 @@ for dtype in (torch.float16, torch.bfloat16):
     compiler.compile_source(exl2_ops.SOURCE, 'sm_90', list(exl2_ops.INSTANCE_SETS[dtype]))
     print(f'EXL2 module {dtype}: cold compile {cold:.1f} s, cached {1e3 * (time.perf_counter() - start):.1f} ms')" ;;
 ncu)
-  ncu --clock-control none --set full --import-source yes -k regex:exl2_gemv --launch-skip 4 --launch-count 1 -f \
-    -o $OUT/gemv_ncu python3 bench/gemv.py --once --shapes 4096x14336 --rows 1 2>&1 | tail -3
-  ncu -i $OUT/gemv_ncu.ncu-rep --page details 2>&1 | grep -vE "^ +-+$" | head -120
-  ncu -i $OUT/gemv_ncu.ncu-rep --page source --csv > $OUT/gemv_ncu_source.csv 2>&1; wc -l $OUT/gemv_ncu_source.csv ;;
+  for tree in ${NCU_TREES:-$HERE}; do
+    tag=$(basename $tree); echo "=== ncu $tree"
+    (cd $tree && ncu --clock-control none --set full --import-source yes -k regex:exl2_gemv --launch-skip 4 \
+      --launch-count 1 -f -o $OUT/gemv_ncu_$tag python3 bench/gemv.py --once --shapes 4096x14336 --rows 1 2>&1 | tail -3)
+    ncu -i $OUT/gemv_ncu_$tag.ncu-rep --page details 2>&1 | grep -vE "^ +-+$" | head -120
+    ncu -i $OUT/gemv_ncu_$tag.ncu-rep --page source --csv > $OUT/gemv_ncu_source_$tag.csv 2>&1
+  done ;;
 quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
   tree=${QUALITY_TREE:-$HERE}; tag=$(basename $tree)
   for bpw in ${QUALITY_BPWS:-all}; do

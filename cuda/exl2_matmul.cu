@@ -7,10 +7,8 @@
 // group first + (sb >> shift). The host builds the chunk table once per layer (exl2_ops.py).
 //
 // Chunk: int4 {bits | rows << 8 | shift << 16, first q_weight row (word), first stored row, first group}.
-#include "common.cuh"
+#include "exl2_common.cuh"
 
-#define THREADS 128        // one thread per output column
-#define SPLIT_ROWS 256     // at most this many stored rows per K split (x slice in shared memory)
 
 // Code i of a b-bit field string held in registers: funnel shift joins the two words a field may straddle.
 template <int B>
@@ -25,23 +23,6 @@ __device__ __forceinline__ float centered(u32 code, u32 two23) {
     return __int_as_float(two23 | code) - (8388608.0f + (float)(1 << (B - 1)));
 }
 
-// The constants OR-ed onto codes (0x4B000000: 2^23 in fp32; 0x64006400: 1024 in both fp16 halves), held
-// in registers the compiler cannot prove constant. LOP3 takes one immediate: with both the mask and the
-// constant known, ptxas keeps the constant as the immediate and re-creates the mask with a MOV for every
-// code or pair (the 4-bit pair decode took 4 instructions instead of 2; see docs/benchmarks.md, session 8).
-struct Magic {
-    u32 two23, h1024;
-    __device__ __forceinline__ explicit Magic(int nonnegative)
-        : two23(0x4B000000u | ((u32)nonnegative >> 31)), h1024(0x64006400u | ((u32)nonnegative >> 31)) {}
-};
-
-// Effective scale of (group g, column n) before the format's fp16 rounding: c^2 * M_g, c = nibble + 1.
-__device__ __forceinline__ float column_scale(const u32* __restrict__ q_scale, const float* __restrict__ scale_max,
-                                              int g, int n, int n_pad) {
-    const u32 word = __ldg(q_scale + (size_t)g * (n_pad >> 3) + (n >> 3));
-    const float c = (float)(((word >> ((n & 7) * 4)) & 15u) + 1u);
-    return c * c * __ldg(scale_max + g);
-}
 
 // fp32 path, any width: dot[m] += sum_i x[m][lr + i] (q_i - z) over 32 rows whose B words are in registers.
 template <int B, int M>
@@ -222,31 +203,6 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
 template <typename T> struct HalfPath { static constexpr bool value = false; };
 template <> struct HalfPath<fp16_t> { static constexpr bool value = true; };
 
-// One matrix of a GEMV launch. A launch computes up to MAX_GROUP products of the same activations
-// (e.g. q/k/v or gate/up: one launch instead of three or two); each matrix keeps its own tables,
-// permutation, workspace slice, tile counters and output. Mirrored by exl2_ops.GemvMatrix.
-#define MAX_GROUP 4
-struct GemvMatrix {
-    const u32* q_weight;
-    const u32* q_scale;
-    const float* scale_max;
-    const int4* chunks;
-    const int* split_chunks;
-    const int* perm;
-    const float* bias;      // null: no bias
-    float* workspace;       // [M, n_pad] fp32 partial sums, zero between launches
-    int* counters;          // [tiles], zero between launches
-    u16* y;                 // [M, N]
-    int N, n_pad, tiles, splits, block0;  // block0: this matrix's first block in a group launch
-};
-struct GemvGroup {
-    GemvMatrix m[MAX_GROUP];
-    int count;
-};
-// The host fills these byte for byte (ctypes); tests/test_kernel_compile.py checks that its sizes are these and
-// its fields are these, in this order. (No offsetof: the NVRTC of CUDA 13.0 rejects __builtin_offsetof.)
-static_assert(sizeof(GemvMatrix) == 104, "see exl2_ops.GemvMatrix");
-static_assert(sizeof(GemvGroup) == 424, "see exl2_ops.GemvGroup");
 
 // y[M, N] = x[M, K] @ W for one matrix, as block `local` of its Σ tiles·splits blocks: column tile
 // local % tiles (THREADS columns), K split local / tiles. Each block sums its K split into the fp32
@@ -257,7 +213,6 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
     constexpr bool HALF = HalfPath<T>::value;
     __shared__ __align__(16) float xs[M][SPLIT_ROWS];
     __shared__ __align__(16) u16 xh[HALF ? M : 1][SPLIT_ROWS];
-    __shared__ int is_last;
     const u32* __restrict__ q_weight = mat.q_weight;
     const int4* __restrict__ chunks = mat.chunks;
     const int n_pad = mat.n_pad, tile = local % mat.tiles, split = local / mat.tiles;
@@ -317,27 +272,11 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
         }
         return;
     }
-    float* __restrict__ workspace = mat.workspace;
     if (valid) {
 #pragma unroll
-        for (int m = 0; m < M; m++) atomicAdd(workspace + (size_t)m * n_pad + n, acc[m]);
+        for (int m = 0; m < M; m++) atomicAdd(mat.workspace + (size_t)m * n_pad + n, acc[m]);
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(mat.counters + tile, 1) == mat.splits - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    if (valid) {
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-            float* slot = workspace + (size_t)m * n_pad + n;
-            const float v = __ldcg(slot);
-            *slot = 0.0f;
-            if (n < N) y[(size_t)m * N + n] = Act<T>::store(v + b);
-        }
-    }
-    if (threadIdx.x == 0) mat.counters[tile] = 0;
+    finish_split<T, M>(mat, tile);
 }
 
 // One matrix (o_proj, down_proj, lm_head, ...): its fields are kernel parameters at fixed offsets, which

@@ -33,9 +33,9 @@ def test_gemv_descriptors_match_the_kernel_structs():
     import ctypes
     import re
 
-    from exlq.runtime.kernels.exl2_ops import MAX_GROUP, SOURCE, GemvGroup, GemvMatrix
+    from exlq.runtime.kernels.exl2_ops import MAX_GROUP, GemvGroup, GemvMatrix
 
-    text = (SOURCE_DIR / SOURCE).read_text()
+    text = (SOURCE_DIR / "exl2_common.cuh").read_text()  # shared by both GEMV kernels
     asserted = {m[0]: int(m[1]) for m in re.findall(r"static_assert\(sizeof\((\w+)\) == (\d+),", text)}
     assert asserted == {"GemvMatrix": ctypes.sizeof(GemvMatrix), "GemvGroup": ctypes.sizeof(GemvGroup)}
     for struct in (GemvMatrix, GemvGroup):

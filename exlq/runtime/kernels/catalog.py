@@ -9,6 +9,7 @@ from exlq.runtime.kernels import exl2_ops, fused_ops, kv_ops
 
 SOURCES: dict[str, list[tuple[str, ...]]] = {
     exl2_ops.SOURCE: list(exl2_ops.INSTANCE_SETS.values()),
+    exl2_ops.MMA_SOURCE: [exl2_ops.MMA_INSTANCES],
     fused_ops.SOURCE: [fused_ops.INSTANCES],
     kv_ops.SOURCE: [kv_ops.INSTANCES],
 }

@@ -9,11 +9,18 @@ The packed tensors stay exactly as stored (no load-time re-layout); the kernels 
 (≤ 128 rows of one width each, one group or several small ones), the K-split boundaries, the act-order
 permutation and the group scale multipliers M_g = f16(q_scale_max · prescale / 256), all built once per
 layer by `build_plan`.
+
+Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 or 8 fp16 activation rows for layers whose
+groups are whole 32-row blocks (every converter layout with K a multiple of 32): on the H200 it is 13-33 % faster
+than `exl2_matmul.cu` there, but 20-25 % slower at 1-2 rows (docs/benchmarks.md, session 10). `exl2_matmul.cu` (one
+column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
+forces it everywhere.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +31,10 @@ from exlq.runtime.kernels import ACTIVATION_TAGS
 from exlq.runtime.kernels.launch import kernel, launch
 
 SOURCE = "exl2_matmul.cu"
+MMA_SOURCE = "exl2_mma.cu"
+#: Use the tensor-core GEMV where it applies; EXLQ_MMA=0 (or tests, benchmarks) switches it off to compare.
+MMA = os.environ.get("EXLQ_MMA", "1") != "0"
+MMA_MAX_K = 1 << 20  # the gather table holds an input channel in 20 bits
 THREADS = 128  # THREADS in the .cu: output columns per block
 SPLIT_ROWS = 256  # SPLIT_ROWS in the .cu: most stored rows one block reads
 CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in flight together)
@@ -38,6 +49,8 @@ INSTANCE_SETS = {
     )
     for dtype, tag in ACTIVATION_TAGS.items()
 }
+MMA_ROWS = (8, 4)  # launches of these many rows go to the tensor-core kernel (where it applies)
+MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
 
 @dataclass
@@ -51,6 +64,7 @@ class Exl2Plan:
     split_chunks: torch.Tensor  # int32 [S + 1]: chunk index where each K split starts
     perm: torch.Tensor  # int32 [K]: stored row -> input channel
     perm_long: torch.Tensor  # int64 [K], for torch indexing
+    gather: torch.Tensor | None  # int32 [K]: the tensor-core GEMV's gather table (mma_gather_table); None: not eligible
     bias: torch.Tensor | None  # float32 [N_pad]
     in_features: int
     out_features: int
@@ -102,6 +116,41 @@ def split_points(table: list[tuple[int, int, int, int, int, int]], column_tiles:
     return points
 
 
+def pair_row(bits: int, pair: int, half: int) -> int:
+    """Which of a lane's 8 rows (of a 32-row block) is half `half` of code pair `pair` in exl2_mma.cu's decode_pairs."""
+    if bits == 8:
+        return (pair & 1) + 2 * half + 4 * (pair >> 1)
+    return pair + 4 * half
+
+
+def pair_shift(bits: int, pair: int) -> int:
+    """log2 of the factor decode_pairs leaves on pair `pair` (the activations are scaled by its inverse)."""
+    return {4: 4 * (pair & 1), 2: 2 * pair}.get(bits, 0)
+
+
+def mma_gather_table(table: list[tuple[int, int, int, int, int, int]], perm: torch.Tensor) -> torch.Tensor | None:
+    """Per stored row: input channel | slot << 20 | shift << 25 | (bits - 1) << 28, where slot (0-31) is the row's place
+    in its 32-row block of the tensor-core GEMV's activation buffer (lane t's pairs at 8t + 2·pair + half) and shift
+    the power of two its activation is divided by. None when the layer does not fit that kernel: a chunk that is not
+    whole 32-row blocks, or K ≥ 2^20."""
+    if perm.numel() >= MMA_MAX_K or any(rows % 32 for _, rows, *_ in table):
+        return None
+    slot_of, shift_of, bits_of = torch.empty(perm.numel(), dtype=torch.int64), torch.empty(perm.numel(), dtype=torch.int64), torch.empty(perm.numel(), dtype=torch.int64)
+    for bits, rows, _, row0, _, _ in table:
+        slots, shifts = [0] * 32, [0] * 32
+        for lane in range(4):
+            for pair in range(4):
+                for half in range(2):
+                    row = 8 * lane + pair_row(bits, pair, half)
+                    slots[row], shifts[row] = 8 * lane + 2 * pair + half, pair_shift(bits, pair)
+        blocks = rows // 32
+        slot_of[row0 : row0 + rows] = torch.tensor(slots).repeat(blocks)
+        shift_of[row0 : row0 + rows] = torch.tensor(shifts).repeat(blocks)
+        bits_of[row0 : row0 + rows] = bits
+    entries = perm.cpu().long() | slot_of << 20 | shift_of << 25 | (bits_of - 1) << 28
+    return entries.to(torch.int32).to(perm.device)
+
+
 def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale: float = 1.0) -> Exl2Plan:
     device = tensors.q_weight.device
     table = chunk_table(layout)
@@ -115,6 +164,7 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         split_chunks=torch.empty(0),
         perm=perm.to(torch.int32).contiguous(),
         perm_long=perm,
+        gather=mma_gather_table(table, perm),
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
         out_features=out_features,
@@ -177,8 +227,14 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
         blocks += plan.column_tiles * splits
         floats += rows * plan.n_pad
         tiles += plan.column_tiles
-    name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
-    function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
+    if MMA and rows in MMA_ROWS and x.dtype == torch.float16 and all(plan.gather is not None for plan in plans):
+        for i, plan in enumerate(plans):  # the tensor-core kernel reads its gather table where the permutation goes
+            group.m[i].perm = plan.gather.data_ptr()
+        name = "exl2_mma" if len(plans) == 1 else "exl2_mma_group"
+        function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
+    else:
+        name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
+        function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
     args = group.m[0] if len(plans) == 1 else group
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), (x, plans[0].in_features, args), device)
 

@@ -1,0 +1,232 @@
+// EXL2 GEMV on tensor cores, for fp16 activations (1..8 rows) and layers whose groups are whole 32-row blocks.
+//
+// Why: the one-column-a-thread kernel (exl2_matmul.cu) spends ~5 instructions a weight (a code pair costs a mask,
+// a centring fma and a dot fma; plus the activation gather), which bounds it near 36 % of the copy bandwidth.
+// Here `mma.m16n8k16` does the dot products (A = 16 output columns x 16 stored rows of weights, B = 16 rows x
+// 8 activation rows) and a code pair costs one LOP3: the "1024 trick" (0x6400 | c is the fp16 number 1024 + c)
+// makes the pair (1024 + 2^s q_a, 1024 + 2^s q_b) exact, the activations come pre-scaled by 2^-s, and the
+// fp32 accumulators absorb the offset, removed per group with sums the gather computes:
+//     sum_k b_k (1024 + 2^s_k q_k) - sum_k b_k (1024 + 2^s_k z) = sum_k b_k 2^s_k (q_k - z).
+//
+// Lanes and rows. Lane (g, t) = (lane / 4, lane % 4) of a warp holds the A fragment of output columns g and g + 8
+// of its 16-column tile: within every 32-row block, rows 8t .. 8t + 7 of both columns, as 4 code pairs each
+// (pair p = two k positions of one of the block's two 16-row mma steps). Which rows form pair p depends on the
+// width (`pair_row`); the activations sit in shared memory in the same "slot" order, 8t + 2p + half, so one
+// 16-byte load gives a lane its B fragments for the block's two mma steps. The host writes, per stored row,
+// where its activation goes (the gather table, exl2_ops.mma_gather_table).
+//
+// Words: 2-bit rows 8t.. of a block are half of word t / 2; 4-bit, word t; 8-bit, words 2t and 2t + 1; 3, 5 and
+// 6 bits, the (at most two) words that hold bits 8tb .. 8tb + 8b of the block's bit string.
+#include "exl2_common.cuh"
+
+// d = a b + d for one 16 x 8 x 16 tile: fp16 inputs, fp32 accumulators (c0, c1: column g, activation rows 2t,
+// 2t + 1; c2, c3: column g + 8).
+__device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Words a lane loads per 32-row block and column, by width.
+__host__ __device__ constexpr int lane_words(int bits) { return bits == 2 || bits == 4 ? 1 : 2; }
+
+// The first of those words, as a word row within the block.
+template <int B>
+__device__ __forceinline__ int first_word(int t) {
+    return B == 2 ? t >> 1 : B == 4 ? t : B == 8 ? 2 * t : (8 * t * B) >> 5;
+}
+
+// Code pairs 2·step and 2·step + 1 (as fp16 pairs 1024 + 2^s q) of a lane's 8 rows of one column, from its words
+// w0, w1: the A fragment halves of one mma step. Pair p holds rows (p, p + 4), for 8 bits (0, 2), (1, 3), (4, 6),
+// (5, 7); the factor 2^s is 16 on odd 4-bit pairs and 4^p on 2-bit ones (exl2_ops.pair_row, pair_shift).
+template <int B>
+__device__ __forceinline__ void decode_step(u32 w0, u32 w1, int t, int step, u32 h1024, u32* pair) {
+    if (B == 4) {
+        const u32 w = step ? w0 >> 8 : w0;
+        pair[0] = (w & 0x000F000Fu) | h1024;
+        pair[1] = (w & 0x00F000F0u) | h1024;
+    } else if (B == 8) {  // bytes of w0: rows 0-3; of w1: rows 4-7
+        const u32 w = step ? w1 : w0;
+        pair[0] = (w & 0x00FF00FFu) | h1024;
+        pair[1] = ((w >> 8) & 0x00FF00FFu) | h1024;
+    } else if (B == 2) {  // the lane's 16 bits spread as bytes b0, 0, b1, 0: rows 0-3 low, 4-7 high
+        const u32 spread = __byte_perm(w0, 0u, (t & 1) ? 0x4342u : 0x4140u);
+        pair[0] = (spread & (step ? 0x00300030u : 0x00030003u)) | h1024;
+        pair[1] = (spread & (step ? 0x00C000C0u : 0x000C000Cu)) | h1024;
+    } else {  // 3, 5, 6 bits: codes from the 64-bit window that starts at the lane's first row, unscaled
+        const unsigned long long v = ((((unsigned long long)w1 << 32) | w0) >> ((8 * t * B) & 31)) >> (2 * step * B);
+        constexpr u32 mask = (1u << B) - 1u;
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            pair[i] = ((u32)(v >> (i * B)) & mask) | (((u32)(v >> ((i + 4) * B)) & mask) << 16) | h1024;
+    }
+}
+
+// Scales of group `group` for columns col0 + g + 8i, i < 4 (col0: a multiple of 32): their four q_scale words are
+// one 16-byte load, the same for the whole warp.
+__device__ __forceinline__ void warp_scales(const u32* __restrict__ q_scale, const float* __restrict__ scale_max, int group,
+                                            int col0, int g, int n_pad, float* scale) {
+    const uint4 words = __ldg(reinterpret_cast<const uint4*>(q_scale + (size_t)group * (n_pad >> 3) + (col0 >> 3)));
+    const float multiplier = __ldg(scale_max + group);
+    const u32 w[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float c = (float)(((w[i] >> (4 * g)) & 15u) + 1u);
+        scale[i] = c * c * multiplier;
+    }
+}
+
+// One chunk (at most 128 rows, whole 32-row blocks) for a lane's two 16-column tiles: the words of BLOCKS
+// blocks at a time are loaded together, then decoded and multiplied; every group (2^shift blocks) ends with a
+// fold of the accumulators into the scaled totals. off[blk][m]: the gather's offset sums.
+template <int B, int M>
+__device__ __forceinline__ void mma_chunk(const u32* __restrict__ base, int n_pad, int rows, int shift, int blk0, int g0,
+                                          const GemvMatrix& mat, int col0, int g, int t, const uint4 (*xh)[SPLIT_ROWS / 8],
+                                          const float (*off)[8], u32 h1024, float (*total)[4]) {
+    constexpr int BLOCKS = B <= 4 ? 4 : 2;  // at most 16 words in flight a lane
+    constexpr int W = lane_words(B);
+    const int blocks = rows >> 5;
+    const int group_blocks = 1 << shift;
+    float acc[2][4] = {}, offset[2] = {};  // offset: the group's offset sums for activation rows 2t, 2t + 1
+    for (int b0 = 0; b0 < blocks; b0 += BLOCKS) {
+        u32 words[BLOCKS][4][W];  // [block][column: tile 0 g, tile 0 g + 8, tile 1 g, tile 1 g + 8][word]
+        const u32* at = base + (size_t)(b0 * B + first_word<B>(t)) * n_pad;  // this lane's first word of the step
+#pragma unroll
+        for (int sb = 0; sb < BLOCKS; sb++) {
+#pragma unroll
+            for (int w = 0; w < W; w++) {  // the 4 columns are immediate offsets from one address a word row
+                const bool inside = b0 + sb < blocks && (W == 1 || first_word<B>(t) + w < B);
+                const u32* row = at + (size_t)(sb * B + w) * n_pad;
+#pragma unroll
+                for (int c = 0; c < 4; c++) words[sb][c][w] = inside ? __ldg(row + 8 * c) : 0u;
+            }
+        }
+#pragma unroll
+        for (int sb = 0; sb < BLOCKS; sb++) {
+            const int blk = b0 + sb;
+            if (blk < blocks) {
+                const uint4 xv = g < M ? xh[g][(blk0 + blk) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                for (int tile = 0; tile < 2; tile++) {
+#pragma unroll
+                    for (int step = 0; step < 2; step++) {  // rows of the block's first, then second mma step
+                        u32 lo[2], hi[2];  // columns g and g + 8
+                        decode_step<B>(words[sb][2 * tile][0], words[sb][2 * tile][W - 1], t, step, h1024, lo);
+                        decode_step<B>(words[sb][2 * tile + 1][0], words[sb][2 * tile + 1][W - 1], t, step, h1024, hi);
+                        mma_16816(acc[tile], lo[0], hi[0], lo[1], hi[1], step ? xv.z : xv.x, step ? xv.w : xv.y);
+                    }
+                }
+                const float2 o = *reinterpret_cast<const float2*>(&off[blk0 + blk][2 * t]);
+                offset[0] += o.x;
+                offset[1] += o.y;
+                if (((blk + 1) & (group_blocks - 1)) == 0 || blk + 1 == blocks) {  // the group ends: fold
+                    float scale[4];  // columns g, g + 8, g + 16, g + 24 of the warp's 32
+                    warp_scales(mat.q_scale, mat.scale_max, g0 + (blk >> shift), col0, g, n_pad, scale);
+#pragma unroll
+                    for (int tile = 0; tile < 2; tile++) {
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            if (M > 1 || (i & 1) == 0)  // at M = 1 only activation row 2t (t = 0) is used
+                                total[tile][i] = fmaf(scale[2 * tile + (i >> 1)], acc[tile][i] - offset[i & 1], total[tile][i]);
+                            acc[tile][i] = 0.0f;
+                        }
+                    }
+                    offset[0] = offset[1] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// y[M, N] = x[M, K] @ W as block `local` of its tiles·splits blocks (as gemv_block in exl2_matmul.cu: column tile
+// local % tiles of THREADS columns, 32 a warp; K split local / tiles).
+template <int M>
+__device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, const GemvMatrix& mat, int local) {
+    __shared__ __align__(16) uint4 xh[M][SPLIT_ROWS / 8];  // activations in slot order, 8 fp16 a lane-block
+    __shared__ __align__(16) float off[SPLIT_ROWS / 32][8];  // [block][m]: sum of b_k (1024 + 2^s_k z)
+    const int4* __restrict__ chunks = mat.chunks;
+    const int n_pad = mat.n_pad, tile = local % mat.tiles, split = local / mat.tiles;
+    const int c0 = mat.split_chunks[split], c1 = mat.split_chunks[split + 1];
+    const int r0 = chunks[c0].z, rows = chunks[c1 - 1].z + ((chunks[c1 - 1].x >> 8) & 0xff) - r0;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    // Gather: warp w takes 32-row blocks w, w + 4, ...; lane i puts row i of the block in its slot for every
+    // activation row, and the warp sums the block's offset terms. Table entry: channel | slot << 20 | s << 25 |
+    // (bits - 1) << 28.
+    const int* __restrict__ table = mat.perm;
+    u16* xs = reinterpret_cast<u16*>(xh);
+    for (int blk = warp; blk < (rows >> 5); blk += THREADS / 32) {
+        const int e = __ldg(table + r0 + 32 * blk + lane);
+        const int s = (e >> 25) & 7, bits = ((e >> 28) & 7) + 1, slot = 32 * blk + ((e >> 20) & 31);
+        const float down = __int_as_float((127 - s) << 23), up = 1024.0f + (float)((1 << s) << (bits - 1));
+        float x_m[M];
+#pragma unroll
+        for (int m = 0; m < M; m++) x_m[m] = Act<fp16_t>::load(x[(size_t)m * K + (e & 0xfffff)]);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const u16 b = Act<fp16_t>::store(x_m[m] * down);
+            xs[m * SPLIT_ROWS + slot] = b;
+            const float term = warp_sum(Act<fp16_t>::load(b) * up);
+            if (lane == 0) off[blk][m] = term;
+        }
+    }
+    __syncthreads();
+
+    const int col0 = tile * THREADS + 32 * warp;  // this warp's 32 columns (n_pad is a multiple of 32)
+    if (col0 < n_pad) {
+        const int g = lane >> 2, t = lane & 3;
+        const Magic k(mat.N);
+        float total[2][4] = {};
+        const u32* lane_base;  // opaque to the compiler (see chunk_dot in exl2_matmul.cu)
+        asm("mov.b64 %0, %1;" : "=l"(lane_base) : "l"(mat.q_weight + col0 + g));
+        for (int c = c0; c < c1; c++) {
+            const int4 ch = chunks[c];
+            const int bits = ch.x & 0xff, rows_c = (ch.x >> 8) & 0xff, shift = ch.x >> 16, blk0 = (ch.z - r0) >> 5;
+            const u32* base = lane_base + (size_t)ch.y * n_pad;
+#define MMA_CHUNK(B) mma_chunk<B, M>(base, n_pad, rows_c, shift, blk0, ch.w, mat, col0, g, t, xh, off, k.h1024, total)
+            switch (bits) {
+                case 8: MMA_CHUNK(8); break;
+                case 6: MMA_CHUNK(6); break;
+                case 5: MMA_CHUNK(5); break;
+                case 4: MMA_CHUNK(4); break;
+                case 3: MMA_CHUNK(3); break;
+                default: MMA_CHUNK(2); break;
+            }
+#undef MMA_CHUNK
+        }
+        // total[tile][i]: column col0 + 16 tile + g (+ 8 for i >= 2), activation row 2t + (i & 1)
+#pragma unroll
+        for (int tl = 0; tl < 2; tl++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int m = 2 * t + (i & 1), col = col0 + 16 * tl + g + (i >> 1) * 8;
+                if (m < M) {
+                    if (mat.splits == 1) {
+                        if (col < mat.N) {
+                            const float bias = mat.bias != nullptr ? mat.bias[col] : 0.0f;
+                            mat.y[(size_t)m * mat.N + col] = Act<fp16_t>::store(total[tl][i] + bias);
+                        }
+                    } else {
+                        atomicAdd(mat.workspace + (size_t)m * n_pad + col, total[tl][i]);
+                    }
+                }
+            }
+        }
+    }
+    if (mat.splits > 1) finish_split<fp16_t, M>(mat, tile);
+}
+
+template <int M>
+__global__ void __launch_bounds__(THREADS) exl2_mma(const u16* __restrict__ x, int K, const GemvMatrix mat) {
+    mma_block<M>(x, K, mat, blockIdx.x);
+}
+
+template <int M>
+__global__ void __launch_bounds__(THREADS) exl2_mma_group(const u16* __restrict__ x, int K, const GemvGroup group) {
+    int which = 0;
+#pragma unroll
+    for (int i = 1; i < MAX_GROUP; i++)
+        if (i < group.count && (int)blockIdx.x >= group.m[i].block0) which = i;
+    mma_block<M>(x, K, group.m[which], blockIdx.x - group.m[which].block0);
+}
