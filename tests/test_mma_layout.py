@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from exlq.quant.exl2_pack import converter_layout, pack_exl2
 from exlq.runtime.exl2 import dequantize, scale_multipliers
 from exlq.runtime.kernels import exl2_ops
+from test_kernels_gpu import random_exl2  # the GPU tests' random layers (importable without a GPU)
 
 H1024 = np.uint32(0x64006400)
 
@@ -95,16 +95,6 @@ def emulate(tensors, layout, x: torch.Tensor) -> np.ndarray:
     return total
 
 
-def random_layer(k: int, n: int, bits, props, group_size, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    layout = converter_layout(k, bits, props, group_size)
-    codes = torch.cat([torch.randint(0, 1 << b, (r, n), generator=gen) for b, r in layout])
-    scale_codes = torch.randint(1, 17, (len(layout), n), generator=gen)
-    q_scale_max = (torch.rand(len(layout), generator=gen) * 0.02 + 0.001).half()
-    perm = torch.randperm(k, generator=gen)
-    return pack_exl2(codes, scale_codes, q_scale_max, layout, perm, None), layout
-
-
 @pytest.mark.parametrize(
     "k, bits, props, group",
     [(64, [8], [1.0], 32), (96, [6], [1.0], 32), (160, [5], [1.0], 32), (256, [4], [1.0], 128), (288, [3], [1.0], 32),
@@ -112,7 +102,7 @@ def random_layer(k: int, n: int, bits, props, group_size, seed: int):
      (960, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 64])],
 )
 def test_mma_layout_reproduces_the_product(k, bits, props, group):
-    tensors, layout = random_layer(k, 64, bits, props, group, seed=k)
+    tensors, layout = random_exl2(k, 64, bits, props, group, seed=k)
     x = torch.randn(3, k)
     got = emulate(tensors, layout, x)
     weight = dequantize(tensors.q_weight, tensors.q_scale, tensors.q_scale_max, tensors.q_groups, tensors.q_invperm)
@@ -121,6 +111,6 @@ def test_mma_layout_reproduces_the_product(k, bits, props, group):
 
 
 def test_mma_gather_table_refuses_partial_blocks():
-    tensors, layout = random_layer(592, 32, [2], [1.0], 64, seed=1)  # 9 groups of 64 and a 16-row tail
+    tensors, layout = random_exl2(592, 32, [2], [1.0], 64, seed=1)  # 9 groups of 64 and a 16-row tail
     table = exl2_ops.chunk_table(layout)
     assert exl2_ops.mma_gather_table(table, exl2_ops.perm_from_invperm(tensors.q_invperm)) is None
