@@ -1,7 +1,9 @@
-// EXL2 GEMV on tensor cores, for fp16 activations (1..8 rows) and layers whose groups are whole 32-row blocks.
+// EXL2 GEMV on tensor cores, for fp16 activations (up to 8 rows) and layers whose groups are whole 32-row blocks.
+// The host sends it launches of 4 or 8 rows (exl2_ops.MMA_ROWS), where it beats exl2_matmul.cu by 10-33 % on the
+// H200; at 1-2 rows it is 14-26 % slower (its fixed per-warp costs: docs/benchmarks.md, session 10).
 //
 // Why: the one-column-a-thread kernel (exl2_matmul.cu) spends ~5 instructions a weight (a code pair costs a mask,
-// a centring fma and a dot fma; plus the activation gather), which bounds it near 36 % of the copy bandwidth.
+// a centring fma and a dot fma; plus the activation gather), and the cost of its dot grows with the rows.
 // Here `mma.m16n8k16` does the dot products (A = 16 output columns x 16 stored rows of weights, B = 16 rows x
 // 8 activation rows) and a code pair costs one LOP3: the "1024 trick" (0x6400 | c is the fp16 number 1024 + c)
 // makes the pair (1024 + 2^s q_a, 1024 + 2^s q_b) exact, the activations come pre-scaled by 2^-s, and the

@@ -26,7 +26,7 @@ def first_word(bits: int, t: int) -> int:
 
 
 def decode_pairs(bits: int, w0: np.ndarray, w1: np.ndarray, t: int) -> list[np.ndarray]:
-    """exl2_mma.cu's decode_pairs over a vector of columns: four uint32 fp16 pairs."""
+    """exl2_mma.cu's decode_step for both steps (pairs 0, 1 then 2, 3) over a vector of columns: four fp16 pairs."""
     if bits == 4:
         hi = w0 >> 8
         masks = [(w0, 0x000F000F), (w0, 0x00F000F0), (hi, 0x000F000F), (hi, 0x00F000F0)]

@@ -117,14 +117,15 @@ def split_points(table: list[tuple[int, int, int, int, int, int]], column_tiles:
 
 
 def pair_row(bits: int, pair: int, half: int) -> int:
-    """Which of a lane's 8 rows (of a 32-row block) is half `half` of code pair `pair` in exl2_mma.cu's decode_pairs."""
+    """Which of a lane's 8 rows (of a 32-row block) is half `half` of code pair `pair` (= 2·step + i in
+    exl2_mma.cu's decode_step)."""
     if bits == 8:
         return (pair & 1) + 2 * half + 4 * (pair >> 1)
     return pair + 4 * half
 
 
 def pair_shift(bits: int, pair: int) -> int:
-    """log2 of the factor decode_pairs leaves on pair `pair` (the activations are scaled by its inverse)."""
+    """log2 of the factor decode_step leaves on pair `pair` (the activations are scaled by its inverse)."""
     return {4: 4 * (pair & 1), 2: 2 * pair}.get(bits, 0)
 
 
