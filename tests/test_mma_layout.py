@@ -55,7 +55,7 @@ def emulate(tensors, layout, x: torch.Tensor) -> np.ndarray:
     """y [M, N_pad] as exl2_mma.cu computes it (fp32 accumulation replaced by float64)."""
     table = exl2_ops.chunk_table(layout)
     perm = exl2_ops.perm_from_invperm(tensors.q_invperm)
-    gather = exl2_ops.mma_gather_table(table, perm).numpy().astype(np.int64)
+    gather = exl2_ops.mma_gather_table(layout, perm).numpy().astype(np.int64)
     words = tensors.q_weight.numpy().view(np.uint32)
     n_pad = words.shape[1]
     scale_codes = ((tensors.q_scale.numpy().view(np.uint32)[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 15).reshape(len(layout), n_pad)
@@ -112,5 +112,4 @@ def test_mma_layout_reproduces_the_product(k, bits, props, group):
 
 def test_mma_gather_table_refuses_partial_blocks():
     tensors, layout = random_exl2(592, 32, [2], [1.0], 64, seed=1)  # 9 groups of 64 and a 16-row tail
-    table = exl2_ops.chunk_table(layout)
-    assert exl2_ops.mma_gather_table(table, exl2_ops.perm_from_invperm(tensors.q_invperm)) is None
+    assert exl2_ops.mma_gather_table(layout, exl2_ops.perm_from_invperm(tensors.q_invperm)) is None

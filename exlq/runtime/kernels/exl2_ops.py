@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from exlq.runtime.exl2 import Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, scale_multipliers
+from exlq.runtime.exl2 import (
+    Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, row_bits, scale_multipliers,
+)
 from exlq.runtime.kernels import ACTIVATION_TAGS
 from exlq.runtime.kernels.launch import kernel, launch
 
@@ -129,26 +131,31 @@ def pair_shift(bits: int, pair: int) -> int:
     return {4: 4 * (pair & 1), 2: 2 * pair}.get(bits, 0)
 
 
-def mma_gather_table(table: list[tuple[int, int, int, int, int, int]], perm: torch.Tensor) -> torch.Tensor | None:
-    """Per stored row: input channel | slot << 20 | shift << 25 | (bits - 1) << 28, where slot (0-31) is the row's place
-    in its 32-row block of the tensor-core GEMV's activation buffer (lane t's pairs at 8t + 2·pair + half) and shift
-    the power of two its activation is divided by. None when the layer does not fit that kernel: a chunk that is not
-    whole 32-row blocks, or K ≥ 2^20."""
-    if perm.numel() >= MMA_MAX_K or any(rows % 32 for _, rows, *_ in table):
-        return None
-    slot_of, shift_of, bits_of = torch.empty(perm.numel(), dtype=torch.int64), torch.empty(perm.numel(), dtype=torch.int64), torch.empty(perm.numel(), dtype=torch.int64)
-    for bits, rows, _, row0, _, _ in table:
-        slots, shifts = [0] * 32, [0] * 32
+def _slot_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """[9, 32] slot and shift of row i (0-31) of a 32-row block, by width (rows 2-8 used)."""
+    slots, shifts = torch.zeros(9, 32, dtype=torch.int64), torch.zeros(9, 32, dtype=torch.int64)
+    for bits in (2, 3, 4, 5, 6, 8):
         for lane in range(4):
             for pair in range(4):
                 for half in range(2):
                     row = 8 * lane + pair_row(bits, pair, half)
-                    slots[row], shifts[row] = 8 * lane + 2 * pair + half, pair_shift(bits, pair)
-        blocks = rows // 32
-        slot_of[row0 : row0 + rows] = torch.tensor(slots).repeat(blocks)
-        shift_of[row0 : row0 + rows] = torch.tensor(shifts).repeat(blocks)
-        bits_of[row0 : row0 + rows] = bits
-    entries = perm.cpu().long() | slot_of << 20 | shift_of << 25 | (bits_of - 1) << 28
+                    slots[bits, row], shifts[bits, row] = 8 * lane + 2 * pair + half, pair_shift(bits, pair)
+    return slots, shifts
+
+
+_SLOTS, _SHIFTS = _slot_tables()
+
+
+def mma_gather_table(layout: Layout, perm: torch.Tensor) -> torch.Tensor | None:
+    """Per stored row: input channel | slot << 20 | shift << 25 | (bits - 1) << 28, where slot (0-31) is the row's place
+    in its 32-row block of the tensor-core GEMV's activation buffer (lane t's pairs at 8t + 2·pair + half) and shift
+    the power of two its activation is divided by. None when the layer does not fit that kernel: a group that is not
+    whole 32-row blocks (then no chunk is), or K ≥ 2^20."""
+    if perm.numel() >= MMA_MAX_K or any(rows % 32 for _, rows in layout):
+        return None
+    bits = row_bits(layout)
+    within = torch.arange(perm.numel()) & 31  # every group starts at a multiple of 32 rows
+    entries = perm.cpu().long() | _SLOTS[bits, within] << 20 | _SHIFTS[bits, within] << 25 | (bits - 1) << 28
     return entries.to(torch.int32).to(perm.device)
 
 
@@ -165,7 +172,7 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         split_chunks=torch.empty(0),
         perm=perm.to(torch.int32).contiguous(),
         perm_long=perm,
-        gather=mma_gather_table(table, perm),
+        gather=mma_gather_table(layout, perm),
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
         out_features=out_features,
