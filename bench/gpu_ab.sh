@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU work of a session on smollm2-135m (carried in pieces to /tmp/parts; docs/benchmarks.md, "moving models to the
 # GPU") and the synthetic 8B, for this tree or, A/B, for this tree and ALT (default /tmp/gpu/alt: e.g. this commit with
-# a patch applied, made here with `git archive HEAD | tar -x -C .gpu/alt && patch -p1 -d .gpu/alt < PATCH`).
+# a patch applied, made here with `git archive HEAD | tar -x -C .gpu/alt && patch -p1 -d .gpu/alt < PATCH`, or several
+# at once with their kernels compiled in advance: bench/ab_trees.sh, then TREES="$PWD /tmp/gpu/NAME ..." STAGE=speed).
 #   STAGE=assemble: only put smollm2 together (STAGE may list several stages, run in order).
 #   STAGE=session: assemble and convert smollm2 (EXL2 4.0, quick calibration) beside this tree's full GPU test suite,
 #                  the real-EXL2 test, then the speed of this tree (as STAGE=speed TREES=$PWD).

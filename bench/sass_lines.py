@@ -36,6 +36,23 @@ def nvdisasm() -> str:
     return found
 
 
+def disassemble(instance: str, source: str, arch: str) -> list[tuple[int, tuple[str, int], str, str]]:
+    """(offset, (file, line), opcode, operands) of every SASS instruction of one instance, compiled as the runtime
+    compiles it (-lineinfo) and disassembled with nvdisasm; offsets from the start of the kernel."""
+    module = compiler._nvrtc_compile(source, *compiler.read_source(source), arch, [instance])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(module.cubin + b"\0")  # CuPy's getCUBIN drops the image's last byte; nvdisasm insists on it
+        cubin.flush()
+        sass = subprocess.run([nvdisasm(), "-g", "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    where, out = None, []
+    for text in sass.splitlines():
+        if m := LINE.search(text):
+            where = (Path(m[1]).name, int(m[2]))
+        elif (m := INSTRUCTION.match(text)) and where:
+            out.append((int(m[1], 16), where, m[2], m[3]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("instance", nargs="?", default="exl2_gemv<fp16_t, 1>")
@@ -44,22 +61,14 @@ def main() -> None:
     parser.add_argument("--lines", default=None, metavar="A-B")
     args = parser.parse_args()
 
-    module = compiler._nvrtc_compile(args.source, *compiler.read_source(args.source), args.arch, [args.instance])
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(module.cubin + b"\0")  # CuPy's getCUBIN drops the image's last byte; nvdisasm insists on it
-        cubin.flush()
-        sass = subprocess.run([nvdisasm(), "-g", "-c", cubin.name], capture_output=True, text=True, check=True).stdout
     source = (compiler.SOURCE_DIR / args.source).read_text().splitlines()
-    where, counts, opcodes = None, Counter(), defaultdict(Counter)
+    counts, opcodes = Counter(), defaultdict(Counter)
     low, high = map(int, args.lines.split("-")) if args.lines else (0, -1)
-    for text in sass.splitlines():
-        if m := LINE.search(text):
-            where = (Path(m[1]).name, int(m[2]))
-        elif (m := INSTRUCTION.match(text)) and where:
-            counts[where] += 1
-            opcodes[where][m[2].split(".")[0]] += 1
-            if where[0] == args.source and low <= where[1] <= high:
-                print(f"{where[1]:5d} {m[1]} {m[2]}{m[3]}")
+    for offset, where, opcode, operands in disassemble(args.instance, args.source, args.arch):
+        counts[where] += 1
+        opcodes[where][opcode.split(".")[0]] += 1
+        if where[0] == args.source and low <= where[1] <= high:
+            print(f"{where[1]:5d} {offset:04x} {opcode}{operands}")
     if args.lines:
         return
     print(f"{sum(counts.values())} instructions in {args.instance} ({args.arch})")

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Variant trees for one GPU A/B call, made here (no GPU): each NAME=PATCH[,PATCH...] becomes .gpu1/NAME, this commit
+# (git archive HEAD) with the patches applied; then every tree's kernel modules are compiled for sm_90 into
+# .gpu1/kcache (NVRTC 13.0 here and on the device: the device finds them cached and compiles nothing).
+#   bench/ab_trees.sh dequant=bench/patches/dequant-input-order.patch adj=bench/patches/mma-adjacent-columns.patch
+# then, on the device (carry .gpu1; gpu_ab.sh reads the cache from /tmp/gpu/kcache):
+#   rm -rf /tmp/gpu && cp -r .gpu1 /tmp/gpu && NO_SMOL=1 TREES="$PWD /tmp/gpu/dequant /tmp/gpu/adj" STAGE=speed bash bench/gpu_ab.sh
+# .gpu1 keeps what else is there (shared/, smol-files/, whl/ for the model stages); each tree is ~3 MB, each
+# kernel cache entry up to 6 MB: mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the fp16 modules).
+set -euo pipefail
+ROOT=$(git rev-parse --show-toplevel); cd "$ROOT"
+PY=${PY:-python3}; [ -x .venv/bin/python ] && PY=.venv/bin/python
+mkdir -p .gpu1/kcache
+trees=("$ROOT")
+for spec in "$@"; do
+  name=${spec%%=*}; patches=${spec#*=}
+  rm -rf ".gpu1/$name" && mkdir -p ".gpu1/$name"
+  git archive HEAD | tar -x -C ".gpu1/$name"
+  for patch in ${patches//,/ }; do patch -s -p1 -d ".gpu1/$name" < "$patch"; done
+  trees+=("$ROOT/.gpu1/$name"); echo "tree .gpu1/$name: HEAD + $patches"
+done
+for tree in "${trees[@]}"; do
+  (cd "$tree" && EXLQ_CACHE_DIR="$ROOT/.gpu1/kcache" KCACHE_DTYPES="${KCACHE_DTYPES:-fp16 bf16}" "$ROOT/$PY" -c "
+import os, torch
+from exlq.runtime.kernels import catalog, compiler, exl2_ops
+wanted = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+skip = {exl2_ops.INSTANCE_SETS[d] for n, d in wanted.items() if n not in os.environ['KCACHE_DTYPES'].split()}
+for source, sets in catalog.SOURCES.items():
+    for instances in sets:
+        if instances not in skip:
+            compiler.compile_source(source, 'sm_90', list(instances))
+print('compiled', os.getcwd())
+") &
+done
+wait
+du -sh .gpu1 .gpu1/kcache
