@@ -11,8 +11,8 @@ permutation and the group scale multipliers M_g = f16(q_scale_max · prescale / 
 layer by `build_plan`.
 
 Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 or 8 fp16 activation rows for layers whose
-groups are whole 32-row blocks (every converter layout with K a multiple of 32): on the H200 it is 13-33 % faster
-than `exl2_matmul.cu` there, but 20-25 % slower at 1-2 rows (docs/benchmarks.md, session 10). `exl2_matmul.cu` (one
+groups are whole 32-row blocks (every converter layout with K a multiple of 32): on the H200 it is 7-33 % faster
+than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). `exl2_matmul.cu` (one
 column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
 forces it everywhere.
 """
