@@ -48,7 +48,8 @@ prepare() {  # $1: the tree whose GPU tests run while smollm2 converts
     -k real_exl2 2>&1 | tail -3)
 }
 
-speed() {  # $1: tree; $2: environment settings for this run (e.g. EXLQ_MMA=0), also in the output names
+speed() {  # $1: tree; $2: environment settings for this run (e.g. EXLQ_MMA=0), also in the output names.
+  # Run in a subshell (the stage does): the cd and the exported setting end with it.
   cd $1; tag=$(basename $1)$(echo "${2:-}" | tr -c 'A-Za-z0-9\n' _); [ -n "${2:-}" ] && export ${2}
   echo "=== $1 ${2:-}"
   python3 bench/gemv.py --rows 1 2 4 --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
@@ -58,7 +59,7 @@ speed() {  # $1: tree; $2: environment settings for this run (e.g. EXLQ_MMA=0), 
     | grep -E "decode_tokens|\"512" | sed "s/^/g32 /"
   python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --max-seq-len 8192 --json > $OUT/bench_8b_$tag.json \
     2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048|vram|gbps" $OUT/bench_8b_$tag.json | head -8
-  [ -n "${NO_SMOL:-}" ] && { tail -3 $OUT/err.log 2>/dev/null; cd $HERE; [ -n "${2:-}" ] && unset ${2%%=*}; return; }
+  [ -n "${NO_SMOL:-}" ] && { tail -3 $OUT/err.log 2>/dev/null; return; }
   [ -n "${NO_FP16:-}" ] || for cache in fp16 q4; do  # NO_FP16=1: skip (the EXL2 kernels do not touch them)
     echo "-- smollm2 fp16, $cache cache"; python3 -m exlq.cli.app bench $M --cache $cache --prefill 512 --json \
       > $OUT/bench_smol_${cache}_$tag.json 2>>$OUT/err.log; grep -E "decode_tokens" $OUT/bench_smol_${cache}_$tag.json
@@ -67,16 +68,16 @@ speed() {  # $1: tree; $2: environment settings for this run (e.g. EXLQ_MMA=0), 
     echo "-- smollm2 EXL2 4.0 ($run)"; python3 -m exlq.cli.app bench $E --json > $OUT/bench_smol_exl2_$tag.json \
       2>>$OUT/err.log; grep -E "decode_tokens|\"512|\"2048" $OUT/bench_smol_exl2_$tag.json
   done
-  tail -3 $OUT/err.log 2>/dev/null; cd $HERE; [ -n "${2:-}" ] && unset ${2%%=*}
+  tail -3 $OUT/err.log 2>/dev/null
 }
 
 for stage in ${STAGE:-session}; do  # several stages in order, e.g. STAGE="assemble quality prep"
 case $stage in
 assemble) assemble ;;
-session) prepare $HERE; speed $HERE ;;
+session) prepare $HERE; (speed $HERE) ;;
 tests) (python3 -m pytest -q -p no:cacheprovider -rs -m gpu 2>&1 | tee $OUT/pytest_gpu.log | tail -15) ;;
 prep) prepare $ALT ;;
-speed) for tree in ${TREES:-$HERE $ALT}; do for env in ${SPEED_ENVS:-""}; do speed $tree "$env"; done; done ;;
+speed) for tree in ${TREES:-$HERE $ALT}; do for env in ${SPEED_ENVS:-""}; do (speed $tree "$env"); done; done ;;
 profile)
   python3 bench/profile_decode.py --synthetic llama3-8b 2>&1 | tail -28
   [ -f $E/config.json ] && python3 bench/profile_decode.py --model $E --top 15 2>&1 | tail -18

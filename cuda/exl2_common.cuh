@@ -34,7 +34,7 @@ struct GemvMatrix {
     const float* scale_max;
     const int4* chunks;
     const int* split_chunks;
-    const int* perm;
+    const int* perm;        // exl2_matmul.cu: stored row -> input channel; exl2_mma.cu: its gather table
     const float* bias;      // null: no bias
     float* workspace;       // [M, n_pad] fp32 partial sums, zero between launches
     int* counters;          // [tiles], zero between launches

@@ -222,22 +222,22 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     rows = x.shape[0]
     device = x.device
     workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.column_tiles for p in plans))
+    tensor_cores = MMA and rows in MMA_ROWS and x.dtype == torch.float16 and all(p.gather is not None for p in plans)
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
         splits = plan.split_chunks.numel() - 1
+        rows_in = plan.gather if tensor_cores else plan.perm  # the field each kernel reads for its input rows
         group.m[i] = GemvMatrix(
             plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.chunks.data_ptr(),
-            plan.split_chunks.data_ptr(), plan.perm.data_ptr(), 0 if plan.bias is None else plan.bias.data_ptr(),
+            plan.split_chunks.data_ptr(), rows_in.data_ptr(), 0 if plan.bias is None else plan.bias.data_ptr(),
             workspace.data_ptr() + 4 * floats, counters.data_ptr() + 4 * tiles, out.data_ptr(),
             plan.out_features, plan.n_pad, plan.column_tiles, splits, blocks,
         )
         blocks += plan.column_tiles * splits
         floats += rows * plan.n_pad
         tiles += plan.column_tiles
-    if MMA and rows in MMA_ROWS and x.dtype == torch.float16 and all(plan.gather is not None for plan in plans):
-        for i, plan in enumerate(plans):  # the tensor-core kernel reads its gather table where the permutation goes
-            group.m[i].perm = plan.gather.data_ptr()
+    if tensor_cores:
         name = "exl2_mma" if len(plans) == 1 else "exl2_mma_group"
         function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
     else:
