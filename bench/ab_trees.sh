@@ -2,9 +2,9 @@
 # Variant trees for one GPU A/B call, made here (no GPU): each NAME=PATCH[,PATCH...] becomes .gpu1/NAME, this commit
 # (git archive HEAD) with the patches applied; then every tree's kernel modules are compiled for sm_90 into
 # .gpu1/kcache (NVRTC 13.0 here and on the device: the device finds them cached and compiles nothing).
-#   bench/ab_trees.sh dequant=bench/patches/dequant-input-order.patch adj=bench/patches/mma-adjacent-columns.patch
+#   bench/ab_trees.sh prefetch=bench/patches/gemv-l2-prefetch.patch adj=bench/patches/mma-adjacent-columns.patch
 # then, on the device (carry .gpu1; gpu_ab.sh reads the cache from /tmp/gpu/kcache):
-#   rm -rf /tmp/gpu && cp -r .gpu1 /tmp/gpu && NO_SMOL=1 TREES="$PWD /tmp/gpu/dequant /tmp/gpu/adj" STAGE=speed bash bench/gpu_ab.sh
+#   rm -rf /tmp/gpu && cp -r .gpu1 /tmp/gpu && NO_SMOL=1 TREES="$PWD /tmp/gpu/prefetch /tmp/gpu/adj" STAGE=speed bash bench/gpu_ab.sh
 # .gpu1 keeps what else is there (shared/, smol-files/, whl/ for the model stages); each tree is ~3 MB, each
 # kernel cache entry up to 6 MB: mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the fp16 modules).
 set -euo pipefail

@@ -10,14 +10,19 @@
 #   STAGE=speed:   per tree in TREES (default: this tree and ALT): GEMV alone, the synthetic 8B,
 #                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode (NO_SMOL=1: no smollm2 runs); once per
 #                  setting in SPEED_ENVS (e.g. SPEED_ENVS="EXLQ_MMA=1 EXLQ_MMA=0": each kernel in turn).
+#   STAGE=quick:   per tree in TREES, the short A/B: GEMV alone at 1, 4 and 8 rows (4096x14336, 14336x4096) and the
+#                  synthetic 8B's decode and prefill (512, 2048); QUICK_FP16=1 adds the FP16 8B's prefill first.
 #   STAGE=tests:   this tree's GPU tests alone (no model needed; the real-EXL2 test skips).
 #   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2) and the
 #                  EXL2 module's cold compile (fresh cache directory).
 #   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
 #                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options);
-#                  with QUALITY_BPWS="2.5 3.5 ...", one job per bitrate, 10 s apart, sharing one out-root (start them
-#                  once its measurement exists: STAGE=measured), each logging to /tmp/quality-TAG-BPW.log.
+#                  with QUALITY_BPWS="2.5 3.5 4.0:16 ...", one job per bitrate (BPW:HEAD: with those head bits), 10 s
+#                  apart, sharing one out-root (start them once its measurement exists: STAGE=measured), each logging
+#                  to /tmp/quality-TAG-BPW.log.
+#   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
+#                  kernel cache, then again with it filled (the difference is the compile).
 #   STAGE=measured: wait up to WAIT seconds for a quality job's log to say its measurement is done.
 #   STAGE=wait:    wait up to WAIT seconds for the quality job, then print its log.
 #   STAGE=stop:    end any quality job (e.g. STAGE="wait stop speed").
@@ -101,10 +106,31 @@ quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per 
   tree=${QUALITY_TREE:-$HERE}; tag=$(basename $tree)
   for bpw in ${QUALITY_BPWS:-all}; do
     if [ $bpw = all ]; then args="${QUALITY_ARGS:-}" log=/tmp/quality-$tag.log
-    else args="--bpw $bpw --extra= ${QUALITY_ARGS:-}" log=/tmp/quality-$tag-$bpw.log; fi
+    else args="--bpw ${bpw%%:*} --head-bits $([ ${bpw#*:} = $bpw ] && echo 6 || echo ${bpw#*:}) --extra= ${QUALITY_ARGS:-}"
+      log=/tmp/quality-$tag-$bpw.log; fi
     (cd $tree && OMP_NUM_THREADS=${QUALITY_THREADS:-4} setsid nohup python3 bench/quality.py $M --out-root /tmp/quality-$tag \
       --device cuda $args > $log 2>&1 < /dev/null &) ; echo "quality started in $tree: $args"
     [ $bpw = all ] || sleep 10
+  done ;;
+quick)
+  [ -n "${QUICK_FP16:-}" ] && python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 16 --prefill 512,2048 --json \
+    2>>$OUT/err.log | tee $OUT/bench_8b_fp16.json | grep -E "decode_tokens|\"512|\"2048" | sed "s/^/fp16 /"
+  for tree in ${TREES:-$HERE}; do
+    tag=$(basename $tree); echo "=== quick $tree"
+    (cd $tree && python3 bench/gemv.py --rows 1 4 8 --shapes 4096x14336 14336x4096 --json-out $OUT/gemv_$tag.json \
+      2>&1 | tail -7
+     python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --prefill 512,2048 --json 2>>$OUT/err.log \
+      | tee $OUT/bench_8b_$tag.json | grep -E "decode_tokens|\"512|\"2048|gbps")
+  done ;;
+cold)
+  for tree in ${TREES:-$HERE}; do
+    cache=$(mktemp -d); echo "=== cold start, $tree"
+    for run in cold cached; do
+      start=$(date +%s.%N)
+      (cd $tree && EXLQ_CACHE_DIR=$cache python3 -m exlq.cli.app bench --synthetic llama3.2-1b --bpw 4.0 --prefill 512 \
+        --json > $OUT/cold_${run}_$(basename $tree).json 2>>$OUT/err.log)
+      echo "$run: $(python3 -c "import time; print(f'{time.time() - $start:.1f}')") s"
+    done
   done ;;
 measured)
   for _ in $(seq ${WAIT:-540}); do grep -qs "measured in" /tmp/quality-*.log && break; sleep 1; done

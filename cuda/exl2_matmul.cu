@@ -299,28 +299,51 @@ __global__ void __launch_bounds__(THREADS, M == 2 ? 7 : 0) exl2_gemv_group(const
 }
 
 
-// Dense Wt in stored row order [K, N_pad]: grid (ceil(N_pad / THREADS), chunks). In fp16 the values
-// are bit-exact with the format's reference dequantization (spec §6): S = f16(c^2 * M), w = f16((q - z) * S),
-// where scale_max holds M = f16(q_scale_max * prescale / 256) exactly.
+// Rows [0, rows) of one chunk for column n: each 32-row block's words are loaded once into registers and its codes
+// taken from them (no per-row reload); a last partial block has rows·B/32 words.
+template <typename T, int B>
+__device__ __forceinline__ void dequant_chunk(const u32* __restrict__ w, int n_pad, int rows, int shift, int g0, int row0,
+                                              int n, const int* __restrict__ out_rows, const u32* __restrict__ q_scale,
+                                              const float* __restrict__ scale_max, u16* __restrict__ out) {
+    constexpr float Z = (float)(1 << (B - 1));
+    for (int b = 0; b < rows; b += 32) {
+        const int in_block = min(32, rows - b), nw = in_block * B / 32;
+        u32 words[B + 1];
+#pragma unroll
+        for (int j = 0; j < B; j++) words[j] = j < nw ? __ldg(w + (size_t)((b >> 5) * B + j) * n_pad) : 0u;
+        words[B] = 0u;
+        const float s = round_f16(column_scale(q_scale, scale_max, g0 + ((b >> 5) >> shift), n, n_pad));
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            if (i < in_block) {
+                const int row = row0 + b + i, dst = out_rows != nullptr ? __ldg(out_rows + row) : row;
+                out[(size_t)dst * n_pad + n] = Act<T>::store(((float)field<B>(words, i) - Z) * s);
+            }
+        }
+    }
+}
+
+// Dense Wt [K, N_pad]: grid (ceil(N_pad / THREADS), chunks); stored row r goes to row out_rows[r] (the act-order
+// permutation: input-channel order, so x needs no gather before cuBLAS), or to row r when out_rows is null. In fp16
+// the values are bit-exact with the format's reference dequantization (spec §6): S = f16(c^2 * M),
+// w = f16((q - z) * S), where scale_max holds M = f16(q_scale_max * prescale / 256) exactly.
 template <typename T>
 __global__ void __launch_bounds__(THREADS) exl2_dequant(
     const u32* __restrict__ q_weight, const u32* __restrict__ q_scale, const float* __restrict__ scale_max,
-    const int4* __restrict__ chunks, u16* __restrict__ out, int n_pad) {
+    const int4* __restrict__ chunks, const int* __restrict__ out_rows, u16* __restrict__ out, int n_pad) {
     const int n = blockIdx.x * THREADS + threadIdx.x;
     if (n >= n_pad) return;
     const int4 ch = chunks[blockIdx.y];
     const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16;
-    float s = 0.0f;
     const u32* w = q_weight + (size_t)ch.y * n_pad + n;
-    const int nw = rows * bits / 32;
-    const u32 mask = (1u << bits) - 1u;
-    const float z = (float)(1 << (bits - 1));
-    for (int i = 0; i < rows; i++) {
-        if ((i & 31) == 0) s = round_f16(column_scale(q_scale, scale_max, ch.w + ((i >> 5) >> shift), n, n_pad));
-        const int bit = i * bits, wi = bit >> 5;
-        const u32 lo = __ldg(w + (size_t)wi * n_pad);
-        const u32 hi = wi + 1 < nw ? __ldg(w + (size_t)(wi + 1) * n_pad) : 0u;
-        const float q = (float)(__funnelshift_r(lo, hi, bit & 31) & mask);
-        out[(size_t)(ch.z + i) * n_pad + n] = Act<T>::store((q - z) * s);
+#define DEQUANT(B) dequant_chunk<T, B>(w, n_pad, rows, shift, ch.w, ch.z, n, out_rows, q_scale, scale_max, out)
+    switch (bits) {
+        case 8: DEQUANT(8); break;
+        case 6: DEQUANT(6); break;
+        case 5: DEQUANT(5); break;
+        case 4: DEQUANT(4); break;
+        case 3: DEQUANT(3); break;
+        default: DEQUANT(2); break;
     }
+#undef DEQUANT
 }

@@ -82,7 +82,7 @@ def test_dequant_kernel_is_bit_exact_on_golden_vectors(golden, name):  # noqa: F
     stored = exl2_ops.dequantize_stored(plan, torch.float16).cpu()
     if case.use_perm:
         out = torch.empty_like(stored)
-        out[plan.perm_long.cpu()] = stored
+        out[plan.perm.long().cpu()] = stored
     else:
         out = stored
     assert same_bits(out, case["recon"])
@@ -96,6 +96,9 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
     cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
     plan = exl2_ops.build_plan(cuda, layout, n)
     assert same_bits(exl2_ops.dequantize_stored(plan, torch.float16).cpu(), reference)
+    in_order = torch.empty_like(reference)
+    in_order[plan.perm.long().cpu()] = reference  # stored row r is input channel perm[r]
+    assert same_bits(exl2_ops.dequantize_stored(plan, torch.float16, input_order=True).cpu(), in_order)
     bf16 = exl2_ops.dequantize_stored(plan, torch.bfloat16).cpu()
     assert torch.equal(bf16, reference.float().to(torch.bfloat16)) or rel(bf16, reference) < 4e-3
 
@@ -270,10 +273,22 @@ def test_real_exl2_model_logits_and_greedy_kernels_vs_torch(monkeypatch):
     outputs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("EXLQ_KERNELS", flag)
-        generator = Generator(load_model(path, device="cuda", dtype="fp16"), tokenizer, max_seq_len=256)
-        result = generator.generate(ids[0].tolist(), sampler=SamplerSettings(temperature=0), max_new_tokens=64)
+        model = load_model(path, device="cuda", dtype="fp16")
+        result = Generator(model, tokenizer, max_seq_len=256).generate(
+            ids[0].tolist(), sampler=SamplerSettings(temperature=0), max_new_tokens=64
+        )
         outputs[flag] = result.token_ids
-    assert outputs["1"] == outputs["0"]
+    if outputs["1"] != outputs["0"]:
+        # The GEMV's split-K partial sums are added in a run-dependent order, so the paths may part at a near-tie
+        # (one run in six did on smollm2, at token 36): only there, and only to the torch path's second choice.
+        at = next(i for i, (a, b) in enumerate(zip(outputs["1"], outputs["0"])) if a != b)
+        prefix = torch.tensor([ids[0].tolist() + outputs["0"][:at]])
+        logits = model(prefix, max_output_len=None)[0, -1].float()  # the torch path's model
+        top = logits.topk(2)
+        margin = float(top.values[0] - top.values[1])
+        assert margin < 0.1 and outputs["1"][at] == int(top.indices[1]), (
+            f"greedy tokens differ at {at}: kernels {outputs['1'][at]}, torch {outputs['0'][at]}, top-2 margin {margin:.3f}"
+        )
 
 
 @pytest.mark.parametrize("padded", [False, True])

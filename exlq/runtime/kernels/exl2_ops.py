@@ -65,7 +65,6 @@ class Exl2Plan:
     chunks: torch.Tensor  # int32 [C, 4]: bits | rows << 8 | group shift << 16, first word row, first stored row, first group
     split_chunks: torch.Tensor  # int32 [S + 1]: chunk index where each K split starts
     perm: torch.Tensor  # int32 [K]: stored row -> input channel
-    perm_long: torch.Tensor  # int64 [K], for torch indexing
     gather: torch.Tensor | None  # int32 [K]: the tensor-core GEMV's gather table (mma_gather_table); None: not eligible
     bias: torch.Tensor | None  # float32 [N_pad]
     in_features: int
@@ -171,7 +170,6 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         chunks=torch.tensor(packed, dtype=torch.int32, device=device),
         split_chunks=torch.empty(0),
         perm=perm.to(torch.int32).contiguous(),
-        perm_long=perm,
         gather=mma_gather_table(layout, perm),
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
@@ -247,15 +245,16 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), (x, plans[0].in_features, args), device)
 
 
-def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype) -> torch.Tensor:
-    """Wt [K, N_pad] in stored row order; in fp16 bit-exact with `exlq.runtime.exl2.dequantize_stored`."""
+def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = False) -> torch.Tensor:
+    """Wt [K, N_pad] in stored row order (in fp16 bit-exact with `exlq.runtime.exl2.dequantize_stored`), or with
+    `input_order` in input-channel order (row perm[r] holds stored row r), which x multiplies without a gather."""
     out = torch.empty(plan.in_features, plan.n_pad, dtype=dtype, device=plan.q_weight.device)
     function = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_dequant<{ACTIVATION_TAGS[dtype]}>", out.device)
     launch(
         function,
         (plan.column_tiles, plan.chunks.shape[0], 1),
         (THREADS, 1, 1),
-        (plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, out, plan.n_pad),
+        (plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, plan.perm if input_order else None, out, plan.n_pad),
         out.device,
     )
     return out
@@ -270,11 +269,11 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor) -> list[torch.Tensor
     if rows > GEMV_MAX_ROWS:
         ys = []
         for plan in plans:
-            weight = dequantize_stored(plan, x.dtype)[:, : plan.out_features]
-            y = x2.index_select(1, plan.perm_long) @ weight
-            if plan.bias is not None:
-                y += plan.bias[: plan.out_features].to(x.dtype)
-            ys.append(y)
+            weight = dequantize_stored(plan, x.dtype, input_order=True)[:, : plan.out_features]
+            if plan.bias is None:
+                ys.append(x2 @ weight)
+            else:
+                ys.append(torch.addmm(plan.bias[: plan.out_features].to(x.dtype), x2, weight))
     else:
         ys = [torch.empty(rows, plan.out_features, dtype=x.dtype, device=x.device) for plan in plans]
         start = 0
