@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exlq.eval.speed import _linear_bytes, decoder_bits_per_weight
+from exlq.eval.speed import _linear_bytes, decoder_bits_per_weight, measure_speed
 from exlq.quant.synthetic import SHAPES, SyntheticStore, bit_mix, synthetic_config
 from exlq.runtime.architectures.registry import model_class_for
 from exlq.runtime.config import config_from_dict
@@ -14,11 +14,11 @@ from exlq.runtime.linear import DenseLinear
 from test_cli import run_cli
 
 
-def small_synthetic(shape: str, bpw: float, group_size: int = 128):
+def small_synthetic(shape: str, bpw: float, group_size: int = 128, device: str = "cpu", dtype=torch.float32):
     raw = {**synthetic_config(shape), "num_hidden_layers": 2, "vocab_size": 512}  # real layer shapes, small vocab
     model_class = model_class_for(raw)
-    store = SyntheticStore(raw, bpw, torch.device("cpu"), group_size=group_size)
-    return model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float32, device=torch.device("cpu"))
+    store = SyntheticStore(raw, bpw, torch.device(device), group_size=group_size)
+    return model_class(config_from_dict(model_class.config_class, raw), store, dtype=dtype, device=torch.device(device))
 
 
 @pytest.mark.parametrize("shape", ["qwen2.5-0.5b", "smollm2-135m", "llama3.2-1b"])
@@ -61,4 +61,18 @@ def test_bench_command_errors(tmp_path):
     assert bad_cache.returncode == 2 and "unknown --cache" in bad_cache.stderr
     bad_groups = run_cli(["bench", "--synthetic", "llama3-8b", "--group-size", "48"], tmp_path)
     assert bad_groups.returncode == 2 and "--group-size" in bad_groups.stderr
+    bad_batch = run_cli(["bench", "--synthetic", "llama3-8b", "--batch", "33"], tmp_path)
+    assert bad_batch.returncode == 2 and "--batch must be between 1 and 32" in bad_batch.stderr
 
+
+
+@pytest.mark.gpu
+def test_bench_decodes_a_batch_a_step():
+    """--batch B: B sequences a step (through the CUDA graphs); tokens/s counts all of them, GB/s reads the weights
+    once a step."""
+    model = small_synthetic("llama3.2-1b", 4.0, device="cuda", dtype=torch.float16).eval()
+    report = measure_speed(model, cache_tokens=128, prefill_lengths=(32,), new_tokens=8, batch=4)
+    assert report.batch == 4 and report.decode_tokens_per_second > 0
+    per_step = report.decode_tokens_per_second / 4
+    assert report.decode_weight_gbps == pytest.approx(report.weight_bytes_per_token * per_step / 1e9)
+    assert report.roofline_fraction == pytest.approx(report.decode_weight_gbps / report.copy_bandwidth_gbps)

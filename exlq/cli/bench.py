@@ -9,6 +9,8 @@ import typer
 
 from exlq.cli.common import CacheBitsOpt, CacheOpt, JsonOpt, print_json, stderr
 
+MAX_BATCH = 32  # the EXL2 GEMV's row limit (exl2_ops.GEMV_MAX_ROWS): a step of more rows would time the prefill path
+
 
 def bench(
     model_dir: Annotated[Optional[Path], typer.Argument(metavar="[MODEL]", help="Model directory (FP16 or EXL2); or use --synthetic.", show_default=False)] = None,
@@ -19,11 +21,12 @@ def bench(
     cache: CacheOpt = "fp16",
     cache_bits: CacheBitsOpt = None,
     new_tokens: Annotated[int, typer.Option(help="Decode steps timed.")] = 256,
+    batch: Annotated[int, typer.Option(help=f"Sequences decoded together, 1 to {MAX_BATCH} (tokens/s counts all of them; the weights are read once a step).")] = 1,
     prefill: Annotated[str, typer.Option(help="Prefill lengths timed, comma separated.")] = "512,2048",
     device: Annotated[str, typer.Option(help="cuda or cuda:N.")] = "cuda",
     json_output: JsonOpt = False,
 ) -> None:
-    """Batch-1 decode tokens/s, prefill tokens/s, achieved weight GB/s against the copy bandwidth, peak VRAM.
+    """Decode tokens/s (batch 1, or --batch sequences at once), prefill tokens/s, achieved weight GB/s against the copy bandwidth, peak VRAM.
 
     The conventions are in `exlq/eval/speed.py`. --synthetic needs no weights: decoder linears get random
     EXL2 codes at --bpw (layout as the converter cuts it, groups of --group-size rows, lm_head at 6 bits
@@ -40,6 +43,8 @@ def bench(
     cache_type = parse_cache_type(cache, cache_bits)
     if group_size not in (32, 64, 128):
         raise ExlqError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise ExlqError(f"--batch must be between 1 and {MAX_BATCH}, got {batch}")
     if not torch.cuda.is_available():
         raise ExlqError("exlq bench measures GPU speed and needs a CUDA GPU (none is visible)")
     target = torch.device(device)
@@ -52,14 +57,14 @@ def bench(
         model = _synthetic_model(synthetic, bpw, target, group_size) if synthetic else _real_model(model_dir, target)
     stderr.print(f"[dim]timing on {torch.cuda.get_device_name(target)}[/dim]")
     report = measure_speed(model, cache_tokens=max(cache_tokens, max(lengths, default=0)), prefill_lengths=lengths,
-                           new_tokens=new_tokens, cache_type=cache_type)  # fmt: skip
+                           new_tokens=new_tokens, cache_type=cache_type, batch=batch)  # fmt: skip
     payload = {"model": str(model_dir) if model_dir else f"synthetic:{synthetic}", "bpw": None if model_dir else bpw,
                "group_size": None if model_dir else group_size, **report.as_dict()}
     if json_output:
         print_json(payload)
         return
     print(f"{payload['model']} on {report.device}")
-    print(f"decode (batch 1): {report.decode_tokens_per_second:.1f} tokens/s, weights {report.weight_bytes_per_token / 1e9:.3f} GB/token, "
+    print(f"decode (batch {batch}): {report.decode_tokens_per_second:.1f} tokens/s, weights {report.weight_bytes_per_token / 1e9:.3f} GB/token, "
           f"{report.decode_weight_gbps:.0f} GB/s = {100 * report.roofline_fraction:.1f}% of copy bandwidth {report.copy_bandwidth_gbps:.0f} GB/s")
     for n, tps in report.prefill_tokens_per_second.items():
         print(f"prefill {n}: {tps:.0f} tokens/s")

@@ -5,8 +5,9 @@ Conventions (also printed by `exlq bench`):
 - weight bytes per token: every decoder linear and lm_head as stored (packed EXL2 tensors or dense
   weights) plus one embedding row; achieved GB/s = weight bytes per token × decode tokens/s;
 - decode: one token per step into a KV cache after a 32-token prompt, greedy (argmax on the GPU), with one
-  host sync per token as any generator that streams text has; the CUDA-graph path is used if enabled, and
-  a first untimed pass over the same positions captures its graphs (steady state is measured);
+  host sync per step as any generator that streams text has; the CUDA-graph path is used if enabled, and
+  a first untimed pass over the same positions captures its graphs (steady state is measured). With a batch of
+  B sequences each step makes B tokens (tokens/s counts all of them) and reads the weights once;
 - prefill: one forward of L tokens into an empty cache, logits of the last position only;
 - peak VRAM: torch's peak allocated bytes over the whole run (weights, cache, activations).
 """
@@ -38,6 +39,7 @@ class SpeedReport:
     peak_vram_gib: float = 0.0
     cache_tokens: int = 0
     cache: str = "fp16"  # KV-cache type of the decode test
+    batch: int = 1  # sequences decoded together (decode tokens/s counts all of them)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,11 +94,12 @@ def _timed(device: torch.device, fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=None) -> float:
-    """Batch-1 greedy decode tokens/s after a short prompt (one host sync per token); `cache_type` as new_cache takes it."""
+def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=None, batch: int = 1) -> float:
+    """Greedy decode tokens/s of `batch` sequences after a short prompt (one host sync per step); `cache_type` as
+    new_cache takes it."""
     device = model.device
-    cache = model.new_cache(cache_tokens, cache_type=cache_type)
-    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_TOKENS), device=device)
+    cache = model.new_cache(cache_tokens, batch_size=batch, cache_type=cache_type)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), device=device)
     steps = min(new_tokens, cache_tokens - PROMPT_TOKENS - 8)
 
     def run(count: int) -> None:
@@ -104,7 +107,7 @@ def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=Non
         token = model(prompt, cache).argmax(-1)
         for _ in range(count):
             token = model(token, cache).argmax(-1)
-            token.item()  # what a streaming generator does each step
+            token[0, 0].item()  # what a streaming generator does each step
 
     run(steps)  # warm-up over the same positions: kernels loaded, every attention-span graph captured
     torch.cuda.synchronize(device)
@@ -116,7 +119,7 @@ def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=Non
     model(prompt, cache)
     torch.cuda.synchronize(device)
     prefill_seconds = time.perf_counter() - prefill_start
-    return steps / (prefill_start - start - prefill_seconds)
+    return batch * steps / (prefill_start - start - prefill_seconds)
 
 
 def prefill_speed(model, length: int, repeats: int = 3) -> float:
@@ -133,16 +136,18 @@ def prefill_speed(model, length: int, repeats: int = 3) -> float:
 
 
 def measure_speed(
-    model, *, cache_tokens: int = 4096, prefill_lengths=(512, 2048), new_tokens: int = 256, cache_type=None
+    model, *, cache_tokens: int = 4096, prefill_lengths=(512, 2048), new_tokens: int = 256, cache_type=None,
+    batch: int = 1,
 ) -> SpeedReport:
-    """Decode (through a cache of `cache_type`, default fp16) and prefill speed, bandwidth and peak VRAM."""
+    """Decode (`batch` sequences through a cache of `cache_type`, default fp16) and prefill speed, bandwidth and
+    peak VRAM."""
     device = model.device
     bandwidth = copy_bandwidth(device)
     torch.cuda.reset_peak_memory_stats(device)  # after the copy buffers are gone: weights stay counted
     weight_bytes = weight_bytes_per_token(model)
-    decode = decode_speed(model, cache_tokens, new_tokens, cache_type)
+    decode = decode_speed(model, cache_tokens, new_tokens, cache_type, batch)
     prefill = {n: prefill_speed(model, n) for n in prefill_lengths}
-    weight_gbps = weight_bytes * decode / 1e9
+    weight_gbps = weight_bytes * decode / batch / 1e9  # one read of the weights per step
     return SpeedReport(
         device=torch.cuda.get_device_name(device),
         weight_bytes_per_token=weight_bytes,
@@ -155,4 +160,5 @@ def measure_speed(
         peak_vram_gib=torch.cuda.max_memory_allocated(device) / 2**30,
         cache_tokens=cache_tokens,
         cache=as_cache_type(cache_type).name,
+        batch=batch,
     )

@@ -107,6 +107,17 @@ MLP_TABLE = OptionTable(
 
 DEFAULT_TABLES: tuple[OptionTable, ...] = (ATTN_TABLE, MLP_TABLE)
 
+# Our own options for every matrix, filling the reference grid's holes. Allocation here is per matrix, so a matrix
+# can sit at any point of its own column; the reference columns jump from ~2.4 to ~3.1 bpw (no plain 3-bit option),
+# from ~4.2-4.4 to ~5.1 (no 4.5- or 5-bit option for most matrices) and from ~6.2 to 8. Every spec is a valid EXL2
+# layout (widths 2-8, groups of 32/64/128 in descending-bit order).
+DENSE_SPECS = (
+    "3/1/128", "3/1/32", "4,3/.5,.5/128", "5,4/.5,.5/128", "5/1/128", "5/1/32", "6,5/.5,.5/128", "8,6/.5,.5/128",
+)
+_ALL_MATRICES = ATTN_TABLE.matrices + MLP_TABLE.matrices
+DENSE_TABLE = OptionTable(_ALL_MATRICES, tuple((spec,) * len(_ALL_MATRICES) for spec in DENSE_SPECS))
+DENSE_TABLES: tuple[OptionTable, ...] = (*DEFAULT_TABLES, DENSE_TABLE)
+
 # §12.3 qparams_headoptions; head bits 16 means "keep the head in FP16" and is the caller's business.
 HEAD_OPTIONS: dict[int, QuantSpec] = {
     2: parse_spec("4,2/.3,.7/32"),
