@@ -17,7 +17,9 @@
 #                  EXL2 module's cold compile (fresh cache directory).
 #   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
 #                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
-#   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options);
+#   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options,
+#                  QUALITY_ROOT its out-root, /tmp/quality-NAME, e.g. one for `--grid reference` jobs beside the
+#                  default grid's);
 #                  with QUALITY_BPWS="2.5 3.5 4.0:16 ...", one job per bitrate (BPW:HEAD: with those head bits), 10 s
 #                  apart, sharing one out-root (start them once its measurement exists: STAGE=measured), each logging
 #                  to /tmp/quality-TAG-BPW.log.
@@ -103,13 +105,13 @@ ncu)
     ncu -i $OUT/gemv_ncu_$tag.ncu-rep --page source --csv > $OUT/gemv_ncu_source_$tag.csv 2>&1
   done ;;
 quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
-  tree=${QUALITY_TREE:-$HERE}; tag=$(basename $tree)
+  tree=${QUALITY_TREE:-$HERE}; root=${QUALITY_ROOT:-/tmp/quality-$(basename $tree)}; name=$(basename $root)
   for bpw in ${QUALITY_BPWS:-all}; do
-    if [ $bpw = all ]; then args="${QUALITY_ARGS:-}" log=/tmp/quality-$tag.log
+    if [ $bpw = all ]; then args="${QUALITY_ARGS:-}" log=/tmp/$name.log
     else args="--bpw ${bpw%%:*} --head-bits $([ ${bpw#*:} = $bpw ] && echo 6 || echo ${bpw#*:}) --extra= ${QUALITY_ARGS:-}"
-      log=/tmp/quality-$tag-$bpw.log; fi
-    (cd $tree && OMP_NUM_THREADS=${QUALITY_THREADS:-4} setsid nohup python3 bench/quality.py $M --out-root /tmp/quality-$tag \
-      --device cuda $args > $log 2>&1 < /dev/null &) ; echo "quality started in $tree: $args"
+      log=/tmp/$name-$bpw.log; fi
+    (cd $tree && OMP_NUM_THREADS=${QUALITY_THREADS:-4} setsid nohup python3 bench/quality.py $M --out-root $root \
+      --device cuda $args > $log 2>&1 < /dev/null &) ; echo "quality started in $tree: $args -> $root"
     [ $bpw = all ] || sleep 10
   done ;;
 quick)

@@ -1,5 +1,6 @@
-"""Does a denser option grid help the allocation? One measurement over `options.DENSE_TABLES`, then `convert` at each
-bpw twice: allocating over the reference grid's options only, and over all of them; KL of each against the FP model.
+"""Does the denser option grid help the allocation? One measurement over `options.DEFAULT_TABLES` (the reference
+grid and ours), then `convert` at each bpw twice: allocating over the reference grid's options only
+(`options.REFERENCE_TABLES`), and over all of them; KL of each against the FP model.
 
     python bench/grid_proxy.py MODEL_DIR --out-root DIR --bpw 3.0 5.0 [--rows 8 --length 256] [--windows 8]
     python bench/grid_proxy.py MODEL_DIR --out-root DIR --measure-only     # the measurement alone (resumable)
@@ -30,7 +31,7 @@ from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
 from exlq.quant.measure import Measurement, measure_resumable  # noqa: E402
-from exlq.quant.options import DEFAULT_TABLES, DENSE_TABLES, candidate_specs  # noqa: E402
+from exlq.quant.options import REFERENCE_TABLES, candidate_specs  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
@@ -41,7 +42,7 @@ def reference_only(measurement: Measurement) -> Measurement:
     matrices = []
     for matrix in measurement.matrices:
         short = matrix.name.rsplit(".", 1)[-1]
-        keep = {spec.describe() for spec in candidate_specs(short, DEFAULT_TABLES)}
+        keep = {spec.describe() for spec in candidate_specs(short, REFERENCE_TABLES)}
         matrices.append(dataclasses.replace(matrix, options=[o for o in matrix.options if o.key in keep]))
     return dataclasses.replace(measurement, matrices=matrices)
 
@@ -70,7 +71,7 @@ def main() -> None:
     key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": "dense"})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
-            model, calibration, job, rotation=rotation, specs_for=lambda name: candidate_specs(name, DENSE_TABLES),
+            model, calibration, job, rotation=rotation,
             progress=lambda stage, done, total: print(f"  {stage} {done}/{total}", flush=True),
         )
     print(f"measured in {time.perf_counter() - started:.0f} s", flush=True)
