@@ -16,6 +16,18 @@ struct Magic {
         : two23(0x4B000000u | ((u32)nonnegative >> 31)), h1024(0x64006400u | ((u32)nonnegative >> 31)) {}
 };
 
+// CALL(B) for a chunk's width B, one of 2, 3, 4, 5, 6, 8 (the kernels' code per width is a template on it; a macro,
+// as NVRTC compiles no device lambdas without --extended-lambda).
+#define WITH_WIDTH(bits, CALL)      \
+    switch (bits) {                 \
+        case 8: CALL(8); break;     \
+        case 6: CALL(6); break;     \
+        case 5: CALL(5); break;     \
+        case 4: CALL(4); break;     \
+        case 3: CALL(3); break;     \
+        default: CALL(2); break;    \
+    }
+
 // Effective scale of (group g, column n) before the format's fp16 rounding: c^2 * M_g, c = nibble + 1.
 __device__ __forceinline__ float column_scale(const u32* __restrict__ q_scale, const float* __restrict__ scale_max,
                                               int g, int n, int n_pad) {

@@ -251,14 +251,9 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
                 scale[sb] = (sb >> shift) == 0 ? scale[0]
                           : 32 * sb < rows ? column_scale(mat.q_scale, mat.scale_max, ch.w + (sb >> shift), n, n_pad) : 0.0f;
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
-            switch (bits) {
-                case 8: chunk_dot<8, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
-                case 6: chunk_dot<6, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
-                case 5: chunk_dot<5, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
-                case 4: chunk_dot<4, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
-                case 3: chunk_dot<3, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
-                default: chunk_dot<2, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc); break;
-            }
+#define CHUNK_DOT(B) chunk_dot<B, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc)
+            WITH_WIDTH(bits, CHUNK_DOT)
+#undef CHUNK_DOT
         }
     }
 
@@ -337,13 +332,6 @@ __global__ void __launch_bounds__(THREADS) exl2_dequant(
     const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16;
     const u32* w = q_weight + (size_t)ch.y * n_pad + n;
 #define DEQUANT(B) dequant_chunk<T, B>(w, n_pad, rows, shift, ch.w, ch.z, n, out_rows, q_scale, scale_max, out)
-    switch (bits) {
-        case 8: DEQUANT(8); break;
-        case 6: DEQUANT(6); break;
-        case 5: DEQUANT(5); break;
-        case 4: DEQUANT(4); break;
-        case 3: DEQUANT(3); break;
-        default: DEQUANT(2); break;
-    }
+    WITH_WIDTH(bits, DEQUANT)
 #undef DEQUANT
 }

@@ -187,14 +187,7 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
             const int bits = ch.x & 0xff, rows_c = (ch.x >> 8) & 0xff, shift = ch.x >> 16, blk0 = (ch.z - r0) >> 5;
             const u32* base = lane_base + (size_t)ch.y * n_pad;
 #define MMA_CHUNK(B) mma_chunk<B, M>(base, n_pad, rows_c, shift, blk0, ch.w, mat, col0, g, t, xh, off, k.h1024, total)
-            switch (bits) {
-                case 8: MMA_CHUNK(8); break;
-                case 6: MMA_CHUNK(6); break;
-                case 5: MMA_CHUNK(5); break;
-                case 4: MMA_CHUNK(4); break;
-                case 3: MMA_CHUNK(3); break;
-                default: MMA_CHUNK(2); break;
-            }
+            WITH_WIDTH(bits, MMA_CHUNK)
 #undef MMA_CHUNK
         }
         // total[tile][i]: column col0 + 16 tile + g (+ 8 for i >= 2), activation row 2t + (i & 1)
