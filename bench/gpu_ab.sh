@@ -18,8 +18,8 @@
 #   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
 #                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options,
-#                  QUALITY_ROOT its out-root, /tmp/quality-NAME, e.g. one for `--grid reference` jobs beside the
-#                  default grid's);
+#                  QUALITY_ROOT its out-root, /tmp/quality-NAME, e.g. one for `--grid dense` jobs beside the
+#                  reference grid's);
 #                  with QUALITY_BPWS="2.5 3.5 4.0:16 ...", one job per bitrate (BPW:HEAD: with those head bits), 10 s
 #                  apart, sharing one out-root (start them once its measurement exists: STAGE=measured), each logging
 #                  to /tmp/quality-TAG-BPW.log.

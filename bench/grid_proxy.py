@@ -1,4 +1,4 @@
-"""Does the denser option grid help the allocation? One measurement over `options.DEFAULT_TABLES` (the reference
+"""Does the denser option grid help the allocation? One measurement over `options.DENSE_TABLES` (the reference
 grid and ours), then `convert` at each bpw twice: allocating over the reference grid's options only
 (`options.REFERENCE_TABLES`), and over all of them; KL of each against the FP model.
 
@@ -31,7 +31,7 @@ from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
 from exlq.quant.measure import Measurement, measure_resumable  # noqa: E402
-from exlq.quant.options import REFERENCE_TABLES, candidate_specs  # noqa: E402
+from exlq.quant.options import DENSE_TABLES, REFERENCE_TABLES, candidate_specs  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
     key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": "dense"})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
-            model, calibration, job, rotation=rotation,
+            model, calibration, job, rotation=rotation, specs_for=lambda name: candidate_specs(name, DENSE_TABLES),
             progress=lambda stage, done, total: print(f"  {stage} {done}/{total}", flush=True),
         )
     print(f"measured in {time.perf_counter() - started:.0f} s", flush=True)

@@ -30,7 +30,7 @@ from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
 from exlq.quant import measure as measure_module  # noqa: E402
 from exlq.quant.measure import measure_resumable  # noqa: E402
-from exlq.quant.options import DEFAULT_TABLES, REFERENCE_TABLES, candidate_specs  # noqa: E402
+from exlq.quant.options import DENSE_TABLES, REFERENCE_TABLES, candidate_specs  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model, resolve_device  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--tune-epochs", type=int, default=None, help="convert --tune-epochs (default: convert's)")
     parser.add_argument("--tune-lr", type=float, default=None, help="convert --tune-lr (default: convert's, by bpw)")
     parser.add_argument("--tune-scales-only", action="store_true", help="tune only the group scales, not the norms")
-    parser.add_argument("--grid", choices=("default", "reference"), default="default",
-                        help="options measured: the default grid (the reference grid + ours) or the reference's alone")
+    parser.add_argument("--grid", choices=("reference", "dense"), default="reference",
+                        help="options measured: the reference grid (convert's) or it with ours (options.DENSE_TABLE)")
     parser.add_argument("--tune-steps", type=int, default=ConvertOptions.tune_steps,
                         help="Adam steps per tuning epoch, at most (default: convert's; 100000: one calibration row a step)")
     args = parser.parse_args()
@@ -88,7 +88,7 @@ def main() -> None:
     if args.probe:  # a larger probe measures each layer's sensitivity on more tokens (a new measurement)
         probe = tuple(int(v) for v in args.probe.lower().split("x"))
         measure_module.PROBE_ROWS, measure_module.PROBE_LENGTH = probe
-    tables = DEFAULT_TABLES if args.grid == "default" else REFERENCE_TABLES
+    tables = DENSE_TABLES if args.grid == "dense" else REFERENCE_TABLES
     key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": args.grid,
                                        **({"probe": list(probe)} if probe else {})})
     with Job(args.out_root / "measure-work", key, restart=False) as job:

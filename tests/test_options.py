@@ -9,9 +9,9 @@ import pytest
 from exlq.quant.gptq import QuantSpec
 from exlq.quant.options import (
     ATTN_TABLE,
-    DEFAULT_TABLES,
     DENSE_SPECS,
     DENSE_TABLE,
+    DENSE_TABLES,
     HEAD_OPTIONS,
     MLP_TABLE,
     REFERENCE_TABLES,
@@ -107,18 +107,19 @@ def test_candidates_are_the_deduplicated_column_sorted_by_bpw(name, count):
     assert len(specs) == count == len(set(specs))
     assert set(specs) == column_specs(table, name)
     k, n = LLAMA2_SHAPES[name]
-    for tables in (REFERENCE_TABLES, DEFAULT_TABLES):  # sorting at another shape works too
+    for tables in (REFERENCE_TABLES, DENSE_TABLES):  # sorting at another shape works too
         costs = [total_bits(s, k, n, bias=False) for s in candidate_specs(name, tables, shape=(k, n))]
         assert costs == sorted(costs)
 
 
 @pytest.mark.parametrize("name", ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
-def test_default_candidates_add_our_dense_options_to_the_reference_column(name):
+def test_dense_grid_adds_our_options_to_the_reference_column(name):
     reference = set(candidate_specs(name, REFERENCE_TABLES))
-    default = candidate_specs(name)
-    assert len(default) == len(set(default)) and set(default) == reference | {parse_spec(s) for s in DENSE_SPECS}
-    assert parse_spec("3/1/128") in set(default) - reference and parse_spec("5/1/32") in default  # holes it fills
-    for spec in default:  # every option is a layout the format can store: descending widths, 2-8 bits
+    assert set(candidate_specs(name)) == reference  # the default is the reference grid
+    dense = candidate_specs(name, DENSE_TABLES)
+    assert len(dense) == len(set(dense)) and set(dense) == reference | {parse_spec(s) for s in DENSE_SPECS}
+    assert parse_spec("3/1/128") in set(dense) - reference and parse_spec("5/1/32") in dense  # holes it fills
+    for spec in dense:  # every option is a layout the format can store: descending widths, 2-8 bits
         assert list(spec.bits) == sorted(spec.bits, reverse=True) and set(spec.bits) <= {2, 3, 4, 5, 6, 8}
         assert abs(sum(spec.proportions) - 1) < 1e-9 and set(spec.group_sizes) <= {32, 64, 128}
 
@@ -127,12 +128,12 @@ def test_candidates_use_per_width_group_sizes():
     assert QuantSpec((6, 3, 2), (0.05, 0.2, 0.75), (32, 64, 64)) in candidate_specs("down_proj")
     assert QuantSpec((8, 4), (0.05, 0.95), (32, 128)) in candidate_specs("down_proj")
     assert QuantSpec((4, 3), (0.1, 0.9), (128, 128)) in candidate_specs("q_proj")
-    assert QuantSpec((8,), (1.0,), (32,)) in candidate_specs("v_proj", REFERENCE_TABLES)
-    assert QuantSpec((8,), (1.0,), (32,)) not in candidate_specs("q_proj", REFERENCE_TABLES)
+    assert QuantSpec((8,), (1.0,), (32,)) in candidate_specs("v_proj")
+    assert QuantSpec((8,), (1.0,), (32,)) not in candidate_specs("q_proj")
 
 
 def test_unknown_names_get_every_spec_and_moe_names_their_mlp_column():
-    union = set().union(*(column_specs(t, m) for t in (ATTN_TABLE, MLP_TABLE, DENSE_TABLE) for m in t.matrices))
+    union = set().union(*(column_specs(t, m) for t in (ATTN_TABLE, MLP_TABLE) for m in t.matrices))
     assert set(candidate_specs("c_fc")) == union
     assert len(candidate_specs("c_fc")) == len(union)
     assert candidate_specs("w2") == candidate_specs("down_proj")
