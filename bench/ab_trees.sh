@@ -6,7 +6,7 @@
 # then, on the device (carry .gpu1; gpu_ab.sh reads the cache from /tmp/gpu/kcache):
 #   rm -rf /tmp/gpu && cp -r .gpu1 /tmp/gpu && NO_SMOL=1 TREES="$PWD /tmp/gpu/prefetch /tmp/gpu/adj" STAGE=speed bash bench/gpu_ab.sh
 # .gpu1 keeps what else is there (shared/, smol-files/, whl/ for the model stages); each tree is ~3 MB, each
-# kernel cache entry up to 6 MB: mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the fp16 modules).
+# kernel cache entry (one instance) up to ~1 MB: mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the fp16 modules).
 set -euo pipefail
 ROOT=$(git rev-parse --show-toplevel); cd "$ROOT"
 PY=${PY:-python3}; [ -x .venv/bin/python ] && PY=.venv/bin/python
@@ -28,7 +28,8 @@ skip = {exl2_ops.INSTANCE_SETS[d] for n, d in wanted.items() if n not in os.envi
 for source, sets in catalog.SOURCES.items():
     for instances in sets:
         if instances not in skip:
-            compiler.compile_source(source, 'sm_90', list(instances))
+            for instance in instances:  # one at a time, as the runtime compiles and caches them (launch.kernel)
+                compiler.compile_source(source, 'sm_90', [instance])
 print('compiled', os.getcwd())
 ") &
 done

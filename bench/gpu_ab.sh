@@ -13,8 +13,7 @@
 #   STAGE=quick:   per tree in TREES, the short A/B: GEMV alone at 1, 4 and 8 rows (4096x14336, 14336x4096) and the
 #                  synthetic 8B's decode and prefill (512, 2048); QUICK_FP16=1 adds the FP16 8B's prefill first.
 #   STAGE=tests:   this tree's GPU tests alone (no model needed; the real-EXL2 test skips).
-#   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2) and the
-#                  EXL2 module's cold compile (fresh cache directory).
+#   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2).
 #   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
 #                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options,
@@ -22,7 +21,7 @@
 #                  reference grid's);
 #                  with QUALITY_BPWS="2.5 3.5 4.0:16 ...", one job per bitrate (BPW:HEAD: with those head bits), 10 s
 #                  apart, sharing one out-root (start them once its measurement exists: STAGE=measured), each logging
-#                  to /tmp/quality-TAG-BPW.log.
+#                  to /tmp/NAME-BPW.log (NAME: the out-root's name).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
 #                  kernel cache, then again with it filled (the difference is the compile).
 #   STAGE=measured: wait up to WAIT seconds for a quality job's log to say its measurement is done.
@@ -87,15 +86,7 @@ prep) prepare $ALT ;;
 speed) for tree in ${TREES:-$HERE $ALT}; do for env in ${SPEED_ENVS:-""}; do (speed $tree "$env"); done; done ;;
 profile)
   python3 bench/profile_decode.py --synthetic llama3-8b 2>&1 | tail -28
-  [ -f $E/config.json ] && python3 bench/profile_decode.py --model $E --top 15 2>&1 | tail -18
-  EXLQ_CACHE_DIR=$(mktemp -d) python3 -c "
-import time, torch
-from exlq.runtime.kernels import compiler, exl2_ops
-for dtype in (torch.float16, torch.bfloat16):
-    start = time.perf_counter(); compiler.compile_source(exl2_ops.SOURCE, 'sm_90', list(exl2_ops.INSTANCE_SETS[dtype]))
-    cold = time.perf_counter() - start; start = time.perf_counter()
-    compiler.compile_source(exl2_ops.SOURCE, 'sm_90', list(exl2_ops.INSTANCE_SETS[dtype]))
-    print(f'EXL2 module {dtype}: cold compile {cold:.1f} s, cached {1e3 * (time.perf_counter() - start):.1f} ms')" ;;
+  [ -f $E/config.json ] && python3 bench/profile_decode.py --model $E --top 15 2>&1 | tail -18 ;;
 ncu)
   for tree in ${NCU_TREES:-$HERE}; do
     tag=$(basename $tree); echo "=== ncu $tree"

@@ -1,7 +1,7 @@
 """Launching NVRTC-compiled kernels on torch tensors: torch's current stream, zero-copy pointers.
 
-Kernels are loaded once per (source, device) from the cubin `compiler.compile_source` returns, through
-CuPy's module loader. A launch calls the driver's `cuLaunchKernel` directly on
+Each kernel instance is compiled alone on its first use and loaded once per device from the cubin
+`compiler.compile_source` returns, through CuPy's module loader. A launch calls the driver's `cuLaunchKernel` directly on
 `torch.cuda.current_stream()`: kernels order correctly with torch ops and are captured by
 `torch.cuda.graph` like any torch kernel. (CuPy's own launch path, with a stream object wrapping torch's,
 cost about 0.3 ms per launch on the H100 machine: more than most of these kernels run.)
