@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exlq.eval.speed import copy_bandwidth  # noqa: E402
 from exlq.quant.synthetic import random_exl2  # noqa: E402
 from exlq.runtime.exl2 import Exl2Linear  # noqa: E402
+from exlq.runtime.kernels import exl2_ops  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (in_features K, out_features N)
 PER_GRAPH = 50
@@ -113,13 +114,16 @@ def main() -> None:
             x = torch.randn(rows, k, device=device, dtype=torch.float16)
             seconds = graph_seconds(cycling(lambda i: layers[i % len(layers)](x)), warm_calls=max(PER_GRAPH, len(layers)))
             fp16_seconds = graph_seconds(cycling(lambda i: F.linear(x, dense[i % len(dense)])))
+            plan = layer.kernel_plan()
+            wide = rows in exl2_ops.WIDE_ROWS and plan.n_pad >= exl2_ops.WIDE_MIN_COLUMNS
             row = {
-                "k": k, "n": n, "rows": rows, "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,
+                "k": k, "n": n, "rows": rows, "wide": wide, "wide_target_blocks": exl2_ops.WIDE_TARGET_BLOCKS,
+                "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,
                 "gbps": stored / seconds / 1e9, "fraction_of_copy": stored / seconds / 1e9 / bandwidth,
                 "fp16_microseconds": fp16_seconds * 1e6, "fp16_gbps": n * k * 2 / fp16_seconds / 1e9,
             }
             results.append(row)
-            print(f"K={k:5d} N={n:5d} M={rows:2d} bpw {row['bpw']:.3f}: {row['microseconds']:7.1f} us "
+            print(f"K={k:5d} N={n:5d} M={rows:2d} {'wide  ' if wide else 'narrow'} bpw {row['bpw']:.3f}: {row['microseconds']:7.1f} us "
                   f"{row['gbps']:6.0f} GB/s = {100 * row['fraction_of_copy']:5.1f}% of copy | "
                   f"torch fp16 {row['fp16_microseconds']:7.1f} us {row['fp16_gbps']:6.0f} GB/s")
     if args.json_out:

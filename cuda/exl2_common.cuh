@@ -63,10 +63,9 @@ static_assert(sizeof(GemvMatrix) == 104, "see exl2_ops.GemvMatrix");
 static_assert(sizeof(GemvGroup) == 424, "see exl2_ops.GemvGroup");
 
 // The end of a K split, when several blocks share a column tile: the block's partial sums are already added
-// into the fp32 workspace; the last block of the tile to finish writes y (+bias) for the tile's THREADS columns
-// (one a thread) and re-zeroes the workspace and its counter, so one launch does the whole product and leaves
-// the workspace clean.
-template <typename T, int M>
+// into the fp32 workspace; the last block of the tile to finish writes y (+bias) for the tile's THREADS·C columns
+// and re-zeroes the workspace and its counter, so one launch does the whole product and leaves the workspace clean.
+template <typename T, int M, int C = 1>
 __device__ __forceinline__ void finish_split(const GemvMatrix& mat, int tile) {
     __shared__ int is_last;
     __threadfence();
@@ -75,15 +74,19 @@ __device__ __forceinline__ void finish_split(const GemvMatrix& mat, int tile) {
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    const int n = tile * THREADS + threadIdx.x, N = mat.N;
-    if (n < mat.n_pad) {
-        const float b = mat.bias != nullptr ? mat.bias[n] : 0.0f;
+    const int N = mat.N;
 #pragma unroll
-        for (int m = 0; m < M; m++) {
-            float* slot = mat.workspace + (size_t)m * mat.n_pad + n;
-            const float v = __ldcg(slot);
-            *slot = 0.0f;
-            if (n < N) mat.y[(size_t)m * N + n] = Act<T>::store(v + b);
+    for (int i = 0; i < C; i++) {
+        const int n = (tile * C + i) * THREADS + threadIdx.x;
+        if (n < mat.n_pad) {
+            const float b = mat.bias != nullptr ? mat.bias[n] : 0.0f;
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float* slot = mat.workspace + (size_t)m * mat.n_pad + n;
+                const float v = __ldcg(slot);
+                *slot = 0.0f;
+                if (n < N) mat.y[(size_t)m * N + n] = Act<T>::store(v + b);
+            }
         }
     }
     if (threadIdx.x == 0) mat.counters[tile] = 0;

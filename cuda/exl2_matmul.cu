@@ -24,36 +24,64 @@ __device__ __forceinline__ float centered(u32 code, u32 two23) {
 }
 
 
-// fp32 path, any width: dot[m] += sum_i x[m][lr + i] (q_i - z) over 32 rows whose B words are in registers.
-template <int B, int M>
-__device__ __forceinline__ void sub_float(const u32* words, const float (*xs)[SPLIT_ROWS], int lr, const Magic& k,
-                                          float* dot) {
+// C adjacent columns' words of one word row (the C columns of a thread are contiguous in q_weight: 4 columns are
+// one 16-byte load, 2 one 8-byte load).
+template <int C>
+__device__ __forceinline__ void load_columns(const u32* p, u32* out) {
+    if (C == 4) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+        out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+    } else if (C == 2) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        out[0] = v.x; out[1] = v.y;
+    } else {
+        out[0] = __ldg(p);
+    }
+}
+
+// fp32 path, any width: dot[c][m] += sum_i x[m][lr + i] (q_ci - z) over 32 rows whose B words per column are in
+// registers.
+template <int B, int M, int C>
+__device__ __forceinline__ void sub_float(const u32 (*words)[B + 1], const float (*xs)[SPLIT_ROWS], int lr, const Magic& k,
+                                          float (*dot)[M]) {
 #pragma unroll
     for (int i = 0; i < 32; i += 4) {
-        const float q0 = centered<B>(field<B>(words, i), k.two23);
-        const float q1 = centered<B>(field<B>(words, i + 1), k.two23);
-        const float q2 = centered<B>(field<B>(words, i + 2), k.two23);
-        const float q3 = centered<B>(field<B>(words, i + 3), k.two23);
+        float q[C][4];
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) q[c][j] = centered<B>(field<B>(words[c], i + j), k.two23);
+        }
 #pragma unroll
         for (int m = 0; m < M; m++) {
             const float4 xv = *reinterpret_cast<const float4*>(&xs[m][lr + i]);
-            dot[m] = fmaf(xv.x, q0, fmaf(xv.y, q1, fmaf(xv.z, q2, fmaf(xv.w, q3, dot[m]))));
+#pragma unroll
+            for (int c = 0; c < C; c++)
+                dot[c][m] = fmaf(xv.x, q[c][0], fmaf(xv.y, q[c][1], fmaf(xv.z, q[c][2], fmaf(xv.w, q[c][3], dot[c][m]))));
         }
     }
 }
 
 // The short last group of a matrix (fewer than 32 rows: rows * B / 32 words), loading as it goes.
-template <int B, int M>
+template <int B, int M, int C>
 __device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
-                                           int lr, int rows, const Magic& k, float* dot) {
+                                           int lr, int rows, const Magic& k, float (*dot)[M]) {
     const int nw = rows * B / 32;
     for (int i = 0; i < rows; i++) {
         const int bit = i * B, wi = bit >> 5;
-        const u32 lo = __ldg(w + (size_t)wi * stride);
-        const u32 hi = wi + 1 < nw ? __ldg(w + (size_t)(wi + 1) * stride) : 0u;
-        const float q = centered<B>(__funnelshift_r(lo, hi, bit & 31) & ((1u << B) - 1u), k.two23);
+        u32 lo[C], hi[C];
+        load_columns<C>(w + (size_t)wi * stride, lo);
+        if (wi + 1 < nw) load_columns<C>(w + (size_t)(wi + 1) * stride, hi);
+        else {
 #pragma unroll
-        for (int m = 0; m < M; m++) dot[m] = fmaf(xs[m][lr + i], q, dot[m]);
+            for (int c = 0; c < C; c++) hi[c] = 0u;
+        }
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            const float q = centered<B>(__funnelshift_r(lo[c], hi[c], bit & 31) & ((1u << B) - 1u), k.two23);
+#pragma unroll
+            for (int m = 0; m < M; m++) dot[c][m] = fmaf(xs[m][lr + i], q, dot[c][m]);
+        }
     }
 }
 
@@ -85,43 +113,58 @@ __device__ __forceinline__ u32 h2(float value) {
     return h | (h << 16);
 }
 
-// acc[m] += the four code pairs times four activation pairs at xh[m][at..at+7] (half2 arithmetic).
-template <int M>
-__device__ __forceinline__ void dot4_pairs(u32 q0, u32 q1, u32 q2, u32 q3, const u16 (*xh)[SPLIT_ROWS], int at,
-                                           u32* acc) {
+// acc[c][m] += column c's four code pairs q[c] times four activation pairs at xh[m][at..at+7] (half2 arithmetic;
+// each activation load serves all C columns).
+template <int M, int C>
+__device__ __forceinline__ void dot4_pairs(const u32 (*q)[4], const u16 (*xh)[SPLIT_ROWS], int at, u32 (*acc)[M]) {
 #pragma unroll
     for (int m = 0; m < M; m++) {
         const uint4 xv = *reinterpret_cast<const uint4*>(&xh[m][at]);
-        acc[m] = hfma2(q0, xv.x, acc[m]);
-        acc[m] = hfma2(q1, xv.y, acc[m]);
-        acc[m] = hfma2(q2, xv.z, acc[m]);
-        acc[m] = hfma2(q3, xv.w, acc[m]);
-    }
-}
-
-template <int M>
-__device__ __forceinline__ void flush(u32* acc, float* dot) {
 #pragma unroll
-    for (int m = 0; m < M; m++) {
-        dot[m] += half2_sum(acc[m]);
-        acc[m] = 0u;
+        for (int c = 0; c < C; c++) {
+            acc[c][m] = hfma2(q[c][0], xv.x, acc[c][m]);
+            acc[c][m] = hfma2(q[c][1], xv.y, acc[c][m]);
+            acc[c][m] = hfma2(q[c][2], xv.z, acc[c][m]);
+            acc[c][m] = hfma2(q[c][3], xv.w, acc[c][m]);
+        }
     }
 }
 
-template <int B, int M>
-__device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT_ROWS], int lr, const Magic& k, float* dot) {
+template <int M, int C>
+__device__ __forceinline__ void flush(u32 (*acc)[M], float (*dot)[M]) {
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            dot[c][m] += half2_sum(acc[c][m]);
+            acc[c][m] = 0u;
+        }
+    }
+}
+
+template <int B, int M, int C>
+__device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*xh)[SPLIT_ROWS], int lr, const Magic& k,
+                                         float (*dot)[M]) {
     constexpr float Z = (float)(1 << (B - 1));
-    u32 acc[M];
+    u32 acc[C][M], q[C][4];
 #pragma unroll
-    for (int m = 0; m < M; m++) acc[m] = 0u;
+    for (int c = 0; c < C; c++) {
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[c][m] = 0u;
+    }
     if (B == 4) {
         const u32 one = h2(1.0f), sixteenth = h2(1.0f / 16.0f), off0 = h2(-(1024.0f + Z)), off1 = h2(-(64.0f + Z));
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const u32 lo = words[j], hi = words[j] >> 8;
-            dot4_pairs<M>(centered_pair<0x000F000Fu>(lo, k.h1024, one, off0), centered_pair<0x00F000F0u>(lo, k.h1024, sixteenth, off1),
-                          centered_pair<0x000F000Fu>(hi, k.h1024, one, off0), centered_pair<0x00F000F0u>(hi, k.h1024, sixteenth, off1),
-                          xh, lr + j * 8, acc);
+#pragma unroll
+            for (int c = 0; c < C; c++) {
+                const u32 lo = words[c][j], hi = words[c][j] >> 8;
+                q[c][0] = centered_pair<0x000F000Fu>(lo, k.h1024, one, off0);
+                q[c][1] = centered_pair<0x00F000F0u>(lo, k.h1024, sixteenth, off1);
+                q[c][2] = centered_pair<0x000F000Fu>(hi, k.h1024, one, off0);
+                q[c][3] = centered_pair<0x00F000F0u>(hi, k.h1024, sixteenth, off1);
+            }
+            dot4_pairs<M, C>(q, xh, lr + j * 8, acc);
         }
     } else if (B == 2) {
         const u32 s0 = h2(1.0f), s1 = h2(0.25f), s2 = h2(1.0f / 16.0f), s3 = h2(1.0f / 64.0f);
@@ -130,85 +173,138 @@ __device__ __forceinline__ void sub_half(const u32* words, const u16 (*xh)[SPLIT
         for (int j = 0; j < 2; j++) {
 #pragma unroll
             for (int half = 0; half < 2; half++) {  // rows (i, i + 8) of the word, i = 4·half .. 4·half + 3
-                const u32 v = words[j] >> (8 * half);
-                dot4_pairs<M>(centered_pair<0x00030003u>(v, k.h1024, s0, o0), centered_pair<0x000C000Cu>(v, k.h1024, s1, o1),
-                              centered_pair<0x00300030u>(v, k.h1024, s2, o2), centered_pair<0x00C000C0u>(v, k.h1024, s3, o3),
-                              xh, lr + j * 16 + half * 8, acc);
+#pragma unroll
+                for (int c = 0; c < C; c++) {
+                    const u32 v = words[c][j] >> (8 * half);
+                    q[c][0] = centered_pair<0x00030003u>(v, k.h1024, s0, o0);
+                    q[c][1] = centered_pair<0x000C000Cu>(v, k.h1024, s1, o1);
+                    q[c][2] = centered_pair<0x00300030u>(v, k.h1024, s2, o2);
+                    q[c][3] = centered_pair<0x00C000C0u>(v, k.h1024, s3, o3);
+                }
+                dot4_pairs<M, C>(q, xh, lr + j * 16 + half * 8, acc);
             }
         }
     } else {  // 8 bits: rows (0, 2) and (1, 3) of each word
         const u32 one = h2(1.0f), off = h2(-(1024.0f + Z));
 #pragma unroll
         for (int j = 0; j < 8; j += 2) {
-            dot4_pairs<M>(centered_pair<0x00FF00FFu>(words[j], k.h1024, one, off),
-                          centered_pair<0x00FF00FFu>(words[j] >> 8, k.h1024, one, off),
-                          centered_pair<0x00FF00FFu>(words[j + 1], k.h1024, one, off),
-                          centered_pair<0x00FF00FFu>(words[j + 1] >> 8, k.h1024, one, off), xh, lr + j * 4, acc);
-            flush<M>(acc, dot);
+#pragma unroll
+            for (int c = 0; c < C; c++) {
+                q[c][0] = centered_pair<0x00FF00FFu>(words[c][j], k.h1024, one, off);
+                q[c][1] = centered_pair<0x00FF00FFu>(words[c][j] >> 8, k.h1024, one, off);
+                q[c][2] = centered_pair<0x00FF00FFu>(words[c][j + 1], k.h1024, one, off);
+                q[c][3] = centered_pair<0x00FF00FFu>(words[c][j + 1] >> 8, k.h1024, one, off);
+            }
+            dot4_pairs<M, C>(q, xh, lr + j * 4, acc);
+            flush<M, C>(acc, dot);
         }
     }
-    flush<M>(acc, dot);
+    flush<M, C>(acc, dot);
 }
 
-// One chunk (≤ 128 rows): all its words are loaded first (up to 4 blocks of 32 rows in flight per
-// thread), then multiplied; a last partial block of rows goes through tail_float. acc[m] += Σ over
-// blocks of scale[block] · (block's dot): each 32-row block has its group's column scale.
-template <int B, int M, bool HALF>
+// Blocks of 32 rows whose words a thread holds at once: 4 (a whole chunk) for one column a thread; for C columns,
+// 4, 2 or 1 so that at most 8·C words are in flight (4 columns: as many as one column's 4 blocks of 8 bits).
+__host__ __device__ constexpr int blocks_in_flight(int bits, int columns) {
+    return columns == 1 || bits <= 2 ? 4 : bits <= 4 ? 2 : 1;
+}
+
+// One chunk (≤ 128 rows) for the thread's C columns: the words of blocks_in_flight blocks of 32 rows are loaded
+// first, then multiplied; a last partial block of rows goes through tail_float. acc[c][m] += Σ over blocks of
+// scale[block][c] · (block's dot): each 32-row block has its group's column scale.
+template <int B, int M, bool HALF, int C>
 __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
-                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, const float* scale,
-                                          const Magic& k, float* acc) {
+                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, const float (*scale)[C],
+                                          const Magic& k, float (*acc)[M]) {
+    constexpr int BL = blocks_in_flight(B, C);
     const int blocks = rows >> 5;
-    u32 words[4][B + 1];
     // The thread's pointer, opaque to the compiler (else it folds it back into q_weight + a 64-bit index and
     // spends 3-4 instructions an address), and 32-bit word offsets from it (a layer has < 2^32 words).
     const u32* base;
     asm("mov.b64 %0, %1;" : "=l"(base) : "l"(w));
     unsigned at = 0;
 #pragma unroll
-    for (int sb = 0; sb < 4; sb++) {
+    for (int b0 = 0; b0 < 4; b0 += BL) {
+        if (b0 > 0 && b0 >= blocks) break;
+        u32 words[BL][C][B + 1];
 #pragma unroll
-        for (int j = 0; j < B; j++) {
-            words[sb][j] = sb < blocks ? __ldg(base + at) : 0u;
-            at += (unsigned)stride;
+        for (int sb = 0; sb < BL; sb++) {
+#pragma unroll
+            for (int j = 0; j < B; j++) {
+                u32 v[C];
+                if (b0 + sb < blocks) load_columns<C>(base + at, v);
+                else {
+#pragma unroll
+                    for (int c = 0; c < C; c++) v[c] = 0u;
+                }
+#pragma unroll
+                for (int c = 0; c < C; c++) words[sb][c][j] = v[c];
+                at += (unsigned)stride;
+            }
+#pragma unroll
+            for (int c = 0; c < C; c++) words[sb][c][B] = 0u;
         }
-        words[sb][B] = 0u;
-    }
 #pragma unroll
-    for (int sb = 0; sb < 4; sb++) {
-        if (sb < blocks) {
-            float part[M];
+        for (int sb = 0; sb < BL; sb++) {
+            if (b0 + sb < blocks) {
+                float part[C][M];
 #pragma unroll
-            for (int m = 0; m < M; m++) part[m] = 0.0f;
-            if (HALF && (B == 2 || B == 4 || B == 8)) {
-                sub_half<B, M>(words[sb], xh, lr + 32 * sb, k, part);
+                for (int c = 0; c < C; c++) {
 #pragma unroll
-                for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[sb] * (float)(1 << half_shift(B)), acc[m]);
-            } else {
-                sub_float<B, M>(words[sb], xs, lr + 32 * sb, k, part);
+                    for (int m = 0; m < M; m++) part[c][m] = 0.0f;
+                }
+                const float unit = HALF && (B == 2 || B == 4 || B == 8) ? (float)(1 << half_shift(B)) : 1.0f;
+                if (HALF && (B == 2 || B == 4 || B == 8)) sub_half<B, M, C>(words[sb], xh, lr + 32 * (b0 + sb), k, part);
+                else sub_float<B, M, C>(words[sb], xs, lr + 32 * (b0 + sb), k, part);
 #pragma unroll
-                for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[sb], acc[m]);
+                for (int c = 0; c < C; c++) {
+#pragma unroll
+                    for (int m = 0; m < M; m++) acc[c][m] = fmaf(part[c][m], scale[b0 + sb][c] * unit, acc[c][m]);
+                }
             }
         }
     }
     if (rows & 31) {  // only in a chunk of one group: its scale is scale[0]
-        float part[M];
+        float part[C][M];
 #pragma unroll
-        for (int m = 0; m < M; m++) part[m] = 0.0f;
-        tail_float<B, M>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, k, part);
+        for (int c = 0; c < C; c++) {
 #pragma unroll
-        for (int m = 0; m < M; m++) acc[m] = fmaf(part[m], scale[0], acc[m]);
+            for (int m = 0; m < M; m++) part[c][m] = 0.0f;
+        }
+        tail_float<B, M, C>(w + (size_t)blocks * B * stride, stride, xs, lr + 32 * blocks, rows & 31, k, part);
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+#pragma unroll
+            for (int m = 0; m < M; m++) acc[c][m] = fmaf(part[c][m], scale[0][c], acc[c][m]);
+        }
     }
 }
 
 template <typename T> struct HalfPath { static constexpr bool value = false; };
 template <> struct HalfPath<fp16_t> { static constexpr bool value = true; };
 
+// Scales of group g for columns n .. n + C - 1 (n a multiple of C: the C codes are nibbles of one q_scale word).
+template <int C>
+__device__ __forceinline__ void column_scales(const u32* __restrict__ q_scale, const float* __restrict__ scale_max, int g,
+                                              int n, int n_pad, float* scale) {
+    if (C == 1) {
+        scale[0] = column_scale(q_scale, scale_max, g, n, n_pad);
+        return;
+    }
+    const u32 word = __ldg(q_scale + (size_t)g * (n_pad >> 3) + (n >> 3)) >> ((n & 7) * 4);
+    const float multiplier = __ldg(scale_max + g);
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        const float code = (float)(((word >> (4 * c)) & 15u) + 1u);
+        scale[c] = code * code * multiplier;
+    }
+}
+
 
 // y[M, N] = x[M, K] @ W for one matrix, as block `local` of its Σ tiles·splits blocks: column tile
-// local % tiles (THREADS columns), K split local / tiles. Each block sums its K split into the fp32
-// workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the workspace
+// local % tiles (THREADS·C columns, C adjacent ones a thread), K split local / tiles. Each block sums its K split
+// into the fp32 workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the workspace
 // and its counter, so one launch does the whole product and leaves the workspace clean.
-template <typename T, int M>
+template <typename T, int M, int C>
 __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, const GemvMatrix& mat, int local) {
     constexpr bool HALF = HalfPath<T>::value;
     __shared__ __align__(16) float xs[M][SPLIT_ROWS];
@@ -216,8 +312,8 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
     const u32* __restrict__ q_weight = mat.q_weight;
     const int4* __restrict__ chunks = mat.chunks;
     const int n_pad = mat.n_pad, tile = local % mat.tiles, split = local / mat.tiles;
-    const int n = tile * THREADS + threadIdx.x;
-    const bool valid = n < n_pad;
+    const int n = tile * THREADS * C + threadIdx.x * C;  // the thread's first column
+    const bool valid = n < n_pad;  // n_pad is a multiple of 32: all C columns or none
     const int c0 = mat.split_chunks[split], c1 = mat.split_chunks[split + 1];
     const int r0 = chunks[c0].z;
 
@@ -235,23 +331,30 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
     }
     __syncthreads();
 
-    float acc[M];
+    float acc[C][M];
 #pragma unroll
-    for (int m = 0; m < M; m++) acc[m] = 0.0f;
+    for (int c = 0; c < C; c++) {
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[c][m] = 0.0f;
+    }
     const Magic k(mat.N);
     if (valid) {
         for (int c = c0; c < c1; c++) {
             const int4 ch = chunks[c];
             const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16, lr = ch.z - r0;
             const u32* w = q_weight + (size_t)ch.y * n_pad + n;
-            float scale[4];  // per 32-row block: its group's scale, requested before the weights
-            scale[0] = column_scale(mat.q_scale, mat.scale_max, ch.w, n, n_pad);
+            float scale[4][C];  // per 32-row block and column: its group's scale, requested before the weights
+            column_scales<C>(mat.q_scale, mat.scale_max, ch.w, n, n_pad, scale[0]);
 #pragma unroll
-            for (int sb = 1; sb < 4; sb++)
-                scale[sb] = (sb >> shift) == 0 ? scale[0]
-                          : 32 * sb < rows ? column_scale(mat.q_scale, mat.scale_max, ch.w + (sb >> shift), n, n_pad) : 0.0f;
+            for (int sb = 1; sb < 4; sb++) {
+                if ((sb >> shift) != 0 && 32 * sb < rows) column_scales<C>(mat.q_scale, mat.scale_max, ch.w + (sb >> shift), n, n_pad, scale[sb]);
+                else {
+#pragma unroll
+                    for (int i = 0; i < C; i++) scale[sb][i] = (sb >> shift) == 0 ? scale[0][i] : 0.0f;
+                }
+            }
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
-#define CHUNK_DOT(B) chunk_dot<B, M, HALF>(w, n_pad, xs, xhv, lr, rows, scale, k, acc)
+#define CHUNK_DOT(B) chunk_dot<B, M, HALF, C>(w, n_pad, xs, xhv, lr, rows, scale, k, acc)
             WITH_WIDTH(bits, CHUNK_DOT)
 #undef CHUNK_DOT
         }
@@ -259,38 +362,48 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
 
     const int N = mat.N;
     u16* __restrict__ y = mat.y;
-    const float b = (mat.bias != nullptr && valid) ? mat.bias[n] : 0.0f;
     if (mat.splits == 1) {
-        if (n < N) {
 #pragma unroll
-            for (int m = 0; m < M; m++) y[(size_t)m * N + n] = Act<T>::store(acc[m] + b);
+        for (int c = 0; c < C; c++) {
+            const float b = (mat.bias != nullptr && valid) ? mat.bias[n + c] : 0.0f;
+            if (n + c < N) {
+#pragma unroll
+                for (int m = 0; m < M; m++) y[(size_t)m * N + n + c] = Act<T>::store(acc[c][m] + b);
+            }
         }
         return;
     }
     if (valid) {
 #pragma unroll
-        for (int m = 0; m < M; m++) atomicAdd(mat.workspace + (size_t)m * n_pad + n, acc[m]);
+        for (int c = 0; c < C; c++) {
+#pragma unroll
+            for (int m = 0; m < M; m++) atomicAdd(mat.workspace + (size_t)m * n_pad + n + c, acc[c][m]);
+        }
     }
-    finish_split<T, M>(mat, tile);
+    finish_split<T, M, C>(mat, tile);
 }
 
 // One matrix (o_proj, down_proj, lm_head, ...): its fields are kernel parameters at fixed offsets, which
 // the compiler reads as operands (64 registers at M = 1, against 72 for the group kernel's indexed fields).
 // At M = 2 the bound keeps 7 blocks an SM (72 registers; left alone, ptxas took 95); other M as ptxas likes.
-template <typename T, int M>
-__global__ void __launch_bounds__(THREADS, M == 2 ? 7 : 0) exl2_gemv(const u16* __restrict__ x, int K, const GemvMatrix mat) {
-    gemv_block<T, M>(x, K, mat, blockIdx.x);
+// C: adjacent columns a thread (1; or 2 or 4, "wide": one 8- or 16-byte load a word row, THREADS·C columns a block,
+// so the activation gather, the chunk walk and the split-K epilogue of a block serve C times the weights).
+template <typename T, int M, int C = 1>
+__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : 0) exl2_gemv(const u16* __restrict__ x, int K,
+                                                                          const GemvMatrix mat) {
+    gemv_block<T, M, C>(x, K, mat, blockIdx.x);
 }
 
 // Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each
 // matrix's blocks in turn.
-template <typename T, int M>
-__global__ void __launch_bounds__(THREADS, M == 2 ? 7 : 0) exl2_gemv_group(const u16* __restrict__ x, int K, const GemvGroup group) {
+template <typename T, int M, int C = 1>
+__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : 0) exl2_gemv_group(const u16* __restrict__ x, int K,
+                                                                                const GemvGroup group) {
     int which = 0;
 #pragma unroll
     for (int i = 1; i < MAX_GROUP; i++)
         if (i < group.count && (int)blockIdx.x >= group.m[i].block0) which = i;
-    gemv_block<T, M>(x, K, group.m[which], blockIdx.x - group.m[which].block0);
+    gemv_block<T, M, C>(x, K, group.m[which], blockIdx.x - group.m[which].block0);
 }
 
 

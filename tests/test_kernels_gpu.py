@@ -103,16 +103,26 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
     assert torch.equal(bf16, reference.float().to(torch.bfloat16)) or rel(bf16, reference) < 4e-3
 
 
-# The GEMV kernels: the tensor-core one (fp16, 4 or 8 rows, layers of whole 32-row blocks; rows 8 and 13 reach it)
-# and the one-column-a-thread one.
-KERNELS = [(torch.float16, True), (torch.float16, False), (torch.bfloat16, False)]
+# The GEMV kernels: the tensor-core one (fp16, 4 or 8 rows, layers of whole 32-row blocks; rows 8 and 13 reach it),
+# the one-column-a-thread one, and its wide instances (2 or 4 columns a thread, 1-3 rows; here for every width).
+KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide2"), (torch.float16, "wide4"),
+           (torch.bfloat16, "narrow"), (torch.bfloat16, "wide2"), (torch.bfloat16, "wide4")]
+
+
+def use_gemv(kind: str, monkeypatch) -> None:
+    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wideC" (1-3 rows, C columns a
+    thread)."""
+    monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
+    monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind.startswith("wide") else 1 << 62)
+    if kind.startswith("wide"):
+        monkeypatch.setattr(exl2_ops, "WIDE_COLUMNS", int(kind[4:]))
 
 
 @pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
 @pytest.mark.parametrize("n, rows", [(32, 1), (200, 3), (4160, 8), (544, 13), (160, 7), (1024, 32), (96, 40)])
-@pytest.mark.parametrize("dtype, mma", KERNELS)
-def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dtype, mma, monkeypatch):
-    monkeypatch.setattr(exl2_ops, "MMA", mma)
+@pytest.mark.parametrize("dtype, kind", KERNELS)
+def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dtype, kind, monkeypatch):
+    use_gemv(kind, monkeypatch)
     tensors, layout = random_exl2(k, n, bits, props, group, seed=3 * k + n, bias=rows % 2 == 1)
     cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
     layer = Exl2Linear(cuda, k, n, dtype=dtype)
@@ -142,10 +152,10 @@ GROUP_LAYERS = [(576, [4], [1.0], 32, True), (192, [6, 4], [0.2, 0.8], 64, True)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 40])
-@pytest.mark.parametrize("dtype, mma", KERNELS)
-def test_grouped_gemv_matches_each_layer(rows, dtype, mma, monkeypatch):
+@pytest.mark.parametrize("dtype, kind", KERNELS)
+def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
     """One launch for several matrices of the same x gives each matrix's own product (and a clean workspace)."""
-    monkeypatch.setattr(exl2_ops, "MMA", mma)
+    use_gemv(kind, monkeypatch)
     k = 576
     layers, expected = [], []
     for i, (n, bits, props, group, *bias) in enumerate(GROUP_LAYERS):
@@ -171,17 +181,17 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, mma, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
-@pytest.mark.parametrize("mma", [True, False])
-def test_gemv_survives_large_activations(bits, mma, monkeypatch):
+@pytest.mark.parametrize("kind", ["mma", "narrow", "wide2", "wide4"])
+def test_gemv_survives_large_activations(bits, kind, monkeypatch):
     """The fp16 path sums pairs in half precision (and the tensor-core one removes offsets of 1024 x): activations
     in the thousands must not overflow to inf nor lose the product."""
-    monkeypatch.setattr(exl2_ops, "MMA", mma)
+    use_gemv(kind, monkeypatch)
     props = [1.0 / len(bits)] * len(bits)
     tensors, layout = random_exl2(512, 256, bits, props, 32, seed=len(bits))
     cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
     layer = Exl2Linear(cuda, 512, 256, dtype=torch.float16)
     weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
-    x = torch.randn(4, 512, device=CUDA)  # 4 rows: the tensor-core kernel's smallest launch
+    x = torch.randn(4 if kind == "mma" else 3, 512, device=CUDA)  # 4 rows: the tensor-core kernel's smallest launch
     x[:, :8] *= 3000 / x[:, :8].abs().max()  # a few channels in the thousands, as real down_proj inputs have
     x = x * min(1.0, 30000 / (x.double() @ weight[:, :256].double()).abs().max().item())  # outputs fit fp16
     x = x.half()

@@ -14,7 +14,9 @@ Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 or 8 fp16 act
 groups are whole 32-row blocks (every converter layout with K a multiple of 32): on the H200 it is 7-33 % faster
 than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). `exl2_matmul.cu` (one
 column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
-forces it everywhere.
+forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
+instances instead: 4 adjacent columns a thread, so the per-block work (activation gather, chunk walk, split-K
+epilogue) is shared by four times the weights.
 """
 
 from __future__ import annotations
@@ -43,11 +45,23 @@ CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in
 GEMV_ROWS = (8, 4, 3, 2, 1)  # kernel instances by activation rows; other counts are cut into these
 GEMV_MAX_ROWS = 32  # above this, dequantize + cuBLAS
 TARGET_BLOCKS = 264  # about two blocks per SM on an H100: K splits shrink until this many exist
+#: The same for the wide instances, whose tiles are 4× wider (EXLQ_GEMV_WIDE_TARGET_BLOCKS: for benchmarks).
+WIDE_TARGET_BLOCKS = int(os.environ.get("EXLQ_GEMV_WIDE_TARGET_BLOCKS", "264"))
 MAX_GROUP = 4  # MAX_GROUP in the .cu: most matrices of one input one launch multiplies (q/k/v, gate/up)
-#: One module per activation dtype, compiled on first use of that dtype (halves a cold start).
+COLUMN_CHOICES = (1, 2, 4)  # adjacent columns a thread of the GEMV instances (exl2_gemv<T, M, C>)
+#: Those of the wide instances (EXLQ_GEMV_WIDE_COLUMNS: 2 or 4, for benchmarks).
+WIDE_COLUMNS = int(os.environ.get("EXLQ_GEMV_WIDE_COLUMNS", "4"))
+WIDE_ROWS = (3, 2, 1)  # launches of these many rows may take the wide instances
+#: The wide instances take a launch whose matrices all have at least this many (padded) columns; narrower ones
+#: would leave most of a 512-column tile idle. EXLQ_GEMV_WIDE=0 switches them off, =1 on for every width.
+WIDE_MIN_COLUMNS = {"0": 1 << 62, "1": 0}.get(os.environ.get("EXLQ_GEMV_WIDE", ""), 2048)
+#: Kernel instances by activation dtype, each compiled on its first use.
 INSTANCE_SETS = {
     dtype: tuple(
-        [f"{name}<{tag}, {m}>" for name in ("exl2_gemv", "exl2_gemv_group") for m in GEMV_ROWS] + [f"exl2_dequant<{tag}>"]
+        [f"{name}<{tag}, {m}>" for name in ("exl2_gemv", "exl2_gemv_group") for m in GEMV_ROWS]
+        + [f"{name}<{tag}, {m}, {c}>" for c in COLUMN_CHOICES[1:] for name in ("exl2_gemv", "exl2_gemv_group")
+           for m in WIDE_ROWS]
+        + [f"exl2_dequant<{tag}>"]
     )
     for dtype, tag in ACTIVATION_TAGS.items()
 }
@@ -63,7 +77,8 @@ class Exl2Plan:
     q_scale: torch.Tensor  # int32 [G, N_pad / 8], as stored
     scale_max: torch.Tensor  # float32 [G]: the fp16 values M_g
     chunks: torch.Tensor  # int32 [C, 4]: bits | rows << 8 | group shift << 16, first word row, first stored row, first group
-    split_chunks: torch.Tensor  # int32 [S + 1]: chunk index where each K split starts
+    #: int32 [S + 1] per columns a GEMV thread takes (COLUMN_CHOICES): the chunk index where each K split starts
+    split_tables: dict[int, torch.Tensor]
     perm: torch.Tensor  # int32 [K]: stored row -> input channel
     gather: torch.Tensor | None  # int32 [K]: the tensor-core GEMV's gather table (mma_gather_table); None: not eligible
     bias: torch.Tensor | None  # float32 [N_pad]
@@ -77,6 +92,14 @@ class Exl2Plan:
     @property
     def column_tiles(self) -> int:
         return -(-self.n_pad // THREADS)
+
+    def tiles(self, columns: int) -> int:
+        """Column tiles of a GEMV whose threads take `columns` adjacent columns each."""
+        return -(-self.n_pad // (THREADS * columns))
+
+    def splits(self, columns: int) -> torch.Tensor:
+        """The K-split table of that GEMV."""
+        return self.split_tables[columns]
 
 
 def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int, int]]:
@@ -102,10 +125,12 @@ def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int, int]]:
     return table
 
 
-def split_points(table: list[tuple[int, int, int, int, int, int]], column_tiles: int) -> list[int]:
+def split_points(
+    table: list[tuple[int, int, int, int, int, int]], column_tiles: int, target_blocks: int = TARGET_BLOCKS
+) -> list[int]:
     """Chunk indices where K splits start (plus the end): splits of ≤ SPLIT_ROWS rows, enough blocks overall."""
     total_rows = sum(t[1] for t in table)
-    wanted = -(-total_rows * column_tiles // TARGET_BLOCKS)
+    wanted = -(-total_rows * column_tiles // target_blocks)
     split_rows = max(CHUNK_ROWS, min(SPLIT_ROWS, -(-wanted // CHUNK_ROWS) * CHUNK_ROWS))
     points, rows = [0], 0
     for i, (_, chunk_rows, *_rest) in enumerate(table):
@@ -168,14 +193,16 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         q_scale=tensors.q_scale.contiguous(),
         scale_max=scale_multipliers(tensors.q_scale_max, prescale).float().contiguous(),
         chunks=torch.tensor(packed, dtype=torch.int32, device=device),
-        split_chunks=torch.empty(0),
+        split_tables={},
         perm=perm.to(torch.int32).contiguous(),
         gather=mma_gather_table(layout, perm),
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
         out_features=out_features,
     )
-    plan.split_chunks = torch.tensor(split_points(table, plan.column_tiles), dtype=torch.int32, device=device)
+    for columns in COLUMN_CHOICES:
+        points = split_points(table, plan.tiles(columns), TARGET_BLOCKS if columns == 1 else WIDE_TARGET_BLOCKS)
+        plan.split_tables[columns] = torch.tensor(points, dtype=torch.int32, device=device)
     return plan
 
 
@@ -219,28 +246,32 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch."""
     rows = x.shape[0]
     device = x.device
-    workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.column_tiles for p in plans))
     tensor_cores = MMA and rows in MMA_ROWS and x.dtype == torch.float16 and all(p.gather is not None for p in plans)
+    wide = not tensor_cores and rows in WIDE_ROWS and all(p.n_pad >= WIDE_MIN_COLUMNS for p in plans)
+    columns = WIDE_COLUMNS if wide else 1
+    workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
-        splits = plan.split_chunks.numel() - 1
+        split_chunks = plan.splits(columns)
+        splits, plan_tiles = split_chunks.numel() - 1, plan.tiles(columns)
         rows_in = plan.gather if tensor_cores else plan.perm  # the field each kernel reads for its input rows
         group.m[i] = GemvMatrix(
             plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.chunks.data_ptr(),
-            plan.split_chunks.data_ptr(), rows_in.data_ptr(), 0 if plan.bias is None else plan.bias.data_ptr(),
+            split_chunks.data_ptr(), rows_in.data_ptr(), 0 if plan.bias is None else plan.bias.data_ptr(),
             workspace.data_ptr() + 4 * floats, counters.data_ptr() + 4 * tiles, out.data_ptr(),
-            plan.out_features, plan.n_pad, plan.column_tiles, splits, blocks,
+            plan.out_features, plan.n_pad, plan_tiles, splits, blocks,
         )
-        blocks += plan.column_tiles * splits
+        blocks += plan_tiles * splits
         floats += rows * plan.n_pad
-        tiles += plan.column_tiles
+        tiles += plan_tiles
     if tensor_cores:
         name = "exl2_mma" if len(plans) == 1 else "exl2_mma_group"
         function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
     else:
         name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
-        function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
+        instance = f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}" + (f", {columns}>" if wide else ">")
+        function = kernel(SOURCE, INSTANCE_SETS[x.dtype], instance, device)
     args = group.m[0] if len(plans) == 1 else group
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), (x, plans[0].in_features, args), device)
 
