@@ -117,7 +117,7 @@ def main() -> None:
             plan = layer.kernel_plan()
             wide = rows in exl2_ops.WIDE_ROWS and plan.n_pad >= exl2_ops.WIDE_MIN_COLUMNS
             row = {
-                "k": k, "n": n, "rows": rows, "wide": wide, "wide_target_blocks": exl2_ops.WIDE_TARGET_BLOCKS,
+                "k": k, "n": n, "rows": rows, "wide": wide,
                 "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,
                 "gbps": stored / seconds / 1e9, "fraction_of_copy": stored / seconds / 1e9 / bandwidth,
                 "fp16_microseconds": fp16_seconds * 1e6, "fp16_gbps": n * k * 2 / fp16_seconds / 1e9,

@@ -13,9 +13,8 @@
 #   STAGE=quick:   per tree in TREES, the short A/B: GEMV alone at 1, 4 and 8 rows (4096x14336, 14336x4096) and the
 #                  synthetic 8B's decode and prefill (512, 2048); QUICK_FP16=1 adds the FP16 8B's prefill first.
 #   STAGE=wide:    the wide GEMV instances against the narrow ones: bench/gemv.py at 1 and 2 rows over the 8B and small
-#                  shapes with EXLQ_GEMV_WIDE=0 (narrow), then =1 (wide everywhere) for each of WIDE_CONFIGS (columns a
-#                  thread : target blocks; default "2:264 2:1056 4:264 4:1056"), then the synthetic 8B's and Qwen2.5-0.5B's
-#                  decode, narrow and with the default rule (WIDE_MIN_COLUMNS) for each config.
+#                  shapes with EXLQ_GEMV_WIDE=0 (narrow) and =1 (wide everywhere), then the synthetic 8B's and
+#                  Qwen2.5-0.5B's decode, narrow and with the default rule (WIDE_MIN_COLUMNS).
 #   STAGE=tests:   this tree's GPU tests alone (no model needed; the real-EXL2 test skips).
 #   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2).
 #   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
@@ -121,18 +120,14 @@ quick)
   done ;;
 wide)
   shapes="4096x14336 14336x4096 4096x4096 576x1536 1536x576 896x4864"
-  EXLQ_GEMV_WIDE=0 python3 bench/gemv.py --rows 1 2 --shapes $shapes --json-out $OUT/gemv_narrow.json 2>&1 | tail -12
-  for config in ${WIDE_CONFIGS:-2:264 2:1056 4:264 4:1056}; do  # columns a thread : target blocks
-    echo "-- wide, $config"
-    EXLQ_GEMV_WIDE=1 EXLQ_GEMV_WIDE_COLUMNS=${config%%:*} EXLQ_GEMV_WIDE_TARGET_BLOCKS=${config#*:} python3 bench/gemv.py \
-      --rows 1 2 --shapes $shapes --json-out $OUT/gemv_wide_${config/:/_}.json 2>&1 | tail -12
+  for setting in 0 1; do  # EXLQ_GEMV_WIDE=0: narrow everywhere; 1: wide everywhere
+    EXLQ_GEMV_WIDE=$setting python3 bench/gemv.py --rows 1 2 --shapes $shapes --json-out $OUT/gemv_wide_$setting.json \
+      2>&1 | tail -12
   done
   for model in llama3-8b qwen2.5-0.5b; do
-    for config in narrow ${WIDE_CONFIGS:-2:264 2:1056 4:264 4:1056}; do  # the default rule (WIDE_MIN_COLUMNS)
-      env=$([ $config = narrow ] && echo EXLQ_GEMV_WIDE=0 || echo EXLQ_GEMV_WIDE_COLUMNS=${config%%:*} \
-        EXLQ_GEMV_WIDE_TARGET_BLOCKS=${config#*:})
-      echo "-- $model $config: $(env $env python3 -m exlq.cli.app bench --synthetic $model --bpw 4.0 --prefill 512 \
-        --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+    for setting in 0 ""; do  # narrow, then the default rule (WIDE_MIN_COLUMNS)
+      echo "-- $model EXLQ_GEMV_WIDE=$setting: $(EXLQ_GEMV_WIDE=$setting python3 -m exlq.cli.app bench --synthetic $model \
+        --bpw 4.0 --prefill 512 --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
     done
   done ;;
 cold)

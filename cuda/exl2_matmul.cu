@@ -24,14 +24,12 @@ __device__ __forceinline__ float centered(u32 code, u32 two23) {
 }
 
 
-// C adjacent columns' words of one word row (the C columns of a thread are contiguous in q_weight: 4 columns are
-// one 16-byte load, 2 one 8-byte load).
+// C adjacent columns' words of one word row (the C columns of a thread are contiguous in q_weight: 2 columns are
+// one 8-byte load).
 template <int C>
 __device__ __forceinline__ void load_columns(const u32* p, u32* out) {
-    if (C == 4) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-        out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
-    } else if (C == 2) {
+    static_assert(C == 1 || C == 2, "1 or 2 columns a thread (4 were slower on the H200: docs/benchmarks.md)");
+    if (C == 2) {
         const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
         out[0] = v.x; out[1] = v.y;
     } else {
@@ -203,7 +201,7 @@ __device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*
 }
 
 // Blocks of 32 rows whose words a thread holds at once: 4 (a whole chunk) for one column a thread; for C columns,
-// 4, 2 or 1 so that at most 8·C words are in flight (4 columns: as many as one column's 4 blocks of 8 bits).
+// 4, 2 or 1 so that at most 8·C words are in flight (2 columns: 64 registers at one row, as one column).
 __host__ __device__ constexpr int blocks_in_flight(int bits, int columns) {
     return columns == 1 || bits <= 2 ? 4 : bits <= 4 ? 2 : 1;
 }
@@ -386,8 +384,8 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
 // One matrix (o_proj, down_proj, lm_head, ...): its fields are kernel parameters at fixed offsets, which
 // the compiler reads as operands (64 registers at M = 1, against 72 for the group kernel's indexed fields).
 // At M = 2 the bound keeps 7 blocks an SM (72 registers; left alone, ptxas took 95); other M as ptxas likes.
-// C: adjacent columns a thread (1; or 2 or 4, "wide": one 8- or 16-byte load a word row, THREADS·C columns a block,
-// so the activation gather, the chunk walk and the split-K epilogue of a block serve C times the weights).
+// C: adjacent columns a thread (1; or 2, "wide": one 8-byte load a word row, THREADS·2 columns a block, so the
+// activation gather, the chunk walk and the split-K epilogue of a block serve twice the weights).
 template <typename T, int M, int C = 1>
 __global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : 0) exl2_gemv(const u16* __restrict__ x, int K,
                                                                           const GemvMatrix mat) {

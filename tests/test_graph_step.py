@@ -11,7 +11,7 @@ from exlq.runtime.graphs import BUCKET, static_decode_step
 from exlq.quant.synthetic import random_exl2
 from exlq.runtime.exl2 import decode_q_groups
 from exlq.runtime.kernels.exl2_ops import (
-    CHUNK_ROWS, COLUMN_CHOICES, SPLIT_ROWS, TARGET_BLOCKS, THREADS, WIDE_TARGET_BLOCKS, build_plan, chunk_table, split_points,
+    CHUNK_ROWS, COLUMN_CHOICES, SPLIT_ROWS, THREADS, WIDE_COLUMNS, build_plan, chunk_table, split_points,
 )
 from exlq.runtime.kv_quant import CacheType
 from exlq.runtime.loader import load_model
@@ -88,8 +88,8 @@ def test_chunk_table_and_splits_cover_every_row_once(k, bits, props, group, tile
 
 @pytest.mark.parametrize("n", [32, 576, 4160, 14336])
 def test_plans_split_k_for_every_gemv_width(n):
-    """Each GEMV variant (1, 2 or 4 columns a thread) gets its own K splits, sized for its tile count: wider tiles
-    leave fewer blocks, so their splits are at most as long (never longer than the activations' shared memory)."""
+    """Each GEMV variant (1 or 2 columns a thread) gets its own K splits, sized for its tile count: wider tiles leave
+    fewer blocks, so their splits are at most as long (never longer than the activations' shared memory)."""
     k = 4096
     tensors = random_exl2(k, n, 4.0, torch.Generator().manual_seed(n), group_size=128)
     plan = build_plan(tensors, decode_q_groups(tensors.q_groups, tensors.q_weight.shape[0]), n)
@@ -98,9 +98,8 @@ def test_plans_split_k_for_every_gemv_width(n):
         tiles = plan.tiles(columns)
         assert (tiles - 1) * THREADS * columns < plan.n_pad <= tiles * THREADS * columns
         points = plan.splits(columns).tolist()
-        target = TARGET_BLOCKS if columns == 1 else WIDE_TARGET_BLOCKS
-        assert points == split_points(table, tiles, target)
+        assert points == split_points(table, tiles)
         assert points[0] == 0 and points[-1] == len(table)
-    if n == 14336:  # Llama-3-8B's gate/up: 112 tiles of 128 columns (16 splits), 28 of 512 (16 splits of 256 rows)
-        assert plan.tiles(1) * (len(plan.splits(1).tolist()) - 1) == 112 * 16
-        assert plan.tiles(4) == 28
+    if n == 14336:  # Llama-3-8B's gate/up: 112 tiles of 128 columns, 56 of 256; 16 splits of 256 rows each
+        assert plan.tiles(1) == 112 and plan.tiles(WIDE_COLUMNS) == 56
+        assert len(plan.splits(1)) == len(plan.splits(WIDE_COLUMNS)) == 17

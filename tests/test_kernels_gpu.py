@@ -104,18 +104,15 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
 
 
 # The GEMV kernels: the tensor-core one (fp16, 4 or 8 rows, layers of whole 32-row blocks; rows 8 and 13 reach it),
-# the one-column-a-thread one, and its wide instances (2 or 4 columns a thread, 1-3 rows; here for every width).
-KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide2"), (torch.float16, "wide4"),
-           (torch.bfloat16, "narrow"), (torch.bfloat16, "wide2"), (torch.bfloat16, "wide4")]
+# the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width).
+KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.bfloat16, "narrow"),
+           (torch.bfloat16, "wide")]
 
 
 def use_gemv(kind: str, monkeypatch) -> None:
-    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wideC" (1-3 rows, C columns a
-    thread)."""
+    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows)."""
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
-    monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind.startswith("wide") else 1 << 62)
-    if kind.startswith("wide"):
-        monkeypatch.setattr(exl2_ops, "WIDE_COLUMNS", int(kind[4:]))
+    monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind == "wide" else 1 << 62)
 
 
 @pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
@@ -181,7 +178,7 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
-@pytest.mark.parametrize("kind", ["mma", "narrow", "wide2", "wide4"])
+@pytest.mark.parametrize("kind", ["mma", "narrow", "wide"])
 def test_gemv_survives_large_activations(bits, kind, monkeypatch):
     """The fp16 path sums pairs in half precision (and the tensor-core one removes offsets of 1024 x): activations
     in the thousands must not overflow to inf nor lose the product."""

@@ -15,8 +15,8 @@ groups are whole 32-row blocks (every converter layout with K a multiple of 32):
 than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). `exl2_matmul.cu` (one
 column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
 forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
-instances instead: 4 adjacent columns a thread, so the per-block work (activation gather, chunk walk, split-K
-epilogue) is shared by four times the weights.
+instances instead: 2 adjacent columns a thread (one 8-byte load a word row), so the per-block work (activation
+gather, chunk walk, split-K epilogue) is shared by twice the weights.
 """
 
 from __future__ import annotations
@@ -45,15 +45,13 @@ CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in
 GEMV_ROWS = (8, 4, 3, 2, 1)  # kernel instances by activation rows; other counts are cut into these
 GEMV_MAX_ROWS = 32  # above this, dequantize + cuBLAS
 TARGET_BLOCKS = 264  # about two blocks per SM on an H100: K splits shrink until this many exist
-#: The same for the wide instances, whose tiles are 4× wider (EXLQ_GEMV_WIDE_TARGET_BLOCKS: for benchmarks).
-WIDE_TARGET_BLOCKS = int(os.environ.get("EXLQ_GEMV_WIDE_TARGET_BLOCKS", "264"))
 MAX_GROUP = 4  # MAX_GROUP in the .cu: most matrices of one input one launch multiplies (q/k/v, gate/up)
-COLUMN_CHOICES = (1, 2, 4)  # adjacent columns a thread of the GEMV instances (exl2_gemv<T, M, C>)
-#: Those of the wide instances (EXLQ_GEMV_WIDE_COLUMNS: 2 or 4, for benchmarks).
-WIDE_COLUMNS = int(os.environ.get("EXLQ_GEMV_WIDE_COLUMNS", "4"))
+WIDE_COLUMNS = 2  # adjacent columns a thread of the wide GEMV instances (exl2_gemv<T, M, 2>)
+COLUMN_CHOICES = (1, WIDE_COLUMNS)  # the GEMV's instances by columns a thread
 WIDE_ROWS = (3, 2, 1)  # launches of these many rows may take the wide instances
-#: The wide instances take a launch whose matrices all have at least this many (padded) columns; narrower ones
-#: would leave most of a 512-column tile idle. EXLQ_GEMV_WIDE=0 switches them off, =1 on for every width.
+#: The wide instances take a launch whose matrices all have at least this many (padded) columns (on the H200 they
+#: are 18-22 % faster at 4096x14336 and 14336x4096, 5-10 % slower at 4096x4096 and below: docs/benchmarks.md,
+#: session 12). EXLQ_GEMV_WIDE=0 switches them off, =1 on for every width.
 WIDE_MIN_COLUMNS = {"0": 1 << 62, "1": 0}.get(os.environ.get("EXLQ_GEMV_WIDE", ""), 2048)
 #: Kernel instances by activation dtype, each compiled on its first use.
 INSTANCE_SETS = {
@@ -125,12 +123,10 @@ def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int, int]]:
     return table
 
 
-def split_points(
-    table: list[tuple[int, int, int, int, int, int]], column_tiles: int, target_blocks: int = TARGET_BLOCKS
-) -> list[int]:
+def split_points(table: list[tuple[int, int, int, int, int, int]], column_tiles: int) -> list[int]:
     """Chunk indices where K splits start (plus the end): splits of ≤ SPLIT_ROWS rows, enough blocks overall."""
     total_rows = sum(t[1] for t in table)
-    wanted = -(-total_rows * column_tiles // target_blocks)
+    wanted = -(-total_rows * column_tiles // TARGET_BLOCKS)
     split_rows = max(CHUNK_ROWS, min(SPLIT_ROWS, -(-wanted // CHUNK_ROWS) * CHUNK_ROWS))
     points, rows = [0], 0
     for i, (_, chunk_rows, *_rest) in enumerate(table):
@@ -201,7 +197,7 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         out_features=out_features,
     )
     for columns in COLUMN_CHOICES:
-        points = split_points(table, plan.tiles(columns), TARGET_BLOCKS if columns == 1 else WIDE_TARGET_BLOCKS)
+        points = split_points(table, plan.tiles(columns))
         plan.split_tables[columns] = torch.tensor(points, dtype=torch.int32, device=device)
     return plan
 
