@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--measure-only", action="store_true")
+    parser.add_argument("--holdout", action="store_true",
+                        help="score the measured options on calibration rows the Hessians leave out (a new measurement)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -68,11 +70,12 @@ def main() -> None:
     started = time.perf_counter()
     model = load_model(args.model_dir, device=device)
     apply_rotation(model, rotation)
-    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": "dense"})
+    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": "dense",
+                                       **({"holdout": True} if args.holdout else {})})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
             model, calibration, job, rotation=rotation, specs_for=lambda name: candidate_specs(name, DENSE_TABLES),
-            progress=lambda stage, done, total: print(f"  {stage} {done}/{total}", flush=True),
+            progress=lambda stage, done, total: print(f"  {stage} {done}/{total}", flush=True), holdout=args.holdout,
         )
     print(f"measured in {time.perf_counter() - started:.0f} s", flush=True)
     del model
@@ -96,7 +99,8 @@ def main() -> None:
                                          reference=reference)  # fmt: skip
             row = {"bpw": bpw, "grid": grid, "decoder_bpw": round(summary.decoder_bpw, 4), "kl": round(result.kl_divergence, 5),
                    "ppl": round(result.perplexity, 3), "top1": round(result.top1_agreement, 4), "windows": args.windows,
-                   "calibration": f"{args.rows}x{args.length}", "convert_s": round(seconds, 1)}  # fmt: skip
+                   "calibration": f"{args.rows}x{args.length}", "convert_s": round(seconds, 1),
+                   "holdout": args.holdout}  # fmt: skip
             print(json.dumps(row), flush=True)
             with open(args.out_root / "grid.jsonl", "a") as log:
                 log.write(json.dumps(row) + "\n")

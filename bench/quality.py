@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--tune-scales-only", action="store_true", help="tune only the group scales, not the norms")
     parser.add_argument("--grid", choices=("reference", "dense"), default="reference",
                         help="options measured: the reference grid (convert's) or it with ours (options.DENSE_TABLE)")
+    parser.add_argument("--holdout", action="store_true",
+                        help="score the measured options on calibration rows the Hessians leave out (a new measurement)")
     parser.add_argument("--tune-steps", type=int, default=ConvertOptions.tune_steps,
                         help="Adam steps per tuning epoch, at most (default: convert's; 100000: one calibration row a step)")
     args = parser.parse_args()
@@ -90,11 +92,12 @@ def main() -> None:
         measure_module.PROBE_ROWS, measure_module.PROBE_LENGTH = probe
     tables = DENSE_TABLES if args.grid == "dense" else REFERENCE_TABLES
     key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": args.grid,
-                                       **({"probe": list(probe)} if probe else {})})
+                                       **({"probe": list(probe)} if probe else {}),
+                                       **({"holdout": True} if args.holdout else {})})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
             model, calibration, job, rotation=rotation, specs_for=lambda name: candidate_specs(name, tables),
-            progress=lambda s, d, t: print(f"  {s} {d}/{t}", flush=True) if d % 10 == 0 else None,
+            progress=lambda s, d, t: print(f"  {s} {d}/{t}", flush=True) if d % 10 == 0 else None, holdout=args.holdout,
         )
     measure_seconds = time.perf_counter() - started
     print(f"measured in {measure_seconds:.0f} s", flush=True)
@@ -131,7 +134,7 @@ def main() -> None:
             "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps,
             "tune_epochs": options.tune_epochs, "tune_lr": options.tune_lr if options.tune_epochs else None,
             "tune_norms": options.tune_norms if options.tune_epochs else None,
-            "tune_steps": options.tune_steps if options.tune_epochs else None, "grid": args.grid,
+            "tune_steps": options.tune_steps if options.tune_epochs else None, "grid": args.grid, "holdout": args.holdout,
             "tune": None if summary.tune is None else {
                 k: summary.tune.get(k) for k in ("applied", "heldout_kl_before", "heldout_kl_after", "best_epoch", "seconds")
             },

@@ -74,3 +74,21 @@ def test_hessians_equal_xtx_of_captured_inputs(tiny_model_dirs):
     for name, x in captured.items():
         expected = x.T @ x / x.shape[0]
         assert torch.allclose(collector.hessian(name), expected, rtol=1e-4, atol=1e-6), name
+
+
+def test_runner_rows_and_hessians_can_leave_out_the_first_rows(tiny_model_dirs):
+    """Held-out scoring (measure --holdout): outputs(rows, skip) are rows [skip, rows) across chunk borders, and the
+    Hessians with `skip` are XᵀX of the other rows only."""
+    model = load_model(tiny_model_dirs["llama"], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(2))
+    layer = model.model.layers[0]
+    runner = LayerRunner(model, ids, batch_rows=2)  # chunks of rows [0, 2), [2, 4), [4, 5)
+    everything = torch.cat(runner.outputs(layer))
+    for rows, skip in [(None, 0), (3, 0), (None, 3), (4, 1), (5, 2)]:
+        got = torch.cat(runner.outputs(layer, rows=rows, skip=skip))
+        assert torch.equal(got, everything[skip:rows])
+    held_out = runner.collect_hessians(layer, skip=3)
+    rest = LayerRunner(model, ids[3:], batch_rows=2).collect_hessians(layer)
+    for name in linear_modules(layer):
+        assert torch.allclose(held_out.hessian(name), rest.hessian(name), rtol=1e-4, atol=1e-6), name
+        assert not torch.allclose(held_out.hessian(name), runner.collect_hessians(layer).hessian(name), rtol=1e-3)

@@ -84,3 +84,22 @@ def test_kl_aware_allocation_favours_sensitive_layers():
     flipped = Measurement({}, {}, [matrix("model.layers.0.a", 1.0), matrix("model.layers.1.a", 10.0)])
     chosen, _ = allocate_options(flipped, 5.0)
     assert chosen["model.layers.1.a"] == SMALL_GRID[2]
+
+
+def test_holdout_scores_options_on_rows_the_hessians_leave_out(tiny_model_dirs):
+    """measure_model(holdout=True): a quarter of the rows (at most MEASURE_ROWS) score the options, the rest fit them;
+    the errors then differ from those scored on rows the fit saw, and the measurement says which it holds."""
+    from exlq.quant.measure import ERROR_METRIC, HOLDOUT_ERROR_METRIC, MEASURE_ROWS, scoring_rows
+
+    assert scoring_rows(8, True) == 2 and scoring_rows(100, True) == MEASURE_ROWS and scoring_rows(3, True) == 1
+    assert scoring_rows(8, False) == MEASURE_ROWS
+    model = load_model(tiny_model_dirs["llama"], device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(3))
+    calibration = Calibration(ids, "random ids")
+    plain = measure_model(model, calibration, batch_rows=3, specs_for=small_grid)
+    held = measure_model(model, calibration, batch_rows=3, specs_for=small_grid, holdout=True)
+    assert plain.error_metric == ERROR_METRIC and held.error_metric == HOLDOUT_ERROR_METRIC
+    for a, b in zip(plain.matrices, held.matrices):
+        assert a.name == b.name and [o.key for o in a.options] == [o.key for o in b.options]
+        assert all(o.error > 0 for o in b.options)
+        assert any(abs(x.error - y.error) > 1e-6 * x.error for x, y in zip(a.options, b.options)), a.name

@@ -99,22 +99,23 @@ class LayerRunner:
         return layer(h, self._attention_batch(h.shape[0]), None, self.layer_index)
 
     @torch.inference_mode()
-    def outputs(self, layer: nn.Module, rows: int | None = None) -> list[torch.Tensor]:
-        """The layer's outputs on the current states (without advancing); `rows`: only the first rows."""
-        chunks, taken = [], 0
+    def outputs(self, layer: nn.Module, rows: int | None = None, skip: int = 0) -> list[torch.Tensor]:
+        """The layer's outputs on the current states (without advancing): calibration rows [skip, rows), all by
+        default."""
+        chunks, start = [], 0
         for h in self.chunks:
-            if rows is not None and taken >= rows:
-                break
-            if rows is not None:
-                h = h[: rows - taken]
-            chunks.append(self.forward(layer, h))
-            taken += h.shape[0]
+            stop = start + h.shape[0]
+            lo, hi = max(skip, start), stop if rows is None else min(rows, stop)
+            if lo < hi:
+                chunks.append(self.forward(layer, h[lo - start : hi - start]))
+            start = stop
         return chunks
 
-    def collect_hessians(self, layer: nn.Module) -> HessianCollector:
+    def collect_hessians(self, layer: nn.Module, skip: int = 0) -> HessianCollector:
+        """XᵀX of every linear's input over the calibration rows from `skip` on."""
         collector = HessianCollector(linear_modules(layer), f"model.layers.{self.layer_index}")
         with collector.active():
-            self.outputs(layer)
+            self.outputs(layer, skip=skip)
         return collector
 
     def advance(self, layer: nn.Module) -> None:

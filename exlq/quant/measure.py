@@ -140,6 +140,13 @@ def distinct_layouts(specs: list[QuantSpec], in_features: int) -> list[QuantSpec
 
 
 MEASURE_ROWS = 16  # calibration rows whose layer outputs score each option (Hessians use all rows)
+HOLDOUT_ERROR_METRIC = ERROR_METRIC + ", scored on calibration rows the Hessians did not see"
+
+
+def scoring_rows(rows: int, holdout: bool) -> int:
+    """How many calibration rows (the first ones) score the options. Held out from the Hessians, they are at most a
+    quarter of the rows (at least one), so a small calibration keeps most of its rows for the fit."""
+    return min(MEASURE_ROWS, max(1, rows // 4)) if holdout else MEASURE_ROWS
 
 
 def measure_layer(
@@ -150,14 +157,17 @@ def measure_layer(
     damp: float = 0.01,
     measure_rows: int = MEASURE_ROWS,
     probe: Callable[[], float] | None = None,
+    holdout: bool = False,
 ) -> list[MatrixResult]:
     """Every candidate option of every linear in `layer`, on the runner's current states.
 
     With `probe` (the model's output KL vs FP16 as the layer currently stands), the whole layer is
-    also quantized with each matrix's middle option to calibrate the layer's `sensitivity`.
+    also quantized with each matrix's middle option to calibrate the layer's `sensitivity`. With `holdout`, the
+    Hessians leave out the `measure_rows` rows that score the options: an option with many parameters (small groups)
+    fits the rows it is fitted on better than new ones, and scoring it on them would flatter it.
     """
     prefix = f"model.layers.{runner.layer_index}"
-    hessians = runner.collect_hessians(layer)
+    hessians = runner.collect_hessians(layer, skip=measure_rows if holdout else 0)
     reference = runner.outputs(layer, rows=measure_rows)
     results = []
     probe_weights: dict[nn.Module, torch.Tensor] = {}
@@ -220,14 +230,18 @@ def measure_model(
     batch_rows: int = 8,
     specs_for: SpecsFor = candidate_specs,
     rotation: dict | None = None,
+    holdout: bool = False,
 ) -> Measurement:
-    """Measure every decoder layer; `done` holds layers measured by an earlier (interrupted) run."""
+    """Measure every decoder layer; `done` holds layers measured by an earlier (interrupted) run. `holdout`: score
+    the options on calibration rows the Hessians leave out (measure_layer)."""
     done = dict(done or {})
     runner = LayerRunner(model, calibration.ids, batch_rows=batch_rows)
     probe = output_kl_probe(model, calibration) if len(done) < len(model.model.layers) else None
+    measure_rows = scoring_rows(calibration.ids.shape[0], holdout)
     for i, layer in enumerate(model.model.layers):
         if i not in done:
-            done[i] = measure_layer(runner, layer, specs_for=specs_for, probe=probe)
+            done[i] = measure_layer(runner, layer, specs_for=specs_for, probe=probe, measure_rows=measure_rows,
+                                    holdout=holdout)
             if on_layer is not None:
                 on_layer(i, done[i])
         runner.advance(layer)
@@ -240,6 +254,7 @@ def measure_model(
             "length": calibration.ids.shape[1],
         },
         matrices=[m for i in sorted(done) for m in done[i]],
+        error_metric=HOLDOUT_ERROR_METRIC if holdout else ERROR_METRIC,
         rotation=rotation,
     )
 
@@ -253,8 +268,10 @@ def measure_resumable(
     specs_for: SpecsFor = candidate_specs,
     progress: Callable[[str, int, int], None] | None = None,
     rotation: dict | None = None,
+    holdout: bool = False,
 ) -> Measurement:
-    """measure_model with every layer's results checkpointed in `job` (a rerun resumes)."""
+    """measure_model with every layer's results checkpointed in `job` (a rerun resumes; `holdout` belongs in the
+    job's fingerprint)."""
     layers = len(model.model.layers)
     saved = {i: job.load_json(f"measure-{i}") for i in range(layers) if job.done(f"measure-{i}")}
     done = {i: [matrix_from_json(m) for m in data] for i, data in saved.items() if data is not None}
@@ -266,5 +283,6 @@ def measure_resumable(
             progress("measure", i + 1, layers)
 
     return measure_model(
-        model, calibration, done=done, on_layer=checkpoint, batch_rows=batch_rows, specs_for=specs_for, rotation=rotation
+        model, calibration, done=done, on_layer=checkpoint, batch_rows=batch_rows, specs_for=specs_for, rotation=rotation,
+        holdout=holdout,
     )
