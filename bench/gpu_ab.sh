@@ -19,7 +19,8 @@
 #   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2).
 #   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
 #                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
-#   STAGE=quality: start bench/quality.py in its own session (it outlives the call; QUALITY_ARGS passes options,
+#   STAGE=quality: start bench/quality.py in its own session (it outlives the call; at most QUALITY_PARALLEL at once,
+#                  default 4, the rest queued; QUALITY_ARGS passes options,
 #                  QUALITY_ROOT its out-root, /tmp/quality-NAME, e.g. one for `--grid dense` jobs beside the
 #                  reference grid's);
 #                  with QUALITY_BPWS="2.5 3.5 4.0:16 ...", one job per bitrate (BPW:HEAD: with those head bits), 10 s
@@ -99,15 +100,23 @@ ncu)
     ncu -i $OUT/gemv_ncu_$tag.ncu-rep --page source --csv > $OUT/gemv_ncu_source_$tag.csv 2>&1
   done ;;
 quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
-  tree=${QUALITY_TREE:-$HERE}; root=${QUALITY_ROOT:-/tmp/quality-$(basename $tree)}; name=$(basename $root)
-  for bpw in ${QUALITY_BPWS:-all}; do
-    if [ $bpw = all ]; then args="${QUALITY_ARGS:-}" log=/tmp/$name.log
-    else args="--bpw ${bpw%%:*} --head-bits $([ ${bpw#*:} = $bpw ] && echo 6 || echo ${bpw#*:}) --extra= ${QUALITY_ARGS:-}"
-      log=/tmp/$name-$bpw.log; fi
-    (cd $tree && OMP_NUM_THREADS=${QUALITY_THREADS:-4} setsid nohup python3 bench/quality.py $M --out-root $root \
-      --device cuda $args > $log 2>&1 < /dev/null &) ; echo "quality started in $tree: $args -> $root"
-    [ $bpw = all ] || sleep 10
-  done ;;
+  # The jobs start from a queue that outlives the call, at most QUALITY_PARALLEL (default 4) at once: nine jobs
+  # sharing one GPU and 16 cores all ran past a 10-minute call without one finishing (session 12).
+  export M QUALITY_ARGS QUALITY_THREADS
+  export tree=${QUALITY_TREE:-$HERE} root=${QUALITY_ROOT:-/tmp/quality-$(basename ${QUALITY_TREE:-$HERE})}
+  export bpws=${QUALITY_BPWS:-all} parallel=${QUALITY_PARALLEL:-4}
+  setsid nohup bash -c 'name=$(basename $root)  # quality-queue
+    for bpw in $bpws; do
+      while [ $(pgrep -fc "[p]ython3 bench/quality\.py /") -ge $parallel ]; do sleep 5; done
+      if [ $bpw = all ]; then args="${QUALITY_ARGS:-}" log=/tmp/$name.log
+      else args="--bpw ${bpw%%:*} --head-bits $([ ${bpw#*:} = $bpw ] && echo 6 || echo ${bpw#*:}) --extra= ${QUALITY_ARGS:-}"
+        log=/tmp/$name-$bpw.log; fi
+      (cd $tree && OMP_NUM_THREADS=${QUALITY_THREADS:-4} setsid nohup python3 bench/quality.py $M --out-root $root \
+        --device cuda $args > $log 2>&1 < /dev/null &)
+      echo "$(date +%T) started in $tree: $args -> $root"
+      [ $bpw = all ] || sleep 10
+    done' >> /tmp/queue-quality.log 2>&1 < /dev/null &
+  sleep 2; tail -n 4 /tmp/queue-quality.log ;;
 quick)
   [ -n "${QUICK_FP16:-}" ] && python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 16 --prefill 512,2048 --json \
     2>>$OUT/err.log | tee $OUT/bench_8b_fp16.json | grep -E "decode_tokens|\"512|\"2048" | sed "s/^/fp16 /"
@@ -144,10 +153,10 @@ measured)
   for _ in $(seq ${WAIT:-540}); do grep -qs "measured in" /tmp/quality-*.log && break; sleep 1; done
   grep -hs "measured in" /tmp/quality-*.log ;;
 wait)  # (the pattern is anchored: a `pkill -f bench/quality.py` in the run's own command line would kill that shell)
-  for _ in $(seq ${WAIT:-540}); do pgrep -f "^python3 bench/quality.py" > /dev/null || break; sleep 1; done
+  for _ in $(seq ${WAIT:-540}); do pgrep -f "[p]ython3 bench/quality\.py|quality-queue" > /dev/null || break; sleep 1; done
   for log in /tmp/quality-*.log; do echo "== $log"; grep -v '^  measure' $log | tail -14; done
   for f in /tmp/quality-*/quality.jsonl; do [ -f "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")").jsonl"; done ;;
-stop) pkill -f "^python3 bench/quality.py"; sleep 2 ;;  # a quality job still running would skew `speed`
+stop) pkill -f quality-queue; pkill -f "[p]ython3 bench/quality\.py"; sleep 2 ;;  # a job still running would skew `speed`
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
 done
