@@ -87,11 +87,7 @@ class Exl2Plan:
     def n_pad(self) -> int:
         return self.q_weight.shape[1]
 
-    @property
-    def column_tiles(self) -> int:
-        return -(-self.n_pad // THREADS)
-
-    def tiles(self, columns: int) -> int:
+    def tiles(self, columns: int = 1) -> int:
         """Column tiles of a GEMV whose threads take `columns` adjacent columns each."""
         return -(-self.n_pad // (THREADS * columns))
 
@@ -279,7 +275,7 @@ def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = Fa
     function = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_dequant<{ACTIVATION_TAGS[dtype]}>", out.device)
     launch(
         function,
-        (plan.column_tiles, plan.chunks.shape[0], 1),
+        (plan.tiles(), plan.chunks.shape[0], 1),
         (THREADS, 1, 1),
         (plan.q_weight, plan.q_scale, plan.scale_max, plan.chunks, plan.perm if input_order else None, out, plan.n_pad),
         out.device,
