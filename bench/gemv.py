@@ -114,8 +114,7 @@ def main() -> None:
             x = torch.randn(rows, k, device=device, dtype=torch.float16)
             seconds = graph_seconds(cycling(lambda i: layers[i % len(layers)](x)), warm_calls=max(PER_GRAPH, len(layers)))
             fp16_seconds = graph_seconds(cycling(lambda i: F.linear(x, dense[i % len(dense)])))
-            plan = layer.kernel_plan()
-            wide = rows in exl2_ops.WIDE_ROWS and plan.n_pad >= exl2_ops.WIDE_MIN_COLUMNS
+            wide = exl2_ops.gemv_route([layer.kernel_plan()], rows, x.dtype)[1] > 1
             row = {
                 "k": k, "n": n, "rows": rows, "wide": wide,
                 "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,

@@ -233,14 +233,19 @@ class GemvGroup(ctypes.Structure):
     _fields_ = [("m", GemvMatrix * MAX_GROUP), ("count", ctypes.c_int32)]
 
 
+def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tuple[bool, int]:
+    """Which GEMV a launch of `rows` activation rows takes: (tensor cores?, columns a thread of the other kernel)."""
+    tensor_cores = MMA and rows in MMA_ROWS and dtype == torch.float16 and all(p.gather is not None for p in plans)
+    wide = not tensor_cores and rows in WIDE_ROWS and all(p.n_pad >= WIDE_MIN_COLUMNS for p in plans)
+    return tensor_cores, WIDE_COLUMNS if wide else 1
+
+
 def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
     """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M in GEMV_ROWS contiguous rows, ≤ MAX_GROUP matrices of
     input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch."""
     rows = x.shape[0]
     device = x.device
-    tensor_cores = MMA and rows in MMA_ROWS and x.dtype == torch.float16 and all(p.gather is not None for p in plans)
-    wide = not tensor_cores and rows in WIDE_ROWS and all(p.n_pad >= WIDE_MIN_COLUMNS for p in plans)
-    columns = WIDE_COLUMNS if wide else 1
+    tensor_cores, columns = gemv_route(plans, rows, x.dtype)
     workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
@@ -262,7 +267,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
         function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
     else:
         name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
-        instance = f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}" + (f", {columns}>" if wide else ">")
+        instance = f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
         function = kernel(SOURCE, INSTANCE_SETS[x.dtype], instance, device)
     args = group.m[0] if len(plans) == 1 else group
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), (x, plans[0].in_features, args), device)
