@@ -11,7 +11,8 @@
 #                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode (NO_SMOL=1: no smollm2 runs); once per
 #                  setting in SPEED_ENVS (e.g. SPEED_ENVS="EXLQ_MMA=1 EXLQ_MMA=0": each kernel in turn).
 #   STAGE=quick:   per tree in TREES, the short A/B: GEMV alone at 1, 4 and 8 rows (4096x14336, 14336x4096) and the
-#                  synthetic 8B's decode and prefill (512, 2048); QUICK_FP16=1 adds the FP16 8B's prefill first.
+#                  synthetic 8B's decode and prefill (512, 2048); QUICK_FP16=1 adds the FP16 8B's prefill first;
+#                  QUICK_SMALL=1 adds the synthetic Qwen2.5-0.5B's decode (a small model: host and small kernels).
 #   STAGE=wide:    the wide GEMV instances against the narrow ones: bench/gemv.py at 1 and 2 rows over the 8B and small
 #                  shapes with EXLQ_GEMV_WIDE=0 (narrow) and =1 (wide everywhere), then the synthetic 8B's and
 #                  Qwen2.5-0.5B's decode, narrow and with the default rule (WIDE_MIN_COLUMNS).
@@ -126,6 +127,10 @@ quick)
       2>&1 | tail -7
      python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --prefill 512,2048 --json 2>>$OUT/err.log \
       | tee $OUT/bench_8b_$tag.json | grep -E "decode_tokens|\"512|\"2048|gbps")
+    [ -n "${QUICK_SMALL:-}" ] && for run in 1 2; do
+      echo "qwen2.5-0.5b $(cd $tree && python3 -m exlq.cli.app bench --synthetic qwen2.5-0.5b --bpw 4.0 --prefill 512 \
+        --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+    done
   done ;;
 wide)
   shapes="4096x14336 14336x4096 4096x4096 576x1536 1536x576 896x4864"

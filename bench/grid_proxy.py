@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--measure-only", action="store_true")
     parser.add_argument("--holdout", action="store_true",
-                        help="score the measured options on calibration rows the Hessians leave out (a new measurement)")
+                        help="score the measured options on calibration rows the Hessians leave out (a new measurement; "
+                             "convert's default since session 13, off here unless given so earlier runs' work dirs resume)")
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import sys
 import time
@@ -30,7 +31,7 @@ from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
 from exlq.quant import measure as measure_module  # noqa: E402
 from exlq.quant.measure import measure_resumable  # noqa: E402
-from exlq.quant.options import DENSE_TABLES, REFERENCE_TABLES, candidate_specs  # noqa: E402
+from exlq.quant.options import DEFAULT_GRID, GRIDS, grid_specs  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model, resolve_device  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
@@ -62,10 +63,10 @@ def main() -> None:
     parser.add_argument("--tune-epochs", type=int, default=None, help="convert --tune-epochs (default: convert's)")
     parser.add_argument("--tune-lr", type=float, default=None, help="convert --tune-lr (default: convert's, by bpw)")
     parser.add_argument("--tune-scales-only", action="store_true", help="tune only the group scales, not the norms")
-    parser.add_argument("--grid", choices=("reference", "dense"), default="reference",
-                        help="options measured: the reference grid (convert's) or it with ours (options.DENSE_TABLE)")
-    parser.add_argument("--holdout", action="store_true",
-                        help="score the measured options on calibration rows the Hessians leave out (a new measurement)")
+    parser.add_argument("--grid", choices=tuple(GRIDS), default=DEFAULT_GRID,
+                        help="options measured (convert's --grid; default: convert's)")
+    parser.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the measured options on calibration rows the Hessians leave out (convert's default)")
     parser.add_argument("--tune-steps", type=int, default=ConvertOptions.tune_steps,
                         help="Adam steps per tuning epoch, at most (default: convert's; 100000: one calibration row a step)")
     args = parser.parse_args()
@@ -90,13 +91,12 @@ def main() -> None:
     if args.probe:  # a larger probe measures each layer's sensitivity on more tokens (a new measurement)
         probe = tuple(int(v) for v in args.probe.lower().split("x"))
         measure_module.PROBE_ROWS, measure_module.PROBE_LENGTH = probe
-    tables = DENSE_TABLES if args.grid == "dense" else REFERENCE_TABLES
     key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": args.grid,
                                        **({"probe": list(probe)} if probe else {}),
                                        **({"holdout": True} if args.holdout else {})})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
-            model, calibration, job, rotation=rotation, specs_for=lambda name: candidate_specs(name, tables),
+            model, calibration, job, rotation=rotation, specs_for=grid_specs(args.grid),
             progress=lambda s, d, t: print(f"  {s} {d}/{t}", flush=True) if d % 10 == 0 else None, holdout=args.holdout,
         )
     measure_seconds = time.perf_counter() - started
@@ -142,6 +142,8 @@ def main() -> None:
             "ppl": round(result.perplexity, 4), "kl": round(result.kl_divergence, 5),
             "top1": round(result.top1_agreement, 4), "file_MB": round(folder_bytes(out) / 1e6, 1),
             "convert_s": round(seconds, 1), "peak_vram_GB": None if vram is None else round(vram, 2),
+            # the process's peak so far (measurement, reference model and earlier conversions included)
+            "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "exllamav2_kl": EXLLAMAV2_KL.get(bpw) if head == 6 else None,
         }
         rows.append(row)
@@ -152,11 +154,11 @@ def main() -> None:
 
     print(f"\nmodel {args.model_dir.name}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"FP16 ppl {base.perplexity:.3f}, measurement {measure_seconds:.0f} s ({calibration.description})")
-    print("| bpw | head | decoder bpw | ppl | KL | top-1 | ExLlamaV2 KL | size MB | convert s | peak VRAM GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| bpw | head | decoder bpw | ppl | KL | top-1 | ExLlamaV2 KL | size MB | convert s | peak VRAM GB | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['bpw_target']} | {r['head_bits']} | {r['decoder_bpw']} | {r['ppl']} | {r['kl']} | {r['top1']} | "
-              f"{r['exllamav2_kl'] or ''} | {r['file_MB']} | {r['convert_s']} | {r['peak_vram_GB']} |")
+              f"{r['exllamav2_kl'] or ''} | {r['file_MB']} | {r['convert_s']} | {r['peak_vram_GB']} | {r['peak_rss_GB']} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,11 +124,15 @@ def test_off_is_the_plain_code_path_and_fingerprint(tiny_model_dirs, tmp_path, m
     calibration = calibration_for(model)
     options = ConvertOptions(bpw=3.0, asym_alpha=0.0, asym_lambda=0.5)  # λ is ignored while off
     convert_model(model, source, tmp_path / "out", calibration, options, work_dir=tmp_path / "w", specs_for=grid)
-    # The fingerprint's options are the ones of conversions before the option existed (work dirs stay valid).
-    plain = job_options(options, rotation_for(True), calibration, None)
+    # The fingerprint's options are the ones of conversions before the option existed (work dirs stay valid); so are
+    # those of a measurement made as before the measurement's own options existed.
+    former = {"grid": "reference", "holdout": False}
+    plain = job_options(replace(options, **former), rotation_for(True), calibration, None)
     assert set(plain) == {"bpw", "head_bits", "damp", "kl_aware", "rotation", "calibration", "measurement", "exlq"}
-    on = job_options(ConvertOptions(bpw=3.0, asym_alpha=0.25), rotation_for(True), calibration, None)
+    on = job_options(ConvertOptions(bpw=3.0, asym_alpha=0.25, **former), rotation_for(True), calibration, None)
     assert on == {**plain, "asymmetric": {"alpha": 0.25, "lambda": 0.01}}
+    default = job_options(options, rotation_for(True), calibration, None)
+    assert default == {**plain, "measure": {"grid": "dense", "holdout": True}}
 
 
 def test_undecided_options_cannot_reach_a_fingerprint():

@@ -57,6 +57,7 @@ def test_measure_then_convert_with_the_measurement(capsys, tiny_model_dirs, tmp_
         (["--tune-epochs", -1], "--tune-epochs"),
         (["--tune-lr", 0], "--tune-lr"),
         (["--tune-lr", 1.5], "--tune-lr"),
+        (["--grid", "exllamav2"], "--grid"),
     ],
 )
 def test_convert_bad_options(capsys, tiny_llama_dir, tmp_path, args, needle):
@@ -99,6 +100,31 @@ def test_convert_resumes_after_interrupt(capsys, tiny_llama_dir, tmp_path, monke
     code, out, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out", *SMALL)
     assert code == 0 and (tmp_path / "out" / "model.safetensors").exists()
     assert calls["n"] == 3  # layer 0 came from the checkpoint; layer 1 was quantized on the rerun
+
+
+def test_measure_grid_and_holdout(capsys, tiny_model_dirs, tmp_path):
+    """The default measurement tries the dense grid and scores it on held-out rows; `--grid reference --no-holdout`
+    measures the reference converter's options on the rows the Hessians saw. The CLI's defaults are the library's."""
+    import inspect
+
+    from exlq.cli.quantize import convert, measure
+    from exlq.quant.measure import ERROR_METRIC, HOLDOUT_ERROR_METRIC
+    from exlq.quant.options import DEFAULT_GRID
+
+    for command in (measure, convert):
+        parameters = inspect.signature(command).parameters
+        assert parameters["grid"].default == DEFAULT_GRID and parameters["holdout"].default is True
+    source, files = tiny_model_dirs["llama"], {}
+    for name, args in (("default", ()), ("reference", ("--grid", "reference", "--no-holdout"))):
+        files[name] = tmp_path / f"{name}.json"
+        code, _, err = cli(capsys, "measure", source, "-o", files[name], *SMALL, *args)
+        assert code == 0, err
+    dense, reference = (json.loads(files[n].read_text()) for n in ("default", "reference"))
+    assert dense["error_metric"] == HOLDOUT_ERROR_METRIC and reference["error_metric"] == ERROR_METRIC
+    counts = [(len(a["options"]), len(b["options"])) for a, b in zip(dense["matrices"], reference["matrices"])]
+    assert all(d >= r for d, r in counts) and any(d > r for d, r in counts)
+    code, out, err = cli(capsys, "measure", source, "-o", tmp_path / "x.json", "--grid", "exllamav2", *SMALL)
+    assert code == 2 and "--grid" in err and not (tmp_path / "x.json").exists()
 
 
 def test_convert_help_lists_the_tuning(capsys):

@@ -87,7 +87,7 @@ def test_kl_aware_allocation_favours_sensitive_layers():
 
 
 def test_holdout_scores_options_on_rows_the_hessians_leave_out(tiny_model_dirs):
-    """measure_model(holdout=True): a quarter of the rows (at most MEASURE_ROWS) score the options, the rest fit them;
+    """measure_model (holdout by default): a quarter of the rows (at most MEASURE_ROWS) score the options, the rest fit them;
     the errors then differ from those scored on rows the fit saw, and the measurement says which it holds."""
     from exlq.quant.measure import ERROR_METRIC, HOLDOUT_ERROR_METRIC, MEASURE_ROWS, scoring_rows
 
@@ -96,9 +96,11 @@ def test_holdout_scores_options_on_rows_the_hessians_leave_out(tiny_model_dirs):
     model = load_model(tiny_model_dirs["llama"], device="cpu")
     ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(3))
     calibration = Calibration(ids, "random ids")
-    plain = measure_model(model, calibration, batch_rows=3, specs_for=small_grid)
-    held = measure_model(model, calibration, batch_rows=3, specs_for=small_grid, holdout=True)
+    plain = measure_model(model, calibration, batch_rows=3, specs_for=small_grid, holdout=False)
+    held = measure_model(model, calibration, batch_rows=3, specs_for=small_grid)  # the default
     assert plain.error_metric == ERROR_METRIC and held.error_metric == HOLDOUT_ERROR_METRIC
+    one_row = measure_model(model, Calibration(ids[:1], "one row"), specs_for=small_grid)
+    assert one_row.error_metric == ERROR_METRIC  # nothing to hold out: the Hessians need the row
     for a, b in zip(plain.matrices, held.matrices):
         assert a.name == b.name and [o.key for o in a.options] == [o.key for o in b.options]
         assert all(o.error > 0 for o in b.options)

@@ -17,6 +17,7 @@ from exlq.quant.options import (
     REFERENCE_TABLES,
     bits_per_weight,
     candidate_specs,
+    grid_specs,
     parse_spec,
     total_bits,
 )
@@ -115,8 +116,9 @@ def test_candidates_are_the_deduplicated_column_sorted_by_bpw(name, count):
 @pytest.mark.parametrize("name", ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
 def test_dense_grid_adds_our_options_to_the_reference_column(name):
     reference = set(candidate_specs(name, REFERENCE_TABLES))
-    assert set(candidate_specs(name)) == reference  # the default is the reference grid
     dense = candidate_specs(name, DENSE_TABLES)
+    assert candidate_specs(name) == dense == grid_specs("dense")(name)  # the default is the dense grid
+    assert candidate_specs(name, REFERENCE_TABLES) == grid_specs("reference")(name)
     assert len(dense) == len(set(dense)) and set(dense) == reference | {parse_spec(s) for s in DENSE_SPECS}
     assert parse_spec("3/1/128") in set(dense) - reference and parse_spec("5/1/32") in dense  # holes it fills
     for spec in dense:  # every option is a layout the format can store: descending widths, 2-8 bits
@@ -134,7 +136,8 @@ def test_candidates_use_per_width_group_sizes():
 
 def test_unknown_names_get_every_spec_and_moe_names_their_mlp_column():
     union = set().union(*(column_specs(t, m) for t in (ATTN_TABLE, MLP_TABLE) for m in t.matrices))
-    assert set(candidate_specs("c_fc")) == union
-    assert len(candidate_specs("c_fc")) == len(union)
+    assert set(candidate_specs("c_fc", REFERENCE_TABLES)) == union
+    assert len(candidate_specs("c_fc", REFERENCE_TABLES)) == len(union)
+    assert set(candidate_specs("c_fc")) == union | {parse_spec(s) for s in DENSE_SPECS}  # the default grid's
     assert candidate_specs("w2") == candidate_specs("down_proj")
     assert candidate_specs("w1") == candidate_specs("gate_proj")

@@ -26,8 +26,8 @@ from exlq.quant.exl2_pack import pack_exl2
 from exlq.quant.gptq import QuantSpec, quantize_gptq
 from exlq.quant.hessian import LayerRunner, linear_modules
 from exlq.quant.job import Job, fingerprint
-from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, padded
-from exlq.quant.options import HEAD_OPTIONS, candidate_specs
+from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, measure_settings, padded
+from exlq.quant.options import DEFAULT_GRID, HEAD_OPTIONS, grid_specs
 from exlq.quant.rotate import apply_rotation, check_rotation, rotation_for
 from exlq.quant.tune import STEPS_PER_EPOCH, Student, TuneCheckpoint, TuneResult, TuneSettings, TuneState, default_lr, tune
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
@@ -67,6 +67,8 @@ class ConvertOptions:
     tune_norms: bool = True  # it tunes the norms' weights too (else only the group scales)
     tune_steps: int = STEPS_PER_EPOCH  # its Adam steps per epoch, at most (rows accumulated per step: training rows /
     # steps, rounded up; a number ≥ the training rows makes one row a step)
+    grid: str = DEFAULT_GRID  # the options measured (options.GRIDS; "reference": the reference converter's)
+    holdout: bool = True  # the measurement scores options on calibration rows its Hessians leave out (measure.py)
 
     def validate(self) -> None:
         if not MIN_BPW <= self.bpw <= MAX_BPW:
@@ -85,6 +87,7 @@ class ConvertOptions:
             raise ExlqError(f"--tune-lr must be above 0 and at most 1 (got {self.tune_lr})")
         if self.tune_steps < 1:
             raise ExlqError(f"tuning needs at least one Adam step an epoch (got {self.tune_steps})")
+        grid_specs(self.grid)  # a clear error for an unknown grid
 
     def resolved(self, calibration_tokens: int) -> ConvertOptions:
         """These options with the asymmetric share and the refinement sweeps decided. The defaults apply
@@ -257,7 +260,7 @@ def convert_model(
     measurement: Measurement | None = None,
     restart: bool = False,
     progress: Progress | None = None,
-    specs_for: SpecsFor = candidate_specs,
+    specs_for: SpecsFor | None = None,
 ) -> ConvertSummary:
     """Convert `model` (loaded from `model_dir`) into an EXL2 model directory `out_dir`.
 
@@ -279,8 +282,8 @@ def convert_model(
     with Job(work_dir, job_fingerprint, restart=restart) as job:
         if measurement is None:
             measurement = measure_resumable(
-                model, calibration, job, batch_rows=options.batch_rows, specs_for=specs_for, progress=report,
-                rotation=rotation,
+                model, calibration, job, batch_rows=options.batch_rows, specs_for=specs_for or grid_specs(options.grid),
+                progress=report, rotation=rotation, holdout=options.holdout,
             )
         specs, achieved = allocate_options(measurement, options.bpw, options.kl_aware)
         runner = LayerRunner(model, calibration.ids, batch_rows=options.batch_rows)
@@ -446,6 +449,9 @@ def job_options(
         result["asymmetric"] = options.asymmetric()
     if options.refine_sweeps:
         result["refine_sweeps"] = options.refine_sweeps
+    measured_here = measure_settings(options.grid, options.holdout, calibration.ids.shape[0])
+    if measurement is None and measured_here:  # the work directory's measurement was made with these
+        result["measure"] = measured_here
     return result
 
 

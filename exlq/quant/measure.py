@@ -143,10 +143,27 @@ MEASURE_ROWS = 16  # calibration rows whose layer outputs score each option (Hes
 HOLDOUT_ERROR_METRIC = ERROR_METRIC + ", scored on calibration rows the Hessians did not see"
 
 
+def holds_out(rows: int, holdout: bool) -> bool:
+    """Whether a measurement asked for `holdout` can have it: the Hessians need at least one row the scoring leaves."""
+    return holdout and rows >= 2
+
+
+# The only measurement there was before `grid` and `holdout` existed: fingerprints leave these settings out, so work
+# directories of such measurements stay valid.
+FORMER_MEASURE_SETTINGS = {"grid": "reference", "holdout": False}
+
+
+def measure_settings(grid: str, holdout: bool, rows: int) -> dict:
+    """What a measurement's options and scoring depend on besides model and calibration, for job fingerprints
+    (empty for FORMER_MEASURE_SETTINGS)."""
+    settings = {"grid": grid, "holdout": holds_out(rows, holdout)}
+    return {} if settings == FORMER_MEASURE_SETTINGS else settings
+
+
 def scoring_rows(rows: int, holdout: bool) -> int:
     """How many calibration rows (the first ones) score the options. Held out from the Hessians, they are at most a
     quarter of the rows (at least one), so a small calibration keeps most of its rows for the fit."""
-    return min(MEASURE_ROWS, max(1, rows // 4)) if holdout else MEASURE_ROWS
+    return min(MEASURE_ROWS, max(1, rows // 4)) if holds_out(rows, holdout) else MEASURE_ROWS
 
 
 def measure_layer(
@@ -230,11 +247,13 @@ def measure_model(
     batch_rows: int = 8,
     specs_for: SpecsFor = candidate_specs,
     rotation: dict | None = None,
-    holdout: bool = False,
+    holdout: bool = True,
 ) -> Measurement:
-    """Measure every decoder layer; `done` holds layers measured by an earlier (interrupted) run. `holdout`: score
-    the options on calibration rows the Hessians leave out (measure_layer)."""
+    """Measure every decoder layer; `done` holds layers measured by an earlier (interrupted) run. `holdout` (the
+    default; off with a single calibration row): score the options on calibration rows the Hessians leave out
+    (measure_layer)."""
     done = dict(done or {})
+    holdout = holds_out(calibration.ids.shape[0], holdout)
     runner = LayerRunner(model, calibration.ids, batch_rows=batch_rows)
     probe = output_kl_probe(model, calibration) if len(done) < len(model.model.layers) else None
     measure_rows = scoring_rows(calibration.ids.shape[0], holdout)
@@ -268,7 +287,7 @@ def measure_resumable(
     specs_for: SpecsFor = candidate_specs,
     progress: Callable[[str, int, int], None] | None = None,
     rotation: dict | None = None,
-    holdout: bool = False,
+    holdout: bool = True,
 ) -> Measurement:
     """measure_model with every layer's results checkpointed in `job` (a rerun resumes; `holdout` belongs in the
     job's fingerprint)."""

@@ -2,16 +2,18 @@
 
 The grid is kept as data: each table lists joint rows of per-matrix specs written in the spec's own
 `bits / proportions / group sizes` notation, so a row can be checked against the spec by eye and an
-extended grid is just another table (DENSE_TABLE, ours, is one, not the default). Bit allocation here is per matrix, so
+extended grid is just another table (DENSE_TABLE, ours, is one; with it, the default grid). Bit allocation here is per matrix, so
 `candidate_specs` gives each matrix every spec that appears in its column, whatever row it came from.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
+from exlq.errors import ExlqError
 from exlq.quant.gptq import QuantSpec
 
 # Shape used to order candidates when the caller gives none: the nominal bpw ordering barely
@@ -106,22 +108,25 @@ MLP_TABLE = OptionTable(
 )
 
 REFERENCE_TABLES: tuple[OptionTable, ...] = (ATTN_TABLE, MLP_TABLE)
-DEFAULT_TABLES = REFERENCE_TABLES  # what measure and convert try
 
 # Our own options for every matrix, filling the reference grid's holes. Allocation here is per matrix, so a matrix
 # can sit at any point of its own column; the reference columns jump from ~2.4 to ~3.1 bpw (no plain 3-bit option),
 # from ~4.2-4.4 to ~5.1 (no 4.5- or 5-bit option for most matrices) and from ~6.2 to 8. Every spec is a valid EXL2
-# layout (widths 2-8, groups of 32/64/128 in descending-bit order). Not the default yet: on smollm2 (CPU, 8 x 256
-# calibration tokens, `bench/grid_proxy.py`) they took KL on WikiText-2 from 0.939 to 0.830 at 3.0 bpw and from
-# 0.0728 to 0.0621 at 5.0, but from 0.0178 to 0.0206 at 6.0, where the allocator trusted the optimistic measured
-# errors of 5-bit groups of 32; scored on held-out rows (measure's `holdout`) they beat the reference from 2.5 to 6.0
-# there. The GPU harness (full calibration) decides (docs/benchmarks.md, sessions 11 and 12).
+# layout (widths 2-8, groups of 32/64/128 in descending-bit order). The default since session 13, with the options
+# scored on held-out calibration rows (measure's `holdout`): alone, the dense grid lost at 6.0 bpw, where the
+# allocator trusted the optimistic errors of 5-bit groups of 32 scored on the rows they were fitted on; together
+# they lowered KL at every bitrate on the GPU harness (smollm2, full calibration: docs/benchmarks.md, session 13).
 DENSE_SPECS = (
     "3/1/128", "3/1/32", "4,3/.5,.5/128", "5,4/.5,.5/128", "5/1/128", "5/1/32", "6,5/.5,.5/128", "8,6/.5,.5/128",
 )
 _ALL_MATRICES = ATTN_TABLE.matrices + MLP_TABLE.matrices
 DENSE_TABLE = OptionTable(_ALL_MATRICES, tuple((spec,) * len(_ALL_MATRICES) for spec in DENSE_SPECS))
-DENSE_TABLES: tuple[OptionTable, ...] = (*REFERENCE_TABLES, DENSE_TABLE)  # `bench/quality.py --grid dense`
+DENSE_TABLES: tuple[OptionTable, ...] = (*REFERENCE_TABLES, DENSE_TABLE)
+
+# The option grids `measure` and `convert` can try (`--grid`): "reference" is the reference converter's own.
+GRIDS: dict[str, tuple[OptionTable, ...]] = {"dense": DENSE_TABLES, "reference": REFERENCE_TABLES}
+DEFAULT_GRID = "dense"
+DEFAULT_TABLES = GRIDS[DEFAULT_GRID]
 
 # §12.3 qparams_headoptions; head bits 16 means "keep the head in FP16" and is the caller's business.
 HEAD_OPTIONS: dict[int, QuantSpec] = {
@@ -144,6 +149,13 @@ def candidate_specs(
     A name no table knows (another architecture's naming) gets the union of every table's specs.
     """
     return list(_candidate_specs(MATRIX_ALIASES.get(matrix_name, matrix_name), tables, shape))
+
+
+def grid_specs(grid: str) -> Callable[[str], list[QuantSpec]]:
+    """candidate_specs over one of GRIDS, by name (what `--grid` selects)."""
+    if grid not in GRIDS:
+        raise ExlqError(f"--grid must be one of {', '.join(GRIDS)} (got {grid!r})")
+    return partial(candidate_specs, tables=GRIDS[grid])
 
 
 @cache
