@@ -185,3 +185,27 @@ def test_refine_sweeps_change_the_codes_and_are_recorded(tiny_model_dirs, tmp_pa
     assert "refine_sweeps" not in json.loads((outputs[0] / "config.json").read_text())["quantization_config"]["calibration"]
     keys = job_options(ConvertOptions(bpw=3.0, refine_sweeps=2).resolved(0), rotation_for(True), calibration, None)
     assert keys["refine_sweeps"] == 2
+
+
+@pytest.mark.parametrize("order", ["option first", "option last"])
+def test_head_takes_the_candidate_with_least_output_error(tiny_model_dirs, monkeypatch, order):
+    """quantize_head tries every layout options.head_candidates offers and keeps the one with the least
+    tr(ΔW H ΔWᵀ) on the calibration states, wherever it sits in the list."""
+    import exlq.quant.convert as convert_module
+    from exlq.quant.hessian import LayerRunner
+    from exlq.quant.options import HEAD_OPTIONS
+    from exlq.runtime.exl2 import decode_q_groups
+
+    model = load_model(tiny_model_dirs["llama"], device="cpu")
+    runner = LayerRunner(model, calibration_for(model).ids, batch_rows=4)
+    for layer in model.model.layers:
+        runner.advance(layer)
+    worse = QuantSpec.uniform(2, 32)  # far more error than the 6-bit option
+    candidates = [HEAD_OPTIONS[6], worse] if order == "option first" else [worse, HEAD_OPTIONS[6]]
+    monkeypatch.setattr(convert_module, "head_candidates", lambda bits, k, n: candidates)
+    errors = []
+    monkeypatch.setattr(convert_module, "hessian_error", lambda w, a, h: errors.append(((a - w) ** 2).sum().item()) or errors[-1])
+    head = convert_module.quantize_head(model, runner, 6, 0.01)
+    layout = decode_q_groups(head["lm_head.q_groups"], head["lm_head.q_weight"].shape[0])
+    hidden = model.config.hidden_size
+    assert len(errors) == 2 and layout == HEAD_OPTIONS[6].group_layout(hidden) != worse.group_layout(hidden)

@@ -18,6 +18,7 @@ from exlq.quant.options import (
     bits_per_weight,
     candidate_specs,
     grid_specs,
+    head_candidates,
     parse_spec,
     total_bits,
 )
@@ -55,6 +56,27 @@ def test_head_options_reproduce_the_spec_bpw():
     assert sorted(HEAD_OPTIONS) == [2, 3, 4, 5, 6, 8]
     got = {hb: round(bits_per_weight(spec, 4096, 32000, bias=False), 3) for hb, spec in HEAD_OPTIONS.items()}
     assert got == HEAD_BPW
+
+
+@pytest.mark.parametrize("k, n", [(576, 49152), (896, 151936), (4096, 128256), (64, 256)])
+def test_head_candidates_never_cost_more_than_the_head_option(k, n):
+    for head_bits, option in HEAD_OPTIONS.items():
+        candidates = head_candidates(head_bits, k, n)
+        assert candidates[0] == option  # the option itself is always tried
+        layouts = [tuple(c.group_layout(k)) for c in candidates]
+        assert len(set(layouts)) == len(layouts)  # each layout once
+        budget = total_bits(option, k, n, bias=False)
+        assert all(total_bits(c, k, n, bias=False) <= budget and c.bits == option.bits for c in candidates)
+        if len(option.bits) == 1:
+            assert candidates == [option]
+
+
+def test_head_candidates_spend_the_rounded_up_group_better():
+    """smollm2's head (K = 576): the 6-bit option's 15 % of 8-bit rows round up to one group of 128 (22 % of K);
+    in groups of 32 the same bits buy 96 8-bit rows, all with finer scales."""
+    layouts = [c.group_layout(576) for c in head_candidates(6, 576, 49152)]
+    assert [(8, 32)] * 3 + [(6, 32)] * 15 in layouts
+    assert HEAD_OPTIONS[6].group_layout(576)[0] == (8, 128)
 
 
 def test_first_attention_option_matches_the_measurement_example():

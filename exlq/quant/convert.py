@@ -27,7 +27,7 @@ from exlq.quant.gptq import QuantSpec, quantize_gptq
 from exlq.quant.hessian import LayerRunner, linear_modules
 from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, measure_settings, padded
-from exlq.quant.options import DEFAULT_GRID, HEAD_OPTIONS, grid_specs
+from exlq.quant.options import DEFAULT_GRID, grid_specs, head_candidates
 from exlq.quant.rotate import apply_rotation, check_rotation, rotation_for
 from exlq.quant.tune import STEPS_PER_EPOCH, Student, TuneCheckpoint, TuneResult, TuneSettings, TuneState, default_lr, tune
 from exlq.quant.writer import check_out_dir, quantization_config, write_model_dir
@@ -197,7 +197,8 @@ def quantize_layer(
 def quantize_head(
     model: DecoderOnlyLM, runner: LayerRunner, head_bits: int, damp: float, refine_sweeps: int = 0
 ) -> dict[str, torch.Tensor]:
-    """lm_head as EXL2 with the head option for `head_bits` (also for tied models: spec §10.1), or fp16."""
+    """lm_head as EXL2 at `head_bits` (also for tied models: spec §10.1), or fp16. Of the layouts no larger than the
+    head option (options.head_candidates), the one with the least output error on the calibration states."""
     weight = dense_weight(model.lm_head, "lm_head")
     if head_bits == 16:
         return {"lm_head.weight": weight.detach().half().contiguous()}
@@ -209,11 +210,22 @@ def quantize_head(
             x = model.model.norm(chunk).reshape(-1, weight.shape[1]).float()
             hessian.addmm_(x.T, x)
             rows += x.shape[0]
-    quantized = quantize_gptq(
-        weight.float(), hessian / rows, HEAD_OPTIONS[head_bits], damp=damp, name="lm_head", refine_sweeps=refine_sweeps
-    )
-    packed = pack_exl2(quantized.codes, quantized.scale_codes, quantized.q_scale_max, quantized.groups, quantized.perm)
+    hessian /= rows
+    weight = weight.float()
+    best, best_error = None, math.inf
+    for spec in head_candidates(head_bits, weight.shape[1], padded(weight.shape[0])):
+        quantized = quantize_gptq(weight, hessian, spec, damp=damp, name="lm_head", refine_sweeps=refine_sweeps)
+        error = hessian_error(weight, quantized.dequantize(), hessian)
+        if error < best_error:
+            best, best_error = quantized, error
+    packed = pack_exl2(best.codes, best.scale_codes, best.q_scale_max, best.groups, best.perm)
     return packed.state_dict("lm_head")
+
+
+def hessian_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ): the squared output error of a linear on inputs whose second moment is H (GPTQ's objective)."""
+    delta = approximation.to(weight.device) - weight
+    return float(((delta @ hessian) * delta).sum())
 
 
 CALIBRATION_PPL_ROWS = 8

@@ -139,6 +139,31 @@ HEAD_OPTIONS: dict[int, QuantSpec] = {
 }
 
 
+def head_candidates(head_bits: int, in_features: int, out_features: int) -> list[QuantSpec]:
+    """Layouts for lm_head at `head_bits`: the head option (§12.3), and for its two-width options the same two widths
+    in groups of 32, 64 or 128 rows with as many high-width rows as fit in the option's own bits at this shape.
+
+    The option's shares are rounded up to whole groups, so at a small hidden size its high-width part can cost far
+    more than its share (smollm2, K = 576: one 8-bit group of 128 rows is 22 % of K, not 15 %); smaller groups then
+    spend the same bits better. No candidate takes more bits than the option (pass the padded out_features).
+    """
+    option = HEAD_OPTIONS[head_bits]
+    layouts = {tuple(option.group_layout(in_features)): option}
+    if len(option.bits) == 2:
+        budget = total_bits(option, in_features, out_features, bias=False)
+        for size in (32, 64, 128):
+            best = None
+            for rows in range(size, in_features, size):  # high-width rows, whole groups; at least one low-width row
+                share = (rows - 0.5) / in_features  # cut as exactly rows / size groups
+                spec = QuantSpec(option.bits, (share, 1.0 - share), (size, size))
+                if total_bits(spec, in_features, out_features, bias=False) > budget:
+                    break
+                best = spec
+            if best is not None:
+                layouts.setdefault(tuple(best.group_layout(in_features)), best)
+    return list(layouts.values())
+
+
 def candidate_specs(
     matrix_name: str,
     tables: tuple[OptionTable, ...] = DEFAULT_TABLES,
