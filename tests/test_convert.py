@@ -204,7 +204,7 @@ def test_head_takes_the_candidate_with_least_output_error(tiny_model_dirs, monke
     candidates = [HEAD_OPTIONS[6], worse] if order == "option first" else [worse, HEAD_OPTIONS[6]]
     monkeypatch.setattr(convert_module, "head_candidates", lambda bits, k, n: candidates)
     errors = []
-    monkeypatch.setattr(convert_module, "hessian_error", lambda w, a, h: errors.append(((a - w) ** 2).sum().item()) or errors[-1])
+    monkeypatch.setattr(convert_module, "hessian_weighted_error", lambda w, a, h: errors.append(((a - w) ** 2).sum().item()) or errors[-1])
     head = convert_module.quantize_head(model, runner, 6, 0.01)
     layout = decode_q_groups(head["lm_head.q_groups"], head["lm_head.q_weight"].shape[0])
     hidden = model.config.hidden_size

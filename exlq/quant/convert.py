@@ -23,7 +23,7 @@ from exlq.quant.allocate import Option, allocate_to_bpw
 from exlq.quant.asymmetric import Asymmetric
 from exlq.quant.calibration import Calibration
 from exlq.quant.exl2_pack import pack_exl2
-from exlq.quant.gptq import QuantSpec, quantize_gptq
+from exlq.quant.gptq import QuantSpec, hessian_weighted_error, quantize_gptq, quantize_gptq_many
 from exlq.quant.hessian import LayerRunner, linear_modules
 from exlq.quant.job import Job, fingerprint
 from exlq.quant.measure import Measurement, SpecsFor, dense_weight, measure_resumable, measure_settings, padded
@@ -212,20 +212,11 @@ def quantize_head(
             rows += x.shape[0]
     hessian /= rows
     weight = weight.float()
-    best, best_error = None, math.inf
-    for spec in head_candidates(head_bits, weight.shape[1], padded(weight.shape[0])):
-        quantized = quantize_gptq(weight, hessian, spec, damp=damp, name="lm_head", refine_sweeps=refine_sweeps)
-        error = hessian_error(weight, quantized.dequantize(), hessian)
-        if error < best_error:
-            best, best_error = quantized, error
+    specs = head_candidates(head_bits, weight.shape[1], padded(weight.shape[0]))
+    candidates = quantize_gptq_many(weight, hessian, specs, damp=damp, name="lm_head", refine_sweeps=refine_sweeps)
+    best = min(candidates, key=lambda q: hessian_weighted_error(weight, q.dequantize(), hessian))
     packed = pack_exl2(best.codes, best.scale_codes, best.q_scale_max, best.groups, best.perm)
     return packed.state_dict("lm_head")
-
-
-def hessian_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(ΔW H ΔWᵀ): the squared output error of a linear on inputs whose second moment is H (GPTQ's objective)."""
-    delta = approximation.to(weight.device) - weight
-    return float(((delta @ hessian) * delta).sum())
 
 
 CALIBRATION_PPL_ROWS = 8
