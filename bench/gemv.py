@@ -114,15 +114,16 @@ def main() -> None:
             x = torch.randn(rows, k, device=device, dtype=torch.float16)
             seconds = graph_seconds(cycling(lambda i: layers[i % len(layers)](x)), warm_calls=max(PER_GRAPH, len(layers)))
             fp16_seconds = graph_seconds(cycling(lambda i: F.linear(x, dense[i % len(dense)])))
-            wide = exl2_ops.gemv_route([layer.kernel_plan()], rows, x.dtype)[1] > 1
+            tensor_cores, columns = exl2_ops.gemv_route([layer.kernel_plan()], rows, x.dtype)
+            kernel = "mma" if tensor_cores else {0: "warp", 1: "narrow"}.get(columns, "wide")
             row = {
-                "k": k, "n": n, "rows": rows, "wide": wide,
+                "k": k, "n": n, "rows": rows, "kernel": kernel,
                 "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,
                 "gbps": stored / seconds / 1e9, "fraction_of_copy": stored / seconds / 1e9 / bandwidth,
                 "fp16_microseconds": fp16_seconds * 1e6, "fp16_gbps": n * k * 2 / fp16_seconds / 1e9,
             }
             results.append(row)
-            print(f"K={k:5d} N={n:5d} M={rows:2d} {'wide  ' if wide else 'narrow'} bpw {row['bpw']:.3f}: {row['microseconds']:7.1f} us "
+            print(f"K={k:5d} N={n:5d} M={rows:2d} {kernel:6s} bpw {row['bpw']:.3f}: {row['microseconds']:7.1f} us "
                   f"{row['gbps']:6.0f} GB/s = {100 * row['fraction_of_copy']:5.1f}% of copy | "
                   f"torch fp16 {row['fp16_microseconds']:7.1f} us {row['fp16_gbps']:6.0f} GB/s")
     if args.json_out:

@@ -10,9 +10,10 @@
 #   STAGE=speed:   per tree in TREES (default: this tree and ALT): GEMV alone, the synthetic 8B,
 #                  smollm2 FP16 (fp16 and q4 cache) and EXL2 4.0 decode (NO_SMOL=1: no smollm2 runs); once per
 #                  setting in SPEED_ENVS (e.g. SPEED_ENVS="EXLQ_MMA=1 EXLQ_MMA=0": each kernel in turn).
-#   STAGE=quick:   per tree in TREES, the short A/B: GEMV alone at 1, 4 and 8 rows (4096x14336, 14336x4096) and the
-#                  synthetic 8B's decode and prefill (512, 2048); QUICK_FP16=1 adds the FP16 8B's prefill first;
-#                  QUICK_SMALL=1 adds the synthetic Qwen2.5-0.5B's decode (a small model: host and small kernels).
+#   STAGE=quick:   per tree in TREES and setting in SPEED_ENVS, the short A/B: GEMV alone at 1, 2 and 4 rows (the 8B's
+#                  four shapes) and the synthetic 8B's decode and prefill (512, 2048); QUICK_FP16=1 adds the FP16 8B's
+#                  prefill first; QUICK_SMALL=1 adds the synthetic Qwen2.5-0.5B's decode twice (a small model: host and
+#                  small kernels); QUICK_8B_REPEAT=N the 8B's decode N more times; QUICK_SMOL=1 smollm2 EXL2 4.0 twice.
 #   STAGE=wide:    the wide GEMV instances against the narrow ones: bench/gemv.py at 1 and 2 rows over the 8B and small
 #                  shapes with EXLQ_GEMV_WIDE=0 (narrow) and =1 (wide everywhere), then the synthetic 8B's and
 #                  Qwen2.5-0.5B's decode, narrow and with the default rule (WIDE_MIN_COLUMNS).
@@ -121,17 +122,26 @@ quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per 
 quick)
   [ -n "${QUICK_FP16:-}" ] && python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 16 --prefill 512,2048 --json \
     2>>$OUT/err.log | tee $OUT/bench_8b_fp16.json | grep -E "decode_tokens|\"512|\"2048" | sed "s/^/fp16 /"
-  for tree in ${TREES:-$HERE}; do
-    tag=$(basename $tree); echo "=== quick $tree"
-    (cd $tree && python3 bench/gemv.py --rows 1 4 8 --shapes 4096x14336 14336x4096 --json-out $OUT/gemv_$tag.json \
-      2>&1 | tail -7
-     python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --prefill 512,2048 --json 2>>$OUT/err.log \
-      | tee $OUT/bench_8b_$tag.json | grep -E "decode_tokens|\"512|\"2048|gbps")
+  for tree in ${TREES:-$HERE}; do for env in ${SPEED_ENVS:-""}; do (
+    [ -n "$env" ] && export $env
+    tag=$(basename $tree)$(echo "$env" | tr -c 'A-Za-z0-9\n' _); echo "=== quick $tree $env"
+    cd $tree && python3 bench/gemv.py --rows 1 2 4 --shapes 4096x14336 14336x4096 4096x4096 4096x1024 \
+      --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
+    python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --prefill 512,2048 --json 2>>$OUT/err.log \
+      | tee $OUT/bench_8b_$tag.json | grep -E "decode_tokens|\"512|\"2048|gbps"
     [ -n "${QUICK_SMALL:-}" ] && for run in 1 2; do
-      echo "qwen2.5-0.5b $(cd $tree && python3 -m exlq.cli.app bench --synthetic qwen2.5-0.5b --bpw 4.0 --prefill 512 \
+      echo "qwen2.5-0.5b $(python3 -m exlq.cli.app bench --synthetic qwen2.5-0.5b --bpw 4.0 --prefill 512 \
         --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
     done
-  done ;;
+    [ -n "${QUICK_8B_REPEAT:-}" ] && for run in $(seq $QUICK_8B_REPEAT); do
+      echo "8b again $(python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --prefill 512 --json 2>>$OUT/err.log \
+        | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+    done
+    [ -n "${QUICK_SMOL:-}" ] && [ -f $E/config.json ] && for run in 1 2; do
+      echo "smollm2 exl2 $(python3 -m exlq.cli.app bench $E --json 2>>$OUT/err.log \
+        | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+    done
+  ) done; done ;;
 wide)
   shapes="4096x14336 14336x4096 4096x4096 576x1536 1536x576 896x4864"
   for setting in 0 1; do  # EXLQ_GEMV_WIDE=0: narrow everywhere; 1: wide everywhere

@@ -446,3 +446,231 @@ __global__ void __launch_bounds__(THREADS) exl2_dequant(
     WITH_WIDTH(bits, DEQUANT)
 #undef DEQUANT
 }
+
+
+// ----- The warp GEMV: each warp one work item (a tile of 32·C columns × one K split), no block barriers -----
+// For layers whose groups are whole 32-row blocks (every converter layout with K a multiple of 32). The block
+// kernel above makes each block gather its activations behind a barrier, load a chunk, wait, multiply, load the
+// next: all blocks of its single wave wait for the memory at the same moments. Here a warp
+//   - requests its first 32-row block's words before it gathers its activations (the gather is a table lookup a
+//     row, `perm` holding exl2_ops.warp_gather_table: input channel | pair slot << 20 | bits << 25, no chunk walk);
+//   - keeps the next 32-row block's words in flight while it multiplies one (two register buffers, ping-pong);
+//   - adds its partial sums into the split-K workspace; the last warp of a tile writes y.
+#define GEMV_WARPS 4  // warps (work items) a block of the warp GEMV; THREADS = 32 · GEMV_WARPS
+#ifndef WARP_MIN_BLOCKS
+#define WARP_MIN_BLOCKS 8
+#endif
+
+// One 32-row block's words for the thread's C columns (B of the 8 word rows used) and its group's C scales.
+template <int C>
+struct BlockWords {
+    u32 w[C][8];
+    float s[C];
+};
+
+// Where 32-row block i of chunk ch starts, and the group it takes its scales from.
+struct BlockAt {
+    int bits, word, group, row;  // row: first stored row (absolute)
+    __device__ __forceinline__ BlockAt(const int4& ch, int i)
+        : bits(ch.x & 0xff), word(ch.y + i * (ch.x & 0xff)), group(ch.w + (i >> (ch.x >> 16))), row(ch.z + 32 * i) {}
+};
+
+template <int B, int C>
+__device__ __forceinline__ void load_words(const u32* base, unsigned at, unsigned stride, BlockWords<C>& slot) {
+#pragma unroll
+    for (int j = 0; j < B; j++) {
+        u32 v[C];
+        load_columns<C>(base + at, v);
+#pragma unroll
+        for (int c = 0; c < C; c++) slot.w[c][j] = v[c];
+        at += stride;
+    }
+}
+
+template <int C>
+__device__ __forceinline__ void load_block(const GemvMatrix& mat, const u32* base, int n, const BlockAt& at,
+                                           BlockWords<C>& slot) {
+    const unsigned first = (unsigned)at.word * (unsigned)mat.n_pad;
+#define LOAD_WORDS(B) load_words<B, C>(base, first, (unsigned)mat.n_pad, slot)
+    WITH_WIDTH(at.bits, LOAD_WORDS)
+#undef LOAD_WORDS
+    column_scales<C>(mat.q_scale, mat.scale_max, at.group, n, mat.n_pad, slot.s);
+}
+
+template <int B, int M, bool HALF, int C>
+__device__ __forceinline__ void block_math(const BlockWords<C>& slot, const float (*xs)[SPLIT_ROWS],
+                                           const u16 (*xh)[SPLIT_ROWS], int lr, const Magic& k, float (*acc)[M]) {
+    u32 words[C][B + 1];
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+#pragma unroll
+        for (int j = 0; j < B; j++) words[c][j] = slot.w[c][j];
+        words[c][B] = 0u;
+    }
+    float part[C][M];
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+#pragma unroll
+        for (int m = 0; m < M; m++) part[c][m] = 0.0f;
+    }
+    constexpr bool PAIRED = HALF && (B == 2 || B == 4 || B == 8);
+    if (PAIRED) sub_half<B, M, C>(words, xh, lr, k, part);
+    else sub_float<B, M, C>(words, xs, lr, k, part);
+    const float unit = PAIRED ? (float)(1 << half_shift(B)) : 1.0f;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[c][m] = fmaf(part[c][m], slot.s[c] * unit, acc[c][m]);
+    }
+}
+
+// The 32-row block after `at`'s (i within chunk c), or c == end when the split has no more.
+__device__ __forceinline__ void next_block(const int4* __restrict__ chunks, int end, int& c, int& i, int4& ch) {
+    if (32 * (i + 1) < ((ch.x >> 8) & 0xff)) {
+        i++;
+        return;
+    }
+    c++;
+    i = 0;
+    if (c < end) ch = chunks[c];
+}
+
+template <typename T, int M, int C>
+__device__ __forceinline__ void gemv_warp_item(const u16* __restrict__ x, int K, const GemvMatrix& mat, int item,
+                                               float (*xs)[SPLIT_ROWS], u16 (*xh)[SPLIT_ROWS]) {
+    constexpr bool HALF = HalfPath<T>::value;
+    const int lane = threadIdx.x & 31;
+    const int4* __restrict__ chunks = mat.chunks;
+    const int n_pad = mat.n_pad, tile = item % mat.tiles, split = item / mat.tiles;
+    const int n = tile * 32 * C + lane * C;  // the lane's first column
+    const bool valid = n < n_pad;            // n_pad is a multiple of 32: all C columns or none
+    const int c0 = mat.split_chunks[split], c1 = mat.split_chunks[split + 1];
+    int4 ch = chunks[c0];
+    const int4 last = chunks[c1 - 1];
+    const int r0 = ch.z, rows = last.z + ((last.x >> 8) & 0xff) - r0;
+
+    const u32* base;  // the lane's column pointer, opaque (32-bit word offsets from it: see chunk_dot)
+    asm("mov.b64 %0, %1;" : "=l"(base) : "l"(mat.q_weight + (valid ? n : 0)));
+    BlockWords<C> a, b;
+    int c = c0, i = 0;
+    load_block<C>(mat, base, valid ? n : 0, BlockAt(ch, 0), a);  // in flight during the gather
+
+    // The split's activations in stored order: fp32 for the float path, fp16 pair order scaled by 2^-shift for the
+    // half path (exl2_ops.warp_gather_table says each row's input channel, pair slot and width).
+    const int* __restrict__ table = mat.perm;
+#pragma unroll
+    for (int j = 0; j < SPLIT_ROWS / 32; j++) {
+        const int p = lane + 32 * j;
+        if (p < rows) {
+            const u32 e = (u32)__ldg(table + r0 + p);
+            const int bits = (e >> 25) & 15, channel = e & 0xfffff;
+            const bool paired = HALF && half_width(bits);
+            const float prescale = paired ? 1.0f / (float)(1 << half_shift(bits)) : 1.0f;
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                const float v = Act<T>::load(x[(size_t)m * K + channel]);
+                if (paired) xh[m][(p & ~31) + ((e >> 20) & 31)] = Act<fp16_t>::store(v * prescale);
+                else xs[m][p] = v;
+            }
+        }
+    }
+    __syncwarp();
+
+    float acc[C][M];
+#pragma unroll
+    for (int cc = 0; cc < C; cc++) {
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[cc][m] = 0.0f;
+    }
+    const Magic k(mat.N);
+    const u16(*xhv)[SPLIT_ROWS] = xh;
+    const float(*xsv)[SPLIT_ROWS] = xs;
+#define BLOCK_MATH(B) block_math<B, M, HALF, C>(cur, xsv, xhv, at.row - r0, k, acc)
+    // Ping-pong between the two buffers: the next block's words are requested before this one's are multiplied.
+    for (;;) {
+        {
+            const BlockAt at(ch, i);
+            next_block(chunks, c1, c, i, ch);
+            if (c < c1) load_block<C>(mat, base, valid ? n : 0, BlockAt(ch, i), b);
+            const BlockWords<C>& cur = a;
+            WITH_WIDTH(at.bits, BLOCK_MATH)
+            if (c >= c1) break;
+        }
+        {
+            const BlockAt at(ch, i);
+            next_block(chunks, c1, c, i, ch);
+            if (c < c1) load_block<C>(mat, base, valid ? n : 0, BlockAt(ch, i), a);
+            const BlockWords<C>& cur = b;
+            WITH_WIDTH(at.bits, BLOCK_MATH)
+            if (c >= c1) break;
+        }
+    }
+#undef BLOCK_MATH
+
+    const int N = mat.N;
+    u16* __restrict__ y = mat.y;
+    if (mat.splits == 1) {
+#pragma unroll
+        for (int cc = 0; cc < C; cc++) {
+            const float bias = (mat.bias != nullptr && valid) ? mat.bias[n + cc] : 0.0f;
+            if (n + cc < N) {
+#pragma unroll
+                for (int m = 0; m < M; m++) y[(size_t)m * N + n + cc] = Act<T>::store(acc[cc][m] + bias);
+            }
+        }
+        return;
+    }
+    // Split K: add into the workspace; the tile's last warp (by its counter) writes y and re-zeroes both.
+    if (valid) {
+#pragma unroll
+        for (int cc = 0; cc < C; cc++) {
+#pragma unroll
+            for (int m = 0; m < M; m++) atomicAdd(mat.workspace + (size_t)m * n_pad + n + cc, acc[cc][m]);
+        }
+    }
+    __threadfence();
+    __syncwarp();
+    int is_last = 0;
+    if (lane == 0) is_last = atomicAdd(mat.counters + tile, 1) == mat.splits - 1;
+    if (!__shfl_sync(0xffffffffu, is_last, 0)) return;
+    __threadfence();
+    if (valid) {
+#pragma unroll
+        for (int cc = 0; cc < C; cc++) {
+            const float bias = mat.bias != nullptr ? mat.bias[n + cc] : 0.0f;
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float* slot = mat.workspace + (size_t)m * n_pad + n + cc;
+                const float v = __ldcg(slot);
+                *slot = 0.0f;
+                if (n + cc < N) y[(size_t)m * N + n + cc] = Act<T>::store(v + bias);
+            }
+        }
+    }
+    if (lane == 0) mat.counters[tile] = 0;
+}
+
+// Block b's warps take items GEMV_WARPS·b .. GEMV_WARPS·b + GEMV_WARPS - 1 of one matrix (tiles·splits items; a last
+// block's spare warps return at once).
+template <typename T, int M, int C>
+__device__ __forceinline__ void gemv_warps(const u16* __restrict__ x, int K, const GemvMatrix& mat, int local) {
+    __shared__ __align__(16) float xs[GEMV_WARPS][M][SPLIT_ROWS];
+    __shared__ __align__(16) u16 xh[GEMV_WARPS][HalfPath<T>::value ? M : 1][SPLIT_ROWS];
+    const int warp = threadIdx.x >> 5, item = local * GEMV_WARPS + warp;
+    if (item >= mat.tiles * mat.splits) return;
+    gemv_warp_item<T, M, C>(x, K, mat, item, xs[warp], reinterpret_cast<u16(*)[SPLIT_ROWS]>(xh[warp]));
+}
+
+template <typename T, int M, int C = 2>
+__global__ void __launch_bounds__(THREADS, WARP_MIN_BLOCKS) exl2_gemv_warp(const u16* __restrict__ x, int K, const GemvMatrix mat) {
+    gemv_warps<T, M, C>(x, K, mat, blockIdx.x);
+}
+
+template <typename T, int M, int C = 2>
+__global__ void __launch_bounds__(THREADS, WARP_MIN_BLOCKS) exl2_gemv_warp_group(const u16* __restrict__ x, int K, const GemvGroup group) {
+    int which = 0;
+#pragma unroll
+    for (int i = 1; i < MAX_GROUP; i++)
+        if (i < group.count && (int)blockIdx.x >= group.m[i].block0) which = i;
+    gemv_warps<T, M, C>(x, K, group.m[which], blockIdx.x - group.m[which].block0);
+}
