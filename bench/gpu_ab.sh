@@ -13,11 +13,13 @@
 #   STAGE=quick:   per tree in TREES and setting in SPEED_ENVS, the short A/B: GEMV alone at 1, 2 and 4 rows (the 8B's
 #                  four shapes) and the synthetic 8B's decode and prefill (512, 2048); QUICK_FP16=1 adds the FP16 8B's
 #                  prefill first; QUICK_SMALL=1 adds the synthetic Qwen2.5-0.5B's decode twice (a small model: host and
-#                  small kernels); QUICK_8B_REPEAT=N the 8B's decode N more times; QUICK_SMOL=1 smollm2 EXL2 4.0 twice.
+#                  small kernels); QUICK_8B_REPEAT=N the 8B's decode N more times; QUICK_SMOL=1 smollm2 EXL2 4.0 twice;
+#                  QUICK_GEMV=0 leaves bench/gemv.py out, QUICK_ROWS its rows, QUICK_GEMV_ARGS more of its options.
 #   STAGE=wide:    the wide GEMV instances against the narrow ones: bench/gemv.py at 1 and 2 rows over the 8B and small
 #                  shapes with EXLQ_GEMV_WIDE=0 (narrow) and =1 (wide everywhere), then the synthetic 8B's and
 #                  Qwen2.5-0.5B's decode, narrow and with the default rule (WIDE_MIN_COLUMNS).
-#   STAGE=tests:   this tree's GPU tests alone (no model needed; the real-EXL2 test skips).
+#   STAGE=tests:   this tree's GPU tests alone (no model needed; the real-EXL2 test skips); PYTEST_ARGS narrows them
+#                  (e.g. PYTEST_ARGS="-x -k warp tests/test_kernels_gpu.py").
 #   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2).
 #   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
 #                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
@@ -87,7 +89,7 @@ for stage in ${STAGE:-session}; do  # several stages in order, e.g. STAGE="assem
 case $stage in
 assemble) assemble ;;
 session) prepare $HERE; (speed $HERE) ;;
-tests) (python3 -m pytest -q -p no:cacheprovider -rs -m gpu 2>&1 | tee $OUT/pytest_gpu.log | tail -15) ;;
+tests) (python3 -m pytest -q -p no:cacheprovider -rs -m gpu ${PYTEST_ARGS:-} 2>&1 | tee -a $OUT/pytest_gpu.log | tail -15) ;;
 prep) prepare $ALT ;;
 speed) for tree in ${TREES:-$HERE $ALT}; do for env in ${SPEED_ENVS:-""}; do (speed $tree "$env"); done; done ;;
 profile)
@@ -125,8 +127,8 @@ quick)
   for tree in ${TREES:-$HERE}; do for env in ${SPEED_ENVS:-""}; do (
     [ -n "$env" ] && export $env
     tag=$(basename $tree)$(echo "$env" | tr -c 'A-Za-z0-9\n' _); echo "=== quick $tree $env"
-    cd $tree && python3 bench/gemv.py --rows 1 2 4 --shapes 4096x14336 14336x4096 4096x4096 4096x1024 \
-      --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
+    cd $tree && [ "${QUICK_GEMV:-1}" = 1 ] && python3 bench/gemv.py --rows ${QUICK_ROWS:-1 2 4} \
+      --shapes 4096x14336 14336x4096 4096x4096 4096x1024 ${QUICK_GEMV_ARGS:-} --json-out $OUT/gemv_$tag.json 2>&1 | tail -13
     python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --prefill 512,2048 --json 2>>$OUT/err.log \
       | tee $OUT/bench_8b_$tag.json | grep -E "decode_tokens|\"512|\"2048|gbps"
     [ -n "${QUICK_SMALL:-}" ] && for run in 1 2; do
