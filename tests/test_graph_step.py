@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from exlq.quant.exl2_pack import converter_layout
-from exlq.runtime.exl2 import group_row_starts, row_bits
+from exlq.runtime.exl2 import group_row_starts
 from exlq.runtime.graphs import BUCKET, static_decode_step
 from exlq.quant.synthetic import random_exl2
 from exlq.runtime.exl2 import decode_q_groups
 from exlq.runtime.kernels.exl2_ops import (
-    CHUNK_ROWS, COLUMN_CHOICES, SPLIT_ROWS, THREADS, WARP_TARGET_ITEMS, WIDE_COLUMNS, build_plan, chunk_table,
-    pair_slots, split_points, warp_gather_table,
+    CHUNK_ROWS, COLUMN_CHOICES, SPLIT_ROWS, THREADS, WIDE_COLUMNS, build_plan, chunk_table, split_points,
 )
 from exlq.runtime.kv_quant import CacheType
 from exlq.runtime.loader import load_model
@@ -101,32 +100,6 @@ def test_plans_split_k_for_every_gemv_width(n):
         points = plan.splits(columns).tolist()
         assert points == split_points(table, tiles)
         assert points[0] == 0 and points[-1] == len(table)
-    # the warp GEMV: tiles of 64 columns, splits sized for a wave of warps (one item each)
-    warp_tiles = plan.warp_tiles()
-    assert (warp_tiles - 1) * 64 < plan.n_pad <= warp_tiles * 64
-    assert plan.warp_splits.tolist() == split_points(table, warp_tiles, WARP_TARGET_ITEMS)
     if n == 14336:  # Llama-3-8B's gate/up: 112 tiles of 128 columns, 56 of 256; 16 splits of 256 rows each
         assert plan.tiles(1) == 112 and plan.tiles(WIDE_COLUMNS) == 56
         assert len(plan.splits(1)) == len(plan.splits(WIDE_COLUMNS)) == 17
-        assert warp_tiles == 224 and len(plan.warp_splits) == 17  # 3584 items of 256 rows: 0.85 of a wave
-
-
-@pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
-def test_warp_gather_table_holds_channel_slot_and_width(k, bits, props, group):
-    """The warp GEMV's gather: each stored row's input channel, its width, and its place in the half path's pair
-    order (a permutation of each 32-row block); no table for layouts with a partial 32-row block."""
-    layout = converter_layout(k, bits, props, group)
-    perm = torch.randperm(k, generator=torch.Generator().manual_seed(k))
-    table = warp_gather_table(layout, perm)
-    if any(rows % 32 for _, rows in layout):
-        assert table is None
-        return
-    table = table.long()
-    assert torch.equal(table & 0xFFFFF, perm)
-    assert torch.equal(table >> 25, row_bits(layout).long())
-    slots = (table >> 20) & 31
-    for start in range(0, k, 32):
-        b = int(row_bits(layout)[start])
-        assert torch.equal(slots[start : start + 32], pair_slots(b))
-        assert sorted(slots[start : start + 32].tolist()) == list(range(32))
-    assert not any(sorted(pair_slots(b).tolist()) != list(range(32)) for b in (2, 3, 4, 5, 6, 8))

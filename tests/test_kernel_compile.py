@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from exlq.runtime.kernels.catalog import SOURCES
-from exlq.runtime.kernels.compiler import SOURCE_DIR, compile_source
+from exlq.runtime.kernels.compiler import SOURCE_DIR, compile_source, cubin_resources
 
 ARCHES = ("sm_80", "sm_89", "sm_90")
+MAX_LOCAL_BYTES = 32  # a thread's stack frame: spilled registers, local arrays
 
 
 def test_every_source_is_in_the_catalog():
@@ -25,6 +26,13 @@ def test_kernel_compiles(source, arch, tmp_path, monkeypatch):
         assert set(module.names) == set(instances) and all(module.names.values())
         again = compile_source(source, arch, list(instances))  # now from the disk cache
         assert again.cubin == module.cubin and again.names == module.names
+        # No instance keeps more than a few words in local memory (spills are a silent slowdown: session 14's warp
+        # GEMV spilled 40-80 bytes at its register bound; bench/kernel_resources.py prints the numbers). Some GEMV
+        # instances keep 8-32 bytes under their register bounds, which ptxas places differently per architecture.
+        registers, local = cubin_resources(module.cubin)
+        for instance, mangled in module.names.items():
+            assert 0 < registers[mangled] <= 255, instance
+            assert local.get(mangled, 0) <= MAX_LOCAL_BYTES, f"{instance} uses {local[mangled]} bytes of local memory on {arch}"
 
 
 def test_gemv_descriptors_match_the_kernel_structs():

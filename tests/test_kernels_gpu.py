@@ -104,16 +104,14 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
 
 
 # The GEMV kernels: the tensor-core one (fp16, 4 or 8 rows, layers of whole 32-row blocks; rows 8 and 13 reach it),
-# the one-column-a-thread one, its wide instances (2 columns a thread, 1-3 rows; here for every width), and the warp
-# GEMV (1-3 rows, layers of whole 32-row blocks; the others fall back to the block kernels).
-KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "warp"),
-           (torch.bfloat16, "narrow"), (torch.bfloat16, "wide"), (torch.bfloat16, "warp")]
+# the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width).
+KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.bfloat16, "narrow"),
+           (torch.bfloat16, "wide")]
 
 
 def use_gemv(kind: str, monkeypatch) -> None:
-    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow", "wide" or "warp" (1-3 rows)."""
+    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows)."""
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
-    monkeypatch.setattr(exl2_ops, "GEMV_WARP", kind == "warp")
     monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind == "wide" else 1 << 62)
 
 
@@ -132,9 +130,6 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
         expected += cuda.bias[:n].double()
     plan = layer.kernel_plan()
     assert (plan.gather is None) == any(r % 32 for _, r in layout)  # the tensor-core GEMV takes whole 32-row blocks
-    assert (plan.warp_gather is None) == (plan.gather is None)  # so does the warp GEMV
-    if kind == "warp" and rows in exl2_ops.WIDE_ROWS:
-        assert exl2_ops.gemv_route([plan], rows, dtype) == (False, 0 if plan.warp_gather is not None else 1)
     if rows in exl2_ops.GEMV_ROWS:  # the raw kernel, into a poisoned output
         out = torch.full((rows, n), float("nan"), dtype=dtype, device=CUDA)
         exl2_ops.gemv([plan], x, [out])
@@ -183,7 +178,7 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
-@pytest.mark.parametrize("kind", ["mma", "narrow", "wide", "warp"])
+@pytest.mark.parametrize("kind", ["mma", "narrow", "wide"])
 def test_gemv_survives_large_activations(bits, kind, monkeypatch):
     """The fp16 path sums pairs in half precision (and the tensor-core one removes offsets of 1024 x): activations
     in the thousands must not overflow to inf nor lose the product."""

@@ -51,7 +51,9 @@ class StaticDecodeBatch(AttentionBatch):
             allowed = allowed[None, None]  # [1, 1, T, K]
             if self.pad_lengths is not None:
                 allowed = allowed & (self.key_positions[None, :] >= self.pad_lengths[:, None])[:, None, None, :]
-            self._masks[window] = (allowed, False)
+            # Additive, in the compute dtype: SDPA turns a boolean mask into this itself, in every layer's call.
+            bias = torch.zeros(allowed.shape, dtype=self.cos.dtype, device=allowed.device)
+            self._masks[window] = (bias.masked_fill_(~allowed, float("-inf")), False)
         return self._masks[window]
 
     def store(self, cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +112,7 @@ def static_decode_step(
     batch = StaticDecodeBatch(
         cache.seq_len, tokens, cos, sin, pad, write_positions=write_positions, key_positions=key_positions
     )
-    hidden = model.embed(ids)
-    for slot, i in enumerate(model.layer_order):
-        hidden = model.model.layers[i](hidden, batch, cache, slot)
-    return model.logits(hidden)
+    return model.logits(*model.run_layers(model.embed(ids), batch, cache))
 
 
 class DecodeGraph:

@@ -118,6 +118,26 @@ class DecoderLayer(nn.Module):
     def forward(
         self, residual: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int
     ) -> torch.Tensor:
-        attended = self.self_attn(self.input_layernorm(residual), batch, cache, cache_layer)
+        residual, delta = self.forward_deferred(residual, None, batch, cache, cache_layer)
+        return residual + delta.float()
+
+    def forward_deferred(
+        self,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        batch: AttentionBatch,
+        cache: KVCache | None,
+        cache_layer: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on residual + delta, returning (its residual before the MLP's output, that output).
+
+        A model runs its layers this way so each layer's last residual add happens inside the next norm
+        (one fused kernel on the GPU instead of a cast, an add and a norm); `forward` adds it at once.
+        """
+        if delta is None:
+            normed = self.input_layernorm(residual)
+        else:
+            residual, normed = self.input_layernorm.add_and_norm(residual, delta)
+        attended = self.self_attn(normed, batch, cache, cache_layer)
         residual, normed = self.post_attention_layernorm.add_and_norm(residual, attended)
-        return residual + self.mlp(normed).float()
+        return residual, self.mlp(normed)

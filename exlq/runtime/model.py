@@ -180,14 +180,12 @@ class DecoderOnlyLM(nn.Module):
             cache.seq_len = past_len + new_len
             return last_positions(logits, max_output_len)
         batch = self.attention_batch(bsz, new_len, past_len, pad_lengths)
-        hidden = self.embed(input_ids)
-        for slot, i in enumerate(self.layer_order):
-            hidden = self.model.layers[i](hidden, batch, cache, slot)
+        hidden, delta = self.run_layers(self.embed(input_ids), batch, cache)
         if cache is not None:
             cache.seq_len = past_len + new_len
         if max_output_len == 0:
             return None
-        return self.logits(last_positions(hidden, max_output_len))
+        return self.logits(last_positions(hidden, max_output_len), last_positions(delta, max_output_len))
 
     # ----- pieces of forward, public so the quantizer can run layers one at a time -----
 
@@ -205,9 +203,20 @@ class DecoderOnlyLM(nn.Module):
         cos, sin = self.rotary.cos_sin(positions, self._dtype)
         return AttentionBatch(past_len, new_len, cos, sin, pad_lengths)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and lm_head over residual-stream rows."""
-        return self.lm_head(self.model.norm(hidden))
+    def run_layers(
+        self, hidden: torch.Tensor, batch: AttentionBatch, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers in `layer_order` on the residual stream: (residual, the last layer's MLP output),
+        whose sum is the stream after the last layer (`logits` adds them inside the final norm)."""
+        delta = None
+        for slot, i in enumerate(self.layer_order):
+            hidden, delta = self.model.layers[i].forward_deferred(hidden, delta, batch, cache, slot)
+        return hidden, delta
+
+    def logits(self, hidden: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and lm_head over residual-stream rows (hidden + delta, when a delta is given)."""
+        normed = self.model.norm(hidden) if delta is None else self.model.norm.add_and_norm(hidden, delta)[1]
+        return self.lm_head(normed)
 
 
 def last_positions(x: torch.Tensor, count: int | None) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +98,49 @@ def _nvrtc_compile(name: str, source: str, headers: dict[str, str], arch: str, i
         return CompiledModule(nvrtc.getCUBIN(program), names, arch)
     finally:
         nvrtc.destroyProgram(program)
+
+
+# ----- what a cubin says about its kernels (registers, spills): checked in CI, printed by bench/kernel_resources.py -----
+
+EIATTR_FRAME_SIZE = 0x11  # bytes of local memory (stack frame) a thread: spilled registers, local arrays
+EIATTR_REGCOUNT = 0x2F
+EIFMT_SVAL = 4  # attribute formats: 1 no value, 2 one byte, 3 two bytes, 4 sized value
+
+
+def elf_sections(cubin: bytes) -> list[tuple[str, int, int, int]]:
+    """(name, offset, size, link) of every section of a 64-bit little-endian ELF file."""
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    entsize, count, names_index = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
+    names_at = headers[names_index][4]
+    return [(c_string(cubin, names_at + h[0]), h[4], h[5], h[6]) for h in headers]
+
+
+def c_string(data: bytes, at: int) -> str:
+    return data[at : data.index(b"\0", at)].decode()
+
+
+def cubin_resources(cubin: bytes) -> tuple[dict[str, int], dict[str, int]]:
+    """Registers and local-memory (stack frame) bytes a thread, by mangled kernel name: EIATTR_REGCOUNT and
+    EIATTR_FRAME_SIZE of the cubin's `.nv.info` section."""
+    sections = elf_sections(cubin)
+    _, symtab_at, symtab_size, strtab_index = next(s for s in sections if s[0] == ".symtab")
+    strtab_at = sections[strtab_index][1]
+    symbols = [c_string(cubin, strtab_at + struct.unpack_from("<I", cubin, symtab_at + off)[0])
+               for off in range(0, symtab_size, 24)]
+    found: dict[int, dict[str, int]] = {EIATTR_REGCOUNT: {}, EIATTR_FRAME_SIZE: {}}
+    for name, at, size, _ in sections:
+        if name != ".nv.info":
+            continue
+        end = at + size
+        while at < end:
+            fmt, attribute = cubin[at], cubin[at + 1]
+            if fmt == EIFMT_SVAL:
+                length = struct.unpack_from("<H", cubin, at + 2)[0]
+                if attribute in found:
+                    symbol, value = struct.unpack_from("<II", cubin, at + 4)
+                    found[attribute][symbols[symbol]] = value
+                at += 4 + length
+            else:
+                at += {1: 2, 2: 3, 3: 4}.get(fmt, 2)
+    return found[EIATTR_REGCOUNT], found[EIATTR_FRAME_SIZE]

@@ -17,11 +17,6 @@ column a thread) takes everything else: 1-3 rows, bf16, layers with a short last
 forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
 instances instead: 2 adjacent columns a thread (one 8-byte load a word row), so the per-block work (activation
 gather, chunk walk, split-K epilogue) is shared by twice the weights.
-
-The warp GEMV (`exl2_gemv_warp`, same source) makes each warp one work item of 64 columns × one K split, with no
-block barrier: it requests its first words before gathering its activations (through `warp_gather_table`, one lookup
-a row) and keeps the next 32-row block's words in flight while it multiplies one. It takes launches of 1-3 rows of
-layers whose groups are whole 32-row blocks when `GEMV_WARP` is on (EXLQ_GEMV_WARP=1).
 """
 
 from __future__ import annotations
@@ -58,19 +53,12 @@ WIDE_ROWS = (3, 2, 1)  # launches of these many rows may take the wide instances
 #: are 18-22 % faster at 4096x14336 and 14336x4096, 5-10 % slower at 4096x4096 and below: docs/benchmarks.md,
 #: session 12). EXLQ_GEMV_WIDE=0 switches them off, =1 on for every width.
 WIDE_MIN_COLUMNS = {"0": 1 << 62, "1": 0}.get(os.environ.get("EXLQ_GEMV_WIDE", ""), 2048)
-WARP_GEMV = "exl2_gemv_warp"
-WARP_THREADS = 32  # the warp GEMV's tile is WARP_THREADS · WIDE_COLUMNS columns; GEMV_WARPS items a block
-GEMV_WARPS = 4  # GEMV_WARPS in the .cu
-WARP_TARGET_ITEMS = 132 * 32  # a full wave of 64-register warps on an H100/H200: K splits shrink until this many
-#: The warp GEMV for launches of 1-3 rows (EXLQ_GEMV_WARP=0 switches it off).
-GEMV_WARP = os.environ.get("EXLQ_GEMV_WARP", "1") != "0"
 #: Kernel instances by activation dtype, each compiled on its first use.
 INSTANCE_SETS = {
     dtype: tuple(
         [f"{name}<{tag}, {m}>" for name in ("exl2_gemv", "exl2_gemv_group") for m in GEMV_ROWS]
         + [f"{name}<{tag}, {m}, {c}>" for c in COLUMN_CHOICES[1:] for name in ("exl2_gemv", "exl2_gemv_group")
            for m in WIDE_ROWS]
-        + [f"{name}<{tag}, {m}>" for name in (WARP_GEMV, f"{WARP_GEMV}_group") for m in WIDE_ROWS]
         + [f"exl2_dequant<{tag}>"]
     )
     for dtype, tag in ACTIVATION_TAGS.items()
@@ -91,8 +79,6 @@ class Exl2Plan:
     split_tables: dict[int, torch.Tensor]
     perm: torch.Tensor  # int32 [K]: stored row -> input channel
     gather: torch.Tensor | None  # int32 [K]: the tensor-core GEMV's gather table (mma_gather_table); None: not eligible
-    warp_gather: torch.Tensor | None  # int32 [K]: the warp GEMV's (warp_gather_table); None: not eligible
-    warp_splits: torch.Tensor | None  # int32 [S + 1]: the warp GEMV's K splits (chunk indices)
     bias: torch.Tensor | None  # float32 [N_pad]
     in_features: int
     out_features: int
@@ -108,10 +94,6 @@ class Exl2Plan:
     def splits(self, columns: int) -> torch.Tensor:
         """The K-split table of that GEMV."""
         return self.split_tables[columns]
-
-    def warp_tiles(self) -> int:
-        """Column tiles of the warp GEMV (WARP_THREADS · WIDE_COLUMNS columns each)."""
-        return -(-self.n_pad // (WARP_THREADS * WIDE_COLUMNS))
 
 
 def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int, int]]:
@@ -137,13 +119,10 @@ def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int, int]]:
     return table
 
 
-def split_points(
-    table: list[tuple[int, int, int, int, int, int]], column_tiles: int, target: int = TARGET_BLOCKS
-) -> list[int]:
-    """Chunk indices where K splits start (plus the end): splits of ≤ SPLIT_ROWS rows, about `target` blocks (or
-    warp items) overall."""
+def split_points(table: list[tuple[int, int, int, int, int, int]], column_tiles: int) -> list[int]:
+    """Chunk indices where K splits start (plus the end): splits of ≤ SPLIT_ROWS rows, enough blocks overall."""
     total_rows = sum(t[1] for t in table)
-    wanted = -(-total_rows * column_tiles // target)
+    wanted = -(-total_rows * column_tiles // TARGET_BLOCKS)
     split_rows = max(CHUNK_ROWS, min(SPLIT_ROWS, -(-wanted // CHUNK_ROWS) * CHUNK_ROWS))
     points, rows = [0], 0
     for i, (_, chunk_rows, *_rest) in enumerate(table):
@@ -196,32 +175,6 @@ def mma_gather_table(layout: Layout, perm: torch.Tensor) -> torch.Tensor | None:
     return entries.to(torch.int32).to(perm.device)
 
 
-def pair_slots(bits: int) -> torch.Tensor:
-    """[32] where row p of a 32-row block goes in the half path's pair order (pair_slot in exl2_matmul.cu; 2, 4 and 8
-    bits; the identity for the widths the half path does not take)."""
-    p = torch.arange(32)
-    if bits == 4:
-        return (p & ~7) + (p & 3) * 2 + ((p >> 2) & 1)
-    if bits == 2:
-        return (p & ~15) + (p & 7) * 2 + ((p >> 3) & 1)
-    if bits == 8:
-        return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1)
-    return p
-
-
-def warp_gather_table(layout: Layout, perm: torch.Tensor) -> torch.Tensor | None:
-    """Per stored row: input channel | pair slot << 20 | bits << 25, the warp GEMV's whole activation gather (its
-    width decides the half path and the prescale). None when the layer does not fit that kernel: a group that is not
-    whole 32-row blocks, or K ≥ 2^20."""
-    if perm.numel() >= MMA_MAX_K or any(rows % 32 for _, rows in layout):
-        return None
-    bits = row_bits(layout)
-    slots = torch.stack([pair_slots(b) for b in range(9)])
-    within = torch.arange(perm.numel()) & 31  # every group starts at a multiple of 32 rows
-    entries = perm.cpu().long() | slots[bits, within] << 20 | bits.long() << 25
-    return entries.to(torch.int32).to(perm.device)
-
-
 def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale: float = 1.0) -> Exl2Plan:
     device = tensors.q_weight.device
     table = chunk_table(layout)
@@ -235,8 +188,6 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         split_tables={},
         perm=perm.to(torch.int32).contiguous(),
         gather=mma_gather_table(layout, perm),
-        warp_gather=warp_gather_table(layout, perm),
-        warp_splits=None,
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
         out_features=out_features,
@@ -244,9 +195,6 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
     for columns in COLUMN_CHOICES:
         points = split_points(table, plan.tiles(columns))
         plan.split_tables[columns] = torch.tensor(points, dtype=torch.int32, device=device)
-    if plan.warp_gather is not None:
-        points = split_points(table, plan.warp_tiles(), WARP_TARGET_ITEMS)
-        plan.warp_splits = torch.tensor(points, dtype=torch.int32, device=device)
     return plan
 
 
@@ -286,11 +234,8 @@ class GemvGroup(ctypes.Structure):
 
 
 def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tuple[bool, int]:
-    """Which GEMV a launch of `rows` activation rows takes: (tensor cores?, columns a thread of the other kernel;
-    0 for the warp GEMV)."""
+    """Which GEMV a launch of `rows` activation rows takes: (tensor cores?, columns a thread of the other kernel)."""
     tensor_cores = MMA and rows in MMA_ROWS and dtype == torch.float16 and all(p.gather is not None for p in plans)
-    if not tensor_cores and GEMV_WARP and rows in WIDE_ROWS and all(p.warp_gather is not None for p in plans):
-        return False, 0
     wide = not tensor_cores and rows in WIDE_ROWS and all(p.n_pad >= WIDE_MIN_COLUMNS for p in plans)
     return tensor_cores, WIDE_COLUMNS if wide else 1
 
@@ -301,33 +246,23 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     rows = x.shape[0]
     device = x.device
     tensor_cores, columns = gemv_route(plans, rows, x.dtype)
-    warp = columns == 0
-
-    def tiles_of(plan: Exl2Plan) -> int:
-        return plan.warp_tiles() if warp else plan.tiles(columns)
-
-    workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(map(tiles_of, plans)))
+    workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
-        split_chunks = plan.warp_splits if warp else plan.splits(columns)
-        splits, plan_tiles = split_chunks.numel() - 1, tiles_of(plan)
-        # the field each kernel reads for its input rows
-        rows_in = plan.gather if tensor_cores else plan.warp_gather if warp else plan.perm
+        split_chunks = plan.splits(columns)
+        splits, plan_tiles = split_chunks.numel() - 1, plan.tiles(columns)
+        rows_in = plan.gather if tensor_cores else plan.perm  # the field each kernel reads for its input rows
         group.m[i] = GemvMatrix(
             plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.chunks.data_ptr(),
             split_chunks.data_ptr(), rows_in.data_ptr(), 0 if plan.bias is None else plan.bias.data_ptr(),
             workspace.data_ptr() + 4 * floats, counters.data_ptr() + 4 * tiles, out.data_ptr(),
             plan.out_features, plan.n_pad, plan_tiles, splits, blocks,
         )
-        items = plan_tiles * splits
-        blocks += -(-items // GEMV_WARPS) if warp else items
+        blocks += plan_tiles * splits
         floats += rows * plan.n_pad
         tiles += plan_tiles
-    if warp:
-        name = WARP_GEMV if len(plans) == 1 else f"{WARP_GEMV}_group"
-        function = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}>", device)
-    elif tensor_cores:
+    if tensor_cores:
         name = "exl2_mma" if len(plans) == 1 else "exl2_mma_group"
         function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
     else:
