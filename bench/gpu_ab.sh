@@ -30,6 +30,8 @@
 #                  with QUALITY_BPWS="2.5 3.5 4.0:16 ...", one job per bitrate (BPW:HEAD: with those head bits), 10 s
 #                  apart, sharing one out-root (start them once its measurement exists: STAGE=measured), each logging
 #                  to /tmp/NAME-BPW.log (NAME: the out-root's name).
+#   STAGE=pattern: read bandwidth by access pattern (bench/dram_pattern.py: the GEMV's tiles as stored, as contiguous
+#                  tiles, and streamed; no model needed).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
 #                  kernel cache, then again with it filled (the difference is the compile).
 #   STAGE=measured: wait up to WAIT seconds for a quality job's log to say its measurement is done.
@@ -156,6 +158,7 @@ wide)
         --bpw 4.0 --prefill 512 --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
     done
   done ;;
+pattern) python3 bench/dram_pattern.py --json-out $OUT/dram_pattern.json 2>&1 | tail -40 ;;
 cold)
   for tree in ${TREES:-$HERE}; do
     cache=$(mktemp -d); echo "=== cold start, $tree"
