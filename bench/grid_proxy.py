@@ -1,11 +1,12 @@
-"""Does the denser option grid help the allocation? One measurement over `options.DENSE_TABLES` (the reference
-grid and ours), then `convert` at each bpw twice: allocating over the reference grid's options only
-(`options.REFERENCE_TABLES`), and over all of them; KL of each against the FP model.
+"""Does a larger option grid help the allocation? One measurement over the largest of the grids asked for (each of
+`options.GRIDS` holds the one before it: reference ⊂ dense ⊂ fine), then `convert` at each bpw once per grid,
+allocating over that grid's options only; KL of each against the FP model.
 
-    python bench/grid_proxy.py MODEL_DIR --out-root DIR --bpw 3.0 5.0 [--rows 8 --length 256] [--windows 8]
+    python bench/grid_proxy.py MODEL_DIR --out-root DIR --bpw 3.0 5.0 [--grids reference dense] [--rows 8 --length 256]
+    python bench/grid_proxy.py MODEL_DIR --out-root DIR --grids dense fine --bpw 6.0 --holdout
     python bench/grid_proxy.py MODEL_DIR --out-root DIR --measure-only     # the measurement alone (resumable)
 
-Both converts of a bpw read the same measurement (same errors, same layer sensitivities), so the difference is the
+Every convert of a bpw reads the same measurement (same errors, same layer sensitivities), so the difference is the
 grid alone. Scoring: the first WINDOWS non-overlapping 1024-token windows of WikiText-2 test (the issue's harness
 uses 20), KL(P_fp ‖ P_quant) per token. Runs on the CPU (a small calibration: no asymmetric correction, sweeps or
 tuning, which need 64 k tokens) or with --device cuda.
@@ -31,18 +32,18 @@ from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
 from exlq.quant.measure import Measurement, measure_resumable  # noqa: E402
-from exlq.quant.options import DENSE_TABLES, REFERENCE_TABLES, candidate_specs  # noqa: E402
+from exlq.quant.options import GRIDS, OptionTable, candidate_specs  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
 
 
-def reference_only(measurement: Measurement) -> Measurement:
-    """The measurement with each matrix's options cut to those of the reference grid."""
+def restricted(measurement: Measurement, tables: tuple[OptionTable, ...]) -> Measurement:
+    """The measurement with each matrix's options cut to those of a smaller grid."""
     matrices = []
     for matrix in measurement.matrices:
         short = matrix.name.rsplit(".", 1)[-1]
-        keep = {spec.describe() for spec in candidate_specs(short, REFERENCE_TABLES)}
+        keep = {spec.describe() for spec in candidate_specs(short, tables)}
         matrices.append(dataclasses.replace(matrix, options=[o for o in matrix.options if o.key in keep]))
     return dataclasses.replace(measurement, matrices=matrices)
 
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--out-root", type=Path, required=True)
     parser.add_argument("--bpw", type=float, nargs="*", default=[3.0, 5.0])
-    parser.add_argument("--grids", nargs="+", default=["reference", "dense"], choices=["reference", "dense"])
+    parser.add_argument("--grids", nargs="+", default=["reference", "dense"], choices=tuple(GRIDS))
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--windows", type=int, default=8)
@@ -71,11 +72,14 @@ def main() -> None:
     started = time.perf_counter()
     model = load_model(args.model_dir, device=device)
     apply_rotation(model, rotation)
-    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": "dense",
+    # Measure the largest grid asked for (it holds the others); the reference grid alone is measured as dense, as the
+    # earlier runs' work directories were.
+    largest = "fine" if "fine" in args.grids else "dense"
+    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": largest,
                                        **({"holdout": True} if args.holdout else {})})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
-            model, calibration, job, rotation=rotation, specs_for=lambda name: candidate_specs(name, DENSE_TABLES),
+            model, calibration, job, rotation=rotation, specs_for=lambda name: candidate_specs(name, GRIDS[largest]),
             progress=lambda stage, done, total: print(f"  {stage} {done}/{total}", flush=True), holdout=args.holdout,
         )
     print(f"measured in {time.perf_counter() - started:.0f} s", flush=True)
@@ -93,7 +97,7 @@ def main() -> None:
             summary = convert_model(
                 load_model(args.model_dir, device=device), args.model_dir, out, calibration,
                 ConvertOptions(bpw=bpw, head_bits=6), work_dir=args.out_root / f"work-{bpw}-{grid}",
-                measurement=measurement if grid == "dense" else reference_only(measurement), restart=True,
+                measurement=measurement if grid == largest else restricted(measurement, GRIDS[grid]), restart=True,
             )
             seconds = time.perf_counter() - t0
             result = evaluate_perplexity(load_model(out, device=device), text_ids, length=1024, rows=args.windows,

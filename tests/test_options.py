@@ -12,6 +12,7 @@ from exlq.quant.options import (
     DENSE_SPECS,
     DENSE_TABLE,
     DENSE_TABLES,
+    FINE_SPECS,
     HEAD_OPTIONS,
     MLP_TABLE,
     REFERENCE_TABLES,
@@ -146,6 +147,24 @@ def test_dense_grid_adds_our_options_to_the_reference_column(name):
     for spec in dense:  # every option is a layout the format can store: descending widths, 2-8 bits
         assert list(spec.bits) == sorted(spec.bits, reverse=True) and set(spec.bits) <= {2, 3, 4, 5, 6, 8}
         assert abs(sum(spec.proportions) - 1) < 1e-9 and set(spec.group_sizes) <= {32, 64, 128}
+
+
+@pytest.mark.parametrize("name", ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"])
+def test_fine_grid_fills_the_gap_below_7_4_bpw_at_small_hidden_sizes(name):
+    """The fine grid is the dense one plus 8/6 mixes; at smollm2's K = 576 the attention columns jump from 6.18 to
+    7.42 bpw without them, and with them have options at 6.3-7.0."""
+    dense = set(candidate_specs(name, DENSE_TABLES))
+    fine = grid_specs("fine")(name)
+    assert set(fine) == dense | {parse_spec(s) for s in FINE_SPECS} and len(fine) == len(set(fine))
+    k, n = (576, 576) if name != "down_proj" else (1536, 576)
+    bpw = sorted(total_bits(s, k, n, bias=False) / (k * n) for s in fine)
+    assert max(b - a for a, b in zip(bpw, bpw[1:]) if 6.0 <= a < 7.0) < 0.5
+    if name in ("q_proj", "k_proj", "o_proj"):
+        dense_bpw = sorted(total_bits(s, k, n, bias=False) / (k * n) for s in dense)
+        assert max(b - a for a, b in zip(dense_bpw, dense_bpw[1:]) if 6.0 <= a < 7.0) > 1.0  # the gap it fills
+    for spec in fine:  # storable layouts
+        assert list(spec.bits) == sorted(spec.bits, reverse=True) and set(spec.group_sizes) <= {32, 64, 128}
+        spec.group_layout(k)
 
 
 def test_candidates_use_per_width_group_sizes():
