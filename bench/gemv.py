@@ -115,8 +115,7 @@ def main() -> None:
             seconds = graph_seconds(cycling(lambda i: layers[i % len(layers)](x)), warm_calls=max(PER_GRAPH, len(layers)))
             fp16_seconds = graph_seconds(cycling(lambda i: F.linear(x, dense[i % len(dense)])))
             tensor_cores, columns = exl2_ops.gemv_route([layer.kernel_plan()], rows, x.dtype)
-            # columns 0: bench/patches/gemv-warp.patch's warp GEMV, when applied
-            kernel = "mma" if tensor_cores else {0: "warp", 1: "narrow"}.get(columns, "wide")
+            kernel = "mma" if tensor_cores else "wide" if columns > 1 else "narrow"
             row = {
                 "k": k, "n": n, "rows": rows, "kernel": kernel,
                 "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,

@@ -31,8 +31,8 @@ from exlq.eval.perplexity import evaluate_perplexity  # noqa: E402
 from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
-from exlq.quant.measure import Measurement, measure_resumable  # noqa: E402
-from exlq.quant.options import GRIDS, OptionTable, candidate_specs  # noqa: E402
+from exlq.quant.measure import Measurement, measure_resumable, measure_settings  # noqa: E402
+from exlq.quant.options import GRIDS, OptionTable, candidate_specs, grid_specs  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--measure-only", action="store_true")
     parser.add_argument("--holdout", action="store_true",
                         help="score the measured options on calibration rows the Hessians leave out (a new measurement; "
-                             "convert's default since session 13, off here unless given so earlier runs' work dirs resume)")
+                             "convert's default since session 13; off here unless given)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -72,14 +72,12 @@ def main() -> None:
     started = time.perf_counter()
     model = load_model(args.model_dir, device=device)
     apply_rotation(model, rotation)
-    # Measure the largest grid asked for (it holds the others); the reference grid alone is measured as dense, as the
-    # earlier runs' work directories were.
-    largest = "fine" if "fine" in args.grids else "dense"
-    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": largest,
-                                       **({"holdout": True} if args.holdout else {})})
+    largest = max(args.grids, key=list(GRIDS).index)  # measured: each grid of GRIDS holds the ones before it
+    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation,
+                                       **measure_settings(largest, args.holdout, calibration.ids.shape[0])})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
-            model, calibration, job, rotation=rotation, specs_for=lambda name: candidate_specs(name, GRIDS[largest]),
+            model, calibration, job, rotation=rotation, specs_for=grid_specs(largest),
             progress=lambda stage, done, total: print(f"  {stage} {done}/{total}", flush=True), holdout=args.holdout,
         )
     print(f"measured in {time.perf_counter() - started:.0f} s", flush=True)

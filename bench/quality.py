@@ -30,7 +30,7 @@ from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job, fingerprint  # noqa: E402
 from exlq.quant import measure as measure_module  # noqa: E402
-from exlq.quant.measure import measure_resumable  # noqa: E402
+from exlq.quant.measure import measure_resumable, measure_settings  # noqa: E402
 from exlq.quant.options import DEFAULT_GRID, GRIDS, grid_specs  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
 from exlq.runtime.loader import load_model, resolve_device  # noqa: E402
@@ -91,9 +91,9 @@ def main() -> None:
     if args.probe:  # a larger probe measures each layer's sensitivity on more tokens (a new measurement)
         probe = tuple(int(v) for v in args.probe.lower().split("x"))
         measure_module.PROBE_ROWS, measure_module.PROBE_LENGTH = probe
-    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation, "grid": args.grid,
+    key = fingerprint(args.model_dir, {"calibration": calibration.fingerprint, "rotation": rotation,
                                        **({"probe": list(probe)} if probe else {}),
-                                       **({"holdout": True} if args.holdout else {})})
+                                       **measure_settings(args.grid, args.holdout, calibration.ids.shape[0])})
     with Job(args.out_root / "measure-work", key, restart=False) as job:
         measurement = measure_resumable(
             model, calibration, job, rotation=rotation, specs_for=grid_specs(args.grid),
