@@ -11,7 +11,8 @@ of one matrix's packed bytes with the GEMV's geometry: blocks of 128 threads, ea
 row × enough rows for 32 KB, in
   - "exl2" order: the tile's rows a whole matrix row apart (as stored), for segments of 256 B to 4 KB;
   - "tiled" order: the same tiles, each stored contiguously (a load-time re-layout could do this);
-  - "stream": the whole matrix read front to back (the ceiling),
+  - "stream": the whole matrix read front to back (the ceiling), one block a 32 KB piece;
+  - "grid-stride": the same bytes read by a grid of SMs x resident blocks, each thread striding over the matrix,
 with 2, 4 or 8 16-byte loads in flight a thread. If "tiled" reaches ~90 % of copy where "exl2" at 1 KB stays near the
 GEMV's ~46 %, the next GEMV step is the re-layout, not the pipeline.
 
@@ -54,7 +55,28 @@ __device__ void read_tile(const uint4* __restrict__ data, int tiles, int rows, i
     }
     if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads (practically never true)
 }
+// Grid-stride read of the whole buffer (total vectors), LOADS a thread in flight: a grid sized to the machine
+// (SMs x resident blocks) instead of one block a 32 KB tile.
+template <int LOADS>
+__device__ void read_stride(const uint4* __restrict__ data, long long total, unsigned* __restrict__ sink) {
+    unsigned acc = 0;
+    const long long step = (long long)gridDim.x * 128;
+    for (long long first = blockIdx.x * 128 + threadIdx.x; first < total; first += step * LOADS) {
+        uint4 v[LOADS];
+#pragma unroll
+        for (int j = 0; j < LOADS; j++) {
+            const long long i = first + step * j;
+            v[j] = i < total ? __ldg(data + i) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < LOADS; j++) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+    }
+    if (acc == 0x9e3779b9u) sink[0] = acc;
+}
 extern "C" {
+__global__ void __launch_bounds__(128) stride2(const uint4* d, long long n, unsigned* o) { read_stride<2>(d, n, o); }
+__global__ void __launch_bounds__(128) stride4(const uint4* d, long long n, unsigned* o) { read_stride<4>(d, n, o); }
+__global__ void __launch_bounds__(128) stride8(const uint4* d, long long n, unsigned* o) { read_stride<8>(d, n, o); }
 __global__ void __launch_bounds__(128) read2(const uint4* d, int t, int r, int s, long long a, long long b, long long c,
                                              unsigned* o) { read_tile<2>(d, t, r, s, a, b, c, o); }
 __global__ void __launch_bounds__(128) read4(const uint4* d, int t, int r, int s, long long a, long long b, long long c,
@@ -81,6 +103,15 @@ def patterns(row_bytes: int, rows_total: int) -> list[tuple[str, int, int, int, 
     blocks = total_vec * 16 // TILE_BYTES
     out.append(("stream", blocks, blocks, TILE_BYTES // 16 // 128, 7, TILE_BYTES // 16, 0, 128))
     return out
+
+
+def report(name: str, loads: int, blocks: int, seconds: float, nbytes: int, bandwidth: float) -> dict:
+    """One pattern's line, printed, and its record."""
+    gbps = nbytes / seconds / 1e9
+    print(f"{name:14s} {loads} loads: {blocks:5d} blocks {seconds * 1e6:7.1f} us {gbps:6.0f} GB/s "
+          f"= {100 * gbps / bandwidth:5.1f} % of copy")
+    return {"pattern": name, "loads": loads, "blocks": blocks, "microseconds": seconds * 1e6, "gbps": gbps,
+            "fraction_of_copy": gbps / bandwidth}
 
 
 def main() -> None:
@@ -118,11 +149,18 @@ def main() -> None:
                              shared_mem=smem)
 
             seconds = graph_seconds(cycling(read), warm_calls=max(50, len(copies)))
-            gbps = nbytes / seconds / 1e9
-            results.append({"pattern": name, "loads": loads, "blocks": blocks, "microseconds": seconds * 1e6,
-                            "gbps": gbps, "fraction_of_copy": gbps / bandwidth})
-            print(f"{name:14s} {loads} loads: {blocks:5d} blocks {seconds * 1e6:7.1f} us {gbps:6.0f} GB/s "
-                  f"= {100 * gbps / bandwidth:5.1f} % of copy")
+            results.append(report(name, loads, blocks, seconds, nbytes, bandwidth))
+        stride = module.get_function(f"stride{loads}")
+        blocks = torch.cuda.get_device_properties(device).multi_processor_count * args.blocks_per_sm
+
+        def read_all(i: int) -> None:
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+            with stream:
+                stride((blocks,), (128,), (copies[i % len(copies)].data_ptr(), nbytes // 16, sink.data_ptr()),
+                       shared_mem=smem)
+
+        seconds = graph_seconds(cycling(read_all), warm_calls=max(50, len(copies)))
+        results.append(report("grid-stride", loads, blocks, seconds, nbytes, bandwidth))
     if args.json_out:
         args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": bandwidth,
                                              "shape": [k, n], "bits": args.bits, "blocks_per_sm": args.blocks_per_sm,
