@@ -29,7 +29,8 @@
 #                  reference grid's);
 #                  with QUALITY_BPWS="2.5 3.5 4.0:16 ...", one job per bitrate (BPW:HEAD: with those head bits), 10 s
 #                  apart, sharing one out-root (start them once its measurement exists: STAGE=measured), each logging
-#                  to /tmp/NAME-BPW.log (NAME: the out-root's name).
+#                  to /tmp/NAME-BPW.log (NAME: the out-root's name); QUALITY_TAG=T names a variant (quality.py --tag:
+#                  its own output folders and log /tmp/NAME-BPW-T.log, the out-root's measurement shared).
 #   STAGE=pattern: read bandwidth by access pattern (bench/dram_pattern.py: the GEMV's tiles as stored, as contiguous
 #                  tiles, and streamed; no model needed).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
@@ -108,7 +109,7 @@ ncu)
 quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
   # The jobs start from a queue that outlives the call, at most QUALITY_PARALLEL (default 4) at once: nine jobs
   # sharing one GPU and 16 cores all ran past a 10-minute call without one finishing (session 12).
-  export M QUALITY_ARGS QUALITY_THREADS
+  export M QUALITY_ARGS QUALITY_THREADS QUALITY_TAG
   export tree=${QUALITY_TREE:-$HERE} root=${QUALITY_ROOT:-/tmp/quality-$(basename ${QUALITY_TREE:-$HERE})}
   export bpws=${QUALITY_BPWS:-all} parallel=${QUALITY_PARALLEL:-4}
   setsid nohup bash -c 'name=$(basename $root)  # quality-queue
@@ -116,7 +117,8 @@ quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per 
       while [ $(pgrep -fc "[p]ython3 bench/quality\.py /") -ge $parallel ]; do sleep 5; done
       if [ $bpw = all ]; then args="${QUALITY_ARGS:-}" log=/tmp/$name.log
       else args="--bpw ${bpw%%:*} --head-bits $([ ${bpw#*:} = $bpw ] && echo 6 || echo ${bpw#*:}) --extra= ${QUALITY_ARGS:-}"
-        log=/tmp/$name-$bpw.log; fi
+        log=/tmp/$name-$bpw${QUALITY_TAG:+-$QUALITY_TAG}.log; fi
+      [ -n "${QUALITY_TAG:-}" ] && args="$args --tag $QUALITY_TAG"
       (cd $tree && OMP_NUM_THREADS=${QUALITY_THREADS:-4} setsid nohup python3 bench/quality.py $M --out-root $root \
         --device cuda $args > $log 2>&1 < /dev/null &)
       echo "$(date +%T) started in $tree: $args -> $root"

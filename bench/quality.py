@@ -69,6 +69,8 @@ def main() -> None:
                         help="score the measured options on calibration rows the Hessians leave out (convert's default)")
     parser.add_argument("--tune-steps", type=int, default=ConvertOptions.tune_steps,
                         help="Adam steps per tuning epoch, at most (default: convert's; 100000: one calibration row a step)")
+    parser.add_argument("--tag", default="", help="a name for this job's variant: in its output folders and records, "
+                        "so jobs of one bitrate with different options can share an out-root and its measurement")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -107,7 +109,8 @@ def main() -> None:
     pairs += [(float(p.split(":")[0]), int(p.split(":")[1])) for p in args.extra.split(",") if p]
     rows = []
     for bpw, head in pairs:
-        out = args.out_root / f"{args.model_dir.name}-{bpw}bpw-h{head}"
+        suffix = f"-{args.tag}" if args.tag else ""
+        out = args.out_root / f"{args.model_dir.name}-{bpw}bpw-h{head}{suffix}"
         shutil.rmtree(out, ignore_errors=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -121,7 +124,7 @@ def main() -> None:
                                  tune_lr=args.tune_lr).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,
-            work_dir=args.out_root / f"work-{bpw}-{head}", measurement=measurement, restart=True,
+            work_dir=args.out_root / f"work-{bpw}-{head}{suffix}", measurement=measurement, restart=True,
         )
         seconds = time.perf_counter() - t0
         vram = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -130,7 +133,7 @@ def main() -> None:
         result = evaluate_perplexity(quantized, text_ids, length=1024, rows=20, reference=reference)
         del quantized
         row = {
-            "bpw_target": bpw, "head_bits": head, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None,
+            "bpw_target": bpw, "head_bits": head, "tag": args.tag, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None,
             "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps,
             "tune_epochs": options.tune_epochs, "tune_lr": options.tune_lr if options.tune_epochs else None,
             "tune_norms": options.tune_norms if options.tune_epochs else None,
@@ -150,7 +153,7 @@ def main() -> None:
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-        shutil.rmtree(args.out_root / f"work-{bpw}-{head}", ignore_errors=True)
+        shutil.rmtree(args.out_root / f"work-{bpw}-{head}{suffix}", ignore_errors=True)
 
     print(f"\nmodel {args.model_dir.name}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"FP16 ppl {base.perplexity:.3f}, measurement {measure_seconds:.0f} s ({calibration.description})")
