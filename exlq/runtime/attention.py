@@ -10,13 +10,22 @@ torch._dynamo, which costs every CLI call about two seconds.)
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlq.runtime import kernels
 from exlq.runtime.rope import apply_rotary
+
+
+#: EXLQ_SDPA_DECODE=cudnn|efficient|math|flash pins one SDPA backend for one-token steps (an A/B switch for
+#: `exlq bench`; unset: torch's choice, cuDNN's fused kernel on the H200 with the graph step's additive mask).
+DECODE_BACKEND = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                  "math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}.get(os.environ.get("EXLQ_SDPA_DECODE", ""))
 
 
 @dataclass
@@ -106,7 +115,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object | Non
     kv_heads = k.shape[1]
     if length == 1 and heads != kv_heads and not is_causal:
         folded = q.reshape(bsz, kv_heads, heads // kv_heads, dim)
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+        with sdpa_kernel([DECODE_BACKEND]) if DECODE_BACKEND is not None else nullcontext():
+            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
         return out.reshape(bsz, heads, 1, dim)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=heads != kv_heads
