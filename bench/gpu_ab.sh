@@ -33,6 +33,9 @@
 #                  its own output folders and log /tmp/NAME-BPW-T.log, the out-root's measurement shared).
 #   STAGE=pattern: read bandwidth by access pattern (bench/dram_pattern.py: the GEMV's tiles as stored, as contiguous
 #                  tiles, and streamed; no model needed).
+#   STAGE=ladder:  the wide GEMV with parts taken out (bench/patches/gemv-ladder.patch: -D switches through
+#                  EXLQ_NVRTC_DEFINES; no epilogue, no gather, no math, no scales, an L2 prefetch of the first chunk):
+#                  where its time goes against the pure read of STAGE=pattern (results are wrong; timing only).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
 #                  kernel cache, then again with it filled (the difference is the compile).
 #   STAGE=measured: wait up to WAIT seconds for a quality job's log to say its measurement is done.
@@ -159,6 +162,13 @@ wide)
       echo "-- $model EXLQ_GEMV_WIDE=$setting: $(EXLQ_GEMV_WIDE=$setting python3 -m exlq.cli.app bench --synthetic $model \
         --bpw 4.0 --prefill 512 --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
     done
+  done ;;
+ladder)  # in LADDER_TREE (default /tmp/gpu/ladder: this commit + bench/patches/gemv-ladder.patch), each rung's build
+  IFS=';' read -ra rungs <<< "${LADDER_SETS:-;-DLADDER_NO_EPILOGUE;-DLADDER_NO_EPILOGUE -DLADDER_NO_GATHER;-DLADDER_NO_EPILOGUE -DLADDER_NO_GATHER -DLADDER_NO_MATH;-DLADDER_NO_EPILOGUE -DLADDER_NO_GATHER -DLADDER_NO_MATH -DLADDER_NO_SCALES;-DLADDER_NO_GATHER;-DLADDER_NO_MATH;-DLADDER_NO_EPILOGUE -DLADDER_NO_MATH;-DLADDER_PREFETCH_FIRST}"
+  for rung in "${rungs[@]}"; do
+    echo "== rung: ${rung:-full kernel}"
+    (cd ${LADDER_TREE:-/tmp/gpu/ladder} && EXLQ_NVRTC_DEFINES="$rung" python3 bench/gemv.py --rows 1 \
+      --shapes 4096x14336 14336x4096 4096x4096 2>&1 | grep -E "^K=")
   done ;;
 pattern) python3 bench/dram_pattern.py --json-out $OUT/dram_pattern.json 2>&1 | tail -40 ;;
 cold)
