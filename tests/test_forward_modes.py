@@ -111,3 +111,27 @@ def test_replace_module_swaps_lm_head(model):
     assert torch.count_nonzero(model(ids)) > 0
     with pytest.raises(ExlqError):
         model.replace_module("model.no_such_module", new_head)
+
+
+def test_pinned_decode_backend_gives_the_same_attention(monkeypatch):
+    """EXLQ_SDPA_DECODE (an A/B switch) changes which kernel runs a one-token step, not its result: the folded
+    grouped-query call under a pinned backend equals the unpinned one and a per-head reference, additive mask
+    included (on the CPU only the math backend exists; the GPU's are timed by `exlq bench`)."""
+    from torch.nn.attention import SDPBackend
+
+    from exlq.runtime import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 1, 64, generator=gen)
+    k, v = torch.randn(2, 2, 40, 64, generator=gen), torch.randn(2, 2, 40, 64, generator=gen)
+    mask = torch.zeros(1, 1, 1, 40).masked_fill_(torch.arange(40) > 30, float("-inf"))
+    monkeypatch.setattr(attention, "DECODE_BACKEND", None)
+    expected = attention.attend(q, k, v, mask, False)
+    monkeypatch.setattr(attention, "DECODE_BACKEND", SDPBackend.MATH)
+    got = attention.attend(q, k, v, mask, False)
+    # reference: each query head against its key/value head, masked positions left out
+    keep = slice(0, 31)
+    scores = (q.reshape(2, 2, 4, 64) @ k[:, :, keep].transpose(-1, -2)) / 8.0
+    reference = (scores.softmax(-1) @ v[:, :, keep]).reshape(2, 8, 1, 64)
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(expected, reference, atol=1e-5, rtol=1e-4)
