@@ -31,6 +31,8 @@
 #                  apart, sharing one out-root (start them once its measurement exists: STAGE=measured), each logging
 #                  to /tmp/NAME-BPW.log (NAME: the out-root's name); QUALITY_TAG=T names a variant (quality.py --tag:
 #                  its own output folders and log /tmp/NAME-BPW-T.log, the out-root's measurement shared).
+#                  QUALITY_MODEL=DIR quantizes another model than smollm2 (e.g. the Qwen2.5-Coder-0.5B that
+#                  bench/gpu_final.sh rebuilds from its GGUF in /tmp/models), in its own QUALITY_ROOT.
 #   STAGE=pattern: read bandwidth by access pattern (bench/dram_pattern.py: the GEMV's tiles as stored, as contiguous
 #                  tiles, and streamed; no model needed).
 #   STAGE=ladder:  the wide GEMV with parts taken out (bench/patches/gemv-ladder.patch: -D switches through
@@ -112,7 +114,7 @@ ncu)
 quality)  # QUALITY_TREE=$ALT runs the other tree's quantizer (A/B: one job per tree, each its own out-root)
   # The jobs start from a queue that outlives the call, at most QUALITY_PARALLEL (default 4) at once: nine jobs
   # sharing one GPU and 16 cores all ran past a 10-minute call without one finishing (session 12).
-  export M QUALITY_ARGS QUALITY_THREADS QUALITY_TAG
+  export M=${QUALITY_MODEL:-$M} QUALITY_ARGS QUALITY_THREADS QUALITY_TAG
   export tree=${QUALITY_TREE:-$HERE} root=${QUALITY_ROOT:-/tmp/quality-$(basename ${QUALITY_TREE:-$HERE})}
   export bpws=${QUALITY_BPWS:-all} parallel=${QUALITY_PARALLEL:-4}
   setsid nohup bash -c 'name=$(basename $root)  # quality-queue
