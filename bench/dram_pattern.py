@@ -137,30 +137,25 @@ def main() -> None:
     smem = min(48 * 1024, per_sm // args.blocks_per_sm - 1024)  # 1 KB an SM's block reserves
     print(f"{torch.cuda.get_device_name(device)}: copy {bandwidth:.0f} GB/s; {k}x{n} at {args.bits} bits = "
           f"{nbytes / 1e6:.1f} MB, {len(copies)} copies; {smem} B of shared memory a block (≤ {args.blocks_per_sm} an SM)")
+    def seconds_per_read(function, blocks: int, arguments) -> float:
+        """Seconds a launch of `function` on `blocks` blocks, each launch reading the next copy (arguments(pointer))."""
+        def read(i: int) -> None:
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                function((blocks,), (128,), arguments(copies[i % len(copies)].data_ptr()), shared_mem=smem)
+
+        return graph_seconds(cycling(read), warm_calls=max(50, len(copies)))
+
     results = []
+    machine_blocks = torch.cuda.get_device_properties(device).multi_processor_count * args.blocks_per_sm
     for loads in (2, 4, 8):
         function = module.get_function(f"read{loads}")
         for name, blocks, tiles, rows, log_seg, tile_stride, split_stride, row_stride in patterns(row_bytes, rows_total):
-            def read(i: int) -> None:
-                stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-                with stream:
-                    function((blocks,), (128,), (copies[i % len(copies)].data_ptr(), tiles, rows, log_seg,
-                                                 tile_stride, split_stride, row_stride, sink.data_ptr()),
-                             shared_mem=smem)
-
-            seconds = graph_seconds(cycling(read), warm_calls=max(50, len(copies)))
+            seconds = seconds_per_read(function, blocks, lambda pointer: (
+                pointer, tiles, rows, log_seg, tile_stride, split_stride, row_stride, sink.data_ptr()))
             results.append(report(name, loads, blocks, seconds, nbytes, bandwidth))
-        stride = module.get_function(f"stride{loads}")
-        blocks = torch.cuda.get_device_properties(device).multi_processor_count * args.blocks_per_sm
-
-        def read_all(i: int) -> None:
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-            with stream:
-                stride((blocks,), (128,), (copies[i % len(copies)].data_ptr(), nbytes // 16, sink.data_ptr()),
-                       shared_mem=smem)
-
-        seconds = graph_seconds(cycling(read_all), warm_calls=max(50, len(copies)))
-        results.append(report("grid-stride", loads, blocks, seconds, nbytes, bandwidth))
+        seconds = seconds_per_read(module.get_function(f"stride{loads}"), machine_blocks,
+                                   lambda pointer: (pointer, nbytes // 16, sink.data_ptr()))
+        results.append(report("grid-stride", loads, machine_blocks, seconds, nbytes, bandwidth))
     if args.json_out:
         args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": bandwidth,
                                              "shape": [k, n], "bits": args.bits, "blocks_per_sm": args.blocks_per_sm,

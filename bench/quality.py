@@ -108,9 +108,10 @@ def main() -> None:
     pairs = [(b, h) for b in args.bpw for h in args.head_bits]
     pairs += [(float(p.split(":")[0]), int(p.split(":")[1])) for p in args.extra.split(",") if p]
     rows = []
+    suffix = f"-{args.tag}" if args.tag else ""
     for bpw, head in pairs:
-        suffix = f"-{args.tag}" if args.tag else ""
         out = args.out_root / f"{args.model_dir.name}-{bpw}bpw-h{head}{suffix}"
+        work = args.out_root / f"work-{bpw}-{head}{suffix}"
         shutil.rmtree(out, ignore_errors=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -124,7 +125,7 @@ def main() -> None:
                                  tune_lr=args.tune_lr).resolved(calibration.ids.numel())
         summary = convert_model(
             model, args.model_dir, out, calibration, options,
-            work_dir=args.out_root / f"work-{bpw}-{head}{suffix}", measurement=measurement, restart=True,
+            work_dir=work, measurement=measurement, restart=True,
         )
         seconds = time.perf_counter() - t0
         vram = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -133,7 +134,8 @@ def main() -> None:
         result = evaluate_perplexity(quantized, text_ids, length=1024, rows=20, reference=reference)
         del quantized
         row = {
-            "bpw_target": bpw, "head_bits": head, "tag": args.tag, "kl_aware": not args.no_kl_aware, "rotated": rotation is not None,
+            "bpw_target": bpw, "head_bits": head, "tag": args.tag, "kl_aware": not args.no_kl_aware,
+            "rotated": rotation is not None,
             "asym_alpha": options.asym_alpha, "asym_lambda": args.asym_lambda, "refine_sweeps": options.refine_sweeps,
             "tune_epochs": options.tune_epochs, "tune_lr": options.tune_lr if options.tune_epochs else None,
             "tune_norms": options.tune_norms if options.tune_epochs else None,
@@ -153,7 +155,7 @@ def main() -> None:
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-        shutil.rmtree(args.out_root / f"work-{bpw}-{head}{suffix}", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nmodel {args.model_dir.name}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"FP16 ppl {base.perplexity:.3f}, measurement {measure_seconds:.0f} s ({calibration.description})")
