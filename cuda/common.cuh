@@ -56,3 +56,18 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
 __device__ __forceinline__ float half2_sum(u32 a) {
     return Act<fp16_t>::load((u16)(a & 0xffffu)) + Act<fp16_t>::load((u16)(a >> 16));
 }
+
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and when the kernel was launched without it):
+// pdl_launch_dependents lets the stream's next kernel start now; pdl_wait blocks until the previous kernel has
+// finished and its writes are visible. Every kernel launched with overlap=True (launch.py) calls pdl_wait before
+// touching memory another kernel writes, so the order stays transitive along the stream.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}

@@ -206,13 +206,20 @@ __host__ __device__ constexpr int blocks_in_flight(int bits, int columns) {
     return columns == 1 || bits <= 2 ? 4 : bits <= 4 ? 2 : 1;
 }
 
+// Word rows of a block's first chunk that gemv_block loads before its activation gather, so that their DRAM round
+// trip overlaps the gather's chain of dependent loads: chunk_dot's first round at every width of the wide kernel
+// (blocks_in_flight · B ≤ 8).
+constexpr int EARLY_ROWS = 8;
+
 // One chunk (≤ 128 rows) for the thread's C columns: the words of blocks_in_flight blocks of 32 rows are loaded
 // first, then multiplied; a last partial block of rows goes through tail_float. acc[c][m] += Σ over blocks of
-// scale[block][c] · (block's dot): each 32-row block has its group's column scale.
+// scale[block][c] · (block's dot): each 32-row block has its group's column scale. With use_early, `early` holds the
+// chunk's first EARLY_ROWS word rows, already loaded.
 template <int B, int M, bool HALF, int C>
 __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
                                           const u16 (*xh)[SPLIT_ROWS], int lr, int rows, const float (*scale)[C],
-                                          const Magic& k, float (*acc)[M]) {
+                                          const Magic& k, float (*acc)[M], const u32 (&early)[C][EARLY_ROWS],
+                                          bool use_early) {
     constexpr int BL = blocks_in_flight(B, C);
     const int blocks = rows >> 5;
     // The thread's pointer, opaque to the compiler (else it folds it back into q_weight + a 64-bit index and
@@ -229,7 +236,10 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
 #pragma unroll
             for (int j = 0; j < B; j++) {
                 u32 v[C];
-                if (b0 + sb < blocks) load_columns<C>(base + at, v);
+                if (b0 == 0 && sb * B + j < EARLY_ROWS && use_early) {
+#pragma unroll
+                    for (int c = 0; c < C; c++) v[c] = early[c][sb * B + j];  // zero beyond the chunk's blocks
+                } else if (b0 + sb < blocks) load_columns<C>(base + at, v);
                 else {
 #pragma unroll
                     for (int c = 0; c < C; c++) v[c] = 0u;
@@ -315,6 +325,31 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
     const int c0 = mat.split_chunks[split], c1 = mat.split_chunks[split + 1];
     const int r0 = chunks[c0].z;
 
+    // The wide kernel at one row asks for its first chunk's first words and scale before the gather (EARLY_ROWS).
+    constexpr bool EARLY = C > 1 && M == 1;
+    u32 early[C][EARLY_ROWS];
+    float early_scale[C];
+    if (EARLY && valid) {
+        const int4 first = chunks[c0];
+        const int words = min(EARLY_ROWS, (((first.x >> 8) & 0xff) >> 5) * (first.x & 0xff));
+        const u32* w0 = q_weight + (size_t)first.y * n_pad + n;
+#pragma unroll
+        for (int r = 0; r < EARLY_ROWS; r++) {
+            u32 v[C];
+            if (r < words) load_columns<C>(w0 + (size_t)r * n_pad, v);
+            else {
+#pragma unroll
+                for (int c = 0; c < C; c++) v[c] = 0u;
+            }
+#pragma unroll
+            for (int c = 0; c < C; c++) early[c][r] = v[c];
+        }
+        column_scales<C>(mat.q_scale, mat.scale_max, first.w, n, n_pad, early_scale);
+    }
+
+    pdl_launch_dependents();  // the weights and tables are the layer's own: the early words load while the previous kernel ends; x and the outputs wait
+    pdl_wait();
+
     for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
         const int4 ch = chunks[c];
         const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, lr = ch.z - r0, full = rows & ~31;
@@ -342,7 +377,10 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
             const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16, lr = ch.z - r0;
             const u32* w = q_weight + (size_t)ch.y * n_pad + n;
             float scale[4][C];  // per 32-row block and column: its group's scale, requested before the weights
-            column_scales<C>(mat.q_scale, mat.scale_max, ch.w, n, n_pad, scale[0]);
+            if (EARLY && c == c0) {
+#pragma unroll
+                for (int i = 0; i < C; i++) scale[0][i] = early_scale[i];
+            } else column_scales<C>(mat.q_scale, mat.scale_max, ch.w, n, n_pad, scale[0]);
 #pragma unroll
             for (int sb = 1; sb < 4; sb++) {
                 if ((sb >> shift) != 0 && 32 * sb < rows) column_scales<C>(mat.q_scale, mat.scale_max, ch.w + (sb >> shift), n, n_pad, scale[sb]);
@@ -352,7 +390,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
                 }
             }
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
-#define CHUNK_DOT(B) chunk_dot<B, M, HALF, C>(w, n_pad, xs, xhv, lr, rows, scale, k, acc)
+#define CHUNK_DOT(B) chunk_dot<B, M, HALF, C>(w, n_pad, xs, xhv, lr, rows, scale, k, acc, early, EARLY && c == c0)
             WITH_WIDTH(bits, CHUNK_DOT)
 #undef CHUNK_DOT
         }
@@ -387,7 +425,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
 // C: adjacent columns a thread (1; or 2, "wide": one 8-byte load a word row, THREADS·2 columns a block, so the
 // activation gather, the chunk walk and the split-K epilogue of a block serve twice the weights).
 template <typename T, int M, int C = 1>
-__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : 0) exl2_gemv(const u16* __restrict__ x, int K,
+__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : 0) exl2_gemv(const u16* __restrict__ x, int K,
                                                                           const GemvMatrix mat) {
     gemv_block<T, M, C>(x, K, mat, blockIdx.x);
 }
@@ -395,7 +433,7 @@ __global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : 0) exl2_gemv(c
 // Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each
 // matrix's blocks in turn.
 template <typename T, int M, int C = 1>
-__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : 0) exl2_gemv_group(const u16* __restrict__ x, int K,
+__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : 0) exl2_gemv_group(const u16* __restrict__ x, int K,
                                                                                 const GemvGroup group) {
     int which = 0;
 #pragma unroll

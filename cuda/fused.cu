@@ -13,6 +13,8 @@ __global__ void add_rms_norm(const float* __restrict__ residual, const u16* __re
                              const u16* __restrict__ weight, float* __restrict__ new_residual,
                              u16* __restrict__ out, int hidden, float eps) {
     __shared__ float partial[32];
+    pdl_launch_dependents();
+    pdl_wait();
     const size_t base = (size_t)blockIdx.x * hidden;
     float v[NORM_PER_THREAD];
     u16 w[NORM_PER_THREAD];
@@ -57,6 +59,8 @@ __global__ void add_rms_norm(const float* __restrict__ residual, const u16* __re
 // out = T(silu(gate)) * up, element-wise over n values.
 template <typename T>
 __global__ void silu_mul(const u16* __restrict__ gate, const u16* __restrict__ up, u16* __restrict__ out, int n) {
+    pdl_launch_dependents();
+    pdl_wait();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const float g = Act<T>::load(gate[i]);
         const float s = Act<T>::load(Act<T>::store(g / (1.0f + __expf(-g))));
@@ -73,6 +77,8 @@ __global__ void rope_store(const u16* __restrict__ q_in, const u16* __restrict__
                            const u16* __restrict__ cos, const u16* __restrict__ sin, u16* __restrict__ q_out,
                            u16* __restrict__ k_cache, u16* __restrict__ v_cache, const long long* __restrict__ position,
                            int position_value, int tokens, int q_heads, int kv_heads, int dim, int cache_len) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int bt = blockIdx.x, b = bt / tokens, t = bt - b * tokens;
     const int head = blockIdx.y, i = threadIdx.x, half = dim >> 1;
     const bool is_query = head < q_heads;

@@ -52,3 +52,29 @@ def test_gemv_descriptors_match_the_kernel_structs():
         declared = [name for declaration in body.split(";") for name in re.findall(r"(\w+)(?:\[\w+\])?\s*(?:,|$)", declaration.strip())]
         assert declared == [name for name, _ in struct._fields_]
     assert f"#define MAX_GROUP {MAX_GROUP}" in text
+
+
+def test_launch_config_structs_have_the_cuda_h_layout():
+    """cuLaunchKernelEx (programmatic dependent launch) reads CUlaunchConfig and CUlaunchAttribute as laid out in
+    cuda.h on 64-bit hosts: a wrong offset would launch with garbage dimensions or attributes."""
+    import ctypes
+
+    from exlq.runtime.kernels.launch import _LaunchAttribute, _LaunchConfig
+
+    assert ctypes.sizeof(_LaunchAttribute) == 72 and _LaunchAttribute.value.offset == 8  # id, pad, 64-byte union
+    assert ctypes.sizeof(_LaunchConfig) == 56
+    assert (_LaunchConfig.shared_bytes.offset, _LaunchConfig.stream.offset, _LaunchConfig.attrs.offset,
+            _LaunchConfig.num_attrs.offset) == (24, 32, 40, 48)
+
+
+def test_programmatic_launch_is_on_by_default_on_hopper_and_off_by_switch(monkeypatch):
+    from exlq.runtime.kernels import launch
+
+    monkeypatch.delenv("EXLQ_PDL", raising=False)
+    monkeypatch.setattr(launch, "_hopper_or_newer", lambda index: True)
+    assert launch.pdl_enabled(0)
+    monkeypatch.setenv("EXLQ_PDL", "0")
+    assert not launch.pdl_enabled(0)
+    monkeypatch.setenv("EXLQ_PDL", "1")
+    monkeypatch.setattr(launch, "_hopper_or_newer", lambda index: False)  # Ampere, Ada: plain launches
+    assert not launch.pdl_enabled(0)

@@ -209,6 +209,51 @@ def test_gemv_reaches_torch_path_on_repeated_calls():
         assert rel(layer(x), first) < 1e-3
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_programmatic_dependent_launch_equals_plain_launches(monkeypatch, graph):
+    """With PDL (default on sm_90+) each GEMV/norm/SiLU kernel starts while the previous one ends and loads its own
+    weights before it waits: a chain in which every kernel reads the one before's output must compute what plain
+    launches compute (eagerly and replayed from a CUDA graph, where the waits become programmatic edges)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    use_gemv("wide", monkeypatch)
+    layers = []
+    for i, (k, n) in enumerate([(4096, 4096), (4096, 14336), (14336, 4096)]):
+        tensors, _ = random_exl2(k, n, [4], [1.0], 32, seed=90 + i)
+        cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+        layers.append(Exl2Linear(cuda, k, n, dtype=torch.float16))
+    norm_weight = torch.rand(4096, device=CUDA, dtype=torch.float16) + 0.5
+    x = torch.randn(1, 4096, device=CUDA, dtype=torch.float16)
+
+    def chain():
+        h, residual = x, torch.zeros(1, 4096, device=CUDA, dtype=torch.float32)
+        for _ in range(4):
+            residual, normed = fused_ops.add_rms_norm(residual, layers[0](h), norm_weight, 1e-5)
+            up = layers[1](normed)
+            h = layers[2](fused_ops.silu_mul(up, up))
+            h = (h.float() / h.float().norm().clamp(min=1e-3)).half()  # keep the chain's values in range
+        return h
+
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EXLQ_PDL", flag)
+        if graph:
+            chain()  # the first run compiles and fills the workspace caches
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                out = chain()
+            captured.replay()
+            results[flag] = [out.clone()]
+            captured.replay()
+            results[flag].append(out.clone())
+        else:
+            results[flag] = [chain(), chain()]
+    for got in results["1"] + results["0"][1:]:  # split-K sums land in any order: fp16 roundings may differ
+        assert torch.isfinite(got).all() and rel(got, results["0"][0]) < TOLERANCE[torch.float16]
+    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
+    assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
+
+
 @pytest.mark.parametrize("hidden", [64, 576, 1000, 4096, 12000, 16384])  # 16384: 16 values a thread
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_add_rms_norm_and_silu_match_torch(hidden, dtype, monkeypatch):

@@ -270,7 +270,8 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
         instance = f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
         function = kernel(SOURCE, INSTANCE_SETS[x.dtype], instance, device)
     args = group.m[0] if len(plans) == 1 else group
-    launch(function, (blocks, 1, 1), (THREADS, 1, 1), (x, plans[0].in_features, args), device)
+    launch(function, (blocks, 1, 1), (THREADS, 1, 1), (x, plans[0].in_features, args), device,
+           overlap=not tensor_cores)
 
 
 def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = False) -> torch.Tensor:

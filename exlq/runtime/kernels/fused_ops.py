@@ -34,6 +34,7 @@ def add_rms_norm(
         (threads, 1, 1),
         (residual, None if delta is None else delta.contiguous(), weight, new_residual, out, hidden, float(eps)),
         residual.device,
+        overlap=True,
     )
     return new_residual, out
 
@@ -45,7 +46,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = gate.numel()
     blocks = min(-(-n // 256), 4096)
     function = kernel(SOURCE, INSTANCES, f"silu_mul<{_TAGS[gate.dtype]}>", gate.device)
-    launch(function, (max(blocks, 1), 1, 1), (256, 1, 1), (gate, up, out, n), gate.device)
+    launch(function, (max(blocks, 1), 1, 1), (256, 1, 1), (gate, up, out, n), gate.device, overlap=True)
     return out
 
 
@@ -77,5 +78,6 @@ def rope_store(
         (q, k, v, cos.contiguous(), sin.contiguous(), q_out, key_cache, value_cache, device_position,
          0 if device_position is not None else int(position), tokens, q_heads, kv_heads, dim, key_cache.shape[2]),
         q.device,
+        overlap=True,
     )
     return q_out

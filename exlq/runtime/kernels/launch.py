@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -65,8 +66,47 @@ def _argument(value):
     return ctypes.c_int32(int(value))
 
 
-def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device) -> None:
-    """Run kernel `function` on torch's current stream of `device`."""
+#: Programmatic dependent launch (sm_90 and newer; EXLQ_PDL=0 turns it off): a kernel launched with overlap=True may
+#: start while the stream's previous kernel still runs, and calls pdl_wait() (cuda/common.cuh) before it reads or
+#: writes anything that kernel touches. Its prologue (the layer's own weights and tables) then hides the previous
+#: kernel's tail and the launch gap: +5 % on the 8B's decode, +8-12 % on Qwen2.5-0.5B's (docs/benchmarks.md, session 16).
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [
+        *[(name, ctypes.c_uint) for name in ("gx", "gy", "gz", "bx", "by", "bz", "shared_bytes")],
+        ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint),
+    ]
+
+
+@functools.cache
+def _launch_ex():
+    function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    function.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    return function
+
+
+@functools.cache
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled(index: int) -> bool:
+    """Whether overlap=True launches on device `index` use programmatic dependent launch (read at every launch, so a
+    test or a benchmark can switch it; CUDA graphs keep what was captured)."""
+    return os.environ.get("EXLQ_PDL", "1") != "0" and _hopper_or_newer(index)
+
+
+def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
+           overlap: bool = False) -> None:
+    """Run kernel `function` on torch's current stream of `device`; `overlap`: the kernel calls pdl_wait() first
+    and may start before the previous kernel ends (on sm_90+, unless EXLQ_PDL=0)."""
     from cupy_backends.cuda.api import driver
 
     values = [_argument(a) for a in args]
@@ -74,4 +114,11 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
     stream = torch.cuda.current_stream(device).cuda_stream
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
+    if overlap and pdl_enabled(device_index(device)):
+        attribute = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        config = _LaunchConfig(gx, gy, gz, bx, by, bz, 0, stream, ctypes.pointer(attribute), 1)
+        result = _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
+        if result != 0:
+            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {result}")
+        return
     driver.launchKernel(function, gx, gy, gz, bx, by, bz, 0, stream, ctypes.addressof(params), 0)
