@@ -150,3 +150,20 @@ def test_coordinate_descent_lowers_the_hessian_weighted_error_every_sweep(spec):
         start += rows
     # Through the public entry point: the same result as refining by hand.
     assert torch.equal(quantize_gptq(w, h, spec, refine_sweeps=3).codes, matrix.codes)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_groups_searched_together_get_what_each_gets_alone(weighted):
+    """GPTQ searches the scales of every option's group that starts at one block in one batch (mixed widths, equal
+    rows): each group's codes, q_scale_max and scales must be exactly those of its search alone."""
+    from exlq.quant.gptq import search_group_scales, search_group_scales_many
+
+    gen = torch.Generator().manual_seed(7)
+    widths = (8, 4, 4, 2, 6, 3)
+    w = torch.randn(len(widths), 96, 64, generator=gen) * torch.linspace(0.05, 2.0, 96)[:, None]
+    weights = torch.rand(64, generator=gen) * 5 if weighted else None
+    codes, q_scale_max, scales = search_group_scales_many(w, widths, weights)
+    for i, bits in enumerate(widths):
+        alone = search_group_scales(w[i], bits, weights)
+        assert torch.equal(codes[i], alone[0]) and torch.equal(q_scale_max[i], alone[1])
+        assert torch.equal(scales[i], alone[2])

@@ -209,6 +209,29 @@ def test_gemv_reaches_torch_path_on_repeated_calls():
         assert rel(layer(x), first) < 1e-3
 
 
+@pytest.mark.parametrize("sweeps", [0, 2])
+@pytest.mark.parametrize("k, n", [(576, 200), (592, 96), (1536, 130)])  # 592: a 16-row tail; n: partial blocks
+def test_gptq_kernels_equal_the_torch_loops(k, n, sweeps, monkeypatch):
+    """cuda/gptq.cu runs GPTQ's column loop and coordinate descent's row loop a block a launch, with the torch path's
+    roundings: codes, scale codes and q_scale_max must be the torch loops', bit for bit (several options at once)."""
+    from exlq.quant.gptq import QuantSpec, quantize_gptq_many
+
+    gen = torch.Generator().manual_seed(k + n)
+    w = (torch.randn(n, k, generator=gen) * torch.rand(k, generator=gen) * 2).to(CUDA)
+    x = torch.randn(3 * k, k, generator=gen) @ (torch.eye(k) + 0.1 * torch.randn(k, k, generator=gen))
+    h = (x.T @ x / x.shape[0]).to(CUDA)
+    specs = [QuantSpec.uniform(4, 128), QuantSpec((8, 4, 3), (0.1, 0.4, 0.5), (32, 64, 64)), QuantSpec.uniform(2, 32),
+             QuantSpec((6, 5), (0.5, 0.5), (32, 128))]
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("EXLQ_KERNELS", flag)
+        results[flag] = quantize_gptq_many(w, h, specs, refine_sweeps=sweeps)
+    for kernel_made, torch_made in zip(results["1"], results["0"]):
+        assert torch.equal(kernel_made.codes, torch_made.codes)
+        assert torch.equal(kernel_made.scale_codes, torch_made.scale_codes)
+        assert torch.equal(kernel_made.q_scale_max, torch_made.q_scale_max)
+
+
 @pytest.mark.parametrize("graph", [False, True])
 def test_programmatic_dependent_launch_equals_plain_launches(monkeypatch, graph):
     """With PDL (default on sm_90+) each GEMV/norm/SiLU kernel starts while the previous one ends and loads its own

@@ -13,13 +13,17 @@ roundings the runtime's dequantizer applies, so what we measure here is what the
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from exlq.errors import ExlqError
 from exlq.runtime.exl2 import effective_scales, group_row_starts, row_bits, row_groups
+from exlq.runtime.kernels import enabled as kernels_enabled
+from exlq.runtime.kernels import gptq_ops
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # Clipping factors searched per group (the reference converter tries 97 over [0.70, 1.20], §14):
@@ -94,12 +98,29 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> to
     return ((codes - 2 ** (bits - 1)) * scales.float()[:, None]).half().float()
 
 
-def column_scale_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column 4-bit scale codes c ∈ 1..16 [N] for group weights w [N, r], and the group's largest
-    base scale smax (scale ≈ (c/16)²·smax: codes uniform in √scale, spec §14)."""
-    base = (w.abs().amax(dim=1) + 1e-12) / ((2**bits - 1) / 2)
-    smax = base.max()
-    return torch.clamp(torch.round(16 * torch.sqrt(base / smax)), 1, 16), smax
+def column_scale_codes(w: torch.Tensor, bits: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column 4-bit scale codes c ∈ 1..16 [..., N] for group weights w [..., N, r], and the group's largest
+    base scale smax [...] (scale ≈ (c/16)²·smax: codes uniform in √scale, spec §14). `bits`: an int, or one width
+    per group of a batch w [B, N, r]."""
+    half_range = (2**bits - 1) / 2 if isinstance(bits, int) else _width_constants(bits, w.device)[2]
+    base = (w.abs().amax(dim=-1) + 1e-12) / half_range
+    smax = base.amax(dim=-1)
+    return torch.clamp(torch.round(16 * torch.sqrt(base / smax[..., None])), 1, 16), smax
+
+
+@functools.cache
+def _clip_factors(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """COARSE_CLIP and FINE_CLIP_OFFSETS on `device`, copied once (a copy per group was a host sync on the GPU)."""
+    return COARSE_CLIP.to(device), FINE_CLIP_OFFSETS.to(device)
+
+
+@functools.cache
+def _width_constants(bits: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of a batch of widths: the zero point 2^(b-1) and largest code 2^b - 1 as [B, 1, 1, 1] floats, and
+    half the code range [B, 1], on `device` (made once per combination of widths)."""
+    widths = torch.tensor(bits, dtype=torch.float64)
+    zero, maxq = (2 ** (widths - 1)).float(), (2**widths - 1).float()
+    return zero.view(-1, 1, 1, 1).to(device), maxq.view(-1, 1, 1, 1).to(device), (maxq / 2).view(-1, 1).to(device)
 
 
 def search_group_scales(
@@ -113,57 +134,86 @@ def search_group_scales(
     error weighted by `row_weights` [r] when given (GPTQ passes 1/[H⁻¹ Cholesky]_kk², the weight with
     which row k's rounding error reaches the layer's output).
     """
+    codes, q_scale_max, scales = search_group_scales_many(w[None], (bits,), row_weights)
+    return codes[0], q_scale_max[0], scales[0]
+
+
+def search_group_scales_many(
+    w: torch.Tensor, bits: tuple[int, ...], row_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """search_group_scales for B groups of equal rows at once: w [B, N, r], bits [B] (each group its own width),
+    row weights [r] shared -> codes [B, N], q_scale_max [B], scales [B, N]. Each group's result is exactly what it
+    gets alone; batching the groups that start at one GPTQ block (one per measured option) saves the GPU ~100 small
+    launches per group, which bound the measurement's time there."""
+    coarse, fine_offsets = _clip_factors(w.device)
     codes, smax = column_scale_codes(w, bits)
-    best_p, _ = _best_clip(w, codes, smax, COARSE_CLIP.to(w.device), bits)
-    _, q_scale_max = _best_clip(w, codes, smax, (best_p + FINE_CLIP_OFFSETS.to(w.device)).clamp(0.70, 1.20), bits)
+    best_p, _ = _best_clip(w, codes, smax, coarse.expand(w.shape[0], -1), bits)
+    fine = (best_p[:, None] + fine_offsets).clamp(0.70, 1.20)
+    _, q_scale_max = _best_clip(w, codes, smax, fine, bits)
     codes = _best_column_codes(w, q_scale_max, bits, row_weights)
-    return codes, q_scale_max, effective_scales(codes[None], q_scale_max[None])[0]
+    return codes, q_scale_max, effective_scales(codes, q_scale_max)
 
 
-def _best_column_codes(w: torch.Tensor, q_scale_max: torch.Tensor, bits: int, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Each column's own least-squares code (1..16) under the group's q_scale_max.
+def _batched_scales(codes: torch.Tensor, q_scale_max: torch.Tensor) -> torch.Tensor:
+    """effective_scales for codes [B, P, N] under q_scale_max [B, P] -> [B, P, N]."""
+    b, p, n = codes.shape
+    return effective_scales(codes.reshape(b * p, n), q_scale_max.reshape(b * p)).reshape(b, p, n)
+
+
+def _best_column_codes(w: torch.Tensor, q_scale_max: torch.Tensor, bits: tuple[int, ...], row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each column's own least-squares code (1..16) under its group's q_scale_max: w [B, N, r] -> [B, N].
 
     The range-based codes are only a starting point: with few bits, clipping a column's largest
     weights often lowers its total error. Squared error here (not the clip search's 3.5 norm) is
     what measured best: uniform 3-bit GPTQ of the rotated smollm2-135m, KL vs FP16 0.863 -> 0.730;
     weighting the rows by their output saliency took it to 0.668 (4-bit: 0.196 -> 0.187).
     """
-    all_codes = torch.arange(1, 17, device=w.device, dtype=torch.int32)[:, None].expand(16, w.shape[0])
-    scales = effective_scales(all_codes, q_scale_max.reshape(1).expand(16))  # [16, N]
+    groups, n = w.shape[0], w.shape[1]
+    all_codes = torch.arange(1, 17, device=w.device, dtype=torch.int32)[None, :, None].expand(groups, 16, n)
+    scales = _batched_scales(all_codes, q_scale_max[:, None].expand(groups, 16))  # [B, 16, N]
     errors = _column_errors(w, scales, bits, 2.0, row_weights)
-    return (torch.argmin(errors, dim=0) + 1).to(torch.int32)
+    return (torch.argmin(errors, dim=1) + 1).to(torch.int32)
 
 
 def _best_clip(
-    w: torch.Tensor, codes: torch.Tensor, smax: torch.Tensor, factors: torch.Tensor, bits: int
+    w: torch.Tensor, codes: torch.Tensor, smax: torch.Tensor, factors: torch.Tensor, bits: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipping factor with the smallest 3.5-norm error, and its fp16 q_scale_max (rows unweighted: weighting
-    them as the codes are was measured slightly worse, 3-bit proxy KL 0.675 against 0.668)."""
-    candidates = (smax * factors).half()
-    scales = effective_scales(codes[None].expand(len(factors), -1), candidates)
-    best = int(torch.argmin(_column_errors(w, scales, bits, ERROR_NORM).sum(dim=1)))
-    return factors[best], candidates[best]
+    """Per group the clipping factor [B] (of factors [B, F]) with the smallest 3.5-norm error, and its fp16
+    q_scale_max [B] (rows unweighted: weighting them as the codes are was measured slightly worse, 3-bit proxy KL
+    0.675 against 0.668). Stays on the device: no host sync."""
+    candidates = (smax[:, None] * factors).half()  # [B, F]
+    scales = _batched_scales(codes[:, None].expand(-1, factors.shape[1], -1), candidates)
+    best = torch.argmin(_column_errors(w, scales, bits, ERROR_NORM).sum(dim=-1), dim=1)[:, None]
+    return factors.gather(1, best)[:, 0], candidates.gather(1, best)[:, 0]
 
 
-def _candidates_per_pass(w: torch.Tensor, max_elements: int = 1 << 24) -> int:
+def _candidates_per_pass(w: torch.Tensor) -> int:
+    """Candidates a pass of _column_errors evaluates: ~16 M elements a temporary on a GPU (few launches), ~1 M on a
+    CPU (temporaries that stay in its caches: 2.3x faster than 16 M on this project's machine)."""
+    max_elements = 1 << 24 if w.is_cuda else 1 << 20
     return max(1, max_elements // w.numel())
 
 
 def _column_errors(
-    w: torch.Tensor, scales: torch.Tensor, bits: int, norm: float, row_weights: torch.Tensor | None = None
+    w: torch.Tensor, scales: torch.Tensor, bits: tuple[int, ...], norm: float, row_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per column Σ_rows weight_row·|dequant(quant(w)) − w|^norm for candidate scale rows [P, N] -> [P, N].
+    """Per column Σ_rows weight_row·|dequant(quant(w)) − w|^norm for groups w [B, N, r] and candidate scales
+    [B, P, N] -> [B, P, N].
 
     Candidates are evaluated a bounded number at a time, so memory stays ~16 M floats.
     """
-    zero = 2 ** (bits - 1)
+    if len(set(bits)) == 1:  # Python numbers: faster than broadcast tensors in torch's CPU kernels
+        zero, maxq = 2 ** (bits[0] - 1), 2 ** bits[0] - 1
+    else:
+        zero, maxq, _ = _width_constants(bits, w.device)
     errors = []
-    for chunk in scales.split(_candidates_per_pass(w)):
-        s = chunk.float()[:, :, None]  # [p, N, 1]
-        q = torch.clamp(torch.round(_safe_div(w[None], s)) + zero, 0, 2**bits - 1)
-        error = (((q - zero) * s).half().float() - w[None]).abs().pow(norm)
-        errors.append((error if row_weights is None else error * row_weights).sum(dim=2))
-    return torch.cat(errors)
+    for chunk in scales.split(_candidates_per_pass(w), dim=1):
+        s = chunk.float()[..., None]  # [B, p, N, 1]
+        q = torch.round(_safe_div(w[:, None], s)) + zero
+        q = torch.clamp(q, 0, maxq) if isinstance(maxq, int) else torch.minimum(torch.clamp(q, min=0), maxq)
+        error = (((q - zero) * s).half().float() - w[:, None]).abs().pow(norm)
+        errors.append((error if row_weights is None else error * row_weights).sum(dim=-1))
+    return torch.cat(errors, dim=1)
 
 
 @dataclass
@@ -285,28 +335,32 @@ def quantize_gptq_many(
     bits_by_row = torch.stack([row_bits(layout, device) for layout in layouts])  # [P, K]
     # How much each row's rounding error reaches the output (its scale codes weigh rows by it).
     saliency = None if hinv is None else 1.0 / torch.diagonal(hinv) ** 2
+    # The kernel reads H⁻¹'s factor row-major (cholesky returns it transposed); the torch path keeps it as it is.
+    hinv_rows = hinv.contiguous() if hinv is not None and kernels_enabled(device) else None
     for b0 in range(0, k_in, BLOCK):
         b1 = min(b0 + BLOCK, k_in)
+        # Groups of the options that begin here: their scales are searched on updated weights, all of one row
+        # count at once.
+        by_rows: dict[int, list[int]] = defaultdict(list)
         for p, starts in enumerate(group_at):
-            if b0 in starts:  # a group of option p begins here: search its scales on updated weights
-                g, bits, rows = starts[b0]
-                weights = None if saliency is None else saliency[b0 : b0 + rows]
-                scale_codes[p][g], q_scale_max[p][g], s = search_group_scales(stacked[p, :, b0 : b0 + rows], bits, weights)
-                scales[p] = s.float()
+            if b0 in starts:
+                by_rows[starts[b0][2]].append(p)
+        for rows, members in by_rows.items():
+            weights = None if saliency is None else saliency[b0 : b0 + rows]
+            widths = tuple(group_at[p][b0][1] for p in members)
+            found = search_group_scales_many(stacked[members, :, b0 : b0 + rows], widths, weights)
+            for i, p in enumerate(members):
+                g = group_at[p][b0][0]
+                scale_codes[p][g], q_scale_max[p][g] = found[0][i], found[1][i]
+                scales[p] = found[2][i].float()
         block_bits = bits_by_row[:, b0].float()  # blocks never straddle groups
         zero = (2 ** (block_bits - 1))[:, None]
         maxq = (2**block_bits - 1)[:, None]
         block = stacked[:, :, b0:b1].clone()
-        errors = torch.empty_like(block)
-        for i in range(b1 - b0):
-            column = block[:, :, i]
-            q, value = _to_grid(column, scales, zero, maxq)
-            codes[:, b0 + i] = q.to(torch.int32)
-            if hinv is None:
-                continue
-            err = (column - value) / hinv[b0 + i, b0 + i]
-            block[:, :, i:] -= err[:, :, None] * hinv[b0 + i, b0 + i : b1]
-            errors[:, :, i] = err
+        if hinv_rows is not None:  # _gptq_rows in one launch (cuda/gptq.cu)
+            errors = gptq_ops.gptq_block(block, hinv_rows, scales, zero[:, 0], maxq[:, 0], codes, b0)
+        else:
+            errors = _gptq_rows(block, hinv, scales, zero, maxq, codes, b0)
         if hinv is not None:
             stacked[:, :, b1:] -= errors @ hinv[b0:b1, b1:]
     matrices = [QuantizedMatrix(codes[p], scale_codes[p], q_scale_max[p], layouts[p], perm) for p in range(len(specs))]
@@ -314,6 +368,24 @@ def quantize_gptq_many(
         return matrices
     target, h_stored = w[:, perm], h[perm][:, perm].float()
     return [refine_codes(m, target, h_stored, refine_sweeps) for m in matrices]
+
+
+def _gptq_rows(block: torch.Tensor, hinv: torch.Tensor | None, scales: torch.Tensor, zero: torch.Tensor,
+               maxq: torch.Tensor, codes: torch.Tensor, b0: int) -> torch.Tensor:
+    """GPTQ's column loop over one block [P, N, width] of stored rows b0.. (the torch path; gptq_ops.gptq_block is its
+    kernel): each row is rounded (codes [P, K, N] written) and its error pushed onto the block's later rows through
+    H⁻¹'s Cholesky factor; returns the scaled errors [P, N, width] for the update of the rows after the block."""
+    errors = torch.empty_like(block)
+    for i in range(block.shape[2]):
+        column = block[:, :, i]
+        q, value = _to_grid(column, scales, zero, maxq)
+        codes[:, b0 + i] = q.to(torch.int32)
+        if hinv is None:  # round-to-nearest
+            continue
+        err = (column - value) / hinv[b0 + i, b0 + i]
+        block[:, :, i:] -= err[:, :, None] * hinv[b0 + i, b0 + i : b0 + block.shape[2]]
+        errors[:, :, i] = err
+    return errors
 
 
 def refine_codes(matrix: QuantizedMatrix, target: torch.Tensor, hessian: torch.Tensor, sweeps: int) -> QuantizedMatrix:
@@ -333,20 +405,33 @@ def refine_codes(matrix: QuantizedMatrix, target: torch.Tensor, hessian: torch.T
     codes = matrix.codes.float()  # [K, N]
     values = ((codes - zero) * row_scales).half().float()  # [K, N]: Ŵᵀ as the runtime computes it
     gradient = (target - values.T) @ hessian  # [N, K]: (W − Ŵ) H
-    diagonal = torch.diagonal(hessian)
+    diagonal = torch.diagonal(hessian).contiguous()
+    on_kernel = kernels_enabled(target.device)
+    hessian = hessian.contiguous() if on_kernel else hessian  # the kernel reads it row-major
     for _ in range(sweeps):
         for b0 in range(0, k_in, BLOCK):
             b1 = min(b0 + BLOCK, k_in)
-            changes = torch.zeros(target.shape[0], b1 - b0, device=target.device)
-            for k in range(b0, b1):
-                q, new = _to_grid(values[k] + gradient[:, k] / diagonal[k], row_scales[k], zero[k], maxq[k])
-                change = new - values[k]
-                codes[k], values[k] = q, new
-                gradient[:, b0:b1] -= change[:, None] * hessian[k, b0:b1]
-                changes[:, k - b0] = change
+            if on_kernel:  # the row loop below in one launch (cuda/gptq.cu)
+                changes = gptq_ops.refine_block(values, codes, gradient, hessian, diagonal, row_scales, zero, maxq,
+                                                b0, b1 - b0)
+            else:
+                changes = _refine_rows(values, codes, gradient, hessian, diagonal, row_scales, zero, maxq, b0, b1)
             gradient[:, :b0] -= changes @ hessian[b0:b1, :b0]
             gradient[:, b1:] -= changes @ hessian[b0:b1, b1:]
     return QuantizedMatrix(codes.to(torch.int32), matrix.scale_codes, matrix.q_scale_max, matrix.groups, matrix.perm)
+
+
+def _refine_rows(values, codes, gradient, hessian, diagonal, row_scales, zero, maxq, b0: int, b1: int) -> torch.Tensor:
+    """refine_codes' row loop over rows b0..b1 (the torch path; gptq_ops.refine_block is its kernel): each row takes
+    its best grid value given the others, the block's gradient columns follow; returns the changes [N, b1 - b0]."""
+    changes = torch.zeros(gradient.shape[0], b1 - b0, device=gradient.device)
+    for k in range(b0, b1):
+        q, new = _to_grid(values[k] + gradient[:, k] / diagonal[k], row_scales[k], zero[k], maxq[k])
+        change = new - values[k]
+        codes[k], values[k] = q, new
+        gradient[:, b0:b1] -= change[:, None] * hessian[k, b0:b1]
+        changes[:, k - b0] = change
+    return changes
 
 
 BLOCK = 32  # every group boundary is a multiple of 32 rows (group sizes are), so blocks never straddle groups
