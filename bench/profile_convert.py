@@ -27,18 +27,22 @@ from exlq.quant.calibration import load_calibration  # noqa: E402
 from exlq.quant.convert import ConvertOptions, convert_model  # noqa: E402
 from exlq.quant.job import Job  # noqa: E402
 from exlq.quant.rotate import apply_rotation, rotation_for  # noqa: E402
+from exlq.runtime.kernels import gptq_ops  # noqa: E402
 from exlq.runtime.loader import load_model, resolve_device  # noqa: E402
 from exlq.runtime.tokenizer import Tokenizer  # noqa: E402
 
 # (owner, attribute): module functions are replaced wherever a module imported them by name.
 TIMED = [
-    (gptq, "quantize_gptq_many"), (gptq, "refine_codes"), (gptq, "search_group_scales"),
+    (gptq, "quantize_gptq_many"), (gptq, "refine_codes"), (gptq, "search_group_scales_many"), (gptq, "_gptq_rows"),
+    (gptq, "_refine_rows"), (gptq_ops, "gptq_block"), (gptq_ops, "refine_block"),
     (gptq, "inverse_cholesky_upper"), (gptq.QuantizedMatrix, "dequantize"),
     (hessian.LayerRunner, "collect_hessians"), (hessian.LayerRunner, "outputs"), (hessian.LayerRunner, "advance"),
     (measure, "measure_layer"), (measure, "layer_sensitivity"), (measure, "relative_error"),
     (convert, "quantize_layer"), (convert, "quantize_head"), (convert, "run_tuning"),
     (convert, "calibration_perplexity"), (writer, "write_model_dir"),
     (asymmetric.Asymmetric, "collect"), (asymmetric.Asymmetric, "target"), (tune, "tune"),
+    (tune.Student, "final_states"), (tune, "kl_sum"), (torch.autograd, "backward"), (torch.optim.Adam, "step"),
+    (tune.Student, "set_weights"),
 ]
 
 

@@ -209,7 +209,8 @@ def _column_errors(
     errors = []
     for chunk in scales.split(_candidates_per_pass(w), dim=1):
         s = chunk.float()[..., None]  # [B, p, N, 1]
-        q = torch.round(_safe_div(w[:, None], s)) + zero
+        # _safe_div with its masks on the small scale tensor: x / s, 0 where s is 0 (two full-size passes, not five)
+        q = torch.round(w[:, None] / torch.where(s > 0, s, 1.0) * (s > 0)) + zero
         q = torch.clamp(q, 0, maxq) if isinstance(maxq, int) else torch.minimum(torch.clamp(q, min=0), maxq)
         error = (((q - zero) * s).half().float() - w[:, None]).abs().pow(norm)
         errors.append((error if row_weights is None else error * row_weights).sum(dim=-1))
@@ -236,13 +237,10 @@ class QuantizedMatrix:
 
     def dequantize(self) -> torch.Tensor:
         """W [N, K] float32 in original channel order, exactly as the runtime reconstructs it."""
-        scales = effective_scales(self.scale_codes, self.q_scale_max)
-        stored = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
-        start = 0
-        for g, (bits, rows) in enumerate(self.groups):
-            block = self.codes[start : start + rows].T.float()  # [N, rows]
-            stored[start : start + rows] = dequantize_codes(block, scales[g], bits).T
-            start += rows
+        device = self.codes.device
+        scales = effective_scales(self.scale_codes, self.q_scale_max).float()[row_groups(self.groups).to(device)]
+        zero = (2 ** (row_bits(self.groups) - 1)).float()[:, None].to(device)
+        stored = ((self.codes.float() - zero) * scales).half().float()  # dequantize_codes, every group at once
         weight = torch.empty_like(stored)
         weight[self.perm] = stored
         return weight.T.contiguous()
