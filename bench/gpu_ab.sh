@@ -40,6 +40,8 @@
 #                  where its time goes against the pure read of STAGE=pattern (results are wrong; timing only).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
 #                  kernel cache, then again with it filled (the difference is the compile).
+#   STAGE=convprof: where a conversion's time goes (bench/profile_convert.py: smollm2, or PROFILE_MODEL, measure and
+#                  convert at 4.0 bpw with the built-in calibration, each step timed; the table to $OUT).
 #   STAGE=measured: wait up to WAIT seconds for a quality job's log to say its measurement is done.
 #   STAGE=wait:    wait up to WAIT seconds for the quality job, then print its log.
 #   STAGE=stop:    end any quality job (e.g. STAGE="wait stop speed").
@@ -172,6 +174,8 @@ ladder)  # in LADDER_TREE (default /tmp/gpu/ladder: this commit + bench/patches/
     (cd ${LADDER_TREE:-/tmp/gpu/ladder} && EXLQ_NVRTC_DEFINES="$rung" python3 bench/gemv.py --rows 1 \
       --shapes 4096x14336 14336x4096 4096x4096 2>&1 | grep -E "^K=")
   done ;;
+convprof) assemble; python3 bench/profile_convert.py ${PROFILE_MODEL:-$M} --device cuda --json-out $OUT/profile_convert.json \
+  2>&1 | tee $OUT/profile_convert.log | grep -vE "^ +(measure|quantize)" | tail -45 ;;
 pattern) python3 bench/dram_pattern.py --json-out $OUT/dram_pattern.json 2>&1 | tail -40 ;;
 cold)
   for tree in ${TREES:-$HERE}; do
