@@ -200,7 +200,8 @@ def _column_errors(
     """Per column Σ_rows weight_row·|dequant(quant(w)) − w|^norm for groups w [B, N, r] and candidate scales
     [B, P, N] -> [B, P, N].
 
-    Candidates are evaluated a bounded number at a time, so memory stays ~16 M floats.
+    Candidates are evaluated a bounded number at a time (_candidates_per_pass), so a temporary holds at most ~16 M
+    floats on a GPU, ~1 M on a CPU.
     """
     if len(set(bits)) == 1:  # Python numbers: faster than broadcast tensors in torch's CPU kernels
         zero, maxq = 2 ** (bits[0] - 1), 2 ** bits[0] - 1
@@ -419,7 +420,9 @@ def refine_codes(matrix: QuantizedMatrix, target: torch.Tensor, hessian: torch.T
     return QuantizedMatrix(codes.to(torch.int32), matrix.scale_codes, matrix.q_scale_max, matrix.groups, matrix.perm)
 
 
-def _refine_rows(values, codes, gradient, hessian, diagonal, row_scales, zero, maxq, b0: int, b1: int) -> torch.Tensor:
+def _refine_rows(values: torch.Tensor, codes: torch.Tensor, gradient: torch.Tensor, hessian: torch.Tensor,
+                 diagonal: torch.Tensor, row_scales: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor, b0: int,
+                 b1: int) -> torch.Tensor:
     """refine_codes' row loop over rows b0..b1 (the torch path; gptq_ops.refine_block is its kernel): each row takes
     its best grid value given the others, the block's gradient columns follow; returns the changes [N, b1 - b0]."""
     changes = torch.zeros(gradient.shape[0], b1 - b0, device=gradient.device)

@@ -119,6 +119,7 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
         config = _LaunchConfig(gx, gy, gz, bx, by, bz, 0, stream, ctypes.pointer(attribute), 1)
         result = _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
         if result != 0:
-            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {result}")
+            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {result} (EXLQ_PDL=0 launches without "
+                               "programmatic dependent launch)")
         return
     driver.launchKernel(function, gx, gy, gz, bx, by, bz, 0, stream, ctypes.addressof(params), 0)
