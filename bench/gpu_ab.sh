@@ -40,6 +40,9 @@
 #                  where its time goes against the pure read of STAGE=pattern (results are wrong; timing only).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
 #                  kernel cache, then again with it filled (the difference is the compile).
+#   STAGE=qwen:    rebuild Qwen2.5-Coder-0.5B in /tmp/models from its GGUF, carried in pieces /tmp/parts/q05.NN (one
+#                  .models/qNN a call) with the gguf wheel and its small files in /tmp/gpu (whl/, q05-files/); every
+#                  tensor checked against bench/model_manifests (then QUALITY_MODEL=/tmp/models/qwen2.5-coder-0.5b).
 #   STAGE=convprof: where a conversion's time goes (bench/profile_convert.py: smollm2, or PROFILE_MODEL, measure and
 #                  convert at 4.0 bpw with the built-in calibration, each step timed; the table to $OUT).
 #   STAGE=measured: wait up to WAIT seconds for a quality job's log to say its measurement is done.
@@ -174,6 +177,16 @@ ladder)  # in LADDER_TREE (default /tmp/gpu/ladder: this commit + bench/patches/
     (cd ${LADDER_TREE:-/tmp/gpu/ladder} && EXLQ_NVRTC_DEFINES="$rung" python3 bench/gemv.py --rows 1 \
       --shapes 4096x14336 14336x4096 4096x4096 2>&1 | grep -E "^K=")
   done ;;
+qwen)
+  Q=/tmp/models/qwen2.5-coder-0.5b
+  if [ ! -f $Q/model.safetensors ]; then
+    mkdir -p /tmp/gguf && cat /tmp/parts/q05.?? > /tmp/gguf/q05.gguf
+    echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  /tmp/gguf/q05.gguf" | sha256sum -c || exit 1
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/whl/*.whl
+    PYTHONPATH=/tmp/site python3 bench/models_from_gguf.py qwen2.5-coder-0.5b --gguf /tmp/gguf/q05.gguf $Q.tmp \
+      --manifest bench/model_manifests/qwen2.5-coder-0.5b.json && cp /tmp/gpu/q05-files/* $Q.tmp/ && mv $Q.tmp $Q
+  fi
+  ls $Q ;;
 convprof) assemble; python3 bench/profile_convert.py ${PROFILE_MODEL:-$M} --device cuda --json-out $OUT/profile_convert.json \
   2>&1 | tee $OUT/profile_convert.log | grep -vE "^ +(measure|quantize)" | tail -45 ;;
 pattern) python3 bench/dram_pattern.py --json-out $OUT/dram_pattern.json 2>&1 | tail -40 ;;
