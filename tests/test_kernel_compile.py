@@ -78,3 +78,28 @@ def test_programmatic_launch_is_on_by_default_on_hopper_and_off_by_switch(monkey
     monkeypatch.setenv("EXLQ_PDL", "1")
     monkeypatch.setattr(launch, "_hopper_or_newer", lambda index: False)  # Ampere, Ada: plain launches
     assert not launch.pdl_enabled(0)
+
+
+def test_a_refused_programmatic_launch_falls_back_to_a_plain_one(monkeypatch):
+    """A driver that refuses cuLaunchKernelEx's programmatic launch (older ones in graph captures) must not stop the
+    model: one warning, the same launch without it, and plain launches on that device from then on."""
+    import types
+
+    import torch
+    from cupy_backends.cuda.api import driver
+
+    from exlq.runtime.kernels import launch
+
+    plain, attempts = [], []
+    monkeypatch.delenv("EXLQ_PDL", raising=False)
+    monkeypatch.setattr(launch, "_hopper_or_newer", lambda index: True)
+    monkeypatch.setattr(launch, "_pdl_refused", set())
+    monkeypatch.setattr(launch, "_launch_ex", lambda: lambda *args: attempts.append(args) or 801)  # NOT_SUPPORTED
+    monkeypatch.setattr(launch, "device_index", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(driver, "launchKernel", lambda function, *rest: plain.append(function))
+    with pytest.warns(RuntimeWarning, match="programmatic dependent launch"):
+        launch.launch(7, (2,), (64,), (1, 2.0), torch.device("cuda"), overlap=True)
+    assert len(attempts) == 1 and plain == [7] and not launch.pdl_enabled(0)
+    launch.launch(8, (2,), (64,), (1,), torch.device("cuda"), overlap=True)  # no second attempt, no warning
+    assert len(attempts) == 1 and plain == [7, 8]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 
 import torch
 
@@ -97,10 +98,13 @@ def _hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+_pdl_refused: set[int] = set()  # devices whose driver refused a programmatic launch: plain launches from then on
+
+
 def pdl_enabled(index: int) -> bool:
     """Whether overlap=True launches on device `index` use programmatic dependent launch (read at every launch, so a
     test or a benchmark can switch it; CUDA graphs keep what was captured)."""
-    return os.environ.get("EXLQ_PDL", "1") != "0" and _hopper_or_newer(index)
+    return os.environ.get("EXLQ_PDL", "1") != "0" and index not in _pdl_refused and _hopper_or_newer(index)
 
 
 def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
@@ -114,12 +118,16 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
     stream = torch.cuda.current_stream(device).cuda_stream
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
-    if overlap and pdl_enabled(device_index(device)):
+    index = device_index(device)
+    if overlap and pdl_enabled(index):
         attribute = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
         config = _LaunchConfig(gx, gy, gz, bx, by, bz, 0, stream, ctypes.pointer(attribute), 1)
         result = _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
-        if result != 0:
-            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {result} (EXLQ_PDL=0 launches without "
-                               "programmatic dependent launch)")
-        return
+        if result == 0:
+            return
+        # An older driver may refuse it (e.g. inside a graph capture): the kernels are correct without it. A real
+        # launch error shows again in the plain launch, which raises.
+        _pdl_refused.add(index)
+        warnings.warn(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {result}: launching "
+                      "without it from now on (EXLQ_PDL=0 skips the attempt)", RuntimeWarning, stacklevel=2)
     driver.launchKernel(function, gx, gy, gz, bx, by, bz, 0, stream, ctypes.addressof(params), 0)
