@@ -118,8 +118,7 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
     stream = torch.cuda.current_stream(device).cuda_stream
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
-    index = device_index(device)
-    if overlap and pdl_enabled(index):
+    if overlap and pdl_enabled(index := device_index(device)):  # plain launches skip the device lookup
         attribute = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
         config = _LaunchConfig(gx, gy, gz, bx, by, bz, 0, stream, ctypes.pointer(attribute), 1)
         result = _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
