@@ -355,14 +355,17 @@ def test_real_exl2_model_logits_and_greedy_kernels_vs_torch(monkeypatch):
         outputs[flag] = result.token_ids
     if outputs["1"] != outputs["0"]:
         # The GEMV's split-K partial sums are added in a run-dependent order, so the paths may part at a near-tie
-        # (one run in six did on smollm2, at token 36): only there, and only to the torch path's second choice.
+        # (one run in six did on smollm2, at token 36): only there, and only between the torch path's top two. An
+        # exact tie happens too (Qwen2.5-Coder-0.5B, token 39, margin 0): topk may then list the two either way
+        # round, so the two paths' tokens are compared with the top two as a set.
         at = next(i for i, (a, b) in enumerate(zip(outputs["1"], outputs["0"])) if a != b)
         prefix = torch.tensor([ids[0].tolist() + outputs["0"][:at]])
         logits = model(prefix, max_output_len=None)[0, -1].float()  # the torch path's model
         top = logits.topk(2)
         margin = float(top.values[0] - top.values[1])
-        assert margin < 0.1 and outputs["1"][at] == int(top.indices[1]), (
-            f"greedy tokens differ at {at}: kernels {outputs['1'][at]}, torch {outputs['0'][at]}, top-2 margin {margin:.3f}"
+        assert margin < 0.1 and {outputs["1"][at], outputs["0"][at]} == set(top.indices.tolist()), (
+            f"greedy tokens differ at {at}: kernels {outputs['1'][at]}, torch {outputs['0'][at]}, "
+            f"torch top-2 {top.indices.tolist()}, margin {margin:.3f}"
         )
 
 
