@@ -37,6 +37,7 @@ def test_measure_then_convert_with_the_measurement(capsys, tiny_model_dirs, tmp_
         assert abs(summary["decoder_bpw"] - bpw) < 0.25 and summary["decoder_bpw"] <= bpw
         assert len(summary["choices"]) == 14
         assert "measure" not in err  # the measurement was reused, not redone
+        assert "quantize 2/2, elapsed" in err  # stderr is no terminal here: progress comes as plain lines
     text = tmp_path / "text.txt"
     text.write_text("Once upon a time there was a little model that could count tokens. " * 40)
     code, out, _ = cli(capsys, "eval-ppl", tmp_path / "q6.0", "--data", text, "--rows", 1, "--length", 64,
@@ -141,3 +142,20 @@ def test_convert_with_tuning_reports_it(capsys, tiny_llama_dir, tmp_path):
     assert tune["heldout_kl_after"] <= tune["heldout_kl_before"] and len(tune["history"]) == 2
     code, out, err = cli(capsys, "convert", tiny_llama_dir, tmp_path / "out2", "--bpw", 4.0, "--tune-epochs", 1, *SMALL)
     assert code == 0 and "end-to-end tuning" in out and "held-out calibration KL" in out
+
+
+def test_plain_progress_lines_count_the_rate_from_this_runs_first_report(monkeypatch):
+    from exlq.cli import quantize
+
+    clock = iter([100.0, 130.0, 190.0])
+    monkeypatch.setattr(quantize.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(quantize, "peak_memory", lambda: "peak RAM 1.0 GB")
+    lines: list[str] = []
+    report = quantize.PlainProgress(lines.append)
+    for done in (10, 11, 13):  # resumed at layer 10 of 24: 30 s, then 60 s for two layers
+        report("measure", done, 24)
+    assert lines == [
+        "measure 10/24, peak RAM 1.0 GB",
+        "measure 11/24, elapsed 0:00:30, ETA 0:06:30, peak RAM 1.0 GB",
+        "measure 13/24, elapsed 0:01:30, ETA 0:05:30, peak RAM 1.0 GB",
+    ]

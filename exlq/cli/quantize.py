@@ -5,7 +5,8 @@ from __future__ import annotations
 import resource
 import shutil
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,9 +38,36 @@ def peak_memory() -> str:
     return text
 
 
+class PlainProgress:
+    """Progress as one line per step, for logs (CI, nohup): a live bar prints nothing where stderr is no terminal."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write = write
+        self.first: dict[str, tuple[float, int]] = {}  # stage -> (time, done) of its first report: resumed work
+        # counts from there, so the rate is this run's
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        start, done_at_start = self.first.setdefault(stage, (now, done))
+        line = f"{stage} {done}/{total}"
+        if done > done_at_start:
+            rate = (now - start) / (done - done_at_start)
+            line += f", elapsed {_clock(now - start)}, ETA {_clock(rate * (total - done))}"
+        self.write(f"{line}, {peak_memory()}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
 @contextmanager
 def layer_progress() -> Iterator:
-    """A rich progress bar per stage (measure, quantize): layer i/N, ETA, peak memory."""
+    """A rich progress bar per stage (measure, quantize, tune): layer i/N, ETA, peak memory; plain lines in logs."""
+    if not stderr.is_terminal:
+        yield PlainProgress(lambda line: stderr.print(line, markup=False, highlight=False))
+        return
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), TextColumn("[dim]{task.fields[memory]}"), console=stderr,
