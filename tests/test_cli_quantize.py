@@ -40,9 +40,10 @@ def test_measure_then_convert_with_the_measurement(capsys, tiny_model_dirs, tmp_
         assert "quantize 2/2, elapsed" in err  # stderr is no terminal here: progress comes as plain lines
     text = tmp_path / "text.txt"
     text.write_text("Once upon a time there was a little model that could count tokens. " * 40)
-    code, out, _ = cli(capsys, "eval-ppl", tmp_path / "q6.0", "--data", text, "--rows", 1, "--length", 64,
-                       "--kl-ref", source, "--device", "cpu", "--json")
+    code, out, err = cli(capsys, "eval-ppl", tmp_path / "q6.0", "--data", text, "--rows", 1, "--length", 64,
+                         "--kl-ref", source, "--device", "cpu", "--json")
     result = json.loads(out)
+    assert "scoring windows 1/1" in err
     assert code == 0 and result["kl_divergence"] > 0 and 0 < result["top1_agreement"] <= 1
 
 
@@ -144,14 +145,13 @@ def test_convert_with_tuning_reports_it(capsys, tiny_llama_dir, tmp_path):
     assert code == 0 and "end-to-end tuning" in out and "held-out calibration KL" in out
 
 
-def test_plain_progress_lines_count_the_rate_from_this_runs_first_report(monkeypatch):
-    from exlq.cli import quantize
+def test_log_progress_counts_the_rate_from_this_runs_first_report_and_throttles(monkeypatch):
+    from exlq.cli import progress
 
-    clock = iter([100.0, 130.0, 190.0])
-    monkeypatch.setattr(quantize.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(quantize, "peak_memory", lambda: "peak RAM 1.0 GB")
+    clock = iter([100.0, 130.0, 190.0, 195.0, 196.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     lines: list[str] = []
-    report = quantize.PlainProgress(lines.append)
+    report = progress.LogProgress(lines.append, memory=lambda: "peak RAM 1.0 GB")
     for done in (10, 11, 13):  # resumed at layer 10 of 24: 30 s, then 60 s for two layers
         report("measure", done, 24)
     assert lines == [
@@ -159,3 +159,8 @@ def test_plain_progress_lines_count_the_rate_from_this_runs_first_report(monkeyp
         "measure 11/24, elapsed 0:00:30, ETA 0:06:30, peak RAM 1.0 GB",
         "measure 13/24, elapsed 0:01:30, ETA 0:05:30, peak RAM 1.0 GB",
     ]
+    throttled = progress.LogProgress(lines.append, every=10.0)
+    clock = iter([0.0, 4.0, 8.0, 12.0, 13.0])
+    for done in range(1, 6):  # a first line, one 10 s later, and the last
+        throttled("scoring", done, 5)
+    assert lines[3:] == ["scoring 1/5", "scoring 4/5, elapsed 0:00:12, ETA 0:00:04", "scoring 5/5, elapsed 0:00:13, ETA 0:00:00"]

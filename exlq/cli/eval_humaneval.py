@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+from exlq.cli.progress import StepCounter, stage_progress
 
 SAMPLING = "Sampling"
 SANDBOX = "Scoring"
@@ -71,12 +72,10 @@ def eval_humaneval(
 
     total = len(problems) * samples_per_task
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as progress:
-        generating = progress.add_task("generating", total=total)
-        scoring = progress.add_task("scoring   ", total=total)
+    with stage_progress(*columns, transient=True) as progress:
+        generating, scoring = StepCounter(progress, "generating", total), StepCounter(progress, "scoring   ", total)
         report = evaluate_humaneval(
-            model, tokenizer, problems, config, sampler,
-            on_generated=lambda n: progress.advance(generating, n), on_scored=lambda: progress.advance(scoring, 1),
+            model, tokenizer, problems, config, sampler, on_generated=generating.advance, on_scored=scoring.advance,
         )  # fmt: skip
     if output is not None:
         write_samples(output, report.samples)

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from exlq.cli.common import CacheBitsOpt, CacheOpt, DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+from exlq.cli.progress import StepCounter, stage_progress
 
 
 def eval_ppl(
@@ -75,12 +76,12 @@ def eval_ppl(
     if rows is not None and len(windows) < rows:
         stderr.print(f"[yellow]only {len(windows)} windows of {length} tokens fit the text (asked for {rows})[/yellow]")
 
-    progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=stderr, transient=True)
-    with progress:
-        task = progress.add_task("windows", total=len(windows))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with stage_progress(*columns, transient=True) as report:
+        scored = StepCounter(report, "scoring windows", len(windows))
         result = evaluate_perplexity(
             model, ids, length=length, rows=rows, stride=stride, batch_size=batch_size,
-            on_window=lambda n: progress.advance(task, n), reference=reference, chunk=step, cache_type=cache_type,
+            on_window=scored.advance, reference=reference, chunk=step, cache_type=cache_type,
         )
     payload = {
         "model": str(model_dir),

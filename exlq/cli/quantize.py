@@ -5,16 +5,16 @@ from __future__ import annotations
 import resource
 import shutil
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from exlq.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+from exlq.cli.progress import Report, stage_progress
 from exlq.errors import ExlqError
 
 CALIBRATION = "Calibration"
@@ -38,48 +38,12 @@ def peak_memory() -> str:
     return text
 
 
-class PlainProgress:
-    """Progress as one line per step, for logs (CI, nohup): a live bar prints nothing where stderr is no terminal."""
-
-    def __init__(self, write: Callable[[str], None]) -> None:
-        self.write = write
-        self.first: dict[str, tuple[float, int]] = {}  # stage -> (time, done) of its first report: resumed work
-        # counts from there, so the rate is this run's
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        start, done_at_start = self.first.setdefault(stage, (now, done))
-        line = f"{stage} {done}/{total}"
-        if done > done_at_start:
-            rate = (now - start) / (done - done_at_start)
-            line += f", elapsed {_clock(now - start)}, ETA {_clock(rate * (total - done))}"
-        self.write(f"{line}, {peak_memory()}")
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
 @contextmanager
-def layer_progress() -> Iterator:
-    """A rich progress bar per stage (measure, quantize, tune): layer i/N, ETA, peak memory; plain lines in logs."""
-    if not stderr.is_terminal:
-        yield PlainProgress(lambda line: stderr.print(line, markup=False, highlight=False))
-        return
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), TextColumn("[dim]{task.fields[memory]}"), console=stderr,
-    )
-    tasks: dict[str, int] = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total, memory="")
-        progress.update(tasks[stage], completed=done, memory=peak_memory())
-
-    with progress:
+def layer_progress() -> Iterator[Report]:
+    """Per stage (measure, quantize, tune): layer i/N, elapsed, ETA, peak memory; in logs a line per step."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("[dim]{task.fields[memory]}"))
+    with stage_progress(*columns, every=0.0, memory=peak_memory) as report:
         yield report
 
 
