@@ -148,19 +148,20 @@ def test_convert_with_tuning_reports_it(capsys, tiny_llama_dir, tmp_path):
 def test_log_progress_counts_the_rate_from_this_runs_first_report_and_throttles(monkeypatch):
     from exlq.cli import progress
 
-    clock = iter([100.0, 130.0, 190.0, 195.0, 196.0])
+    clock = iter([40.0, 100.0, 130.0, 190.0])  # the start, then three reports
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     lines: list[str] = []
     report = progress.LogProgress(lines.append, memory=lambda: "peak RAM 1.0 GB")
     for done in (10, 11, 13):  # resumed at layer 10 of 24: 30 s, then 60 s for two layers
         report("measure", done, 24)
     assert lines == [
-        "measure 10/24, peak RAM 1.0 GB",
-        "measure 11/24, elapsed 0:00:30, ETA 0:06:30, peak RAM 1.0 GB",
-        "measure 13/24, elapsed 0:01:30, ETA 0:05:30, peak RAM 1.0 GB",
+        "measure 10/24, elapsed 0:01:00, peak RAM 1.0 GB",
+        "measure 11/24, elapsed 0:01:30, ETA 0:06:30, peak RAM 1.0 GB",
+        "measure 13/24, elapsed 0:02:30, ETA 0:05:30, peak RAM 1.0 GB",
     ]
+    clock = iter([0.0, 0.0, 4.0, 8.0, 12.0, 13.0])
     throttled = progress.LogProgress(lines.append, every=10.0)
-    clock = iter([0.0, 4.0, 8.0, 12.0, 13.0])
     for done in range(1, 6):  # a first line, one 10 s later, and the last
         throttled("scoring", done, 5)
-    assert lines[3:] == ["scoring 1/5", "scoring 4/5, elapsed 0:00:12, ETA 0:00:04", "scoring 5/5, elapsed 0:00:13, ETA 0:00:00"]
+    assert lines[3:] == ["scoring 1/5, elapsed 0:00:00", "scoring 4/5, elapsed 0:00:12, ETA 0:00:04",
+                         "scoring 5/5, elapsed 0:00:13, ETA 0:00:00"]

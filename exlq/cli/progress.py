@@ -16,12 +16,13 @@ Report = Callable[[str, int, int], None]
 
 
 class LogProgress:
-    """Progress as lines: stage done/total, elapsed, ETA (and `memory()`, e.g. peak RAM), at most one every `every`
-    seconds plus each stage's first and last. Elapsed time and rate count from a stage's first report, so a resumed
-    job's ETA is this run's."""
+    """Progress as lines: stage done/total, time since the start, the stage's ETA (and `memory()`, e.g. peak RAM), at
+    most one every `every` seconds plus each stage's first and last. The ETA's rate counts from the stage's first
+    report, so a resumed job's is this run's."""
 
     def __init__(self, write: Callable[[str], None], every: float = 0.0, memory: Callable[[], str] | None = None) -> None:
         self.write, self.every, self.memory = write, every, memory
+        self.started = time.monotonic()
         self.first: dict[str, tuple[float, int]] = {}
         self.last_line = float("-inf")
 
@@ -31,10 +32,9 @@ class LogProgress:
         if start < now and done < total and now - self.last_line < self.every:
             return
         self.last_line = now
-        line = f"{stage} {done}/{total}"
+        line = f"{stage} {done}/{total}, elapsed {clock(now - self.started)}"
         if done > done_at_start:
-            rate = (now - start) / (done - done_at_start)
-            line += f", elapsed {clock(now - start)}, ETA {clock(rate * (total - done))}"
+            line += f", ETA {clock((now - start) / (done - done_at_start) * (total - done))}"
         self.write(line + (f", {self.memory()}" if self.memory else ""))
 
 
