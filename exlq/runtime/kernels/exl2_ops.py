@@ -33,6 +33,7 @@ from exlq.runtime.exl2 import (
 )
 from exlq.runtime.kernels import ACTIVATION_TAGS
 from exlq.runtime.kernels.launch import kernel, launch
+from exlq.runtime.kernels.workspace import Workspace
 
 SOURCE = "exl2_matmul.cu"
 MMA_SOURCE = "exl2_mma.cu"
@@ -198,23 +199,7 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
     return plan
 
 
-class _Workspace:
-    """Per-device fp32 partial sums and tile counters for the split-K GEMV, kept zeroed by the kernel itself."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        have = self._buffers.get(device)
-        if have is None or have[0].numel() < floats or have[1].numel() < tiles:
-            floats = max(floats, 0 if have is None else have[0].numel())
-            tiles = max(tiles, 0 if have is None else have[1].numel())
-            have = (torch.zeros(floats, dtype=torch.float32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device))
-            self._buffers[device] = have
-        return have
-
-
-_workspace = _Workspace()
+_workspace = Workspace()  # the GEMV's partial sums and tile counters
 
 
 class GemvMatrix(ctypes.Structure):
