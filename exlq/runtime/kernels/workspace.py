@@ -1,4 +1,4 @@
-"""Scratch memory of kernels that reduce across blocks (the split-K GEMV): per device an fp32 buffer and an int32
+"""Scratch memory of kernels that reduce across blocks (e.g. the split-K GEMV): per device an fp32 buffer and an int32
 counter buffer, zero between launches (the kernels re-zero what they use)."""
 
 from __future__ import annotations
