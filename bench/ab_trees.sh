@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # Variant trees for one GPU A/B call, made here (no GPU): each NAME=PATCH[,PATCH...] becomes .gpu1/NAME, this commit
 # (git archive HEAD) with the patches applied; then every tree's kernel modules are compiled for sm_90 into
-# .gpu1/kcache (NVRTC 13.0 here and on the device: the device finds them cached and compiles nothing).
+# .gpu1/kcache, packed at the end as .gpu1/kcache.txz (NVRTC 13.0 here and on the device: the device finds them cached
+# and compiles nothing).
 #   bench/ab_trees.sh prefetch=bench/patches/gemv-l2-prefetch.patch adj=bench/patches/mma-adjacent-columns.patch
-# then, on the device (carry .gpu1; gpu_ab.sh reads the cache from /tmp/gpu/kcache):
+# then, on the device (carry .gpu1; gpu_ab.sh unpacks the cache into /tmp/gpu/kcache and reads it there):
 #   rm -rf /tmp/gpu && cp -r .gpu1 /tmp/gpu && NO_SMOL=1 TREES="$PWD /tmp/gpu/prefetch /tmp/gpu/adj" STAGE=speed bash bench/gpu_ab.sh
 # .gpu1 keeps what else is there (shared/, smol-files/, whl/ for the model stages); each tree is ~3 MB, each
-# kernel cache entry (one instance) up to ~1 MB: mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the fp16 modules).
+# kernel cache entry (one instance) up to ~1 MB, so the cache travels packed as .gpu1/kcache.txz (xz: 150 MB of cubins
+# for seven trees in 18 MB; gpu_ab.sh unpacks it): mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the
+# fp16 modules).
 set -euo pipefail
 ROOT=$(git rev-parse --show-toplevel); cd "$ROOT"
 PY=${PY:-python3}; [ -x .venv/bin/python ] && PY=.venv/bin/python
+if [ -f .gpu1/kcache.txz ] && [ ! -d .gpu1/kcache ]; then tar -xJf .gpu1/kcache.txz -C .gpu1 && rm .gpu1/kcache.txz; fi
 mkdir -p .gpu1/kcache
 trees=("$ROOT")
 for spec in "$@"; do
   name=${spec%%=*}; patches=${spec#*=}
   rm -rf ".gpu1/$name" && mkdir -p ".gpu1/$name"
   git archive HEAD | tar -x -C ".gpu1/$name"
-  for patch in ${patches//,/ }; do patch -s -p1 -d ".gpu1/$name" < "$patch"; done
+  for patch in ${patches//,/ }; do patch -s -p1 --no-backup-if-mismatch -d ".gpu1/$name" < "$patch"; done
   trees+=("$ROOT/.gpu1/$name"); echo "tree .gpu1/$name: HEAD + $patches"
 done
 for tree in "${trees[@]}"; do
@@ -34,4 +38,5 @@ print('compiled', os.getcwd())
 ") &
 done
 wait
-du -sh .gpu1 .gpu1/kcache
+tar -cJf .gpu1/kcache.txz -C .gpu1 kcache && rm -rf .gpu1/kcache
+du -sh .gpu1 .gpu1/kcache.txz

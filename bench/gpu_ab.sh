@@ -50,7 +50,9 @@
 #   STAGE=stop:    end any quality job (e.g. STAGE="wait stop speed").
 set -uo pipefail
 export PYTHONUNBUFFERED=1 EXLQ_SHARED_DIR=/tmp/gpu/shared EXLQ_TEST_MODELS=/tmp/models
-# Kernels compiled here (same NVRTC 13.0, sm_90) travel in .gpu/kcache: a cache hit saves the device ~15 s a module.
+# Kernels compiled here (same NVRTC 13.0, sm_90) travel in .gpu1/kcache.txz (bench/ab_trees.sh): a cache hit saves the
+# device ~15 s a module.
+[ -f /tmp/gpu/kcache.txz ] && [ ! -d /tmp/gpu/kcache ] && tar -xJf /tmp/gpu/kcache.txz -C /tmp/gpu
 [ -d /tmp/gpu/kcache ] && export EXLQ_CACHE_DIR=${EXLQ_CACHE_DIR:-/tmp/gpu/kcache}
 OUT=${OUT:-/tmp/out}; ALT=${ALT:-/tmp/gpu/alt}; HERE=$PWD; mkdir -p "$OUT" /tmp/models
 M=/tmp/models/smollm2-135m E=/tmp/models/smollm2-135m-exl2-4.0bpw
