@@ -7,8 +7,8 @@
 # then, on the device (carry .gpu1; gpu_ab.sh unpacks the cache into /tmp/gpu/kcache and reads it there):
 #   rm -rf /tmp/gpu && cp -r .gpu1 /tmp/gpu && NO_SMOL=1 TREES="$PWD /tmp/gpu/prefetch /tmp/gpu/adj" STAGE=speed bash bench/gpu_ab.sh
 # .gpu1 keeps what else is there (shared/, smol-files/, whl/ for the model stages); each tree is ~3 MB, each
-# kernel cache entry (one instance) up to ~1 MB, so the cache travels packed as .gpu1/kcache.txz (xz: 150 MB of cubins
-# for seven trees in 18 MB; gpu_ab.sh unpacks it): mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the
+# kernel cache entry (one instance) up to ~1 MB, so the cache travels packed as .gpu1/kcache.txz (xz: ~150 MB of cubins
+# for eight trees in 18 MB; gpu_ab.sh unpacks it): mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the
 # fp16 modules).
 set -euo pipefail
 ROOT=$(git rev-parse --show-toplevel); cd "$ROOT"
