@@ -100,6 +100,12 @@ __device__ __forceinline__ int pair_slot(int bits, int p) {
     return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1);  // 8 bits
 }
 
+// Slot in xh of split row `row`, row p of its chunk (pair order within each whole 32-row block of the chunk).
+__device__ __forceinline__ int pair_position(int bits, int row, int p) { return row - (p & 31) + pair_slot(bits, p & 31); }
+
+// 2^-shift exactly: the prescale of the fp16 pair path's activations (half_shift).
+__device__ __forceinline__ float pair_prescale(int shift) { return __int_as_float((127 - shift) << 23); }
+
 // (w & mask) | 0x6400 in both halves = 1024 + q·2^s; times 2^-s minus (1024·2^-s + z) = q - z, exactly.
 template <u32 MASK>
 __device__ __forceinline__ u32 centered_pair(u32 w, u32 h1024, u32 scale_pair, u32 offset_pair) {
@@ -287,6 +293,41 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
     }
 }
 
+// Stored rows of a K split that one thread gathers at one activation row (row threadIdx.x + j·THREADS of the split).
+constexpr int GATHER_ROWS = SPLIT_ROWS / THREADS;
+
+// Where the thread's rows of split [c0, c1) come from and go to, read from the layer's own tables (so before the PDL
+// wait), one word a row, kept in the row's own slot of xs until gather_row (registers held across the wait spill):
+// the input channel in bits 0-16 (the format has K ≤ 65536, MAX_IN_FEATURES in exl2.py), the row's fp16 pair-order
+// slot in xh in bits 17-24 and its prescale exponent (half_shift; 0: a float-path row, no fp16 copy) in bits 25-28;
+// -1 past the split's end.
+template <bool HALF>
+__device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, const int* __restrict__ perm, int c0,
+                                             int c1, int r0, int* entry) {
+    int c = c0;
+    int4 ch = chunks[c0];
+#pragma unroll
+    for (int j = 0; j < GATHER_ROWS; j++) {
+        const int i = threadIdx.x + j * THREADS;
+        while (c + 1 < c1 && i >= ch.z - r0 + ((ch.x >> 8) & 0xff)) ch = chunks[++c];
+        const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, p = i - (ch.z - r0);
+        const bool paired = HALF && half_width(bits) && p < (rows & ~31);
+        entry[i] = p < rows ? __ldg(perm + r0 + i) | (paired ? pair_position(bits, i, p) << 17 | half_shift(bits) << 25 : 0)
+                            : -1;
+    }
+}
+
+// Row `row` of the split (gather_table's entry in xs[row]): x's value at one activation row, into xs and (fp16 path) xh.
+template <typename T>
+__device__ __forceinline__ void gather_row(const u16* __restrict__ x, int row, float* xs, u16* xh) {
+    const int entry = __float_as_int(xs[row]);
+    if (entry < 0) return;
+    const float v = Act<T>::load(x[entry & 0x1ffff]);
+    xs[row] = v;
+    const int shift = entry >> 25;
+    if (shift != 0) xh[(entry >> 17) & 0xff] = Act<fp16_t>::store(v * pair_prescale(shift));
+}
+
 template <typename T> struct HalfPath { static constexpr bool value = false; };
 template <> struct HalfPath<fp16_t> { static constexpr bool value = true; };
 
@@ -347,19 +388,28 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
         column_scales<C>(mat.q_scale, mat.scale_max, first.w, n, n_pad, early_scale);
     }
 
+    // At one row the gather's tables are read before the wait too (GATHER_ROWS rows a thread): after it, one load of
+    // x a row instead of the chain chunk entry -> permutation -> x.
+    if (M == 1) gather_table<HALF>(chunks, mat.perm, c0, c1, r0, reinterpret_cast<int*>(xs[0]));
+
     pdl_launch_dependents();  // the weights and tables are the layer's own: the early words load while the previous kernel ends; x and the outputs wait
     pdl_wait();
 
-    for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
-        const int4 ch = chunks[c];
-        const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, lr = ch.z - r0, full = rows & ~31;
-        const bool paired = HALF && half_width(bits);
-        const float prescale = paired ? 1.0f / (float)(1 << half_shift(bits)) : 1.0f;
-        for (int i = threadIdx.x; i < rows * M; i += THREADS) {
-            const int m = i / rows, p = i - m * rows;
-            const float v = Act<T>::load(x[(size_t)m * K + mat.perm[ch.z + p]]);
-            xs[m][lr + p] = v;
-            if (paired && p < full) xh[HALF ? m : 0][lr + (p & ~31) + pair_slot(bits, p & 31)] = Act<fp16_t>::store(v * prescale);
+    if (M == 1) {
+#pragma unroll
+        for (int j = 0; j < GATHER_ROWS; j++) gather_row<T>(x, threadIdx.x + j * THREADS, xs[0], xh[0]);
+    } else {
+        for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
+            const int4 ch = chunks[c];
+            const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, lr = ch.z - r0, full = rows & ~31;
+            const bool paired = HALF && half_width(bits);
+            const float prescale = paired ? pair_prescale(half_shift(bits)) : 1.0f;
+            for (int i = threadIdx.x; i < rows * M; i += THREADS) {
+                const int m = i / rows, p = i - m * rows;
+                const float v = Act<T>::load(x[(size_t)m * K + mat.perm[ch.z + p]]);
+                xs[m][lr + p] = v;
+                if (paired && p < full) xh[HALF ? m : 0][pair_position(bits, lr + p, p)] = Act<fp16_t>::store(v * prescale);
+            }
         }
     }
     __syncthreads();
@@ -420,12 +470,13 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
 }
 
 // One matrix (o_proj, down_proj, lm_head, ...): its fields are kernel parameters at fixed offsets, which
-// the compiler reads as operands (64 registers at M = 1, against 72 for the group kernel's indexed fields).
-// At M = 2 the bound keeps 7 blocks an SM (72 registers; left alone, ptxas took 95); other M as ptxas likes.
+// the compiler reads as operands (fewer registers than the group kernel's indexed fields).
+// The bounds: at M = 2 7 blocks an SM (72 registers; left alone, ptxas took 95); at M = 1 8 for one column a thread
+// (64 registers, no spill; with the early gather table ptxas took 72), 7 for two; other M as ptxas likes.
 // C: adjacent columns a thread (1; or 2, "wide": one 8-byte load a word row, THREADS·2 columns a block, so the
 // activation gather, the chunk walk and the split-K epilogue of a block serve twice the weights).
 template <typename T, int M, int C = 1>
-__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : 0) exl2_gemv(const u16* __restrict__ x, int K,
+__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : C == 1 && M == 1 ? 8 : 0) exl2_gemv(const u16* __restrict__ x, int K,
                                                                           const GemvMatrix mat) {
     gemv_block<T, M, C>(x, K, mat, blockIdx.x);
 }
@@ -433,7 +484,7 @@ __global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M ==
 // Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each
 // matrix's blocks in turn.
 template <typename T, int M, int C = 1>
-__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : 0) exl2_gemv_group(const u16* __restrict__ x, int K,
+__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : C == 1 && M == 1 ? 8 : 0) exl2_gemv_group(const u16* __restrict__ x, int K,
                                                                                 const GemvGroup group) {
     int which = 0;
 #pragma unroll

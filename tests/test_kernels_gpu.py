@@ -12,7 +12,7 @@ import torch
 
 from conftest import real_model_dir
 from exlq.quant.exl2_pack import converter_layout, pack_exl2
-from exlq.runtime.exl2 import Exl2Linear, dequantize, dequantize_stored
+from exlq.runtime.exl2 import MAX_IN_FEATURES, Exl2Linear, dequantize, dequantize_stored
 from exlq.runtime.generator import Generator
 from exlq.runtime.kernels import enabled
 from exlq.runtime.kernels import exl2_ops, fused_ops
@@ -140,6 +140,18 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
     assert rel(y, expected) < TOLERANCE[dtype]
     workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
+
+
+def test_one_row_matmul_at_the_largest_input_size():
+    """The one-row GEMV keeps an input channel in 17 bits of its gather table: the format's largest K (every channel
+    index up to 65535, in a random permutation) must come through whole."""
+    k = MAX_IN_FEATURES
+    tensors, layout = random_exl2(k, 64, [4, 3], [0.5, 0.5], 32, seed=7)
+    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    layer = Exl2Linear(cuda, k, 64, dtype=torch.float16)
+    x = torch.randn(1, k, device=CUDA).half()
+    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+    assert rel(layer(x[None])[0], x.double() @ weight[:, :64].double()) < TOLERANCE[torch.float16]
 
 
 # Layers of one input size (as q/k/v or gate/up): different widths, layouts, biases; five of them so one
