@@ -369,7 +369,6 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
     // The wide kernel at one row asks for its first chunk's first words and scale before the gather (EARLY_ROWS).
     constexpr bool EARLY = C > 1 && M == 1;
     u32 early[C][EARLY_ROWS];
-    float early_scale[C];
     if (EARLY && valid) {
         const int4 first = chunks[c0];
         const int words = min(EARLY_ROWS, (((first.x >> 8) & 0xff) >> 5) * (first.x & 0xff));
@@ -385,7 +384,34 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
 #pragma unroll
             for (int c = 0; c < C; c++) early[c][r] = v[c];
         }
-        column_scales<C>(mat.q_scale, mat.scale_max, first.w, n, n_pad, early_scale);
+    }
+
+    // Every column scale of the split (per 32-row block of it), read before the wait into shared memory (the thread's
+    // own slots; registers held across the wait spill): after it, the chunk loop takes them from there, so no scale
+    // load waits on its chunk entry inside the split's critical path.
+    __shared__ float split_scales[SPLIT_ROWS / 32][C][THREADS];
+    if (valid) {
+        for (int c = c0; c < c1; c++) {
+            const int4 ch = chunks[c];
+            const int rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16, block0 = (ch.z - r0) >> 5;
+            float scale[4][C];  // one load per group (2^shift blocks) and all of them before the first store
+#pragma unroll
+            for (int sb = 0; sb < 4; sb++) {
+                if (32 * sb < rows && (sb & ((1 << shift) - 1)) == 0)
+                    column_scales<C>(mat.q_scale, mat.scale_max, ch.w + (sb >> shift), n, n_pad, scale[sb]);
+                else {
+#pragma unroll
+                    for (int i = 0; i < C; i++) scale[sb][i] = scale[sb > 0 ? sb - 1 : 0][i];
+                }
+            }
+#pragma unroll
+            for (int sb = 0; sb < 4; sb++) {
+                if (32 * sb < rows) {
+#pragma unroll
+                    for (int i = 0; i < C; i++) split_scales[block0 + sb][i][threadIdx.x] = scale[sb][i];
+                }
+            }
+        }
     }
 
     // At one row the gather's tables are read before the wait too (GATHER_ROWS rows a thread): after it, one load of
@@ -424,20 +450,13 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
     if (valid) {
         for (int c = c0; c < c1; c++) {
             const int4 ch = chunks[c];
-            const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, shift = ch.x >> 16, lr = ch.z - r0;
+            const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, lr = ch.z - r0;
             const u32* w = q_weight + (size_t)ch.y * n_pad + n;
-            float scale[4][C];  // per 32-row block and column: its group's scale, requested before the weights
-            if (EARLY && c == c0) {
+            float scale[4][C];  // per 32-row block and column: its group's scale (split_scales; 0 past the chunk)
 #pragma unroll
-                for (int i = 0; i < C; i++) scale[0][i] = early_scale[i];
-            } else column_scales<C>(mat.q_scale, mat.scale_max, ch.w, n, n_pad, scale[0]);
+            for (int sb = 0; sb < 4; sb++) {
 #pragma unroll
-            for (int sb = 1; sb < 4; sb++) {
-                if ((sb >> shift) != 0 && 32 * sb < rows) column_scales<C>(mat.q_scale, mat.scale_max, ch.w + (sb >> shift), n, n_pad, scale[sb]);
-                else {
-#pragma unroll
-                    for (int i = 0; i < C; i++) scale[sb][i] = (sb >> shift) == 0 ? scale[0][i] : 0.0f;
-                }
+                for (int i = 0; i < C; i++) scale[sb][i] = 32 * sb < rows ? split_scales[(lr >> 5) + sb][i][threadIdx.x] : 0.0f;
             }
             const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
 #define CHUNK_DOT(B) chunk_dot<B, M, HALF, C>(w, n_pad, xs, xhv, lr, rows, scale, k, acc, early, EARLY && c == c0)
