@@ -33,6 +33,15 @@ template <> struct Act<bf16_t> {
     }
 };
 
+// T(silu(gate)) * up rounded to T, as the torch path's F.silu(gate) * up in the activation dtype (silu_mul, and the
+// GEMV that takes down_proj's input from gate and up).
+template <typename T>
+__device__ __forceinline__ float silu_mul_value(u16 gate, u16 up) {
+    const float g = Act<T>::load(gate);
+    const float s = Act<T>::load(Act<T>::store(g / (1.0f + __expf(-g))));
+    return Act<T>::load(Act<T>::store(s * Act<T>::load(up)));
+}
+
 // fp16 round trip (round to nearest even), for reproducing the format's exact fp16 arithmetic.
 __device__ __forceinline__ float round_f16(float f) { return Act<fp16_t>::load(Act<fp16_t>::store(f)); }
 

@@ -317,12 +317,21 @@ __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, co
     }
 }
 
-// Row `row` of the split (gather_table's entry in xs[row]): x's value at one activation row, into xs and (fp16 path) xh.
+// Activation i: x[i], or with `up` (down_proj's GEMV) T(silu(x[i])) * up[i], x then holding gate_proj's output, so
+// the MLP needs no silu_mul launch and its input is never written.
 template <typename T>
-__device__ __forceinline__ void gather_row(const u16* __restrict__ x, int row, float* xs, u16* xh) {
+__device__ __forceinline__ float activation(const u16* __restrict__ x, const u16* __restrict__ up, size_t i) {
+    return up != nullptr ? silu_mul_value<T>(x[i], up[i]) : Act<T>::load(x[i]);
+}
+
+// Row `row` of the split (gather_table's entry in xs[row]): the activation at one activation row, into xs and (fp16
+// path) xh.
+template <typename T>
+__device__ __forceinline__ void gather_row(const u16* __restrict__ x, const u16* __restrict__ up, int row, float* xs,
+                                           u16* xh) {
     const int entry = __float_as_int(xs[row]);
     if (entry < 0) return;
-    const float v = Act<T>::load(x[entry & 0x1ffff]);
+    const float v = activation<T>(x, up, entry & 0x1ffff);
     xs[row] = v;
     const int shift = entry >> 25;
     if (shift != 0) xh[(entry >> 17) & 0xff] = Act<fp16_t>::store(v * pair_prescale(shift));
@@ -352,9 +361,11 @@ __device__ __forceinline__ void column_scales(const u32* __restrict__ q_scale, c
 // y[M, N] = x[M, K] @ W for one matrix, as block `local` of its Σ tiles·splits blocks: column tile
 // local % tiles (THREADS·C columns, C adjacent ones a thread), K split local / tiles. Each block sums its K split
 // into the fp32 workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the workspace
-// and its counter, so one launch does the whole product and leaves the workspace clean.
+// and its counter, so one launch does the whole product and leaves the workspace clean. With `up` (not null) the
+// product's input is T(silu(x)) * up (activation()).
 template <typename T, int M, int C>
-__device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, const GemvMatrix& mat, int local) {
+__device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16* __restrict__ up, int K,
+                                           const GemvMatrix& mat, int local) {
     constexpr bool HALF = HalfPath<T>::value;
     __shared__ __align__(16) float xs[M][SPLIT_ROWS];
     __shared__ __align__(16) u16 xh[HALF ? M : 1][SPLIT_ROWS];
@@ -423,7 +434,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
 
     if (M == 1) {
 #pragma unroll
-        for (int j = 0; j < GATHER_ROWS; j++) gather_row<T>(x, threadIdx.x + j * THREADS, xs[0], xh[0]);
+        for (int j = 0; j < GATHER_ROWS; j++) gather_row<T>(x, up, threadIdx.x + j * THREADS, xs[0], xh[0]);
     } else {
         for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
             const int4 ch = chunks[c];
@@ -432,7 +443,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
             const float prescale = paired ? pair_prescale(half_shift(bits)) : 1.0f;
             for (int i = threadIdx.x; i < rows * M; i += THREADS) {
                 const int m = i / rows, p = i - m * rows;
-                const float v = Act<T>::load(x[(size_t)m * K + mat.perm[ch.z + p]]);
+                const float v = activation<T>(x, up, (size_t)m * K + mat.perm[ch.z + p]);
                 xs[m][lr + p] = v;
                 if (paired && p < full) xh[HALF ? m : 0][pair_position(bits, lr + p, p)] = Act<fp16_t>::store(v * prescale);
             }
@@ -495,9 +506,9 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, int K, con
 // C: adjacent columns a thread (1; or 2, "wide": one 8-byte load a word row, THREADS·2 columns a block, so the
 // activation gather, the chunk walk and the split-K epilogue of a block serve twice the weights).
 template <typename T, int M, int C = 1>
-__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : C == 1 && M == 1 ? 8 : 0) exl2_gemv(const u16* __restrict__ x, int K,
+__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : C == 1 && M == 1 ? 8 : 0) exl2_gemv(const u16* __restrict__ x, const u16* __restrict__ up, int K,
                                                                           const GemvMatrix mat) {
-    gemv_block<T, M, C>(x, K, mat, blockIdx.x);
+    gemv_block<T, M, C>(x, up, K, mat, blockIdx.x);
 }
 
 // Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each
@@ -509,7 +520,7 @@ __global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M ==
 #pragma unroll
     for (int i = 1; i < MAX_GROUP; i++)
         if (i < group.count && (int)blockIdx.x >= group.m[i].block0) which = i;
-    gemv_block<T, M, C>(x, K, group.m[which], blockIdx.x - group.m[which].block0);
+    gemv_block<T, M, C>(x, nullptr, K, group.m[which], blockIdx.x - group.m[which].block0);
 }
 
 

@@ -61,11 +61,8 @@ template <typename T>
 __global__ void silu_mul(const u16* __restrict__ gate, const u16* __restrict__ up, u16* __restrict__ out, int n) {
     pdl_launch_dependents();
     pdl_wait();
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        const float g = Act<T>::load(gate[i]);
-        const float s = Act<T>::load(Act<T>::store(g / (1.0f + __expf(-g))));
-        out[i] = Act<T>::store(s * Act<T>::load(up[i]));
-    }
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        out[i] = Act<T>::store(silu_mul_value<T>(gate[i], up[i]));
 }
 
 // RoPE on the new queries and keys (HF's half-split convention, rounded like the torch path: x·cos and

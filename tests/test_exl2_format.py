@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import SHARED
@@ -36,7 +37,7 @@ from exlq.runtime.exl2 import (
     unpack_q_scale,
     unpack_q_weight,
 )
-from exlq.runtime.linear import LINEAR_FORMATS, DenseLinear, project_each
+from exlq.runtime.linear import LINEAR_FORMATS, DenseLinear, project_each, project_gated
 from exlq.runtime.loader import load_model
 from exlq.runtime.weights import WeightStore
 from tiny_models import make_tiny_model_dir
@@ -307,6 +308,22 @@ def test_project_each_groups_one_format_unless_hooked(monkeypatch):
     assert grouped == [3] and seen == [x.shape]
     dense = DenseLinear(layers[0].dequantized_weight().float())
     assert torch.allclose(project_each([dense, layers[2]], x)[0], expected[0], atol=1e-5) and grouped == [3]
+
+
+def test_project_gated_forms_the_input_unless_hooked():
+    """down(silu(gate) * up): through the format's `forward_gated` where it has one, else (dense layers, a module hook
+    that must see the input) by forming the input and calling the layer; the same values either way."""
+    torch.manual_seed(3)
+    down = Exl2Linear(quantize_rtn(torch.randn(48, 64), [(4, 64)], torch.randperm(64)), 64, 48, dtype=torch.float32)
+    gate, up = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    expected = down(F.silu(gate) * up)
+    assert torch.equal(project_gated(down, gate, up), expected)
+    seen = []
+    down.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    assert torch.equal(project_gated(down, gate, up), expected)
+    assert len(seen) == 1 and torch.equal(seen[0], F.silu(gate) * up)
+    dense = DenseLinear(down.dequantized_weight().float())
+    assert torch.allclose(project_gated(dense, gate, up), expected, atol=1e-5)
 
 
 def write_layer(directory: Path, tensors: dict[str, torch.Tensor]) -> WeightStore:

@@ -17,7 +17,7 @@ from exlq.runtime.generator import Generator
 from exlq.runtime.kernels import enabled
 from exlq.runtime.kernels import exl2_ops, fused_ops
 from exlq.runtime.layers import RMSNorm
-from exlq.runtime.linear import project_each
+from exlq.runtime.linear import project_each, project_gated
 from exlq.runtime.loader import load_model
 from exlq.runtime.sampler import SamplerSettings
 from exlq.runtime.tokenizer import Tokenizer
@@ -152,6 +152,24 @@ def test_one_row_matmul_at_the_largest_input_size():
     x = torch.randn(1, k, device=CUDA).half()
     weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
     assert rel(layer(x[None])[0], x.double() @ weight[:, :64].double()) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 13, 40])
+@pytest.mark.parametrize("dtype, kind", KERNELS)
+def test_gated_gemv_equals_silu_mul_then_gemv(rows, dtype, kind, monkeypatch):
+    """down_proj's GEMV forming silu(gate) * up as it gathers gives silu_mul followed by the plain GEMV (the
+    tensor-core kernel and the cuBLAS path: by running exactly that), up to the split-K sum's order: its blocks add
+    into the fp32 workspace atomically, so a rare output lands one ulp apart from run to run."""
+    use_gemv(kind, monkeypatch)
+    k, n = 976, 200  # every width, a 2-bit tail
+    tensors, _ = random_exl2(k, n, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 64], seed=rows, bias=True)
+    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    layer = Exl2Linear(cuda, k, n, dtype=dtype)
+    gate, up = (4 * torch.randn(1, rows, k, device=CUDA)).to(dtype), torch.randn(1, rows, k, device=CUDA).to(dtype)
+    expected = layer(fused_ops.silu_mul(gate, up))
+    got = project_gated(layer, gate, up)
+    assert torch.isclose(got.float(), expected.float(), rtol=torch.finfo(dtype).eps, atol=1e-5).all()
+    assert (got != expected).float().mean() < 0.01, "activations formed differently, not the sum's order"
 
 
 # Layers of one input size (as q/k/v or gate/up): different widths, layouts, biases; five of them so one

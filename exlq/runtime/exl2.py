@@ -416,6 +416,14 @@ class Exl2Linear(nn.Module):
         weight, bias = self._dense_weight()
         return F.linear(x, weight, bias)
 
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) (down_proj of a gated MLP); on the GPU the GEMV forms its input as it reads it."""
+        if not kernels.applies(gate):
+            return self(F.silu(gate) * up)
+        from exlq.runtime.kernels.exl2_ops import matmul_many
+
+        return matmul_many([self.kernel_plan()], gate, up)[0]
+
     @staticmethod
     def forward_many(layers: list[Exl2Linear], x: torch.Tensor) -> list[torch.Tensor]:
         """[layer(x) for layer in layers]; on the GPU one kernel launch for all (few-row x), because for small

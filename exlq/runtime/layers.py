@@ -15,8 +15,8 @@ from torch import nn
 from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch, attend
 from exlq.runtime.cache import KVCache
-from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, add_rms_norm, silu_mul
-from exlq.runtime.linear import project_each
+from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, add_rms_norm
+from exlq.runtime.linear import project_each, project_gated
 
 
 class RMSNorm(nn.Module):
@@ -100,9 +100,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project_each((self.gate_proj, self.up_proj), x)
-        if kernels.applies(gate):
-            return self.down_proj(silu_mul(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+        return project_gated(self.down_proj, gate, up)
 
 
 class DecoderLayer(nn.Module):

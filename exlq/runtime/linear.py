@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from exlq.errors import ExlqError
+from exlq.runtime import kernels
 from exlq.runtime.exl2 import Exl2Linear
+from exlq.runtime.kernels.fused_ops import silu_mul
 from exlq.runtime.weights import WeightStore
 
 
@@ -84,6 +86,15 @@ def project_each(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Ten
     if many is None or len(layers) < 2 or any(type(layer) is not kind or _hooked(layer) for layer in layers):
         return [layer(x) for layer in layers]
     return many(list(layers), x)
+
+
+def project_gated(layer: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """layer(silu(gate) * up), a gated MLP's down projection. A format with `forward_gated(gate, up)` forms the input
+    itself (EXL2 on the GPU: inside the GEMV, no separate launch), unless a module hook must see that input."""
+    gated = getattr(type(layer), "forward_gated", None)
+    if gated is not None and not _hooked(layer):
+        return gated(layer, gate, up)
+    return layer(silu_mul(gate, up) if kernels.applies(gate) else F.silu(gate) * up)
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -32,6 +32,7 @@ from exlq.runtime.exl2 import (
     Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, row_bits, scale_multipliers,
 )
 from exlq.runtime.kernels import ACTIVATION_TAGS
+from exlq.runtime.kernels.fused_ops import silu_mul
 from exlq.runtime.kernels.launch import kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
@@ -225,12 +226,15 @@ def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tupl
     return tensor_cores, WIDE_COLUMNS if wide else 1
 
 
-def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor], up: torch.Tensor | None = None) -> None:
     """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M in GEMV_ROWS contiguous rows, ≤ MAX_GROUP matrices of
-    input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch."""
+    input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch. With
+    `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first)."""
     rows = x.shape[0]
     device = x.device
     tensor_cores, columns = gemv_route(plans, rows, x.dtype)
+    if up is not None and (tensor_cores or len(plans) > 1):
+        x, up = silu_mul(x, up), None
     workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
@@ -255,8 +259,8 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
         instance = f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
         function = kernel(SOURCE, INSTANCE_SETS[x.dtype], instance, device)
     args = group.m[0] if len(plans) == 1 else group
-    launch(function, (blocks, 1, 1), (THREADS, 1, 1), (x, plans[0].in_features, args), device,
-           overlap=not tensor_cores)
+    operands = (x, up, plans[0].in_features, args) if name == "exl2_gemv" else (x, plans[0].in_features, args)
+    launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=not tensor_cores)
 
 
 def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = False) -> torch.Tensor:
@@ -274,13 +278,17 @@ def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = Fa
     return out
 
 
-def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor) -> list[torch.Tensor]:
+def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor, up: torch.Tensor | None = None) -> list[torch.Tensor]:
     """[x @ W_iᵀ (+ bias_i)] for x [..., K] in fp16 or bf16 and matrices of input size K: GEMV for few rows (up to
-    MAX_GROUP matrices a launch), dequantize + cuBLAS per matrix for many."""
+    MAX_GROUP matrices a launch), dequantize + cuBLAS per matrix for many. With `up` (x's shape), the input is
+    silu_mul(x, up): the GEMV computes it as it gathers (down_proj of a gated MLP)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, plans[0].in_features).contiguous()
+    up2 = None if up is None else up.reshape(x2.shape).contiguous()
     rows = x2.shape[0]
     if rows > GEMV_MAX_ROWS:
+        if up2 is not None:
+            x2, up2 = silu_mul(x2, up2), None
         ys = []
         for plan in plans:
             weight = dequantize_stored(plan, x.dtype, input_order=True)[:, : plan.out_features]
@@ -294,7 +302,8 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor) -> list[torch.Tensor
         while start < rows:
             stop = start + next(m for m in GEMV_ROWS if m <= rows - start)
             for first in range(0, len(plans), MAX_GROUP):
-                gemv(plans[first : first + MAX_GROUP], x2[start:stop], [y[start:stop] for y in ys[first : first + MAX_GROUP]])
+                gemv(plans[first : first + MAX_GROUP], x2[start:stop], [y[start:stop] for y in ys[first : first + MAX_GROUP]],
+                     None if up2 is None else up2[start:stop])
             start = stop
     return [y.view(*lead, plan.out_features) for y, plan in zip(ys, plans)]
 
