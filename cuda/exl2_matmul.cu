@@ -83,19 +83,20 @@ __device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride
     }
 }
 
-// ----- fp16 path for 2, 4 and 8 bits -----
+// ----- fp16 path for 2, 3, 4 and 8 bits -----
 // Codes are turned into exact fp16 values two at a time (the "1024 trick": 0x6400 | c is the fp16 number
 // 1024 + c, so one mask-and-or gives a pair 1024 + q·2^s, and one fma gives q - z exactly), multiplied by
 // the activations as half2 and summed in fp16 over at most 8 weights before joining the fp32 sum. The
 // activations sit in shared memory in "pair order" (the two rows whose codes share a mask are adjacent)
 // and pre-scaled by 2^-HALF_SHIFT(b), so no fp16 partial sum can exceed max|x| (no overflow to inf).
 
-__host__ __device__ constexpr int half_shift(int bits) { return bits == 2 ? 5 : bits == 4 ? 7 : 9; }
-__device__ __forceinline__ bool half_width(int bits) { return bits == 2 || bits == 4 || bits == 8; }
+__host__ __device__ constexpr int half_shift(int bits) { return bits == 2 ? 5 : bits == 3 ? 6 : bits == 4 ? 7 : 9; }
+__host__ __device__ constexpr bool half_width(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
-// Position of row p (0..31 of a 32-row block) in pair order, for b in 2, 4, 8.
+// Position of row p (0..31 of a 32-row block) in pair order, for b in 2, 3, 4, 8.
 __device__ __forceinline__ int pair_slot(int bits, int p) {
     if (bits == 4) return (p & ~7) + (p & 3) * 2 + ((p >> 2) & 1);
+    if (bits == 3) return ((p & 15) << 1) | (p >> 4);  // pairs (r, r + 16): sub_half's three_bit_pair
     if (bits == 2) return (p & ~15) + (p & 7) * 2 + ((p >> 3) & 1);
     return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1);  // 8 bits
 }
@@ -146,6 +147,20 @@ __device__ __forceinline__ void flush(u32 (*acc)[M], float (*dot)[M]) {
     }
 }
 
+// Rows r and r + 16 (r < 16) of a 3-bit block as a code pair (both codes at bit s and s + 16, s in 0, 3, 6: the
+// 1024 trick needs s + 3 ≤ 10). Those rows are 48 bits apart, a multiple of 16, so `piece` (sub_half) holds in its
+// halves the same 16-bit pieces of the block's lower and upper 48 bits, and one shift and mask pick a pair; rows 5
+// and 10 straddle two pieces and are put together from both. r is a constant after unrolling: all this folds.
+__device__ __forceinline__ u32 three_bit_pair(int r, const u32 (&piece)[3], int& s) {
+    s = 0;
+    if (r == 5) return ((piece[0] >> 15) & 0x00010001u) | ((piece[1] << 1) & 0x00060006u);
+    if (r == 10) return ((piece[1] >> 14) & 0x00030003u) | ((piece[2] << 2) & 0x00040004u);
+    const int i = (3 * r) >> 4, bit = 3 * r - 16 * i, first = i == 0 ? 0 : i == 1 ? 2 : 1;  // first row bit of piece i
+    const int shift = first + (bit - first >= 9 ? 6 : 0);
+    s = bit - shift;
+    return (piece[i] >> shift) & (0x00070007u << s);
+}
+
 template <int B, int M, int C>
 __device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*xh)[SPLIT_ROWS], int lr, const Magic& k,
                                          float (*dot)[M]) {
@@ -167,6 +182,29 @@ __device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*
                 q[c][1] = centered_pair<0x00F000F0u>(lo, k.h1024, sixteenth, off1);
                 q[c][2] = centered_pair<0x000F000Fu>(hi, k.h1024, one, off0);
                 q[c][3] = centered_pair<0x00F000F0u>(hi, k.h1024, sixteenth, off1);
+            }
+            dot4_pairs<M, C>(q, xh, lr + j * 8, acc);
+        }
+    } else if (B == 3) {  // pairs (r, r + 16), four at a time
+        const u32 scale[3] = {h2(1.0f), h2(1.0f / 8.0f), h2(1.0f / 64.0f)};  // by s / 3
+        const u32 offset[3] = {h2(-(1024.0f + Z)), h2(-(128.0f + Z)), h2(-(16.0f + Z))};
+        u32 piece[C][3];
+#pragma unroll
+        for (int c = 0; c < C; c++) {  // bits 0-15 | 48-63, 16-31 | 64-79, 32-47 | 80-95 of the block
+            piece[c][0] = __byte_perm(words[c][0], words[c][1], 0x7610);
+            piece[c][1] = __byte_perm(words[c][0], words[c][2], 0x5432);
+            piece[c][2] = __byte_perm(words[c][1], words[c][2], 0x7610);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+#pragma unroll
+            for (int c = 0; c < C; c++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    int s;
+                    const u32 pair = three_bit_pair(4 * j + i, piece[c], s);
+                    q[c][i] = hfma2(pair | k.h1024, scale[s / 3], offset[s / 3]);
+                }
             }
             dot4_pairs<M, C>(q, xh, lr + j * 8, acc);
         }
@@ -266,8 +304,8 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
 #pragma unroll
                     for (int m = 0; m < M; m++) part[c][m] = 0.0f;
                 }
-                const float unit = HALF && (B == 2 || B == 4 || B == 8) ? (float)(1 << half_shift(B)) : 1.0f;
-                if (HALF && (B == 2 || B == 4 || B == 8)) sub_half<B, M, C>(words[sb], xh, lr + 32 * (b0 + sb), k, part);
+                const float unit = HALF && half_width(B) ? (float)(1 << half_shift(B)) : 1.0f;
+                if (HALF && half_width(B)) sub_half<B, M, C>(words[sb], xh, lr + 32 * (b0 + sb), k, part);
                 else sub_float<B, M, C>(words[sb], xs, lr + 32 * (b0 + sb), k, part);
 #pragma unroll
                 for (int c = 0; c < C; c++) {
