@@ -83,20 +83,20 @@ __device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride
     }
 }
 
-// ----- fp16 path for 2, 3, 4 and 8 bits -----
+// ----- fp16 path for 2, 3, 4, 5, 6 and 8 bits -----
 // Codes are turned into exact fp16 values two at a time (the "1024 trick": 0x6400 | c is the fp16 number
 // 1024 + c, so one mask-and-or gives a pair 1024 + q·2^s, and one fma gives q - z exactly), multiplied by
 // the activations as half2 and summed in fp16 over at most 8 weights before joining the fp32 sum. The
 // activations sit in shared memory in "pair order" (the two rows whose codes share a mask are adjacent)
 // and pre-scaled by 2^-HALF_SHIFT(b), so no fp16 partial sum can exceed max|x| (no overflow to inf).
 
-__host__ __device__ constexpr int half_shift(int bits) { return bits == 2 ? 5 : bits == 3 ? 6 : bits == 4 ? 7 : 9; }
-__host__ __device__ constexpr bool half_width(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
+__host__ __device__ constexpr int half_shift(int bits) { return bits == 2 ? 5 : bits == 3 ? 6 : bits == 4 ? 7 : bits == 5 ? 8 : 9; }
+__host__ __device__ constexpr bool half_width(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8; }
 
-// Position of row p (0..31 of a 32-row block) in pair order, for b in 2, 3, 4, 8.
+// Position of row p (0..31 of a 32-row block) in pair order, for b in 2-6 and 8.
 __device__ __forceinline__ int pair_slot(int bits, int p) {
     if (bits == 4) return (p & ~7) + (p & 3) * 2 + ((p >> 2) & 1);
-    if (bits == 3) return ((p & 15) << 1) | (p >> 4);  // pairs (r, r + 16): sub_half's three_bit_pair
+    if (bits == 3 || bits == 5 || bits == 6) return ((p & 15) << 1) | (p >> 4);  // pairs (r, r + 16): row_pair_pieces
     if (bits == 2) return (p & ~15) + (p & 7) * 2 + ((p >> 3) & 1);
     return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1);  // 8 bits
 }
@@ -147,10 +147,19 @@ __device__ __forceinline__ void flush(u32 (*acc)[M], float (*dot)[M]) {
     }
 }
 
-// Rows r and r + 16 (r < 16) of a 3-bit block as a code pair (both codes at bit s and s + 16, s in 0, 3, 6: the
-// 1024 trick needs s + 3 ≤ 10). Those rows are 48 bits apart, a multiple of 16, so `piece` (sub_half) holds in its
-// halves the same 16-bit pieces of the block's lower and upper 48 bits, and one shift and mask pick a pair; rows 5
-// and 10 straddle two pieces and are put together from both. r is a constant after unrolling: all this folds.
+// The pair path of 3, 5 and 6 bits pairs rows r and r + 16 (r < 16) of a block: they are 16·B bits apart, a
+// multiple of 16, so piece i (of B) holds in its halves the i-th 16-bit pieces of the block's lower and upper 16·B
+// bits (half-words i and B + i of its word string), and both halves of a piece have the same rows at the same bits.
+template <int B>
+__device__ __forceinline__ void row_pair_pieces(const u32* words, u32* piece) {
+#pragma unroll
+    for (int i = 0; i < B; i++)
+        piece[i] = __byte_perm(words[i >> 1], words[(B + i) >> 1], ((B + i) & 1 ? 0x7600u : 0x5400u) | (i & 1 ? 0x32u : 0x10u));
+}
+
+// Rows (r, r + 16) of a 3-bit block as a code pair at bits s and s + 16, s in 0, 3, 6 (the 1024 trick needs
+// s + 3 ≤ 10): one shift serves the pairs of a piece that share it; rows 5 and 10 straddle two pieces and are put
+// together from both. r is a constant after unrolling: all this folds.
 __device__ __forceinline__ u32 three_bit_pair(int r, const u32 (&piece)[3], int& s) {
     s = 0;
     if (r == 5) return ((piece[0] >> 15) & 0x00010001u) | ((piece[1] << 1) & 0x00060006u);
@@ -159,6 +168,17 @@ __device__ __forceinline__ u32 three_bit_pair(int r, const u32 (&piece)[3], int&
     const int shift = first + (bit - first >= 9 ? 6 : 0);
     s = bit - shift;
     return (piece[i] >> shift) & (0x00070007u << s);
+}
+
+// Rows (r, r + 16) of a B-bit block (5 or 6) as a code pair at bits 0 and 16; a pair that straddles two pieces takes
+// its high bits from the next.
+template <int B>
+__device__ __forceinline__ u32 row_pair(int r, const u32 (&piece)[B]) {
+    constexpr u32 PAIR = ((1u << B) - 1u) * 0x00010001u;
+    const int i = (B * r) >> 4, bit = (B * r) & 15;
+    if (bit + B <= 16) return (piece[i] >> bit) & PAIR;
+    const u32 low = ((1u << (16 - bit)) - 1u) * 0x00010001u;
+    return ((piece[i] >> bit) & low) | ((piece[i + 1] << (16 - bit)) & PAIR & ~low);
 }
 
 template <int B, int M, int C>
@@ -185,24 +205,22 @@ __device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*
             }
             dot4_pairs<M, C>(q, xh, lr + j * 8, acc);
         }
-    } else if (B == 3) {  // pairs (r, r + 16), four at a time
-        const u32 scale[3] = {h2(1.0f), h2(1.0f / 8.0f), h2(1.0f / 64.0f)};  // by s / 3
+    } else if (B == 3 || B == 5 || B == 6) {  // pairs (r, r + 16), four at a time (row_pair_pieces)
+        const u32 scale[3] = {h2(1.0f), h2(1.0f / 8.0f), h2(1.0f / 64.0f)};  // by s / 3 (3 bits; else s = 0)
         const u32 offset[3] = {h2(-(1024.0f + Z)), h2(-(128.0f + Z)), h2(-(16.0f + Z))};
-        u32 piece[C][3];
+        u32 piece[C][B];
 #pragma unroll
-        for (int c = 0; c < C; c++) {  // bits 0-15 | 48-63, 16-31 | 64-79, 32-47 | 80-95 of the block
-            piece[c][0] = __byte_perm(words[c][0], words[c][1], 0x7610);
-            piece[c][1] = __byte_perm(words[c][0], words[c][2], 0x5432);
-            piece[c][2] = __byte_perm(words[c][1], words[c][2], 0x7610);
-        }
+        for (int c = 0; c < C; c++) row_pair_pieces<B>(words[c], piece[c]);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
 #pragma unroll
             for (int c = 0; c < C; c++) {
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    int s;
-                    const u32 pair = three_bit_pair(4 * j + i, piece[c], s);
+                    int s = 0;
+                    u32 pair;
+                    if constexpr (B == 3) pair = three_bit_pair(4 * j + i, piece[c], s);
+                    else pair = row_pair<B>(4 * j + i, piece[c]);
                     q[c][i] = hfma2(pair | k.h1024, scale[s / 3], offset[s / 3]);
                 }
             }
