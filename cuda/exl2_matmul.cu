@@ -37,8 +37,8 @@ __device__ __forceinline__ void load_columns(const u32* p, u32* out) {
     }
 }
 
-// fp32 path, any width: dot[c][m] += sum_i x[m][lr + i] (q_ci - z) over 32 rows whose B words per column are in
-// registers.
+// fp32 path, any width (bf16 activations; fp16 ones take sub_half): dot[c][m] += sum_i x[m][lr + i] (q_ci - z) over
+// 32 rows whose B words per column are in registers.
 template <int B, int M, int C>
 __device__ __forceinline__ void sub_float(const u32 (*words)[B + 1], const float (*xs)[SPLIT_ROWS], int lr, const Magic& k,
                                           float (*dot)[M]) {
@@ -86,12 +86,16 @@ __device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride
 // ----- fp16 path for 2, 3, 4, 5, 6 and 8 bits -----
 // Codes are turned into exact fp16 values two at a time (the "1024 trick": 0x6400 | c is the fp16 number
 // 1024 + c, so one mask-and-or gives a pair 1024 + q·2^s, and one fma gives q - z exactly), multiplied by
-// the activations as half2 and summed in fp16 over at most 8 weights before joining the fp32 sum. The
-// activations sit in shared memory in "pair order" (the two rows whose codes share a mask are adjacent)
-// and pre-scaled by 2^-HALF_SHIFT(b), so no fp16 partial sum can exceed max|x| (no overflow to inf).
+// the activations as half2 and summed in fp16 over a 32-row block (16 terms a half; 8 bits: 4) before joining
+// the fp32 sum. The activations sit in shared memory in "pair order" (the two rows whose codes share a mask are
+// adjacent) and pre-scaled by 2^-half_shift(b), so no fp16 partial sum can exceed max|x| (no overflow to inf).
 
-__host__ __device__ constexpr int half_shift(int bits) { return bits == 2 ? 5 : bits == 3 ? 6 : bits == 4 ? 7 : bits == 5 ? 8 : 9; }
-__host__ __device__ constexpr bool half_width(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8; }
+// 16 terms of |q - z| ≤ 2^(b-1) each: 2^(b+3); 8 bits flush every 4 terms: 2^9.
+__host__ __device__ constexpr int half_shift(int bits) { return bits == 8 ? 9 : bits + 3; }
+// Widths on the fp16 pair path: every EXL2 width since session 19 (3, 5 and 6 bits were on the fp32 path).
+__host__ __device__ constexpr bool half_width(int bits) {
+    return bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8;
+}
 
 // Position of row p (0..31 of a 32-row block) in pair order, for b in 2-6 and 8.
 __device__ __forceinline__ int pair_slot(int bits, int p) {
@@ -153,8 +157,10 @@ __device__ __forceinline__ void flush(u32 (*acc)[M], float (*dot)[M]) {
 template <int B>
 __device__ __forceinline__ void row_pair_pieces(const u32* words, u32* piece) {
 #pragma unroll
-    for (int i = 0; i < B; i++)
-        piece[i] = __byte_perm(words[i >> 1], words[(B + i) >> 1], ((B + i) & 1 ? 0x7600u : 0x5400u) | (i & 1 ? 0x32u : 0x10u));
+    for (int i = 0; i < B; i++) {  // bytes 0-1 or 2-3 of the word holding half-word i, 4-5 or 6-7 of B + i's
+        const u32 select = ((B + i) & 1 ? 0x7600u : 0x5400u) | (i & 1 ? 0x32u : 0x10u);
+        piece[i] = __byte_perm(words[i >> 1], words[(B + i) >> 1], select);
+    }
 }
 
 // Rows (r, r + 16) of a 3-bit block as a code pair at bits s and s + 16, s in 0, 3, 6 (the 1024 trick needs
@@ -368,8 +374,8 @@ __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, co
         while (c + 1 < c1 && i >= ch.z - r0 + ((ch.x >> 8) & 0xff)) ch = chunks[++c];
         const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, p = i - (ch.z - r0);
         const bool paired = HALF && half_width(bits) && p < (rows & ~31);
-        entry[i] = p < rows ? __ldg(perm + r0 + i) | (paired ? pair_position(bits, i, p) << 17 | half_shift(bits) << 25 : 0)
-                            : -1;
+        const int pair = paired ? pair_position(bits, i, p) << 17 | half_shift(bits) << 25 : 0;
+        entry[i] = p < rows ? __ldg(perm + r0 + i) | pair : -1;
     }
 }
 

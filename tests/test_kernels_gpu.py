@@ -43,8 +43,8 @@ LAYOUTS = [
 ]
 
 
-# fp16 products of 2/4/8-bit chunks are summed in fp16 over 4-8 weights (half2 math), the rest in fp32;
-# bf16 outputs carry 8 mantissa bits.
+# fp16 products of whole 32-row blocks are summed in fp16 over up to 32 weights (half2 math, activations prescaled),
+# short tails in fp32; bf16 outputs carry 8 mantissa bits.
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 1e-2}
 
 
