@@ -146,7 +146,7 @@ def test_one_row_matmul_at_the_largest_input_size():
     """The one-row GEMV keeps an input channel in 17 bits of its gather table: the format's largest K (every channel
     index up to 65535, in a random permutation) must come through whole."""
     k = MAX_IN_FEATURES
-    tensors, layout = random_exl2(k, 64, [4, 3], [0.5, 0.5], 32, seed=7)
+    tensors, _ = random_exl2(k, 64, [4, 3], [0.5, 0.5], 32, seed=7)
     cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
     layer = Exl2Linear(cuda, k, 64, dtype=torch.float16)
     x = torch.randn(1, k, device=CUDA).half()
