@@ -142,6 +142,22 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6, 8])
+@pytest.mark.parametrize("kind", ["narrow", "wide"])
+def test_fp16_pair_path_keeps_small_activations(bits, kind, monkeypatch):
+    """The fp16 pair path prescales activations by 2^-(b+3) (2^-9 at 6 and 8 bits), which puts small ones near fp16's
+    subnormals: activations of rms 0.01 (as a down_proj's input can be) must still give the float64 product within
+    the fp16 tolerance."""
+    use_gemv(kind, monkeypatch)
+    k, n = 1024, 256
+    tensors, _ = random_exl2(k, n, [bits], [1.0], 32, seed=bits)
+    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    layer = Exl2Linear(cuda, k, n, dtype=torch.float16)
+    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+    x = (0.01 * torch.randn(2, k, device=CUDA)).half()
+    assert rel(layer(x[None])[0], x.double() @ weight[:, :n].double()) < TOLERANCE[torch.float16]
+
+
 def test_one_row_matmul_at_the_largest_input_size():
     """The one-row GEMV keeps an input channel in 17 bits of its gather table: the format's largest K (every channel
     index up to 65535, in a random permutation) must come through whole."""
