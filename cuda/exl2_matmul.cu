@@ -90,12 +90,9 @@ __device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride
 // the fp32 sum. The activations sit in shared memory in "pair order" (the two rows whose codes share a mask are
 // adjacent) and pre-scaled by 2^-half_shift(b), so no fp16 partial sum can exceed max|x| (no overflow to inf).
 
-// 16 terms of |q - z| ≤ 2^(b-1) each: 2^(b+3); 8 bits flush every 4 terms: 2^9.
+// Every EXL2 width takes this path with fp16 activations (bf16 ones take sub_float). The prescale: 16 terms of
+// |q - z| ≤ 2^(b-1) each: 2^(b+3); 8 bits flush every 4 terms: 2^9.
 __host__ __device__ constexpr int half_shift(int bits) { return bits == 8 ? 9 : bits + 3; }
-// Widths on the fp16 pair path: every EXL2 width since session 19 (3, 5 and 6 bits were on the fp32 path).
-__host__ __device__ constexpr bool half_width(int bits) {
-    return bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8;
-}
 
 // Position of row p (0..31 of a 32-row block) in pair order, for b in 2-6 and 8.
 __device__ __forceinline__ int pair_slot(int bits, int p) {
@@ -328,8 +325,8 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
 #pragma unroll
                     for (int m = 0; m < M; m++) part[c][m] = 0.0f;
                 }
-                const float unit = HALF && half_width(B) ? (float)(1 << half_shift(B)) : 1.0f;
-                if (HALF && half_width(B)) sub_half<B, M, C>(words[sb], xh, lr + 32 * (b0 + sb), k, part);
+                const float unit = HALF ? (float)(1 << half_shift(B)) : 1.0f;
+                if (HALF) sub_half<B, M, C>(words[sb], xh, lr + 32 * (b0 + sb), k, part);
                 else sub_float<B, M, C>(words[sb], xs, lr + 32 * (b0 + sb), k, part);
 #pragma unroll
                 for (int c = 0; c < C; c++) {
@@ -373,7 +370,7 @@ __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, co
         const int i = threadIdx.x + j * THREADS;
         while (c + 1 < c1 && i >= ch.z - r0 + ((ch.x >> 8) & 0xff)) ch = chunks[++c];
         const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, p = i - (ch.z - r0);
-        const bool paired = HALF && half_width(bits) && p < (rows & ~31);
+        const bool paired = HALF && p < (rows & ~31);
         const int pair = paired ? pair_position(bits, i, p) << 17 | half_shift(bits) << 25 : 0;
         entry[i] = p < rows ? __ldg(perm + r0 + i) | pair : -1;
     }
@@ -501,13 +498,12 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
         for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
             const int4 ch = chunks[c];
             const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, lr = ch.z - r0, full = rows & ~31;
-            const bool paired = HALF && half_width(bits);
-            const float prescale = paired ? pair_prescale(half_shift(bits)) : 1.0f;
+            const float prescale = HALF ? pair_prescale(half_shift(bits)) : 1.0f;
             for (int i = threadIdx.x; i < rows * M; i += THREADS) {
                 const int m = i / rows, p = i - m * rows;
                 const float v = activation<T>(x, up, (size_t)m * K + mat.perm[ch.z + p]);
                 xs[m][lr + p] = v;
-                if (paired && p < full) xh[HALF ? m : 0][pair_position(bits, lr + p, p)] = Act<fp16_t>::store(v * prescale);
+                if (HALF && p < full) xh[HALF ? m : 0][pair_position(bits, lr + p, p)] = Act<fp16_t>::store(v * prescale);
             }
         }
     }
@@ -561,23 +557,29 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
     finish_split<T, M, C>(mat, tile);
 }
 
+// Blocks an SM the GEMV kernels' launch bounds ask for, by activation rows m and columns a thread c: at m = 2 (one
+// column) 7 (72 registers; left alone, ptxas took 95); at m = 1, 8 for one column (64 registers, no spill; with the
+// early gather table ptxas took 72), 7 for two; other m as ptxas likes (0).
+__host__ __device__ constexpr int gemv_min_blocks(int m, int c) {
+    return m == 2 && c == 1 ? 7 : m == 1 ? (c == 1 ? 8 : 7) : 0;
+}
+
 // One matrix (o_proj, down_proj, lm_head, ...): its fields are kernel parameters at fixed offsets, which
 // the compiler reads as operands (fewer registers than the group kernel's indexed fields).
-// The bounds: at M = 2 7 blocks an SM (72 registers; left alone, ptxas took 95); at M = 1 8 for one column a thread
-// (64 registers, no spill; with the early gather table ptxas took 72), 7 for two; other M as ptxas likes.
 // C: adjacent columns a thread (1; or 2, "wide": one 8-byte load a word row, THREADS·2 columns a block, so the
 // activation gather, the chunk walk and the split-K epilogue of a block serve twice the weights).
 template <typename T, int M, int C = 1>
-__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : C == 1 && M == 1 ? 8 : 0) exl2_gemv(const u16* __restrict__ x, const u16* __restrict__ up, int K,
-                                                                          const GemvMatrix mat) {
+__global__ void __launch_bounds__(THREADS, gemv_min_blocks(M, C)) exl2_gemv(const u16* __restrict__ x,
+                                                                         const u16* __restrict__ up, int K,
+                                                                         const GemvMatrix mat) {
     gemv_block<T, M, C>(x, up, K, mat, blockIdx.x);
 }
 
 // Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each
 // matrix's blocks in turn.
 template <typename T, int M, int C = 1>
-__global__ void __launch_bounds__(THREADS, C == 1 && M == 2 ? 7 : C == 2 && M == 1 ? 7 : C == 1 && M == 1 ? 8 : 0) exl2_gemv_group(const u16* __restrict__ x, int K,
-                                                                                const GemvGroup group) {
+__global__ void __launch_bounds__(THREADS, gemv_min_blocks(M, C)) exl2_gemv_group(const u16* __restrict__ x, int K,
+                                                                               const GemvGroup group) {
     int which = 0;
 #pragma unroll
     for (int i = 1; i < MAX_GROUP; i++)
