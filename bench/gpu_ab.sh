@@ -15,6 +15,9 @@
 #                  prefill first; QUICK_SMALL=1 adds the synthetic Qwen2.5-0.5B's decode twice (a small model: host and
 #                  small kernels); QUICK_8B_REPEAT=N the 8B's decode N more times; QUICK_SMOL=1 smollm2 EXL2 4.0 twice;
 #                  QUICK_GEMV=0 leaves bench/gemv.py out, QUICK_ROWS its rows, QUICK_GEMV_ARGS more of its options.
+#   STAGE=widths:  per tree in TREES, bench/gemv.py at one and two rows (4096x14336, 14336x4096) for each of WIDTH_BPWS
+#                  (default 3.0 5.0 6.0), then the synthetic 8B's and Qwen2.5-0.5B's decode at each of DECODE_BPWS
+#                  (default 3.0 4.0 5.0); WIDTH_ROUNDS=N (default 1) rounds, the trees interleaved within each.
 #   STAGE=wide:    the wide GEMV instances against the narrow ones: bench/gemv.py at 1 and 2 rows over the 8B and small
 #                  shapes with EXLQ_GEMV_WIDE=0 (narrow) and =1 (wide everywhere), then the synthetic 8B's and
 #                  Qwen2.5-0.5B's decode, narrow and with the default rule (WIDE_MIN_COLUMNS).
@@ -159,6 +162,18 @@ quick)
       echo "smollm2 exl2 $(python3 -m exlq.cli.app bench $E --json 2>>$OUT/err.log \
         | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
     done
+  ) done; done ;;
+widths)
+  for round in $(seq ${WIDTH_ROUNDS:-1}); do for tree in ${TREES:-$HERE}; do (
+    cd $tree; tag=$(basename $tree); echo "=== widths $tree, round $round"
+    for bpw in ${WIDTH_BPWS:-3.0 5.0 6.0}; do
+      python3 bench/gemv.py --bpw $bpw --rows 1 2 --shapes 4096x14336 14336x4096 \
+        --json-out $OUT/gemv_${tag}_${bpw}_$round.json 2>&1 | grep -E "^K=" | sed "s/^/$bpw bpw /"
+    done
+    for model in llama3-8b qwen2.5-0.5b; do for bpw in ${DECODE_BPWS:-3.0 4.0 5.0}; do
+      echo "$model $bpw $(python3 -m exlq.cli.app bench --synthetic $model --bpw $bpw --prefill 512 --json \
+        2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+    done; done
   ) done; done ;;
 wide)
   shapes="4096x14336 14336x4096 4096x4096 576x1536 1536x576 896x4864"
