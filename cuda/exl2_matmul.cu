@@ -266,14 +266,17 @@ __device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*
 }
 
 // Blocks of 32 rows whose words a thread holds at once: 4 (a whole chunk) for one column a thread; for C columns,
-// 4, 2 or 1 so that at most 8·C words are in flight (2 columns: 64 registers at one row, as one column).
-__host__ __device__ constexpr int blocks_in_flight(int bits, int columns) {
-    return columns == 1 || bits <= 2 ? 4 : bits <= 4 ? 2 : 1;
+// 4, 2 or 1 so that at most 8·C words are in flight (2 columns: 64 registers at one row, as one column); `deep` (one
+// activation row on the fp16 pair path) allows 4 up to 3 bits and 2 up to 6: 10-12 words a column for 3, 5 and 6
+// bits instead of 5-6, which read slower than 4 bits (72 registers, no spill; at two rows or in bf16 it cost
+// registers, spills or 15-20 % more time: docs/benchmarks.md, session 20).
+__host__ __device__ constexpr int blocks_in_flight(int bits, int columns, bool deep) {
+    return columns == 1 || bits <= 2 || (deep && bits <= 3) ? 4 : bits <= 4 || (deep && bits <= 6) ? 2 : 1;
 }
 
 // Word rows of a block's first chunk that gemv_block loads before its activation gather, so that their DRAM round
-// trip overlaps the gather's chain of dependent loads: chunk_dot's first round at every width of the wide kernel
-// (blocks_in_flight · B ≤ 8).
+// trip overlaps the gather's chain of dependent loads: chunk_dot's first round of the wide kernel at 2, 4 and 8 bits
+// (blocks_in_flight · B = 8), most of it at 3, 5 and 6 (10-12 words).
 constexpr int EARLY_ROWS = 8;
 
 // One chunk (≤ 128 rows) for the thread's C columns: the words of blocks_in_flight blocks of 32 rows are loaded
@@ -285,7 +288,7 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
                                           const u16 (*xh)[SPLIT_ROWS], int lr, int rows, const float (*scale)[C],
                                           const Magic& k, float (*acc)[M], const u32 (&early)[C][EARLY_ROWS],
                                           bool use_early) {
-    constexpr int BL = blocks_in_flight(B, C);
+    constexpr int BL = blocks_in_flight(B, C, HALF && M == 1);
     const int blocks = rows >> 5;
     // The thread's pointer, opaque to the compiler (else it folds it back into q_weight + a 64-bit index and
     // spends 3-4 instructions an address), and 32-bit word offsets from it (a layer has < 2^32 words).
