@@ -11,6 +11,7 @@ import torch
 from exlq.quant.asymmetric import Asymmetric, asymmetric_target, captured_inputs
 from exlq.quant.convert import ConvertOptions, convert_model, job_options
 from exlq.quant.hessian import LayerRunner, linear_modules
+from exlq.quant.options import grid_digest
 from exlq.quant.rotate import rotation_for
 from exlq.runtime.loader import load_model
 from test_cli_quantize import SMALL, cli
@@ -132,7 +133,7 @@ def test_off_is_the_plain_code_path_and_fingerprint(tiny_model_dirs, tmp_path, m
     on = job_options(ConvertOptions(bpw=3.0, asym_alpha=0.25, **former), rotation_for(True), calibration, None)
     assert on == {**plain, "asymmetric": {"alpha": 0.25, "lambda": 0.01}}
     default = job_options(options, rotation_for(True), calibration, None)
-    assert default == {**plain, "measure": {"grid": "dense", "holdout": True}}
+    assert default == {**plain, "measure": {"grid": "dense", "holdout": True, "grid_digest": grid_digest("dense")}}
 
 
 def test_undecided_options_cannot_reach_a_fingerprint():

@@ -16,8 +16,11 @@ from exlq.quant.options import (
     HEAD_OPTIONS,
     MLP_TABLE,
     REFERENCE_TABLES,
+    GRIDS,
+    OptionTable,
     bits_per_weight,
     candidate_specs,
+    grid_digest,
     grid_specs,
     head_candidates,
     parse_spec,
@@ -182,3 +185,21 @@ def test_unknown_names_get_every_spec_and_moe_names_their_mlp_column():
     assert set(candidate_specs("c_fc")) == union | {parse_spec(s) for s in DENSE_SPECS}  # the default grid's
     assert candidate_specs("w2") == candidate_specs("down_proj")
     assert candidate_specs("w1") == candidate_specs("gate_proj")
+
+
+def test_grid_digest_names_a_grids_contents(monkeypatch):
+    """Job fingerprints carry it (measure.measure_settings): a work directory measured over a grid's older options
+    must not resume with new ones under the same grid name."""
+    digests = {name: grid_digest(name) for name in GRIDS}
+    assert len(set(digests.values())) == len(GRIDS) and digests["dense"] == grid_digest("dense")
+    extra = OptionTable(("down_proj",), (("6/1/64",),))
+    monkeypatch.setitem(GRIDS, "dense", (*GRIDS["dense"], extra))
+    assert grid_digest("dense") != digests["dense"]
+
+
+def test_every_matrix_has_a_plain_six_bit_option():
+    """down_proj's reference column jumps from ~5.5 to ~6.2 bpw; the plain 6-bit options fill it (KL at 6.0 on
+    smollm2 0.00973 -> 0.00884, docs/benchmarks.md, session 20)."""
+    six = {parse_spec("6/1/128"), parse_spec("6/1/32")}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert six <= set(candidate_specs(name)), name

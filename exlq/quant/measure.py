@@ -32,7 +32,7 @@ from exlq.quant.calibration import Calibration
 from exlq.quant.gptq import QuantSpec, quantize_gptq_many
 from exlq.quant.hessian import LayerRunner, linear_modules
 from exlq.quant.job import Job
-from exlq.quant.options import candidate_specs, total_bits
+from exlq.quant.options import candidate_specs, grid_digest, total_bits
 from exlq.runtime.model import DecoderOnlyLM
 
 FORMAT = "exlq-measurement"
@@ -156,9 +156,11 @@ FORMER_MEASURE_SETTINGS = {"grid": "reference", "holdout": False}
 
 def measure_settings(grid: str, holdout: bool, rows: int) -> dict:
     """What a measurement's options and scoring depend on besides model and calibration, for job fingerprints
-    (empty for FORMER_MEASURE_SETTINGS)."""
+    (empty for FORMER_MEASURE_SETTINGS); grids other than the reference converter's also name their contents."""
     settings = {"grid": grid, "holdout": holds_out(rows, holdout)}
-    return {} if settings == FORMER_MEASURE_SETTINGS else settings
+    if settings == FORMER_MEASURE_SETTINGS:
+        return {}
+    return settings if grid == FORMER_MEASURE_SETTINGS["grid"] else {**settings, "grid_digest": grid_digest(grid)}
 
 
 def scoring_rows(rows: int, holdout: bool) -> int:

@@ -8,6 +8,7 @@ extended grid is just another table (DENSE_TABLE, ours, is one; with it, the def
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,8 +117,11 @@ REFERENCE_TABLES: tuple[OptionTable, ...] = (ATTN_TABLE, MLP_TABLE)
 # scored on held-out calibration rows (measure's `holdout`): alone, the dense grid lost at 6.0 bpw, where the
 # allocator trusted the optimistic errors of 5-bit groups of 32 scored on the rows they were fitted on; together
 # they lowered KL at every bitrate on the GPU harness (smollm2, full calibration: docs/benchmarks.md, session 13).
+# Plain 6 bits (6/1/128, 6/1/32) since session 20: down_proj's column had none, so at 6.0 bpw it had to mix ~5.5-bit
+# and ~6.2-bit options; with them, smollm2's KL at 6.0 fell from 0.00973 to 0.00884 (at 5.0, 0.03005 → 0.02999).
 DENSE_SPECS = (
-    "3/1/128", "3/1/32", "4,3/.5,.5/128", "5,4/.5,.5/128", "5/1/128", "5/1/32", "6,5/.5,.5/128", "8,6/.5,.5/128",
+    "3/1/128", "3/1/32", "4,3/.5,.5/128", "5,4/.5,.5/128", "5/1/128", "5/1/32", "6,5/.5,.5/128", "6/1/128", "6/1/32",
+    "8,6/.5,.5/128",
 )
 _ALL_MATRICES = ATTN_TABLE.matrices + MLP_TABLE.matrices
 DENSE_TABLE = OptionTable(_ALL_MATRICES, tuple((spec,) * len(_ALL_MATRICES) for spec in DENSE_SPECS))
@@ -182,6 +186,13 @@ def candidate_specs(
     A name no table knows (another architecture's naming) gets the union of every table's specs.
     """
     return list(_candidate_specs(MATRIX_ALIASES.get(matrix_name, matrix_name), tables, shape))
+
+
+def grid_digest(grid: str) -> str:
+    """A short hash of a grid's tables, for job fingerprints: a work directory measured over a grid's older options
+    must not resume under the same name with new ones (the dense grid gained plain 6 bits in session 20)."""
+    tables = [(table.matrices, table.rows) for table in GRIDS[grid]]
+    return hashlib.sha256(repr(tables).encode()).hexdigest()[:12]
 
 
 def grid_specs(grid: str) -> Callable[[str], list[QuantSpec]]:
