@@ -266,12 +266,12 @@ __device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*
 }
 
 // Blocks of 32 rows whose words a thread holds at once: 4 (a whole chunk) for one column a thread; for C columns,
-// 4, 2 or 1 so that at most 8·C words are in flight (2 columns: 64 registers at one row, as one column); `deep` (one
-// activation row on the fp16 pair path) allows 4 up to 3 bits and 2 up to 6: 10-12 words a column for 3, 5 and 6
-// bits instead of 5-6, which read slower than 4 bits (72 registers, no spill; at two rows or in bf16 it cost
-// registers, spills or 15-20 % more time: docs/benchmarks.md, session 20).
+// the most of 4, 2 or 1 that keeps at most 8 words a column in flight (2 columns: 64 registers at one row, as one
+// column), or 12 when `deep` (one activation row on the fp16 pair path): then 3, 5 and 6 bits hold 10-12 words instead
+// of 5-6, with which they read slower than 4 bits (72 registers, no spill; at two rows or in bf16 the deeper loads
+// cost registers, spills or 15-20 % more time: docs/benchmarks.md, session 20).
 __host__ __device__ constexpr int blocks_in_flight(int bits, int columns, bool deep) {
-    return columns == 1 || bits <= 2 || (deep && bits <= 3) ? 4 : bits <= 4 || (deep && bits <= 6) ? 2 : 1;
+    return columns == 1 || 4 * bits <= (deep ? 12 : 8) ? 4 : 2 * bits <= (deep ? 12 : 8) ? 2 : 1;
 }
 
 // Word rows of a block's first chunk that gemv_block loads before its activation gather, so that their DRAM round
