@@ -80,6 +80,10 @@ prepare() {  # $1: the tree whose GPU tests run while smollm2 converts
     -k real_exl2 2>&1 | tail -3)
 }
 
+decode_rate() {  # `exlq bench ARGS --json`, its decode tokens/s alone ("decode_tokens_per_second":N)
+  python3 -m exlq.cli.app bench "$@" --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,'
+}
+
 speed() {  # $1: tree; $2: environment settings for this run (e.g. EXLQ_MMA=0), also in the output names.
   # Run in a subshell (the stage does): the cd and the exported setting end with it.
   cd $1; tag=$(basename $1)$(echo "${2:-}" | tr -c 'A-Za-z0-9\n' _); [ -n "${2:-}" ] && export ${2}
@@ -151,16 +155,13 @@ quick)
     python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --prefill 512,2048 --json 2>>$OUT/err.log \
       | tee $OUT/bench_8b_$tag.json | grep -E "decode_tokens|\"512|\"2048|gbps"
     [ -n "${QUICK_SMALL:-}" ] && for run in 1 2; do
-      echo "qwen2.5-0.5b $(python3 -m exlq.cli.app bench --synthetic qwen2.5-0.5b --bpw 4.0 --prefill 512 \
-        --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+      echo "qwen2.5-0.5b $(decode_rate --synthetic qwen2.5-0.5b --bpw 4.0 --prefill 512)"
     done
     [ -n "${QUICK_8B_REPEAT:-}" ] && for run in $(seq $QUICK_8B_REPEAT); do
-      echo "8b again $(python3 -m exlq.cli.app bench --synthetic llama3-8b --bpw 4.0 --prefill 512 --json 2>>$OUT/err.log \
-        | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+      echo "8b again $(decode_rate --synthetic llama3-8b --bpw 4.0 --prefill 512)"
     done
     [ -n "${QUICK_SMOL:-}" ] && [ -f $E/config.json ] && for run in 1 2; do
-      echo "smollm2 exl2 $(python3 -m exlq.cli.app bench $E --json 2>>$OUT/err.log \
-        | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+      echo "smollm2 exl2 $(decode_rate $E)"
     done
   ) done; done ;;
 widths)
@@ -171,8 +172,7 @@ widths)
         --json-out $OUT/gemv_${tag}_${bpw}_$round.json 2>&1 | grep -E "^K=" | sed "s/^/$bpw bpw /"
     done
     for model in llama3-8b qwen2.5-0.5b; do for bpw in ${DECODE_BPWS:-3.0 4.0 5.0}; do
-      echo "$model $bpw $(python3 -m exlq.cli.app bench --synthetic $model --bpw $bpw --prefill 512 --json \
-        2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+      echo "$model $bpw $(decode_rate --synthetic $model --bpw $bpw --prefill 512)"
     done; done
   ) done; done ;;
 wide)
@@ -183,8 +183,7 @@ wide)
   done
   for model in llama3-8b qwen2.5-0.5b; do
     for setting in 0 ""; do  # narrow, then the default rule (WIDE_MIN_COLUMNS)
-      echo "-- $model EXLQ_GEMV_WIDE=$setting: $(EXLQ_GEMV_WIDE=$setting python3 -m exlq.cli.app bench --synthetic $model \
-        --bpw 4.0 --prefill 512 --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,')"
+      echo "-- $model EXLQ_GEMV_WIDE=$setting: $(EXLQ_GEMV_WIDE=$setting decode_rate --synthetic $model --bpw 4.0 --prefill 512)"
     done
   done ;;
 ladder)  # in LADDER_TREE (default /tmp/gpu/ladder: this commit + bench/patches/gemv-ladder.patch), each rung's build
