@@ -59,6 +59,16 @@ def random_exl2(k: int, n: int, bits, props, group_size, *, seed: int, bias: boo
     return pack_exl2(codes, scale_codes, q_scale_max, layout, perm, b), layout
 
 
+def on_gpu(tensors):
+    """An EXL2 layer's tensors (random_exl2's) on the GPU."""
+    return type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+
+
+def stored_weight(layer) -> torch.Tensor:
+    """W [K, N_pad] by the torch reference (`dequantize`), of an Exl2Tensors or an Exl2Linear."""
+    return dequantize(*(getattr(layer, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -93,7 +103,7 @@ def test_dequant_kernel_is_bit_exact_on_golden_vectors(golden, name):  # noqa: F
 def test_dequant_kernel_matches_torch(k, bits, props, group, n):
     tensors, layout = random_exl2(k, n, bits, props, group, seed=k + n)
     reference = dequantize_stored(tensors.q_weight, tensors.q_scale, tensors.q_scale_max, tensors.q_groups)
-    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    cuda = on_gpu(tensors)
     plan = exl2_ops.build_plan(cuda, layout, n)
     assert same_bits(exl2_ops.dequantize_stored(plan, torch.float16).cpu(), reference)
     in_order = torch.empty_like(reference)
@@ -121,10 +131,10 @@ def use_gemv(kind: str, monkeypatch) -> None:
 def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dtype, kind, monkeypatch):
     use_gemv(kind, monkeypatch)
     tensors, layout = random_exl2(k, n, bits, props, group, seed=3 * k + n, bias=rows % 2 == 1)
-    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, k, n, dtype=dtype)
     x = torch.randn(rows, k, device=CUDA).to(dtype)
-    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+    weight = stored_weight(cuda)
     expected = x.double() @ weight[:, :n].double()
     if cuda.bias is not None:
         expected += cuda.bias[:n].double()
@@ -151,9 +161,9 @@ def test_fp16_pair_path_keeps_small_activations(bits, kind, monkeypatch):
     use_gemv(kind, monkeypatch)
     k, n = 1024, 256
     tensors, _ = random_exl2(k, n, [bits], [1.0], 32, seed=bits)
-    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, k, n, dtype=torch.float16)
-    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+    weight = stored_weight(cuda)
     x = (0.01 * torch.randn(2, k, device=CUDA)).half()
     assert rel(layer(x[None])[0], x.double() @ weight[:, :n].double()) < TOLERANCE[torch.float16]
 
@@ -163,10 +173,10 @@ def test_one_row_matmul_at_the_largest_input_size():
     index up to 65535, in a random permutation) must come through whole."""
     k = MAX_IN_FEATURES
     tensors, _ = random_exl2(k, 64, [4, 3], [0.5, 0.5], 32, seed=7)
-    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, k, 64, dtype=torch.float16)
     x = torch.randn(1, k, device=CUDA).half()
-    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+    weight = stored_weight(cuda)
     assert rel(layer(x[None])[0], x.double() @ weight[:, :64].double()) < TOLERANCE[torch.float16]
 
 
@@ -179,7 +189,7 @@ def test_gated_gemv_equals_silu_mul_then_gemv(rows, dtype, kind, monkeypatch):
     use_gemv(kind, monkeypatch)
     k, n = 976, 200  # every width, a 2-bit tail
     tensors, _ = random_exl2(k, n, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 64], seed=rows, bias=True)
-    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, k, n, dtype=dtype)
     gate, up = (4 * torch.randn(1, rows, k, device=CUDA)).to(dtype), torch.randn(1, rows, k, device=CUDA).to(dtype)
     expected = layer(fused_ops.silu_mul(gate, up))
@@ -203,11 +213,11 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
     layers, expected = [], []
     for i, (n, bits, props, group, *bias) in enumerate(GROUP_LAYERS):
         tensors, _ = random_exl2(k, n, bits, props, group, seed=50 + i, bias=bool(bias and bias[0]))
-        cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+        cuda = on_gpu(tensors)
         layers.append(Exl2Linear(cuda, k, n, dtype=dtype))
     x = torch.randn(rows, k, device=CUDA).to(dtype)
     for layer in layers:
-        weight = dequantize(*(getattr(layer, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+        weight = stored_weight(layer)
         ref = x.double() @ weight[:, : layer.out_features].double()
         expected.append(ref if layer.bias is None else ref + layer.bias[: layer.out_features].double())
     if rows in exl2_ops.GEMV_ROWS:  # the raw group kernel, four matrices, into poisoned outputs
@@ -231,9 +241,9 @@ def test_gemv_survives_large_activations(bits, kind, monkeypatch):
     use_gemv(kind, monkeypatch)
     props = [1.0 / len(bits)] * len(bits)
     tensors, layout = random_exl2(512, 256, bits, props, 32, seed=len(bits))
-    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, 512, 256, dtype=torch.float16)
-    weight = dequantize(*(getattr(cuda, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
+    weight = stored_weight(cuda)
     x = torch.randn(4 if kind == "mma" else 3, 512, device=CUDA)  # 4 rows: the tensor-core kernel's smallest launch
     x[:, :8] *= 3000 / x[:, :8].abs().max()  # a few channels in the thousands, as real down_proj inputs have
     x = x * min(1.0, 30000 / (x.double() @ weight[:, :256].double()).abs().max().item())  # outputs fit fp16
@@ -247,7 +257,7 @@ def test_gemv_survives_large_activations(bits, kind, monkeypatch):
 def test_gemv_reaches_torch_path_on_repeated_calls():
     """The split-K reduction is deterministic enough that repeated calls agree to fp16 rounding."""
     tensors, layout = random_exl2(4096, 4096, [4], [1.0], 128, seed=1)
-    cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+    cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, 4096, 4096, dtype=torch.float16)
     x = torch.randn(1, 4096, device=CUDA, dtype=torch.float16)
     first = layer(x)
@@ -289,7 +299,7 @@ def test_programmatic_dependent_launch_equals_plain_launches(monkeypatch, graph)
     layers = []
     for i, (k, n) in enumerate([(4096, 4096), (4096, 14336), (14336, 4096)]):
         tensors, _ = random_exl2(k, n, [4], [1.0], 32, seed=90 + i)
-        cuda = type(tensors)(**{f: None if v is None else v.to(CUDA) for f, v in vars(tensors).items()})
+        cuda = on_gpu(tensors)
         layers.append(Exl2Linear(cuda, k, n, dtype=torch.float16))
     norm_weight = torch.rand(4096, device=CUDA, dtype=torch.float16) + 0.5
     x = torch.randn(1, 4096, device=CUDA, dtype=torch.float16)
