@@ -49,7 +49,7 @@ struct GemvMatrix {
     const int* perm;        // exl2_matmul.cu: stored row -> input channel; exl2_mma.cu: its gather table
     const float* bias;      // null: no bias
     float* workspace;       // [M, n_pad] fp32 partial sums, zero between launches
-    int* counters;          // [tiles], zero between launches
+    int* counters;          // [tiles], zero between launches; null (exl2_matmul.cu): exl2_finish ends the product
     u16* y;                 // [M, N]
     int N, n_pad, tiles, splits, block0;  // block0: this matrix's first block in a group launch
 };

@@ -422,8 +422,9 @@ __device__ __forceinline__ void column_scales(const u32* __restrict__ q_scale, c
 
 // y[M, N] = x[M, K] @ W for one matrix, as block `local` of its Σ tiles·splits blocks: column tile
 // local % tiles (THREADS·C columns, C adjacent ones a thread), K split local / tiles. Each block sums its K split
-// into the fp32 workspace; the last block of a column tile to finish writes y (+bias) and re-zeroes the workspace
-// and its counter, so one launch does the whole product and leaves the workspace clean. With `up` (not null) the
+// into the fp32 workspace. Launched with counters, the last block of a column tile to finish writes y (+bias) and
+// re-zeroes the workspace and its counter, so one launch does the whole product and leaves the workspace clean;
+// without, the blocks end at their atomics and exl2_finish (the next launch) does that. With `up` (not null) the
 // product's input is T(silu(x)) * up (activation()).
 template <typename T, int M, int C>
 __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16* __restrict__ up, int K,
@@ -557,7 +558,33 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
             for (int m = 0; m < M; m++) atomicAdd(mat.workspace + (size_t)m * n_pad + n + c, acc[c][m]);
         }
     }
-    finish_split<T, M, C>(mat, tile);
+    // Launched without counters, the block ends at its atomics: exl2_finish, the next launch, writes y.
+    if (mat.counters != nullptr) finish_split<T, M, C>(mat, tile);
+}
+
+// The end of a split-K GEMV launched without counters, as a kernel of its own: for each matrix of that launch whose K
+// was split, y = T(sums + bias) and the workspace re-zeroed, for `rows` activation rows. Its GEMV's blocks thus skip
+// the fence, the tile counter and the last block's read-back, three round trips to L2 at the end of every block of a
+// one-wave kernel (~3 µs a launch, docs/benchmarks.md, session 20); with programmatic dependent launch this kernel is
+// already resident when they end. Grid (ceil(rows · max n_pad / FINISH_THREADS), matrices); the same rounding as
+// finish_split, so the outputs are the same.
+#define FINISH_THREADS 256
+template <typename T>
+__global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup group, int rows) {
+    pdl_launch_dependents();
+    pdl_wait();
+    int which = 0;
+#pragma unroll
+    for (int i = 1; i < MAX_GROUP; i++)
+        if (i == (int)blockIdx.y) which = i;
+    const GemvMatrix& mat = group.m[which];
+    const int i = blockIdx.x * FINISH_THREADS + threadIdx.x;
+    if (mat.splits == 1 || i >= rows * mat.n_pad) return;  // one split: its GEMV blocks wrote y themselves
+    const int m = i / mat.n_pad, n = i - m * mat.n_pad;
+    float* slot = mat.workspace + i;
+    const float v = __ldcg(slot);
+    *slot = 0.0f;
+    if (n < mat.N) mat.y[(size_t)m * mat.N + n] = Act<T>::store(v + (mat.bias != nullptr ? mat.bias[n] : 0.0f));
 }
 
 // Blocks an SM the GEMV kernels' launch bounds ask for, by activation rows m and columns a thread c: at m = 2 (one

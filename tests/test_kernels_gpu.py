@@ -114,13 +114,17 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
 
 
 # The GEMV kernels: the tensor-core one (fp16, 4 or 8 rows, layers of whole 32-row blocks; rows 8 and 13 reach it),
-# the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width).
-KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.bfloat16, "narrow"),
-           (torch.bfloat16, "wide")]
+# the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width), whose
+# split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs).
+KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "wide-inline"),
+           (torch.bfloat16, "narrow"), (torch.bfloat16, "wide")]
 
 
 def use_gemv(kind: str, monkeypatch) -> None:
-    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows)."""
+    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows), and "-inline" to
+    the in-kernel end of split products instead of exl2_finish."""
+    monkeypatch.setattr(exl2_ops, "FINISH_KERNEL", not kind.endswith("-inline"))
+    kind = kind.removesuffix("-inline")
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
     monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind == "wide" else 1 << 62)
 

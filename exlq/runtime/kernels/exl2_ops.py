@@ -61,10 +61,15 @@ INSTANCE_SETS = {
         [f"{name}<{tag}, {m}>" for name in ("exl2_gemv", "exl2_gemv_group") for m in GEMV_ROWS]
         + [f"{name}<{tag}, {m}, {c}>" for c in COLUMN_CHOICES[1:] for name in ("exl2_gemv", "exl2_gemv_group")
            for m in WIDE_ROWS]
-        + [f"exl2_dequant<{tag}>"]
+        + [f"exl2_dequant<{tag}>", f"exl2_finish<{tag}>"]
     )
     for dtype, tag in ACTIVATION_TAGS.items()
 }
+FINISH_THREADS = 256  # FINISH_THREADS in the .cu
+#: The split-K GEMV (not the tensor-core one) ends at its atomics and `exl2_finish`, launched after it, writes the
+#: outputs: no fence, counter and read-back at the end of every block (docs/benchmarks.md, session 20).
+#: EXLQ_GEMV_FINISH=0: each K split's last block writes them, inside the GEMV.
+FINISH_KERNEL = os.environ.get("EXLQ_GEMV_FINISH", "1") != "0"
 MMA_ROWS = (8, 4)  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
@@ -235,6 +240,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     tensor_cores, columns = gemv_route(plans, rows, x.dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
+    finish = FINISH_KERNEL and not tensor_cores  # exl2_finish writes the outputs of split products
     workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
@@ -245,7 +251,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
         group.m[i] = GemvMatrix(
             plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.chunks.data_ptr(),
             split_chunks.data_ptr(), rows_in.data_ptr(), 0 if plan.bias is None else plan.bias.data_ptr(),
-            workspace.data_ptr() + 4 * floats, counters.data_ptr() + 4 * tiles, out.data_ptr(),
+            workspace.data_ptr() + 4 * floats, 0 if finish else counters.data_ptr() + 4 * tiles, out.data_ptr(),
             plan.out_features, plan.n_pad, plan_tiles, splits, blocks,
         )
         blocks += plan_tiles * splits
@@ -261,6 +267,10 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     args = group.m[0] if len(plans) == 1 else group
     operands = (x, up, plans[0].in_features, args) if name == "exl2_gemv" else (x, plans[0].in_features, args)
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=not tensor_cores)
+    if finish and any(group.m[i].splits > 1 for i in range(len(plans))):
+        finisher = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_finish<{ACTIVATION_TAGS[x.dtype]}>", device)
+        width = -(-rows * max(plan.n_pad for plan in plans) // FINISH_THREADS)
+        launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows), device, overlap=True)
 
 
 def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = False) -> torch.Tensor:
