@@ -8,8 +8,16 @@
 // each thread keeps its values (and weights) in registers, so the row is read once and every load is in
 // flight before the reduction (a decode step runs this once per row: latency is all it costs).
 #define NORM_PER_THREAD 16
+// Rows longer than 7936 take 1024 threads, whose registers must fit an SM's 65536: unbounded, sm_80 and sm_89 give
+// this kernel 80 a thread and such a launch fails ("too many resources requested"). Bounded there (64, a few bytes
+// of spill); sm_90 takes 54 unbounded, and its code stays as measured.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define NORM_BOUNDS __launch_bounds__(1024)
+#else
+#define NORM_BOUNDS
+#endif
 template <typename T>
-__global__ void add_rms_norm(const float* __restrict__ residual, const u16* __restrict__ delta,
+__global__ void NORM_BOUNDS add_rms_norm(const float* __restrict__ residual, const u16* __restrict__ delta,
                              const u16* __restrict__ weight, float* __restrict__ new_residual,
                              u16* __restrict__ out, int hidden, float eps) {
     __shared__ float partial[32];

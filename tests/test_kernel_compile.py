@@ -9,6 +9,10 @@ from exlq.runtime.kernels.compiler import SOURCE_DIR, compile_source, cubin_reso
 
 ARCHES = ("sm_80", "sm_89", "sm_90")
 MAX_LOCAL_BYTES = 32  # a thread's stack frame: spilled registers, local arrays
+#: Kernels launched with blocks of up to this many threads (add_rms_norm: one row a block, up to 1024 threads) must
+#: fit them in an SM's 65536 registers (allocated 8 at a time), or the launch fails with "too many resources
+#: requested" (session 21: add_rms_norm took 80 registers on sm_80 and sm_89).
+LARGEST_BLOCK = {"add_rms_norm": 1024}
 
 
 def test_every_source_is_in_the_catalog():
@@ -33,6 +37,8 @@ def test_kernel_compiles(source, arch, tmp_path, monkeypatch):
         for instance, mangled in module.names.items():
             assert 0 < registers[mangled] <= 255, instance
             assert local.get(mangled, 0) <= MAX_LOCAL_BYTES, f"{instance} uses {local[mangled]} bytes of local memory on {arch}"
+            threads = LARGEST_BLOCK.get(instance.partition("<")[0], 0)
+            assert -(-registers[mangled] // 8) * 8 * threads <= 65536, f"{instance}: {registers[mangled]} registers on {arch}"
 
 
 def test_gemv_descriptors_match_the_kernel_structs():
