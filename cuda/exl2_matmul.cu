@@ -565,9 +565,10 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
 // The end of a split-K GEMV launched without counters, as a kernel of its own: for each matrix of that launch whose K
 // was split, y = T(sums + bias) and the workspace re-zeroed, for `rows` activation rows. Its GEMV's blocks thus skip
 // the fence, the tile counter and the last block's read-back, three round trips to L2 at the end of every block of a
-// one-wave kernel (~3 µs a launch, docs/benchmarks.md, session 20); with programmatic dependent launch this kernel is
-// already resident when they end. Grid (ceil(rows · max n_pad / FINISH_THREADS), matrices); the same rounding as
-// finish_split, so the outputs are the same.
+// one-wave kernel (~3 µs a launch, docs/benchmarks.md, session 20); the launch boundary gives ~2 µs of that back
+// (4096x14336 at one row: 13.2 -> 12.5 µs, session 21), the rest is for a consumer that ends the sums as it reads
+// them. Grid (ceil(rows · max n_pad / FINISH_THREADS), matrices); the same rounding as finish_split, so the outputs
+// are the same.
 #define FINISH_THREADS 256
 template <typename T>
 __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup group, int rows) {
