@@ -574,6 +574,8 @@ template <typename T>
 __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup group, int rows) {
     pdl_launch_dependents();
     pdl_wait();
+    // The matrix of blockIdx.y, picked by an unrolled compare as exl2_gemv_group picks its own: a run-time index
+    // into the parameter's array would copy the group to local memory.
     int which = 0;
 #pragma unroll
     for (int i = 1; i < MAX_GROUP; i++)

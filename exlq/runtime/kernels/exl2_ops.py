@@ -245,9 +245,11 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
+    split_k = False  # a product split along K: its outputs are exl2_finish's (with `finish`)
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
         split_chunks = plan.splits(columns)
         splits, plan_tiles = split_chunks.numel() - 1, plan.tiles(columns)
+        split_k |= splits > 1
         rows_in = plan.gather if tensor_cores else plan.perm  # the field each kernel reads for its input rows
         group.m[i] = GemvMatrix(
             plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.chunks.data_ptr(),
@@ -268,7 +270,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     args = group.m[0] if len(plans) == 1 else group
     operands = (x, up, plans[0].in_features, args) if name == "exl2_gemv" else (x, plans[0].in_features, args)
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=not tensor_cores)
-    if finish and any(group.m[i].splits > 1 for i in range(len(plans))):
+    if finish and split_k:
         finisher = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_finish<{ACTIVATION_TAGS[x.dtype]}>", device)
         width = -(-rows * max(plan.n_pad for plan in plans) // FINISH_THREADS)
         launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows), device, overlap=True)
