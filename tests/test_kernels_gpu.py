@@ -355,6 +355,46 @@ def test_fused_add_rms_norm_and_silu_match_torch(hidden, dtype, monkeypatch):
     assert rel(fused_ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up) < tol
 
 
+# (head size, query heads, KV heads): Llama-3-8B, Qwen2.5-0.5B (7 a group), smollm2 (3), plain multi-head, 8 a group.
+ATTENTION_HEADS = [(128, 32, 8), (64, 14, 2), (64, 9, 3), (64, 4, 4), (128, 16, 2)]
+
+
+@pytest.mark.parametrize("dim, heads, kv_heads", ATTENTION_HEADS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("span, position, window, on_device", [
+    (1, 0, None, False), (64, 63, None, False), (65, 64, None, False), (300, 299, None, False),  # eager: all keys
+    (256, 37, None, True), (512, 300, None, True), (1024, 1000, 100, True), (256, 200, 64, False),  # graph spans
+    (4096, 4095, None, True), (4096, 130, 3, True),
+])
+def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, position, window, on_device):
+    """The one-token kernel against SDPA with the mask the torch path builds (keys after the position, or `window`
+    or more before it, excluded), for a cache buffer longer than the span, two sequences and a poisoned output."""
+    from exlq.runtime.attention import attend
+    from exlq.runtime.kernels import attention_ops
+
+    gen = torch.Generator(device=CUDA).manual_seed(span + position + dim)
+    bsz, capacity = 2, span + 192
+    buffers = [torch.randn(bsz, kv_heads, capacity, dim, device=CUDA, generator=gen).to(dtype) for _ in range(2)]
+    for buffer in buffers:  # keys and values outside the window must not be read: NaN there would show
+        buffer[:, :, position + 1 :] = float("nan")
+        if window:
+            buffer[:, :, : max(0, position - window + 1)] = float("nan")
+    k, v = (b[:, :, :span] for b in buffers)
+    q = (torch.randn(bsz, heads, 1, dim, device=CUDA, generator=gen) * 2).to(dtype)
+    assert attention_ops.applies(q, k, v, padded=False)
+    keys = torch.arange(span, device=CUDA)
+    allowed = (keys <= position) & ((position - keys < window) if window else True)
+    clean = [b.nan_to_num(0.0) for b in buffers]
+    expected = attend(q, clean[0][:, :, :span], clean[1][:, :, :span],
+                      torch.zeros(span, device=CUDA, dtype=dtype).masked_fill(~allowed, float("-inf")), False)
+    where = torch.tensor([position], device=CUDA) if on_device else position
+    for _ in range(2):  # the second launch finds the counters re-zeroed by the first
+        got = attention_ops.decode_attention(q, k, v, where, window)
+        assert got.shape == expected.shape and torch.isfinite(got).all()
+        assert rel(got, expected) < TOLERANCE[dtype]
+    assert not attention_ops._workspace.get(CUDA, 0, 0)[1].any(), "the counters must be left at zero"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens, position", [(1, 0), (1, 37), (9, 5)])
 def test_fused_rope_store_matches_torch(dtype, tokens, position):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlq.runtime import kernels
+from exlq.runtime.kernels import attention_ops
 from exlq.runtime.rope import apply_rotary
 
 
@@ -57,6 +58,14 @@ class AttentionBatch:
         """The part of whole cache buffers that attention reads: everything up to this forward's last token."""
         end = self.past_len + self.new_len
         return keys[:, :, :end], values[:, :, :end]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Attention of this forward's queries q [B, H, T, D] over k, v [B, Hkv, K, D]: a one-token step on the GPU
+        takes the decode kernel, which reads keys up to the token's position only; everything else SDPA."""
+        if q.shape[2] == 1 and kernels.applies(q) and attention_ops.applies(q, k, v, self.pad_lengths is not None):
+            return attention_ops.decode_attention(q, k, v, self.cache_position(), window)
+        mask, is_causal = self.mask(window)
+        return attend(q, k, v, mask, is_causal)
 
     def rotate_and_store(
         self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exlq.runtime import kernels
-from exlq.runtime.attention import AttentionBatch, attend
+from exlq.runtime.attention import AttentionBatch
 from exlq.runtime.cache import KVCache
 from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, add_rms_norm
 from exlq.runtime.linear import project_each, project_gated
@@ -86,8 +86,7 @@ class Attention(nn.Module):
         if cache is not None:  # a quantized cache weighs its key channels by the queries of its first positions
             cache.observe_queries(cache_layer, q.transpose(1, 2), batch.past_len)
         q, k, v = batch.rotate_and_store(cache, cache_layer, q, k, v)
-        mask, is_causal = batch.mask(self.window)
-        out = attend(q, k, v, mask, is_causal)
+        out = batch.attend(q, k, v, self.window)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim))
 
 

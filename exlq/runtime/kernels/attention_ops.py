@@ -1,0 +1,80 @@
+"""One-token attention over a KV cache (`cuda/decode_attention.cu`): the decode step's SDPA call, reading only the
+keys from the window's start to the token's position (a captured graph's SDPA reads its whole span, masked) and
+sharing each KV head's loads among its query heads. The torch path (`attention.attend`, SDPA) is the reference."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from exlq.errors import ExlqError
+from exlq.runtime.kernels import ACTIVATION_TAGS
+from exlq.runtime.kernels.launch import kernel, launch
+from exlq.runtime.kernels.workspace import Workspace
+
+SOURCE = "decode_attention.cu"
+CHUNK = 64  # ATT_CHUNK in the .cu: keys a block takes
+THREADS = 128  # ATT_THREADS
+HEAD_DIMS = (64, 128)
+MAX_GROUP = 8  # query heads a KV head serves, at most
+INSTANCES = tuple(
+    f"decode_attention<{tag}, {dim}, {group}>"
+    for tag in ACTIVATION_TAGS.values() for dim in HEAD_DIMS for group in range(1, MAX_GROUP + 1)
+)
+
+
+def enabled() -> bool:
+    """EXLQ_DECODE_ATTENTION=0 keeps one-token steps on SDPA (an A/B switch; read at every call, so a benchmark can
+    flip it; graphs keep what they captured)."""
+    return os.environ.get("EXLQ_DECODE_ATTENTION", "1") != "0"
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool) -> bool:
+    """Whether a step's attention (q [B, Hq, T, D] on a kernel-enabled GPU, `kernels.applies`; k and v
+    [B, Hkv, span, D]) can take the kernel: one token, no left padding, a head size and group it was built for,
+    keys and values as 16-byte aligned rows of D contiguous elements."""
+    bsz, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    return (
+        enabled() and length == 1 and not padded and dim in HEAD_DIMS and heads % kv_heads == 0
+        and heads // kv_heads <= MAX_GROUP and k.dtype == q.dtype == v.dtype and k.stride() == v.stride()
+        and k.stride(3) == 1 and k.stride(2) == dim and k.stride(1) % 8 == 0 and k.stride(0) % 8 == 0
+        and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0 and bsz * k.stride(0) < 2**31
+    )
+
+
+_workspace = Workspace()  # the chunks' records and the per-head counters
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor | int, window: int | None
+) -> torch.Tensor:
+    """softmax(q kᵀ/√D) v for one token: q [B, Hq, 1, D]; k, v [B, Hkv, span, D]; `position` (an int, or a [1]
+    int64 device tensor in CUDA graphs, below span) the token's cache position: keys after it are not read, nor keys
+    `window` or more before it. Returns [B, Hq, 1, D]."""
+    bsz, heads, _, dim = q.shape
+    kv_heads, span = k.shape[1], k.shape[2]
+    if isinstance(position, int) and not 0 <= position < span:
+        raise ExlqError(f"decode attention at position {position} over {span} keys")
+    group = heads // kv_heads
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    chunks = -(-span // CHUNK)
+    # Sized for the whole buffer behind k (its head stride), so the longer spans of later steps reuse it.
+    most_chunks = max(chunks, -(-(k.stride(1) // dim) // CHUNK))
+    records, counters = _workspace.get(q.device, bsz * kv_heads * most_chunks * group * (dim + 2), bsz * kv_heads)
+    device_position = position if isinstance(position, torch.Tensor) else None
+    function = kernel(SOURCE, INSTANCES, f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}>", q.device)
+    launch(
+        function,
+        (bsz * kv_heads, chunks, 1),
+        (THREADS, 1, 1),
+        (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
+         0 if device_position is not None else position, window or 0, math.log2(math.e) / math.sqrt(dim),
+         records, counters, out),
+        q.device,
+        overlap=True,
+    )
+    return out

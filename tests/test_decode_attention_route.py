@@ -1,0 +1,41 @@
+"""Which one-token steps the decode attention kernel takes (the rest stays on SDPA); the kernel itself is tested
+against SDPA on the GPU (test_kernels_gpu.py)."""
+
+import pytest
+import torch
+
+from exlq.runtime.kernels import attention_ops
+
+
+def cache_views(dim=64, heads=14, kv_heads=2, span=256, capacity=1024, bsz=1, dtype=torch.float16):
+    q = torch.zeros(bsz, heads, 1, dim, dtype=dtype)
+    k, v = (torch.zeros(bsz, kv_heads, capacity, dim, dtype=dtype)[:, :, :span] for _ in range(2))
+    return q, k, v
+
+
+def test_cache_prefix_views_take_the_kernel():
+    assert attention_ops.applies(*cache_views(), padded=False)
+    assert attention_ops.applies(*cache_views(dim=128, heads=32, kv_heads=8, bsz=2, dtype=torch.bfloat16), padded=False)
+
+
+@pytest.mark.parametrize("change", ["two tokens", "padded", "head size 80", "9 a group", "rows not contiguous",
+                                    "mixed dtypes", "switched off"])
+def test_other_steps_stay_on_sdpa(change, monkeypatch):
+    q, k, v = cache_views()
+    padded = False
+    if change == "two tokens":
+        q = torch.zeros(1, 14, 2, 64, dtype=torch.float16)
+    elif change == "padded":
+        padded = True
+    elif change == "head size 80":
+        q, k, v = cache_views(dim=80)
+    elif change == "9 a group":
+        q, k, v = cache_views(heads=18)
+    elif change == "rows not contiguous":
+        k, v = (torch.zeros(1, 2, 64, 512, dtype=torch.float16)[..., ::2].transpose(2, 3) for _ in range(2))
+    elif change == "mixed dtypes":
+        v = v.to(torch.bfloat16)
+    else:
+        monkeypatch.setenv("EXLQ_DECODE_ATTENTION", "0")
+    assert not attention_ops.applies(q, k, v, padded=padded)
+
