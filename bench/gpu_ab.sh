@@ -15,6 +15,8 @@
 #                  prefill first; QUICK_SMALL=1 adds the synthetic Qwen2.5-0.5B's decode twice (a small model: host and
 #                  small kernels); QUICK_8B_REPEAT=N the 8B's decode N more times; QUICK_SMOL=1 smollm2 EXL2 4.0 twice;
 #                  QUICK_GEMV=0 leaves bench/gemv.py out, QUICK_ROWS its rows, QUICK_GEMV_ARGS more of its options.
+#   STAGE=attention: the one-token attention kernel against SDPA (bench/attention.py), then the synthetic models'
+#                  decode with it off and on (ATT_ROUNDS rounds of ATT_MODELS).
 #   STAGE=widths:  per tree in TREES, bench/gemv.py at one and two rows (4096x14336, 14336x4096) for each of WIDTH_BPWS
 #                  (default 3.0 5.0 6.0), then the synthetic 8B's and Qwen2.5-0.5B's decode at each of DECODE_BPWS
 #                  (default 3.0 4.0 5.0); WIDTH_ROUNDS=N (default 1) rounds, the trees interleaved within each.
@@ -164,6 +166,14 @@ quick)
       echo "smollm2 exl2 $(decode_rate $E)"
     done
   ) done; done ;;
+attention)  # the one-token attention kernel against SDPA alone (bench/attention.py), then synthetic decode with the
+  # kernel off and on (EXLQ_DECODE_ATTENTION), ATT_ROUNDS rounds (default 2) of ATT_MODELS, the settings interleaved
+  python3 bench/attention.py --json-out $OUT/attention.json 2>&1 | tail -16
+  for run in $(seq ${ATT_ROUNDS:-2}); do for model in ${ATT_MODELS:-qwen2.5-0.5b smollm2-135m llama3-8b}; do
+    for setting in 0 1; do
+      echo "$model EXLQ_DECODE_ATTENTION=$setting $(EXLQ_DECODE_ATTENTION=$setting decode_rate --synthetic $model --bpw 4.0 --prefill 512)"
+    done
+  done; done ;;
 widths)
   for round in $(seq ${WIDTH_ROUNDS:-1}); do for tree in ${TREES:-$HERE}; do (
     cd $tree; tag=$(basename $tree); echo "=== widths $tree, round $round"

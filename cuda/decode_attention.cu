@@ -9,14 +9,16 @@
 // with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled by log2(e)/√D as it is staged). Then the
 // chunk's maximum and exponential sum per query head, and Σ p·v with a thread for 8 adjacent dimensions of a row.
 // One chunk writes out; several leave (Σ p·v, maximum, sum) per query head in an fp32 workspace, and the last block of
-// a (b, h) to finish (a counter, as in the GEMV's split K) merges them and re-zeroes the counter. Chunks past the
-// position (a graph's span is a bucket) or before the window leave an empty record. Keys and values: [B, Hkv, S, D]
-// with rows of D contiguous elements (a cache buffer, or a prefix view of one); q and out: [B, Hkv·G, D].
+// a (b, h) to finish (a counter, as in the GEMV's split K) merges them, with the loads of a few chunks in flight at
+// once, and re-zeroes the counter. Chunks past the position (a graph's span is a bucket) or before the window leave
+// an empty record (zero sums). Keys and values: [B, Hkv, S, D] with rows of D contiguous elements (a cache buffer, or
+// a prefix view of one); q and out: [B, Hkv·G, D].
 #include "common.cuh"
 
 #define ATT_THREADS 128
 #define ATT_CHUNK 64       // keys a block takes (mirrored in attention_ops.CHUNK)
 #define ATT_KEY_THREADS 4  // threads sharing one key's dot products
+#define ATT_MAX_CHUNKS 128 // chunks a launch may have (spans up to 8192 keys; attention_ops.MAX_SPAN)
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -61,11 +63,12 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     __shared__ float p[G][ATT_CHUNK];
     __shared__ __align__(16) float joined[WARPS][G][D];
     __shared__ float stats[G][2];
+    __shared__ float weight[ATT_MAX_CHUNKS][G];  // the merge's chunk weights
     __shared__ int is_last;
 
     pdl_launch_dependents();
     const int bh = blockIdx.x, chunk = blockIdx.y, chunks = gridDim.y;
-    const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x;
+    const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // The position is a graph input copied in before the step's first (torch) kernel, or a launch argument.
     const int pos = position != nullptr ? (int)*position : position_value;
     const int k0 = chunk * ATT_CHUNK;
@@ -155,7 +158,6 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         __syncthreads();
 
         // The chunk's softmax pieces per query head (at least one key is in it): warp w takes heads w, w + WARPS, ...
-        const int warp = tid >> 5, lane = tid & 31;
         for (int g = warp; g < G; g += WARPS) {
             const float a = p[g][lane], c = p[g][lane + 32];
             const float m = warp_max(fmaxf(a, c));
@@ -221,14 +223,15 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
             record[tid * RECORD + D + 1] = stats[tid][1];
         }
     } else {
-        pdl_wait();  // the merge below reads what earlier blocks of this launch wrote, and the counter
+        pdl_wait();  // the workspace and the counter are the previous launch's until it ends
+        for (int i = tid; i < G * D; i += ATT_THREADS) record[(i / D) * RECORD + i % D] = 0.0f;
         if (tid < G) {
             record[tid * RECORD + D] = NEG_INF;
             record[tid * RECORD + D + 1] = 0.0f;
         }
     }
 
-    // The last block of this (b, h) to finish merges the chunks: weights 2^(m_c - max m) on sums and outputs.
+    // The last block of this (b, h) to finish merges the chunks: weights 2^(m_c - max m) on their sums and outputs.
     __threadfence();
     __syncthreads();
     if (tid == 0) is_last = atomicAdd(counters + bh, 1) == chunks - 1;
@@ -236,22 +239,49 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     if (!is_last) return;
     __threadfence();
     const float* records = partial + (size_t)bh * chunks * G * RECORD;
-    for (int i = tid; i < G * D; i += ATT_THREADS) {
-        const int g = i / D, d = i - g * D;
+    for (int g = warp; g < G; g += WARPS) {  // warp w: heads w, w + WARPS, ...; a lane a chunk
         float top = NEG_INF;
-#pragma unroll 4
-        for (int c = 0; c < chunks; c++) top = fmaxf(top, __ldcg(records + ((size_t)c * G + g) * RECORD + D));
-        float total = 0.0f, sum = 0.0f;
-#pragma unroll 4
-        for (int c = 0; c < chunks; c++) {
+        for (int c = lane; c < chunks; c += 32) top = fmaxf(top, __ldcg(records + ((size_t)c * G + g) * RECORD + D));
+        top = warp_max(top);
+        float sum = 0.0f;
+        for (int c = lane; c < chunks; c += 32) {
             const float* r = records + ((size_t)c * G + g) * RECORD;
-            const float m = __ldcg(r + D);
-            if (m == NEG_INF) continue;  // an empty chunk: its sums were never written
-            const float w = exp2f(m - top);
-            total = fmaf(__ldcg(r + D + 1), w, total);
-            sum = fmaf(__ldcg(r + d), w, sum);
+            const float w = exp2f(__ldcg(r + D) - top);  // 0 for an empty chunk
+            weight[c][g] = w;
+            sum = fmaf(__ldcg(r + D + 1), w, sum);
         }
-        out[(size_t)bh * G * D + i] = Act<T>::store(sum / total);
+        sum = warp_sum(sum);
+        if (lane == 0) stats[g][1] = sum;
+    }
+    __syncthreads();
+    // A thread's OUTS outputs over MERGE_BATCH chunks at a time: all those loads in flight together.
+    constexpr int OUTS = (G * D + ATT_THREADS - 1) / ATT_THREADS, MERGE_BATCH = 4;
+    float merged[OUTS];
+#pragma unroll
+    for (int o = 0; o < OUTS; o++) merged[o] = 0.0f;
+    for (int c0 = 0; c0 < chunks; c0 += MERGE_BATCH) {
+        float part[MERGE_BATCH][OUTS];
+#pragma unroll
+        for (int u = 0; u < MERGE_BATCH; u++) {
+#pragma unroll
+            for (int o = 0; o < OUTS; o++) {
+                const int i = tid + o * ATT_THREADS, c = c0 + u;
+                part[u][o] = c < chunks && i < G * D ? __ldcg(records + ((size_t)c * G + i / D) * RECORD + i % D) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < MERGE_BATCH; u++) {
+#pragma unroll
+            for (int o = 0; o < OUTS; o++) {
+                const int i = tid + o * ATT_THREADS, c = c0 + u;
+                if (c < chunks && i < G * D) merged[o] = fmaf(weight[c][i / D], part[u][o], merged[o]);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 0; o < OUTS; o++) {
+        const int i = tid + o * ATT_THREADS;
+        if (i < G * D) out[(size_t)bh * G * D + i] = Act<T>::store(merged[o] / stats[i / D][1]);
     }
     if (tid == 0) counters[bh] = 0;
 }

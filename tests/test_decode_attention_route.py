@@ -19,7 +19,7 @@ def test_cache_prefix_views_take_the_kernel():
 
 
 @pytest.mark.parametrize("change", ["two tokens", "padded", "head size 80", "9 a group", "rows not contiguous",
-                                    "mixed dtypes", "switched off"])
+                                    "mixed dtypes", "longer than 8192", "switched off"])
 def test_other_steps_stay_on_sdpa(change, monkeypatch):
     q, k, v = cache_views()
     padded = False
@@ -33,6 +33,8 @@ def test_other_steps_stay_on_sdpa(change, monkeypatch):
         q, k, v = cache_views(heads=18)
     elif change == "rows not contiguous":
         k, v = (torch.zeros(1, 2, 64, 512, dtype=torch.float16)[..., ::2].transpose(2, 3) for _ in range(2))
+    elif change == "longer than 8192":
+        q, k, v = cache_views(span=8193, capacity=8200)
     elif change == "mixed dtypes":
         v = v.to(torch.bfloat16)
     else:

@@ -386,7 +386,7 @@ def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, positi
     allowed = (keys <= position) & ((position - keys < window) if window else True)
     clean = [b.nan_to_num(0.0) for b in buffers]
     expected = attend(q, clean[0][:, :, :span], clean[1][:, :, :span],
-                      torch.zeros(span, device=CUDA, dtype=dtype).masked_fill(~allowed, float("-inf")), False)
+                      torch.zeros(1, 1, 1, span, device=CUDA, dtype=dtype).masked_fill(~allowed, float("-inf")), False)
     where = torch.tensor([position], device=CUDA) if on_device else position
     for _ in range(2):  # the second launch finds the counters re-zeroed by the first
         got = attention_ops.decode_attention(q, k, v, where, window)

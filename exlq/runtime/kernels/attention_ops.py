@@ -19,6 +19,7 @@ CHUNK = 64  # ATT_CHUNK in the .cu: keys a block takes
 THREADS = 128  # ATT_THREADS
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a KV head serves, at most
+MAX_CHUNKS = 128  # ATT_MAX_CHUNKS: longer spans than MAX_CHUNKS * CHUNK take SDPA
 INSTANCES = tuple(
     f"decode_attention<{tag}, {dim}, {group}>"
     for tag in ACTIVATION_TAGS.values() for dim in HEAD_DIMS for group in range(1, MAX_GROUP + 1)
@@ -34,11 +35,11 @@ def enabled() -> bool:
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool) -> bool:
     """Whether a step's attention (q [B, Hq, T, D] on a kernel-enabled GPU, `kernels.applies`; k and v
     [B, Hkv, span, D]) can take the kernel: one token, no left padding, a head size and group it was built for,
-    keys and values as 16-byte aligned rows of D contiguous elements."""
+    keys and values as 16-byte aligned rows of D contiguous elements, at most MAX_CHUNKS * CHUNK of them."""
     bsz, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     return (
-        enabled() and length == 1 and not padded and dim in HEAD_DIMS and heads % kv_heads == 0
+        enabled() and length == 1 and not padded and k.shape[2] <= MAX_CHUNKS * CHUNK and dim in HEAD_DIMS and heads % kv_heads == 0
         and heads // kv_heads <= MAX_GROUP and k.dtype == q.dtype == v.dtype and k.stride() == v.stride()
         and k.stride(3) == 1 and k.stride(2) == dim and k.stride(1) % 8 == 0 and k.stride(0) % 8 == 0
         and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0 and bsz * k.stride(0) < 2**31
@@ -63,7 +64,7 @@ def decode_attention(
     out = torch.empty_like(q)
     chunks = -(-span // CHUNK)
     # Sized for the whole buffer behind k (its head stride), so the longer spans of later steps reuse it.
-    most_chunks = max(chunks, -(-(k.stride(1) // dim) // CHUNK))
+    most_chunks = max(chunks, min(MAX_CHUNKS, -(-(k.stride(1) // dim) // CHUNK)))
     records, counters = _workspace.get(q.device, bsz * kv_heads * most_chunks * group * (dim + 2), bsz * kv_heads)
     device_position = position if isinstance(position, torch.Tensor) else None
     function = kernel(SOURCE, INSTANCES, f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}>", q.device)
