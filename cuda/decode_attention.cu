@@ -18,7 +18,7 @@
 #define ATT_THREADS 128
 #define ATT_CHUNK 64       // keys a block takes (mirrored in attention_ops.CHUNK)
 #define ATT_KEY_THREADS 4  // threads sharing one key's dot products
-#define ATT_MAX_CHUNKS 128 // chunks a launch may have (spans up to 8192 keys; attention_ops.MAX_SPAN)
+#define ATT_MAX_CHUNKS 128  // chunks a launch may have: spans up to 8192 keys (attention_ops.MAX_CHUNKS)
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

@@ -24,7 +24,8 @@ from exlq.runtime.rope import apply_rotary
 
 
 #: EXLQ_SDPA_DECODE=cudnn|efficient|math|flash pins one SDPA backend for one-token steps (an A/B switch for
-#: `exlq bench`; unset: torch's choice, cuDNN's fused kernel on the H200 with the graph step's additive mask).
+#: `exlq bench`; unset: torch's choice, cuDNN's fused kernel on the H200 with the graph step's additive mask), where the
+#: decode kernel (`attention_ops`) does not apply or EXLQ_DECODE_ATTENTION=0.
 DECODE_BACKEND = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                   "math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}.get(os.environ.get("EXLQ_SDPA_DECODE", ""))
 

@@ -5,9 +5,10 @@ layer from Python costs more than that. Capturing the step once and replaying it
 from the loop. A graph needs fixed shapes and addresses, so the captured step differs from the eager
 one only in how it finds the position: the cache position lives in a device tensor, the new keys and
 values are written from that position on (fused RoPE + store kernel, or `index_copy_`), and attention
-runs over a fixed-length prefix of the cache buffer with a mask (keys beyond each token's position are
-masked out). That length is a bucket: the end position rounded up to a multiple of `BUCKET`, one graph
-per bucket, so attention costs what the context needs, not what `max_seq_len` allows. The rest is the
+runs over a fixed-length prefix of the cache buffer: SDPA with a mask (keys beyond each token's position
+masked out), or the one-token kernel, which reads the position from the device and skips those keys. That
+length is a bucket: the end position rounded up to a multiple of `BUCKET`, one graph per bucket, so
+attention costs what the context needs, not what `max_seq_len` allows. The rest is the
 eager code.
 
 Used automatically by `DecoderOnlyLM.forward` for one-token steps into a `KVCache` on a CUDA device
