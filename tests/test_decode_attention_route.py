@@ -40,4 +40,3 @@ def test_other_steps_stay_on_sdpa(change, monkeypatch):
     else:
         monkeypatch.setenv("EXLQ_DECODE_ATTENTION", "0")
     assert not attention_ops.applies(q, k, v, padded=padded)
-

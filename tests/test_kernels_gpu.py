@@ -368,7 +368,8 @@ ATTENTION_HEADS = [(128, 32, 8), (64, 14, 2), (64, 9, 3), (64, 4, 4), (128, 16, 
 ])
 def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, position, window, on_device):
     """The one-token kernel against SDPA with the mask the torch path builds (keys after the position, or `window`
-    or more before it, excluded), for a cache buffer longer than the span, two sequences and a poisoned output."""
+    or more before it, excluded), for a cache buffer longer than the span and two sequences; NaN in every key and
+    value the kernel must not read."""
     from exlq.runtime.attention import attend
     from exlq.runtime.kernels import attention_ops
 

@@ -39,8 +39,9 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool) -> 
     bsz, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     return (
-        enabled() and length == 1 and not padded and k.shape[2] <= MAX_CHUNKS * CHUNK and dim in HEAD_DIMS and heads % kv_heads == 0
-        and heads // kv_heads <= MAX_GROUP and k.dtype == q.dtype == v.dtype and k.stride() == v.stride()
+        enabled() and length == 1 and not padded and k.shape[2] <= MAX_CHUNKS * CHUNK and dim in HEAD_DIMS
+        and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
+        and k.dtype == q.dtype == v.dtype and k.stride() == v.stride()
         and k.stride(3) == 1 and k.stride(2) == dim and k.stride(1) % 8 == 0 and k.stride(0) % 8 == 0
         and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0 and bsz * k.stride(0) < 2**31
     )
