@@ -37,6 +37,8 @@ __device__ __forceinline__ void unpack8(const uint4 raw, float* f) {
     }
 }
 
+// A 16-byte load past L1 (ld.global.cg), kept in place by `volatile`: after the programmatic wait, it re-reads a row
+// the kernel before wrote, whose stale copy an earlier load may have left in L1.
 __device__ __forceinline__ uint4 load_cg(const uint4* p) {
     uint4 v;
     asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -51,7 +53,8 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     constexpr int EPT = D / ATT_KEY_THREADS;                  // elements of a key a thread scores: 32 or 16
     constexpr int KLOADS = EPT / 8;                           // its 16-byte loads a key
-    constexpr int PASSES = ATT_CHUNK * ATT_KEY_THREADS / ATT_THREADS;  // keys a thread scores: 2
+    constexpr int KEYS_PER_PASS = ATT_THREADS / ATT_KEY_THREADS;  // keys scored at once: 32
+    constexpr int PASSES = ATT_CHUNK / KEYS_PER_PASS;         // keys a thread scores: 2
     constexpr int ROW_THREADS = D / 8;                        // threads over one value row: 16 or 8
     constexpr int ROW_GROUPS = ATT_THREADS / ROW_THREADS;     // value rows taken at once: 8 or 16
     constexpr int VROWS = ATT_CHUNK / ROW_GROUPS;             // value rows a thread reads: 8 or 4
@@ -85,7 +88,7 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         const uint4 zero = {0u, 0u, 0u, 0u};
 #pragma unroll
         for (int t = 0; t < PASSES; t++) {
-            const int key = k0 + t * (ATT_THREADS / ATT_KEY_THREADS) + kt;
+            const int key = k0 + t * KEYS_PER_PASS + kt;
 #pragma unroll
             for (int w = 0; w < KLOADS; w++)
                 kraw[t][w] = key >= lo && key < hi ? kb[(size_t)(key - k0) * (D / 8) + part * KLOADS + w] : zero;
@@ -99,7 +102,7 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         // The token's own key and value, just written by the kernel before: read again, from L2.
 #pragma unroll
         for (int t = 0; t < PASSES; t++) {
-            const int key = k0 + t * (ATT_THREADS / ATT_KEY_THREADS) + kt;
+            const int key = k0 + t * KEYS_PER_PASS + kt;
             if (key == pos) {
 #pragma unroll
                 for (int w = 0; w < KLOADS; w++) kraw[t][w] = load_cg(kb + (size_t)(key - k0) * (D / 8) + part * KLOADS + w);
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         }
 #pragma unroll
         for (int t = 0; t < PASSES; t++) {
-            const int j = t * (ATT_THREADS / ATT_KEY_THREADS) + kt, key = k0 + j;
+            const int j = t * KEYS_PER_PASS + kt, key = k0 + j;
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 float d = dot[t][g];
