@@ -8,7 +8,7 @@ import torch
 from exlq.errors import ExlqError
 from exlq.runtime.generator import Generator, common_prefix_length, default_choice_values
 from exlq.runtime.loader import load_model
-from exlq.runtime.sampler import SamplerSettings
+from exlq.runtime.sampler import Sampler, SamplerSettings
 from exlq.runtime.tokenizer import Tokenizer
 
 GREEDY = SamplerSettings(temperature=0.0)
@@ -87,6 +87,9 @@ def test_stop_string_truncates_text(generator, model_and_tokenizer):
     assert result.stop_reason == "stop_string"
     assert result.text == full[: full.index(stop)]
     assert "".join(streamed) == result.text
+    # The step queued for the token that completed the stop string was rewound: the last sampled token is not cached.
+    assert generator.cached_ids == prompt + result.token_ids[:-1]
+    assert generator.cache.seq_len == len(generator.cached_ids)
 
 
 def test_eos_stops_without_emitting_it(generator, model_and_tokenizer):
@@ -100,6 +103,11 @@ def test_eos_stops_without_emitting_it(generator, model_and_tokenizer):
     result = generator.generate(prompt, sampler=GREEDY, max_new_tokens=16, eos_ids=[second])
     assert result.stop_reason == "eos"
     assert result.token_ids == [first]
+    assert generator.cached_ids == prompt + [first]  # the step queued for the EOS token was rewound
+    assert generator.cache.seq_len == len(prompt) + 1
+    # The next call reuses that cache as if the EOS step had never run.
+    again = generator.generate(prompt + [first], sampler=GREEDY, max_new_tokens=3, eos_ids=[])
+    assert again.reused_tokens == len(prompt) and again.token_ids == greedy_reference(model, prompt + [first], 3)
 
 
 def test_generation_ends_cleanly_at_max_seq_len(model_and_tokenizer):
@@ -130,6 +138,25 @@ def test_seeded_sampling_reproduces(model_and_tokenizer):
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+@pytest.mark.parametrize("settings", [
+    SamplerSettings(temperature=1.3, top_p=0.9, repetition_penalty=1.4, seed=7),
+    SamplerSettings(temperature=0.0, repetition_penalty=3.0, repetition_range=1),  # greedy, only the newest token penalized
+])
+def test_sampled_generation_equals_a_step_by_step_loop(model_and_tokenizer, settings):
+    """The generator queues each step before it reads the token; the draws, their order and the penalized history
+    must be those of a loop that reads each token first."""
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("Once upon a time", add_bos=True)
+    result = Generator(model, tokenizer, max_seq_len=64).generate(prompt, sampler=settings, max_new_tokens=15, eos_ids=[])
+    sampler, cache, ids = Sampler(settings), model.new_cache(64), list(prompt)
+    logits = model(torch.tensor([prompt]), cache)[:, -1]
+    for _ in range(15):
+        token = int(sampler.sample(logits, torch.tensor([ids]))[0])
+        ids.append(token)
+        logits = model(torch.tensor([[token]]), cache)[:, -1]
+    assert result.token_ids == ids[len(prompt) :]
 
 
 def test_score_choices_match_full_forward(generator, model_and_tokenizer):

@@ -355,6 +355,41 @@ def test_fused_add_rms_norm_and_silu_match_torch(hidden, dtype, monkeypatch):
     assert rel(fused_ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up) < tol
 
 
+def argmax_cases(rows: int, vocab: int, dtype, gen: torch.Generator) -> torch.Tensor:
+    """Random logits with, row by row in turn: the maximum at two indices (the first must win), a row of zeros, zeros
+    of both signs (equal: index 0), two NaNs (the first wins: NaN counts as largest), a row of -inf, plain random."""
+    logits = (torch.randn(rows, vocab, device=CUDA, generator=gen) * 4).to(dtype)
+    for r in range(rows):
+        a, b = sorted(torch.randperm(vocab, device=CUDA, generator=gen)[:2].tolist())
+        case = r % 6
+        if case == 0:
+            logits[r, a] = logits[r, b] = logits[r].float().max() + 1
+        elif case == 1:
+            logits[r] = 0
+        elif case == 2:
+            logits[r] = torch.where(torch.rand(vocab, device=CUDA, generator=gen) < 0.5, -0.0, 0.0).to(dtype)
+        elif case == 3:
+            logits[r, a] = logits[r, b] = float("nan")
+        elif case == 4:
+            logits[r] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, vocab", [(1, 128256), (1, 151936), (6, 49152), (32, 32000), (7, 8), (2, 1000)])
+def test_argmax_kernel_matches_torch(rows, vocab, dtype):
+    from exlq.runtime.kernels import sampling_ops
+
+    gen = torch.Generator(device=CUDA).manual_seed(rows * vocab)
+    logits = argmax_cases(rows, vocab, dtype, gen)
+    assert sampling_ops.applies(logits)
+    assert torch.equal(sampling_ops.argmax_rows(logits), logits.argmax(dim=-1))
+    steps = torch.randn(rows, 3, vocab, device=CUDA, generator=gen).to(dtype)  # rows 3·vocab apart, as [:, -1] gives
+    steps[:, -1] = logits
+    assert sampling_ops.applies(steps[:, -1])
+    assert torch.equal(sampling_ops.argmax_rows(steps[:, -1]), logits.argmax(dim=-1))
+
+
 # (head size, query heads, KV heads): Llama-3-8B, Qwen2.5-0.5B (7 a group), smollm2 (3), plain multi-head, 8 a group.
 ATTENTION_HEADS = [(128, 32, 8), (64, 14, 2), (64, 9, 3), (64, 4, 4), (128, 16, 2)]
 

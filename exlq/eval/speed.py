@@ -5,7 +5,8 @@ Conventions (also printed by `exlq bench`):
 - weight bytes per token: every decoder linear and lm_head as stored (packed EXL2 tensors or dense
   weights) plus one embedding row; achieved GB/s = weight bytes per token × decode tokens/s;
 - decode: one token per step into a KV cache after a 32-token prompt, greedy (argmax on the GPU), with one
-  host sync per step as any generator that streams text has; the CUDA-graph path is used if enabled, and
+  host read of each token as any generator that streams text makes, after the next step is queued (as
+  `Generator.generate` does: the GPU does not wait for the host); the CUDA-graph path is used if enabled, and
   a first untimed pass over the same positions captures its graphs (steady state is measured). With a batch of
   B sequences each step makes B tokens (tokens/s counts all of them) and reads the weights once;
 - prefill: one forward of L tokens into an empty cache, logits of the last position only;
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from exlq.runtime.exl2 import Exl2Linear
+from exlq.runtime.generator import TokenReader
+from exlq.runtime.kernels import sampling_ops
 from exlq.runtime.kv_quant import as_cache_type
 from exlq.runtime.linear import DenseLinear
 
@@ -102,12 +105,21 @@ def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=Non
     prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), device=device)
     steps = min(new_tokens, cache_tokens - PROMPT_TOKENS - 8)
 
+    def next_tokens(ids: torch.Tensor) -> torch.Tensor:  # [batch, 1], greedy, as Sampler.sample takes it
+        return sampling_ops.argmax(model(ids, cache, max_output_len=1)[:, -1])[:, None]
+
+    reader = TokenReader(device)
+
     def run(count: int) -> None:
         cache.reset()
-        token = model(prompt, cache).argmax(-1)
+        token = next_tokens(prompt)
         for _ in range(count):
-            token = model(token, cache).argmax(-1)
-            token[0, 0].item()  # what a streaming generator does each step
+            reader.start(token)  # what a streaming generator does each step: read the token, the next step queued
+            following = next_tokens(token)
+            reader.value()
+            token = following
+        reader.start(token)
+        reader.value()
 
     run(steps)  # warm-up over the same positions: kernels loaded, every attention-span graph captured
     torch.cuda.synchronize(device)

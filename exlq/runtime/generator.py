@@ -115,6 +115,37 @@ class TokenSink:
         )
 
 
+class TokenReader:
+    """Reads a sampled token to the host while later steps are queued behind it.
+
+    `int(token.item())` waits for everything queued on the stream before the read, so a step queued after the token
+    would be waited for too, and the GPU would idle while the host reads, streams and queues the step after. Here
+    `start` queues the token's copy into pinned host memory with an event behind it, the caller queues its next step,
+    and `value` waits for that event alone. On the CPU it just reads the token."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.on_gpu = device.type == "cuda"
+        if self.on_gpu:
+            self.host = torch.empty(1, dtype=torch.long, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.token: torch.Tensor | None = None
+
+    def start(self, token: torch.Tensor) -> None:
+        """Queue the read of `token`'s first element (the sampler's output: [B] or [B, 1])."""
+        self.token = token.view(-1)[:1]
+        if self.on_gpu:
+            self.host.copy_(self.token, non_blocking=True)
+            self.event.record(torch.cuda.current_stream(self.device))  # the copy's stream: the token's device
+
+    def value(self) -> int:
+        """The token `start` queued, once it is on the host."""
+        if not self.on_gpu:
+            return int(self.token[0])
+        self.event.synchronize()
+        return int(self.host[0])
+
+
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading ids `a` and `b` share. Called every speculative round on the whole context, so prefixes
     are compared as lists (at C speed) and the first difference found by bisection, not id by id in Python."""
@@ -237,19 +268,34 @@ class Generator:
         history = torch.empty(1, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=self.model.device)
         history[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
         length = len(prompt_ids)
-        first_token_at = None
+        reader = TokenReader(self.model.device)
+        token = sampler.sample(logits, history[:, :length])
+        value: int | None = int(token.item())  # read at once: the time to the first token is the prompt's alone
+        first_token_at = time.perf_counter()
         while True:
-            token = sampler.sample(logits, history[:, :length])
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            if not sink.push(int(token.item())):
+            # Queue the step that runs `token` behind the token's read, so the GPU works while the host reads, decodes
+            # and streams it. Skipped when no step can follow (the token limit, a full cache); a step queued for a
+            # token that turns out to end the text (EOS, a stop string) is rewound.
+            queued = len(sink.token_ids) + 1 < max_new_tokens and self.cache.seq_len < self.max_seq_len
+            if value is None:
+                reader.start(token)
+            if queued:
+                history[0, length] = token[0]
+                following = sampler.sample(self.run_tensor(token.view(1, 1), max_output_len=1)[:, -1],
+                                           history[:, : length + 1])  # fmt: skip
+            if value is None:
+                value = reader.value()
+            if queued:
+                self.record([value])
+            if not sink.push(value):
+                if queued:
+                    self.rewind(len(self._cached_ids) - 1)
                 break
-            history[0, length] = token[0]
-            length += 1
-            if self.cache.seq_len >= self.max_seq_len:
+            if not queued:
                 sink.stop_reason = "max_seq_len"
                 break
-            logits = self.run([sink.token_ids[-1]], max_output_len=1)[:, -1]
+            length += 1
+            token, value = following, None
         return sink.result(prompt_ids, reused, start, first_token_at)
 
     def continuation_ids(self, prompt_text: str, prompt_ids: Sequence[int], continuation: str) -> list[int]:

@@ -1,4 +1,5 @@
-"""Token sampling in pure torch: greedy, temperature, top-k, top-p, min-p, repetition penalty.
+"""Token sampling in torch: greedy, temperature, top-k, top-p, min-p, repetition penalty (plain greedy takes the
+argmax kernel of `kernels.sampling_ops` on the GPU, torch's argmax elsewhere).
 
 Everything is done with batched tensor ops on the logits' own device (no per-row host syncs),
 so the same code serves the CPU reference path and GPU generation. `Sampler.probabilities()`
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from exlq.errors import ExlqError
+from exlq.runtime.kernels import sampling_ops
 
 # Slack for top-p's cumulative-probability comparison: softmax in float32 is only accurate to a
 # few ulps, so a prefix whose mass is top_p "on paper" must not be rejected over rounding noise.
@@ -73,6 +75,11 @@ def _check_int(name: str, value: object, rule: str, *, minimum: int) -> None:
 # Pure transforms, each [B, V] -> [B, V]; usable on their own (tests, speculative decoding).
 
 
+def penalizes(history: torch.Tensor | None, penalty: float, repetition_range: int) -> bool:
+    """Whether a repetition penalty changes any logit (a penalty, a range and some history)."""
+    return not (history is None or penalty == 1.0 or repetition_range == 0 or history.shape[-1] == 0)
+
+
 def apply_repetition_penalty(
     logits: torch.Tensor, history: torch.Tensor | None, penalty: float, repetition_range: int = -1
 ) -> torch.Tensor:
@@ -81,7 +88,7 @@ def apply_repetition_penalty(
     A seen token's logit is divided by `penalty` if positive, multiplied if not; it is penalized
     once however often it occurs. History ids outside [0, V) (e.g. -1 padding) are ignored.
     """
-    if history is None or penalty == 1.0 or repetition_range == 0 or history.shape[-1] == 0:
+    if not penalizes(history, penalty, repetition_range):
         return logits
     if repetition_range > 0:
         history = history[:, -repetition_range:]
@@ -177,8 +184,11 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """Next token id per row: int64 [B], on the logits' device."""
+        s = self.settings
+        if s.greedy and not penalizes(history, s.repetition_penalty, s.repetition_range) and logits.dim() == 2:
+            return sampling_ops.argmax(logits)  # the logits as they are: no float32 copy, the GPU kernel if it applies
         logits = self._penalized(logits, history)
-        if self.settings.greedy:
+        if s.greedy:
             return logits.argmax(dim=-1)
         return self.draw(self._filtered_probs(logits))
 

@@ -32,6 +32,7 @@ import torch
 from exlq.errors import ExlqError
 from exlq.runtime.generator import GenerationResult, Generator, TokenSink, common_prefix_length
 from exlq.runtime.graphs import graphs_possible
+from exlq.runtime.kernels import sampling_ops
 from exlq.runtime.sampler import Sampler, SamplerSettings
 
 
@@ -138,7 +139,7 @@ class SpeculativeGenerator:
         for i in range(k):
             logits = self.draft.run_tensor(step, max_output_len=1)[:, -1].to(device)
             if greedy:
-                step = logits.argmax(dim=-1, keepdim=True)
+                step = sampling_ops.argmax(logits)[:, None]
             else:
                 probs = sampler.probabilities(logits, history[:, : n + i])
                 step = sampler.draw(probs)[:, None]
@@ -150,7 +151,7 @@ class SpeculativeGenerator:
         main_logits = self.main.run_tensor(ids, max_output_len=None, graph_step=graphs)[0, : k + 1]
         drafts = ids[0, 1 : k + 1]
         if greedy:
-            choices = main_logits.argmax(dim=-1)
+            choices = sampling_ops.argmax(main_logits)
             accepted = (drafts == choices[:k]).long().cumprod(0).sum()
             fixed = choices[accepted]
         else:

@@ -5,7 +5,7 @@ A source may be compiled as several modules (e.g. one per activation dtype); eac
 
 from __future__ import annotations
 
-from exlq.runtime.kernels import attention_ops, exl2_ops, fused_ops, gptq_ops, kv_ops
+from exlq.runtime.kernels import attention_ops, exl2_ops, fused_ops, gptq_ops, kv_ops, sampling_ops
 
 SOURCES: dict[str, list[tuple[str, ...]]] = {
     exl2_ops.SOURCE: list(exl2_ops.INSTANCE_SETS.values()),
@@ -14,4 +14,5 @@ SOURCES: dict[str, list[tuple[str, ...]]] = {
     kv_ops.SOURCE: [kv_ops.INSTANCES],
     gptq_ops.SOURCE: [gptq_ops.INSTANCES],
     attention_ops.SOURCE: [attention_ops.INSTANCES],
+    sampling_ops.SOURCE: [sampling_ops.INSTANCES],
 }
