@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,16 +52,24 @@ def main() -> None:
             q = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
             where = torch.tensor([position], device=device)
             mask = torch.zeros(1, 1, 1, span, device=device, dtype=dtype)  # the graph step's additive mask
-            kernel_s = graph_seconds(cycling(lambda i: attention_ops.decode_attention(q, *views[i % copies], where, None)),
-                                     warm_calls=max(50, copies))
+            chunk_s = {}
+            for chunk in attention_ops.CHUNKS:  # each block size, then the runtime's choice
+                os.environ["EXLQ_ATTENTION_CHUNK"] = str(chunk)
+                chunk_s[chunk] = graph_seconds(
+                    cycling(lambda i: attention_ops.decode_attention(q, *views[i % copies], where, None)),
+                    warm_calls=max(50, copies))
+            del os.environ["EXLQ_ATTENTION_CHUNK"]
+            kernel_s = chunk_s[attention_ops.chunk_size(1 * kv_heads, span)]
             sdpa_s = graph_seconds(cycling(lambda i: attend(q, *views[i % copies], mask, False)), warm_calls=max(50, copies))
             got = attention_ops.decode_attention(q, *views[0], position, None)
             error = ((got.float() - attend(q, *views[0], mask, False).float()).norm() / got.float().norm()).item()
             row = {"shape": name, "span": span, "kernel_us": kernel_s * 1e6, "sdpa_us": sdpa_s * 1e6,
-                   "kernel_gbps": nbytes / kernel_s / 1e9, "relative_error": error}
+                   "kernel_gbps": nbytes / kernel_s / 1e9, "relative_error": error,
+                   **{f"chunk{c}_us": t * 1e6 for c, t in chunk_s.items()}}
             results.append(row)
-            print(f"{name:13s} span {span:5d}: kernel {row['kernel_us']:6.2f} us ({row['kernel_gbps']:6.0f} GB/s) | "
-                  f"SDPA {row['sdpa_us']:6.2f} us | rel. error {error:.1e}", flush=True)
+            print(f"{name:13s} span {span:5d}: kernel {row['kernel_us']:6.2f} us ({row['kernel_gbps']:6.0f} GB/s; "
+                  + ", ".join(f"{c} keys a block {t * 1e6:6.2f}" for c, t in chunk_s.items())
+                  + f") | SDPA {row['sdpa_us']:6.2f} us | rel. error {error:.1e}", flush=True)
             del caches, views
     if args.json_out:
         args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "results": results}, indent=1))

@@ -1,8 +1,10 @@
-"""How much of a decode step is the host's turn: greedy decode with the GPU waiting on every token (as
-exlq/eval/speed.py measures it), with the next step queued before the host reads the previous token (the GPU
-never waits for Python), and with no reads at all (the GPU's own rate), each with the argmax of exlq's sampler (the
-argmax kernel on the GPU). Also the step's tail outside the graph (clone of the logits, torch's argmax, the
-kernel's) timed alone.
+"""How much of a decode step is the host's turn. Greedy decode loops over the same positions:
+- waiting: each token read (`.item()`) before the next step is queued (exlq/eval/speed.py's loop until session 23);
+- queued: the next step queued behind the token's read (`TokenReader`, as `Generator.generate` and speed.py now do);
+- queued_item: the next step queued, then `.item()`, which waits for that step too (the first attempt);
+- unread: no reads at all (the GPU's own rate).
+Each takes the sampler's argmax (the kernel on the GPU). Also the step's tail outside the graph (clone of the logits,
+torch's argmax, the kernel's), GPU time in a CUDA graph.
 
     python3 bench/decode_overlap.py [--shapes llama3-8b qwen2.5-0.5b smollm2-135m] [--bpw 4.0] [--steps 256]
 
@@ -20,6 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemv import graph_seconds  # noqa: E402
+
 from exlq.cli.bench import _synthetic_model  # noqa: E402
 from exlq.eval.speed import PROMPT_TOKENS  # noqa: E402
 from exlq.runtime.generator import TokenReader  # noqa: E402
@@ -79,23 +84,14 @@ def rates(model, steps: int, cache_tokens: int = 4096) -> dict[str, float]:
     return result
 
 
-def tail_microseconds(vocab: int, device: torch.device, repeats: int = 200) -> dict[str, float]:
-    """The eager work after a graph step: the logits' clone and the argmax, alone (GPU time, events)."""
+def tail_microseconds(vocab: int, device: torch.device) -> dict[str, float]:
+    """The work after a graph step, GPU time alone (bench/gemv.py's graph of PER_GRAPH calls): the logits' clone,
+    torch's argmax (on fp16, and on the float32 copy the sampler made before) and the argmax kernel."""
     logits = torch.randn(1, 1, vocab, device=device, dtype=torch.float16)
-    out = {}
-    for name, fn in (("clone", lambda: logits.clone()), ("argmax", lambda: logits[:, -1].argmax(-1)),
-                     ("argmax_fp32", lambda: logits[:, -1].float().argmax(-1)),
-                     ("argmax_kernel", lambda: sampling_ops.argmax(logits[:, -1]))):
-        for _ in range(10):
-            fn()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        out[name] = begin.elapsed_time(end) * 1e3 / repeats
-    return out
+    calls = {"clone": lambda: logits.clone(), "argmax": lambda: logits[:, -1].argmax(-1),
+             "argmax_fp32": lambda: logits[:, -1].float().argmax(-1),
+             "argmax_kernel": lambda: sampling_ops.argmax(logits[:, -1])}
+    return {name: graph_seconds(fn) * 1e6 for name, fn in calls.items()}
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 // are read: SDPA, the torch path, reads the whole span a captured graph was made for, with a mask, and its fused
 // kernel costs ~6.5-8.5 µs a layer at spans of 256 keys on the H200, latency rather than bandwidth.
 //
-// Block (b·Hkv + h, c) takes keys [c·ATT_CHUNK, (c + 1)·ATT_CHUNK). It requests its keys and values before the
+// Block (b·Hkv + h, c) takes keys [c·CHUNK, (c + 1)·CHUNK): 64, or 32 where 64 would make few blocks (attention_ops:
+// Qwen2.5-0.5B's two KV heads at a 256-key span make 8). It requests its keys and values before the
 // programmatic wait: they were written by earlier steps, except the token's own row, which the kernel before this one
 // (rope_store) writes and which is read again after the wait, past L1. Scores: ATT_KEY_THREADS threads a key, each
 // with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled by log2(e)/√D as it is staged). Then the
@@ -16,9 +17,8 @@
 #include "common.cuh"
 
 #define ATT_THREADS 128
-#define ATT_CHUNK 64       // keys a block takes (mirrored in attention_ops.CHUNK)
 #define ATT_KEY_THREADS 4  // threads sharing one key's dot products
-#define ATT_MAX_CHUNKS 128  // chunks a launch may have: spans up to 8192 keys (attention_ops.MAX_CHUNKS)
+#define ATT_MAX_SPAN 8192  // keys a launch may cover (attention_ops.MAX_SPAN)
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -45,28 +45,30 @@ __device__ __forceinline__ uint4 load_cg(const uint4* p) {
     return v;
 }
 
-template <typename T, int D, int G>
+template <typename T, int D, int G, int CHUNK>
 __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const u16* __restrict__ q, const u16* __restrict__ keys, const u16* __restrict__ values, int batch_stride,
     int head_stride, int kv_heads, const long long* __restrict__ position, int position_value, int window,
     float scale_log2, float* __restrict__ partial, int* __restrict__ counters, u16* __restrict__ out) {
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
+    static_assert(CHUNK == 32 || CHUNK == 64, "chunks of 32 or 64 keys");
     constexpr int EPT = D / ATT_KEY_THREADS;                  // elements of a key a thread scores: 32 or 16
     constexpr int KLOADS = EPT / 8;                           // its 16-byte loads a key
     constexpr int KEYS_PER_PASS = ATT_THREADS / ATT_KEY_THREADS;  // keys scored at once: 32
-    constexpr int PASSES = ATT_CHUNK / KEYS_PER_PASS;         // keys a thread scores: 2
+    constexpr int PASSES = CHUNK / KEYS_PER_PASS;             // keys a thread scores: 2 or 1
     constexpr int ROW_THREADS = D / 8;                        // threads over one value row: 16 or 8
     constexpr int ROW_GROUPS = ATT_THREADS / ROW_THREADS;     // value rows taken at once: 8 or 16
-    constexpr int VROWS = ATT_CHUNK / ROW_GROUPS;             // value rows a thread reads: 8 or 4
+    constexpr int VROWS = CHUNK / ROW_GROUPS;                 // value rows a thread reads: 2 to 8
+    constexpr int MAX_CHUNKS = ATT_MAX_SPAN / CHUNK;
     constexpr int QPAD = EPT + 4;                             // the 4 parts of a query row in different banks
     constexpr int RECORD = D + 2;                             // a chunk's record per query head: Σ p·v, max, sum
     constexpr int WARPS = ATT_THREADS / 32;
     const float NEG_INF = __int_as_float(0xff800000);
     __shared__ __align__(16) float qs[G][ATT_KEY_THREADS][QPAD];
-    __shared__ float p[G][ATT_CHUNK];
+    __shared__ float p[G][CHUNK];
     __shared__ __align__(16) float joined[WARPS][G][D];
     __shared__ float stats[G][2];
-    __shared__ float weight[ATT_MAX_CHUNKS][G];  // the merge's chunk weights
+    __shared__ float weight[MAX_CHUNKS][G];  // the merge's chunk weights
     __shared__ int is_last;
 
     pdl_launch_dependents();
@@ -74,8 +76,8 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // The position is a graph input copied in before the step's first (torch) kernel, or a launch argument.
     const int pos = position != nullptr ? (int)*position : position_value;
-    const int k0 = chunk * ATT_CHUNK;
-    const int lo = max(k0, window > 0 ? pos - window + 1 : 0), hi = min(k0 + ATT_CHUNK, pos + 1);  // keys [lo, hi)
+    const int k0 = chunk * CHUNK;
+    const int lo = max(k0, window > 0 ? pos - window + 1 : 0), hi = min(k0 + CHUNK, pos + 1);  // keys [lo, hi)
     float* record = partial + ((size_t)bh * chunks + chunk) * G * RECORD;
 
     if (lo < hi) {  // the same for the whole block
@@ -162,12 +164,21 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
 
         // The chunk's softmax pieces per query head (at least one key is in it): warp w takes heads w, w + WARPS, ...
         for (int g = warp; g < G; g += WARPS) {
-            const float a = p[g][lane], c = p[g][lane + 32];
-            const float m = warp_max(fmaxf(a, c));
-            const float ea = exp2f(a - m), ec = exp2f(c - m);
-            p[g][lane] = ea;
-            p[g][lane + 32] = ec;
-            const float s = warp_sum(ea + ec);
+            float m, s;
+            if (CHUNK == 64) {  // two keys a lane
+                const float a = p[g][lane], c = p[g][lane + 32];
+                m = warp_max(fmaxf(a, c));
+                const float ea = exp2f(a - m), ec = exp2f(c - m);
+                p[g][lane] = ea;
+                p[g][lane + 32] = ec;
+                s = warp_sum(ea + ec);
+            } else {  // one
+                const float a = p[g][lane];
+                m = warp_max(a);
+                const float ea = exp2f(a - m);
+                p[g][lane] = ea;
+                s = warp_sum(ea);
+            }
             if (lane == 0) {
                 stats[g][0] = m;
                 stats[g][1] = s;

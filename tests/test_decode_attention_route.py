@@ -40,3 +40,15 @@ def test_other_steps_stay_on_sdpa(change, monkeypatch):
     else:
         monkeypatch.setenv("EXLQ_DECODE_ATTENTION", "0")
     assert not attention_ops.applies(q, k, v, padded=padded)
+
+
+def test_launches_of_few_blocks_take_32_key_chunks(monkeypatch):
+    monkeypatch.delenv("EXLQ_ATTENTION_CHUNK", raising=False)
+    assert attention_ops.chunk_size(2, 256) == 32  # Qwen2.5-0.5B's 2 KV heads: 8 blocks of 64 keys, 16 of 32
+    assert attention_ops.chunk_size(8, 256) == 64  # Llama-3-8B's 8: 32 blocks of 64 keys
+    assert attention_ops.chunk_size(2, 4096) == 64  # long spans have blocks enough
+    monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", "64")
+    assert attention_ops.chunk_size(2, 256) == 64
+    monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", "48")
+    with pytest.raises(Exception, match="EXLQ_ATTENTION_CHUNK"):
+        attention_ops.chunk_size(2, 256)

@@ -401,12 +401,16 @@ ATTENTION_HEADS = [(128, 32, 8), (64, 14, 2), (64, 9, 3), (64, 4, 4), (128, 16, 
     (256, 37, None, True), (512, 300, None, True), (1024, 1000, 100, True), (256, 200, 64, False),  # graph spans
     (4096, 4095, None, True), (4096, 130, 3, True),
 ])
-def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, position, window, on_device):
-    """The one-token kernel against SDPA with the mask the torch path builds (keys after the position, or `window`
-    or more before it, excluded), for a cache buffer longer than the span and two sequences; NaN in every key and
-    value the kernel must not read."""
+@pytest.mark.parametrize("chunk", ["32", "64"])
+def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, position, window, on_device, chunk,
+                                       monkeypatch):  # fmt: skip
+    """The one-token kernel (blocks of 32 and of 64 keys) against SDPA with the mask the torch path builds (keys after
+    the position, or `window` or more before it, excluded), for a cache buffer longer than the span and two
+    sequences; NaN in every key and value the kernel must not read."""
     from exlq.runtime.attention import attend
     from exlq.runtime.kernels import attention_ops
+
+    monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", chunk)
 
     gen = torch.Generator(device=CUDA).manual_seed(span + position + dim)
     bsz, capacity = 2, span + 192

@@ -15,14 +15,15 @@ from exlq.runtime.kernels.launch import kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
 SOURCE = "decode_attention.cu"
-CHUNK = 64  # ATT_CHUNK in the .cu: keys a block takes
+CHUNKS = (32, 64)  # keys a block takes: the template's CHUNK
+FEW_BLOCKS = 32  # launches of fewer blocks than this at 64 keys a block take 32 (twice the blocks, half the work each)
 THREADS = 128  # ATT_THREADS
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a KV head serves, at most
-MAX_CHUNKS = 128  # ATT_MAX_CHUNKS: longer spans than MAX_CHUNKS * CHUNK take SDPA
+MAX_SPAN = 8192  # ATT_MAX_SPAN: longer spans take SDPA
 INSTANCES = tuple(
-    f"decode_attention<{tag}, {dim}, {group}>"
-    for tag in ACTIVATION_TAGS.values() for dim in HEAD_DIMS for group in range(1, MAX_GROUP + 1)
+    f"decode_attention<{tag}, {dim}, {group}, {chunk}>"
+    for tag in ACTIVATION_TAGS.values() for dim in HEAD_DIMS for group in range(1, MAX_GROUP + 1) for chunk in CHUNKS
 )
 
 
@@ -35,11 +36,11 @@ def enabled() -> bool:
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool) -> bool:
     """Whether a step's attention (q [B, Hq, T, D] on a kernel-enabled GPU, `kernels.applies`; k and v
     [B, Hkv, span, D]) can take the kernel: one token, no left padding, a head size and group it was built for,
-    keys and values as 16-byte aligned rows of D contiguous elements, at most MAX_CHUNKS * CHUNK of them."""
+    keys and values as 16-byte aligned rows of D contiguous elements, at most MAX_SPAN of them."""
     bsz, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     return (
-        enabled() and length == 1 and not padded and k.shape[2] <= MAX_CHUNKS * CHUNK and dim in HEAD_DIMS
+        enabled() and length == 1 and not padded and k.shape[2] <= MAX_SPAN and dim in HEAD_DIMS
         and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
         and k.dtype == q.dtype == v.dtype and k.stride() == v.stride()
         and k.stride(3) == 1 and k.stride(2) == dim and k.stride(1) % 8 == 0 and k.stride(0) % 8 == 0
@@ -48,6 +49,18 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool) -> 
 
 
 _workspace = Workspace()  # the chunks' records and the per-head counters
+
+
+def chunk_size(heads: int, span: int) -> int:
+    """Keys a block takes, for `heads` (batch × KV heads) over `span` keys: 64, or 32 where 64 would give fewer than
+    FEW_BLOCKS blocks (e.g. Qwen2.5-0.5B's two KV heads at a 256-key span: 8). EXLQ_ATTENTION_CHUNK=32|64 forces one
+    (an A/B switch, read at every call)."""
+    forced = os.environ.get("EXLQ_ATTENTION_CHUNK")
+    if forced:
+        if forced not in {str(c) for c in CHUNKS}:
+            raise ExlqError(f"EXLQ_ATTENTION_CHUNK must be one of {CHUNKS}, not {forced!r}")
+        return int(forced)
+    return 32 if heads * -(-span // 64) < FEW_BLOCKS else 64
 
 
 def decode_attention(
@@ -63,12 +76,14 @@ def decode_attention(
     group = heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
-    chunks = -(-span // CHUNK)
-    # Sized for the whole buffer behind k (its head stride), so the longer spans of later steps reuse it.
-    most_chunks = max(chunks, min(MAX_CHUNKS, -(-(k.stride(1) // dim) // CHUNK)))
+    chunk = chunk_size(bsz * kv_heads, span)
+    chunks = -(-span // chunk)
+    # Sized for the whole buffer behind k (its head stride) in the smaller chunks, so later steps reuse it.
+    most_chunks = max(chunks, -(-min(MAX_SPAN, k.stride(1) // dim) // min(CHUNKS)))
     records, counters = _workspace.get(q.device, bsz * kv_heads * most_chunks * group * (dim + 2), bsz * kv_heads)
     device_position = position if isinstance(position, torch.Tensor) else None
-    function = kernel(SOURCE, INSTANCES, f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}>", q.device)
+    name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk}>"
+    function = kernel(SOURCE, INSTANCES, name, q.device)
     launch(
         function,
         (bsz * kv_heads, chunks, 1),

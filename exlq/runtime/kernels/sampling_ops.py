@@ -1,5 +1,6 @@
-"""Greedy sampling on the GPU (`cuda/sampling.cu`): each row's argmax, as `torch.argmax` gives it, in a few
-microseconds where torch's reduction takes ~27 µs over a 128k vocabulary (H200). The torch path is the reference."""
+"""Greedy sampling on the GPU (`cuda/sampling.cu`): each row's argmax, as `torch.argmax` gives it (H200: 14.4 µs
+against torch's 26.4 over a 128k vocabulary, 16.9 against 8.5 over 152k; see the .cu). The torch path is the
+reference."""
 
 from __future__ import annotations
 
