@@ -5,7 +5,10 @@ decode graph calls it (the graph's span, an additive mask), per layer shape and 
 
 Like bench/gemv.py, each call is captured PER_GRAPH times in a CUDA graph and replayed; the calls cycle over enough
 copies of the cache to exceed twice the L2 cache, as a decode step finds its keys after streaming the weights. The
-token sits at the span's last position (every key read); the span is a multiple of the graph bucket (256).
+token sits at the span's last position (every key read), or with --at F at position F·span - 1 (F < 1: as in most
+decode steps, where the token lies inside its graph's bucket and the chunks after it are skipped); the span is a
+multiple of the graph bucket (256). The kernel is timed with 32 and with 64 keys a block, and reported at the size the
+runtime would choose.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     parser.add_argument("--capacity", type=int, default=8192, help="cache length behind the span (max_seq_len)")
+    parser.add_argument("--at", type=float, default=1.0, help="the token's position as a fraction of the span")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -43,8 +47,8 @@ def main() -> None:
     for name in args.shapes:
         dim, heads, kv_heads = SHAPES[name]
         for span in args.spans:
-            position = span - 1
-            nbytes = 2 * kv_heads * span * dim * 2  # keys and values read
+            position = max(0, round(args.at * span) - 1)
+            nbytes = 2 * kv_heads * (position + 1) * dim * 2  # keys and values read
             copies = min(50, copies_beyond_l2(nbytes, device))  # a graph of 50 calls uses 50 at most
             caches = [tuple(torch.randn(1, kv_heads, args.capacity, dim, device=device, dtype=dtype) for _ in range(2))
                       for _ in range(copies)]
@@ -59,7 +63,7 @@ def main() -> None:
                     cycling(lambda i: attention_ops.decode_attention(q, *views[i % copies], where, None)),
                     warm_calls=max(50, copies))
             del os.environ["EXLQ_ATTENTION_CHUNK"]
-            kernel_s = chunk_s[attention_ops.chunk_size(1 * kv_heads, span)]
+            kernel_s = chunk_s[attention_ops.chunk_size(kv_heads, span)]  # one sequence
             sdpa_s = graph_seconds(cycling(lambda i: attend(q, *views[i % copies], mask, False)), warm_calls=max(50, copies))
             got = attention_ops.decode_attention(q, *views[0], position, None)
             error = ((got.float() - attend(q, *views[0], mask, False).float()).norm() / got.float().norm()).item()

@@ -32,7 +32,7 @@ from exlq.runtime.kernels import sampling_ops  # noqa: E402
 
 
 def rates(model, steps: int, cache_tokens: int = 4096) -> dict[str, float]:
-    """Tokens/s of the three loops over the same positions (each run twice; the second is timed)."""
+    """Tokens/s of each loop over the same positions (each run twice; the second is timed)."""
     device = model.device
     cache = model.new_cache(cache_tokens)
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_TOKENS), device=device)

@@ -166,12 +166,16 @@ quick)
       echo "smollm2 exl2 $(decode_rate $E)"
     done
   ) done; done ;;
-attention)  # the one-token attention kernel against SDPA alone (bench/attention.py), then synthetic decode with the
-  # kernel off and on (EXLQ_DECODE_ATTENTION), ATT_ROUNDS rounds (default 2) of ATT_MODELS, the settings interleaved
-  python3 bench/attention.py --json-out $OUT/attention.json 2>&1 | tail -16
+attention)  # the one-token attention kernel against SDPA alone (bench/attention.py, the token at ATT_AT of the span:
+  # default 1.0, its end; several values run in turn), then synthetic decode with each of ATT_SETTINGS (default: the
+  # kernel off and on; e.g. "EXLQ_ATTENTION_CHUNK=64 EXLQ_ATTENTION_CHUNK=" for 64-key blocks against the rule),
+  # ATT_ROUNDS rounds (default 2) of ATT_MODELS, the settings interleaved
+  for at in ${ATT_AT:-1.0}; do
+    python3 bench/attention.py --at $at --json-out $OUT/attention_$at.json 2>&1 | tail -16
+  done
   for run in $(seq ${ATT_ROUNDS:-2}); do for model in ${ATT_MODELS:-qwen2.5-0.5b smollm2-135m llama3-8b}; do
-    for setting in 0 1; do
-      echo "$model EXLQ_DECODE_ATTENTION=$setting $(EXLQ_DECODE_ATTENTION=$setting decode_rate --synthetic $model --bpw 4.0 --prefill 512)"
+    for setting in ${ATT_SETTINGS:-EXLQ_DECODE_ATTENTION=0 EXLQ_DECODE_ATTENTION=1}; do
+      echo "$model $setting $(export "$setting"; decode_rate --synthetic $model --bpw 4.0 --prefill 512)"
     done
   done; done ;;
 widths)
