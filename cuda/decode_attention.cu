@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
 
         // The chunk's softmax pieces per query head (at least one key is in it): warp w takes heads w, w + WARPS, ...
         for (int g = warp; g < G; g += WARPS) {
-            float m, s;
+            float m, s;  // each size written out: a loop over CHUNK / 32 keys a lane compiled the 64-key kernel
+                         // differently from the GPU-measured one
             if (CHUNK == 64) {  // two keys a lane
                 const float a = p[g][lane], c = p[g][lane + 32];
                 m = warp_max(fmaxf(a, c));

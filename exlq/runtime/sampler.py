@@ -156,13 +156,17 @@ class Sampler:
             self._generator.manual_seed(self.seed)
         return self._generator
 
-    def _penalized(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _check_shapes(logits: torch.Tensor, history: torch.Tensor | None) -> None:
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         if history is not None and (history.dim() != 2 or history.shape[0] != logits.shape[0]):
             raise ValueError(
                 f"history must be [batch, tokens] with batch {logits.shape[0]}, got shape {tuple(history.shape)}"
             )
+
+    def _penalized(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+        self._check_shapes(logits, history)
         s = self.settings
         return apply_repetition_penalty(logits.float(), history, s.repetition_penalty, s.repetition_range)
 
@@ -185,7 +189,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """Next token id per row: int64 [B], on the logits' device."""
         s = self.settings
-        if s.greedy and not penalizes(history, s.repetition_penalty, s.repetition_range) and logits.dim() == 2:
+        if s.greedy and not penalizes(history, s.repetition_penalty, s.repetition_range):
+            self._check_shapes(logits, history)
             return sampling_ops.argmax(logits)  # the logits as they are: no float32 copy, the GPU kernel if it applies
         logits = self._penalized(logits, history)
         if s.greedy:
