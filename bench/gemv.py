@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exlq.eval.speed import copy_bandwidth  # noqa: E402
 from exlq.quant.synthetic import random_exl2  # noqa: E402
 from exlq.runtime.exl2 import Exl2Linear  # noqa: E402
-from exlq.runtime.kernels import exl2_ops  # noqa: E402
+from exlq.runtime.kernels import exl2_ops, exl2_stream_ops  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (in_features K, out_features N)
 PER_GRAPH = 50
@@ -116,6 +116,8 @@ def main() -> None:
             fp16_seconds = graph_seconds(cycling(lambda i: F.linear(x, dense[i % len(dense)])))
             tensor_cores, columns = exl2_ops.gemv_route([layer.kernel_plan()], rows, x.dtype)
             kernel = "mma" if tensor_cores else "wide" if columns > 1 else "narrow"
+            if exl2_stream_ops.applies([layer.kernel_plan()], rows, x.dtype, device):
+                kernel = "stream"
             row = {
                 "k": k, "n": n, "rows": rows, "kernel": kernel,
                 "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,

@@ -41,23 +41,31 @@ def test_kernel_compiles(source, arch, tmp_path, monkeypatch):
             assert -(-registers[mangled] // 8) * 8 * threads <= 65536, f"{instance}: {registers[mangled]} registers on {arch}"
 
 
-def test_gemv_descriptors_match_the_kernel_structs():
-    """The GEMV's matrix descriptors are filled by ctypes on the host and read as C structs by the kernel: the
+def _descriptor_cases():
+    from exlq.runtime.kernels import exl2_ops, exl2_stream_ops
+
+    return [("exl2_common.cuh", (exl2_ops.GemvMatrix, exl2_ops.GemvGroup)),
+            ("exl2_stream.cu", (exl2_stream_ops.StreamMatrix, exl2_stream_ops.StreamGroup))]
+
+
+@pytest.mark.parametrize("source, structs", _descriptor_cases())
+def test_gemv_descriptors_match_the_kernel_structs(source, structs):
+    """The GEMVs' matrix descriptors are filled by ctypes on the host and read as C structs by the kernel: the
     sizes the .cu asserts at compile time must be the ctypes ones, and the fields the same, in the same order."""
     import ctypes
     import re
 
-    from exlq.runtime.kernels.exl2_ops import MAX_GROUP, GemvGroup, GemvMatrix
+    from exlq.runtime.kernels.exl2_ops import MAX_GROUP
 
-    text = (SOURCE_DIR / "exl2_common.cuh").read_text()  # shared by both GEMV kernels
+    text = (SOURCE_DIR / source).read_text()
     asserted = {m[0]: int(m[1]) for m in re.findall(r"static_assert\(sizeof\((\w+)\) == (\d+),", text)}
-    assert asserted == {"GemvMatrix": ctypes.sizeof(GemvMatrix), "GemvGroup": ctypes.sizeof(GemvGroup)}
-    for struct in (GemvMatrix, GemvGroup):
+    assert asserted == {struct.__name__: ctypes.sizeof(struct) for struct in structs}
+    for struct in structs:
         body = re.search(r"struct %s \{(.*?)\};" % struct.__name__, text, re.S)[1]
         body = re.sub(r"//[^\n]*", "", body)
         declared = [name for declaration in body.split(";") for name in re.findall(r"(\w+)(?:\[\w+\])?\s*(?:,|$)", declaration.strip())]
         assert declared == [name for name, _ in struct._fields_]
-    assert f"#define MAX_GROUP {MAX_GROUP}" in text
+    assert f"#define MAX_GROUP {MAX_GROUP}" in (SOURCE_DIR / "exl2_common.cuh").read_text()
 
 
 def test_launch_config_structs_have_the_cuda_h_layout():

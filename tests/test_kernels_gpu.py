@@ -15,7 +15,7 @@ from exlq.quant.exl2_pack import converter_layout, pack_exl2
 from exlq.runtime.exl2 import MAX_IN_FEATURES, Exl2Linear, dequantize, dequantize_stored
 from exlq.runtime.generator import Generator
 from exlq.runtime.kernels import enabled
-from exlq.runtime.kernels import exl2_ops, fused_ops
+from exlq.runtime.kernels import exl2_ops, exl2_stream_ops, fused_ops
 from exlq.runtime.layers import RMSNorm
 from exlq.runtime.linear import project_each, project_gated
 from exlq.runtime.loader import load_model
@@ -115,16 +115,18 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
 
 # The GEMV kernels: the tensor-core one (fp16, 4 or 8 rows, layers of whole 32-row blocks; rows 8 and 13 reach it),
 # the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width), whose
-# split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs).
+# split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs), and the streamed
+# one (one fp16 row, layers of whole 32-row blocks; other launches of that kind take the narrow kernel).
 KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "wide-inline"),
-           (torch.bfloat16, "narrow"), (torch.bfloat16, "wide")]
+           (torch.float16, "stream"), (torch.bfloat16, "narrow"), (torch.bfloat16, "wide")]
 
 
 def use_gemv(kind: str, monkeypatch) -> None:
-    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows), and "-inline" to
-    the in-kernel end of split products instead of exl2_finish."""
+    """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows), "stream" (one fp16
+    row, where it applies), and "-inline" to the in-kernel end of split products instead of exl2_finish."""
     monkeypatch.setattr(exl2_ops, "FINISH_KERNEL", not kind.endswith("-inline"))
     kind = kind.removesuffix("-inline")
+    monkeypatch.setattr(exl2_stream_ops, "ENABLED", kind == "stream")
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
     monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind == "wide" else 1 << 62)
 
@@ -156,8 +158,81 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
+# The streamed GEMV's layers: every width, 32/64/128-row groups (units of 64, 96 and 128 rows), K up to 14336.
+STREAM_LAYOUTS = [
+    (64, [8], [1.0], 32),
+    (96, [6], [1.0], 32),
+    (160, [5], [1.0], 32),
+    (256, [4], [1.0], 128),
+    (288, [3], [1.0], 32),
+    (576, [2], [1.0], 64),
+    (576, [8, 4, 3], [0.1, 0.4, 0.5], [32, 64, 64]),
+    (960, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 128]),
+    (4096, [8, 6, 5, 4], [0.1, 0.2, 0.2, 0.5], 128),
+    (14336, [4, 3], [0.96, 0.04], 128),
+]
+
+
+@pytest.mark.parametrize("k, bits, props, group", STREAM_LAYOUTS)
+@pytest.mark.parametrize("n", [32, 200, 576, 4160])
+@pytest.mark.parametrize("grid, stages", [(None, 4), (7, 2), (3, 8)])
+def test_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, monkeypatch):
+    """One fp16 row through the streamed kernel into a poisoned output: the float64 product of the torch
+    dequantization (+bias), and a clean workspace. Small grids make each block walk many units across strips (its
+    activation rows then wrap around K) and reuse every stage many times."""
+    use_gemv("stream", monkeypatch)
+    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
+    monkeypatch.setattr(exl2_stream_ops, "STAGES", stages)
+    tensors, layout = random_exl2(k, n, bits, props, group, seed=5 * k + n, bias=n % 3 == 0)
+    cuda = on_gpu(tensors)
+    layer = Exl2Linear(cuda, k, n, dtype=torch.float16)
+    plan = layer.kernel_plan()
+    x = torch.randn(1, k, device=CUDA).half()
+    assert exl2_stream_ops.applies([plan], 1, x.dtype, x.device)
+    expected = x.double() @ stored_weight(cuda)[:, :n].double()
+    if cuda.bias is not None:
+        expected += cuda.bias[:n].double()
+    out = torch.full((1, n), float("nan"), dtype=torch.float16, device=CUDA)
+    exl2_ops.gemv([plan], x, [out])
+    assert torch.isfinite(out).all()
+    assert rel(out, expected) < TOLERANCE[torch.float16]
+    gate = (4 * torch.randn(1, k, device=CUDA)).half()  # down_proj's form: silu(gate) * up gathered in the kernel
+    gated = torch.full((1, n), float("nan"), dtype=torch.float16, device=CUDA)
+    exl2_ops.gemv([plan], gate, [gated], up=x)
+    reference = fused_ops.silu_mul(gate, x).double() @ stored_weight(cuda)[:, :n].double()
+    if cuda.bias is not None:
+        reference += cuda.bias[:n].double()
+    assert torch.isfinite(gated).all() and rel(gated, reference) < TOLERANCE[torch.float16]
+    workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
+    assert not workspace.any(), "the GEMV must leave its workspace zeroed"
+
+
+@pytest.mark.parametrize("grid", [None, 5])
+def test_streamed_group_launch_matches_each_layer(grid, monkeypatch):
+    """Four matrices of one input with their own permutations, layouts and widths in one streamed launch (a block
+    may start in one matrix and end in the next, gathering the activations again): each gets its own product."""
+    use_gemv("stream", monkeypatch)
+    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
+    k = 1024
+    shapes = [(4160, [4], [1.0], 128), (576, [8, 4], [0.2, 0.8], 32), (200, [3, 5], [0.5, 0.5], 64), (1024, [6], [1.0], 32)]
+    layers = [Exl2Linear(on_gpu(random_exl2(k, n, b, p, g, seed=90 + i, bias=i % 2 == 0)[0]), k, n, dtype=torch.float16)
+              for i, (n, b, p, g) in enumerate(shapes)]
+    x = torch.randn(1, k, device=CUDA).half()
+    plans = [layer.kernel_plan() for layer in layers]
+    assert exl2_stream_ops.applies(plans, 1, x.dtype, x.device)
+    outs = [torch.full((1, layer.out_features), float("nan"), dtype=torch.float16, device=CUDA) for layer in layers]
+    exl2_ops.gemv(plans, x, outs)
+    for layer, out in zip(layers, outs):
+        ref = x.double() @ stored_weight(layer)[:, : layer.out_features].double()
+        if layer.bias is not None:
+            ref += layer.bias[: layer.out_features].double()
+        assert torch.isfinite(out).all() and rel(out, ref) < TOLERANCE[torch.float16]
+    workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
+    assert not workspace.any()
+
+
 @pytest.mark.parametrize("bits", [3, 5, 6, 8])
-@pytest.mark.parametrize("kind", ["narrow", "wide"])
+@pytest.mark.parametrize("kind", ["narrow", "wide", "stream"])
 def test_fp16_pair_path_keeps_small_activations(bits, kind, monkeypatch):
     """The fp16 pair path prescales activations by 2^-(b+3) (2^-9 at 6 and 8 bits), which puts small ones near fp16's
     subnormals: activations of rms 0.01 (as a down_proj's input can be) must still give the float64 product within
@@ -168,7 +243,7 @@ def test_fp16_pair_path_keeps_small_activations(bits, kind, monkeypatch):
     cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, k, n, dtype=torch.float16)
     weight = stored_weight(cuda)
-    x = (0.01 * torch.randn(2, k, device=CUDA)).half()
+    x = (0.01 * torch.randn(1 if kind == "stream" else 2, k, device=CUDA)).half()
     assert rel(layer(x[None])[0], x.double() @ weight[:, :n].double()) < TOLERANCE[torch.float16]
 
 
@@ -238,7 +313,7 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
-@pytest.mark.parametrize("kind", ["mma", "narrow", "wide"])
+@pytest.mark.parametrize("kind", ["mma", "narrow", "wide", "stream"])
 def test_gemv_survives_large_activations(bits, kind, monkeypatch):
     """The fp16 path sums pairs in half precision (and the tensor-core one removes offsets of 1024 x): activations
     in the thousands must not overflow to inf nor lose the product."""
@@ -248,7 +323,8 @@ def test_gemv_survives_large_activations(bits, kind, monkeypatch):
     cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, 512, 256, dtype=torch.float16)
     weight = stored_weight(cuda)
-    x = torch.randn(4 if kind == "mma" else 3, 512, device=CUDA)  # 4 rows: the tensor-core kernel's smallest launch
+    rows = {"mma": 4, "stream": 1}.get(kind, 3)  # 4: the tensor-core kernel's smallest launch; 1: the streamed one's
+    x = torch.randn(rows, 512, device=CUDA)
     x[:, :8] *= 3000 / x[:, :8].abs().max()  # a few channels in the thousands, as real down_proj inputs have
     x = x * min(1.0, 30000 / (x.double() @ weight[:, :256].double()).abs().max().item())  # outputs fit fp16
     x = x.half()

@@ -5,11 +5,12 @@ A source may be compiled as several modules (e.g. one per activation dtype); eac
 
 from __future__ import annotations
 
-from exlq.runtime.kernels import attention_ops, exl2_ops, fused_ops, gptq_ops, kv_ops, sampling_ops
+from exlq.runtime.kernels import attention_ops, exl2_ops, exl2_stream_ops, fused_ops, gptq_ops, kv_ops, sampling_ops
 
 SOURCES: dict[str, list[tuple[str, ...]]] = {
     exl2_ops.SOURCE: list(exl2_ops.INSTANCE_SETS.values()),
     exl2_ops.MMA_SOURCE: [exl2_ops.MMA_INSTANCES],
+    exl2_stream_ops.SOURCE: [exl2_stream_ops.INSTANCES],
     fused_ops.SOURCE: [fused_ops.INSTANCES],
     kv_ops.SOURCE: [kv_ops.INSTANCES],
     gptq_ops.SOURCE: [gptq_ops.INSTANCES],

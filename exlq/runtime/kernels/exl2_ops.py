@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from exlq.runtime.exl2 import (
     Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, row_bits, scale_multipliers,
 )
-from exlq.runtime.kernels import ACTIVATION_TAGS
+from exlq.runtime.kernels import ACTIVATION_TAGS, exl2_stream_ops
 from exlq.runtime.kernels.fused_ops import silu_mul
 from exlq.runtime.kernels.launch import kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
@@ -90,6 +90,9 @@ class Exl2Plan:
     bias: torch.Tensor | None  # float32 [N_pad]
     in_features: int
     out_features: int
+    #: The streamed GEMV's tables (exl2_stream_ops); None where it does not take the layer
+    stream_chunks: torch.Tensor | None = None  # int32 [C, 4], as `chunks`, of ≤ STREAM_WORD_ROWS word rows each
+    stream_gather: torch.Tensor | None = None  # int32 [K]: input channel | pair slot << 17 | prescale shift << 22
 
     @property
     def n_pad(self) -> int:
@@ -104,27 +107,42 @@ class Exl2Plan:
         return self.split_tables[columns]
 
 
-def chunk_table(layout: Layout) -> list[tuple[int, int, int, int, int, int]]:
-    """(bits, rows, first word row, first stored row, first group, group shift) of every chunk: ≤ CHUNK_ROWS rows
-    of one width, whose words a thread loads at once. A chunk may hold several consecutive equal groups of 32 or
-    64 rows (2^shift blocks of 32 rows each; shift 2 for 128-row groups), so small groups cost no extra serial
-    load: real conversions use groups of 32 for many matrices. Groups with a partial 32-row block stand alone."""
+def chunk_table(layout: Layout, max_rows: Callable[[int], int] = lambda bits: CHUNK_ROWS,
+                ) -> list[tuple[int, int, int, int, int, int]]:
+    """(bits, rows, first word row, first stored row, first group, group shift) of every chunk: ≤ max_rows(bits)
+    rows (CHUNK_ROWS; a multiple of 32) of one width, whose words a thread loads at once. A chunk may hold several
+    consecutive equal groups of 32 or 64 rows (2^shift blocks of 32 rows each; shift 2 for 128-row groups), so small
+    groups cost no extra serial load: real conversions use groups of 32 for many matrices. Groups with a partial
+    32-row block stand alone."""
     table = []
     row0s, word0s = group_row_starts(layout), group_word_offsets(layout)
     g = 0
     while g < len(layout):
         bits, rows = layout[g]
-        if rows % 32 == 0 and rows < CHUNK_ROWS and CHUNK_ROWS % rows == 0:
+        most = max_rows(bits)
+        if rows % 32 == 0 and rows < most and most % rows == 0:
             count = 1
-            while count < CHUNK_ROWS // rows and g + count < len(layout) and layout[g + count] == (bits, rows):
+            while count < most // rows and g + count < len(layout) and layout[g + count] == (bits, rows):
                 count += 1
             table.append((bits, rows * count, word0s[g], row0s[g], g, (rows // 32).bit_length() - 1))
             g += count
             continue
-        for start in range(0, rows, CHUNK_ROWS):  # one group (of 128 rows, or an odd one) per chunk
-            table.append((bits, min(CHUNK_ROWS, rows - start), word0s[g] + start * bits // 32, row0s[g] + start, g, 2))
+        for start in range(0, rows, most):  # one group (of 128 rows, or an odd one) per chunk
+            table.append((bits, min(most, rows - start), word0s[g] + start * bits // 32, row0s[g] + start, g, 2))
         g += 1
     return table
+
+
+def packed_chunks(table: list[tuple[int, int, int, int, int, int]], device: torch.device) -> torch.Tensor:
+    """The kernels' int4 chunk entries {bits | rows << 8 | shift << 16, first word row, first stored row, first group}."""
+    packed = [(bits | rows << 8 | shift << 16, word, row, g) for bits, rows, word, row, g, shift in table]
+    return torch.tensor(packed, dtype=torch.int32, device=device)
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, contiguous at a 16-byte aligned address (bulk copies need one; a view into a loaded file may not)."""
+    tensor = tensor.contiguous()
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
 
 
 def split_points(table: list[tuple[int, int, int, int, int, int]], column_tiles: int) -> list[int]:
@@ -186,19 +204,21 @@ def mma_gather_table(layout: Layout, perm: torch.Tensor) -> torch.Tensor | None:
 def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale: float = 1.0) -> Exl2Plan:
     device = tensors.q_weight.device
     table = chunk_table(layout)
-    packed = [(bits | rows << 8 | shift << 16, word, row, g) for bits, rows, word, row, g, shift in table]
     perm = perm_from_invperm(tensors.q_invperm)
+    streamed = exl2_stream_ops.eligible(layout)
     plan = Exl2Plan(
-        q_weight=tensors.q_weight.contiguous(),
-        q_scale=tensors.q_scale.contiguous(),
+        q_weight=aligned(tensors.q_weight),
+        q_scale=aligned(tensors.q_scale),
         scale_max=scale_multipliers(tensors.q_scale_max, prescale).float().contiguous(),
-        chunks=torch.tensor(packed, dtype=torch.int32, device=device),
+        chunks=packed_chunks(table, device),
         split_tables={},
         perm=perm.to(torch.int32).contiguous(),
         gather=mma_gather_table(layout, perm),
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
         out_features=out_features,
+        stream_chunks=packed_chunks(chunk_table(layout, exl2_stream_ops.unit_rows), device) if streamed else None,
+        stream_gather=exl2_stream_ops.gather_table(layout, perm.to(torch.int32)) if streamed else None,
     )
     for columns in COLUMN_CHOICES:
         points = split_points(table, plan.tiles(columns))
@@ -238,6 +258,9 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first)."""
     rows = x.shape[0]
     device = x.device
+    if exl2_stream_ops.applies(plans, rows, x.dtype, device):
+        streamed_gemv(plans, x, outs, up)
+        return
     tensor_cores, columns = gemv_route(plans, rows, x.dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
@@ -271,9 +294,32 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
     operands = (x, up, plans[0].in_features, args) if name == "exl2_gemv" else (x, plans[0].in_features, args)
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=not tensor_cores)
     if finish and split_k:
-        finisher = kernel(SOURCE, INSTANCE_SETS[x.dtype], f"exl2_finish<{ACTIVATION_TAGS[x.dtype]}>", device)
-        width = -(-rows * max(plan.n_pad for plan in plans) // FINISH_THREADS)
-        launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows), device, overlap=True)
+        finish_sums(group, plans, rows, x.dtype, device)
+
+
+def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> None:
+    """exl2_finish: y = T(sums + bias) and the sums re-zeroed, for the group's matrices whose `splits` > 1."""
+    finisher = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_finish<{ACTIVATION_TAGS[dtype]}>", device)
+    width = -(-rows * max(plan.n_pad for plan in plans) // FINISH_THREADS)
+    launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows), device, overlap=True)
+
+
+def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
+                  up: torch.Tensor | None = None) -> None:
+    """gemv for one fp16 row through the streamed kernel (exl2_stream_ops.applies): its sums, then exl2_finish."""
+    if up is not None and len(plans) > 1:
+        x, up = silu_mul(x, up), None
+    workspace, _ = _workspace.get(x.device, sum(plan.n_pad for plan in plans), 0)
+    group = GemvGroup(count=len(plans))
+    sums = []
+    for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
+        sums.append(workspace.data_ptr() + 4 * sum(p.n_pad for p in plans[:i]))
+        group.m[i] = GemvMatrix(  # for exl2_finish: every product is left as sums (splits > 1)
+            bias=0 if plan.bias is None else plan.bias.data_ptr(), workspace=sums[-1], y=out.data_ptr(),
+            N=plan.out_features, n_pad=plan.n_pad, splits=2,
+        )
+    exl2_stream_ops.launch_stream(plans, x, up, sums)
+    finish_sums(group, plans, 1, x.dtype, x.device)
 
 
 def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = False) -> torch.Tensor:

@@ -107,10 +107,28 @@ def pdl_enabled(index: int) -> bool:
     return os.environ.get("EXLQ_PDL", "1") != "0" and index not in _pdl_refused and _hopper_or_newer(index)
 
 
+def hopper_or_newer(device: torch.device) -> bool:
+    """Compute capability 9.0 or newer (programmatic dependent launch, bulk copies)."""
+    return _hopper_or_newer(device_index(device))
+
+
+_shared_allowed: dict[int, int] = {}  # dynamic shared memory each kernel handle may take
+
+
+def allow_shared(function: int, shared_bytes: int) -> None:
+    """Let kernel `function` take `shared_bytes` of dynamic shared memory (beyond 48 KiB the driver must be told)."""
+    if _shared_allowed.get(function, 48 * 1024) < shared_bytes:
+        from cupy_backends.cuda.api import driver
+
+        driver.funcSetAttribute(function, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes)
+        _shared_allowed[function] = shared_bytes
+
+
 def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
-           overlap: bool = False) -> None:
+           overlap: bool = False, shared_bytes: int = 0) -> None:
     """Run kernel `function` on torch's current stream of `device`; `overlap`: the kernel calls pdl_wait() first
-    and may start before the previous kernel ends (on sm_90+, unless EXLQ_PDL=0)."""
+    and may start before the previous kernel ends (on sm_90+, unless EXLQ_PDL=0); `shared_bytes`: its dynamic shared
+    memory (beyond 48 KiB, after allow_shared)."""
     from cupy_backends.cuda.api import driver
 
     values = [_argument(a) for a in args]
@@ -120,7 +138,7 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
     bx, by, bz = (*block, 1, 1)[:3]
     if overlap and pdl_enabled(index := device_index(device)):  # plain launches skip the device lookup
         attribute = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-        config = _LaunchConfig(gx, gy, gz, bx, by, bz, 0, stream, ctypes.pointer(attribute), 1)
+        config = _LaunchConfig(gx, gy, gz, bx, by, bz, shared_bytes, stream, ctypes.pointer(attribute), 1)
         result = _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
         if result == 0:
             return
@@ -129,4 +147,4 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
         _pdl_refused.add(index)
         warnings.warn(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {result}: launching "
                       "without it from now on (EXLQ_PDL=0 skips the attempt)", RuntimeWarning, stacklevel=2)
-    driver.launchKernel(function, gx, gy, gz, bx, by, bz, 0, stream, ctypes.addressof(params), 0)
+    driver.launchKernel(function, gx, gy, gz, bx, by, bz, shared_bytes, stream, ctypes.addressof(params), 0)

@@ -1,0 +1,286 @@
+// EXL2 GEMV at one activation row, streamed (sm_90+): the packed weights reach shared memory by bulk copies
+// (cp.async.bulk, the Hopper copy engine) that one producer warp issues ahead of the arithmetic, so the memory reads
+// never wait for the multiply-adds, nor for the activation gather, nor for the previous kernel (the copies start
+// before the programmatic-launch wait: the weights are the layer's own).
+//
+// Why (docs/benchmarks.md, sessions 15-21): the register kernel of exl2_matmul.cu is one wave of blocks that all pass
+// through the same serial phases (tables, gather, loads, math, atomics) at once, so the memory idles between them; it
+// reads 4096x14336 at 55 % of copy where a pure read reaches 80 %.
+//
+// Work: a matrix is cut into units of one stream chunk (host table: at most STREAM_WORD_ROWS word rows of one width)
+// by one strip of STREAM_COLUMNS columns; units are numbered strip by strip (chunks inside), matrix after matrix in a
+// group launch, and the persistent grid's block b takes the contiguous run [units·b/grid, units·(b+1)/grid), so every
+// block streams the same number of bytes (within one unit). A block's consumers sum each strip's units in registers and
+// add them to the fp32 workspace at the strip's end (atomics); exl2_finish (exl2_matmul.cu) then writes y (+bias).
+//
+// Shared memory: `stages` buffers of one unit each (its word rows, then its groups' scale words), the activations of
+// the rows the block needs in the fp16 pair path's order (xh, one per stored row), and the stages' barriers.
+#include "exl2_dot.cuh"
+
+#define STREAM_COLUMNS 256                        // columns of a strip: a word row of a unit is one 1 KB copy
+#define STREAM_WORD_ROWS 16                       // most word rows of a unit (exl2_ops.STREAM_WORD_ROWS)
+#define STREAM_SCALE_ROWS 4                       // most groups of a unit: 128 rows in groups of 32
+#define STREAM_STAGE_WORDS (STREAM_WORD_ROWS * STREAM_COLUMNS + STREAM_SCALE_ROWS * STREAM_COLUMNS / 8)
+#define STREAM_MAX_STAGES 8
+#define STREAM_MAX_K 32768                        // xh holds K fp16 values (64 KB at most)
+
+// One matrix of a streamed launch. Mirrored by exl2_ops.StreamMatrix.
+struct StreamMatrix {
+    const u32* q_weight;
+    const u32* q_scale;
+    const float* scale_max;
+    const int4* chunks;     // stream chunks: int4 {bits | rows << 8 | shift << 16, first word row, first stored row, first group}
+    const u32* gather;      // per stored row: input channel | pair slot (within its 32-row block) << 17 | prescale shift << 22
+    float* workspace;       // [n_pad] fp32 sums, zero between launches
+    int n_pad, strips, chunk_count, unit0;  // unit0: this matrix's first unit in the launch
+};
+struct StreamGroup {
+    StreamMatrix m[MAX_GROUP];
+    int count, units;
+};
+static_assert(sizeof(StreamMatrix) == 64, "see exl2_ops.StreamMatrix");
+static_assert(sizeof(StreamGroup) == 264, "see exl2_ops.StreamGroup");
+
+// ----- mbarriers and bulk copies (PTX ISA 8.0, sm_90) -----
+__device__ __forceinline__ u32 shared_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void barrier_init(u32 bar, u32 arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void barrier_arrive(u32 bar) {
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" ::"r"(bar) : "memory");
+}
+// One arrival that also announces `bytes` of bulk copies the phase must wait for.
+__device__ __forceinline__ void barrier_expect(u32 bar, u32 bytes) {
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1; }" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+// Until the phase of parity `parity` has completed (a fresh barrier counts its phase "before 0", parity 1, as done).
+__device__ __forceinline__ void barrier_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory; completes on `bar`.
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+#endif
+}
+
+// The matrix of unit u, found by an unrolled compare (a run-time index into the parameter's array costs a copy of it).
+__device__ __forceinline__ int matrix_of(const StreamGroup& group, int u) {
+    int which = 0;
+#pragma unroll
+    for (int i = 1; i < MAX_GROUP; i++)
+        if (i < group.count && u >= group.m[i].unit0) which = i;
+    return which;
+}
+
+struct Unit {
+    int strip, bits, rows, shift, word0, row0, group0, columns;
+};
+__device__ __forceinline__ Unit unit_at(const StreamMatrix& mat, int local) {
+    Unit t;
+    t.strip = local / mat.chunk_count;
+    const int4 ch = __ldg(mat.chunks + (local - t.strip * mat.chunk_count));
+    t.bits = ch.x & 0xff;
+    t.rows = (ch.x >> 8) & 0xff;
+    t.shift = ch.x >> 16;
+    t.word0 = ch.y;
+    t.row0 = ch.z;
+    t.group0 = ch.w;
+    t.columns = min(STREAM_COLUMNS, mat.n_pad - t.strip * STREAM_COLUMNS);
+    return t;
+}
+__device__ __forceinline__ int unit_groups(const Unit& t) { return (((t.rows >> 5) - 1) >> t.shift) + 1; }
+
+// The producer warp: for each unit of the block, wait for its stage to be free, announce its bytes, and copy each word
+// row (lanes 0-15) and each group's scale words (lanes 16-19) of the strip.
+__device__ __forceinline__ void produce(const StreamGroup& group, int u0, int u1, u32* stages, u32 full, u32 empty,
+                                        int stage_count) {
+    const int lane = threadIdx.x & 31;
+    int stage = 0;
+    u32 phase = 0;
+    for (int u = u0; u < u1; u++) {
+        const StreamMatrix& mat = group.m[matrix_of(group, u)];
+        const Unit t = unit_at(mat, u - mat.unit0);
+        const int words = t.rows * t.bits / 32, groups = unit_groups(t);
+        const u32 row_bytes = 4 * t.columns, scale_bytes = t.columns / 2;
+        barrier_wait(empty + 8 * stage, phase ^ 1);
+        if (lane == 0) barrier_expect(full + 8 * stage, words * row_bytes + groups * scale_bytes);
+        __syncwarp();
+        const u32 base = shared_address(stages + (size_t)stage * STREAM_STAGE_WORDS);
+        if (lane < words)
+            bulk_copy(base + 4 * lane * STREAM_COLUMNS,
+                      mat.q_weight + (size_t)(t.word0 + lane) * mat.n_pad + t.strip * STREAM_COLUMNS, row_bytes,
+                      full + 8 * stage);
+        else if (lane >= 16 && lane - 16 < groups)
+            bulk_copy(base + 4 * (STREAM_WORD_ROWS * STREAM_COLUMNS + (lane - 16) * (STREAM_COLUMNS / 8)),
+                      mat.q_scale + (size_t)(t.group0 + lane - 16) * (mat.n_pad >> 3) + t.strip * (STREAM_COLUMNS / 8),
+                      scale_bytes, full + 8 * stage);
+        if (++stage == stage_count) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+}
+
+// Consumer threads only (the producer warp never joins): barrier 1 of the block.
+template <int CONSUMERS>
+__device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory");
+}
+
+// xh for the stored rows [lo, hi) of matrix `mat` (the activation of row r at (r & ~31) + its pair slot, prescaled).
+template <typename T, int CONSUMERS>
+__device__ __forceinline__ void gather_rows(const StreamMatrix& mat, const u16* __restrict__ x,
+                                            const u16* __restrict__ up, int lo, int hi, u16* xh) {
+    for (int r = lo + (int)threadIdx.x; r < hi; r += CONSUMERS) {
+        const u32 entry = __ldg(mat.gather + r);
+        const float v = activation<T>(x, up, entry & 0x1ffffu);
+        xh[(r & ~31) + ((entry >> 17) & 31)] = Act<fp16_t>::store(v * pair_prescale((int)(entry >> 22)));
+    }
+}
+
+// The stored rows the block's units [l0, l1) of `mat` (local numbers) cover, as one or two ranges, into xh.
+template <typename T, int CONSUMERS>
+__device__ __forceinline__ void gather_block(const StreamMatrix& mat, int K, const u16* __restrict__ x,
+                                             const u16* __restrict__ up, int l0, int l1, u16* xh) {
+    const Unit first = unit_at(mat, l0), last = unit_at(mat, l1 - 1);
+    const int lo = first.row0, hi = last.row0 + last.rows;
+    if (first.strip == last.strip) gather_rows<T, CONSUMERS>(mat, x, up, lo, hi, xh);
+    else if (first.strip + 1 == last.strip && hi < lo) {  // the end of one strip and the start of the next
+        gather_rows<T, CONSUMERS>(mat, x, up, 0, hi, xh);
+        gather_rows<T, CONSUMERS>(mat, x, up, lo, K, xh);
+    } else gather_rows<T, CONSUMERS>(mat, x, up, 0, K, xh);
+}
+
+// One unit's product for the thread's C adjacent columns (column n of the strip, valid): per 32-row block, its B word
+// rows from the stage, the pair path's block dot, times the block's group scale.
+template <int B, int C>
+__device__ __forceinline__ void unit_dot(const u32* stage, const u16* xh, const Unit& t, int n,
+                                         const float* __restrict__ scale_max, const Magic& k, float* acc) {
+    const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);  // one row: index [0][stored row]
+    const u32* scale_words = stage + STREAM_WORD_ROWS * STREAM_COLUMNS;
+    constexpr float UNIT = (float)(1 << half_shift(B));
+#pragma unroll
+    for (int sb = 0; sb < STREAM_SCALE_ROWS; sb++) {
+        if (sb >= (t.rows >> 5)) break;
+        u32 words[C][B + 1];
+#pragma unroll
+        for (int j = 0; j < B; j++) {
+            const u32* row = stage + (sb * B + j) * STREAM_COLUMNS + n;
+            if (C == 2) {
+                const uint2 v = *reinterpret_cast<const uint2*>(row);
+                words[0][j] = v.x;
+                words[C - 1][j] = v.y;
+            } else words[0][j] = row[0];
+        }
+#pragma unroll
+        for (int c = 0; c < C; c++) words[c][B] = 0u;
+        float part[C][1];
+#pragma unroll
+        for (int c = 0; c < C; c++) part[c][0] = 0.0f;
+        sub_half<B, 1, C>(words, xhv, t.row0 + 32 * sb, k, part);
+        const int g = sb >> t.shift;
+        const u32 codes = scale_words[g * (STREAM_COLUMNS / 8) + (n >> 3)];
+        const float multiplier = __ldg(scale_max + t.group0 + g) * UNIT;
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            const float code = (float)(((codes >> (((n + c) & 7) * 4)) & 15u) + 1u);
+            acc[c] = fmaf(part[c][0], code * code * multiplier, acc[c]);
+        }
+    }
+}
+
+// The block's sums of one strip (all its units there) into the matrix's workspace; acc starts over.
+template <int C>
+__device__ __forceinline__ void add_sums(const StreamMatrix& mat, int strip, int n, float* acc) {
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        const int column = strip * STREAM_COLUMNS + n + c;
+        if (column < mat.n_pad) atomicAdd(mat.workspace + column, acc[c]);
+        acc[c] = 0.0f;
+    }
+}
+
+// y = x @ W (one activation row, fp16) for the group's matrices, through the fp32 workspaces (exl2_finish writes y).
+// Block: C == 2: 128 consumer threads of 2 adjacent columns, C == 1: 256 of one; then the producer warp.
+template <typename T, int C>
+__global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16* __restrict__ x,
+                                                                     const u16* __restrict__ up, int K,
+                                                                     const StreamGroup group, int stage_count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr int CONSUMERS = STREAM_COLUMNS / C;
+    extern __shared__ __align__(128) u32 stages[];
+    u16* xh = reinterpret_cast<u16*>(stages + (size_t)stage_count * STREAM_STAGE_WORDS);
+    __shared__ __align__(8) unsigned long long barriers[2 * STREAM_MAX_STAGES];
+    const u32 full = shared_address(barriers), empty = full + 8 * STREAM_MAX_STAGES;
+    const int u0 = (int)((long long)group.units * blockIdx.x / gridDim.x);
+    const int u1 = (int)((long long)group.units * (blockIdx.x + 1) / gridDim.x);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stage_count; s++) {
+            barrier_init(full + 8 * s, 1);
+            barrier_init(empty + 8 * s, CONSUMERS / 32);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    pdl_launch_dependents();
+    if (threadIdx.x >= CONSUMERS) {  // the producer warp: reads only the layer's own tensors, so it never waits
+        produce(group, u0, u1, stages, full, empty, stage_count);
+        return;
+    }
+    pdl_wait();  // x, up and the workspaces belong to earlier kernels
+
+    const int n = (int)threadIdx.x * C;  // the thread's first column within a strip
+    const Magic k(group.m[0].n_pad);
+    float acc[C];
+#pragma unroll
+    for (int c = 0; c < C; c++) acc[c] = 0.0f;
+    int matrix = -1, strip = -1;  // of the sums in acc
+    int stage = 0;
+    u32 phase = 0;
+    for (int u = u0; u < u1; u++) {
+        const int which = matrix_of(group, u);
+        const StreamMatrix& mat = group.m[which];
+        const Unit t = unit_at(mat, u - mat.unit0);
+        if (which != matrix || t.strip != strip) {  // the sums so far are one strip's part: add them up
+            if (matrix >= 0) add_sums<C>(group.m[matrix], strip, n, acc);
+            if (which != matrix) {  // this matrix's activations, for the rows of its units in this block
+                const int end = which + 1 < group.count ? group.m[which + 1].unit0 : group.units;
+                consumers_sync<CONSUMERS>();  // nobody still reads the previous matrix's
+                gather_block<T, CONSUMERS>(mat, K, x, up, u - mat.unit0, min(u1, end) - mat.unit0, xh);
+                consumers_sync<CONSUMERS>();
+            }
+            matrix = which;
+            strip = t.strip;
+        }
+        barrier_wait(full + 8 * stage, phase);
+        if (n < t.columns) {
+            const u32* words = stages + (size_t)stage * STREAM_STAGE_WORDS;
+#define UNIT_DOT(B) unit_dot<B, C>(words, xh, t, n, mat.scale_max, k, acc)
+            WITH_WIDTH(t.bits, UNIT_DOT)
+#undef UNIT_DOT
+        }
+        __syncwarp();
+        if ((threadIdx.x & 31) == 0) barrier_arrive(empty + 8 * stage);
+        if (++stage == stage_count) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+    if (matrix >= 0) add_sums<C>(group.m[matrix], strip, n, acc);
+#else
+    __trap();  // the host launches it on sm_90 and newer only
+#endif
+}

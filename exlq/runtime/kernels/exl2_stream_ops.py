@@ -1,0 +1,138 @@
+"""The streamed one-row EXL2 GEMV (`cuda/exl2_stream.cu`, sm_90+): its tables, its launch geometry and its launch.
+
+A persistent grid (a few blocks an SM) whose producer warp copies the packed weights into shared memory with bulk
+copies ahead of the arithmetic, starting before the programmatic-launch wait, so the memory streams without the
+register kernel's serial phases (docs/benchmarks.md, session 24). The products end as sums in the fp32 workspace:
+`exl2_ops.gemv` launches `exl2_finish` after it, as for the split register kernel.
+
+Per matrix it needs two tables, built once per layer: the stream chunks (≤ STREAM_WORD_ROWS word rows of one width:
+one unit of work a strip) and the gather table (per stored row: input channel, slot in the fp16 pair path's order,
+prescale).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+
+import torch
+
+from exlq.runtime.exl2 import Layout, row_bits
+from exlq.runtime.kernels.launch import allow_shared, hopper_or_newer, kernel, launch
+
+SOURCE = "exl2_stream.cu"
+COLUMN_CHOICES = (1, 2)  # columns a consumer thread takes: the kernel's instances
+INSTANCES = tuple(f"exl2_stream<fp16_t, {c}>" for c in COLUMN_CHOICES)
+STREAM_COLUMNS = 256  # STREAM_COLUMNS in the .cu: columns of a strip
+STREAM_WORD_ROWS = 16  # STREAM_WORD_ROWS in the .cu: most word rows of a unit
+STAGE_BYTES = 4 * (STREAM_WORD_ROWS * STREAM_COLUMNS + 4 * STREAM_COLUMNS // 8)  # a unit's words and scale words
+MAX_STAGES = 8  # STREAM_MAX_STAGES in the .cu
+MAX_K = 32768  # STREAM_MAX_K in the .cu
+MAX_GROUP = 4  # MAX_GROUP in exl2_common.cuh
+#: On by default on sm_90+ for one fp16 row; EXLQ_GEMV_STREAM=0: the register kernel everywhere.
+ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
+#: Shared-memory stages a block, columns a consumer thread and blocks an SM (tuning; docs/benchmarks.md, session 24).
+STAGES = int(os.environ.get("EXLQ_STREAM_STAGES", "4"))
+THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
+BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "2"))
+MAX_GRID: int | None = None  # tests: a small grid, so each block walks many units, strips and matrices
+
+
+def unit_rows(bits: int) -> int:
+    """Most stored rows of one stream chunk: whole 32-row blocks, ≤ 128, whose words fit STREAM_WORD_ROWS word rows
+    (2-4 bits: 128, 5: 96, 6 and 8: 64)."""
+    return min(128, STREAM_WORD_ROWS * 32 // bits // 32 * 32)
+
+
+def pair_slot(bits: int, p: torch.Tensor) -> torch.Tensor:
+    """Where row p (0-31) of a 32-row block sits in the fp16 pair path's order (pair_slot in exl2_dot.cuh)."""
+    if bits == 4:
+        return (p & ~7) + (p & 3) * 2 + ((p >> 2) & 1)
+    if bits in (3, 5, 6):
+        return ((p & 15) << 1) | (p >> 4)
+    if bits == 2:
+        return (p & ~15) + (p & 7) * 2 + ((p >> 3) & 1)
+    return (p & ~3) + (p & 1) * 2 + ((p >> 1) & 1)
+
+
+def half_shift(bits: int) -> int:
+    """log2 of the pair path's activation prescale for a width (half_shift in exl2_dot.cuh)."""
+    return 9 if bits == 8 else bits + 3
+
+
+def eligible(layout: Layout) -> bool:
+    """Whether the streamed GEMV takes a layer: every group whole 32-row blocks (as the pair path reads them) and its
+    activations fit shared memory."""
+    return all(rows % 32 == 0 for _, rows in layout) and sum(rows for _, rows in layout) <= MAX_K
+
+
+def gather_table(layout: Layout, perm: torch.Tensor) -> torch.Tensor:
+    """int32 [K]: input channel | pair slot << 17 | prescale shift << 22, per stored row."""
+    bits = row_bits(layout)
+    within = torch.arange(bits.numel()) & 31
+    slots, shifts = torch.zeros_like(bits), torch.zeros_like(bits)
+    for width in bits.unique().tolist():
+        rows = bits == width
+        slots[rows] = pair_slot(width, within[rows])
+        shifts[rows] = half_shift(width)
+    return (perm.cpu().long() | slots << 17 | shifts << 22).to(torch.int32).to(perm.device)
+
+
+class StreamMatrix(ctypes.Structure):
+    """`struct StreamMatrix` of the .cu."""
+
+    _fields_ = [
+        *[(name, ctypes.c_uint64) for name in ("q_weight", "q_scale", "scale_max", "chunks", "gather", "workspace")],
+        *[(name, ctypes.c_int32) for name in ("n_pad", "strips", "chunk_count", "unit0")],
+    ]
+
+
+class StreamGroup(ctypes.Structure):
+    """`struct StreamGroup` of the .cu, passed by value."""
+
+    _fields_ = [("m", StreamMatrix * MAX_GROUP), ("count", ctypes.c_int32), ("units", ctypes.c_int32)]
+
+
+def applies(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a GEMV launch goes to the streamed kernel: one fp16 row, every matrix eligible, sm_90 or newer."""
+    return (ENABLED and rows == 1 and dtype == torch.float16 and all(p.stream_chunks is not None for p in plans)
+            and hopper_or_newer(device))
+
+
+def shared_bytes(in_features: int, stages: int) -> int:
+    """Dynamic shared memory of a block: the stages, then K fp16 activations (rounded to 16 bytes)."""
+    return stages * STAGE_BYTES + -(-2 * in_features // 16) * 16
+
+
+def grid_size(units: int, shared: int, device: torch.device) -> int:
+    """Blocks of the persistent grid: BLOCKS_PER_SM an SM, fewer where shared memory runs out, at most one a unit."""
+    props = torch.cuda.get_device_properties(device)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    fit = max(1, per_sm // (shared + 1024 + 128))  # + the block's reserved 1 KiB and its barriers
+    blocks = min(units, min(BLOCKS_PER_SM, fit) * props.multi_processor_count)
+    return max(1, blocks if MAX_GRID is None else min(blocks, MAX_GRID))
+
+
+def launch_stream(plans: Sequence, x: torch.Tensor, up: torch.Tensor | None, sums: Sequence[int]) -> None:
+    """Add x[1, K] @ W_i (for ≤ MAX_GROUP matrices, with `up`: silu_mul(x, up) @ W, one matrix) into the fp32 sums at
+    device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them."""
+    device = x.device
+    group = StreamGroup(count=len(plans))
+    units = 0
+    for i, (plan, at) in enumerate(zip(plans, sums, strict=True)):
+        strips, chunk_count = -(-plan.n_pad // STREAM_COLUMNS), plan.stream_chunks.shape[0]
+        group.m[i] = StreamMatrix(
+            plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.stream_chunks.data_ptr(),
+            plan.stream_gather.data_ptr(), at, plan.n_pad, strips, chunk_count, units,
+        )
+        units += strips * chunk_count
+    group.units = units
+    stages = max(2, min(MAX_STAGES, STAGES))
+    columns = THREAD_COLUMNS if THREAD_COLUMNS in COLUMN_CHOICES else 2
+    function = kernel(SOURCE, INSTANCES, f"exl2_stream<fp16_t, {columns}>", device)
+    shared = shared_bytes(plans[0].in_features, stages)
+    allow_shared(function, shared)
+    threads = STREAM_COLUMNS // columns + 32
+    launch(function, (grid_size(units, shared, device), 1, 1), (threads, 1, 1),
+           (x, up, plans[0].in_features, group, stages), device, overlap=True, shared_bytes=shared)

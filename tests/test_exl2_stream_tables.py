@@ -1,0 +1,72 @@
+"""The streamed GEMV's tables (CPU): its chunks are whole 32-row blocks that fit a unit, and its gather table puts every
+stored row's activation in the pair path's slot with its width's prescale. The kernel itself is tested on the GPU
+(tests/test_kernels_gpu.py, kind "stream")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exlq.quant.exl2_pack import converter_layout
+from exlq.runtime.exl2 import group_row_starts, row_bits
+from exlq.runtime.kernels import exl2_stream_ops
+from exlq.runtime.kernels.exl2_ops import chunk_table
+
+LAYOUTS = [
+    (576, [8, 4, 3], [0.1, 0.4, 0.5], [32, 64, 64]),
+    (960, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 128]),
+    (14336, [4, 3], [0.96, 0.04], 128),
+    (4096, [8, 6, 5], [0.3, 0.3, 0.4], 128),  # 128-row groups cut into 64- and 96-row units
+]
+
+
+@pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
+def test_stream_chunks_fit_a_unit_and_cover_every_row_once(k, bits, props, group):
+    layout = converter_layout(k, bits, props, group)
+    assert exl2_stream_ops.eligible(layout)
+    table = chunk_table(layout, exl2_stream_ops.unit_rows)
+    starts = group_row_starts(layout)
+    row = word = 0
+    for b, rows, first_word, first_row, g, shift in table:
+        assert (first_row, first_word) == (row, word)
+        assert rows % 32 == 0 and 0 < rows * b // 32 <= exl2_stream_ops.STREAM_WORD_ROWS
+        groups = set()
+        for block in range(rows // 32):  # block sb's scale row is group first + (sb >> shift), of this width
+            at = g + (block >> shift)
+            assert layout[at][0] == b and starts[at] <= first_row + 32 * block < starts[at] + layout[at][1]
+            groups.add(at)
+        assert len(groups) == ((rows // 32 - 1) >> shift) + 1  # the scale rows the producer copies (unit_groups)
+        row, word = row + rows, word + rows * b // 32
+    assert row == k
+
+
+@pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
+def test_gather_table_holds_channel_slot_and_prescale(k, bits, props, group):
+    layout = converter_layout(k, bits, props, group)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)).to(torch.int32)
+    entries = exl2_stream_ops.gather_table(layout, perm).long()
+    assert torch.equal(entries & 0x1FFFF, perm.long())
+    widths = row_bits(layout)
+    shifts = entries >> 22
+    assert torch.equal(shifts, torch.where(widths == 8, 9, widths + 3))
+    slots = ((entries >> 17) & 31).view(-1, 32)
+    assert torch.equal(slots.sort(dim=1).values, torch.arange(32).expand_as(slots))  # a permutation in every block
+
+
+def test_pair_slots_pair_the_rows_the_pair_path_decodes_together():
+    """Adjacent slots 2i, 2i + 1 hold the two rows one mask-and-or decodes at once: for 4 bits rows r and r + 4 of a
+    word (nibbles 0 and 1 of each byte pair), for 3/5/6 bits rows r and r + 16, for 2 bits r and r + 8, for 8 bits
+    r and r + 2."""
+    partner = {4: 4, 3: 16, 5: 16, 6: 16, 2: 8, 8: 2}
+    for bits, apart in partner.items():
+        slots = exl2_stream_ops.pair_slot(bits, torch.arange(32))
+        row_at = torch.empty(32, dtype=torch.long)
+        row_at[slots] = torch.arange(32)
+        assert torch.all(row_at[1::2] - row_at[0::2] == apart), bits
+
+
+def test_layers_with_partial_blocks_or_huge_inputs_are_not_streamed():
+    assert not exl2_stream_ops.eligible(converter_layout(592, [5, 4, 2], [0.3, 0.3, 0.4], [32, 64, 32]))  # 16-row tail
+    assert not exl2_stream_ops.eligible([(4, 128)] * (exl2_stream_ops.MAX_K // 128 + 1))
+    assert exl2_stream_ops.unit_rows(2) == exl2_stream_ops.unit_rows(4) == 128
+    assert (exl2_stream_ops.unit_rows(5), exl2_stream_ops.unit_rows(6), exl2_stream_ops.unit_rows(8)) == (96, 64, 64)
