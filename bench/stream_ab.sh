@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The streamed one-row GEMV (cuda/exl2_stream.cu) on the GPU: its tests, then the GEMV alone and the synthetic models'
+# decode with it off (EXLQ_GEMV_STREAM=0: the register kernel) and on, interleaved; then its tuning knobs.
+#   STAGE=tests:  the streamed kernel's GPU tests (and every GEMV test with PYTEST_K=...); a hang ends at 300 s.
+#   STAGE=ab:     bench/gemv.py at one row over the 8B's shapes, then decode of AB_MODELS (default llama3-8b
+#                 qwen2.5-0.5b) for AB_ROUNDS rounds (default 2), off and on in turn.
+#   STAGE=tune:   bench/gemv.py at one row for each setting in TUNE_SETTINGS (e.g. "EXLQ_STREAM_STAGES=2
+#                 EXLQ_STREAM_STAGES=6 EXLQ_STREAM_COLUMNS=1 EXLQ_STREAM_BLOCKS=1").
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SHAPES="4096x14336 14336x4096 4096x4096 4096x1024 4096x6144 4096x28672"
+rate() { timeout 300 python3 -m exlq.cli.app bench "$@" --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,'; }
+for stage in ${STAGE:-tests ab}; do case $stage in
+tests)
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py -x \
+    -k "${PYTEST_K:-stream}" 2>&1 | tail -15 ;;
+ab)
+  for s in 0 1; do echo "== GEMV EXLQ_GEMV_STREAM=$s"
+    EXLQ_GEMV_STREAM=$s timeout 300 python3 bench/gemv.py --rows 1 --shapes $SHAPES --json-out $OUT/gemv_stream$s.json 2>&1 | tail -7
+  done
+  for round in $(seq ${AB_ROUNDS:-2}); do for model in ${AB_MODELS:-llama3-8b qwen2.5-0.5b}; do for s in 0 1; do
+    echo "round $round $model EXLQ_GEMV_STREAM=$s $(EXLQ_GEMV_STREAM=$s rate --synthetic $model --bpw 4.0 --prefill 512)"
+  done; done; done ;;
+tune)
+  for setting in ${TUNE_SETTINGS:-}; do echo "== $setting"
+    env $setting timeout 300 python3 bench/gemv.py --rows 1 --shapes 4096x14336 14336x4096 4096x4096 2>&1 | tail -3
+  done ;;
+esac; done
+tail -5 $OUT/err.log 2>/dev/null
