@@ -4,8 +4,8 @@
 #   STAGE=tests:  the streamed kernel's GPU tests (and every GEMV test with PYTEST_K=...); a hang ends at 300 s.
 #   STAGE=ab:     bench/gemv.py at one row over the 8B's shapes, then decode of AB_MODELS (default llama3-8b
 #                 qwen2.5-0.5b) for AB_ROUNDS rounds (default 2), off and on in turn.
-#   STAGE=tune:   bench/gemv.py at one row for each setting in TUNE_SETTINGS (e.g. "EXLQ_STREAM_STAGES=2
-#                 EXLQ_STREAM_STAGES=6 EXLQ_STREAM_COLUMNS=1 EXLQ_STREAM_BLOCKS=1").
+#   STAGE=tune:   bench/gemv.py at one row for each setting in TUNE_SETTINGS (space-separated settings, each a
+#                 comma-separated list of variables, e.g. "EXLQ_STREAM_STAGES=2 EXLQ_STREAM_COLUMNS=1,EXLQ_STREAM_BLOCKS=3").
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,7 +25,7 @@ ab)
   done; done; done ;;
 tune)
   for setting in ${TUNE_SETTINGS:-}; do echo "== $setting"
-    env $setting timeout 300 python3 bench/gemv.py --rows 1 --shapes 4096x14336 14336x4096 4096x4096 2>&1 | tail -3
+    env ${setting//,/ } timeout 300 python3 bench/gemv.py --rows 1 --shapes 4096x14336 14336x4096 4096x4096 2>&1 | tail -3
   done ;;
 esac; done
 tail -5 $OUT/err.log 2>/dev/null

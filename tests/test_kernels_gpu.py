@@ -214,7 +214,7 @@ def test_streamed_group_launch_matches_each_layer(grid, monkeypatch):
     use_gemv("stream", monkeypatch)
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
     k = 1024
-    shapes = [(4160, [4], [1.0], 128), (576, [8, 4], [0.2, 0.8], 32), (200, [3, 5], [0.5, 0.5], 64), (1024, [6], [1.0], 32)]
+    shapes = [(4160, [4], [1.0], 128), (576, [8, 4], [0.2, 0.8], 32), (200, [5, 3], [0.5, 0.5], 64), (1024, [6], [1.0], 32)]
     layers = [Exl2Linear(on_gpu(random_exl2(k, n, b, p, g, seed=90 + i, bias=i % 2 == 0)[0]), k, n, dtype=torch.float16)
               for i, (n, b, p, g) in enumerate(shapes)]
     x = torch.randn(1, k, device=CUDA).half()
