@@ -20,7 +20,9 @@
 #define STREAM_COLUMNS 256                        // columns of a strip: a word row of a unit is one 1 KB copy
 #define STREAM_WORD_ROWS 16                       // most word rows of a unit (exl2_ops.STREAM_WORD_ROWS)
 #define STREAM_SCALE_ROWS 4                       // most groups of a unit: 128 rows in groups of 32
-#define STREAM_STAGE_WORDS (STREAM_WORD_ROWS * STREAM_COLUMNS + STREAM_SCALE_ROWS * STREAM_COLUMNS / 8)
+#define STREAM_SCALES (STREAM_WORD_ROWS * STREAM_COLUMNS)   // a stage's scale words, after its word rows
+#define STREAM_HEADER (STREAM_SCALES + STREAM_SCALE_ROWS * STREAM_COLUMNS / 8)  // then the unit's header (Header)
+#define STREAM_STAGE_WORDS (STREAM_HEADER + 16)
 #define STREAM_MAX_STAGES 8
 #define STREAM_MAX_K 32768                        // xh holds K fp16 values (64 KB at most)
 
@@ -29,7 +31,8 @@ struct StreamMatrix {
     const u32* q_weight;
     const u32* q_scale;
     const float* scale_max;
-    const int4* chunks;     // stream chunks: int4 {bits | rows << 8 | shift << 16, first word row, first stored row, first group}
+    const int4* chunks;     // stream chunks, two int4 each: {bits | rows << 8 | shift << 16, first word row, first stored
+                            // row, first group}, the float bits of its ≤ 4 groups' multipliers M_g
     const u32* gather;      // per stored row: input channel | pair slot (within its 32-row block) << 17 | prescale shift << 22
     float* workspace;       // [n_pad] fp32 sums, zero between launches
     int n_pad, strips, chunk_count, unit0;  // unit0: this matrix's first unit in the launch
@@ -85,23 +88,36 @@ __device__ __forceinline__ int matrix_of(const StreamGroup& group, int u) {
     return which;
 }
 
+// A unit: its matrix, strip and chunk (the chunk's two table entries as read).
 struct Unit {
-    int strip, bits, rows, shift, word0, row0, group0, columns;
+    int matrix, strip;
+    int4 chunk, multipliers;
+    __device__ __forceinline__ int bits() const { return chunk.x & 0xff; }
+    __device__ __forceinline__ int rows() const { return (chunk.x >> 8) & 0xff; }
+    __device__ __forceinline__ int shift() const { return chunk.x >> 16; }
+    __device__ __forceinline__ int groups() const { return (((rows() >> 5) - 1) >> shift()) + 1; }
 };
-__device__ __forceinline__ Unit unit_at(const StreamMatrix& mat, int local) {
+__device__ __forceinline__ Unit unit_at(const StreamGroup& group, int u) {
     Unit t;
+    t.matrix = matrix_of(group, u);
+    const StreamMatrix& mat = group.m[t.matrix];
+    const int local = u - mat.unit0;
     t.strip = local / mat.chunk_count;
-    const int4 ch = __ldg(mat.chunks + (local - t.strip * mat.chunk_count));
-    t.bits = ch.x & 0xff;
-    t.rows = (ch.x >> 8) & 0xff;
-    t.shift = ch.x >> 16;
-    t.word0 = ch.y;
-    t.row0 = ch.z;
-    t.group0 = ch.w;
-    t.columns = min(STREAM_COLUMNS, mat.n_pad - t.strip * STREAM_COLUMNS);
+    const int4* entry = mat.chunks + 2 * (local - t.strip * mat.chunk_count);
+    t.chunk = __ldg(entry);
+    t.multipliers = __ldg(entry + 1);
     return t;
 }
-__device__ __forceinline__ int unit_groups(const Unit& t) { return (((t.rows >> 5) - 1) >> t.shift) + 1; }
+__device__ __forceinline__ int strip_columns(const StreamMatrix& mat, int strip) {
+    return min(STREAM_COLUMNS, mat.n_pad - strip * STREAM_COLUMNS);
+}
+
+// What the consumers need of a unit, written by the producer into its stage (no global load on their path):
+// {bits | rows << 8 | shift << 16, first stored row, strip, matrix, columns, pad x3, M_g x4}.
+struct Header {
+    int code, row0, strip, matrix, columns, pad[3];
+    float multiplier[4];
+};
 
 // The producer warp: for each unit of the block, wait for its stage to be free, announce its bytes, and copy each word
 // row (lanes 0-15) and each group's scale words (lanes 16-19) of the strip.
@@ -110,22 +126,31 @@ __device__ __forceinline__ void produce(const StreamGroup& group, int u0, int u1
     const int lane = threadIdx.x & 31;
     int stage = 0;
     u32 phase = 0;
+    Unit next = unit_at(group, u0 < u1 ? u0 : 0);
     for (int u = u0; u < u1; u++) {
-        const StreamMatrix& mat = group.m[matrix_of(group, u)];
-        const Unit t = unit_at(mat, u - mat.unit0);
-        const int words = t.rows * t.bits / 32, groups = unit_groups(t);
-        const u32 row_bytes = 4 * t.columns, scale_bytes = t.columns / 2;
+        const Unit t = next;
+        if (u + 1 < u1) next = unit_at(group, u + 1);  // its table entries load while this unit waits for its stage
+        const StreamMatrix& mat = group.m[t.matrix];
+        const int words = t.rows() * t.bits() / 32, groups = t.groups(), columns = strip_columns(mat, t.strip);
+        const u32 row_bytes = 4 * columns, scale_bytes = columns / 2;
+        u32* at = stages + (size_t)stage * STREAM_STAGE_WORDS;
         barrier_wait(empty + 8 * stage, phase ^ 1);
-        if (lane == 0) barrier_expect(full + 8 * stage, words * row_bytes + groups * scale_bytes);
+        if (lane == 0) {
+            Header* header = reinterpret_cast<Header*>(at + STREAM_HEADER);
+            *reinterpret_cast<int4*>(header) = make_int4(t.chunk.x, t.chunk.z, t.strip, t.matrix);
+            header->columns = columns;
+            *reinterpret_cast<int4*>(header->multiplier) = t.multipliers;
+            barrier_expect(full + 8 * stage, words * row_bytes + groups * scale_bytes);  // releases the header too
+        }
         __syncwarp();
-        const u32 base = shared_address(stages + (size_t)stage * STREAM_STAGE_WORDS);
+        const u32 base = shared_address(at);
         if (lane < words)
             bulk_copy(base + 4 * lane * STREAM_COLUMNS,
-                      mat.q_weight + (size_t)(t.word0 + lane) * mat.n_pad + t.strip * STREAM_COLUMNS, row_bytes,
+                      mat.q_weight + (size_t)(t.chunk.y + lane) * mat.n_pad + t.strip * STREAM_COLUMNS, row_bytes,
                       full + 8 * stage);
         else if (lane >= 16 && lane - 16 < groups)
-            bulk_copy(base + 4 * (STREAM_WORD_ROWS * STREAM_COLUMNS + (lane - 16) * (STREAM_COLUMNS / 8)),
-                      mat.q_scale + (size_t)(t.group0 + lane - 16) * (mat.n_pad >> 3) + t.strip * (STREAM_COLUMNS / 8),
+            bulk_copy(base + 4 * (STREAM_SCALES + (lane - 16) * (STREAM_COLUMNS / 8)),
+                      mat.q_scale + (size_t)(t.chunk.w + lane - 16) * (mat.n_pad >> 3) + t.strip * (STREAM_COLUMNS / 8),
                       scale_bytes, full + 8 * stage);
         if (++stage == stage_count) {
             stage = 0;
@@ -151,12 +176,13 @@ __device__ __forceinline__ void gather_rows(const StreamMatrix& mat, const u16* 
     }
 }
 
-// The stored rows the block's units [l0, l1) of `mat` (local numbers) cover, as one or two ranges, into xh.
+// The stored rows the block's units [u0, u1) (all of one matrix) cover, as one or two ranges, into xh.
 template <typename T, int CONSUMERS>
-__device__ __forceinline__ void gather_block(const StreamMatrix& mat, int K, const u16* __restrict__ x,
-                                             const u16* __restrict__ up, int l0, int l1, u16* xh) {
-    const Unit first = unit_at(mat, l0), last = unit_at(mat, l1 - 1);
-    const int lo = first.row0, hi = last.row0 + last.rows;
+__device__ __forceinline__ void gather_block(const StreamGroup& group, int K, const u16* __restrict__ x,
+                                             const u16* __restrict__ up, int u0, int u1, u16* xh) {
+    const Unit first = unit_at(group, u0), last = unit_at(group, u1 - 1);
+    const StreamMatrix& mat = group.m[first.matrix];
+    const int lo = first.chunk.z, hi = last.chunk.z + last.rows();
     if (first.strip == last.strip) gather_rows<T, CONSUMERS>(mat, x, up, lo, hi, xh);
     else if (first.strip + 1 == last.strip && hi < lo) {  // the end of one strip and the start of the next
         gather_rows<T, CONSUMERS>(mat, x, up, 0, hi, xh);
@@ -167,14 +193,15 @@ __device__ __forceinline__ void gather_block(const StreamMatrix& mat, int K, con
 // One unit's product for the thread's C adjacent columns (column n of the strip, valid): per 32-row block, its B word
 // rows from the stage, the pair path's block dot, times the block's group scale.
 template <int B, int C>
-__device__ __forceinline__ void unit_dot(const u32* stage, const u16* xh, const Unit& t, int n,
-                                         const float* __restrict__ scale_max, const Magic& k, float* acc) {
+__device__ __forceinline__ void unit_dot(const u32* stage, const u16* xh, const Header& t, int n, const Magic& k,
+                                         float* acc) {
     const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);  // one row: index [0][stored row]
-    const u32* scale_words = stage + STREAM_WORD_ROWS * STREAM_COLUMNS;
+    const u32* scale_words = stage + STREAM_SCALES;
     constexpr float UNIT = (float)(1 << half_shift(B));
+    const int blocks = (t.code >> 13) & 7, shift = t.code >> 16;  // rows >> 5
 #pragma unroll
     for (int sb = 0; sb < STREAM_SCALE_ROWS; sb++) {
-        if (sb >= (t.rows >> 5)) break;
+        if (sb >= blocks) break;
         u32 words[C][B + 1];
 #pragma unroll
         for (int j = 0; j < B; j++) {
@@ -191,9 +218,9 @@ __device__ __forceinline__ void unit_dot(const u32* stage, const u16* xh, const 
 #pragma unroll
         for (int c = 0; c < C; c++) part[c][0] = 0.0f;
         sub_half<B, 1, C>(words, xhv, t.row0 + 32 * sb, k, part);
-        const int g = sb >> t.shift;
+        const int g = sb >> shift;
         const u32 codes = scale_words[g * (STREAM_COLUMNS / 8) + (n >> 3)];
-        const float multiplier = __ldg(scale_max + t.group0 + g) * UNIT;
+        const float multiplier = t.multiplier[g] * UNIT;
 #pragma unroll
         for (int c = 0; c < C; c++) {
             const float code = (float)(((codes >> (((n + c) & 7) * 4)) & 15u) + 1u);
@@ -251,25 +278,23 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
     int stage = 0;
     u32 phase = 0;
     for (int u = u0; u < u1; u++) {
-        const int which = matrix_of(group, u);
-        const StreamMatrix& mat = group.m[which];
-        const Unit t = unit_at(mat, u - mat.unit0);
-        if (which != matrix || t.strip != strip) {  // the sums so far are one strip's part: add them up
+        barrier_wait(full + 8 * stage, phase);
+        const u32* words = stages + (size_t)stage * STREAM_STAGE_WORDS;
+        const Header& t = *reinterpret_cast<const Header*>(words + STREAM_HEADER);  // read in place (a copy would go to local memory)
+        if (t.matrix != matrix || t.strip != strip) {  // the sums so far are one strip's part: add them up
             if (matrix >= 0) add_sums<C>(group.m[matrix], strip, n, acc);
-            if (which != matrix) {  // this matrix's activations, for the rows of its units in this block
-                const int end = which + 1 < group.count ? group.m[which + 1].unit0 : group.units;
+            if (t.matrix != matrix) {  // this matrix's activations, for the rows of its units in this block
+                const int end = t.matrix + 1 < group.count ? group.m[t.matrix + 1].unit0 : group.units;
                 consumers_sync<CONSUMERS>();  // nobody still reads the previous matrix's
-                gather_block<T, CONSUMERS>(mat, K, x, up, u - mat.unit0, min(u1, end) - mat.unit0, xh);
+                gather_block<T, CONSUMERS>(group, K, x, up, u, min(u1, end), xh);
                 consumers_sync<CONSUMERS>();
             }
-            matrix = which;
+            matrix = t.matrix;
             strip = t.strip;
         }
-        barrier_wait(full + 8 * stage, phase);
         if (n < t.columns) {
-            const u32* words = stages + (size_t)stage * STREAM_STAGE_WORDS;
-#define UNIT_DOT(B) unit_dot<B, C>(words, xh, t, n, mat.scale_max, k, acc)
-            WITH_WIDTH(t.bits, UNIT_DOT)
+#define UNIT_DOT(B) unit_dot<B, C>(words, xh, t, n, k, acc)
+            WITH_WIDTH(t.code & 0xff, UNIT_DOT)
 #undef UNIT_DOT
         }
         __syncwarp();

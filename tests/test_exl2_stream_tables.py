@@ -70,3 +70,17 @@ def test_layers_with_partial_blocks_or_huge_inputs_are_not_streamed():
     assert not exl2_stream_ops.eligible([(4, 128)] * (exl2_stream_ops.MAX_K // 128 + 1))
     assert exl2_stream_ops.unit_rows(2) == exl2_stream_ops.unit_rows(4) == 128
     assert (exl2_stream_ops.unit_rows(5), exl2_stream_ops.unit_rows(6), exl2_stream_ops.unit_rows(8)) == (96, 64, 64)
+
+
+def test_unit_table_carries_each_units_group_multipliers():
+    layout = converter_layout(960, [6, 5, 4, 3, 2], [0.05, 0.1, 0.25, 0.3, 0.3], [32, 32, 64, 64, 128])
+    table = chunk_table(layout, exl2_stream_ops.unit_rows)
+    scale_max = torch.rand(len(layout)) + 0.5
+    units = exl2_stream_ops.unit_table(table, scale_max)
+    assert units.shape == (len(table), 8)
+    for (bits, rows, word, row, group, shift), entry in zip(table, units):
+        assert entry[:4].tolist() == [bits | rows << 8 | shift << 16, word, row, group]
+        groups = ((rows // 32 - 1) >> shift) + 1
+        multipliers = entry[4:].view(torch.float32)
+        assert torch.equal(multipliers[:groups], scale_max[group : group + groups])
+        assert not multipliers[groups:].any()

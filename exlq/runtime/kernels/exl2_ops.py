@@ -91,7 +91,7 @@ class Exl2Plan:
     in_features: int
     out_features: int
     #: The streamed GEMV's tables (exl2_stream_ops); None where it does not take the layer
-    stream_chunks: torch.Tensor | None = None  # int32 [C, 4], as `chunks`, of ≤ STREAM_WORD_ROWS word rows each
+    stream_chunks: torch.Tensor | None = None  # int32 [C, 8]: exl2_stream_ops.unit_table
     stream_gather: torch.Tensor | None = None  # int32 [K]: input channel | pair slot << 17 | prescale shift << 22
 
     @property
@@ -206,10 +206,11 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
     table = chunk_table(layout)
     perm = perm_from_invperm(tensors.q_invperm)
     streamed = exl2_stream_ops.eligible(layout)
+    scale_max = scale_multipliers(tensors.q_scale_max, prescale).float().contiguous()
     plan = Exl2Plan(
         q_weight=aligned(tensors.q_weight),
         q_scale=aligned(tensors.q_scale),
-        scale_max=scale_multipliers(tensors.q_scale_max, prescale).float().contiguous(),
+        scale_max=scale_max,
         chunks=packed_chunks(table, device),
         split_tables={},
         perm=perm.to(torch.int32).contiguous(),
@@ -217,7 +218,7 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
         bias=None if tensors.bias is None else tensors.bias.float().contiguous(),
         in_features=perm.numel(),
         out_features=out_features,
-        stream_chunks=packed_chunks(chunk_table(layout, exl2_stream_ops.unit_rows), device) if streamed else None,
+        stream_chunks=exl2_stream_ops.unit_table(chunk_table(layout, exl2_stream_ops.unit_rows), scale_max) if streamed else None,
         stream_gather=exl2_stream_ops.gather_table(layout, perm.to(torch.int32)) if streamed else None,
     )
     for columns in COLUMN_CHOICES:

@@ -6,7 +6,7 @@ register kernel's serial phases (docs/benchmarks.md, session 24). The products e
 `exl2_ops.gemv` launches `exl2_finish` after it, as for the split register kernel.
 
 Per matrix it needs two tables, built once per layer: the stream chunks (≤ STREAM_WORD_ROWS word rows of one width:
-one unit of work a strip) and the gather table (per stored row: input channel, slot in the fp16 pair path's order,
+one unit of work a strip, with its groups' multipliers) and the gather table (per stored row: input channel, slot in the fp16 pair path's order,
 prescale).
 """
 
@@ -65,6 +65,21 @@ def eligible(layout: Layout) -> bool:
     """Whether the streamed GEMV takes a layer: every group whole 32-row blocks (as the pair path reads them) and its
     activations fit shared memory."""
     return all(rows % 32 == 0 for _, rows in layout) and sum(rows for _, rows in layout) <= MAX_K
+
+
+def unit_table(table: list[tuple[int, int, int, int, int, int]], scale_max: torch.Tensor) -> torch.Tensor:
+    """int32 [C, 8] on scale_max's device: per stream chunk (exl2_ops.chunk_table with `unit_rows`) the GEMV's int4
+    entry {bits | rows << 8 | shift << 16, first word row, first stored row, first group}, then the float32 bits of
+    the multipliers M_g of its ≤ 4 groups (zero past them): the producer hands both to the consumers in the stage."""
+    multipliers = scale_max.float().cpu()
+    rows = []
+    for bits, chunk_rows, word, row, group, shift in table:
+        groups = ((chunk_rows // 32 - 1) >> shift) + 1
+        values = torch.zeros(4, dtype=torch.float32)
+        values[:groups] = multipliers[group : group + groups]
+        rows.append(torch.cat([torch.tensor([bits | chunk_rows << 8 | shift << 16, word, row, group], dtype=torch.int32),
+                               values.view(torch.int32)]))
+    return torch.stack(rows).to(scale_max.device)
 
 
 def gather_table(layout: Layout, perm: torch.Tensor) -> torch.Tensor:
