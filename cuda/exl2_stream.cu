@@ -23,6 +23,7 @@
 #define STREAM_SCALES (STREAM_WORD_ROWS * STREAM_COLUMNS)   // a stage's scale words, after its word rows
 #define STREAM_HEADER (STREAM_SCALES + STREAM_SCALE_ROWS * STREAM_COLUMNS / 8)  // then the unit's header (Header)
 #define STREAM_STAGE_WORDS (STREAM_HEADER + 16)
+static_assert(4 * STREAM_STAGE_WORDS == 16960, "exl2_stream_ops.STAGE_BYTES");
 #define STREAM_MAX_STAGES 8
 #define STREAM_MAX_K 32768                        // xh holds K fp16 values (64 KB at most)
 

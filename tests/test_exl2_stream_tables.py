@@ -84,3 +84,12 @@ def test_unit_table_carries_each_units_group_multipliers():
         multipliers = entry[4:].view(torch.float32)
         assert torch.equal(multipliers[:groups], scale_max[group : group + groups])
         assert not multipliers[groups:].any()
+
+
+def test_host_stage_size_is_the_kernels():
+    """The host sizes the kernel's shared memory: a stage of another size than the .cu's would put the activations
+    past the allocation."""
+    from exlq.runtime.kernels.compiler import SOURCE_DIR
+
+    text = (SOURCE_DIR / exl2_stream_ops.SOURCE).read_text()
+    assert f"4 * STREAM_STAGE_WORDS == {exl2_stream_ops.STAGE_BYTES}," in text
