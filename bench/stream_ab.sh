@@ -3,7 +3,8 @@
 # decode with it off (EXLQ_GEMV_STREAM=0: the register kernel) and on, interleaved; then its tuning knobs.
 #   STAGE=tests:  the streamed kernel's GPU tests (and every GEMV test with PYTEST_K=...); a hang ends at 300 s.
 #   STAGE=ab:     bench/gemv.py at one row over the 8B's shapes, then decode of AB_MODELS (default llama3-8b
-#                 qwen2.5-0.5b) for AB_ROUNDS rounds (default 2), off and on in turn.
+#                 qwen2.5-0.5b) for AB_ROUNDS rounds (default 2), for each of AB_SETTINGS in turn (default
+#                 "EXLQ_GEMV_STREAM=0 EXLQ_GEMV_STREAM=1"; a setting of several variables joins them with commas).
 #   STAGE=tune:   bench/gemv.py at one row for each setting in TUNE_SETTINGS (space-separated settings, each a
 #                 comma-separated list of variables, e.g. "EXLQ_STREAM_STAGES=2 EXLQ_STREAM_COLUMNS=1,EXLQ_STREAM_BLOCKS=3").
 set -uo pipefail
@@ -20,8 +21,9 @@ ab)
   for s in 0 1; do echo "== GEMV EXLQ_GEMV_STREAM=$s"
     EXLQ_GEMV_STREAM=$s timeout 300 python3 bench/gemv.py --rows 1 --shapes $SHAPES --json-out $OUT/gemv_stream$s.json 2>&1 | tail -7
   done
-  for round in $(seq ${AB_ROUNDS:-2}); do for model in ${AB_MODELS:-llama3-8b qwen2.5-0.5b}; do for s in 0 1; do
-    echo "round $round $model EXLQ_GEMV_STREAM=$s $(EXLQ_GEMV_STREAM=$s rate --synthetic $model --bpw 4.0 --prefill 512)"
+  for round in $(seq ${AB_ROUNDS:-2}); do for model in ${AB_MODELS:-llama3-8b qwen2.5-0.5b}; do
+    for setting in ${AB_SETTINGS:-EXLQ_GEMV_STREAM=0 EXLQ_GEMV_STREAM=1}; do
+      echo "round $round $model $setting $(env ${setting//,/ } bash -c "$(declare -f rate); OUT=$OUT rate --synthetic $model --bpw 4.0 --prefill 512")"
   done; done; done ;;
 tune)
   for setting in ${TUNE_SETTINGS:-}; do echo "== $setting"

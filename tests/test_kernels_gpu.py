@@ -127,6 +127,7 @@ def use_gemv(kind: str, monkeypatch) -> None:
     monkeypatch.setattr(exl2_ops, "FINISH_KERNEL", not kind.endswith("-inline"))
     kind = kind.removesuffix("-inline")
     monkeypatch.setattr(exl2_stream_ops, "ENABLED", kind == "stream")
+    monkeypatch.setattr(exl2_stream_ops, "MAX_BYTES", 1 << 40)  # every size, whatever the speed rule
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
     monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind == "wide" else 1 << 62)
 

@@ -32,10 +32,15 @@ MAX_K = 32768  # STREAM_MAX_K in the .cu
 MAX_GROUP = 4  # MAX_GROUP in exl2_common.cuh
 #: On by default on sm_90+ for one fp16 row; EXLQ_GEMV_STREAM=0: the register kernel everywhere.
 ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
-#: Shared-memory stages a block, columns a consumer thread and blocks an SM (tuning; docs/benchmarks.md, session 24).
-STAGES = int(os.environ.get("EXLQ_STREAM_STAGES", "4"))
+#: Launches of at most this many packed weight bytes take it (EXLQ_STREAM_MAX_MB): on the H200 it is faster than the
+#: register kernel up to ~12 MB (4096x4096: 6.8 against 8.5 µs) and slower at 29 MB (4096x14336: 14.6 against 12.3 µs),
+#: where its consumers' arithmetic is the limit (docs/benchmarks.md, session 24).
+MAX_BYTES = int(float(os.environ.get("EXLQ_STREAM_MAX_MB", "16")) * (1 << 20))
+#: Shared-memory stages a block, columns a consumer thread and blocks an SM (tuning; docs/benchmarks.md, session 24:
+#: 4 blocks of 2 stages were fastest of seven settings).
+STAGES = int(os.environ.get("EXLQ_STREAM_STAGES", "2"))
 THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
-BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "2"))
+BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "4"))
 MAX_GRID: int | None = None  # tests: a small grid, so each block walks many units, strips and matrices
 
 
@@ -110,9 +115,10 @@ class StreamGroup(ctypes.Structure):
 
 
 def applies(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a GEMV launch goes to the streamed kernel: one fp16 row, every matrix eligible, sm_90 or newer."""
+    """Whether a GEMV launch goes to the streamed kernel: one fp16 row, every matrix eligible, at most MAX_BYTES of
+    packed weights in all, sm_90 or newer."""
     return (ENABLED and rows == 1 and dtype == torch.float16 and all(p.stream_chunks is not None for p in plans)
-            and hopper_or_newer(device))
+            and sum(p.q_weight.numel() * 4 for p in plans) <= MAX_BYTES and hopper_or_newer(device))
 
 
 def shared_bytes(in_features: int, stages: int) -> int:
