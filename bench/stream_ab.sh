@@ -11,7 +11,11 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHAPES="4096x14336 14336x4096 4096x4096 4096x1024 4096x6144 4096x28672"
-rate() { timeout 300 python3 -m exlq.cli.app bench "$@" --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,'; }
+rate() {  # $1: settings (VAR=V,VAR=V or empty); the rest: `exlq bench` arguments. Its decode tokens/s.
+  local setting=$1; shift
+  env ${setting//,/ } timeout 300 python3 -m exlq.cli.app bench "$@" --json 2>>$OUT/err.log \
+    | grep -E '"decode_tokens_per_second"' | tr -d ' ,'
+}
 for stage in ${STAGE:-tests ab}; do case $stage in
 tests)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -23,7 +27,7 @@ ab)
   done
   for round in $(seq ${AB_ROUNDS:-2}); do for model in ${AB_MODELS:-llama3-8b qwen2.5-0.5b}; do
     for setting in ${AB_SETTINGS:-EXLQ_GEMV_STREAM=0 EXLQ_GEMV_STREAM=1}; do
-      echo "round $round $model $setting $(env ${setting//,/ } bash -c "$(declare -f rate); OUT=$OUT rate --synthetic $model --bpw 4.0 --prefill 512")"
+      echo "round $round $model $setting $(rate "$setting" --synthetic $model --bpw 4.0 --prefill 512)"
   done; done; done ;;
 tune)
   for setting in ${TUNE_SETTINGS:-}; do echo "== $setting"
