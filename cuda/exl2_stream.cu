@@ -31,19 +31,18 @@ static_assert(4 * STREAM_STAGE_WORDS == 16960, "exl2_stream_ops.STAGE_BYTES");
 struct StreamMatrix {
     const u32* q_weight;
     const u32* q_scale;
-    const float* scale_max;
     const int4* chunks;     // stream chunks, two int4 each: {bits | rows << 8 | shift << 16, first word row, first stored
                             // row, first group}, the float bits of its ≤ 4 groups' multipliers M_g
     const u32* gather;      // per stored row: input channel | pair slot (within its 32-row block) << 17 | prescale shift << 22
     float* workspace;       // [n_pad] fp32 sums, zero between launches
-    int n_pad, strips, chunk_count, unit0;  // unit0: this matrix's first unit in the launch
+    int n_pad, chunk_count, unit0;  // unit0: this matrix's first unit in the launch
 };
 struct StreamGroup {
     StreamMatrix m[MAX_GROUP];
     int count, units;
 };
-static_assert(sizeof(StreamMatrix) == 64, "see exl2_ops.StreamMatrix");
-static_assert(sizeof(StreamGroup) == 264, "see exl2_ops.StreamGroup");
+static_assert(sizeof(StreamMatrix) == 56, "see exl2_stream_ops.StreamMatrix");
+static_assert(sizeof(StreamGroup) == 232, "see exl2_stream_ops.StreamGroup");
 
 // ----- mbarriers and bulk copies (PTX ISA 8.0, sm_90) -----
 __device__ __forceinline__ u32 shared_address(const void* p) {

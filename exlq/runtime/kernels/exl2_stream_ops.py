@@ -104,8 +104,8 @@ class StreamMatrix(ctypes.Structure):
     """`struct StreamMatrix` of the .cu."""
 
     _fields_ = [
-        *[(name, ctypes.c_uint64) for name in ("q_weight", "q_scale", "scale_max", "chunks", "gather", "workspace")],
-        *[(name, ctypes.c_int32) for name in ("n_pad", "strips", "chunk_count", "unit0")],
+        *[(name, ctypes.c_uint64) for name in ("q_weight", "q_scale", "chunks", "gather", "workspace")],
+        *[(name, ctypes.c_int32) for name in ("n_pad", "chunk_count", "unit0")],
     ]
 
 
@@ -145,8 +145,8 @@ def launch_stream(plans: Sequence, x: torch.Tensor, up: torch.Tensor | None, sum
     for i, (plan, at) in enumerate(zip(plans, sums, strict=True)):
         strips, chunk_count = -(-plan.n_pad // STREAM_COLUMNS), plan.stream_chunks.shape[0]
         group.m[i] = StreamMatrix(
-            plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.stream_chunks.data_ptr(),
-            plan.stream_gather.data_ptr(), at, plan.n_pad, strips, chunk_count, units,
+            plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.stream_chunks.data_ptr(),
+            plan.stream_gather.data_ptr(), at, plan.n_pad, chunk_count, units,
         )
         units += strips * chunk_count
     group.units = units
