@@ -5,7 +5,9 @@
 //
 // Why (docs/benchmarks.md, sessions 15-21): the register kernel of exl2_matmul.cu is one wave of blocks that all pass
 // through the same serial phases (tables, gather, loads, math, atomics) at once, so the memory idles between them; it
-// reads 4096x14336 at 55 % of copy where a pure read reaches 80 %.
+// reads 4096x14336 at 55 % of copy where a pure read reaches 80 %. Measured (session 24): this kernel's copies alone
+// reach 61-63 % there, but its consumers' arithmetic bounds it (13-14.5 µs with no copies at all, against the register
+// kernel's 12.3 µs whole), so the host gives it launches of at most 8 MiB, where it is faster (4096x4096: 6.9 / 8.5 µs).
 //
 // Work: a matrix is cut into units of one stream chunk (host table: at most STREAM_WORD_ROWS word rows of one width)
 // by one strip of STREAM_COLUMNS columns; units are numbered strip by strip (chunks inside), matrix after matrix in a
@@ -13,12 +15,12 @@
 // block streams the same number of bytes (within one unit). A block's consumers sum each strip's units in registers and
 // add them to the fp32 workspace at the strip's end (atomics); exl2_finish (exl2_matmul.cu) then writes y (+bias).
 //
-// Shared memory: `stages` buffers of one unit each (its word rows, then its groups' scale words), the activations of
+// Shared memory: `stages` buffers of one unit each (its word rows, its groups' scale words, its header), the activations of
 // the rows the block needs in the fp16 pair path's order (xh, one per stored row), and the stages' barriers.
 #include "exl2_dot.cuh"
 
 #define STREAM_COLUMNS 256                        // columns of a strip: a word row of a unit is one 1 KB copy
-#define STREAM_WORD_ROWS 16                       // most word rows of a unit (exl2_ops.STREAM_WORD_ROWS)
+#define STREAM_WORD_ROWS 16                       // most word rows of a unit (exl2_stream_ops.STREAM_WORD_ROWS)
 #define STREAM_SCALE_ROWS 4                       // most groups of a unit: 128 rows in groups of 32
 #define STREAM_SCALES (STREAM_WORD_ROWS * STREAM_COLUMNS)   // a stage's scale words, after its word rows
 #define STREAM_HEADER (STREAM_SCALES + STREAM_SCALE_ROWS * STREAM_COLUMNS / 8)  // then the unit's header (Header)
@@ -27,7 +29,7 @@ static_assert(4 * STREAM_STAGE_WORDS == 16960, "exl2_stream_ops.STAGE_BYTES");
 #define STREAM_MAX_STAGES 8
 #define STREAM_MAX_K 32768                        // xh holds K fp16 values (64 KB at most)
 
-// One matrix of a streamed launch. Mirrored by exl2_ops.StreamMatrix.
+// One matrix of a streamed launch. Mirrored by exl2_stream_ops.StreamMatrix.
 struct StreamMatrix {
     const u32* q_weight;
     const u32* q_scale;
