@@ -27,7 +27,6 @@
 #define STREAM_STAGE_WORDS (STREAM_HEADER + 16)
 static_assert(4 * STREAM_STAGE_WORDS == 16960, "exl2_stream_ops.STAGE_BYTES");
 #define STREAM_MAX_STAGES 8
-#define STREAM_MAX_K 32768                        // xh holds K fp16 values (64 KB at most)
 
 // One matrix of a streamed launch. Mirrored by exl2_stream_ops.StreamMatrix.
 struct StreamMatrix {

@@ -93,3 +93,14 @@ def test_host_stage_size_is_the_kernels():
 
     text = (SOURCE_DIR / exl2_stream_ops.SOURCE).read_text()
     assert f"4 * STREAM_STAGE_WORDS == {exl2_stream_ops.STAGE_BYTES}," in text
+
+
+def test_grid_takes_the_blocks_that_fit_at_most_one_a_unit(monkeypatch):
+    monkeypatch.setattr(exl2_stream_ops, "BLOCKS_PER_SM", 4)
+    stage = exl2_stream_ops.shared_bytes(4096, 2)  # two stages and 4096 activations: ~41 KB, 4 an SM fit
+    assert exl2_stream_ops.grid_size(10_000, stage, 132, 228 * 1024) == 4 * 132
+    assert exl2_stream_ops.grid_size(100, stage, 132, 228 * 1024) == 100
+    big = exl2_stream_ops.shared_bytes(14336, 4)  # ~96 KB: two an SM
+    assert exl2_stream_ops.grid_size(10_000, big, 132, 228 * 1024) == 2 * 132
+    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", 7)
+    assert exl2_stream_ops.grid_size(10_000, stage, 132, 228 * 1024) == 7

@@ -312,9 +312,10 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
         x, up = silu_mul(x, up), None
     workspace, _ = _workspace.get(x.device, sum(plan.n_pad for plan in plans), 0)
     group = GemvGroup(count=len(plans))
-    sums = []
+    sums, at = [], workspace.data_ptr()
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
-        sums.append(workspace.data_ptr() + 4 * sum(p.n_pad for p in plans[:i]))
+        sums.append(at)
+        at += 4 * plan.n_pad
         group.m[i] = GemvMatrix(  # for exl2_finish: every product is left as sums (splits > 1)
             bias=0 if plan.bias is None else plan.bias.data_ptr(), workspace=sums[-1], y=out.data_ptr(),
             N=plan.out_features, n_pad=plan.n_pad, splits=2,

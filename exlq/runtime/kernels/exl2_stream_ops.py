@@ -13,13 +13,14 @@ prescale).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Sequence
 
 import torch
 
 from exlq.runtime.exl2 import Layout, row_bits
-from exlq.runtime.kernels.launch import allow_shared, hopper_or_newer, kernel, launch
+from exlq.runtime.kernels.launch import allow_shared, device_index, hopper_or_newer, kernel, launch
 
 SOURCE = "exl2_stream.cu"
 COLUMN_CHOICES = (1, 2)  # columns a consumer thread takes: the kernel's instances
@@ -28,7 +29,7 @@ STREAM_COLUMNS = 256  # STREAM_COLUMNS in the .cu: columns of a strip
 STREAM_WORD_ROWS = 16  # STREAM_WORD_ROWS in the .cu: most word rows of a unit
 STAGE_BYTES = 4 * (STREAM_WORD_ROWS * STREAM_COLUMNS + 4 * STREAM_COLUMNS // 8 + 16)  # words, scale words, header
 MAX_STAGES = 8  # STREAM_MAX_STAGES in the .cu
-MAX_K = 32768  # STREAM_MAX_K in the .cu
+MAX_K = 32768  # most input rows: a block's activations (2 bytes a row) sit in its shared memory beside the stages
 MAX_GROUP = 4  # MAX_GROUP in exl2_common.cuh
 #: On by default on sm_90+ for one fp16 row; EXLQ_GEMV_STREAM=0: the register kernel everywhere.
 ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
@@ -127,12 +128,17 @@ def shared_bytes(in_features: int, stages: int) -> int:
     return stages * STAGE_BYTES + -(-2 * in_features // 16) * 16
 
 
-def grid_size(units: int, shared: int, device: torch.device) -> int:
+@functools.cache
+def sm_limits(index: int) -> tuple[int, int]:
+    """(SMs, shared memory bytes an SM) of GPU `index`, looked up once (launch_stream runs every decode step)."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+
+
+def grid_size(units: int, shared: int, sms: int, shared_per_sm: int) -> int:
     """Blocks of the persistent grid: BLOCKS_PER_SM an SM, fewer where shared memory runs out, at most one a unit."""
-    props = torch.cuda.get_device_properties(device)
-    per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    fit = max(1, per_sm // (shared + 1024 + 128))  # + the block's reserved 1 KiB and its barriers
-    blocks = min(units, min(BLOCKS_PER_SM, fit) * props.multi_processor_count)
+    fit = max(1, shared_per_sm // (shared + 1024 + 128))  # + the block's reserved 1 KiB and its barriers
+    blocks = min(units, min(BLOCKS_PER_SM, fit) * sms)
     return max(1, blocks if MAX_GRID is None else min(blocks, MAX_GRID))
 
 
@@ -156,5 +162,6 @@ def launch_stream(plans: Sequence, x: torch.Tensor, up: torch.Tensor | None, sum
     shared = shared_bytes(plans[0].in_features, stages)
     allow_shared(function, shared)
     threads = STREAM_COLUMNS // columns + 32
-    launch(function, (grid_size(units, shared, device), 1, 1), (threads, 1, 1),
+    grid = grid_size(units, shared, *sm_limits(device_index(device)))
+    launch(function, (grid, 1, 1), (threads, 1, 1),
            (x, up, plans[0].in_features, group, stages), device, overlap=True, shared_bytes=shared)
