@@ -166,29 +166,71 @@ __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory");
 }
 
-// xh for the stored rows [lo, hi) of matrix `mat` (the activation of row r at (r & ~31) + its pair slot, prescaled).
-template <typename T, int CONSUMERS>
-__device__ __forceinline__ void gather_rows(const StreamMatrix& mat, const u16* __restrict__ x,
-                                            const u16* __restrict__ up, int lo, int hi, u16* xh) {
-    for (int r = lo + (int)threadIdx.x; r < hi; r += CONSUMERS) {
-        const u32 entry = __ldg(mat.gather + r);
-        const float v = activation<T>(x, up, entry & 0x1ffffu);
-        xh[(r & ~31) + ((entry >> 17) & 31)] = Act<fp16_t>::store(v * pair_prescale((int)(entry >> 22)));
+// The end of matrix `which`'s units in the launch.
+__device__ __forceinline__ int matrix_end(const StreamGroup& group, int which) {
+    return which + 1 < group.count ? group.m[which + 1].unit0 : group.units;
+}
+
+// The stored rows a block's units [u0, u1) (all of one matrix) cover: [lo0, hi0) then [lo1, hi1) (one range: the
+// second empty; the end of one strip and the start of the next: two; more than that: all of K).
+struct Rows {
+    int lo0, hi0, lo1, hi1;
+    __device__ __forceinline__ Rows(const StreamGroup& group, int K, int u0, int u1) {
+        const Unit first = unit_at(group, u0), last = unit_at(group, u1 - 1);
+        const int lo = first.chunk.z, hi = last.chunk.z + last.rows();
+        lo1 = hi1 = 0;
+        if (first.strip == last.strip) lo0 = lo, hi0 = hi;
+        else if (first.strip + 1 == last.strip && hi < lo) lo0 = 0, hi0 = hi, lo1 = lo, hi1 = K;
+        else lo0 = 0, hi0 = K;
+    }
+    __device__ __forceinline__ int count() const { return hi0 - lo0 + hi1 - lo1; }
+    __device__ __forceinline__ int at(int i) const { return i < hi0 - lo0 ? lo0 + i : lo1 + i - (hi0 - lo0); }
+};
+
+// Gather entries a consumer thread reads before the programmatic wait (the layer's own table), for its first EARLY
+// rows of the block's first matrix: after the wait, those rows cost one load (x) instead of two in a chain.
+#define STREAM_EARLY_ROWS 4
+template <int CONSUMERS>
+__device__ __forceinline__ void early_entries(const StreamGroup& group, int K, int u0, int u1,
+                                              u32 (&early)[STREAM_EARLY_ROWS]) {
+    const Rows rows(group, K, u0, u1);
+    const u32* gather = group.m[matrix_of(group, u0)].gather;
+#pragma unroll
+    for (int e = 0; e < STREAM_EARLY_ROWS; e++) {
+        const int i = (int)threadIdx.x + e * CONSUMERS;
+        early[e] = i < rows.count() ? __ldg(gather + rows.at(i)) : 0u;
     }
 }
 
-// The stored rows the block's units [u0, u1) (all of one matrix) cover, as one or two ranges, into xh.
+// Row r's activation into xh, at (r & ~31) + its pair slot, prescaled (`entry`: its gather table entry).
+template <typename T>
+__device__ __forceinline__ void gather_row(const u16* __restrict__ x, const u16* __restrict__ up, int r, u32 entry,
+                                           u16* xh) {
+    const float v = activation<T>(x, up, entry & 0x1ffffu);
+    xh[(r & ~31) + ((entry >> 17) & 31)] = Act<fp16_t>::store(v * pair_prescale((int)(entry >> 22)));
+}
+
+// xh for the stored rows the block's units [u0, u1) (all of one matrix) cover; with `use_early`, the thread's first
+// rows take the entries early_entries read.
 template <typename T, int CONSUMERS>
 __device__ __forceinline__ void gather_block(const StreamGroup& group, int K, const u16* __restrict__ x,
-                                             const u16* __restrict__ up, int u0, int u1, u16* xh) {
-    const Unit first = unit_at(group, u0), last = unit_at(group, u1 - 1);
-    const StreamMatrix& mat = group.m[first.matrix];
-    const int lo = first.chunk.z, hi = last.chunk.z + last.rows();
-    if (first.strip == last.strip) gather_rows<T, CONSUMERS>(mat, x, up, lo, hi, xh);
-    else if (first.strip + 1 == last.strip && hi < lo) {  // the end of one strip and the start of the next
-        gather_rows<T, CONSUMERS>(mat, x, up, 0, hi, xh);
-        gather_rows<T, CONSUMERS>(mat, x, up, lo, K, xh);
-    } else gather_rows<T, CONSUMERS>(mat, x, up, 0, K, xh);
+                                             const u16* __restrict__ up, int u0, int u1, u16* xh,
+                                             const u32 (&early)[STREAM_EARLY_ROWS], bool use_early) {
+    const Rows rows(group, K, u0, u1);
+    const u32* gather = group.m[matrix_of(group, u0)].gather;
+    const int count = rows.count();
+    int i = (int)threadIdx.x;
+#pragma unroll
+    for (int e = 0; e < STREAM_EARLY_ROWS; e++, i += CONSUMERS) {
+        if (i < count) {
+            const int r = rows.at(i);
+            gather_row<T>(x, up, r, use_early ? early[e] : __ldg(gather + r), xh);
+        }
+    }
+    for (; i < count; i += CONSUMERS) {
+        const int r = rows.at(i);
+        gather_row<T>(x, up, r, __ldg(gather + r), xh);
+    }
 }
 
 // One unit's product for the thread's C adjacent columns (column n of the strip, valid): per 32-row block, its B word
@@ -268,6 +310,8 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
         produce(group, u0, u1, stages, full, empty, stage_count);
         return;
     }
+    u32 early[STREAM_EARLY_ROWS];
+    if (u0 < u1) early_entries<CONSUMERS>(group, K, u0, min(u1, matrix_end(group, matrix_of(group, u0))), early);
     pdl_wait();  // x, up and the workspaces belong to earlier kernels
 
     const int n = (int)threadIdx.x * C;  // the thread's first column within a strip
@@ -285,9 +329,9 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
         if (t.matrix != matrix || t.strip != strip) {  // the sums so far are one strip's part: add them up
             if (matrix >= 0) add_sums<C>(group.m[matrix], strip, n, acc);
             if (t.matrix != matrix) {  // this matrix's activations, for the rows of its units in this block
-                const int end = t.matrix + 1 < group.count ? group.m[t.matrix + 1].unit0 : group.units;
                 consumers_sync<CONSUMERS>();  // nobody still reads the previous matrix's
-                gather_block<T, CONSUMERS>(group, K, x, up, u, min(u1, end), xh);
+                gather_block<T, CONSUMERS>(group, K, x, up, u, min(u1, matrix_end(group, t.matrix)), xh, early,
+                                           matrix < 0);
                 consumers_sync<CONSUMERS>();
             }
             matrix = t.matrix;

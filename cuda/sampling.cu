@@ -1,11 +1,10 @@
 // Greedy sampling: the index of each row's largest logit, as torch.argmax gives it (the first index among equal
-// maxima, NaN above everything, -0 equal to +0). One block of 1024 threads a row, all its loads in flight. On the
-// H200 (GPU time in a CUDA graph): 14.4 µs for the 8B's 128256 logits against torch's 26.4, but 16.9 µs for
-// Qwen2.5's 151936 against torch's 8.5: the 64-bit key compare of every value makes one SM compute-bound
-// (bench/patches/argmax-one-compare.patch, not GPU-run: one float compare a value, keys only to join the threads).
-//
-// Each value becomes a 64-bit key, (order-preserving bits of the float) << 32 | (0xffffffff - index), so one maximum
-// over the keys gives the largest value and, among equal ones, the smallest index.
+// maxima, NaN above everything, -0 equal to +0). torch's reduction takes ~26 µs for one row of 128256 logits on the
+// H200 (8.5 µs for 151936: it splits rows differently), a whole percent of an 8B decode step. Here one block of 1024
+// threads takes a row (just written: in L2) with several loads in flight a thread. A thread keeps its best value and
+// index with one compare a value (its indices grow, so a strictly larger value alone replaces the best: the first of
+// equal maxima stays); the threads' bests are then joined as 64-bit keys, (order-preserving bits of the float) << 32
+// | (0xffffffff - index), whose maximum is the largest value at the smallest index.
 #include "common.cuh"
 
 #define ARGMAX_THREADS 1024
@@ -33,7 +32,8 @@ __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(
     const int row = blockIdx.x, tid = threadIdx.x;
     const uint4* x = reinterpret_cast<const uint4*>(logits + (size_t)row * row_stride);
     const int vectors = vocab / 8;
-    u64 best = 0;  // below every key: argmax_key's ordered part is at least 0x007fffff (-inf)
+    float best = __int_as_float(0xff800000);  // -inf: replaced by anything larger, and by NaN below
+    int best_index = -1;                      // none yet (a row of -inf leaves it to the join: index 0)
     for (int v0 = tid; v0 < vectors; v0 += ARGMAX_THREADS * ARGMAX_UNROLL) {
         uint4 raw[ARGMAX_UNROLL];
 #pragma unroll
@@ -48,19 +48,23 @@ __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(
             const u32 words[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
 #pragma unroll
             for (int i = 0; i < 8; i++) {
-                const u16 bits = (u16)((words[i / 2] >> (16 * (i % 2))) & 0xffffu);
-                best = max_u64(best, argmax_key(Act<T>::load(bits), (u32)(v * 8 + i)));
+                const float f = Act<T>::load((u16)((words[i / 2] >> (16 * (i % 2))) & 0xffffu));
+                if (f > best || (f != f && best == best)) {  // larger, or the first NaN
+                    best = f;
+                    best_index = v * 8 + i;
+                }
             }
         }
     }
+    u64 key = best_index < 0 ? 0 : argmax_key(best, (u32)best_index);  // 0: below every key (-inf's is 0x007fffff...)
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) best = max_u64(best, __shfl_xor_sync(0xffffffffu, best, offset));
-    if ((tid & 31) == 0) warp_best[tid >> 5] = best;
+    for (int offset = 16; offset > 0; offset >>= 1) key = max_u64(key, __shfl_xor_sync(0xffffffffu, key, offset));
+    if ((tid & 31) == 0) warp_best[tid >> 5] = key;
     __syncthreads();
     if (tid < 32) {
-        best = warp_best[tid];
+        key = warp_best[tid];
 #pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) best = max_u64(best, __shfl_xor_sync(0xffffffffu, best, offset));
-        if (tid == 0) out[row] = (long long)(0xffffffffu - (u32)(best & 0xffffffffu));
+        for (int offset = 16; offset > 0; offset >>= 1) key = max_u64(key, __shfl_xor_sync(0xffffffffu, key, offset));
+        if (tid == 0) out[row] = key == 0 ? 0 : (long long)(0xffffffffu - (u32)(key & 0xffffffffu));
     }
 }
