@@ -1,6 +1,6 @@
-"""Greedy sampling on the GPU (`cuda/sampling.cu`): each row's argmax, as `torch.argmax` gives it (H200: 14.4 µs
-against torch's 26.4 over a 128k vocabulary, 16.9 against 8.5 over 152k; see the .cu). The torch path is the
-reference."""
+"""Greedy sampling on the GPU (`cuda/sampling.cu`): each row's argmax, as `torch.argmax` gives it (H200: 6.8 µs
+against torch's 26.3 over a 128k vocabulary, 7.9 against 8.6 over 152k, 3.5 against 11.7 over 49k; docs/benchmarks.md,
+session 25). The torch path is the reference."""
 
 from __future__ import annotations
 
