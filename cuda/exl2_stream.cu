@@ -7,7 +7,7 @@
 // through the same serial phases (tables, gather, loads, math, atomics) at once, so the memory idles between them; it
 // reads 4096x14336 at 55 % of copy where a pure read reaches 80 %. Measured (session 24): this kernel's copies alone
 // reach 61-63 % there, but its consumers' arithmetic bounds it (13-14.5 µs with no copies at all, against the register
-// kernel's 12.3 µs whole), so the host gives it launches of at most 8 MiB, where it is faster (4096x4096: 6.9 / 8.5 µs).
+// kernel's 12.3 µs whole), so the host gives it launches of at most 8 MiB, where it is faster (4096x4096: 6.5 / 8.5 µs).
 //
 // Work: a matrix is cut into units of one stream chunk (host table: at most STREAM_WORD_ROWS word rows of one width)
 // by one strip of STREAM_COLUMNS columns; units are numbered strip by strip (chunks inside), matrix after matrix in a

@@ -34,7 +34,7 @@ MAX_GROUP = 4  # MAX_GROUP in exl2_common.cuh
 #: On by default on sm_90+ for one fp16 row; EXLQ_GEMV_STREAM=0: the register kernel everywhere.
 ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
 #: Launches of at most this many packed weight bytes take it (EXLQ_STREAM_MAX_MB): on the H200 it is faster than the
-#: register kernel at 8-12 MB (4096x4096: 6.9 against 8.5 µs; 4096x6144: 8.8 against 9.6) and slower at 14-29 MB
+#: register kernel at 8-12 MB (4096x4096: 6.5 against 8.5 µs; 4096x6144: 8.7 against 9.6) and slower at 14-29 MB
 #: (smollm2's 576x49152 head in decode; 4096x14336: 14.6 against 12.3 µs), where its consumers' arithmetic is the
 #: limit (docs/benchmarks.md, session 24). Decode with 8 MiB: Qwen2.5-0.5B +12 %, smollm2 +10 %, the 8B even.
 MAX_BYTES = int(float(os.environ.get("EXLQ_STREAM_MAX_MB", "8")) * (1 << 20))
