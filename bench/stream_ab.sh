@@ -4,17 +4,20 @@
 #   STAGE=tests:  the streamed kernel's GPU tests (and every GEMV test with PYTEST_K=...); a hang ends at 300 s.
 #   STAGE=ab:     bench/gemv.py at one row over the 8B's shapes, then decode of AB_MODELS (default llama3-8b
 #                 qwen2.5-0.5b) for AB_ROUNDS rounds (default 2), for each of AB_SETTINGS in turn (default
-#                 "EXLQ_GEMV_STREAM=0 EXLQ_GEMV_STREAM=1"; a setting of several variables joins them with commas).
+#                 "EXLQ_GEMV_STREAM=0 EXLQ_GEMV_STREAM=1"; a setting of several variables joins them with commas; a
+#                 setting "DIR:VARS" runs in the tree DIR, e.g. "$PWD: /tmp/gpu/early: /tmp/gpu/early:EXLQ_PDL=0", so
+#                 trees made by bench/ab_trees.sh interleave too; AB_GEMV=0 skips the GEMV part).
 #   STAGE=tune:   bench/gemv.py at one row for each setting in TUNE_SETTINGS (space-separated settings, each a
 #                 comma-separated list of variables, e.g. "EXLQ_STREAM_STAGES=2 EXLQ_STREAM_COLUMNS=1,EXLQ_STREAM_BLOCKS=3").
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHAPES="4096x14336 14336x4096 4096x4096 4096x1024 4096x6144 4096x28672"
-rate() {  # $1: settings (VAR=V,VAR=V or empty); the rest: `exlq bench` arguments. Its decode tokens/s.
-  local setting=$1; shift
-  env ${setting//,/ } timeout 300 python3 -m exlq.cli.app bench "$@" --json 2>>$OUT/err.log \
-    | grep -E '"decode_tokens_per_second"' | tr -d ' ,'
+rate() {  # $1: settings ([DIR:]VAR=V,VAR=V or empty); the rest: `exlq bench` arguments. Its decode tokens/s.
+  local setting=$1 dir=.; shift
+  [[ $setting == *:* ]] && { dir=${setting%%:*}; setting=${setting#*:}; }
+  (cd "$dir" && env ${setting//,/ } timeout 300 python3 -m exlq.cli.app bench "$@" --json 2>>$OUT/err.log \
+    | grep -E '"decode_tokens_per_second"' | tr -d ' ,')
 }
 for stage in ${STAGE:-tests ab}; do case $stage in
 tests)
@@ -22,7 +25,7 @@ tests)
   timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py -x \
     -k "${PYTEST_K:-stream}" 2>&1 | tail -15 ;;
 ab)
-  for s in 0 1; do echo "== GEMV EXLQ_GEMV_STREAM=$s"
+  [ "${AB_GEMV:-1}" = 0 ] || for s in 0 1; do echo "== GEMV EXLQ_GEMV_STREAM=$s"
     EXLQ_GEMV_STREAM=$s timeout 300 python3 bench/gemv.py --rows 1 --shapes $SHAPES --json-out $OUT/gemv_stream$s.json 2>&1 | tail -7
   done
   for round in $(seq ${AB_ROUNDS:-2}); do for model in ${AB_MODELS:-llama3-8b qwen2.5-0.5b}; do
