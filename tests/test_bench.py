@@ -63,6 +63,8 @@ def test_bench_command_errors(tmp_path):
     assert bad_groups.returncode == 2 and "--group-size" in bad_groups.stderr
     bad_batch = run_cli(["bench", "--synthetic", "llama3-8b", "--batch", "33"], tmp_path)
     assert bad_batch.returncode == 2 and "--batch must be between 1 and 32" in bad_batch.stderr
+    sampled = run_cli(["bench", "--synthetic", "llama3-8b", "--sample"], tmp_path)  # an option, checked before the GPU
+    assert sampled.returncode == 2 and "needs a CUDA GPU" in sampled.stderr
 
 
 
@@ -76,3 +78,16 @@ def test_bench_decodes_a_batch_a_step():
     per_step = report.decode_tokens_per_second / 4
     assert report.decode_weight_gbps == pytest.approx(report.weight_bytes_per_token * per_step / 1e9)
     assert report.roofline_fraction == pytest.approx(report.decode_weight_gbps / report.copy_bandwidth_gbps)
+
+
+@pytest.mark.gpu
+def test_bench_decodes_with_infer_sampling():
+    """--sample: the decode test draws tokens as `exlq infer` does (the sampler's kernels between steps) and says so."""
+    from exlq.cli.common import INFER_SAMPLING
+    from exlq.runtime.sampler import Sampler, SamplerSettings
+
+    model = small_synthetic("qwen2.5-0.5b", 4.0, device="cuda", dtype=torch.float16).eval()
+    sampler = Sampler(SamplerSettings(**INFER_SAMPLING, seed=0))
+    report = measure_speed(model, cache_tokens=128, prefill_lengths=(32,), new_tokens=8, sampler=sampler)
+    assert report.sampling == "temperature 0.8, top-p 0.95, min-p 0.05" and report.decode_tokens_per_second > 0
+    assert measure_speed(model, cache_tokens=128, prefill_lengths=(32,), new_tokens=8).sampling == "greedy"

@@ -28,6 +28,15 @@ def dist(**kwargs) -> Sampler:
 # --- greedy ------------------------------------------------------------------------------------
 
 
+def test_settings_describe_what_acts():
+    assert SamplerSettings().describe() == "greedy"
+    assert SamplerSettings(temperature=0.8, top_p=0.95, min_p=0.05).describe() == "temperature 0.8, top-p 0.95, min-p 0.05"
+    assert SamplerSettings(temperature=1.0, top_k=40).describe() == "temperature 1, top-k 40"
+    assert SamplerSettings(temperature=0.7, top_k=1, top_p=0.5).describe() == "greedy"  # top-k 1 is greedy
+    assert SamplerSettings(repetition_penalty=1.1).describe() == "greedy, repetition penalty 1.1"
+    assert SamplerSettings(repetition_penalty=1.1, repetition_range=0).describe() == "greedy"  # a range of 0 is off
+
+
 def test_greedy_is_argmax_per_row_and_int64():
     logits = torch.tensor([[0.1, 2.0, -1.0, 1.9], [5.0, -3.0, 4.9, 0.0], [-2.0, -1.0, -3.0, -1.5]])
     out = Sampler(SamplerSettings()).sample(logits)

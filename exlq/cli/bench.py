@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from exlq.cli.common import CacheBitsOpt, CacheOpt, JsonOpt, print_json, stderr
+from exlq.cli.common import INFER_SAMPLING, CacheBitsOpt, CacheOpt, JsonOpt, print_json, stderr
 
 MAX_BATCH = 32  # the EXL2 GEMV's row limit (exl2_ops.GEMV_MAX_ROWS): a step of more rows would time the prefill path
 
@@ -23,6 +23,7 @@ def bench(
     new_tokens: Annotated[int, typer.Option(help="Decode steps timed.")] = 256,
     batch: Annotated[int, typer.Option(help=f"Sequences decoded together, 1 to {MAX_BATCH} (tokens/s counts all of them; the weights are read once a step).")] = 1,
     prefill: Annotated[str, typer.Option(help="Prefill lengths timed, comma separated.")] = "512,2048",
+    sample: Annotated[bool, typer.Option("--sample", help="Decode with exlq infer's default sampling (temperature 0.8, top-p 0.95, min-p 0.05, on the GPU) instead of greedy: what its sampling costs a token.")] = False,
     device: Annotated[str, typer.Option(help="cuda or cuda:N.")] = "cuda",
     json_output: JsonOpt = False,
 ) -> None:
@@ -37,6 +38,7 @@ def bench(
     from exlq.errors import ExlqError
     from exlq.eval.speed import measure_speed
     from exlq.runtime.kv_quant import parse_cache_type
+    from exlq.runtime.sampler import Sampler, SamplerSettings
 
     if (model_dir is None) == (synthetic is None):
         raise ExlqError("give a MODEL directory or --synthetic SHAPE (one of them)")
@@ -57,14 +59,15 @@ def bench(
         model = _synthetic_model(synthetic, bpw, target, group_size) if synthetic else _real_model(model_dir, target)
     stderr.print(f"[dim]timing on {torch.cuda.get_device_name(target)}[/dim]")
     report = measure_speed(model, cache_tokens=max(cache_tokens, max(lengths, default=0)), prefill_lengths=lengths,
-                           new_tokens=new_tokens, cache_type=cache_type, batch=batch)  # fmt: skip
+                           new_tokens=new_tokens, cache_type=cache_type, batch=batch,
+                           sampler=Sampler(SamplerSettings(**INFER_SAMPLING, seed=0)) if sample else None)  # fmt: skip
     payload = {"model": str(model_dir) if model_dir else f"synthetic:{synthetic}", "bpw": None if model_dir else bpw,
                "group_size": None if model_dir else group_size, **report.as_dict()}
     if json_output:
         print_json(payload)
         return
     print(f"{payload['model']} on {report.device}")
-    print(f"decode (batch {batch}): {report.decode_tokens_per_second:.1f} tokens/s, weights {report.weight_bytes_per_token / 1e9:.3f} GB/token, "
+    print(f"decode (batch {batch}, {report.sampling}): {report.decode_tokens_per_second:.1f} tokens/s, weights {report.weight_bytes_per_token / 1e9:.3f} GB/token, "
           f"{report.decode_weight_gbps:.0f} GB/s = {100 * report.roofline_fraction:.1f}% of copy bandwidth {report.copy_bandwidth_gbps:.0f} GB/s")
     for n, tps in report.prefill_tokens_per_second.items():
         print(f"prefill {n}: {tps:.0f} tokens/s")

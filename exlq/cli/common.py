@@ -21,6 +21,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object wit
 CacheOpt = Annotated[str, typer.Option("--cache", help="KV cache: fp16 (unquantized, in the compute dtype), q8, q6 or q4 (Hadamard-rotated groups of 32, one fp16 scale each).")]
 CacheBitsOpt = Annotated[Optional[str], typer.Option("--cache-bits", metavar="K,V", help="Quantize keys to K and values to V bits (2-8 each, e.g. 4,2); overrides --cache.", show_default=False)]
 
+#: `exlq infer`'s sampling defaults (also what `exlq bench --sample` decodes with).
+INFER_SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 0.95, "min_p": 0.05}
+
 
 def dtype_name(dtype) -> str:
     """torch.float16 -> "float16", for messages and JSON."""

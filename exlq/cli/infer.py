@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from exlq.cli.common import CacheBitsOpt, CacheOpt, DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
+from exlq.cli.common import CacheBitsOpt, CacheOpt, DeviceOpt, dtype_name, DtypeOpt, INFER_SAMPLING, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
 from exlq.errors import ExlqError
 
 SAMPLING = "Sampling"
@@ -24,10 +24,10 @@ def infer(
     add_bos: Annotated[Optional[bool], typer.Option("--add-bos/--no-add-bos", help="Prepend the BOS token (default: what the format needs).", rich_help_panel=PROMPT)] = None,
     encode_special_tokens: Annotated[Optional[bool], typer.Option("--encode-special-tokens/--no-encode-special-tokens", help="Turn special-token text such as <|im_start|> in the prompt into special tokens (default: on for chat formats, off for raw).", rich_help_panel=PROMPT)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.", rich_help_panel=SAMPLING)] = 0.8,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).", rich_help_panel=SAMPLING)] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).", rich_help_panel=SAMPLING)] = 0.95,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p × the top probability (0 = off).", rich_help_panel=SAMPLING)] = 0.05,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.", rich_help_panel=SAMPLING)] = INFER_SAMPLING["temperature"],
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).", rich_help_panel=SAMPLING)] = INFER_SAMPLING["top_k"],
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).", rich_help_panel=SAMPLING)] = INFER_SAMPLING["top_p"],
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p × the top probability (0 = off).", rich_help_panel=SAMPLING)] = INFER_SAMPLING["min_p"],
     repetition_penalty: Annotated[float, typer.Option(help="Penalize tokens already in the context (1 = off).", rich_help_panel=SAMPLING)] = 1.0,
     repetition_range: Annotated[int, typer.Option(help="How many recent tokens the penalty looks at (-1 = all).", rich_help_panel=SAMPLING)] = -1,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.", rich_help_panel=SAMPLING)] = None,

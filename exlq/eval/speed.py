@@ -4,7 +4,8 @@ Conventions (also printed by `exlq bench`):
 - copy bandwidth: a device-to-device `copy_` of 1 GiB, bytes read + bytes written per second;
 - weight bytes per token: every decoder linear and lm_head as stored (packed EXL2 tensors or dense
   weights) plus one embedding row; achieved GB/s = weight bytes per token × decode tokens/s;
-- decode: one token per step into a KV cache after a 32-token prompt, greedy (argmax on the GPU), with one
+- decode: one token per step into a KV cache after a 32-token prompt, greedy (argmax on the GPU) or, with a
+  sampler, drawn as `exlq infer` draws it (on the GPU, each token's sampling kernels between two steps), with one
   host read of each token as any generator that streams text makes, after the next step is queued (as
   `Generator.generate` does: the GPU does not wait for the host); the CUDA-graph path is used if enabled, and
   a first untimed pass over the same positions captures its graphs (steady state is measured). With a batch of
@@ -24,6 +25,7 @@ from exlq.runtime.exl2 import Exl2Linear
 from exlq.runtime.generator import TokenReader
 from exlq.runtime.kernels import sampling_ops
 from exlq.runtime.kv_quant import as_cache_type
+from exlq.runtime.sampler import Sampler
 from exlq.runtime.linear import DenseLinear
 
 PROMPT_TOKENS = 32
@@ -43,6 +45,7 @@ class SpeedReport:
     cache_tokens: int = 0
     cache: str = "fp16"  # KV-cache type of the decode test
     batch: int = 1  # sequences decoded together (decode tokens/s counts all of them)
+    sampling: str = "greedy"  # how the decode test picks tokens
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,16 +100,18 @@ def _timed(device: torch.device, fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=None, batch: int = 1) -> float:
-    """Greedy decode tokens/s of `batch` sequences after a short prompt (one host sync per step); `cache_type` as
-    new_cache takes it."""
+def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=None, batch: int = 1,
+                 sampler: Sampler | None = None) -> float:
+    """Decode tokens/s of `batch` sequences after a short prompt (one host sync per step), greedy or drawn by
+    `sampler`; `cache_type` as new_cache takes it."""
     device = model.device
     cache = model.new_cache(cache_tokens, batch_size=batch, cache_type=cache_type)
     prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), device=device)
     steps = min(new_tokens, cache_tokens - PROMPT_TOKENS - 8)
 
-    def next_tokens(ids: torch.Tensor) -> torch.Tensor:  # [batch, 1], greedy, as Sampler.sample takes it
-        return sampling_ops.argmax(model(ids, cache, max_output_len=1)[:, -1])[:, None]
+    def next_tokens(ids: torch.Tensor) -> torch.Tensor:  # [batch, 1]: greedy as Sampler.sample takes it, or drawn
+        logits = model(ids, cache, max_output_len=1)[:, -1]
+        return (sampling_ops.argmax(logits) if sampler is None else sampler.sample(logits))[:, None]
 
     reader = TokenReader(device)
 
@@ -149,15 +154,15 @@ def prefill_speed(model, length: int, repeats: int = 3) -> float:
 
 def measure_speed(
     model, *, cache_tokens: int = 4096, prefill_lengths=(512, 2048), new_tokens: int = 256, cache_type=None,
-    batch: int = 1,
+    batch: int = 1, sampler: Sampler | None = None,
 ) -> SpeedReport:
-    """Decode (`batch` sequences through a cache of `cache_type`, default fp16) and prefill speed, bandwidth and
-    peak VRAM."""
+    """Decode (`batch` sequences through a cache of `cache_type`, default fp16; greedy, or drawn by `sampler`) and
+    prefill speed, bandwidth and peak VRAM."""
     device = model.device
     bandwidth = copy_bandwidth(device)
     torch.cuda.reset_peak_memory_stats(device)  # after the copy buffers are gone: weights stay counted
     weight_bytes = weight_bytes_per_token(model)
-    decode = decode_speed(model, cache_tokens, new_tokens, cache_type, batch)
+    decode = decode_speed(model, cache_tokens, new_tokens, cache_type, batch, sampler)
     prefill = {n: prefill_speed(model, n) for n in prefill_lengths}
     weight_gbps = weight_bytes * decode / batch / 1e9  # one read of the weights per step
     return SpeedReport(
@@ -173,4 +178,5 @@ def measure_speed(
         cache_tokens=cache_tokens,
         cache=as_cache_type(cache_type).name,
         batch=batch,
+        sampling="greedy" if sampler is None else sampler.settings.describe(),
     )

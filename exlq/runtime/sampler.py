@@ -59,6 +59,17 @@ class SamplerSettings:
         """True when sampling reduces to argmax (no randomness, no distribution needed)."""
         return self.temperature == 0 or self.top_k == 1
 
+    def describe(self) -> str:
+        """The settings that act, in words: "greedy", or e.g. "temperature 0.8, top-p 0.95, min-p 0.05"."""
+        parts = ["greedy"] if self.greedy else [f"temperature {self.temperature:g}"]
+        if not self.greedy:
+            parts += [f"top-k {self.top_k}"] if self.top_k > 0 else []
+            parts += [f"top-p {self.top_p:g}"] if self.top_p < 1 else []
+            parts += [f"min-p {self.min_p:g}"] if self.min_p > 0 else []
+        if self.repetition_penalty != 1 and self.repetition_range != 0:
+            parts.append(f"repetition penalty {self.repetition_penalty:g}")
+        return ", ".join(parts)
+
 
 def _check_real(name: str, value: object, in_range: Callable[[float], bool], rule: str) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
