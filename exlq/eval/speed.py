@@ -25,8 +25,8 @@ from exlq.runtime.exl2 import Exl2Linear
 from exlq.runtime.generator import TokenReader
 from exlq.runtime.kernels import sampling_ops
 from exlq.runtime.kv_quant import as_cache_type
-from exlq.runtime.sampler import Sampler
 from exlq.runtime.linear import DenseLinear
+from exlq.runtime.sampler import Sampler
 
 PROMPT_TOKENS = 32
 
