@@ -23,7 +23,6 @@ import torch
 
 from exlq.runtime.exl2 import Exl2Linear
 from exlq.runtime.generator import TokenReader
-from exlq.runtime.kernels import sampling_ops
 from exlq.runtime.kv_quant import as_cache_type
 from exlq.runtime.linear import DenseLinear
 from exlq.runtime.sampler import Sampler
@@ -102,16 +101,16 @@ def _timed(device: torch.device, fn, repeats: int) -> float:
 
 def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=None, batch: int = 1,
                  sampler: Sampler | None = None) -> float:
-    """Decode tokens/s of `batch` sequences after a short prompt (one host sync per step), greedy or drawn by
-    `sampler`; `cache_type` as new_cache takes it."""
+    """Decode tokens/s of `batch` sequences after a short prompt (one host sync per step), drawn by `sampler`
+    (default: greedy, the argmax kernel); `cache_type` as new_cache takes it."""
+    sampler = sampler or Sampler()
     device = model.device
     cache = model.new_cache(cache_tokens, batch_size=batch, cache_type=cache_type)
     prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT_TOKENS), device=device)
     steps = min(new_tokens, cache_tokens - PROMPT_TOKENS - 8)
 
-    def next_tokens(ids: torch.Tensor) -> torch.Tensor:  # [batch, 1]: greedy as Sampler.sample takes it, or drawn
-        logits = model(ids, cache, max_output_len=1)[:, -1]
-        return (sampling_ops.argmax(logits) if sampler is None else sampler.sample(logits))[:, None]
+    def next_tokens(ids: torch.Tensor) -> torch.Tensor:  # [batch, 1]
+        return sampler.sample(model(ids, cache, max_output_len=1)[:, -1])[:, None]
 
     reader = TokenReader(device)
 
@@ -162,6 +161,7 @@ def measure_speed(
     bandwidth = copy_bandwidth(device)
     torch.cuda.reset_peak_memory_stats(device)  # after the copy buffers are gone: weights stay counted
     weight_bytes = weight_bytes_per_token(model)
+    sampler = sampler or Sampler()
     decode = decode_speed(model, cache_tokens, new_tokens, cache_type, batch, sampler)
     prefill = {n: prefill_speed(model, n) for n in prefill_lengths}
     weight_gbps = weight_bytes * decode / batch / 1e9  # one read of the weights per step
@@ -178,5 +178,5 @@ def measure_speed(
         cache_tokens=cache_tokens,
         cache=as_cache_type(cache_type).name,
         batch=batch,
-        sampling="greedy" if sampler is None else sampler.settings.describe(),
+        sampling=sampler.settings.describe(),
     )

@@ -61,8 +61,10 @@ class SamplerSettings:
 
     def describe(self) -> str:
         """The settings that act, in words: "greedy", or e.g. "temperature 0.8, top-p 0.95, min-p 0.05"."""
-        parts = ["greedy"] if self.greedy else [f"temperature {self.temperature:g}"]
-        if not self.greedy:
+        if self.greedy:
+            parts = ["greedy"]
+        else:
+            parts = [f"temperature {self.temperature:g}"]
             parts += [f"top-k {self.top_k}"] if self.top_k > 0 else []
             parts += [f"top-p {self.top_p:g}"] if self.top_p < 1 else []
             parts += [f"min-p {self.min_p:g}"] if self.min_p > 0 else []
