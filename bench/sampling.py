@@ -1,6 +1,7 @@
 """GPU time of one token's sampling, per setting and vocabulary: what the decode step spends after its graph.
 
     python3 bench/sampling.py [--vocabs 49152 128256 151936] [--rows 1]
+    EXLQ_KERNELS=0 python3 bench/sampling.py   # the torch path only, for comparison
 
 With the next step queued behind each token's read (`TokenReader`), the host's share of sampling overlaps the GPU,
 but the sampling kernels themselves run between two graph replays. Per setting: the kernels' GPU time a token under
@@ -26,6 +27,9 @@ SETTINGS = {
     "greedy": SamplerSettings(),
     "infer default (T 0.8, top-p 0.95, min-p 0.05)": SamplerSettings(temperature=0.8, top_p=0.95, min_p=0.05, seed=1),
     "T 0.8 only": SamplerSettings(temperature=0.8, seed=1),
+    "T 0.8, top-p 0.9": SamplerSettings(temperature=0.8, top_p=0.9, seed=1),
+    "infer default, repetition penalty 1.1": SamplerSettings(temperature=0.8, top_p=0.95, min_p=0.05,
+                                                             repetition_penalty=1.1, seed=1),
     "T 0.8, top-k 40": SamplerSettings(temperature=0.8, top_k=40, seed=1),
     "greedy, repetition penalty 1.1": SamplerSettings(repetition_penalty=1.1),
 }

@@ -68,3 +68,357 @@ __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(
         if (tid == 0) out[row] = key == 0 ? 0 : (long long)(0xffffffffu - (u32)(key & 0xffffffffu));
     }
 }
+
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Sampling with temperature, top-p and min-p in three launches (torch's path takes ~37 kernels and 120-190 µs a
+// token: a sort, a cumulative sum, masks, a softmax). The draw is Sampler.draw's exponential race: argmax over the
+// kept tokens of p_i / E_i with E_i ~ Exp(1), taken from a race tensor (tests: then the kernels pick the torch path's
+// token) or made here from a counter-based hash of (seed, step, row, token) for the kept tokens alone.
+//
+// Each row is cut into `chunk`-token pieces, a block each (gridDim.x blocks a row, gridDim.y rows):
+//   sample_stats: a piece's maximum, Σ exp((l - max) / T) and smallest logit, and the row's workspace cleared;
+//   sample_bins (top-p only): with the row's m and Z joined from the pieces', the masses e_i = exp((l_i - m) / T)
+//       of the tokens above the floor (below it none is kept: min-p's rule, and top-p's, since the tokens below
+//       (1 - top_p) Z / vocab hold less than 1 - top_p of the mass together) summed by bin of z_i = (l_i - m) / T
+//       between the floor and 0, in fixed point (integer sums: the same cut in any order). The last block to finish
+//       finds the boundary bin: the first whose inclusive mass reaches (top_p - 1e-6) Z; before it every token is
+//       kept, after it none;
+//   sample_draw: the race over the kept tokens, and the boundary bin's tokens listed; the last block to finish sorts
+//       them by logit (equal logits: lower index first) and keeps them while the mass before them is below the cut,
+//       as top_p_mask keeps a sorted prefix, then writes the winner.
+// A boundary bin of more than SAMPLE_CANDIDATES tokens (logits equal to within a 2048th of their range) is kept whole.
+#define SAMPLE_THREADS 256
+#define SAMPLE_UNROLL 2
+#define SAMPLE_BINS 2048
+#define SAMPLE_CANDIDATES 2048
+#define MASS_ONE 1099511627776.0f  // 2^40: fixed-point masses (a token's ≤ 2^40, a row's < 2^58)
+#define TOP_P_TOLERANCE 1e-6       // sampler.py's _TOP_P_TOLERANCE
+#define NEG_INF __int_as_float(0xff800000)
+
+struct fp32_t {};  // float32 logits (after a repetition penalty, the torch path's float copy)
+
+// 16-byte vectors of logits, by dtype.
+template <typename T> struct LogitVector {
+    static constexpr int size = 8;
+    static __device__ __forceinline__ float at(const uint4& v, int i) {
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+        return Act<T>::load((u16)((words[i / 2] >> (16 * (i % 2))) & 0xffffu));
+    }
+};
+template <> struct LogitVector<fp32_t> {
+    static constexpr int size = 4;
+    static __device__ __forceinline__ float at(const uint4& v, int i) {
+        const u32 words[4] = {v.x, v.y, v.z, v.w};
+        return __uint_as_float(words[i]);
+    }
+};
+
+// The kernels' arguments (sampling_ops.SampleArgs, the same layout).
+struct SampleArgs {
+    const void* logits;  // [rows, row_stride]: the first `vocab` of each row read
+    const float* race;   // float32 [rows, vocab] Exp(1) values, or null: hashed from (seed, step, row, token)
+    unsigned long long* work;  // the rows' workspace (sampling_ops.workspace_words)
+    long long* out;            // int64 [rows]
+    unsigned long long seed, step;
+    int row_stride, vocab, chunk;  // chunk: tokens a block, a multiple of 8
+    float inv_temperature, top_p, min_p;
+};
+
+// One row's workspace, inside args.work (rows × the words below).
+struct RowWork {
+    u64* bins;        // SAMPLE_BINS fixed-point masses
+    u64* candidates;  // SAMPLE_CANDIDATES argmax_key(logit, index) of the boundary bin's tokens
+    u64* best;        // the race's best argmax_key(p / E, index) so far
+    u64* mass_before; // fixed-point mass before the boundary bin
+    float4* pieces;   // (maximum, Σ exp, smallest logit, -) a block
+    u32* ints;        // blocks done with the bins, blocks done with the draw, candidates seen, boundary bin
+};
+
+__device__ __forceinline__ RowWork row_work(const SampleArgs& a, int row) {
+    const int pieces = gridDim.x;
+    u64* w = a.work + (size_t)row * (SAMPLE_BINS + SAMPLE_CANDIDATES + 4 + 2 * pieces);
+    return RowWork{w, w + SAMPLE_BINS, w + SAMPLE_BINS + SAMPLE_CANDIDATES, w + SAMPLE_BINS + SAMPLE_CANDIDATES + 1,
+                   reinterpret_cast<float4*>(w + SAMPLE_BINS + SAMPLE_CANDIDATES + 4),
+                   reinterpret_cast<u32*>(w + SAMPLE_BINS + SAMPLE_CANDIDATES + 2)};
+}
+
+// Calls visit(logit, index) for this thread's share of this block's piece, SAMPLE_UNROLL 16-byte loads in flight.
+template <typename T, typename Visit>
+__device__ __forceinline__ void each_logit(const SampleArgs& a, int row, Visit&& visit) {
+    constexpr int per = LogitVector<T>::size;
+    const uint4* x = reinterpret_cast<const uint4*>(
+        reinterpret_cast<const char*>(a.logits) + (size_t)row * a.row_stride * (16 / per));
+    const int first = blockIdx.x * a.chunk / per, end = min(a.vocab, (blockIdx.x + 1) * a.chunk) / per;
+    for (int v0 = first + threadIdx.x; v0 < end; v0 += SAMPLE_THREADS * SAMPLE_UNROLL) {
+        uint4 raw[SAMPLE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_UNROLL; u++) {
+            const int v = v0 + u * SAMPLE_THREADS;
+            raw[u] = v < end ? __ldcg(x + v) : uint4{0u, 0u, 0u, 0u};
+        }
+#pragma unroll
+        for (int u = 0; u < SAMPLE_UNROLL; u++) {
+            const int v = v0 + u * SAMPLE_THREADS;
+            if (v >= end) break;
+#pragma unroll
+            for (int i = 0; i < per; i++) visit(LogitVector<T>::at(raw[u], i), v * per + i);
+        }
+    }
+}
+
+// (maximum, Σ exp2((x - maximum) k), smallest) of two parts; an empty part has maximum -inf.
+__device__ __forceinline__ void join_stats(float& m, float& s, float& low, float m2, float s2, float low2, float k) {
+    low = fminf(low, low2);
+    const float joined = fmaxf(m, m2);
+    if (joined == NEG_INF) return;
+    s = (m == NEG_INF ? 0.0f : s * exp2f((m - joined) * k)) + (m2 == NEG_INF ? 0.0f : s2 * exp2f((m2 - joined) * k));
+    m = joined;
+}
+
+__device__ __forceinline__ void warp_join_stats(float& m, float& s, float& low, float k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+        join_stats(m, s, low, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset),
+                   __shfl_xor_sync(0xffffffffu, low, offset), k);
+}
+
+// What every pass needs of the row: its maximum and Σ exp, and the floor, bins and cut they give.
+struct RowCut {
+    float m, total, floor_mass, bins_a_nat;
+    u64 cut;
+    __device__ __forceinline__ float z(float f, float inv_temperature) const { return (f - m) * inv_temperature; }
+    __device__ __forceinline__ int bin(float z) const { return min(SAMPLE_BINS - 1, (int)(-z * bins_a_nat)); }
+};
+
+__device__ __forceinline__ u64 fixed_mass(float e) { return (u64)__float2ull_rn(e * MASS_ONE); }
+
+// The row's statistics, joined from its pieces' (warp 0 joins them, in the same order every time).
+__device__ __forceinline__ RowCut row_cut(const SampleArgs& a, const RowWork& w) {
+    __shared__ float4 joined;
+    const float k = a.inv_temperature * 1.4426950408889634f;  // log2(e) / T
+    if (threadIdx.x < 32) {
+        float m = NEG_INF, s = 0.0f, low = -NEG_INF;
+        for (int p = threadIdx.x; p < gridDim.x; p += 32) {
+            const float4 piece = __ldcg(w.pieces + p);
+            join_stats(m, s, low, piece.x, piece.y, piece.z, k);
+        }
+        warp_join_stats(m, s, low, k);
+        if (threadIdx.x == 0) joined = make_float4(m, s, low, 0.0f);
+    }
+    __syncthreads();
+    RowCut c;
+    c.m = joined.x, c.total = joined.y;
+    const bool top_p_on = a.top_p < 1.0f;
+    c.floor_mass = fmaxf(a.min_p, top_p_on ? (1.0f - a.top_p) * c.total / (float)a.vocab : 0.0f);
+    const float floor_z = fmaxf(logf(fmaxf(c.floor_mass, 1e-38f)), (joined.z - c.m) * a.inv_temperature);
+    c.bins_a_nat = floor_z < 0.0f ? (float)SAMPLE_BINS / -floor_z : 0.0f;
+    // At least 1: the top token (nothing before it) is always kept, as top_p_mask keeps it.
+    c.cut = (u64)fmax(1.0, (a.top_p - TOP_P_TOLERANCE) * (double)c.total * (double)MASS_ONE);
+    return c;
+}
+
+// Exclusive prefix sum of one u64 a thread in thread order (SAMPLE_THREADS threads); `total` gets the block's sum.
+__device__ __forceinline__ u64 block_exclusive_sum(u64 value, u64& total) {
+    __shared__ u64 warp_totals[SAMPLE_THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 inclusive = value;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const u64 other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+    }
+    if (lane == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    u64 before = inclusive - value;
+    total = 0;
+    for (int w = 0; w < SAMPLE_THREADS / 32; w++) {
+        if (w < warp) before += warp_totals[w];
+        total += warp_totals[w];
+    }
+    __syncthreads();
+    return before;
+}
+
+__device__ __forceinline__ u64 block_max_u64(u64 key) {
+    __shared__ u64 warp_keys[SAMPLE_THREADS / 32];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) key = max_u64(key, __shfl_xor_sync(0xffffffffu, key, offset));
+    if ((threadIdx.x & 31) == 0) warp_keys[threadIdx.x >> 5] = key;
+    __syncthreads();
+    key = 0;
+    for (int w = 0; w < SAMPLE_THREADS / 32; w++) key = max_u64(key, warp_keys[w]);
+    __syncthreads();
+    return key;
+}
+
+// Whether this block is the row's last to pass here (after its writes are made visible to the others).
+__device__ __forceinline__ bool last_block(u32* done) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+__device__ __forceinline__ u64 mix64(u64 z) {  // splitmix64's finalizer
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// E ~ Exp(1) for token `index` of `row`: from args.race, or -log u with u uniform in (0, 1) (24 bits) hashed from
+// (seed, step, row, index).
+__device__ __forceinline__ float race_value(const SampleArgs& a, int row, int index) {
+    if (a.race != nullptr) return fmaxf(a.race[(size_t)row * a.vocab + index], 1e-30f);
+    const u64 stream = mix64(mix64(a.seed) ^ ((a.step << 16) | (u64)row));
+    const u64 h = mix64(stream + (u64)index);
+    return -__logf(((float)(h >> 40) + 0.5f) * 5.9604644775390625e-8f);  // 2^-24
+}
+
+template <typename T>
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_stats(SampleArgs a) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const int row = blockIdx.y, tid = threadIdx.x;
+    const RowWork w = row_work(a, row);
+    for (int b = blockIdx.x * SAMPLE_THREADS + tid; b < SAMPLE_BINS; b += gridDim.x * SAMPLE_THREADS) w.bins[b] = 0;
+    if (blockIdx.x == 0 && tid == 0) {
+        *w.best = 0, *w.mass_before = 0;
+        w.ints[0] = w.ints[1] = w.ints[2] = 0, w.ints[3] = SAMPLE_BINS;
+    }
+    const float k = a.inv_temperature * 1.4426950408889634f;
+    float m = NEG_INF, s = 0.0f, low = -NEG_INF;
+    each_logit<T>(a, row, [&](float f, int) {
+        if (!(f > NEG_INF)) return;  // -inf (masked) and NaN take no part
+        low = fminf(low, f);
+        if (f > m) {
+            s = (m == NEG_INF ? 0.0f : s * exp2f((m - f) * k)) + 1.0f;
+            m = f;
+        } else {
+            s += exp2f((f - m) * k);
+        }
+    });
+    warp_join_stats(m, s, low, k);
+    __shared__ float4 warps[SAMPLE_THREADS / 32];
+    if ((tid & 31) == 0) warps[tid >> 5] = make_float4(m, s, low, 0.0f);
+    __syncthreads();
+    if (tid == 0) {
+        for (int i = 1; i < SAMPLE_THREADS / 32; i++) join_stats(m, s, low, warps[i].x, warps[i].y, warps[i].z, k);
+        w.pieces[blockIdx.x] = make_float4(m, s, low, 0.0f);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_bins(SampleArgs a) {
+    __shared__ u64 bins[SAMPLE_BINS];
+    pdl_launch_dependents();
+    pdl_wait();
+    const int row = blockIdx.y, tid = threadIdx.x;
+    const RowWork w = row_work(a, row);
+    for (int b = tid; b < SAMPLE_BINS; b += SAMPLE_THREADS) bins[b] = 0;
+    const RowCut c = row_cut(a, w);  // synchronizes
+    each_logit<T>(a, row, [&](float f, int) {
+        const float z = c.z(f, a.inv_temperature), e = __expf(z);
+        if (e >= c.floor_mass && e > 0.0f) atomicAdd(&bins[c.bin(z)], fixed_mass(e));
+    });
+    __syncthreads();
+    for (int b = tid; b < SAMPLE_BINS; b += SAMPLE_THREADS)
+        if (bins[b] != 0) atomicAdd(w.bins + b, bins[b]);
+    if (!last_block(w.ints)) return;
+    // The last block: the boundary bin. Thread t holds bins [8t, 8t + 8), so thread order is bin order.
+    constexpr int per = SAMPLE_BINS / SAMPLE_THREADS;
+    const u64* mine = w.bins + tid * per;
+    u64 sum = 0;
+#pragma unroll
+    for (int i = 0; i < per; i++) sum += __ldcg(mine + i);
+    u64 all;
+    u64 before = block_exclusive_sum(sum, all);
+    if (before < c.cut && before + sum >= c.cut) {  // the one thread whose bins reach the cut
+        int b = 0;
+        while (before + __ldcg(mine + b) < c.cut) before += __ldcg(mine + b++);
+        w.ints[3] = tid * per + b;
+        *w.mass_before = before;
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(SampleArgs a) {
+    __shared__ u64 candidates[SAMPLE_CANDIDATES];
+    pdl_launch_dependents();
+    pdl_wait();
+    const int row = blockIdx.y, tid = threadIdx.x;
+    const RowWork w = row_work(a, row);
+    const RowCut c = row_cut(a, w);  // synchronizes
+    const bool top_p_on = a.top_p < 1.0f;
+    const int boundary = (int)__ldcg(w.ints + 3);
+    u64 best = 0;  // argmax_key(p / E, index); 0 below every key
+    auto race = [&](float e, int i) { best = max_u64(best, argmax_key(e / race_value(a, row, i), (u32)i)); };
+    each_logit<T>(a, row, [&](float f, int i) {
+        const float z = c.z(f, a.inv_temperature), e = __expf(z);
+        if (!(e >= c.floor_mass && e > 0.0f)) return;
+        const int b = top_p_on ? c.bin(z) : 0;
+        if (b < boundary) {
+            race(e, i);
+        } else if (b == boundary) {
+            const u32 slot = atomicAdd(w.ints + 2, 1u);
+            if (slot < SAMPLE_CANDIDATES) w.candidates[slot] = argmax_key(f, (u32)i);
+            else race(e, i);  // too many to sort: the whole bin is kept
+        }
+    });
+    best = block_max_u64(best);
+    if (tid == 0 && best != 0) atomicMax(w.best, best);
+    if (!last_block(w.ints + 1)) return;
+    // The last block: the boundary bin's tokens, sorted, kept while the mass before them is below the cut.
+    const u32 seen = __ldcg(w.ints + 2);
+    const int count = (int)min(seen, (u32)SAMPLE_CANDIDATES);
+    best = 0;
+    if (count > 0) {
+        int size = 1;
+        while (size < count) size <<= 1;
+        for (int i = tid; i < size; i += SAMPLE_THREADS) candidates[i] = i < count ? __ldcg(w.candidates + i) : 0;
+        __syncthreads();
+        for (int span = 2; span <= size; span <<= 1) {  // bitonic sort, descending
+            for (int j = span >> 1; j > 0; j >>= 1) {
+                for (int i = tid; i < size; i += SAMPLE_THREADS) {
+                    const int partner = i ^ j;
+                    if (partner > i) {
+                        const u64 x = candidates[i], y = candidates[partner];
+                        if ((x < y) == ((i & span) == 0)) candidates[i] = y, candidates[partner] = x;
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        if (tid < 32) {  // one warp walks the sorted list 32 tokens at a time
+            u64 carried = __ldcg(w.mass_before);
+            for (int j0 = 0; j0 < count; j0 += 32) {
+                const int j = j0 + tid;
+                float e = 0.0f;
+                int index = 0;
+                if (j < count) {
+                    const u64 key = candidates[j];
+                    const u32 ordered = (u32)(key >> 32);
+                    const float f = __uint_as_float(ordered ^ ((ordered >> 31) ? 0x80000000u : 0xffffffffu));
+                    e = __expf(c.z(f, a.inv_temperature));
+                    index = (int)(0xffffffffu - (u32)(key & 0xffffffffu));
+                }
+                const u64 mine = j < count ? fixed_mass(e) : 0;
+                u64 inclusive = mine;
+#pragma unroll
+                for (int offset = 1; offset < 32; offset <<= 1) {
+                    const u64 other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+                    if (tid >= offset) inclusive += other;
+                }
+                if (j < count && (seen > SAMPLE_CANDIDATES || carried + inclusive - mine < c.cut)) race(e, index);
+                carried += __shfl_sync(0xffffffffu, inclusive, 31);
+                if (seen <= SAMPLE_CANDIDATES && carried >= c.cut) break;
+            }
+        }
+    }
+    best = max_u64(block_max_u64(best), __ldcg(w.best));
+    if (tid == 0) a.out[row] = best == 0 ? 0 : (long long)(0xffffffffu - (u32)(best & 0xffffffffu));
+}

@@ -462,6 +462,94 @@ def test_argmax_kernel_matches_torch(rows, vocab, dtype):
     assert torch.equal(sampling_ops.argmax_rows(steps[:, -1]), logits.argmax(dim=-1))
 
 
+# (temperature, top-p, min-p): exlq infer's defaults, top-p alone (a floor from the mass bound), min-p alone, neither,
+# a tight top-p, a hot temperature (logits close together: many tokens in the boundary bin).
+SAMPLE_SETTINGS = [(0.8, 0.95, 0.05), (1.0, 0.9, 0.0), (0.7, 1.0, 0.1), (1.3, 1.0, 0.0), (0.5, 0.5, 0.0), (8.0, 0.8, 0.0)]
+
+
+def sample_reference(logits: torch.Tensor, race: torch.Tensor, settings: SamplerSettings) -> tuple[torch.Tensor, ...]:
+    """The torch path's token for `race`, and its filtered probabilities."""
+    from exlq.runtime.sampler import Sampler
+
+    probs = Sampler(settings)._filtered_probs(logits.float())
+    return (probs / race.clamp_min(1e-30)).argmax(dim=-1), probs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows, vocab, scale", [(1, 151936, 3.0), (3, 49152, 2.0), (2, 4096, 0.3), (1, 1000, 5.0)])
+@pytest.mark.parametrize("temperature, top_p, min_p", SAMPLE_SETTINGS)
+def test_sample_kernel_draws_the_torch_token(rows, vocab, scale, dtype, temperature, top_p, min_p):
+    """The same race gives the torch path's token, draw after draw (a different one only at a float near-tie, and
+    never a token the torch path dropped)."""
+    from exlq.runtime.kernels import sampling_ops
+
+    settings = SamplerSettings(temperature=temperature, top_p=top_p, min_p=min_p)
+    gen = torch.Generator(device=CUDA).manual_seed(vocab + rows)
+    logits = (torch.randn(rows, vocab, device=CUDA, generator=gen) * scale).to(dtype)
+    assert sampling_ops.sample_applies(logits)
+    different = 0
+    for _ in range(16):
+        race = torch.empty(rows, vocab, device=CUDA).exponential_(generator=gen)
+        expected, probs = sample_reference(logits, race, settings)
+        got = sampling_ops.sample_rows(logits, temperature, top_p, min_p, race=race)
+        # Never below the torch path's cut (by value: which of equal 16-bit logits at the cut stay is the sort's pick).
+        lowest_kept = torch.where(probs > 0, logits.float(), torch.inf).amin(dim=-1)
+        assert bool((logits.float().gather(1, got[:, None])[:, 0] >= lowest_kept).all()), "drew a dropped token"
+        different += int((got != expected).sum())
+    assert different <= max(1, rows * 16 // 50), f"{different} of {rows * 16} draws differ"
+
+
+@pytest.mark.parametrize("temperature, top_p, min_p", SAMPLE_SETTINGS)
+def test_sample_kernel_keeps_exactly_the_torch_set(temperature, top_p, min_p):
+    """At the cut: a race that favours one token picks it if the torch path keeps it, else another (the top token,
+    the last two kept and the first two dropped of the sorted order). float32 logits: no equal values at the cut."""
+    from exlq.runtime.kernels import sampling_ops
+
+    settings = SamplerSettings(temperature=temperature, top_p=top_p, min_p=min_p)
+    gen = torch.Generator(device=CUDA).manual_seed(17)
+    vocab = 32000
+    logits = torch.randn(1, vocab, device=CUDA, generator=gen) * 2.5
+    _, probs = sample_reference(logits, torch.ones(1, vocab, device=CUDA), settings)
+    order = torch.argsort(logits[0].float(), descending=True)
+    kept = int((probs[0] > 0).sum())
+    for position in sorted({0, kept - 2, kept - 1, kept, kept + 1} & set(range(vocab))):
+        token = int(order[position])
+        race = torch.empty(1, vocab, device=CUDA).exponential_(generator=gen)
+        race[0, token] = 1e-30  # p / E: far above every other kept token's
+        got = int(sampling_ops.sample_rows(logits, temperature, top_p, min_p, race=race)[0])
+        assert (got == token) == (probs[0, token] > 0).item(), (position, kept, token, got)
+
+
+def test_sampler_kernel_draws_follow_the_distribution():
+    """Sampler.sample on the GPU (the kernels, their race hashed from seed and step): a seed repeats its tokens,
+    another seed gives others, and the draws' frequencies fit the torch path's distribution (chi-square), with and
+    without a repetition penalty and in every row of a batch."""
+    from exlq.runtime.sampler import Sampler
+
+    gen = torch.Generator(device=CUDA).manual_seed(3)
+    rows, vocab, draws = 64, 48, 200
+    logits = (torch.randn(1, vocab, device=CUDA, generator=gen) * 1.5).half().expand(rows, vocab).contiguous()
+    history = torch.randint(0, vocab, (rows, 6), device=CUDA, generator=gen)
+    history[:] = history[0]
+    for penalty in (1.0, 1.3):
+        settings = SamplerSettings(temperature=0.9, top_p=0.9, min_p=0.02, repetition_penalty=penalty, seed=11)
+        sampler = Sampler(settings)
+        assert sampler._kernel_draws(logits)
+        tokens = torch.stack([sampler.sample(logits, history) for _ in range(draws)])
+        again = Sampler(settings)
+        assert torch.equal(torch.stack([again.sample(logits, history) for _ in range(draws)]), tokens)
+        other = Sampler(SamplerSettings(**{**settings.__dict__, "seed": 12}))
+        assert not torch.equal(torch.stack([other.sample(logits, history) for _ in range(draws)]), tokens)
+        probs = Sampler(settings).probabilities(logits[:1], history[:1])[0].double()
+        counts = torch.bincount(tokens.flatten(), minlength=vocab).double()
+        assert counts[probs == 0].sum() == 0, "a dropped token was drawn"
+        expected = probs * tokens.numel()
+        kept = probs > 0
+        chi2 = float((((counts - expected) ** 2)[kept] / expected[kept]).sum())
+        dof = int(kept.sum()) - 1
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5 + 10, (chi2, dof)  # ~5 sigma above the mean
+
+
 # (head size, query heads, KV heads): Llama-3-8B, Qwen2.5-0.5B (7 a group), smollm2 (3), plain multi-head, 8 a group.
 ATTENTION_HEADS = [(128, 32, 8), (64, 14, 2), (64, 9, 3), (64, 4, 4), (128, 16, 2)]
 

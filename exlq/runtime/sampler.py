@@ -1,5 +1,6 @@
-"""Token sampling in torch: greedy, temperature, top-k, top-p, min-p, repetition penalty (plain greedy takes the
-argmax kernel of `kernels.sampling_ops` on the GPU, torch's argmax elsewhere).
+"""Token sampling in torch: greedy, temperature, top-k, top-p, min-p, repetition penalty. On the GPU, greedy takes
+the argmax kernel of `kernels.sampling_ops`, and sampling without top-k its sampling kernels, which draw from the
+same distribution as this module's torch path (with their own random numbers).
 
 Everything is done with batched tensor ops on the logits' own device (no per-row host syncs),
 so the same code serves the CPU reference path and GPU generation. `Sampler.probabilities()`
@@ -161,6 +162,7 @@ class Sampler:
         # from OS entropy; the seed is kept so a run can be reported and replayed.
         self.seed: int = self.settings.seed if self.settings.seed is not None else secrets.randbits(63)
         self._generator: torch.Generator | None = None
+        self._kernel_draws_made = 0
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         """The private generator, created lazily on the logits' device (multinomial needs that)."""
@@ -202,13 +204,35 @@ class Sampler:
     def sample(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """Next token id per row: int64 [B], on the logits' device."""
         s = self.settings
-        if s.greedy and not penalizes(history, s.repetition_penalty, s.repetition_range):
+        if not penalizes(history, s.repetition_penalty, s.repetition_range):
             self._check_shapes(logits, history)
-            return sampling_ops.argmax(logits)  # the logits as they are: no float32 copy, the GPU kernel if it applies
+            if s.greedy:
+                return sampling_ops.argmax(logits)  # the logits as they are: no float32 copy, the kernel if it applies
+            if self._kernel_draws(logits):
+                return self._kernel_draw(logits)
         logits = self._penalized(logits, history)
         if s.greedy:
             return logits.argmax(dim=-1)
+        if self._kernel_draws(logits):
+            return self._kernel_draw(logits)
         return self.draw(self._filtered_probs(logits))
+
+    def _kernel_draws(self, logits: torch.Tensor) -> bool:
+        """Whether the sampling kernel takes these logits: it knows temperature, top-p and min-p, not top-k."""
+        top_k_off = self.settings.top_k <= 0 or self.settings.top_k >= logits.shape[-1]
+        return top_k_off and sampling_ops.sample_applies(logits)
+
+    def _kernel_draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """The kernels' draw from `_filtered_probs(logits)`: the same distribution, its race hashed from the seed and
+        a count of draws (so a seeded run repeats, and no generator kernel runs)."""
+        s = self.settings
+        self._kernel_draws_made += 1
+        return sampling_ops.sample_rows(logits, s.temperature, s.top_p, s.min_p, seed=self.seed,
+                                        step=self._kernel_draws_made)  # fmt: skip
+
+    def _race(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Exp(1) values for the exponential race, from the private generator (float32, contiguous)."""
+        return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=self._generator_for(device))
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One token id per row [B] from probabilities [B, V] (normalized or not; e.g. a speculative residual).
@@ -217,7 +241,7 @@ class Sampler:
         torch.multinomial does (for one sample it runs the same race) but without multinomial's input check,
         which reads a device value and so makes the host wait for the GPU.
         """
-        race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=self._generator_for(probs.device))
+        race = self._race(probs.shape, probs.device)
         return (probs.float() / race.clamp_min_(1e-30)).argmax(dim=-1)
 
     def uniforms(self, count: int, device: torch.device) -> torch.Tensor:
