@@ -1,14 +1,7 @@
-// Greedy sampling: the index of each row's largest logit, as torch.argmax gives it (the first index among equal
-// maxima, NaN above everything, -0 equal to +0). torch's reduction takes ~26 µs for one row of 128256 logits on the
-// H200 (8.5 µs for 151936: it splits rows differently), a whole percent of an 8B decode step. Here one block of 1024
-// threads takes a row (just written: in L2) with several loads in flight a thread. A thread keeps its best value and
-// index with one compare a value (its indices grow, so a strictly larger value alone replaces the best: the first of
-// equal maxima stays); the threads' bests are then joined as 64-bit keys, (order-preserving bits of the float) << 32
-// | (0xffffffff - index), whose maximum is the largest value at the smallest index.
+// Sampling on the GPU: greedy (argmax_rows) and temperature / top-p / min-p (sample_stats, sample_bins, sample_draw).
+// Both cut each row into pieces of ~4096 logits, a block each (gridDim.x blocks a row, gridDim.y rows), and join the
+// blocks' results through a small workspace a row, the last block to finish writing the token.
 #include "common.cuh"
-
-#define ARGMAX_THREADS 1024
-#define ARGMAX_UNROLL 4  // 16-byte loads a thread keeps in flight
 
 typedef unsigned long long u64;
 
@@ -20,55 +13,6 @@ __device__ __forceinline__ u64 argmax_key(float f, u32 index) {
 }
 
 __device__ __forceinline__ u64 max_u64(u64 a, u64 b) { return a > b ? a : b; }
-
-// logits: [rows, row_stride] with the first `vocab` of each row read; vocab a multiple of 8 and rows 16-byte aligned
-// (sampling_ops.applies). out: int64 [rows].
-template <typename T>
-__global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(
-    const u16* __restrict__ logits, int row_stride, int vocab, long long* __restrict__ out) {
-    __shared__ u64 warp_best[ARGMAX_THREADS / 32];
-    pdl_launch_dependents();
-    pdl_wait();
-    const int row = blockIdx.x, tid = threadIdx.x;
-    const uint4* x = reinterpret_cast<const uint4*>(logits + (size_t)row * row_stride);
-    const int vectors = vocab / 8;
-    float best = __int_as_float(0xff800000);  // -inf: replaced by anything larger, and by NaN below
-    int best_index = -1;                      // none yet (a row of -inf leaves it to the join: index 0)
-    for (int v0 = tid; v0 < vectors; v0 += ARGMAX_THREADS * ARGMAX_UNROLL) {
-        uint4 raw[ARGMAX_UNROLL];
-#pragma unroll
-        for (int u = 0; u < ARGMAX_UNROLL; u++) {
-            const int v = v0 + u * ARGMAX_THREADS;
-            raw[u] = v < vectors ? __ldcg(x + v) : uint4{0u, 0u, 0u, 0u};
-        }
-#pragma unroll
-        for (int u = 0; u < ARGMAX_UNROLL; u++) {
-            const int v = v0 + u * ARGMAX_THREADS;
-            if (v >= vectors) break;
-            const u32 words[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const float f = Act<T>::load((u16)((words[i / 2] >> (16 * (i % 2))) & 0xffffu));
-                if (f > best || (f != f && best == best)) {  // larger, or the first NaN
-                    best = f;
-                    best_index = v * 8 + i;
-                }
-            }
-        }
-    }
-    u64 key = best_index < 0 ? 0 : argmax_key(best, (u32)best_index);  // 0: below every key (-inf's is 0x007fffff...)
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) key = max_u64(key, __shfl_xor_sync(0xffffffffu, key, offset));
-    if ((tid & 31) == 0) warp_best[tid >> 5] = key;
-    __syncthreads();
-    if (tid < 32) {
-        key = warp_best[tid];
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) key = max_u64(key, __shfl_xor_sync(0xffffffffu, key, offset));
-        if (tid == 0) out[row] = key == 0 ? 0 : (long long)(0xffffffffu - (u32)(key & 0xffffffffu));
-    }
-}
-
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Sampling with temperature, top-p and min-p in three launches (torch's path takes ~37 kernels and 120-190 µs a
@@ -421,4 +365,35 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(SampleArgs a) {
     }
     best = max_u64(block_max_u64(best), __ldcg(w.best));
     if (tid == 0) a.out[row] = best == 0 ? 0 : (long long)(0xffffffffu - (u32)(best & 0xffffffffu));
+}
+
+// Greedy sampling: the index of each row's largest logit, as torch.argmax gives it (the first index among equal
+// maxima, NaN above everything, -0 equal to +0). torch's reduction takes ~26 µs for one row of 128256 logits on the
+// H200 (8.5 µs for 151936: it splits rows differently), a whole percent of an 8B decode step. A thread keeps its best
+// value and index with one compare a value (its indices grow, so a strictly larger value alone replaces the best: the
+// first of equal maxima stays); the threads' bests are joined as 64-bit keys, (order-preserving bits of the float)
+// << 32 | (0xffffffff - index), whose maximum is the largest value at the smallest index: in the block, then across
+// the row's blocks by atomicMax on the row's workspace word (a.work: [rows] × {key, blocks done}, zero between
+// launches: the last block clears it).
+template <typename T>
+__global__ void __launch_bounds__(SAMPLE_THREADS) argmax_rows(SampleArgs a) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const int row = blockIdx.y;
+    u64* work = a.work + 2 * (size_t)row;
+    float best = NEG_INF;  // replaced by anything larger, and by NaN below
+    int best_index = -1;   // none yet (a row of -inf leaves it to the join: index 0)
+    each_logit<T>(a, row, [&](float f, int i) {
+        if (f > best || (f != f && best == best)) {  // larger, or the first NaN
+            best = f;
+            best_index = i;
+        }
+    });
+    // 0: below every key (-inf's is 0x007fffff...)
+    const u64 key = block_max_u64(best_index < 0 ? 0 : argmax_key(best, (u32)best_index));
+    if (threadIdx.x == 0 && key != 0) atomicMax(work, key);
+    if (!last_block(reinterpret_cast<u32*>(work + 1)) || threadIdx.x != 0) return;
+    const u64 joined = __ldcg(work);
+    a.out[row] = joined == 0 ? 0 : (long long)(0xffffffffu - (u32)(joined & 0xffffffffu));
+    work[0] = 0, work[1] = 0;
 }

@@ -15,7 +15,6 @@ from exlq.runtime.kernels.launch import kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
 SOURCE = "sampling.cu"
-THREADS = 1024  # ARGMAX_THREADS in the .cu: one block a row
 #: The sampling kernel also takes float32 logits (the torch path's float copy after a repetition penalty).
 LOGIT_TAGS = {**ACTIVATION_TAGS, torch.float32: "fp32_t"}
 SAMPLE_PASSES = ("sample_stats", "sample_bins", "sample_draw")
@@ -26,6 +25,7 @@ BINS, CANDIDATES = 2048, 2048  # SAMPLE_BINS, SAMPLE_CANDIDATES in the .cu
 PIECE_TOKENS = 4096  # about this many tokens a block (one 16-byte load a thread, two in flight)
 MAX_PIECES = 64
 _WORKSPACE = Workspace()  # its own: the sampling passes leave theirs dirty, unlike the GEMV's
+_ARGMAX_WORKSPACE = Workspace()  # zero between launches (the last block of a row clears its words)
 
 
 class SampleArgs(ctypes.Structure):
@@ -58,10 +58,13 @@ def _rows_fit(logits: torch.Tensor) -> bool:
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """int64 [rows]: the index of each row's largest value (first of equal maxima; NaN counts as largest)."""
     rows, vocab = logits.shape
+    count, chunk = pieces(vocab)
+    work = _ARGMAX_WORKSPACE.get(logits.device, 4 * rows, 0)[0]  # [rows] × {key, blocks done}: u64 words
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    args = SampleArgs(logits.data_ptr(), 0, work.data_ptr(), out.data_ptr(), 0, 0, logits.stride(0), vocab, chunk,
+                      1.0, 1.0, 0.0)  # fmt: skip
     function = kernel(SOURCE, INSTANCES, f"argmax_rows<{ACTIVATION_TAGS[logits.dtype]}>", logits.device)
-    launch(function, (rows, 1, 1), (THREADS, 1, 1), (logits, logits.stride(0), vocab, out), logits.device,
-           overlap=True)  # fmt: skip
+    launch(function, (count, rows, 1), (SAMPLE_THREADS, 1, 1), (args,), logits.device, overlap=True)
     return out
 
 
