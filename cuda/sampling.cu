@@ -62,7 +62,7 @@ template <> struct LogitVector<fp32_t> {
 struct SampleArgs {
     const void* logits;  // [rows, row_stride]: the first `vocab` of each row read
     const float* race;   // float32 [rows, vocab] Exp(1) values, or null: hashed from (seed, step, row, token)
-    unsigned long long* work;  // the rows' workspace (sampling_ops.workspace_words)
+    unsigned long long* work;  // the rows' workspace: RowWork's words a row (argmax_rows: two)
     long long* out;            // int64 [rows]
     unsigned long long seed, step;
     int row_stride, vocab, chunk;  // chunk: tokens a block, a multiple of 8
@@ -129,9 +129,11 @@ __device__ __forceinline__ void warp_join_stats(float& m, float& s, float& low, 
 
 // What every pass needs of the row: its maximum and Σ exp, and the floor, bins and cut they give.
 struct RowCut {
-    float m, total, floor_mass, bins_a_nat;
+    float m, inv_temperature, total, floor_mass, bins_a_nat;
     u64 cut;
-    __device__ __forceinline__ float z(float f, float inv_temperature) const { return (f - m) * inv_temperature; }
+    __device__ __forceinline__ float z(float f) const { return (f - m) * inv_temperature; }
+    // Whether a token of mass e = exp(z) can be kept at all (not below the floor; -inf and NaN logits never).
+    __device__ __forceinline__ bool above_floor(float e) const { return e >= floor_mass && e > 0.0f; }
     __device__ __forceinline__ int bin(float z) const { return min(SAMPLE_BINS - 1, (int)(-z * bins_a_nat)); }
 };
 
@@ -152,7 +154,7 @@ __device__ __forceinline__ RowCut row_cut(const SampleArgs& a, const RowWork& w)
     }
     __syncthreads();
     RowCut c;
-    c.m = joined.x, c.total = joined.y;
+    c.m = joined.x, c.inv_temperature = a.inv_temperature, c.total = joined.y;
     const bool top_p_on = a.top_p < 1.0f;
     c.floor_mass = fmaxf(a.min_p, top_p_on ? (1.0f - a.top_p) * c.total / (float)a.vocab : 0.0f);
     const float floor_z = fmaxf(logf(fmaxf(c.floor_mass, 1e-38f)), (joined.z - c.m) * a.inv_temperature);
@@ -259,15 +261,15 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_stats(SampleArgs a) {
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bins(SampleArgs a) {
     __shared__ u64 bins[SAMPLE_BINS];
+    for (int b = threadIdx.x; b < SAMPLE_BINS; b += SAMPLE_THREADS) bins[b] = 0;
     pdl_launch_dependents();
     pdl_wait();
     const int row = blockIdx.y, tid = threadIdx.x;
     const RowWork w = row_work(a, row);
-    for (int b = tid; b < SAMPLE_BINS; b += SAMPLE_THREADS) bins[b] = 0;
-    const RowCut c = row_cut(a, w);  // synchronizes
+    const RowCut c = row_cut(a, w);  // synchronizes, so bins are clear too
     each_logit<T>(a, row, [&](float f, int) {
-        const float z = c.z(f, a.inv_temperature), e = __expf(z);
-        if (e >= c.floor_mass && e > 0.0f) atomicAdd(&bins[c.bin(z)], fixed_mass(e));
+        const float z = c.z(f), e = __expf(z);
+        if (c.above_floor(e)) atomicAdd(&bins[c.bin(z)], fixed_mass(e));
     });
     __syncthreads();
     for (int b = tid; b < SAMPLE_BINS; b += SAMPLE_THREADS)
@@ -302,8 +304,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(SampleArgs a) {
     u64 best = 0;  // argmax_key(p / E, index); 0 below every key
     auto race = [&](float e, int i) { best = max_u64(best, argmax_key(e / race_value(a, row, i), (u32)i)); };
     each_logit<T>(a, row, [&](float f, int i) {
-        const float z = c.z(f, a.inv_temperature), e = __expf(z);
-        if (!(e >= c.floor_mass && e > 0.0f)) return;
+        const float z = c.z(f), e = __expf(z);
+        if (!c.above_floor(e)) return;
         const int b = top_p_on ? c.bin(z) : 0;
         if (b < boundary) {
             race(e, i);
@@ -347,7 +349,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(SampleArgs a) {
                     const u64 key = candidates[j];
                     const u32 ordered = (u32)(key >> 32);
                     const float f = __uint_as_float(ordered ^ ((ordered >> 31) ? 0x80000000u : 0xffffffffu));
-                    e = __expf(c.z(f, a.inv_temperature));
+                    e = __expf(c.z(f));
                     index = (int)(0xffffffffu - (u32)(key & 0xffffffffu));
                 }
                 const u64 mine = j < count ? fixed_mass(e) : 0;

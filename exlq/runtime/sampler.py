@@ -162,7 +162,7 @@ class Sampler:
         # from OS entropy; the seed is kept so a run can be reported and replayed.
         self.seed: int = self.settings.seed if self.settings.seed is not None else secrets.randbits(63)
         self._generator: torch.Generator | None = None
-        self._kernel_draws_made = 0
+        self._draw_count = 0
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         """The private generator, created lazily on the logits' device (multinomial needs that)."""
@@ -204,18 +204,15 @@ class Sampler:
     def sample(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """Next token id per row: int64 [B], on the logits' device."""
         s = self.settings
-        if not penalizes(history, s.repetition_penalty, s.repetition_range):
-            self._check_shapes(logits, history)
-            if s.greedy:
-                return sampling_ops.argmax(logits)  # the logits as they are: no float32 copy, the kernel if it applies
-            if self._kernel_draws(logits):
-                return self._kernel_draw(logits)
-        logits = self._penalized(logits, history)
+        if penalizes(history, s.repetition_penalty, s.repetition_range):
+            logits = self._penalized(logits, history)  # a float32 copy
+        else:
+            self._check_shapes(logits, history)  # the logits as they are: the kernels take 16-bit ones
         if s.greedy:
-            return logits.argmax(dim=-1)
+            return sampling_ops.argmax(logits)  # the kernel if it applies, else torch's
         if self._kernel_draws(logits):
             return self._kernel_draw(logits)
-        return self.draw(self._filtered_probs(logits))
+        return self.draw(self._filtered_probs(logits.float()))
 
     def _kernel_draws(self, logits: torch.Tensor) -> bool:
         """Whether the sampling kernel takes these logits: it knows temperature, top-p and min-p, not top-k."""
@@ -226,13 +223,9 @@ class Sampler:
         """The kernels' draw from `_filtered_probs(logits)`: the same distribution, its race hashed from the seed and
         a count of draws (so a seeded run repeats, and no generator kernel runs)."""
         s = self.settings
-        self._kernel_draws_made += 1
+        self._draw_count += 1
         return sampling_ops.sample_rows(logits, s.temperature, s.top_p, s.min_p, seed=self.seed,
-                                        step=self._kernel_draws_made)  # fmt: skip
-
-    def _race(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """Exp(1) values for the exponential race, from the private generator (float32, contiguous)."""
-        return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=self._generator_for(device))
+                                        step=self._draw_count)  # fmt: skip
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One token id per row [B] from probabilities [B, V] (normalized or not; e.g. a speculative residual).
@@ -241,7 +234,7 @@ class Sampler:
         torch.multinomial does (for one sample it runs the same race) but without multinomial's input check,
         which reads a device value and so makes the host wait for the GPU.
         """
-        race = self._race(probs.shape, probs.device)
+        race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=self._generator_for(probs.device))
         return (probs.float() / race.clamp_min_(1e-30)).argmax(dim=-1)
 
     def uniforms(self, count: int, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Sampling on the GPU (`cuda/sampling.cu`). Greedy: each row's argmax, as `torch.argmax` gives it (H200: 6.8 µs
-against torch's 26.3 over a 128k vocabulary, 7.9 against 8.6 over 152k, 3.5 against 11.7 over 49k; docs/benchmarks.md,
-session 25). Temperature, top-p and min-p: three launches instead of the torch path's ~37 kernels, drawing with the
-exponential race of `Sampler.draw` (from a given race tensor, then the torch path's token, or from a hash of the seed
-and step). The torch path (`exlq.runtime.sampler`) is the reference of both."""
+"""Sampling on the GPU (`cuda/sampling.cu`), each row split over blocks of ~4096 logits. Greedy: each row's argmax,
+as `torch.argmax` gives it (H200: 2.7 µs against torch's 26.3 over a 128k vocabulary, 8.4 over 152k, 11.7 over 49k).
+Temperature, top-p and min-p: three launches, ~13 µs, instead of the torch path's ~37 kernels, 124-190 µs
+(docs/benchmarks.md, session 26), drawing with the exponential race of `Sampler.draw` (from a given race tensor, then
+the torch path's token, or from a hash of the seed and step). The torch path (`exlq.runtime.sampler`) is the
+reference of both."""
 
 from __future__ import annotations
 
@@ -63,15 +64,19 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     args = SampleArgs(logits.data_ptr(), 0, work.data_ptr(), out.data_ptr(), 0, 0, logits.stride(0), vocab, chunk,
                       1.0, 1.0, 0.0)  # fmt: skip
-    function = kernel(SOURCE, INSTANCES, f"argmax_rows<{ACTIVATION_TAGS[logits.dtype]}>", logits.device)
-    launch(function, (count, rows, 1), (SAMPLE_THREADS, 1, 1), (args,), logits.device, overlap=True)
+    _run("argmax_rows", logits, count, args)
     return out
+
+
+def _run(name: str, logits: torch.Tensor, count: int, args: SampleArgs) -> None:
+    """Kernel `name` for the logits' dtype, `count` blocks a row."""
+    function = kernel(SOURCE, INSTANCES, f"{name}<{LOGIT_TAGS[logits.dtype]}>", logits.device)
+    launch(function, (count, logits.shape[0], 1), (SAMPLE_THREADS, 1, 1), (args,), logits.device, overlap=True)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """`logits.argmax(dim=-1)` for [rows, vocab]: the kernel where it applies, else torch."""
     return argmax_rows(logits) if applies(logits) else logits.argmax(dim=-1)
-
 
 
 def pieces(vocab: int) -> tuple[int, int]:
@@ -95,10 +100,7 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_p: float, min_p: f
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     args = SampleArgs(logits.data_ptr(), 0 if race is None else race.data_ptr(), work.data_ptr(), out.data_ptr(),
                       seed % 2**64, step % 2**64, logits.stride(0), vocab, chunk, 1.0 / temperature, top_p, min_p)
-    tag = LOGIT_TAGS[logits.dtype]
     for name in SAMPLE_PASSES:
-        if name == "sample_bins" and top_p >= 1.0:
-            continue  # no top-p: the floor (min-p) alone decides
-        function = kernel(SOURCE, INSTANCES, f"{name}<{tag}>", logits.device)
-        launch(function, (count, rows, 1), (SAMPLE_THREADS, 1, 1), (args,), logits.device, overlap=True)
+        if name != "sample_bins" or top_p < 1.0:  # no top-p: the floor (min-p) alone decides
+            _run(name, logits, count, args)
     return out
