@@ -31,6 +31,8 @@ SETTINGS = {
     "infer default, repetition penalty 1.1": SamplerSettings(temperature=0.8, top_p=0.95, min_p=0.05,
                                                              repetition_penalty=1.1, seed=1),
     "T 0.8, top-k 40": SamplerSettings(temperature=0.8, top_k=40, seed=1),
+    "T 0.8, top-k 40, top-p 0.9, repetition penalty 1.1": SamplerSettings(temperature=0.8, top_k=40, top_p=0.9,
+                                                                          repetition_penalty=1.1, seed=1),
     "greedy, repetition penalty 1.1": SamplerSettings(repetition_penalty=1.1),
 }
 

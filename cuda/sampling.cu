@@ -1,4 +1,5 @@
-// Sampling on the GPU: greedy (argmax_rows) and temperature / top-p / min-p (sample_stats, sample_bins, sample_draw).
+// Sampling on the GPU: greedy (argmax_rows) and temperature / top-p / min-p (sample_stats, sample_bins, sample_draw),
+// both with an optional repetition penalty.
 // Both cut each row into pieces of ~4096 logits, a block each (gridDim.x blocks a row, gridDim.y rows), and join the
 // blocks' results through a small workspace a row, the last block to finish writing the token.
 #include "common.cuh"
@@ -18,7 +19,8 @@ __device__ __forceinline__ u64 max_u64(u64 a, u64 b) { return a > b ? a : b; }
 // Sampling with temperature, top-p and min-p in three launches (torch's path takes ~37 kernels and 120-190 µs a
 // token: a sort, a cumulative sum, masks, a softmax). The draw is Sampler.draw's exponential race: argmax over the
 // kept tokens of p_i / E_i with E_i ~ Exp(1), taken from a race tensor (tests: then the kernels pick the torch path's
-// token) or made here from a counter-based hash of (seed, step, row, token) for the kept tokens alone.
+// token) or made here from a counter-based hash of (seed, step, row, token) for the kept tokens alone. A repetition
+// penalty is applied as each pass reads the logits (each_logit); top-k is the host's torch.topk before the kernels.
 //
 // Each row is cut into `chunk`-token pieces, a block each (gridDim.x blocks a row, gridDim.y rows):
 //   sample_stats: a piece's maximum, Σ exp((l - max) / T) and smallest logit, and the row's workspace cleared;
@@ -39,6 +41,7 @@ __device__ __forceinline__ u64 max_u64(u64 a, u64 b) { return a > b ? a : b; }
 #define MASS_ONE 1099511627776.0f  // 2^40: fixed-point masses (a token's ≤ 2^40, a row's < 2^58)
 #define TOP_P_TOLERANCE 1e-6       // sampler.py's _TOP_P_TOLERANCE
 #define NEG_INF __int_as_float(0xff800000)
+#define SEEN_TOKENS 8192  // most tokens a block (sampling_ops.SEEN_TOKENS): the penalty's bitmap
 
 struct fp32_t {};  // float32 logits (after a repetition penalty, the torch path's float copy)
 
@@ -62,11 +65,13 @@ template <> struct LogitVector<fp32_t> {
 struct SampleArgs {
     const void* logits;  // [rows, row_stride]: the first `vocab` of each row read
     const float* race;   // float32 [rows, vocab] Exp(1) values, or null: hashed from (seed, step, row, token)
+    const long long* history;  // [rows, history_stride] token ids, or null: no repetition penalty
     unsigned long long* work;  // the rows' workspace: RowWork's words a row (argmax_rows: two)
     long long* out;            // int64 [rows]
     unsigned long long seed, step;
-    int row_stride, vocab, chunk;  // chunk: tokens a block, a multiple of 8
-    float inv_temperature, top_p, min_p;
+    int row_stride, vocab, chunk;  // chunk: tokens a block, a multiple of 8, at most SEEN_TOKENS
+    int history_stride, history_start, history_end;  // the penalized window of each history row
+    float inv_temperature, top_p, min_p, penalty;
 };
 
 // One row's workspace, inside args.work (rows × the words below).
@@ -87,13 +92,29 @@ __device__ __forceinline__ RowWork row_work(const SampleArgs& a, int row) {
                    reinterpret_cast<u32*>(w + SAMPLE_BINS + SAMPLE_CANDIDATES + 2)};
 }
 
-// Calls visit(logit, index) for this thread's share of this block's piece, SAMPLE_UNROLL 16-byte loads in flight.
+// Calls visit(logit, index) for this thread's share of this block's piece, SAMPLE_UNROLL 16-byte loads in flight,
+// with the repetition penalty applied to the logits of tokens in the history window (HF's rule, as
+// apply_repetition_penalty: a positive logit divided by the penalty, another multiplied, once however often the token
+// occurs). The block first marks its piece's tokens that occur in the window in a bitmap in shared memory.
+// Every thread of the block calls it.
 template <typename T, typename Visit>
 __device__ __forceinline__ void each_logit(const SampleArgs& a, int row, Visit&& visit) {
+    __shared__ u32 seen[SEEN_TOKENS / 32];
     constexpr int per = LogitVector<T>::size;
+    const int first_token = blockIdx.x * a.chunk;
+    if (a.history != nullptr) {
+        for (int i = threadIdx.x; i < SEEN_TOKENS / 32; i += SAMPLE_THREADS) seen[i] = 0;
+        __syncthreads();
+        const long long* ids = a.history + (size_t)row * a.history_stride;
+        for (int p = a.history_start + (int)threadIdx.x; p < a.history_end; p += SAMPLE_THREADS) {
+            const long long id = ids[p], t = id - first_token;  // ids outside [0, vocab) take no part
+            if (t >= 0 && t < a.chunk && id < a.vocab) atomicOr(&seen[t >> 5], 1u << (t & 31));
+        }
+        __syncthreads();
+    }
     const uint4* x = reinterpret_cast<const uint4*>(
         reinterpret_cast<const char*>(a.logits) + (size_t)row * a.row_stride * (16 / per));
-    const int first = blockIdx.x * a.chunk / per, end = min(a.vocab, (blockIdx.x + 1) * a.chunk) / per;
+    const int first = first_token / per, end = min(a.vocab, first_token + a.chunk) / per;
     for (int v0 = first + threadIdx.x; v0 < end; v0 += SAMPLE_THREADS * SAMPLE_UNROLL) {
         uint4 raw[SAMPLE_UNROLL];
 #pragma unroll
@@ -106,7 +127,13 @@ __device__ __forceinline__ void each_logit(const SampleArgs& a, int row, Visit&&
             const int v = v0 + u * SAMPLE_THREADS;
             if (v >= end) break;
 #pragma unroll
-            for (int i = 0; i < per; i++) visit(LogitVector<T>::at(raw[u], i), v * per + i);
+            for (int i = 0; i < per; i++) {
+                float f = LogitVector<T>::at(raw[u], i);
+                const int t = v * per + i - first_token;
+                if (a.history != nullptr && (seen[t >> 5] >> (t & 31)) & 1u)
+                    f = f > 0.0f ? __fdiv_rn(f, a.penalty) : f * a.penalty;
+                visit(f, v * per + i);
+            }
         }
     }
 }

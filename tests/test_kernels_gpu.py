@@ -486,7 +486,7 @@ def test_sample_kernel_draws_the_torch_token(rows, vocab, scale, dtype, temperat
     settings = SamplerSettings(temperature=temperature, top_p=top_p, min_p=min_p)
     gen = torch.Generator(device=CUDA).manual_seed(vocab + rows)
     logits = (torch.randn(rows, vocab, device=CUDA, generator=gen) * scale).to(dtype)
-    assert sampling_ops.sample_applies(logits)
+    assert sampling_ops.applies(logits)
     different = 0
     for _ in range(16):
         race = torch.empty(rows, vocab, device=CUDA).exponential_(generator=gen)
@@ -520,10 +520,52 @@ def test_sample_kernel_keeps_exactly_the_torch_set(temperature, top_p, min_p):
         assert (got == token) == (probs[0, token] > 0).item(), (position, kept, token, got)
 
 
+def penalty_history(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """History rows that matter to a penalty: the row's 24 largest logits' ids (some twice), random ids, -1 padding
+    and ids past the vocabulary (ignored), shuffled."""
+    rows, vocab = logits.shape
+    top = torch.argsort(logits.float(), dim=-1, descending=True)[:, :24]
+    noise = torch.randint(0, vocab, (rows, 16), device=CUDA, generator=gen)
+    ignored = torch.tensor([[-1, vocab, vocab + 5, -7]], device=CUDA).expand(rows, 4)
+    history = torch.cat([top, top[:, :6], noise, ignored], dim=1)
+    return history.gather(1, torch.argsort(torch.rand(history.shape, device=CUDA, generator=gen), dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [151936, 1000])
+@pytest.mark.parametrize("penalty, repetition_range", [(1.3, -1), (1.3, 12), (0.7, -1)])
+def test_sample_kernels_apply_the_repetition_penalty(dtype, vocab, penalty, repetition_range):
+    """With a penalty: the argmax kernel gives the penalized logits' argmax, and the sampling kernels the torch path's
+    token for the same race (the penalty in the kernels, from a sliced history as the generators pass it)."""
+    from exlq.runtime.kernels import sampling_ops
+    from exlq.runtime.sampler import apply_repetition_penalty
+
+    gen = torch.Generator(device=CUDA).manual_seed(vocab)
+    rows = 3
+    logits = (torch.randn(rows, vocab, device=CUDA, generator=gen) * 2).to(dtype)
+    logits[0, :8] = 20.0  # a top token that the penalty moves, whichever sign the others have
+    logits[1] -= 30.0  # all negative: the penalty multiplies
+    buffer = torch.full((rows, 100), -1, dtype=torch.long, device=CUDA)
+    history = penalty_history(logits, gen)
+    buffer[:, : history.shape[1]] = history
+    window = buffer[:, : history.shape[1]]  # a slice of a longer buffer, as Generator passes it
+    given = sampling_ops.Penalty(window, penalty, repetition_range)
+    penalized = apply_repetition_penalty(logits.float(), window, penalty, repetition_range)
+    assert torch.equal(sampling_ops.argmax_rows(logits, given), penalized.argmax(dim=-1))
+    settings = SamplerSettings(temperature=0.9, top_p=0.9, min_p=0.02)
+    different = 0
+    for _ in range(8):
+        race = torch.empty(rows, vocab, device=CUDA).exponential_(generator=gen)
+        expected, _ = sample_reference(penalized, race, settings)
+        got = sampling_ops.sample_rows(logits, 0.9, 0.9, 0.02, race=race, penalty=given)
+        different += int((got != expected).sum())
+    assert different <= 1
+
+
 def test_sampler_kernel_draws_follow_the_distribution():
     """Sampler.sample on the GPU (the kernels, their race hashed from seed and step): a seed repeats its tokens,
     another seed gives others, and the draws' frequencies fit the torch path's distribution (chi-square), with and
-    without a repetition penalty and in every row of a batch."""
+    without a repetition penalty and top-k (7: padded to 8 for the kernels; 16), in every row of a batch."""
     from exlq.runtime.sampler import Sampler
 
     gen = torch.Generator(device=CUDA).manual_seed(3)
@@ -531,10 +573,11 @@ def test_sampler_kernel_draws_follow_the_distribution():
     logits = (torch.randn(1, vocab, device=CUDA, generator=gen) * 1.5).half().expand(rows, vocab).contiguous()
     history = torch.randint(0, vocab, (rows, 6), device=CUDA, generator=gen)
     history[:] = history[0]
-    for penalty in (1.0, 1.3):
-        settings = SamplerSettings(temperature=0.9, top_p=0.9, min_p=0.02, repetition_penalty=penalty, seed=11)
+    for penalty, top_k in ((1.0, 0), (1.3, 0), (1.0, 7), (1.2, 16)):
+        settings = SamplerSettings(temperature=0.9, top_k=top_k, top_p=0.9, min_p=0.02, repetition_penalty=penalty,
+                                   seed=11)
         sampler = Sampler(settings)
-        assert sampler._kernel_draws(logits)
+        assert sampling_ops.applies(logits)
         tokens = torch.stack([sampler.sample(logits, history) for _ in range(draws)])
         again = Sampler(settings)
         assert torch.equal(torch.stack([again.sample(logits, history) for _ in range(draws)]), tokens)
