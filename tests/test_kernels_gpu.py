@@ -566,6 +566,7 @@ def test_sampler_kernel_draws_follow_the_distribution():
     """Sampler.sample on the GPU (the kernels, their race hashed from seed and step): a seed repeats its tokens,
     another seed gives others, and the draws' frequencies fit the torch path's distribution (chi-square), with and
     without a repetition penalty and top-k (7: padded to 8 for the kernels; 16), in every row of a batch."""
+    from exlq.runtime.kernels import sampling_ops
     from exlq.runtime.sampler import Sampler
 
     gen = torch.Generator(device=CUDA).manual_seed(3)
