@@ -73,6 +73,7 @@ struct SampleArgs {
     int history_stride, history_start, history_end;  // the penalized window of each history row
     float inv_temperature, top_p, min_p, penalty;
 };
+static_assert(sizeof(SampleArgs) == 96, "see sampling_ops.SampleArgs");
 
 // One row's workspace, inside args.work (rows × the words below).
 struct RowWork {

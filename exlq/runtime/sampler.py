@@ -207,7 +207,9 @@ class Sampler:
         self._check_shapes(logits, history)
         penalty = None
         if penalizes(history, s.repetition_penalty, s.repetition_range):
-            penalty = sampling_ops.Penalty(history.long(), s.repetition_penalty, s.repetition_range)
+            ids = history.long()
+            ids = ids if ids.stride(-1) == 1 else ids.contiguous()  # the kernels read rows of contiguous ids
+            penalty = sampling_ops.Penalty(ids, s.repetition_penalty, s.repetition_range)
         # The kernels take the logits as they are (no float32 copy) and apply the penalty themselves, except before
         # top-k, which torch.topk takes from the penalized float32 copy.
         top_k = 0 < s.top_k < logits.shape[-1] and not s.greedy

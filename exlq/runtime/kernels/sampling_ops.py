@@ -64,7 +64,7 @@ def applies(logits: torch.Tensor) -> bool:
 def _args(logits: torch.Tensor, work: torch.Tensor, out: torch.Tensor, penalty: Penalty | None, **values) -> SampleArgs:
     """The kernels' arguments for `logits`, with the penalty's history window (its tensor must outlive the launch:
     the caller holds `penalty`)."""
-    rows, vocab = logits.shape
+    vocab = logits.shape[1]
     args = SampleArgs(logits=logits.data_ptr(), work=work.data_ptr(), out=out.data_ptr(), row_stride=logits.stride(0),
                       vocab=vocab, chunk=pieces(vocab)[1], penalty=1.0, **values)  # fmt: skip
     if penalty is not None:
