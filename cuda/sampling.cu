@@ -72,25 +72,36 @@ struct SampleArgs {
     int row_stride, vocab, chunk;  // chunk: tokens a block, a multiple of 8, at most SEEN_TOKENS
     int history_stride, history_start, history_end;  // the penalized window of each history row
     float inv_temperature, top_p, min_p, penalty;
+    int top_k;  // 0: off (else below vocab)
 };
-static_assert(sizeof(SampleArgs) == 96, "see sampling_ops.SampleArgs");
+static_assert(sizeof(SampleArgs) == 104, "see sampling_ops.SampleArgs");
 
-// One row's workspace, inside args.work (rows × the words below).
+// One row's workspace, inside args.work (rows × ROW_WORDS(pieces) u64 words); sample_stats clears it.
 struct RowWork {
     u64* bins;        // SAMPLE_BINS fixed-point masses
-    u64* candidates;  // SAMPLE_CANDIDATES argmax_key(logit, index) of the boundary bin's tokens
+    u32* counts;      // SAMPLE_BINS token counts (top-k)
+    u64* candidates;  // SAMPLE_CANDIDATES argmax_key(logit, index): a bin's tokens, for sorting
     u64* best;        // the race's best argmax_key(p / E, index) so far
     u64* mass_before; // fixed-point mass before the boundary bin
+    u64* cut;         // top-p's cut: (top_p - 1e-6) Z in fixed point (Z over the top k with top-k)
+    u64* kth_key;     // argmax_key(logit, index) of the k-th token (0: no top-k, or its bin kept whole)
+    u64* count_before; // tokens before the k-th token's bin
+    u32* done;        // blocks done with: the bins, the top-k list, the draw
+    u32* seen;        // the bin's tokens listed so far
+    u32* boundary;    // top-p's boundary bin (SAMPLE_BINS: none)
+    u32* kth_bin;     // the bin of the k-th token (SAMPLE_BINS: none, every token is before it)
     float4* pieces;   // (maximum, Σ exp, smallest logit, -) a block
-    u32* ints;        // blocks done with the bins, blocks done with the draw, candidates seen, boundary bin
 };
+#define ROW_FIXED_WORDS (SAMPLE_BINS + SAMPLE_BINS / 2 + SAMPLE_CANDIDATES + 8)
+#define ROW_WORDS(pieces) (ROW_FIXED_WORDS + 2 * (pieces))  // sampling_ops.row_words
 
 __device__ __forceinline__ RowWork row_work(const SampleArgs& a, int row) {
-    const int pieces = gridDim.x;
-    u64* w = a.work + (size_t)row * (SAMPLE_BINS + SAMPLE_CANDIDATES + 4 + 2 * pieces);
-    return RowWork{w, w + SAMPLE_BINS, w + SAMPLE_BINS + SAMPLE_CANDIDATES, w + SAMPLE_BINS + SAMPLE_CANDIDATES + 1,
-                   reinterpret_cast<float4*>(w + SAMPLE_BINS + SAMPLE_CANDIDATES + 4),
-                   reinterpret_cast<u32*>(w + SAMPLE_BINS + SAMPLE_CANDIDATES + 2)};
+    u64* w = a.work + (size_t)row * ROW_WORDS(gridDim.x);
+    u64* words = w + SAMPLE_BINS + SAMPLE_BINS / 2 + SAMPLE_CANDIDATES;  // the row's 8 single words
+    u32* ints = reinterpret_cast<u32*>(words + 5);
+    return RowWork{w, reinterpret_cast<u32*>(w + SAMPLE_BINS), w + SAMPLE_BINS + SAMPLE_BINS / 2, words, words + 1,
+                   words + 2, words + 3, words + 4, ints, ints + 3, ints + 4, ints + 5,
+                   reinterpret_cast<float4*>(w + ROW_FIXED_WORDS)};
 }
 
 // Calls visit(logit, index) for this thread's share of this block's piece, SAMPLE_UNROLL 16-byte loads in flight,
@@ -157,11 +168,13 @@ __device__ __forceinline__ void warp_join_stats(float& m, float& s, float& low, 
 
 // What every pass needs of the row: its maximum and Σ exp, and the floor, bins and cut they give.
 struct RowCut {
-    float m, inv_temperature, total, floor_mass, bins_a_nat;
-    u64 cut;
+    float m, inv_temperature, total, floor_mass, bin_floor, bins_a_nat;
+    u64 cut;  // top-p's, without top-k
     __device__ __forceinline__ float z(float f) const { return (f - m) * inv_temperature; }
     // Whether a token of mass e = exp(z) can be kept at all (not below the floor; -inf and NaN logits never).
     __device__ __forceinline__ bool above_floor(float e) const { return e >= floor_mass && e > 0.0f; }
+    // Whether it takes part in the bins: the same, but with top-k every token does (Z over the top k needs them all).
+    __device__ __forceinline__ bool binned(float e) const { return e >= bin_floor && e > 0.0f; }
     __device__ __forceinline__ int bin(float z) const { return min(SAMPLE_BINS - 1, (int)(-z * bins_a_nat)); }
 };
 
@@ -183,9 +196,12 @@ __device__ __forceinline__ RowCut row_cut(const SampleArgs& a, const RowWork& w)
     __syncthreads();
     RowCut c;
     c.m = joined.x, c.inv_temperature = a.inv_temperature, c.total = joined.y;
-    const bool top_p_on = a.top_p < 1.0f;
-    c.floor_mass = fmaxf(a.min_p, top_p_on ? (1.0f - a.top_p) * c.total / (float)a.vocab : 0.0f);
-    const float floor_z = fmaxf(logf(fmaxf(c.floor_mass, 1e-38f)), (joined.z - c.m) * a.inv_temperature);
+    // Tokens below the floor are never kept: min-p's rule, and top-p's (without top-k), which keeps a prefix holding
+    // (top_p - 1e-6) Z, while all tokens below (1 - top_p) Z / vocab together hold less than (1 - top_p) Z.
+    const bool top_p_on = a.top_p < 1.0f, top_k_on = a.top_k > 0;
+    c.floor_mass = fmaxf(a.min_p, top_p_on && !top_k_on ? (1.0f - a.top_p) * c.total / (float)a.vocab : 0.0f);
+    c.bin_floor = top_k_on ? 0.0f : c.floor_mass;
+    const float floor_z = fmaxf(logf(fmaxf(c.bin_floor, 1e-38f)), (joined.z - c.m) * a.inv_temperature);
     c.bins_a_nat = floor_z < 0.0f ? (float)SAMPLE_BINS / -floor_z : 0.0f;
     // At least 1: the top token (nothing before it) is always kept, as top_p_mask keeps it.
     c.cut = (u64)fmax(1.0, (a.top_p - TOP_P_TOLERANCE) * (double)c.total * (double)MASS_ONE);
@@ -253,16 +269,65 @@ __device__ __forceinline__ float race_value(const SampleArgs& a, int row, int in
     return -__logf(((float)(h >> 40) + 0.5f) * 5.9604644775390625e-8f);  // 2^-24
 }
 
+// The first bin where the running sum of `values` (SAMPLE_BINS of them, in bin order, read from global memory) reaches
+// `target` (SAMPLE_BINS: never), and the sum before it. The last block of a pass; every thread calls it.
+template <typename V>
+__device__ __forceinline__ void first_bin_reaching(const V* values, u64 target, u32* bin, u64* before_bin) {
+    constexpr int per = SAMPLE_BINS / SAMPLE_THREADS;  // thread t sums bins [per t, per t + per): thread order is bin order
+    const V* mine = values + threadIdx.x * per;
+    u64 sum = 0;
+#pragma unroll
+    for (int i = 0; i < per; i++) sum += (u64)__ldcg(mine + i);
+    u64 all;
+    u64 before = block_exclusive_sum(sum, all);
+    if (before < target && before + sum >= target) {  // the one thread whose bins reach it
+        int b = 0;
+        while (before + (u64)__ldcg(mine + b) < target) before += (u64)__ldcg(mine + b++);
+        *bin = threadIdx.x * per + b;
+        *before_bin = before;
+    }
+}
+
+// The row's listed tokens (w.candidates, `count` ≤ SAMPLE_CANDIDATES) into `sorted`, larger logit first (equal
+// logits: lower index first), by a bitonic sort in shared memory; returns the padded size. Every thread calls it.
+__device__ __forceinline__ int sort_candidates(const RowWork& w, int count, u64* sorted) {
+    int size = 1;
+    while (size < count) size <<= 1;
+    for (int i = threadIdx.x; i < size; i += SAMPLE_THREADS) sorted[i] = i < count ? __ldcg(w.candidates + i) : 0;
+    __syncthreads();
+    for (int span = 2; span <= size; span <<= 1) {
+        for (int j = span >> 1; j > 0; j >>= 1) {
+            for (int i = threadIdx.x; i < size; i += SAMPLE_THREADS) {
+                const int partner = i ^ j;
+                if (partner > i) {
+                    const u64 x = sorted[i], y = sorted[partner];
+                    if ((x < y) == ((i & span) == 0)) sorted[i] = y, sorted[partner] = x;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    return size;
+}
+
+__device__ __forceinline__ float logit_of(u64 key) {  // argmax_key's logit back
+    const u32 ordered = (u32)(key >> 32);
+    return __uint_as_float(ordered ^ ((ordered >> 31) ? 0x80000000u : 0xffffffffu));
+}
+__device__ __forceinline__ int index_of(u64 key) { return (int)(0xffffffffu - (u32)(key & 0xffffffffu)); }
+
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_stats(SampleArgs a) {
     pdl_launch_dependents();
     pdl_wait();
     const int row = blockIdx.y, tid = threadIdx.x;
     const RowWork w = row_work(a, row);
-    for (int b = blockIdx.x * SAMPLE_THREADS + tid; b < SAMPLE_BINS; b += gridDim.x * SAMPLE_THREADS) w.bins[b] = 0;
+    for (int b = blockIdx.x * SAMPLE_THREADS + tid; b < SAMPLE_BINS + SAMPLE_BINS / 2; b += gridDim.x * SAMPLE_THREADS)
+        w.bins[b] = 0;  // the masses, then the counts
     if (blockIdx.x == 0 && tid == 0) {
-        *w.best = 0, *w.mass_before = 0;
-        w.ints[0] = w.ints[1] = w.ints[2] = 0, w.ints[3] = SAMPLE_BINS;
+        *w.best = *w.mass_before = *w.cut = *w.kth_key = *w.count_before = 0;
+        w.done[0] = w.done[1] = w.done[2] = *w.seen = 0;
+        *w.boundary = *w.kth_bin = SAMPLE_BINS;
     }
     const float k = a.inv_temperature * 1.4426950408889634f;
     float m = NEG_INF, s = 0.0f, low = -NEG_INF;
@@ -286,100 +351,137 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_stats(SampleArgs a) {
     }
 }
 
+// Top-p or top-k only. The last block finds top-p's boundary bin (without top-k) or the k-th token's bin (with it).
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bins(SampleArgs a) {
     __shared__ u64 bins[SAMPLE_BINS];
-    for (int b = threadIdx.x; b < SAMPLE_BINS; b += SAMPLE_THREADS) bins[b] = 0;
+    __shared__ u32 counts[SAMPLE_BINS];
+    for (int b = threadIdx.x; b < SAMPLE_BINS; b += SAMPLE_THREADS) bins[b] = 0, counts[b] = 0;
     pdl_launch_dependents();
     pdl_wait();
     const int row = blockIdx.y, tid = threadIdx.x;
+    const bool top_k_on = a.top_k > 0;
     const RowWork w = row_work(a, row);
-    const RowCut c = row_cut(a, w);  // synchronizes, so bins are clear too
+    const RowCut c = row_cut(a, w);  // synchronizes, so the bins are clear too
     each_logit<T>(a, row, [&](float f, int) {
         const float z = c.z(f), e = __expf(z);
-        if (c.above_floor(e)) atomicAdd(&bins[c.bin(z)], fixed_mass(e));
+        if (!c.binned(e)) return;
+        const int b = c.bin(z);
+        atomicAdd(&bins[b], fixed_mass(e));
+        if (top_k_on) atomicAdd(&counts[b], 1u);
     });
     __syncthreads();
-    for (int b = tid; b < SAMPLE_BINS; b += SAMPLE_THREADS)
+    for (int b = tid; b < SAMPLE_BINS; b += SAMPLE_THREADS) {
         if (bins[b] != 0) atomicAdd(w.bins + b, bins[b]);
-    if (!last_block(w.ints)) return;
-    // The last block: the boundary bin. Thread t holds bins [8t, 8t + 8), so thread order is bin order.
-    constexpr int per = SAMPLE_BINS / SAMPLE_THREADS;
-    const u64* mine = w.bins + tid * per;
-    u64 sum = 0;
-#pragma unroll
-    for (int i = 0; i < per; i++) sum += __ldcg(mine + i);
-    u64 all;
-    u64 before = block_exclusive_sum(sum, all);
-    if (before < c.cut && before + sum >= c.cut) {  // the one thread whose bins reach the cut
-        int b = 0;
-        while (before + __ldcg(mine + b) < c.cut) before += __ldcg(mine + b++);
-        w.ints[3] = tid * per + b;
-        *w.mass_before = before;
+        if (counts[b] != 0) atomicAdd(w.counts + b, counts[b]);
+    }
+    if (!last_block(w.done)) return;
+    if (!top_k_on) {
+        if (tid == 0) *w.cut = c.cut;
+        first_bin_reaching(w.bins, c.cut, w.boundary, w.mass_before);
+    } else {
+        first_bin_reaching(w.counts, (u64)a.top_k, w.kth_bin, w.count_before);
     }
 }
 
+// Top-k only: the k-th token's bin listed and sorted by the last block, which sets the k-th key and Z over the top k,
+// then (with top-p) top-p's boundary bin from the masses of the top k alone.
 template <typename T>
-__global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(SampleArgs a) {
-    __shared__ u64 candidates[SAMPLE_CANDIDATES];
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_topk(SampleArgs a) {
+    __shared__ u64 sorted[SAMPLE_CANDIDATES];
     pdl_launch_dependents();
     pdl_wait();
     const int row = blockIdx.y, tid = threadIdx.x;
     const RowWork w = row_work(a, row);
     const RowCut c = row_cut(a, w);  // synchronizes
-    const bool top_p_on = a.top_p < 1.0f;
-    const int boundary = (int)__ldcg(w.ints + 3);
+    const int kth_bin = (int)__ldcg(w.kth_bin);
+    if (kth_bin < SAMPLE_BINS) {
+        each_logit<T>(a, row, [&](float f, int i) {
+            const float z = c.z(f);
+            if (!c.binned(__expf(z)) || c.bin(z) != kth_bin) return;
+            const u32 slot = atomicAdd(w.seen, 1u);
+            if (slot < SAMPLE_CANDIDATES) w.candidates[slot] = argmax_key(f, (u32)i);
+        });
+    }
+    if (!last_block(w.done + 1)) return;
+    if (kth_bin == SAMPLE_BINS) {  // fewer than k tokens with a mass: top-k keeps them all
+        if (a.top_p < 1.0f) {
+            if (tid == 0) *w.cut = c.cut;
+            first_bin_reaching(w.bins, c.cut, w.boundary, w.mass_before);
+        }
+        return;
+    }
+    const u32 seen = __ldcg(w.seen);
+    const int count = (int)min(seen, (u32)SAMPLE_CANDIDATES);
+    const int wanted = a.top_k - (int)__ldcg(w.count_before);  // of the bin's tokens, in sorted order (≥ 1)
+    sort_candidates(w, count, sorted);
+    // Past SAMPLE_CANDIDATES tokens in the bin: all of it is kept (0 passes every key).
+    const bool exact = seen <= SAMPLE_CANDIDATES && wanted <= count;
+    u64 part = 0;  // the fixed-point mass of the bin's top-k tokens
+    for (int j = tid; j < (exact ? wanted : count); j += SAMPLE_THREADS) part += fixed_mass(__expf(c.z(logit_of(sorted[j]))));
+    u64 bin_part;
+    block_exclusive_sum(part, bin_part);
+    if (!exact) bin_part = __ldcg(w.bins + kth_bin);
+    __syncthreads();
+    if (tid == 0) {
+        *w.kth_key = exact ? sorted[wanted - 1] : 0;
+        *w.seen = 0;  // the list is sample_draw's next
+        w.bins[kth_bin] = bin_part;  // the masses of the top k alone, for top-p's boundary
+    }
+    for (int b = kth_bin + 1 + tid; b < SAMPLE_BINS; b += SAMPLE_THREADS) w.bins[b] = 0;
+    if (a.top_p >= 1.0f) return;
+    __threadfence();
+    __syncthreads();
+    u64 top_k_mass = 0;  // Z over the top k: the bins' masses up to the k-th token's bin
+    for (int b = tid; b <= kth_bin; b += SAMPLE_THREADS) top_k_mass += __ldcg(w.bins + b);
+    u64 z_k;
+    block_exclusive_sum(top_k_mass, z_k);
+    const u64 cut = (u64)fmax(1.0, (a.top_p - TOP_P_TOLERANCE) * (double)z_k);
+    if (tid == 0) *w.cut = cut;
+    first_bin_reaching(w.bins, cut, w.boundary, w.mass_before);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(SampleArgs a) {
+    __shared__ u64 sorted[SAMPLE_CANDIDATES];
+    pdl_launch_dependents();
+    pdl_wait();
+    const int row = blockIdx.y, tid = threadIdx.x;
+    const RowWork w = row_work(a, row);
+    const RowCut c = row_cut(a, w);  // synchronizes
+    const bool binned = a.top_p < 1.0f || a.top_k > 0;
+    const int boundary = (int)__ldcg(w.boundary), kth_bin = (int)__ldcg(w.kth_bin);
+    const u64 kth_key = __ldcg(w.kth_key);
     u64 best = 0;  // argmax_key(p / E, index); 0 below every key
     auto race = [&](float e, int i) { best = max_u64(best, argmax_key(e / race_value(a, row, i), (u32)i)); };
     each_logit<T>(a, row, [&](float f, int i) {
         const float z = c.z(f), e = __expf(z);
-        if (!c.above_floor(e)) return;
-        const int b = top_p_on ? c.bin(z) : 0;
+        if (!c.binned(e)) return;  // (every token above the floor is binned)
+        const int b = binned ? c.bin(z) : 0;
+        if (b > kth_bin || b > boundary || argmax_key(f, (u32)i) < kth_key) return;  // past top-k's or top-p's cut
         if (b < boundary) {
-            race(e, i);
-        } else if (b == boundary) {
-            const u32 slot = atomicAdd(w.ints + 2, 1u);
+            if (c.above_floor(e)) race(e, i);
+        } else {  // top-p's boundary bin: listed for the last block
+            const u32 slot = atomicAdd(w.seen, 1u);
             if (slot < SAMPLE_CANDIDATES) w.candidates[slot] = argmax_key(f, (u32)i);
-            else race(e, i);  // too many to sort: the whole bin is kept
+            else if (c.above_floor(e)) race(e, i);  // too many to sort: the whole bin is kept
         }
     });
     best = block_max_u64(best);
     if (tid == 0 && best != 0) atomicMax(w.best, best);
-    if (!last_block(w.ints + 1)) return;
+    if (!last_block(w.done + 2)) return;
     // The last block: the boundary bin's tokens, sorted, kept while the mass before them is below the cut.
-    const u32 seen = __ldcg(w.ints + 2);
+    const u32 seen = __ldcg(w.seen);
     const int count = (int)min(seen, (u32)SAMPLE_CANDIDATES);
     best = 0;
     if (count > 0) {
-        int size = 1;
-        while (size < count) size <<= 1;
-        for (int i = tid; i < size; i += SAMPLE_THREADS) candidates[i] = i < count ? __ldcg(w.candidates + i) : 0;
-        __syncthreads();
-        for (int span = 2; span <= size; span <<= 1) {  // bitonic sort, descending
-            for (int j = span >> 1; j > 0; j >>= 1) {
-                for (int i = tid; i < size; i += SAMPLE_THREADS) {
-                    const int partner = i ^ j;
-                    if (partner > i) {
-                        const u64 x = candidates[i], y = candidates[partner];
-                        if ((x < y) == ((i & span) == 0)) candidates[i] = y, candidates[partner] = x;
-                    }
-                }
-                __syncthreads();
-            }
-        }
+        sort_candidates(w, count, sorted);
         if (tid < 32) {  // one warp walks the sorted list 32 tokens at a time
             u64 carried = __ldcg(w.mass_before);
+            const u64 cut = __ldcg(w.cut);
             for (int j0 = 0; j0 < count; j0 += 32) {
                 const int j = j0 + tid;
-                float e = 0.0f;
-                int index = 0;
-                if (j < count) {
-                    const u64 key = candidates[j];
-                    const u32 ordered = (u32)(key >> 32);
-                    const float f = __uint_as_float(ordered ^ ((ordered >> 31) ? 0x80000000u : 0xffffffffu));
-                    e = __expf(c.z(f));
-                    index = (int)(0xffffffffu - (u32)(key & 0xffffffffu));
-                }
+                const float e = j < count ? __expf(c.z(logit_of(sorted[j]))) : 0.0f;
                 const u64 mine = j < count ? fixed_mass(e) : 0;
                 u64 inclusive = mine;
 #pragma unroll
@@ -387,14 +489,15 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(SampleArgs a) {
                     const u64 other = __shfl_up_sync(0xffffffffu, inclusive, offset);
                     if (tid >= offset) inclusive += other;
                 }
-                if (j < count && (seen > SAMPLE_CANDIDATES || carried + inclusive - mine < c.cut)) race(e, index);
+                const bool kept = seen > SAMPLE_CANDIDATES || carried + inclusive - mine < cut;
+                if (j < count && kept && c.above_floor(e)) race(e, index_of(sorted[j]));
                 carried += __shfl_sync(0xffffffffu, inclusive, 31);
-                if (seen <= SAMPLE_CANDIDATES && carried >= c.cut) break;
+                if (seen <= SAMPLE_CANDIDATES && carried >= cut) break;
             }
         }
     }
     best = max_u64(block_max_u64(best), __ldcg(w.best));
-    if (tid == 0) a.out[row] = best == 0 ? 0 : (long long)(0xffffffffu - (u32)(best & 0xffffffffu));
+    if (tid == 0) a.out[row] = best == 0 ? 0 : (long long)index_of(best);
 }
 
 // Greedy sampling: the index of each row's largest logit, as torch.argmax gives it (the first index among equal

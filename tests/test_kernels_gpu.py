@@ -462,9 +462,13 @@ def test_argmax_kernel_matches_torch(rows, vocab, dtype):
     assert torch.equal(sampling_ops.argmax_rows(steps[:, -1]), logits.argmax(dim=-1))
 
 
-# (temperature, top-p, min-p): exlq infer's defaults, top-p alone (a floor from the mass bound), min-p alone, neither,
-# a tight top-p, a hot temperature (logits close together: many tokens in the boundary bin).
-SAMPLE_SETTINGS = [(0.8, 0.95, 0.05), (1.0, 0.9, 0.0), (0.7, 1.0, 0.1), (1.3, 1.0, 0.0), (0.5, 0.5, 0.0), (8.0, 0.8, 0.0)]
+# (temperature, top-k, top-p, min-p): exlq infer's defaults, top-p alone (a floor from the mass bound), min-p alone,
+# neither, a tight top-p, a hot temperature (logits close together: many tokens in the boundary bin); then with top-k:
+# llama.cpp's defaults, top-k alone, a small k under top-p, a large k (its cut inside a crowded bin) hot, a k past
+# the smaller vocabularies (off there) with min-p.
+SAMPLE_SETTINGS = [(0.8, 0, 0.95, 0.05), (1.0, 0, 0.9, 0.0), (0.7, 0, 1.0, 0.1), (1.3, 0, 1.0, 0.0), (0.5, 0, 0.5, 0.0),
+                   (8.0, 0, 0.8, 0.0), (0.8, 40, 0.95, 0.05), (1.0, 40, 1.0, 0.0), (0.7, 5, 0.9, 0.0),
+                   (8.0, 600, 0.8, 0.0), (1.0, 3000, 1.0, 0.1)]
 
 
 def sample_reference(logits: torch.Tensor, race: torch.Tensor, settings: SamplerSettings) -> tuple[torch.Tensor, ...]:
@@ -477,13 +481,13 @@ def sample_reference(logits: torch.Tensor, race: torch.Tensor, settings: Sampler
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows, vocab, scale", [(1, 151936, 3.0), (3, 49152, 2.0), (2, 4096, 0.3), (1, 1000, 5.0)])
-@pytest.mark.parametrize("temperature, top_p, min_p", SAMPLE_SETTINGS)
-def test_sample_kernel_draws_the_torch_token(rows, vocab, scale, dtype, temperature, top_p, min_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", SAMPLE_SETTINGS)
+def test_sample_kernel_draws_the_torch_token(rows, vocab, scale, dtype, temperature, top_k, top_p, min_p):
     """The same race gives the torch path's token, draw after draw (a different one only at a float near-tie, and
     never a token the torch path dropped)."""
     from exlq.runtime.kernels import sampling_ops
 
-    settings = SamplerSettings(temperature=temperature, top_p=top_p, min_p=min_p)
+    settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     gen = torch.Generator(device=CUDA).manual_seed(vocab + rows)
     logits = (torch.randn(rows, vocab, device=CUDA, generator=gen) * scale).to(dtype)
     assert sampling_ops.applies(logits)
@@ -491,7 +495,7 @@ def test_sample_kernel_draws_the_torch_token(rows, vocab, scale, dtype, temperat
     for _ in range(16):
         race = torch.empty(rows, vocab, device=CUDA).exponential_(generator=gen)
         expected, probs = sample_reference(logits, race, settings)
-        got = sampling_ops.sample_rows(logits, temperature, top_p, min_p, race=race)
+        got = sampling_ops.sample_rows(logits, temperature, top_p, min_p, top_k=top_k, race=race)
         # Never below the torch path's cut (by value: which of equal 16-bit logits at the cut stay is the sort's pick).
         lowest_kept = torch.where(probs > 0, logits.float(), torch.inf).amin(dim=-1)
         assert bool((logits.float().gather(1, got[:, None])[:, 0] >= lowest_kept).all()), "drew a dropped token"
@@ -499,24 +503,26 @@ def test_sample_kernel_draws_the_torch_token(rows, vocab, scale, dtype, temperat
     assert different <= max(1, rows * 16 // 50), f"{different} of {rows * 16} draws differ"
 
 
-@pytest.mark.parametrize("temperature, top_p, min_p", SAMPLE_SETTINGS)
-def test_sample_kernel_keeps_exactly_the_torch_set(temperature, top_p, min_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", SAMPLE_SETTINGS)
+def test_sample_kernel_keeps_exactly_the_torch_set(temperature, top_k, top_p, min_p):
     """At the cut: a race that favours one token picks it if the torch path keeps it, else another (the top token,
-    the last two kept and the first two dropped of the sorted order). float32 logits: no equal values at the cut."""
+    the last two kept and the first two dropped of the sorted order, and the same around the k-th). float32 logits:
+    no equal values at the cut."""
     from exlq.runtime.kernels import sampling_ops
 
-    settings = SamplerSettings(temperature=temperature, top_p=top_p, min_p=min_p)
+    settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     gen = torch.Generator(device=CUDA).manual_seed(17)
     vocab = 32000
     logits = torch.randn(1, vocab, device=CUDA, generator=gen) * 2.5
     _, probs = sample_reference(logits, torch.ones(1, vocab, device=CUDA), settings)
     order = torch.argsort(logits[0].float(), descending=True)
     kept = int((probs[0] > 0).sum())
-    for position in sorted({0, kept - 2, kept - 1, kept, kept + 1} & set(range(vocab))):
+    around_k = {top_k - 2, top_k - 1, top_k, top_k + 1} if top_k else set()
+    for position in sorted(({0, kept - 2, kept - 1, kept, kept + 1} | around_k) & set(range(vocab))):
         token = int(order[position])
         race = torch.empty(1, vocab, device=CUDA).exponential_(generator=gen)
         race[0, token] = 1e-30  # p / E: far above every other kept token's
-        got = int(sampling_ops.sample_rows(logits, temperature, top_p, min_p, race=race)[0])
+        got = int(sampling_ops.sample_rows(logits, temperature, top_p, min_p, top_k=top_k, race=race)[0])
         assert (got == token) == (probs[0, token] > 0).item(), (position, kept, token, got)
 
 

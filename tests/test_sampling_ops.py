@@ -19,7 +19,7 @@ def test_pieces_cover_the_row_without_an_empty_block(vocab):
 
 
 def test_kernel_arguments_match_the_cuda_struct_and_carry_the_penalty_window():
-    assert ctypes.sizeof(sampling_ops.SampleArgs) == 96  # static_assert in cuda/sampling.cu
+    assert ctypes.sizeof(sampling_ops.SampleArgs) == 104  # static_assert in cuda/sampling.cu
     logits = torch.zeros(2, 64, dtype=torch.float16)
     work, out = torch.zeros(8), torch.zeros(2, dtype=torch.long)
     plain = sampling_ops._args(logits, work, out, None)

@@ -1,6 +1,7 @@
 """Token sampling in torch: greedy, temperature, top-k, top-p, min-p, repetition penalty. On the GPU, greedy takes
-the argmax kernel of `kernels.sampling_ops`, and sampling its sampling kernels (after torch.topk for top-k), which
-draw from the same distribution as this module's torch path (with their own random numbers).
+the argmax kernel of `kernels.sampling_ops` and sampling its sampling kernels, which draw from the same distribution
+as this module's torch path (with their own random numbers: the race hashed from the seed and a count of draws, so
+a seeded run repeats).
 
 Everything is done with batched tensor ops on the logits' own device (no per-row host syncs),
 so the same code serves the CPU reference path and GPU generation. `Sampler.probabilities()`
@@ -210,36 +211,17 @@ class Sampler:
             ids = history.long()
             ids = ids if ids.stride(-1) == 1 else ids.contiguous()  # the kernels read rows of contiguous ids
             penalty = sampling_ops.Penalty(ids, s.repetition_penalty, s.repetition_range)
-        # The kernels take the logits as they are (no float32 copy) and apply the penalty themselves, except before
-        # top-k, which torch.topk takes from the penalized float32 copy.
-        top_k = 0 < s.top_k < logits.shape[-1] and not s.greedy
-        if sampling_ops.applies(logits) and not (penalty and top_k):
+        if sampling_ops.applies(logits):  # the logits as they are (no float32 copy); the kernels apply the penalty
             if s.greedy:
                 return sampling_ops.argmax_rows(logits, penalty)
-            return self._kernel_draw(logits, penalty)
+            self._draw_count += 1
+            return sampling_ops.sample_rows(logits, s.temperature, s.top_p, s.min_p, top_k=s.top_k, seed=self.seed,
+                                            step=self._draw_count, penalty=penalty)  # fmt: skip
         if penalty:
             logits = self._penalized(logits, history)
         if s.greedy:
             return logits.argmax(dim=-1)
-        if sampling_ops.applies(logits):
-            return self._kernel_draw(logits, None)
         return self.draw(self._filtered_probs(logits.float()))
-
-    def _kernel_draw(self, logits: torch.Tensor, penalty: sampling_ops.Penalty | None) -> torch.Tensor:
-        """The kernels' draw from `_filtered_probs(logits)`: the same distribution, its race hashed from the seed and
-        a count of draws (so a seeded run repeats, and no generator kernel runs). With top-k, torch.topk first picks
-        the k tokens (the same call as top_k_filter's, so the same ones), and the kernels draw among those: the
-        softmax, top-p and min-p over the top k are the torch path's."""
-        s = self.settings
-        self._draw_count += 1
-        top_k = s.top_k if 0 < s.top_k < logits.shape[-1] else 0
-        if top_k:
-            values, indices = torch.topk(logits, top_k, dim=-1)
-            width = -(-top_k // 8) * 8  # the kernels take rows of a multiple of 8: -inf pads (never drawn)
-            logits = torch.nn.functional.pad(values, (0, width - top_k), value=-math.inf) if width > top_k else values
-        token = sampling_ops.sample_rows(logits, s.temperature, s.top_p, s.min_p, seed=self.seed,
-                                         step=self._draw_count, penalty=penalty)  # fmt: skip
-        return indices.gather(1, token[:, None])[:, 0] if top_k else token
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One token id per row [B] from probabilities [B, V] (normalized or not; e.g. a speculative residual).

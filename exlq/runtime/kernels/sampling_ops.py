@@ -19,7 +19,7 @@ from exlq.runtime.kernels.workspace import Workspace
 SOURCE = "sampling.cu"
 #: The kernels also take float32 logits (float32 models; the torch path's float copy before top-k after a penalty).
 LOGIT_TAGS = {**ACTIVATION_TAGS, torch.float32: "fp32_t"}
-SAMPLE_PASSES = ("sample_stats", "sample_bins", "sample_draw")
+SAMPLE_PASSES = ("sample_stats", "sample_bins", "sample_topk", "sample_draw")
 INSTANCES = tuple(f"{name}<{tag}>" for name in ("argmax_rows", *SAMPLE_PASSES) for tag in LOGIT_TAGS.values())
 SAMPLE_THREADS = 256  # SAMPLE_THREADS in the .cu
 BINS, CANDIDATES = 2048, 2048  # SAMPLE_BINS, SAMPLE_CANDIDATES in the .cu
@@ -38,7 +38,7 @@ class SampleArgs(ctypes.Structure):
                 ("step", ctypes.c_uint64), ("row_stride", ctypes.c_int32), ("vocab", ctypes.c_int32),
                 ("chunk", ctypes.c_int32), ("history_stride", ctypes.c_int32), ("history_start", ctypes.c_int32),
                 ("history_end", ctypes.c_int32), ("inv_temperature", ctypes.c_float), ("top_p", ctypes.c_float),
-                ("min_p", ctypes.c_float), ("penalty", ctypes.c_float)]  # fmt: skip
+                ("min_p", ctypes.c_float), ("penalty", ctypes.c_float), ("top_k", ctypes.c_int32)]  # fmt: skip
 
 
 class Penalty(NamedTuple):
@@ -108,21 +108,30 @@ def pieces(vocab: int) -> tuple[int, int]:
 
 
 def sample_rows(logits: torch.Tensor, temperature: float, top_p: float, min_p: float, *,
-                race: torch.Tensor | None = None, seed: int = 0, step: int = 0,
+                top_k: int = 0, race: torch.Tensor | None = None, seed: int = 0, step: int = 0,
                 penalty: Penalty | None = None) -> torch.Tensor:  # fmt: skip
-    """int64 [rows]: a token a row drawn from softmax(logits / temperature) cut by top-p and min-p (as the torch
-    path's `Sampler._filtered_probs`, after the repetition penalty if one is given), by the exponential race: with
+    """int64 [rows]: a token a row drawn from softmax(logits / temperature) cut by top-k (0: off), top-p and min-p
+    (as the torch path's `Sampler._filtered_probs`, after the repetition penalty if one is given), by the exponential
+    race: with
     `race` (float32 [rows, vocab], Exp(1) values) the token `Sampler.draw` picks with it; else the race's values are
     hashed from (seed, step, row, token)."""
     rows, vocab = logits.shape
+    top_k = top_k if 0 < top_k < vocab else 0
     if race is not None and (race.shape != logits.shape or race.dtype != torch.float32 or not race.is_contiguous()):
         raise ValueError(f"race must be contiguous float32 {tuple(logits.shape)}, got {race.dtype} {tuple(race.shape)}")
-    words = rows * (BINS + CANDIDATES + 4 + 2 * pieces(vocab)[0])
-    work = _WORKSPACE.get(logits.device, 2 * words, 0)[0]
+    work = _WORKSPACE.get(logits.device, 2 * rows * row_words(pieces(vocab)[0]), 0)[0]
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     args = _args(logits, work, out, penalty, race=0 if race is None else race.data_ptr(), seed=seed % 2**64,
-                 step=step % 2**64, inv_temperature=1.0 / temperature, top_p=top_p, min_p=min_p)  # fmt: skip
+                 step=step % 2**64, inv_temperature=1.0 / temperature, top_p=top_p, min_p=min_p,
+                 top_k=top_k)  # fmt: skip
+    wanted = {"sample_bins": top_p < 1.0 or top_k > 0, "sample_topk": top_k > 0}  # else the floor (min-p) decides
     for name in SAMPLE_PASSES:
-        if name != "sample_bins" or top_p < 1.0:  # no top-p: the floor (min-p) alone decides
+        if wanted.get(name, True):
             _run(name, logits, args)
     return out
+
+
+def row_words(count: int) -> int:
+    """u64 words of one row's workspace with `count` blocks a row (ROW_WORDS in the .cu): mass bins, count bins
+    (u32), the listed tokens, eight single words, each block's statistics."""
+    return BINS + BINS // 2 + CANDIDATES + 8 + 2 * count
