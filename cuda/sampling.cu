@@ -16,24 +16,28 @@ __device__ __forceinline__ u64 argmax_key(float f, u32 index) {
 __device__ __forceinline__ u64 max_u64(u64 a, u64 b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Sampling with temperature, top-p and min-p in three launches (torch's path takes ~37 kernels and 120-190 µs a
-// token: a sort, a cumulative sum, masks, a softmax). The draw is Sampler.draw's exponential race: argmax over the
-// kept tokens of p_i / E_i with E_i ~ Exp(1), taken from a race tensor (tests: then the kernels pick the torch path's
-// token) or made here from a counter-based hash of (seed, step, row, token) for the kept tokens alone. A repetition
-// penalty is applied as each pass reads the logits (each_logit); top-k is the host's torch.topk before the kernels.
+// Sampling with temperature, top-k, top-p and min-p in two to four launches (torch's path takes ~37-45 kernels and
+// 110-190 µs a token: a sort, a cumulative sum, masks, a softmax, torch.topk). The draw is Sampler.draw's exponential
+// race: argmax over the kept tokens of p_i / E_i with E_i ~ Exp(1), taken from a race tensor (tests: then the kernels
+// pick the torch path's token) or made here from a counter-based hash of (seed, step, row, token) for the kept tokens
+// alone. A repetition penalty is applied as each pass reads the logits (each_logit).
 //
 // Each row is cut into `chunk`-token pieces, a block each (gridDim.x blocks a row, gridDim.y rows):
 //   sample_stats: a piece's maximum, Σ exp((l - max) / T) and smallest logit, and the row's workspace cleared;
-//   sample_bins (top-p only): with the row's m and Z joined from the pieces', the masses e_i = exp((l_i - m) / T)
-//       of the tokens above the floor (below it none is kept: min-p's rule, and top-p's, since the tokens below
-//       (1 - top_p) Z / vocab hold less than 1 - top_p of the mass together) summed by bin of z_i = (l_i - m) / T
-//       between the floor and 0, in fixed point (integer sums: the same cut in any order). The last block to finish
-//       finds the boundary bin: the first whose inclusive mass reaches (top_p - 1e-6) Z; before it every token is
-//       kept, after it none;
+//   sample_bins (top-p or top-k): with the row's m and Z joined from the pieces', the masses e_i = exp((l_i - m) / T)
+//       (with top-k: and the counts) of the tokens above the floor (below it none is kept: min-p's rule, and top-p's
+//       without top-k, since the tokens below (1 - top_p) Z / vocab hold less than 1 - top_p of the mass together;
+//       with top-k every token is binned) summed by bin of z_i = (l_i - m) / T between the floor and 0, in fixed
+//       point (integer sums: the same cut in any order). The last block to finish finds top-p's boundary bin: the
+//       first whose inclusive mass reaches (top_p - 1e-6) Z (before it every token is kept, after it none); with
+//       top-k instead the k-th token's bin, by the counts;
+//   sample_topk (top-k): the k-th token's bin listed; the last block sorts it for the k-th token's key and Z over the
+//       top k (which top-p's cut is relative to, as top_k_filter then softmax make it), then top-p's boundary bin;
 //   sample_draw: the race over the kept tokens, and the boundary bin's tokens listed; the last block to finish sorts
 //       them by logit (equal logits: lower index first) and keeps them while the mass before them is below the cut,
 //       as top_p_mask keeps a sorted prefix, then writes the winner.
-// A boundary bin of more than SAMPLE_CANDIDATES tokens (logits equal to within a 2048th of their range) is kept whole.
+// A boundary or k-th bin of more than SAMPLE_CANDIDATES tokens (logits equal to within a 2048th of their range) is
+// kept whole.
 #define SAMPLE_THREADS 256
 #define SAMPLE_UNROLL 2
 #define SAMPLE_BINS 2048

@@ -18,6 +18,11 @@ def test_pieces_cover_the_row_without_an_empty_block(vocab):
     assert (count - 1) * chunk < vocab <= count * chunk
 
 
+def test_row_workspace_keeps_the_block_statistics_aligned():
+    for count in (1, 12, 38, 64):  # a row's float4 statistics start after the fixed words, rows one after another
+        assert (sampling_ops.row_words(count) * 8) % 16 == 0 and ((sampling_ops.row_words(0)) * 8) % 16 == 0
+
+
 def test_kernel_arguments_match_the_cuda_struct_and_carry_the_penalty_window():
     assert ctypes.sizeof(sampling_ops.SampleArgs) == 104  # static_assert in cuda/sampling.cu
     logits = torch.zeros(2, 64, dtype=torch.float16)

@@ -1,7 +1,7 @@
 """Sampling on the GPU (`cuda/sampling.cu`), each row split over blocks of ~4096 logits. Greedy: each row's argmax,
 as `torch.argmax` gives it (H200: 2.7 µs against torch's 26.3 over a 128k vocabulary, 8.4 over 152k, 11.7 over 49k).
-Temperature, top-p and min-p: three launches, ~13 µs, instead of the torch path's ~37 kernels, 124-190 µs
-(docs/benchmarks.md, session 26), drawing with the exponential race of `Sampler.draw` (from a given race tensor, then
+Temperature, top-k, top-p, min-p and the repetition penalty: two to four launches, 12-37 µs, instead of the torch
+path's 15-50 kernels, 56-207 µs (docs/benchmarks.md, session 26), drawing with the exponential race of `Sampler.draw` (from a given race tensor, then
 the torch path's token, or from a hash of the seed and step). The torch path (`exlq.runtime.sampler`) is the
 reference of both."""
 
@@ -17,7 +17,7 @@ from exlq.runtime.kernels.launch import kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
 SOURCE = "sampling.cu"
-#: The kernels also take float32 logits (float32 models; the torch path's float copy before top-k after a penalty).
+#: The kernels also take float32 logits (float32 models).
 LOGIT_TAGS = {**ACTIVATION_TAGS, torch.float32: "fp32_t"}
 SAMPLE_PASSES = ("sample_stats", "sample_bins", "sample_topk", "sample_draw")
 INSTANCES = tuple(f"{name}<{tag}>" for name in ("argmax_rows", *SAMPLE_PASSES) for tag in LOGIT_TAGS.values())
