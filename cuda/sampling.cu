@@ -292,6 +292,12 @@ __device__ __forceinline__ void first_bin_reaching(const V* values, u64 target, 
     }
 }
 
+// Top-p's boundary bin for `cut` (kept for sample_draw's walk) from the row's mass bins; the last block of a pass.
+__device__ __forceinline__ void find_boundary(const RowWork& w, u64 cut) {
+    if (threadIdx.x == 0) *w.cut = cut;
+    first_bin_reaching(w.bins, cut, w.boundary, w.mass_before);
+}
+
 // The row's listed tokens (w.candidates, `count` ≤ SAMPLE_CANDIDATES) into `sorted`, larger logit first (equal
 // logits: lower index first), by a bitonic sort in shared memory; returns the padded size. Every thread calls it.
 __device__ __forceinline__ int sort_candidates(const RowWork& w, int count, u64* sorted) {
@@ -381,8 +387,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bins(SampleArgs a) {
     }
     if (!last_block(w.done)) return;
     if (!top_k_on) {
-        if (tid == 0) *w.cut = c.cut;
-        first_bin_reaching(w.bins, c.cut, w.boundary, w.mass_before);
+        find_boundary(w, c.cut);
     } else {
         first_bin_reaching(w.counts, (u64)a.top_k, w.kth_bin, w.count_before);
     }
@@ -409,10 +414,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_topk(SampleArgs a) {
     }
     if (!last_block(w.done + 1)) return;
     if (kth_bin == SAMPLE_BINS) {  // fewer than k tokens with a mass: top-k keeps them all
-        if (a.top_p < 1.0f) {
-            if (tid == 0) *w.cut = c.cut;
-            first_bin_reaching(w.bins, c.cut, w.boundary, w.mass_before);
-        }
+        if (a.top_p < 1.0f) find_boundary(w, c.cut);
         return;
     }
     const u32 seen = __ldcg(w.seen);
@@ -440,9 +442,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_topk(SampleArgs a) {
     for (int b = tid; b <= kth_bin; b += SAMPLE_THREADS) top_k_mass += __ldcg(w.bins + b);
     u64 z_k;
     block_exclusive_sum(top_k_mass, z_k);
-    const u64 cut = (u64)fmax(1.0, (a.top_p - TOP_P_TOLERANCE) * (double)z_k);
-    if (tid == 0) *w.cut = cut;
-    first_bin_reaching(w.bins, cut, w.boundary, w.mass_before);
+    find_boundary(w, (u64)fmax(1.0, (a.top_p - TOP_P_TOLERANCE) * (double)z_k));
 }
 
 template <typename T>
