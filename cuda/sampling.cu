@@ -1,5 +1,5 @@
-// Sampling on the GPU: greedy (argmax_rows) and temperature / top-p / min-p (sample_stats, sample_bins, sample_draw),
-// both with an optional repetition penalty.
+// Sampling on the GPU: greedy (argmax_rows) and temperature / top-k / top-p / min-p (sample_stats, sample_bins,
+// sample_topk, sample_draw), both with an optional repetition penalty.
 // Both cut each row into pieces of ~4096 logits, a block each (gridDim.x blocks a row, gridDim.y rows), and join the
 // blocks' results through a small workspace a row, the last block to finish writing the token.
 #include "common.cuh"
@@ -277,7 +277,8 @@ __device__ __forceinline__ float race_value(const SampleArgs& a, int row, int in
 // `target` (SAMPLE_BINS: never), and the sum before it. The last block of a pass; every thread calls it.
 template <typename V>
 __device__ __forceinline__ void first_bin_reaching(const V* values, u64 target, u32* bin, u64* before_bin) {
-    constexpr int per = SAMPLE_BINS / SAMPLE_THREADS;  // thread t sums bins [per t, per t + per): thread order is bin order
+    // Thread t sums bins [per t, per t + per): thread order is bin order.
+    constexpr int per = SAMPLE_BINS / SAMPLE_THREADS;
     const V* mine = values + threadIdx.x * per;
     u64 sum = 0;
 #pragma unroll
@@ -424,7 +425,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_topk(SampleArgs a) {
     // Past SAMPLE_CANDIDATES tokens in the bin: all of it is kept (0 passes every key).
     const bool exact = seen <= SAMPLE_CANDIDATES && wanted <= count;
     u64 part = 0;  // the fixed-point mass of the bin's top-k tokens
-    for (int j = tid; j < (exact ? wanted : count); j += SAMPLE_THREADS) part += fixed_mass(__expf(c.z(logit_of(sorted[j]))));
+    for (int j = tid; j < (exact ? wanted : count); j += SAMPLE_THREADS)
+        part += fixed_mass(__expf(c.z(logit_of(sorted[j]))));
     u64 bin_part;
     block_exclusive_sum(part, bin_part);
     if (!exact) bin_part = __ldcg(w.bins + kth_bin);

@@ -1,9 +1,9 @@
 """Sampling on the GPU (`cuda/sampling.cu`), each row split over blocks of ~4096 logits. Greedy: each row's argmax,
 as `torch.argmax` gives it (H200: 2.7 µs against torch's 26.3 over a 128k vocabulary, 8.4 over 152k, 11.7 over 49k).
 Temperature, top-k, top-p, min-p and the repetition penalty: two to four launches, 12-37 µs, instead of the torch
-path's 15-50 kernels, 56-207 µs (docs/benchmarks.md, session 26), drawing with the exponential race of `Sampler.draw` (from a given race tensor, then
-the torch path's token, or from a hash of the seed and step). The torch path (`exlq.runtime.sampler`) is the
-reference of both."""
+path's 15-50 kernels, 56-207 µs (docs/benchmarks.md, session 26), drawing with the exponential race of `Sampler.draw`
+(from a given race tensor, then the torch path's token, or from a hash of the seed and step). The torch path
+(`exlq.runtime.sampler`) is the reference of both."""
 
 from __future__ import annotations
 
