@@ -70,8 +70,15 @@ def measure(fn, calls: int) -> dict[str, float]:
             fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
-    return {"gpu_us": round(gpu / calls, 2), "kernels": round(len(kernels) / calls, 1), "wall_us": round(wall * 1e6, 1)}
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        name = e.name.split("<")[0].split("(")[0]
+        by_name[name] = by_name.get(name, 0.0) + (e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    gpu = sum(by_name.values())
+    result = {"gpu_us": round(gpu / calls, 2), "kernels": round(len(kernels) / calls, 1), "wall_us": round(wall * 1e6, 1)}
+    if len(by_name) <= 6:  # the sampling kernels' own split (the torch path has too many to list)
+        result["us_by_kernel"] = {name: round(t / calls, 2) for name, t in by_name.items()}
+    return result
 
 
 if __name__ == "__main__":

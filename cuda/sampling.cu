@@ -212,6 +212,20 @@ __device__ __forceinline__ RowCut row_cut(const SampleArgs& a, const RowWork& w)
     return c;
 }
 
+// Where the passes after sample_stats start, once the programmatic wait is over: the block's row, its workspace and
+// the row's cut.
+struct RowPass {
+    int row;
+    RowWork w;
+    RowCut c;
+};
+__device__ __forceinline__ RowPass row_pass(const SampleArgs& a) {
+    pdl_launch_dependents();
+    pdl_wait();
+    const RowWork w = row_work(a, blockIdx.y);
+    return RowPass{(int)blockIdx.y, w, row_cut(a, w)};  // row_cut synchronizes
+}
+
 // Exclusive prefix sum of one u64 a thread in thread order (SAMPLE_THREADS threads); `total` gets the block's sum.
 __device__ __forceinline__ u64 block_exclusive_sum(u64 value, u64& total) {
     __shared__ u64 warp_totals[SAMPLE_THREADS / 32];
@@ -264,14 +278,20 @@ __device__ __forceinline__ u64 mix64(u64 z) {  // splitmix64's finalizer
     return z ^ (z >> 31);
 }
 
-// E ~ Exp(1) for token `index` of `row`: from args.race, or -log u with u uniform in (0, 1) (24 bits) hashed from
-// (seed, step, row, index).
-__device__ __forceinline__ float race_value(const SampleArgs& a, int row, int index) {
-    if (a.race != nullptr) return fmaxf(a.race[(size_t)row * a.vocab + index], 1e-30f);
-    const u64 stream = mix64(mix64(a.seed) ^ ((a.step << 16) | (u64)row));
-    const u64 h = mix64(stream + (u64)index);
-    return -__logf(((float)(h >> 40) + 0.5f) * 5.9604644775390625e-8f);  // 2^-24
-}
+// The race's E ~ Exp(1) values of one row: from args.race, or -log u with u uniform in (0, 1) (24 bits) hashed from
+// (seed, step, row, index), the row's part of the hash taken once.
+struct Race {
+    const float* given;  // the row's values in args.race, or null
+    u64 stream;
+    __device__ __forceinline__ Race(const SampleArgs& a, int row)
+        : given(a.race != nullptr ? a.race + (size_t)row * a.vocab : nullptr),
+          stream(mix64(mix64(a.seed) ^ ((a.step << 16) | (u64)row))) {}
+    __device__ __forceinline__ float value(int index) const {
+        if (given != nullptr) return fmaxf(given[index], 1e-30f);
+        const u64 h = mix64(stream + (u64)index);
+        return -__logf(((float)(h >> 40) + 0.5f) * 5.9604644775390625e-8f);  // 2^-24
+    }
+};
 
 // The first bin where the running sum of `values` (SAMPLE_BINS of them, in bin order, read from global memory) reaches
 // `target` (SAMPLE_BINS: never), and the sum before it. The last block of a pass; every thread calls it.
@@ -368,12 +388,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bins(SampleArgs a) {
     __shared__ u64 bins[SAMPLE_BINS];
     __shared__ u32 counts[SAMPLE_BINS];
     for (int b = threadIdx.x; b < SAMPLE_BINS; b += SAMPLE_THREADS) bins[b] = 0, counts[b] = 0;
-    pdl_launch_dependents();
-    pdl_wait();
-    const int row = blockIdx.y, tid = threadIdx.x;
+    const RowPass pass = row_pass(a);  // synchronizes, so the bins are clear too
+    const RowWork& w = pass.w;
+    const RowCut& c = pass.c;
+    const int row = pass.row, tid = threadIdx.x;
     const bool top_k_on = a.top_k > 0;
-    const RowWork w = row_work(a, row);
-    const RowCut c = row_cut(a, w);  // synchronizes, so the bins are clear too
     each_logit<T>(a, row, [&](float f, int) {
         const float z = c.z(f), e = __expf(z);
         if (!c.binned(e)) return;
@@ -399,11 +418,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bins(SampleArgs a) {
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_topk(SampleArgs a) {
     __shared__ u64 sorted[SAMPLE_CANDIDATES];
-    pdl_launch_dependents();
-    pdl_wait();
-    const int row = blockIdx.y, tid = threadIdx.x;
-    const RowWork w = row_work(a, row);
-    const RowCut c = row_cut(a, w);  // synchronizes
+    const RowPass pass = row_pass(a);
+    const RowWork& w = pass.w;
+    const RowCut& c = pass.c;
+    const int row = pass.row, tid = threadIdx.x;
     const int kth_bin = (int)__ldcg(w.kth_bin);
     if (kth_bin < SAMPLE_BINS) {
         each_logit<T>(a, row, [&](float f, int i) {
@@ -450,16 +468,16 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_topk(SampleArgs a) {
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_draw(SampleArgs a) {
     __shared__ u64 sorted[SAMPLE_CANDIDATES];
-    pdl_launch_dependents();
-    pdl_wait();
-    const int row = blockIdx.y, tid = threadIdx.x;
-    const RowWork w = row_work(a, row);
-    const RowCut c = row_cut(a, w);  // synchronizes
+    const RowPass pass = row_pass(a);
+    const RowWork& w = pass.w;
+    const RowCut& c = pass.c;
+    const int row = pass.row, tid = threadIdx.x;
     const bool binned = a.top_p < 1.0f || a.top_k > 0;
     const int boundary = (int)__ldcg(w.boundary), kth_bin = (int)__ldcg(w.kth_bin);
     const u64 kth_key = __ldcg(w.kth_key);
     u64 best = 0;  // argmax_key(p / E, index); 0 below every key
-    auto race = [&](float e, int i) { best = max_u64(best, argmax_key(e / race_value(a, row, i), (u32)i)); };
+    const Race draws(a, row);
+    auto race = [&](float e, int i) { best = max_u64(best, argmax_key(e / draws.value(i), (u32)i)); };
     each_logit<T>(a, row, [&](float f, int i) {
         const float z = c.z(f), e = __expf(z);
         if (!c.binned(e)) return;  // (every token above the floor is binned)

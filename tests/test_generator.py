@@ -110,6 +110,19 @@ def test_eos_stops_without_emitting_it(generator, model_and_tokenizer):
     assert again.reused_tokens == len(prompt) and again.token_ids == greedy_reference(model, prompt + [first], 3)
 
 
+@pytest.mark.parametrize("new_tokens", [1, 5])
+def test_generate_prepares_the_first_steps_graph_after_the_prompt(generator, model_and_tokenizer, monkeypatch, new_tokens):
+    """The first decode step's CUDA graph is captured while the GPU runs the prompt (prepare_decode, a no-op here on
+    the CPU), once the prompt is in the cache; a one-token generation has no step to prepare."""
+    model, tokenizer = model_and_tokenizer
+    calls = []
+    monkeypatch.setattr(model, "prepare_decode", lambda cache: calls.append((cache, cache.seq_len)))
+    prompt = tokenizer.encode("The quick brown fox", add_bos=True)
+    result = generator.generate(prompt, sampler=GREEDY, max_new_tokens=new_tokens, eos_ids=[])
+    assert result.token_ids == greedy_reference(model, prompt, new_tokens)
+    assert calls == ([(generator.cache, len(prompt))] if new_tokens > 1 else [])
+
+
 def test_generation_ends_cleanly_at_max_seq_len(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     generator = Generator(model, tokenizer, max_seq_len=20)

@@ -742,6 +742,25 @@ def test_cuda_graph_step_equals_eager(tiny_model_dirs, monkeypatch, padded, toke
     assert rel(results["1"], results["0"]) < 2e-3
 
 
+def test_prepared_decode_graph_is_the_one_the_steps_replay(tiny_model_dirs, monkeypatch):
+    """prepare_decode captures the next step's graph ahead (its warm-up writes placeholder keys where the step will
+    write); the steps then replay that graph, and their logits are an eager run's."""
+    model = load_model(tiny_model_dirs["qwen2"], device="cuda", dtype="fp16")
+    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", flag)
+        model.decode_graphs.clear()
+        cache = model.new_cache(64)
+        model(ids[:, :12], cache, max_output_len=0)
+        model.prepare_decode(cache)
+        prepared = list(model.decode_graphs._graphs.values())
+        assert len(prepared) == (flag == "1") and cache.seq_len == 12
+        results[flag] = torch.cat([model(ids[:, i : i + 1], cache) for i in range(12, 20)], dim=1).float()
+        assert list(model.decode_graphs._graphs.values()) == prepared  # replayed, not captured again
+    assert rel(results["1"], results["0"]) < 2e-3
+
+
 def test_cache_only_one_token_steps_replay_the_graph(tiny_model_dirs, monkeypatch):
     """A one-token step that wants no logits (a speculative draft catching up) is a graph step too, and fills the
     cache as an eager step does."""

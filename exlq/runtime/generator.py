@@ -270,7 +270,9 @@ class Generator:
         length = len(prompt_ids)
         reader = TokenReader(self.model.device)
         token = sampler.sample(logits, history[:, :length])
-        value: int | None = int(token.item())  # read at once: the time to the first token is the prompt's alone
+        if max_new_tokens > 1:  # the first step's graph captured while the GPU runs the prompt
+            self.model.prepare_decode(self.cache)
+        value: int | None = int(token.item())  # read at once: the time to the first token is the prompt's
         first_token_at = time.perf_counter()
         while True:
             # Queue the step that runs `token` behind the token's read, so the GPU works while the host reads, decodes

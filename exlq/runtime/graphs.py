@@ -16,8 +16,8 @@ whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off): an unquantized 
 past its dense prefix (its quantize and dequantize kernels are part of the step). Calls of a few
 tokens that repeat with one length ask for it with `graph_step=True` (speculative verification:
 eager, its k+1-token forward cost ~6x a replayed one-token step on the H200, all of it host time).
-Graphs are captured per (cache, batch shape, tokens) on first use and dropped when the model's
-modules or layer order change.
+Graphs are captured per (cache, batch shape, tokens) on first use, or ahead of it by `DecoderOnlyLM.prepare_decode`
+(the generator does so while the GPU runs the prompt), and dropped when the model's modules or layer order change.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from exlq.runtime.cache import KVCache
 MAX_GRAPHS = 16  # captured steps kept per model (each holds a private memory pool), least recently used dropped
 BUCKET = 256  # attention spans of the captured steps: multiples of this many positions
 MAX_STEP_TOKENS = 16  # longest multi-token call (graph_step=True) replayed from a graph
+#: Eager steps run before a capture: one loads every kernel and sizes every workspace, so the capture sees no first
+#: use. Each costs a whole eager step of host time (~10-30 ms), paid once per graph inside a short generation.
+WARMUP_STEPS = 1
 
 
 @dataclass
@@ -134,7 +137,7 @@ class DecodeGraph:
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
-            for _ in range(2):
+            for _ in range(WARMUP_STEPS):
                 self._step(model, cache)
         torch.cuda.current_stream(model.device).wait_stream(side)
         with torch.cuda.graph(self.graph):
@@ -167,6 +170,16 @@ class DecodeGraphs:
         self._graphs.clear()
 
     def run(self, model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self._graph(model, ids, cache).run(ids, cache)
+
+    def prepare(self, model, cache: KVCache, tokens: int = 1) -> None:
+        """Capture the step of `tokens` tokens from `cache.seq_len` now, if it is not yet: its warm-up and capture
+        cost host time, which a caller can spend while the GPU still runs queued work (a prefill). The warm-up writes
+        keys and values of placeholder tokens at the positions the real step will overwrite."""
+        self._graph(model, torch.zeros(cache.batch_size, tokens, dtype=torch.long, device=model.device), cache)
+
+    def _graph(self, model, ids: torch.Tensor, cache: KVCache) -> DecodeGraph:
+        """The captured step for `ids` [B, T] from `cache.seq_len`: found, or captured on these inputs."""
         tokens = ids.shape[1]
         span = min(cache.max_seq_len, -(-(cache.seq_len + tokens) // BUCKET) * BUCKET)
         key = (id(cache), cache.batch_size, cache.pad_lengths is not None, span, tokens)
@@ -175,7 +188,7 @@ class DecodeGraphs:
             while len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             graph = DecodeGraph(model, cache, padded=cache.pad_lengths is not None, span=span, tokens=tokens)
-            graph.load_inputs(ids, cache)  # the warm-up and capture run on the real step's inputs
+            graph.load_inputs(ids, cache)  # the warm-up and capture run on the step's inputs
             graph.capture(model, cache)
         self._graphs[key] = graph  # most recently used last
-        return graph.run(ids, cache)
+        return graph

@@ -187,6 +187,14 @@ class DecoderOnlyLM(nn.Module):
             return None
         return self.logits(last_positions(hidden, max_output_len), last_positions(delta, max_output_len))
 
+    def prepare_decode(self, cache: KVCache) -> None:
+        """Capture the CUDA graph that the next one-token step into `cache` will replay, if steps replay graphs
+        and it is not captured yet. Its warm-up and capture take host time (an eager step or two); a caller that
+        has just queued GPU work (a prefill) spends it while the GPU runs, not between two decode steps."""
+        if cache.seq_len < cache.max_seq_len and graphs_wanted(self, cache, cache.batch_size, 1, 1):
+            with torch.inference_mode():  # as forward runs the steps
+                self.decode_graphs.prepare(self, cache)
+
     # ----- pieces of forward, public so the quantizer can run layers one at a time -----
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ path's 15-50 kernels, 56-207 µs (docs/benchmarks.md, session 26), drawing with 
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import NamedTuple
 
 import torch
@@ -100,8 +101,10 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return argmax_rows(logits) if applies(logits) else logits.argmax(dim=-1)
 
 
+@functools.cache
 def pieces(vocab: int) -> tuple[int, int]:
-    """(blocks a row, tokens a block): ~PIECE_TOKENS a block, a multiple of 8, none empty."""
+    """(blocks a row, tokens a block): ~PIECE_TOKENS a block, a multiple of 8, none empty. Cached: every launch of a
+    token's sampling asks."""
     count = min(MAX_PIECES, -(-vocab // PIECE_TOKENS))
     chunk = (-(-vocab // count) + 7) // 8 * 8
     return -(-vocab // chunk), chunk
