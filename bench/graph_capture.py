@@ -4,6 +4,9 @@ captured ahead, while the GPU runs the prompt (`prepare_decode`, what generate d
 
     python3 bench/graph_capture.py [--shapes smollm2-135m llama3-8b] [--bpw 4.0] [--tokens 48] [--prompt 32]
 
+With --tokens past a graph bucket (graphs.BUCKET positions), the reported rate also pays the captures of the later
+buckets' graphs, one each time the position enters a new bucket.
+
 The generation's tokenizer is a stand-in (one character a token, no EOS): the model's ids are random, and the
 decode rate is the model's, not the detokenizer's.
 """
@@ -50,7 +53,7 @@ def capture_ms(model, prompt: torch.Tensor, warmups: int) -> float:
 def generation(model, prompt: list[int], tokens: int, ahead: bool) -> dict[str, float]:
     """Time to the first token and the reported decode rate of one generate call with no graph captured before it."""
     model.decode_graphs.clear()
-    generator = Generator(model, StandInTokenizer(), max_seq_len=1024)
+    generator = Generator(model, StandInTokenizer(), max_seq_len=max(1024, len(prompt) + tokens))
     if not ahead:
         generator.model = _NoPrepare(model)
     torch.cuda.synchronize()

@@ -35,7 +35,7 @@ MAX_GRAPHS = 16  # captured steps kept per model (each holds a private memory po
 BUCKET = 256  # attention spans of the captured steps: multiples of this many positions
 MAX_STEP_TOKENS = 16  # longest multi-token call (graph_step=True) replayed from a graph
 #: Eager steps run before a capture: one loads every kernel and sizes every workspace, so the capture sees no first
-#: use. Each costs a whole eager step of host time (~10-30 ms), paid once per graph inside a short generation.
+#: use. Each costs an eager step of host time (H200: 15-37 ms, smollm2 to the 8B; docs/benchmarks.md, session 27).
 WARMUP_STEPS = 1
 
 
@@ -172,11 +172,11 @@ class DecodeGraphs:
     def run(self, model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self._graph(model, ids, cache).run(ids, cache)
 
-    def prepare(self, model, cache: KVCache, tokens: int = 1) -> None:
-        """Capture the step of `tokens` tokens from `cache.seq_len` now, if it is not yet: its warm-up and capture
-        cost host time, which a caller can spend while the GPU still runs queued work (a prefill). The warm-up writes
-        keys and values of placeholder tokens at the positions the real step will overwrite."""
-        self._graph(model, torch.zeros(cache.batch_size, tokens, dtype=torch.long, device=model.device), cache)
+    def prepare(self, model, cache: KVCache) -> None:
+        """Capture the one-token step from `cache.seq_len` now, if it is not yet: its warm-up and capture cost host
+        time, which a caller can spend while the GPU still runs queued work (a prefill). The warm-up writes keys and
+        values of a placeholder token at the position the real step will overwrite."""
+        self._graph(model, torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device), cache)
 
     def _graph(self, model, ids: torch.Tensor, cache: KVCache) -> DecodeGraph:
         """The captured step for `ids` [B, T] from `cache.seq_len`: found, or captured on these inputs."""
