@@ -4,8 +4,9 @@ captured ahead, while the GPU runs the prompt (`prepare_decode`, what generate d
 
     python3 bench/graph_capture.py [--shapes smollm2-135m llama3-8b] [--bpw 4.0] [--tokens 48] [--prompt 32]
 
-With --tokens past a graph bucket (graphs.BUCKET positions), the reported rate also pays the captures of the later
-buckets' graphs, one each time the position enters a new bucket.
+With --tokens past a graph bucket (graphs.step_span), the reported rate also pays the captures of the later buckets'
+graphs, one each time the position enters a new bucket: with the doubling buckets of one-token kernel steps (256,
+512, 1024, ...), and with buckets every 256 positions (`_linear_spans` rows), as all steps had before session 27.
 
 The generation's tokenizer is a stand-in (one character a token, no EOS): the model's ids are random, and the
 decode rate is the model's, not the detokenizer's.
@@ -79,6 +80,11 @@ class _NoPrepare:
         return self._model(*args, **kwargs)
 
 
+def linear_span(cache, tokens: int) -> int:
+    """Every graph step's span a multiple of BUCKET, as before session 27."""
+    return min(cache.max_seq_len, -(-(cache.seq_len + tokens) // graphs.BUCKET) * graphs.BUCKET)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b", "llama3-8b"])
@@ -95,8 +101,16 @@ def main() -> None:
             row.setdefault(f"capture_ms_warmup{warmups}", []).append(round(capture_ms(model, prompt, warmups), 1))
         graphs.WARMUP_STEPS = 1
         ids = prompt[0].tolist()
-        for label, ahead in (("on_first_step", False), ("ahead", True), ("on_first_step_again", False), ("ahead_again", True)):
-            row[label] = generation(model, ids, args.tokens, ahead)
+        runs = (("on_first_step", False, False), ("ahead", True, False), ("ahead_linear_spans", True, True),
+                ("ahead_again", True, False), ("ahead_linear_spans_again", True, True))
+        for label, ahead, linear in runs:
+            spans = graphs.step_span
+            if linear:
+                graphs.step_span = linear_span
+            try:
+                row[label] = generation(model, ids, args.tokens, ahead)
+            finally:
+                graphs.step_span = spans
         print(json.dumps(row), flush=True)
         del model
         torch.cuda.empty_cache()

@@ -7,7 +7,8 @@ import torch
 
 from exlq.quant.exl2_pack import converter_layout
 from exlq.runtime.exl2 import group_row_starts
-from exlq.runtime.graphs import BUCKET, static_decode_step
+from exlq.runtime import graphs
+from exlq.runtime.graphs import BUCKET, static_decode_step, step_span
 from exlq.quant.synthetic import random_exl2
 from exlq.runtime.exl2 import decode_q_groups
 from exlq.runtime.kernels.exl2_ops import (
@@ -46,6 +47,30 @@ def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, toke
         assert torch.equal(static_cache.keys.codes[0][:, :, :end], eager_cache.keys.codes[0][:, :, :end])
         assert torch.equal(static_cache.values.scales[1][:, :, :end], eager_cache.values.scales[1][:, :, :end])
     assert BUCKET % 32 == 0
+
+
+@pytest.mark.parametrize("kernel_attention", [True, False])
+def test_step_spans_double_where_attention_reads_to_the_token(monkeypatch, kernel_attention):
+    """One-token steps into an fp16 cache, no padding, on the attention kernel: buckets 256, 512, 1024, ... (at most
+    the kernel's MAX_SPAN and max_seq_len); every other step: multiples of 256 (SDPA and quantized caches read the
+    whole span)."""
+    from exlq.runtime.cache import KVCache
+
+    monkeypatch.setattr(graphs.kernels, "enabled", lambda device: kernel_attention)  # a CUDA device's answer
+    monkeypatch.setattr(graphs.attention_ops, "MAX_SPAN", 4096)
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=32, max_seq_len=6000)
+
+    def span(seq_len: int, tokens: int = 1, cache: KVCache = cache) -> int:
+        cache.seq_len = seq_len
+        return step_span(cache, tokens)
+
+    linear = {0: 256, 255: 256, 256: 512, 600: 768, 1100: 1280, 4095: 4096, 4500: 4608, 5999: 6000}
+    doubled = {0: 256, 255: 256, 256: 512, 600: 1024, 1100: 2048, 4095: 4096, 4500: 4608, 5999: 6000}
+    assert {n: span(n) for n in linear} == (doubled if kernel_attention else linear)
+    assert {n: span(n, tokens=3) for n in (0, 254, 600)} == {0: 256, 254: 512, 600: 768}  # multi-token steps
+    quantized = KVCache(num_layers=1, num_kv_heads=1, head_dim=32, max_seq_len=6000, cache_type="q4")
+    assert span(600, cache=quantized) == 768
+    assert BUCKET == 256
 
 
 LAYOUTS = [

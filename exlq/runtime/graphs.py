@@ -7,9 +7,9 @@ one only in how it finds the position: the cache position lives in a device tens
 values are written from that position on (fused RoPE + store kernel, or `index_copy_`), and attention
 runs over a fixed-length prefix of the cache buffer: SDPA with a mask (keys beyond each token's position
 masked out), or the one-token kernel, which reads the position from the device and skips those keys. That
-length is a bucket: the end position rounded up to a multiple of `BUCKET`, one graph per bucket, so
-attention costs what the context needs, not what `max_seq_len` allows. The rest is the
-eager code.
+length is a bucket (`step_span`): the end position rounded up to a multiple of `BUCKET`, or for the one-token
+kernel to a doubling of it, one graph per bucket, so attention costs what the context needs, not what
+`max_seq_len` allows. The rest is the eager code.
 
 Used automatically by `DecoderOnlyLM.forward` for one-token steps into a `KVCache` on a CUDA device
 whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off): an unquantized one, or a quantized one
@@ -28,11 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch
 from exlq.runtime.cache import KVCache
+from exlq.runtime.kernels import attention_ops
 
 MAX_GRAPHS = 16  # captured steps kept per model (each holds a private memory pool), least recently used dropped
-BUCKET = 256  # attention spans of the captured steps: multiples of this many positions
+BUCKET = 256  # attention spans of the captured steps: multiples of this many positions (step_span)
 MAX_STEP_TOKENS = 16  # longest multi-token call (graph_step=True) replayed from a graph
 #: Eager steps run before a capture: one loads every kernel and sizes every workspace, so the capture sees no first
 #: use. Each costs an eager step of host time (H200: 15-37 ms, smollm2 to the 8B; docs/benchmarks.md, session 27).
@@ -94,6 +96,30 @@ def graphs_wanted(model, cache, bsz: int, new_len: int, max_output_len: int | No
         and bsz == cache.batch_size
         and not torch.cuda.is_current_stream_capturing()
     )
+
+
+def step_span(cache: KVCache, tokens: int) -> int:
+    """The attention span of a captured step of `tokens` tokens from `cache.seq_len` (part of its graph's key): the
+    step's end rounded up to a bucket.
+
+    A one-token step into an unquantized cache without left padding takes the one-token attention kernel, which reads
+    keys up to the token only: a longer span costs it only empty chunks. Its buckets double (256, 512, 1024, ... up to
+    the kernel's MAX_SPAN), so a generation of n tokens captures ~log2(n / 256) graphs instead of n / 256, each 30-60 ms
+    of host time on the H200 (one every 256 tokens cost a 1024-token generation 8-17 % of its decode rate;
+    docs/benchmarks.md, session 27). Elsewhere the step reads its whole span (SDPA's masked keys, a quantized cache's
+    dequantized prefix): multiples of BUCKET."""
+    end = cache.seq_len + tokens
+    span = -(-end // BUCKET) * BUCKET
+    reads_to_token = (tokens == 1 and cache.pad_lengths is None and not cache.cache_type.quantized
+                      and cache.dtype in kernels.ACTIVATION_TAGS and kernels.enabled(cache.device)
+                      and attention_ops.enabled())  # fmt: skip
+    if reads_to_token:
+        doubled = BUCKET
+        while doubled < end:
+            doubled *= 2
+        if doubled <= attention_ops.MAX_SPAN:
+            span = doubled
+    return min(cache.max_seq_len, span)
 
 
 def static_decode_step(
@@ -181,7 +207,7 @@ class DecodeGraphs:
     def _graph(self, model, ids: torch.Tensor, cache: KVCache) -> DecodeGraph:
         """The captured step for `ids` [B, T] from `cache.seq_len`: found, or captured on these inputs."""
         tokens = ids.shape[1]
-        span = min(cache.max_seq_len, -(-(cache.seq_len + tokens) // BUCKET) * BUCKET)
+        span = step_span(cache, tokens)
         key = (id(cache), cache.batch_size, cache.pad_lengths is not None, span, tokens)
         graph = self._graphs.pop(key, None)
         if graph is None or graph.cache_ref() is not cache:
