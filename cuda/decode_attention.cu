@@ -9,11 +9,12 @@
 // (rope_store) writes and which is read again after the wait, past L1. Scores: ATT_KEY_THREADS threads a key, each
 // with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled by log2(e)/√D as it is staged). Then the
 // chunk's maximum and exponential sum per query head, and Σ p·v with a thread for 8 adjacent dimensions of a row.
-// One chunk writes out; several leave (Σ p·v, maximum, sum) per query head in an fp32 workspace, and the last block of
-// a (b, h) to finish (a counter, as in the GEMV's split K) merges them, with the loads of a few chunks in flight at
-// once, and re-zeroes the counter. Chunks past the position (a graph's span is a bucket) or before the window leave
-// an empty record (zero sums). Keys and values: [B, Hkv, S, D] with rows of D contiguous elements (a cache buffer, or
-// a prefix view of one); q and out: [B, Hkv·G, D].
+// A lone chunk with keys writes out; several leave (Σ p·v, maximum, sum) per query head in an fp32 workspace, and the
+// last block of a (b, h) to finish (a counter, as in the GEMV's split K) merges them, with the loads of a few chunks
+// in flight at once, and re-zeroes the counter. The blocks of chunks past the position (a graph's span is a bucket,
+// up to twice the keys) or before the window return at once: the counter and the merge count the chunks with keys.
+// Keys and values: [B, Hkv, S, D] with rows of D contiguous elements (a cache buffer, or a prefix view of one); q and
+// out: [B, Hkv·G, D].
 #include "common.cuh"
 
 #define ATT_THREADS 128
@@ -76,192 +77,187 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // The position is a graph input copied in before the step's first (torch) kernel, or a launch argument.
     const int pos = position != nullptr ? (int)*position : position_value;
+    const int start = window > 0 ? max(0, pos - window + 1) : 0;  // the first key read
+    const int first = start / CHUNK, last = min(chunks - 1, pos / CHUNK), parts = last - first + 1;  // chunks with keys
+    if (chunk < first || chunk > last) return;  // past the position (a graph's span is a bucket) or before the window
     const int k0 = chunk * CHUNK;
-    const int lo = max(k0, window > 0 ? pos - window + 1 : 0), hi = min(k0 + CHUNK, pos + 1);  // keys [lo, hi)
+    const int lo = max(k0, start), hi = min(k0 + CHUNK, pos + 1);  // keys [lo, hi): at least one
     float* record = partial + ((size_t)bh * chunks + chunk) * G * RECORD;
 
-    if (lo < hi) {  // the same for the whole block
-        const size_t base = (size_t)b * batch_stride + (size_t)h * head_stride + (size_t)k0 * D;
-        const uint4* kb = reinterpret_cast<const uint4*>(keys + base);
-        const uint4* vb = reinterpret_cast<const uint4*>(values + base);
-        const int kt = tid / ATT_KEY_THREADS, part = tid % ATT_KEY_THREADS;
-        const int rt = tid % ROW_THREADS, rg = tid / ROW_THREADS;
-        uint4 kraw[PASSES][KLOADS], vraw[VROWS];
-        const uint4 zero = {0u, 0u, 0u, 0u};
+    const size_t base = (size_t)b * batch_stride + (size_t)h * head_stride + (size_t)k0 * D;
+    const uint4* kb = reinterpret_cast<const uint4*>(keys + base);
+    const uint4* vb = reinterpret_cast<const uint4*>(values + base);
+    const int kt = tid / ATT_KEY_THREADS, part = tid % ATT_KEY_THREADS;
+    const int rt = tid % ROW_THREADS, rg = tid / ROW_THREADS;
+    uint4 kraw[PASSES][KLOADS], vraw[VROWS];
+    const uint4 zero = {0u, 0u, 0u, 0u};
 #pragma unroll
-        for (int t = 0; t < PASSES; t++) {
-            const int key = k0 + t * KEYS_PER_PASS + kt;
+    for (int t = 0; t < PASSES; t++) {
+        const int key = k0 + t * KEYS_PER_PASS + kt;
 #pragma unroll
-            for (int w = 0; w < KLOADS; w++)
-                kraw[t][w] = key >= lo && key < hi ? kb[(size_t)(key - k0) * (D / 8) + part * KLOADS + w] : zero;
+        for (int w = 0; w < KLOADS; w++)
+            kraw[t][w] = key >= lo && key < hi ? kb[(size_t)(key - k0) * (D / 8) + part * KLOADS + w] : zero;
+    }
+#pragma unroll
+    for (int t = 0; t < VROWS; t++) {
+        const int key = k0 + rg + t * ROW_GROUPS;
+        vraw[t] = key >= lo && key < hi ? vb[(size_t)(key - k0) * (D / 8) + rt] : zero;
+    }
+    pdl_wait();
+    // The token's own key and value, just written by the kernel before: read again, from L2.
+#pragma unroll
+    for (int t = 0; t < PASSES; t++) {
+        const int key = k0 + t * KEYS_PER_PASS + kt;
+        if (key == pos) {
+#pragma unroll
+            for (int w = 0; w < KLOADS; w++) kraw[t][w] = load_cg(kb + (size_t)(key - k0) * (D / 8) + part * KLOADS + w);
         }
+    }
 #pragma unroll
-        for (int t = 0; t < VROWS; t++) {
-            const int key = k0 + rg + t * ROW_GROUPS;
-            vraw[t] = key >= lo && key < hi ? vb[(size_t)(key - k0) * (D / 8) + rt] : zero;
-        }
-        pdl_wait();
-        // The token's own key and value, just written by the kernel before: read again, from L2.
-#pragma unroll
-        for (int t = 0; t < PASSES; t++) {
-            const int key = k0 + t * KEYS_PER_PASS + kt;
-            if (key == pos) {
-#pragma unroll
-                for (int w = 0; w < KLOADS; w++) kraw[t][w] = load_cg(kb + (size_t)(key - k0) * (D / 8) + part * KLOADS + w);
-            }
-        }
-#pragma unroll
-        for (int t = 0; t < VROWS; t++) {
-            const int key = k0 + rg + t * ROW_GROUPS;
-            if (key == pos) vraw[t] = load_cg(vb + (size_t)(key - k0) * (D / 8) + rt);
-        }
-        for (int i = tid; i < G * D; i += ATT_THREADS) {
-            const int g = i / D, e = i - g * D;
-            qs[g][e / EPT][e % EPT] = Act<T>::load(__ldcg(q + (size_t)bh * G * D + i)) * scale_log2;
-        }
-        __syncthreads();
+    for (int t = 0; t < VROWS; t++) {
+        const int key = k0 + rg + t * ROW_GROUPS;
+        if (key == pos) vraw[t] = load_cg(vb + (size_t)(key - k0) * (D / 8) + rt);
+    }
+    for (int i = tid; i < G * D; i += ATT_THREADS) {
+        const int g = i / D, e = i - g * D;
+        qs[g][e / EPT][e % EPT] = Act<T>::load(__ldcg(q + (size_t)bh * G * D + i)) * scale_log2;
+    }
+    __syncthreads();
 
-        // Scores: this thread's part of PASSES keys against every query head, then the parts' sums joined.
-        float dot[PASSES][G];
+    // Scores: this thread's part of PASSES keys against every query head, then the parts' sums joined.
+    float dot[PASSES][G];
 #pragma unroll
-        for (int t = 0; t < PASSES; t++) {
+    for (int t = 0; t < PASSES; t++) {
 #pragma unroll
-            for (int g = 0; g < G; g++) dot[t][g] = 0.0f;
-        }
+        for (int g = 0; g < G; g++) dot[t][g] = 0.0f;
+    }
 #pragma unroll
-        for (int w = 0; w < KLOADS; w++) {
-            float k[PASSES][8];
+    for (int w = 0; w < KLOADS; w++) {
+        float k[PASSES][8];
 #pragma unroll
-            for (int t = 0; t < PASSES; t++) unpack8<T>(kraw[t][w], k[t]);
+        for (int t = 0; t < PASSES; t++) unpack8<T>(kraw[t][w], k[t]);
 #pragma unroll
-            for (int g = 0; g < G; g++) {
+        for (int g = 0; g < G; g++) {
 #pragma unroll
-                for (int e4 = 0; e4 < 2; e4++) {
-                    const float4 qv = *reinterpret_cast<const float4*>(&qs[g][part][w * 8 + e4 * 4]);
+            for (int e4 = 0; e4 < 2; e4++) {
+                const float4 qv = *reinterpret_cast<const float4*>(&qs[g][part][w * 8 + e4 * 4]);
 #pragma unroll
-                    for (int t = 0; t < PASSES; t++) {
-                        float d = dot[t][g];
-                        d = fmaf(k[t][e4 * 4], qv.x, d);
-                        d = fmaf(k[t][e4 * 4 + 1], qv.y, d);
-                        d = fmaf(k[t][e4 * 4 + 2], qv.z, d);
-                        dot[t][g] = fmaf(k[t][e4 * 4 + 3], qv.w, d);
-                    }
+                for (int t = 0; t < PASSES; t++) {
+                    float d = dot[t][g];
+                    d = fmaf(k[t][e4 * 4], qv.x, d);
+                    d = fmaf(k[t][e4 * 4 + 1], qv.y, d);
+                    d = fmaf(k[t][e4 * 4 + 2], qv.z, d);
+                    dot[t][g] = fmaf(k[t][e4 * 4 + 3], qv.w, d);
                 }
             }
         }
+    }
 #pragma unroll
-        for (int t = 0; t < PASSES; t++) {
-            const int j = t * KEYS_PER_PASS + kt, key = k0 + j;
-#pragma unroll
-            for (int g = 0; g < G; g++) {
-                float d = dot[t][g];
-#pragma unroll
-                for (int offset = 1; offset < ATT_KEY_THREADS; offset <<= 1) d += __shfl_xor_sync(0xffffffffu, d, offset);
-                if (part == 0) p[g][j] = key >= lo && key < hi ? d : NEG_INF;
-            }
-        }
-        __syncthreads();
-
-        // The chunk's softmax pieces per query head (at least one key is in it): warp w takes heads w, w + WARPS, ...
-        for (int g = warp; g < G; g += WARPS) {
-            float m, s;  // each size written out: a loop over CHUNK / 32 keys a lane compiled the 64-key kernel
-                         // differently from the GPU-measured one
-            if (CHUNK == 64) {  // two keys a lane
-                const float a = p[g][lane], c = p[g][lane + 32];
-                m = warp_max(fmaxf(a, c));
-                const float ea = exp2f(a - m), ec = exp2f(c - m);
-                p[g][lane] = ea;
-                p[g][lane + 32] = ec;
-                s = warp_sum(ea + ec);
-            } else {  // one
-                const float a = p[g][lane];
-                m = warp_max(a);
-                const float ea = exp2f(a - m);
-                p[g][lane] = ea;
-                s = warp_sum(ea);
-            }
-            if (lane == 0) {
-                stats[g][0] = m;
-                stats[g][1] = s;
-            }
-        }
-        __syncthreads();
-
-        // Σ p·v: 8 dimensions of VROWS rows a thread, then the row groups joined (in the warp, then across warps).
-        float acc[G][8];
+    for (int t = 0; t < PASSES; t++) {
+        const int j = t * KEYS_PER_PASS + kt, key = k0 + j;
 #pragma unroll
         for (int g = 0; g < G; g++) {
+            float d = dot[t][g];
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+            for (int offset = 1; offset < ATT_KEY_THREADS; offset <<= 1) d += __shfl_xor_sync(0xffffffffu, d, offset);
+            if (part == 0) p[g][j] = key >= lo && key < hi ? d : NEG_INF;
         }
-#pragma unroll
-        for (int t = 0; t < VROWS; t++) {
-            float v[8];
-            unpack8<T>(vraw[t], v);
-            const int j = rg + t * ROW_GROUPS;
-#pragma unroll
-            for (int g = 0; g < G; g++) {
-                const float pw = p[g][j];
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc[g][e] = fmaf(pw, v[e], acc[g][e]);
-            }
+    }
+    __syncthreads();
+
+    // The chunk's softmax pieces per query head (at least one key is in it): warp w takes heads w, w + WARPS, ...
+    for (int g = warp; g < G; g += WARPS) {
+        float m, s;  // each size written out: a loop over CHUNK / 32 keys a lane compiled the 64-key kernel
+                     // differently from the GPU-measured one
+        if (CHUNK == 64) {  // two keys a lane
+            const float a = p[g][lane], c = p[g][lane + 32];
+            m = warp_max(fmaxf(a, c));
+            const float ea = exp2f(a - m), ec = exp2f(c - m);
+            p[g][lane] = ea;
+            p[g][lane + 32] = ec;
+            s = warp_sum(ea + ec);
+        } else {  // one
+            const float a = p[g][lane];
+            m = warp_max(a);
+            const float ea = exp2f(a - m);
+            p[g][lane] = ea;
+            s = warp_sum(ea);
         }
+        if (lane == 0) {
+            stats[g][0] = m;
+            stats[g][1] = s;
+        }
+    }
+    __syncthreads();
+
+    // Σ p·v: 8 dimensions of VROWS rows a thread, then the row groups joined (in the warp, then across warps).
+    float acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    }
+#pragma unroll
+    for (int t = 0; t < VROWS; t++) {
+        float v[8];
+        unpack8<T>(vraw[t], v);
+        const int j = rg + t * ROW_GROUPS;
 #pragma unroll
         for (int g = 0; g < G; g++) {
+            const float pw = p[g][j];
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
+            for (int e = 0; e < 8; e++) acc[g][e] = fmaf(pw, v[e], acc[g][e]);
+        }
+    }
 #pragma unroll
-                for (int offset = ROW_THREADS; offset < 32; offset <<= 1)
-                    acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
-            }
-        }
-        if (lane < ROW_THREADS) {
+    for (int g = 0; g < G; g++) {
 #pragma unroll
-            for (int g = 0; g < G; g++) {
-                float4* to = reinterpret_cast<float4*>(&joined[warp][g][rt * 8]);
-                to[0] = float4{acc[g][0], acc[g][1], acc[g][2], acc[g][3]};
-                to[1] = float4{acc[g][4], acc[g][5], acc[g][6], acc[g][7]};
-            }
-        }
-        __syncthreads();
-        for (int i = tid; i < G * D; i += ATT_THREADS) {
-            const int g = i / D, d = i - g * D;
-            float sum = 0.0f;
+        for (int e = 0; e < 8; e++) {
 #pragma unroll
-            for (int w = 0; w < WARPS; w++) sum += joined[w][g][d];
-            if (chunks == 1) out[(size_t)bh * G * D + i] = Act<T>::store(sum / stats[g][1]);
-            else record[g * RECORD + d] = sum;
+            for (int offset = ROW_THREADS; offset < 32; offset <<= 1)
+                acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
         }
-        if (chunks == 1) return;
-        if (tid < G) {
-            record[tid * RECORD + D] = stats[tid][0];
-            record[tid * RECORD + D + 1] = stats[tid][1];
+    }
+    if (lane < ROW_THREADS) {
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float4* to = reinterpret_cast<float4*>(&joined[warp][g][rt * 8]);
+            to[0] = float4{acc[g][0], acc[g][1], acc[g][2], acc[g][3]};
+            to[1] = float4{acc[g][4], acc[g][5], acc[g][6], acc[g][7]};
         }
-    } else {
-        pdl_wait();  // the workspace and the counter are the previous launch's until it ends
-        for (int i = tid; i < G * D; i += ATT_THREADS) record[(i / D) * RECORD + i % D] = 0.0f;
-        if (tid < G) {
-            record[tid * RECORD + D] = NEG_INF;
-            record[tid * RECORD + D + 1] = 0.0f;
-        }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += ATT_THREADS) {
+        const int g = i / D, d = i - g * D;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) sum += joined[w][g][d];
+        if (parts == 1) out[(size_t)bh * G * D + i] = Act<T>::store(sum / stats[g][1]);
+        else record[g * RECORD + d] = sum;
+    }
+    if (parts == 1) return;
+    if (tid < G) {
+        record[tid * RECORD + D] = stats[tid][0];
+        record[tid * RECORD + D + 1] = stats[tid][1];
     }
 
     // The last block of this (b, h) to finish merges the chunks: weights 2^(m_c - max m) on their sums and outputs.
     __threadfence();
     __syncthreads();
-    if (tid == 0) is_last = atomicAdd(counters + bh, 1) == chunks - 1;
+    if (tid == 0) is_last = atomicAdd(counters + bh, 1) == parts - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
     const float* records = partial + (size_t)bh * chunks * G * RECORD;
     for (int g = warp; g < G; g += WARPS) {  // warp w: heads w, w + WARPS, ...; a lane a chunk
         float top = NEG_INF;
-        for (int c = lane; c < chunks; c += 32) top = fmaxf(top, __ldcg(records + ((size_t)c * G + g) * RECORD + D));
+        for (int c = first + lane; c <= last; c += 32)
+            top = fmaxf(top, __ldcg(records + ((size_t)c * G + g) * RECORD + D));
         top = warp_max(top);
         float sum = 0.0f;
-        for (int c = lane; c < chunks; c += 32) {
+        for (int c = first + lane; c <= last; c += 32) {
             const float* r = records + ((size_t)c * G + g) * RECORD;
-            const float w = exp2f(__ldcg(r + D) - top);  // 0 for an empty chunk
+            const float w = exp2f(__ldcg(r + D) - top);
             weight[c][g] = w;
             sum = fmaf(__ldcg(r + D + 1), w, sum);
         }
@@ -274,14 +270,14 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     float merged[OUTS];
 #pragma unroll
     for (int o = 0; o < OUTS; o++) merged[o] = 0.0f;
-    for (int c0 = 0; c0 < chunks; c0 += MERGE_BATCH) {
+    for (int c0 = first; c0 <= last; c0 += MERGE_BATCH) {
         float part[MERGE_BATCH][OUTS];
 #pragma unroll
         for (int u = 0; u < MERGE_BATCH; u++) {
 #pragma unroll
             for (int o = 0; o < OUTS; o++) {
                 const int i = tid + o * ATT_THREADS, c = c0 + u;
-                part[u][o] = c < chunks && i < G * D ? __ldcg(records + ((size_t)c * G + i / D) * RECORD + i % D) : 0.0f;
+                part[u][o] = c <= last && i < G * D ? __ldcg(records + ((size_t)c * G + i / D) * RECORD + i % D) : 0.0f;
             }
         }
 #pragma unroll
@@ -289,7 +285,7 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
 #pragma unroll
             for (int o = 0; o < OUTS; o++) {
                 const int i = tid + o * ATT_THREADS, c = c0 + u;
-                if (c < chunks && i < G * D) merged[o] = fmaf(weight[c][i / D], part[u][o], merged[o]);
+                if (c <= last && i < G * D) merged[o] = fmaf(weight[c][i / D], part[u][o], merged[o]);
             }
         }
     }
