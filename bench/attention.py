@@ -7,8 +7,8 @@ Like bench/gemv.py, each call is captured PER_GRAPH times in a CUDA graph and re
 copies of the cache to exceed twice the L2 cache, as a decode step finds its keys after streaming the weights. The
 token sits at the span's last position (every key read), or with --at F at position F·span - 1 (F < 1: as in most
 decode steps, where the token lies inside its graph's bucket and the chunks after it are skipped); the span is a
-multiple of the graph bucket (256). The kernel is timed with 32 and with 64 keys a block, and reported at the size the
-runtime would choose.
+multiple of 256 (graphs.step_span: one-token kernel steps take doubling buckets, 256, 512, 1024, ...). The kernel is
+timed with 32 and with 64 keys a block, and reported at the size the runtime would choose.
 """
 
 from __future__ import annotations

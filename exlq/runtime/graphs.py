@@ -103,7 +103,7 @@ def step_span(cache: KVCache, tokens: int) -> int:
     step's end rounded up to a bucket.
 
     A one-token step into an unquantized cache without left padding takes the one-token attention kernel, which reads
-    keys up to the token only: a longer span costs it only empty chunks. Its buckets double (256, 512, 1024, ... up to
+    keys up to the token only: its blocks past the token return at once. Its buckets double (256, 512, 1024, ... up to
     the kernel's MAX_SPAN), so a generation of n tokens captures ~log2(n / 256) graphs instead of n / 256, each 30-60 ms
     of host time on the H200 (one every 256 tokens cost a 1024-token generation 8-17 % of its decode rate;
     docs/benchmarks.md, session 27). Elsewhere the step reads its whole span (SDPA's masked keys, a quantized cache's
