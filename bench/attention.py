@@ -6,9 +6,9 @@ decode graph calls it (the graph's span, an additive mask), per layer shape and 
 Like bench/gemv.py, each call is captured PER_GRAPH times in a CUDA graph and replayed; the calls cycle over enough
 copies of the cache to exceed twice the L2 cache, as a decode step finds its keys after streaming the weights. The
 token sits at the span's last position (every key read), or with --at F at position F·span - 1 (F < 1: as in most
-decode steps, where the token lies inside its graph's bucket and the chunks after it are skipped); the span is a
-multiple of 256 (graphs.step_span: one-token kernel steps take doubling buckets, 256, 512, 1024, ...). The kernel is
-timed with 32 and with 64 keys a block, and reported at the size the runtime would choose.
+decode steps, where the token lies inside the graph's span and the keys after it are skipped; since session 28 a
+graph step's span is the whole cache). The kernel is timed with 32 and 64 keys a chunk and 1, 4 and 8 blocks a head
+(one cluster; 1: as before sm_90), and reported as the runtime launches it.
 """
 
 from __future__ import annotations
@@ -56,14 +56,15 @@ def main() -> None:
             q = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
             where = torch.tensor([position], device=device)
             mask = torch.zeros(1, 1, 1, span, device=device, dtype=dtype)  # the graph step's additive mask
-            chunk_s = {}
-            for chunk in attention_ops.CHUNKS:  # each block size, then the runtime's choice
-                os.environ["EXLQ_ATTENTION_CHUNK"] = str(chunk)
-                chunk_s[chunk] = graph_seconds(
-                    cycling(lambda i: attention_ops.decode_attention(q, *views[i % copies], where, None)),
-                    warm_calls=max(50, copies))
-            del os.environ["EXLQ_ATTENTION_CHUNK"]
-            kernel_s = chunk_s[attention_ops.chunk_size(kv_heads, span)]  # one sequence
+            settings_s = {}
+            for chunk in attention_ops.CHUNKS:  # each chunk size and rank count, then the runtime's choice
+                for ranks in (1, 4, 8):
+                    os.environ["EXLQ_ATTENTION_CHUNK"], os.environ["EXLQ_ATTENTION_RANKS"] = str(chunk), str(ranks)
+                    settings_s[f"chunk{chunk}_ranks{ranks}"] = graph_seconds(
+                        cycling(lambda i: attention_ops.decode_attention(q, *views[i % copies], where, None)),
+                        warm_calls=max(50, copies))
+            del os.environ["EXLQ_ATTENTION_CHUNK"], os.environ["EXLQ_ATTENTION_RANKS"]
+            kernel_s = settings_s[f"chunk{attention_ops.chunk_size()}_ranks{attention_ops.ranks(device)}"]
             sdpa_s = graph_seconds(cycling(lambda i: attend(q, *views[i % copies], mask, False)), warm_calls=max(50, copies))
             got = attention_ops.decode_attention(q, *views[0], position, None)
             # The reference reads keys up to the token only (the timed mask lets SDPA read all, as a graph step's cost).
@@ -71,10 +72,10 @@ def main() -> None:
             error = ((got.float() - attend(q, *views[0], causal, False).float()).norm() / got.float().norm()).item()
             row = {"shape": name, "span": span, "kernel_us": kernel_s * 1e6, "sdpa_us": sdpa_s * 1e6,
                    "kernel_gbps": nbytes / kernel_s / 1e9, "relative_error": error,
-                   **{f"chunk{c}_us": t * 1e6 for c, t in chunk_s.items()}}
+                   **{f"{label}_us": t * 1e6 for label, t in settings_s.items()}}
             results.append(row)
             print(f"{name:13s} span {span:5d}: kernel {row['kernel_us']:6.2f} us ({row['kernel_gbps']:6.0f} GB/s; "
-                  + ", ".join(f"{c} keys a block {t * 1e6:6.2f}" for c, t in chunk_s.items())
+                  + ", ".join(f"{label} {t * 1e6:6.2f}" for label, t in settings_s.items())
                   + f") | SDPA {row['sdpa_us']:6.2f} us | rel. error {error:.1e}", flush=True)
             del caches, views
     if args.json_out:

@@ -4,9 +4,9 @@ captured ahead, while the GPU runs the prompt (`prepare_decode`, what generate d
 
     python3 bench/graph_capture.py [--shapes smollm2-135m llama3-8b] [--bpw 4.0] [--tokens 48] [--prompt 32]
 
-With --tokens past a graph bucket (graphs.step_span), the reported rate also pays the captures of the later buckets'
-graphs, one each time the position enters a new bucket: with the doubling buckets of one-token kernel steps (256,
-512, 1024, ...), and with buckets every 256 positions (`_linear_spans` rows), as all steps had before session 27.
+With --tokens past a graph bucket, the `_linear_spans` rows also pay the captures of the later buckets' graphs, one
+each time the position enters a new bucket of 256 positions, as all steps had before session 27; the other rows take
+graphs.step_span (since session 28 one graph for every position of one-token kernel steps).
 
 The generation's tokenizer is a stand-in (one character a token, no EOS): the model's ids are random, and the
 decode rate is the model's, not the detokenizer's.
@@ -80,7 +80,7 @@ class _NoPrepare:
         return self._model(*args, **kwargs)
 
 
-def linear_span(cache, tokens: int) -> int:
+def linear_span(cache, tokens: int, heads: int) -> int:
     """Every graph step's span a multiple of BUCKET, as before session 27."""
     return min(cache.max_seq_len, -(-(cache.seq_len + tokens) // graphs.BUCKET) * graphs.BUCKET)
 

@@ -3,23 +3,24 @@
 // are read: SDPA, the torch path, reads the whole span a captured graph was made for, with a mask, and its fused
 // kernel costs ~6.5-8.5 µs a layer at spans of 256 keys on the H200, latency rather than bandwidth.
 //
-// Block (b·Hkv + h, c) takes keys [c·CHUNK, (c + 1)·CHUNK): 64, or 32 where 64 would make few blocks (attention_ops:
-// Qwen2.5-0.5B's two KV heads at a 256-key span make 8). It requests its keys and values before the
-// programmatic wait: they were written by earlier steps, except the token's own row, which the kernel before this one
-// (rope_store) writes and which is read again after the wait, past L1. Scores: ATT_KEY_THREADS threads a key, each
-// with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled by log2(e)/√D as it is staged). Then the
-// chunk's maximum and exponential sum per query head, and Σ p·v with a thread for 8 adjacent dimensions of a row.
-// A lone chunk with keys writes out; several leave (Σ p·v, maximum, sum) per query head in an fp32 workspace, and the
-// last block of a (b, h) to finish (a counter, as in the GEMV's split K) merges them, with the loads of a few chunks
-// in flight at once, and re-zeroes the counter. The blocks of chunks past the position (a graph's span is a bucket,
-// up to twice the keys) or before the window return at once: the counter and the merge count the chunks with keys.
+// Grid (B·Hkv, R): the R blocks ("ranks") of a (b, h) take its chunks of CHUNK keys in turn (rank r: chunks first + r,
+// first + r + R, ...), the first one requested before the programmatic wait (written by earlier steps, except the
+// token's own row, which rope_store, the kernel before, writes and which is read again after the wait). A rank keeps
+// its chunks' softmax as it goes (running maximum and sum, Σ p·v rescaled as the maximum grows), so the grid depends
+// on nothing but the batch and the heads: one captured graph serves every position. On sm_90 the R ranks are one
+// thread-block cluster and merge through distributed shared memory (each rank writes its share of the outputs), with
+// no global workspace, fence or counter: the earlier design's merge through L2 cost ~5 µs a layer, 13 % of the 8B's
+// decode step (docs/benchmarks.md, session 28). Before sm_90, R = 1: one block a head walks every chunk.
+// Scores: ATT_KEY_THREADS threads a key, each with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled
+// by log2(e)/√D as it is staged). Then the chunk's maximum and exponential sum per query head, and Σ p·v with a thread
+// for 8 adjacent dimensions of a row.
 // Keys and values: [B, Hkv, S, D] with rows of D contiguous elements (a cache buffer, or a prefix view of one); q and
 // out: [B, Hkv·G, D].
 #include "common.cuh"
 
 #define ATT_THREADS 128
 #define ATT_KEY_THREADS 4  // threads sharing one key's dot products
-#define ATT_MAX_SPAN 8192  // keys a launch may cover (attention_ops.MAX_SPAN)
+#define ATT_MAX_RANKS 8    // blocks a (b, h) at most: a portable cluster (attention_ops.MAX_RANKS)
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -38,11 +39,29 @@ __device__ __forceinline__ void unpack8(const uint4 raw, float* f) {
     }
 }
 
-// A 16-byte load past L1 (ld.global.cg), kept in place by `volatile`: after the programmatic wait, it re-reads a row
-// the kernel before wrote, whose stale copy an earlier load may have left in L1.
+// A 16-byte load past L1 (ld.global.cg), kept in place by `volatile`: keys and values are read once, and after the
+// programmatic wait a row the kernel before wrote must not come from a stale L1 line.
 __device__ __forceinline__ uint4 load_cg(const uint4* p) {
     uint4 v;
     asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// ----- thread-block clusters (sm_90): the ranks' records in each other's shared memory -----
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+// The float at `local` (this block's shared memory) in rank `rank`'s copy.
+__device__ __forceinline__ float load_rank(const float* local, int rank) {
+    float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    u32 at;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(at) : "l"(local));
+    asm volatile("{ .reg .u32 r; mapa.shared::cluster.u32 r, %1, %2; ld.shared::cluster.f32 %0, [r]; }"
+                 : "=f"(v) : "r"(at), "r"(rank) : "memory");
+#endif
     return v;
 }
 
@@ -50,7 +69,7 @@ template <typename T, int D, int G, int CHUNK>
 __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const u16* __restrict__ q, const u16* __restrict__ keys, const u16* __restrict__ values, int batch_stride,
     int head_stride, int kv_heads, const long long* __restrict__ position, int position_value, int window,
-    float scale_log2, float* __restrict__ partial, int* __restrict__ counters, u16* __restrict__ out) {
+    float scale_log2, u16* __restrict__ out) {
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(CHUNK == 32 || CHUNK == 64, "chunks of 32 or 64 keys");
     constexpr int EPT = D / ATT_KEY_THREADS;                  // elements of a key a thread scores: 32 or 16
@@ -60,155 +79,180 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     constexpr int ROW_THREADS = D / 8;                        // threads over one value row: 16 or 8
     constexpr int ROW_GROUPS = ATT_THREADS / ROW_THREADS;     // value rows taken at once: 8 or 16
     constexpr int VROWS = CHUNK / ROW_GROUPS;                 // value rows a thread reads: 2 to 8
-    constexpr int MAX_CHUNKS = ATT_MAX_SPAN / CHUNK;
     constexpr int QPAD = EPT + 4;                             // the 4 parts of a query row in different banks
-    constexpr int RECORD = D + 2;                             // a chunk's record per query head: Σ p·v, max, sum
     constexpr int WARPS = ATT_THREADS / 32;
     const float NEG_INF = __int_as_float(0xff800000);
     __shared__ __align__(16) float qs[G][ATT_KEY_THREADS][QPAD];
     __shared__ float p[G][CHUNK];
     __shared__ __align__(16) float joined[WARPS][G][D];
-    __shared__ float stats[G][2];
-    __shared__ float weight[MAX_CHUNKS][G];  // the merge's chunk weights
-    __shared__ int is_last;
+    __shared__ float rescale[G];              // this chunk's factor on the sums so far: 2^(old max - new max)
+    __shared__ __align__(16) float record[G][D];  // the rank's Σ p·v, then its maximum and sum per query head:
+    __shared__ float record_max[G], record_sum[G];  // read by the other ranks of the cluster
 
     pdl_launch_dependents();
-    const int bh = blockIdx.x, chunk = blockIdx.y, chunks = gridDim.y;
+    const int bh = blockIdx.x, rank = blockIdx.y, ranks = gridDim.y;
     const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // The position is a graph input copied in before the step's first (torch) kernel, or a launch argument.
     const int pos = position != nullptr ? (int)*position : position_value;
     const int start = window > 0 ? max(0, pos - window + 1) : 0;  // the first key read
-    const int first = start / CHUNK, last = min(chunks - 1, pos / CHUNK), parts = last - first + 1;  // chunks with keys
-    if (chunk < first || chunk > last) return;  // past the position (a graph's span is a bucket) or before the window
-    const int k0 = chunk * CHUNK;
-    const int lo = max(k0, start), hi = min(k0 + CHUNK, pos + 1);  // keys [lo, hi): at least one
-    float* record = partial + ((size_t)bh * chunks + chunk) * G * RECORD;
+    const int last = pos / CHUNK;
+    int chunk = start / CHUNK + rank;  // the rank's first chunk (none if past the last)
 
-    const size_t base = (size_t)b * batch_stride + (size_t)h * head_stride + (size_t)k0 * D;
+    const size_t base = (size_t)b * batch_stride + (size_t)h * head_stride;
     const uint4* kb = reinterpret_cast<const uint4*>(keys + base);
     const uint4* vb = reinterpret_cast<const uint4*>(values + base);
     const int kt = tid / ATT_KEY_THREADS, part = tid % ATT_KEY_THREADS;
     const int rt = tid % ROW_THREADS, rg = tid / ROW_THREADS;
     uint4 kraw[PASSES][KLOADS], vraw[VROWS];
     const uint4 zero = {0u, 0u, 0u, 0u};
+    // Chunk c's keys and values for this thread (zeros outside [start, pos]).
+    auto load_chunk = [&](int c) {
+        const int k0 = c * CHUNK, lo = max(k0, start), hi = min(k0 + CHUNK, pos + 1);
 #pragma unroll
-    for (int t = 0; t < PASSES; t++) {
-        const int key = k0 + t * KEYS_PER_PASS + kt;
+        for (int t = 0; t < PASSES; t++) {
+            const int key = k0 + t * KEYS_PER_PASS + kt;
 #pragma unroll
-        for (int w = 0; w < KLOADS; w++)
-            kraw[t][w] = key >= lo && key < hi ? kb[(size_t)(key - k0) * (D / 8) + part * KLOADS + w] : zero;
-    }
+            for (int w = 0; w < KLOADS; w++)
+                kraw[t][w] = key >= lo && key < hi ? load_cg(kb + (size_t)key * (D / 8) + part * KLOADS + w) : zero;
+        }
 #pragma unroll
-    for (int t = 0; t < VROWS; t++) {
-        const int key = k0 + rg + t * ROW_GROUPS;
-        vraw[t] = key >= lo && key < hi ? vb[(size_t)(key - k0) * (D / 8) + rt] : zero;
+        for (int t = 0; t < VROWS; t++) {
+            const int key = k0 + rg + t * ROW_GROUPS;
+            vraw[t] = key >= lo && key < hi ? load_cg(vb + (size_t)key * (D / 8) + rt) : zero;
+        }
+    };
+    if (chunk <= last) load_chunk(chunk);
+    if (tid < G) {
+        record_max[tid] = NEG_INF;  // a rank without chunks weighs nothing in the merge
+        record_sum[tid] = 0.0f;
     }
     pdl_wait();
-    // The token's own key and value, just written by the kernel before: read again, from L2.
+    if (chunk == last) {  // the token's own key and value, just written by the kernel before: read again
+        const int k0 = chunk * CHUNK;
 #pragma unroll
-    for (int t = 0; t < PASSES; t++) {
-        const int key = k0 + t * KEYS_PER_PASS + kt;
-        if (key == pos) {
+        for (int t = 0; t < PASSES; t++) {
+            const int key = k0 + t * KEYS_PER_PASS + kt;
+            if (key == pos) {
 #pragma unroll
-            for (int w = 0; w < KLOADS; w++) kraw[t][w] = load_cg(kb + (size_t)(key - k0) * (D / 8) + part * KLOADS + w);
+                for (int w = 0; w < KLOADS; w++) kraw[t][w] = load_cg(kb + (size_t)key * (D / 8) + part * KLOADS + w);
+            }
         }
-    }
 #pragma unroll
-    for (int t = 0; t < VROWS; t++) {
-        const int key = k0 + rg + t * ROW_GROUPS;
-        if (key == pos) vraw[t] = load_cg(vb + (size_t)(key - k0) * (D / 8) + rt);
+        for (int t = 0; t < VROWS; t++) {
+            const int key = k0 + rg + t * ROW_GROUPS;
+            if (key == pos) vraw[t] = load_cg(vb + (size_t)key * (D / 8) + rt);
+        }
     }
     for (int i = tid; i < G * D; i += ATT_THREADS) {
         const int g = i / D, e = i - g * D;
         qs[g][e / EPT][e % EPT] = Act<T>::load(__ldcg(q + (size_t)bh * G * D + i)) * scale_log2;
     }
-    __syncthreads();
-
-    // Scores: this thread's part of PASSES keys against every query head, then the parts' sums joined.
-    float dot[PASSES][G];
-#pragma unroll
-    for (int t = 0; t < PASSES; t++) {
-#pragma unroll
-        for (int g = 0; g < G; g++) dot[t][g] = 0.0f;
-    }
-#pragma unroll
-    for (int w = 0; w < KLOADS; w++) {
-        float k[PASSES][8];
-#pragma unroll
-        for (int t = 0; t < PASSES; t++) unpack8<T>(kraw[t][w], k[t]);
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-#pragma unroll
-            for (int e4 = 0; e4 < 2; e4++) {
-                const float4 qv = *reinterpret_cast<const float4*>(&qs[g][part][w * 8 + e4 * 4]);
-#pragma unroll
-                for (int t = 0; t < PASSES; t++) {
-                    float d = dot[t][g];
-                    d = fmaf(k[t][e4 * 4], qv.x, d);
-                    d = fmaf(k[t][e4 * 4 + 1], qv.y, d);
-                    d = fmaf(k[t][e4 * 4 + 2], qv.z, d);
-                    dot[t][g] = fmaf(k[t][e4 * 4 + 3], qv.w, d);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < PASSES; t++) {
-        const int j = t * KEYS_PER_PASS + kt, key = k0 + j;
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            float d = dot[t][g];
-#pragma unroll
-            for (int offset = 1; offset < ATT_KEY_THREADS; offset <<= 1) d += __shfl_xor_sync(0xffffffffu, d, offset);
-            if (part == 0) p[g][j] = key >= lo && key < hi ? d : NEG_INF;
-        }
-    }
-    __syncthreads();
-
-    // The chunk's softmax pieces per query head (at least one key is in it): warp w takes heads w, w + WARPS, ...
-    for (int g = warp; g < G; g += WARPS) {
-        float m, s;  // each size written out: a loop over CHUNK / 32 keys a lane compiled the 64-key kernel
-                     // differently from the GPU-measured one
-        if (CHUNK == 64) {  // two keys a lane
-            const float a = p[g][lane], c = p[g][lane + 32];
-            m = warp_max(fmaxf(a, c));
-            const float ea = exp2f(a - m), ec = exp2f(c - m);
-            p[g][lane] = ea;
-            p[g][lane + 32] = ec;
-            s = warp_sum(ea + ec);
-        } else {  // one
-            const float a = p[g][lane];
-            m = warp_max(a);
-            const float ea = exp2f(a - m);
-            p[g][lane] = ea;
-            s = warp_sum(ea);
-        }
-        if (lane == 0) {
-            stats[g][0] = m;
-            stats[g][1] = s;
-        }
-    }
-    __syncthreads();
-
-    // Σ p·v: 8 dimensions of VROWS rows a thread, then the row groups joined (in the warp, then across warps).
-    float acc[G][8];
+    float acc[G][8];  // Σ p·v of the thread's 8 dimensions over its value rows, in the rank's running maximum's scale
 #pragma unroll
     for (int g = 0; g < G; g++) {
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     }
+    __syncthreads();
+
+    for (; chunk <= last; chunk += ranks) {
+        const int k0 = chunk * CHUNK, lo = max(k0, start), hi = min(k0 + CHUNK, pos + 1);
+        // Scores: this thread's part of PASSES keys against every query head, then the parts' sums joined.
+        float dot[PASSES][G];
 #pragma unroll
-    for (int t = 0; t < VROWS; t++) {
-        float v[8];
-        unpack8<T>(vraw[t], v);
-        const int j = rg + t * ROW_GROUPS;
+        for (int t = 0; t < PASSES; t++) {
+#pragma unroll
+            for (int g = 0; g < G; g++) dot[t][g] = 0.0f;
+        }
+#pragma unroll
+        for (int w = 0; w < KLOADS; w++) {
+            float k[PASSES][8];
+#pragma unroll
+            for (int t = 0; t < PASSES; t++) unpack8<T>(kraw[t][w], k[t]);
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+#pragma unroll
+                for (int e4 = 0; e4 < 2; e4++) {
+                    const float4 qv = *reinterpret_cast<const float4*>(&qs[g][part][w * 8 + e4 * 4]);
+#pragma unroll
+                    for (int t = 0; t < PASSES; t++) {
+                        float d = dot[t][g];
+                        d = fmaf(k[t][e4 * 4], qv.x, d);
+                        d = fmaf(k[t][e4 * 4 + 1], qv.y, d);
+                        d = fmaf(k[t][e4 * 4 + 2], qv.z, d);
+                        dot[t][g] = fmaf(k[t][e4 * 4 + 3], qv.w, d);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < PASSES; t++) {
+            const int j = t * KEYS_PER_PASS + kt, key = k0 + j;
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                float d = dot[t][g];
+#pragma unroll
+                for (int offset = 1; offset < ATT_KEY_THREADS; offset <<= 1) d += __shfl_xor_sync(0xffffffffu, d, offset);
+                if (part == 0) p[g][j] = key >= lo && key < hi ? d : NEG_INF;
+            }
+        }
+        __syncthreads();
+
+        // The softmax pieces per query head (the chunk has at least one key): warp w takes heads w, w + WARPS, ...
+        for (int g = warp; g < G; g += WARPS) {
+            const float before = record_max[g];
+            float m, s;
+            if (CHUNK == 64) {  // two keys a lane
+                const float a = p[g][lane], c = p[g][lane + 32];
+                m = fmaxf(before, warp_max(fmaxf(a, c)));
+                const float ea = exp2f(a - m), ec = exp2f(c - m);
+                p[g][lane] = ea;
+                p[g][lane + 32] = ec;
+                s = warp_sum(ea + ec);
+            } else {  // one
+                const float a = p[g][lane];
+                m = fmaxf(before, warp_max(a));
+                const float ea = exp2f(a - m);
+                p[g][lane] = ea;
+                s = warp_sum(ea);
+            }
+            if (lane == 0) {
+                const float factor = exp2f(before - m);  // 0 at the rank's first chunk (before = -inf)
+                rescale[g] = factor;
+                record_max[g] = m;
+                record_sum[g] = fmaf(record_sum[g], factor, s);
+            }
+        }
+        // The next chunk's loads go out before this one's Σ p·v (its values are in registers already: vraw).
+        uint4 vnow[VROWS];
+#pragma unroll
+        for (int t = 0; t < VROWS; t++) vnow[t] = vraw[t];
+        if (chunk + ranks <= last) load_chunk(chunk + ranks);
+        __syncthreads();
+
+        // Σ p·v: 8 dimensions of VROWS rows a thread, on top of the earlier chunks' sums rescaled.
 #pragma unroll
         for (int g = 0; g < G; g++) {
-            const float pw = p[g][j];
+            const float factor = rescale[g];
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[g][e] = fmaf(pw, v[e], acc[g][e]);
+            for (int e = 0; e < 8; e++) acc[g][e] *= factor;
         }
+#pragma unroll
+        for (int t = 0; t < VROWS; t++) {
+            float v[8];
+            unpack8<T>(vnow[t], v);
+            const int j = rg + t * ROW_GROUPS;
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                const float pw = p[g][j];
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[g][e] = fmaf(pw, v[e], acc[g][e]);
+            }
+        }
+        __syncthreads();  // p and rescale are the next chunk's
     }
+
+    // The row groups joined (in the warp, then across warps): the rank's record.
 #pragma unroll
     for (int g = 0; g < G; g++) {
 #pragma unroll
@@ -227,72 +271,39 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         }
     }
     __syncthreads();
+    u16* to = out + (size_t)bh * G * D;
     for (int i = tid; i < G * D; i += ATT_THREADS) {
         const int g = i / D, d = i - g * D;
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; w++) sum += joined[w][g][d];
-        if (parts == 1) out[(size_t)bh * G * D + i] = Act<T>::store(sum / stats[g][1]);
-        else record[g * RECORD + d] = sum;
+        if (ranks == 1) to[i] = Act<T>::store(sum / record_sum[g]);
+        else record[g][d] = sum;
     }
-    if (parts == 1) return;
-    if (tid < G) {
-        record[tid * RECORD + D] = stats[tid][0];
-        record[tid * RECORD + D + 1] = stats[tid][1];
-    }
+    if (ranks == 1) return;
 
-    // The last block of this (b, h) to finish merges the chunks: weights 2^(m_c - max m) on their sums and outputs.
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) is_last = atomicAdd(counters + bh, 1) == parts - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const float* records = partial + (size_t)bh * chunks * G * RECORD;
-    for (int g = warp; g < G; g += WARPS) {  // warp w: heads w, w + WARPS, ...; a lane a chunk
-        float top = NEG_INF;
-        for (int c = first + lane; c <= last; c += 32)
-            top = fmaxf(top, __ldcg(records + ((size_t)c * G + g) * RECORD + D));
-        top = warp_max(top);
-        float sum = 0.0f;
-        for (int c = first + lane; c <= last; c += 32) {
-            const float* r = records + ((size_t)c * G + g) * RECORD;
-            const float w = exp2f(__ldcg(r + D) - top);
-            weight[c][g] = w;
-            sum = fmaf(__ldcg(r + D + 1), w, sum);
+    // The cluster's merge: rank r writes outputs [r·G·D/R, (r + 1)·G·D/R), each the ranks' sums weighted by
+    // 2^(their maximum - the largest), over their weighted exponential sums.
+    cluster_sync();  // every rank's record is written
+    const int share = (G * D + ranks - 1) / ranks;
+    for (int i = rank * share + tid; i < min(G * D, (rank + 1) * share); i += ATT_THREADS) {
+        const int g = i / D, d = i - g * D;
+        float maxima[ATT_MAX_RANKS], top = NEG_INF;
+#pragma unroll
+        for (int r = 0; r < ATT_MAX_RANKS; r++) {
+            maxima[r] = r < ranks ? load_rank(&record_max[g], r) : NEG_INF;
+            top = fmaxf(top, maxima[r]);
         }
-        sum = warp_sum(sum);
-        if (lane == 0) stats[g][1] = sum;
-    }
-    __syncthreads();
-    // A thread's OUTS outputs over MERGE_BATCH chunks at a time: all those loads in flight together.
-    constexpr int OUTS = (G * D + ATT_THREADS - 1) / ATT_THREADS, MERGE_BATCH = 4;
-    float merged[OUTS];
+        float num = 0.0f, den = 0.0f;
 #pragma unroll
-    for (int o = 0; o < OUTS; o++) merged[o] = 0.0f;
-    for (int c0 = first; c0 <= last; c0 += MERGE_BATCH) {
-        float part[MERGE_BATCH][OUTS];
-#pragma unroll
-        for (int u = 0; u < MERGE_BATCH; u++) {
-#pragma unroll
-            for (int o = 0; o < OUTS; o++) {
-                const int i = tid + o * ATT_THREADS, c = c0 + u;
-                part[u][o] = c <= last && i < G * D ? __ldcg(records + ((size_t)c * G + i / D) * RECORD + i % D) : 0.0f;
+        for (int r = 0; r < ATT_MAX_RANKS; r++) {
+            if (r < ranks) {
+                const float w = exp2f(maxima[r] - top);
+                num = fmaf(w, load_rank(&record[g][d], r), num);
+                den = fmaf(w, load_rank(&record_sum[g], r), den);
             }
         }
-#pragma unroll
-        for (int u = 0; u < MERGE_BATCH; u++) {
-#pragma unroll
-            for (int o = 0; o < OUTS; o++) {
-                const int i = tid + o * ATT_THREADS, c = c0 + u;
-                if (c <= last && i < G * D) merged[o] = fmaf(weight[c][i / D], part[u][o], merged[o]);
-            }
-        }
+        to[i] = Act<T>::store(num / den);
     }
-#pragma unroll
-    for (int o = 0; o < OUTS; o++) {
-        const int i = tid + o * ATT_THREADS;
-        if (i < G * D) out[(size_t)bh * G * D + i] = Act<T>::store(merged[o] / stats[i / D][1]);
-    }
-    if (tid == 0) counters[bh] = 0;
+    cluster_sync();  // no rank leaves while another still reads its shared memory
 }

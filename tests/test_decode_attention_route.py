@@ -16,10 +16,11 @@ def cache_views(dim=64, heads=14, kv_heads=2, span=256, capacity=1024, bsz=1, dt
 def test_cache_prefix_views_take_the_kernel():
     assert attention_ops.applies(*cache_views(), padded=False)
     assert attention_ops.applies(*cache_views(dim=128, heads=32, kv_heads=8, bsz=2, dtype=torch.bfloat16), padded=False)
+    assert attention_ops.applies(*cache_views(span=32768, capacity=32768), padded=False)  # any length: chunks in turn
 
 
 @pytest.mark.parametrize("change", ["two tokens", "padded", "head size 80", "9 a group", "rows not contiguous",
-                                    "mixed dtypes", "longer than 8192", "switched off"])
+                                    "mixed dtypes", "switched off"])
 def test_other_steps_stay_on_sdpa(change, monkeypatch):
     q, k, v = cache_views()
     padded = False
@@ -33,8 +34,6 @@ def test_other_steps_stay_on_sdpa(change, monkeypatch):
         q, k, v = cache_views(heads=18)
     elif change == "rows not contiguous":
         k, v = (torch.zeros(1, 2, 64, 512, dtype=torch.float16)[..., ::2].transpose(2, 3) for _ in range(2))
-    elif change == "longer than 8192":
-        q, k, v = cache_views(span=8193, capacity=8200)
     elif change == "mixed dtypes":
         v = v.to(torch.bfloat16)
     else:
@@ -42,13 +41,25 @@ def test_other_steps_stay_on_sdpa(change, monkeypatch):
     assert not attention_ops.applies(q, k, v, padded=padded)
 
 
-def test_launches_of_few_blocks_take_32_key_chunks(monkeypatch):
+def test_chunks_of_64_keys_unless_forced(monkeypatch):
     monkeypatch.delenv("EXLQ_ATTENTION_CHUNK", raising=False)
-    assert attention_ops.chunk_size(2, 256) == 32  # Qwen2.5-0.5B's 2 KV heads: 8 blocks of 64 keys, 16 of 32
-    assert attention_ops.chunk_size(8, 256) == 64  # Llama-3-8B's 8: 32 blocks of 64 keys
-    assert attention_ops.chunk_size(2, 4096) == 64  # long spans have blocks enough
-    monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", "64")
-    assert attention_ops.chunk_size(2, 256) == 64
+    assert attention_ops.chunk_size() == 64
+    monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", "32")
+    assert attention_ops.chunk_size() == 32
     monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", "48")
     with pytest.raises(Exception, match="EXLQ_ATTENTION_CHUNK"):
-        attention_ops.chunk_size(2, 256)
+        attention_ops.chunk_size()
+
+
+def test_a_cluster_of_blocks_a_head_on_hopper(monkeypatch):
+    """Thread-block clusters need sm_90: one block walks a head's chunks before it, a cluster of MAX_RANKS after."""
+    monkeypatch.delenv("EXLQ_ATTENTION_RANKS", raising=False)
+    monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: False)
+    assert attention_ops.ranks(torch.device("cpu")) == 1
+    monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: True)
+    assert attention_ops.ranks(torch.device("cpu")) == attention_ops.MAX_RANKS == 8
+    monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "2")
+    assert attention_ops.ranks(torch.device("cpu")) == 2
+    monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "3")
+    with pytest.raises(Exception, match="EXLQ_ATTENTION_RANKS"):
+        attention_ops.ranks(torch.device("cpu"))

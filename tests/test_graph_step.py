@@ -50,25 +50,26 @@ def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, toke
 
 
 @pytest.mark.parametrize("kernel_attention", [True, False])
-def test_step_spans_double_where_attention_reads_to_the_token(monkeypatch, kernel_attention):
-    """One-token steps into an fp16 cache, no padding, on the attention kernel: buckets 256, 512, 1024, ... (at most
-    the kernel's MAX_SPAN and max_seq_len); every other step: multiples of 256 (SDPA and quantized caches read the
-    whole span)."""
+def test_one_token_kernel_steps_span_the_whole_cache(monkeypatch, kernel_attention):
+    """One-token steps into an fp16 cache, no padding, on the attention kernel (whose grid does not depend on the
+    span): the whole cache, one graph for every position; every other step (SDPA and quantized caches read the whole
+    span, a head shape the kernel was not built for): multiples of 256."""
     from exlq.runtime.cache import KVCache
 
     monkeypatch.setattr(graphs.kernels, "enabled", lambda device: kernel_attention)  # a CUDA device's answer
-    monkeypatch.setattr(graphs.attention_ops, "MAX_SPAN", 4096)
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=32, max_seq_len=6000)
+    cache = KVCache(num_layers=1, num_kv_heads=2, head_dim=64, max_seq_len=6000)
 
-    def span(seq_len: int, tokens: int = 1, cache: KVCache = cache) -> int:
+    def span(seq_len: int, tokens: int = 1, cache: KVCache = cache, heads: int = 14) -> int:
         cache.seq_len = seq_len
-        return step_span(cache, tokens)
+        return step_span(cache, tokens, heads)
 
     linear = {0: 256, 255: 256, 256: 512, 600: 768, 1100: 1280, 4095: 4096, 4500: 4608, 5999: 6000}
-    doubled = {0: 256, 255: 256, 256: 512, 600: 1024, 1100: 2048, 4095: 4096, 4500: 4608, 5999: 6000}
-    assert {n: span(n) for n in linear} == (doubled if kernel_attention else linear)
+    assert {n: span(n) for n in linear} == ({n: 6000 for n in linear} if kernel_attention else linear)
     assert {n: span(n, tokens=3) for n in (0, 254, 600)} == {0: 256, 254: 512, 600: 768}  # multi-token steps
-    quantized = KVCache(num_layers=1, num_kv_heads=1, head_dim=32, max_seq_len=6000, cache_type="q4")
+    assert span(600, heads=18) == 768  # 9 query heads a KV head: SDPA
+    odd = KVCache(num_layers=1, num_kv_heads=2, head_dim=80, max_seq_len=6000)
+    assert span(600, cache=odd) == 768  # head size 80: SDPA
+    quantized = KVCache(num_layers=1, num_kv_heads=2, head_dim=64, max_seq_len=6000, cache_type="q4")
     assert span(600, cache=quantized) == 768
     assert BUCKET == 256
 

@@ -6,10 +6,10 @@ from the loop. A graph needs fixed shapes and addresses, so the captured step di
 one only in how it finds the position: the cache position lives in a device tensor, the new keys and
 values are written from that position on (fused RoPE + store kernel, or `index_copy_`), and attention
 runs over a fixed-length prefix of the cache buffer: SDPA with a mask (keys beyond each token's position
-masked out), or the one-token kernel, which reads the position from the device and skips those keys. That
-length is a bucket (`step_span`): the end position rounded up to a multiple of `BUCKET`, or for the one-token
-kernel to a doubling of it, one graph per bucket, so attention costs what the context needs, not what
-`max_seq_len` allows. The rest is the eager code.
+masked out), or the one-token kernel, which reads the position from the device and skips those keys. For SDPA
+that length is a bucket (`step_span`): the end position rounded up to a multiple of `BUCKET`, one graph per bucket,
+so attention costs what the context needs, not what `max_seq_len` allows; the one-token kernel takes the whole
+cache, one graph for every position. The rest is the eager code.
 
 Used automatically by `DecoderOnlyLM.forward` for one-token steps into a `KVCache` on a CUDA device
 whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off): an unquantized one, or a quantized one
@@ -98,28 +98,22 @@ def graphs_wanted(model, cache, bsz: int, new_len: int, max_output_len: int | No
     )
 
 
-def step_span(cache: KVCache, tokens: int) -> int:
-    """The attention span of a captured step of `tokens` tokens from `cache.seq_len` (part of its graph's key): the
-    step's end rounded up to a bucket.
+def step_span(cache: KVCache, tokens: int, heads: int) -> int:
+    """The attention span of a captured step of `tokens` tokens from `cache.seq_len` (part of its graph's key), for a
+    model of `heads` query heads.
 
     A one-token step into an unquantized cache without left padding takes the one-token attention kernel, which reads
-    keys up to the token only: its blocks past the token return at once. Its buckets double (256, 512, 1024, ... up to
-    the kernel's MAX_SPAN), so a generation of n tokens captures ~log2(n / 256) graphs instead of n / 256, each 30-60 ms
-    of host time on the H200 (one every 256 tokens cost a 1024-token generation 8-17 % of its decode rate;
-    docs/benchmarks.md, session 27). Elsewhere the step reads its whole span (SDPA's masked keys, a quantized cache's
-    dequantized prefix): multiples of BUCKET."""
+    keys up to the token only and whose grid does not depend on the span: its span is the whole cache, so a generation
+    captures one graph (each capture costs 30-60 ms of host time on the H200; one every 256 tokens cost a 1024-token
+    generation 8-17 % of its decode rate, docs/benchmarks.md, sessions 27-28). Elsewhere the step reads its whole span
+    (SDPA's masked keys, a quantized cache's dequantized prefix): the step's end rounded up to a multiple of BUCKET."""
     end = cache.seq_len + tokens
-    span = -(-end // BUCKET) * BUCKET
     reads_to_token = (tokens == 1 and cache.pad_lengths is None and not cache.cache_type.quantized
                       and cache.dtype in kernels.ACTIVATION_TAGS and kernels.enabled(cache.device)
-                      and attention_ops.enabled())  # fmt: skip
+                      and attention_ops.enabled() and attention_ops.takes_heads(cache.head_dim, heads, cache.num_kv_heads))  # fmt: skip
     if reads_to_token:
-        doubled = BUCKET
-        while doubled < end:
-            doubled *= 2
-        if doubled <= attention_ops.MAX_SPAN:
-            span = doubled
-    return min(cache.max_seq_len, span)
+        return cache.max_seq_len
+    return min(cache.max_seq_len, -(-end // BUCKET) * BUCKET)
 
 
 def static_decode_step(
@@ -207,7 +201,7 @@ class DecodeGraphs:
     def _graph(self, model, ids: torch.Tensor, cache: KVCache) -> DecodeGraph:
         """The captured step for `ids` [B, T] from `cache.seq_len`: found, or captured on these inputs."""
         tokens = ids.shape[1]
-        span = step_span(cache, tokens)
+        span = step_span(cache, tokens, model.config.num_attention_heads)
         key = (id(cache), cache.batch_size, cache.pad_lengths is not None, span, tokens)
         graph = self._graphs.pop(key, None)
         if graph is None or graph.cache_ref() is not cache:

@@ -1,6 +1,7 @@
 """One-token attention over a KV cache (`cuda/decode_attention.cu`): the decode step's SDPA call, reading only the
 keys from the window's start to the token's position (a captured graph's SDPA reads its whole span, masked) and
-sharing each KV head's loads among its query heads. The torch path (`attention.attend`, SDPA) is the reference."""
+sharing each KV head's loads among its query heads. Its grid depends on the batch and the heads alone, so one captured
+graph serves every position. The torch path (`attention.attend`, SDPA) is the reference."""
 
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ import torch
 
 from exlq.errors import ExlqError
 from exlq.runtime.kernels import ACTIVATION_TAGS
-from exlq.runtime.kernels.launch import kernel, launch
-from exlq.runtime.kernels.workspace import Workspace
+from exlq.runtime.kernels.launch import hopper_or_newer, kernel, launch
 
 SOURCE = "decode_attention.cu"
-CHUNKS = (32, 64)  # keys a block takes: the template's CHUNK
-FEW_BLOCKS = 32  # launches of fewer blocks than this at 64 keys a block take 32 (twice the blocks, half the work each)
+CHUNKS = (32, 64)  # keys a block takes at a time: the template's CHUNK
 THREADS = 128  # ATT_THREADS
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a KV head serves, at most
-MAX_SPAN = 8192  # ATT_MAX_SPAN: longer spans take SDPA
+MAX_RANKS = 8  # ATT_MAX_RANKS: blocks a (batch row, KV head), one thread-block cluster (sm_90+)
 INSTANCES = tuple(
     f"decode_attention<{tag}, {dim}, {group}, {chunk}>"
     for tag in ACTIVATION_TAGS.values() for dim in HEAD_DIMS for group in range(1, MAX_GROUP + 1) for chunk in CHUNKS
@@ -33,34 +32,47 @@ def enabled() -> bool:
     return os.environ.get("EXLQ_DECODE_ATTENTION", "1") != "0"
 
 
+def takes_heads(head_dim: int, heads: int, kv_heads: int) -> bool:
+    """Whether the kernel was built for this attention shape: a head size of HEAD_DIMS, ≤ MAX_GROUP query heads a
+    KV head."""
+    return head_dim in HEAD_DIMS and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool) -> bool:
     """Whether a step's attention (q [B, Hq, T, D] on a kernel-enabled GPU, `kernels.applies`; k and v
     [B, Hkv, span, D]) can take the kernel: one token, no left padding, a head size and group it was built for,
-    keys and values as 16-byte aligned rows of D contiguous elements, at most MAX_SPAN of them."""
+    keys and values as 16-byte aligned rows of D contiguous elements."""
     bsz, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     return (
-        enabled() and length == 1 and not padded and k.shape[2] <= MAX_SPAN and dim in HEAD_DIMS
-        and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
+        enabled() and length == 1 and not padded and takes_heads(dim, heads, kv_heads)
         and k.dtype == q.dtype == v.dtype and k.stride() == v.stride()
         and k.stride(3) == 1 and k.stride(2) == dim and k.stride(1) % 8 == 0 and k.stride(0) % 8 == 0
         and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0 and bsz * k.stride(0) < 2**31
     )
 
 
-_workspace = Workspace()  # the chunks' records and the per-head counters
-
-
-def chunk_size(heads: int, span: int) -> int:
-    """Keys a block takes, for `heads` (batch × KV heads) over `span` keys: 64, or 32 where 64 would give fewer than
-    FEW_BLOCKS blocks (e.g. Qwen2.5-0.5B's two KV heads at a 256-key span: 8). EXLQ_ATTENTION_CHUNK=32|64 forces one
-    (an A/B switch, read at every call)."""
+def chunk_size() -> int:
+    """Keys a block takes at a time: 64 (EXLQ_ATTENTION_CHUNK=32 forces 32: an A/B switch, read at every call)."""
     forced = os.environ.get("EXLQ_ATTENTION_CHUNK")
     if forced:
         if forced not in {str(c) for c in CHUNKS}:
             raise ExlqError(f"EXLQ_ATTENTION_CHUNK must be one of {CHUNKS}, not {forced!r}")
         return int(forced)
-    return 32 if heads * -(-span // 64) < FEW_BLOCKS else 64
+    return 64
+
+
+def ranks(device: torch.device) -> int:
+    """Blocks a (batch row, KV head) on `device`: MAX_RANKS in one cluster on sm_90+, else 1 (clusters need sm_90).
+    EXLQ_ATTENTION_RANKS=1|2|4|8 forces a count on sm_90+ (an A/B switch)."""
+    if not hopper_or_newer(device):
+        return 1
+    forced = os.environ.get("EXLQ_ATTENTION_RANKS")
+    if forced:
+        if forced not in {"1", "2", "4", "8"}:
+            raise ExlqError(f"EXLQ_ATTENTION_RANKS must be 1, 2, 4 or 8, not {forced!r}")
+        return int(forced)
+    return MAX_RANKS
 
 
 def decode_attention(
@@ -76,22 +88,18 @@ def decode_attention(
     group = heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
-    chunk = chunk_size(bsz * kv_heads, span)
-    chunks = -(-span // chunk)
-    # Sized for the whole buffer behind k (its head stride) in the smaller chunks, so later steps reuse it.
-    most_chunks = max(chunks, -(-min(MAX_SPAN, k.stride(1) // dim) // min(CHUNKS)))
-    records, counters = _workspace.get(q.device, bsz * kv_heads * most_chunks * group * (dim + 2), bsz * kv_heads)
     device_position = position if isinstance(position, torch.Tensor) else None
-    name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk}>"
+    name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk_size()}>"
     function = kernel(SOURCE, INSTANCES, name, q.device)
+    count = ranks(q.device)
     launch(
         function,
-        (bsz * kv_heads, chunks, 1),
+        (bsz * kv_heads, count, 1),
         (THREADS, 1, 1),
         (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
-         0 if device_position is not None else position, window or 0, math.log2(math.e) / math.sqrt(dim),
-         records, counters, out),
+         0 if device_position is not None else position, window or 0, math.log2(math.e) / math.sqrt(dim), out),
         q.device,
         overlap=True,
+        cluster=(1, count, 1) if count > 1 else None,
     )
     return out

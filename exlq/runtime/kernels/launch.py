@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from exlq.errors import ExlqError
 from exlq.runtime.kernels.compiler import compile_source
 
 
@@ -74,8 +75,15 @@ def _argument(value):
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
+CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
+
+
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+
+
+def _attribute(kind: int, *values: int) -> _LaunchAttribute:
+    return _LaunchAttribute(id=kind, value=(ctypes.c_uint * 16)(*values))
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
@@ -125,10 +133,11 @@ def allow_shared(function: int, shared_bytes: int) -> None:
 
 
 def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
-           overlap: bool = False, shared_bytes: int = 0) -> None:
+           overlap: bool = False, shared_bytes: int = 0, cluster: tuple[int, int, int] | None = None) -> None:
     """Run kernel `function` on torch's current stream of `device`; `overlap`: the kernel calls pdl_wait() first
     and may start before the previous kernel ends (on sm_90+, unless EXLQ_PDL=0); `shared_bytes`: its dynamic shared
-    memory (beyond 48 KiB, after allow_shared)."""
+    memory (beyond 48 KiB, after allow_shared); `cluster`: thread-block cluster dimensions (sm_90+; they divide the
+    grid)."""
     from cupy_backends.cuda.api import driver
 
     values = [_argument(a) for a in args]
@@ -136,15 +145,23 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
     stream = torch.cuda.current_stream(device).cuda_stream
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
-    if overlap and pdl_enabled(index := device_index(device)):  # plain launches skip the device lookup
-        attribute = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-        config = _LaunchConfig(gx, gy, gz, bx, by, bz, shared_bytes, stream, ctypes.pointer(attribute), 1)
+    attributes = [] if cluster is None else [_attribute(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *cluster)]
+    pdl = overlap and pdl_enabled(index := device_index(device))  # plain launches skip the device lookup
+    if pdl:
+        attributes.append(_attribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1))
+    while attributes:
+        array = (_LaunchAttribute * len(attributes))(*attributes)
+        config = _LaunchConfig(gx, gy, gz, bx, by, bz, shared_bytes, stream, array, len(attributes))
         result = _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
         if result == 0:
             return
-        # An older driver may refuse it (e.g. inside a graph capture): the kernels are correct without it. A real
-        # launch error shows again in the plain launch, which raises.
+        if not pdl:
+            raise ExlqError(f"cuLaunchKernelEx failed with CUresult {result} (cluster {cluster}, grid {grid})")
+        # An older driver may refuse programmatic launch (e.g. inside a graph capture): the kernels are correct
+        # without it. A real launch error shows again without it, which raises.
         _pdl_refused.add(index)
         warnings.warn(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {result}: launching "
                       "without it from now on (EXLQ_PDL=0 skips the attempt)", RuntimeWarning, stacklevel=2)
+        attributes.pop()
+        pdl = False
     driver.launchKernel(function, gx, gy, gz, bx, by, bz, shared_bytes, stream, ctypes.addressof(params), 0)
