@@ -7,7 +7,7 @@ Like bench/gemv.py, each call is captured PER_GRAPH times in a CUDA graph and re
 copies of the cache to exceed twice the L2 cache, as a decode step finds its keys after streaming the weights. The
 token sits at the span's last position (every key read), or with --at F at position F·span - 1 (F < 1: as in most
 decode steps, where the token lies inside the graph's span and the keys after it are skipped; since session 28 a
-graph step's span is the whole cache). The kernel is timed with 32 and 64 keys a chunk and 1, 4 and 8 blocks a head
+graph step's span is the whole cache). The kernel is timed with 32 and 64 keys a chunk and 1, 4, 8 and 16 blocks a head
 (one cluster; 1: as before sm_90), and reported as the runtime launches it.
 """
 
@@ -58,7 +58,7 @@ def main() -> None:
             mask = torch.zeros(1, 1, 1, span, device=device, dtype=dtype)  # the graph step's additive mask
             settings_s = {}
             for chunk in attention_ops.CHUNKS:  # each chunk size and rank count, then the runtime's choice
-                for ranks in (1, 4, 8):
+                for ranks in (1, 4, 8, 16):
                     os.environ["EXLQ_ATTENTION_CHUNK"], os.environ["EXLQ_ATTENTION_RANKS"] = str(chunk), str(ranks)
                     settings_s[f"chunk{chunk}_ranks{ranks}"] = graph_seconds(
                         cycling(lambda i: attention_ops.decode_attention(q, *views[i % copies], where, None)),

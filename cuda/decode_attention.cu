@@ -20,7 +20,7 @@
 
 #define ATT_THREADS 128
 #define ATT_KEY_THREADS 4  // threads sharing one key's dot products
-#define ATT_MAX_RANKS 8    // blocks a (b, h) at most: a portable cluster (attention_ops.MAX_RANKS)
+#define ATT_MAX_RANKS 16   // blocks a (b, h) at most: the H100/H200's largest cluster (attention_ops.MAX_RANKS)
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

@@ -52,12 +52,12 @@ def test_chunks_of_64_keys_unless_forced(monkeypatch):
 
 
 def test_a_cluster_of_blocks_a_head_on_hopper(monkeypatch):
-    """Thread-block clusters need sm_90: one block walks a head's chunks before it, a cluster of MAX_RANKS after."""
+    """Thread-block clusters need sm_90: one block walks a head's chunks before it, a cluster of RANKS after."""
     monkeypatch.delenv("EXLQ_ATTENTION_RANKS", raising=False)
     monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: False)
     assert attention_ops.ranks(torch.device("cpu")) == 1
     monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: True)
-    assert attention_ops.ranks(torch.device("cpu")) == attention_ops.MAX_RANKS == 8
+    assert attention_ops.ranks(torch.device("cpu")) == attention_ops.RANKS == 8
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "2")
     assert attention_ops.ranks(torch.device("cpu")) == 2
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "3")

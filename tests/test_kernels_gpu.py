@@ -611,10 +611,10 @@ ATTENTION_HEADS = [(128, 32, 8), (64, 14, 2), (64, 9, 3), (64, 4, 4), (128, 16, 
     (256, 37, None, True), (512, 300, None, True), (1024, 1000, 100, True), (256, 200, 64, False),  # graph spans
     (4096, 4095, None, True), (4096, 130, 3, True),
 ])
-@pytest.mark.parametrize("chunk, ranks", [("32", "8"), ("64", "8"), ("64", "1"), ("32", "2")])
+@pytest.mark.parametrize("chunk, ranks", [("32", "8"), ("64", "8"), ("64", "1"), ("32", "2"), ("64", "16")])
 def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, position, window, on_device, chunk, ranks,
                                        monkeypatch):  # fmt: skip
-    """The one-token kernel (chunks of 32 and of 64 keys, a cluster of 8 or 2 blocks a head, or one block walking
+    """The one-token kernel (chunks of 32 and of 64 keys, a cluster of 16, 8 or 2 blocks a head, or one block walking
     every chunk, as before sm_90) against SDPA with the mask the torch path builds (keys after the position, or
     `window` or more before it, excluded), for a cache buffer longer than the span and two sequences; NaN in every
     key and value the kernel must not read."""

@@ -19,7 +19,8 @@ CHUNKS = (32, 64)  # keys a block takes at a time: the template's CHUNK
 THREADS = 128  # ATT_THREADS
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a KV head serves, at most
-MAX_RANKS = 8  # ATT_MAX_RANKS: blocks a (batch row, KV head), one thread-block cluster (sm_90+)
+MAX_RANKS = 16  # ATT_MAX_RANKS: blocks a (batch row, KV head) at most, one thread-block cluster (sm_90+)
+RANKS = 8  # blocks a (batch row, KV head) by default: the largest portable cluster
 INSTANCES = tuple(
     f"decode_attention<{tag}, {dim}, {group}, {chunk}>"
     for tag in ACTIVATION_TAGS.values() for dim in HEAD_DIMS for group in range(1, MAX_GROUP + 1) for chunk in CHUNKS
@@ -63,16 +64,16 @@ def chunk_size() -> int:
 
 
 def ranks(device: torch.device) -> int:
-    """Blocks a (batch row, KV head) on `device`: MAX_RANKS in one cluster on sm_90+, else 1 (clusters need sm_90).
-    EXLQ_ATTENTION_RANKS=1|2|4|8 forces a count on sm_90+ (an A/B switch)."""
+    """Blocks a (batch row, KV head) on `device`: RANKS in one cluster on sm_90+, else 1 (clusters need sm_90).
+    EXLQ_ATTENTION_RANKS=1|2|4|8|16 forces a count on sm_90+ (an A/B switch)."""
     if not hopper_or_newer(device):
         return 1
     forced = os.environ.get("EXLQ_ATTENTION_RANKS")
     if forced:
-        if forced not in {"1", "2", "4", "8"}:
-            raise ExlqError(f"EXLQ_ATTENTION_RANKS must be 1, 2, 4 or 8, not {forced!r}")
+        if forced not in {"1", "2", "4", "8", "16"}:
+            raise ExlqError(f"EXLQ_ATTENTION_RANKS must be 1, 2, 4, 8 or 16, not {forced!r}")
         return int(forced)
-    return MAX_RANKS
+    return RANKS
 
 
 def decode_attention(

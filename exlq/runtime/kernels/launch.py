@@ -132,6 +132,19 @@ def allow_shared(function: int, shared_bytes: int) -> None:
         _shared_allowed[function] = shared_bytes
 
 
+CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
+_large_clusters: set[int] = set()  # kernel handles allowed clusters of more than 8 blocks
+
+
+def _allow_cluster(function: int, cluster: tuple[int, int, int]) -> None:
+    """Clusters of more than 8 blocks (up to 16 on the H100/H200) need the kernel's leave."""
+    if cluster[0] * cluster[1] * cluster[2] > 8 and function not in _large_clusters:
+        from cupy_backends.cuda.api import driver
+
+        driver.funcSetAttribute(function, CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
+        _large_clusters.add(function)
+
+
 def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
            overlap: bool = False, shared_bytes: int = 0, cluster: tuple[int, int, int] | None = None) -> None:
     """Run kernel `function` on torch's current stream of `device`; `overlap`: the kernel calls pdl_wait() first
@@ -145,7 +158,10 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
     stream = torch.cuda.current_stream(device).cuda_stream
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
-    attributes = [] if cluster is None else [_attribute(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *cluster)]
+    attributes = []
+    if cluster is not None:
+        _allow_cluster(function, cluster)
+        attributes.append(_attribute(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *cluster))
     pdl = overlap and pdl_enabled(index := device_index(device))  # plain launches skip the device lookup
     if pdl:
         attributes.append(_attribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1))
