@@ -64,7 +64,7 @@ def main() -> None:
                         cycling(lambda i: attention_ops.decode_attention(q, *views[i % copies], where, None)),
                         warm_calls=max(50, copies))
             del os.environ["EXLQ_ATTENTION_CHUNK"], os.environ["EXLQ_ATTENTION_RANKS"]
-            kernel_s = settings_s[f"chunk{attention_ops.chunk_size()}_ranks{attention_ops.ranks(device)}"]
+            kernel_s = settings_s[f"chunk{attention_ops.chunk_size()}_ranks{attention_ops.ranks(device, span)}"]
             sdpa_s = graph_seconds(cycling(lambda i: attend(q, *views[i % copies], mask, False)), warm_calls=max(50, copies))
             got = attention_ops.decode_attention(q, *views[0], position, None)
             # The reference reads keys up to the token only (the timed mask lets SDPA read all, as a graph step's cost).

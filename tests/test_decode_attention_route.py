@@ -52,14 +52,16 @@ def test_chunks_of_64_keys_unless_forced(monkeypatch):
 
 
 def test_a_cluster_of_blocks_a_head_on_hopper(monkeypatch):
-    """Thread-block clusters need sm_90: one block walks a head's chunks before it, a cluster of RANKS after."""
+    """Thread-block clusters need sm_90: one block walks a head's chunks before it, after it a cluster of 8, or of 16
+    past LONG_SPAN keys."""
     monkeypatch.delenv("EXLQ_ATTENTION_RANKS", raising=False)
+    cpu = torch.device("cpu")
     monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: False)
-    assert attention_ops.ranks(torch.device("cpu")) == 1
+    assert attention_ops.ranks(cpu, 8192) == 1
     monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: True)
-    assert attention_ops.ranks(torch.device("cpu")) == attention_ops.RANKS == 8
+    assert [attention_ops.ranks(cpu, span) for span in (1, 2048, 2049, 8192)] == [8, 8, 16, 16]
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "2")
-    assert attention_ops.ranks(torch.device("cpu")) == 2
+    assert attention_ops.ranks(cpu, 8192) == 2
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "3")
     with pytest.raises(Exception, match="EXLQ_ATTENTION_RANKS"):
-        attention_ops.ranks(torch.device("cpu"))
+        attention_ops.ranks(cpu, 8192)

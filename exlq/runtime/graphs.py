@@ -103,16 +103,17 @@ def step_span(cache: KVCache, tokens: int, heads: int) -> int:
     model of `heads` query heads.
 
     A one-token step into an unquantized cache without left padding takes the one-token attention kernel, which reads
-    keys up to the token only and whose grid does not depend on the span: its span is the whole cache, so a generation
-    captures one graph (each capture costs 30-60 ms of host time on the H200; one every 256 tokens cost a 1024-token
-    generation 8-17 % of its decode rate, docs/benchmarks.md, sessions 27-28). Elsewhere the step reads its whole span
-    (SDPA's masked keys, a quantized cache's dequantized prefix): the step's end rounded up to a multiple of BUCKET."""
+    keys up to the token only and whose grid depends on the span only through its cluster size (attention_ops.ranks):
+    its span is LONG_SPAN until the token passes it, then the whole cache, so a generation captures one graph, or two
+    (each capture costs 40-60 ms of host time on the H200; one every 256 tokens cost a 1024-token generation 8-17 % of
+    its decode rate, docs/benchmarks.md, sessions 27-28). Elsewhere the step reads its whole span (SDPA's masked keys,
+    a quantized cache's dequantized prefix): the step's end rounded up to a multiple of BUCKET."""
     end = cache.seq_len + tokens
     reads_to_token = (tokens == 1 and cache.pad_lengths is None and not cache.cache_type.quantized
                       and cache.dtype in kernels.ACTIVATION_TAGS and kernels.enabled(cache.device)
                       and attention_ops.enabled() and attention_ops.takes_heads(cache.head_dim, heads, cache.num_kv_heads))  # fmt: skip
     if reads_to_token:
-        return cache.max_seq_len
+        return min(cache.max_seq_len, attention_ops.LONG_SPAN if end <= attention_ops.LONG_SPAN else cache.max_seq_len)
     return min(cache.max_seq_len, -(-end // BUCKET) * BUCKET)
 
 

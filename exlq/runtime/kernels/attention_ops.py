@@ -20,7 +20,11 @@ THREADS = 128  # ATT_THREADS
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a KV head serves, at most
 MAX_RANKS = 16  # ATT_MAX_RANKS: blocks a (batch row, KV head) at most, one thread-block cluster (sm_90+)
-RANKS = 8  # blocks a (batch row, KV head) by default: the largest portable cluster
+#: Spans up to LONG_SPAN take clusters of 8 blocks a head, longer ones 16 (the H200, µs a layer, Llama-3-8B's heads:
+#: the token at 255 4.7 against 6.0, at 1023 4.9 against 6.0, at 2047 12.1 against 9.9, at 8191 42.5 against 29.0;
+#: docs/benchmarks.md, session 28). graphs.step_span gives a graph step LONG_SPAN until the token passes it.
+LONG_SPAN = 2048
+
 INSTANCES = tuple(
     f"decode_attention<{tag}, {dim}, {group}, {chunk}>"
     for tag in ACTIVATION_TAGS.values() for dim in HEAD_DIMS for group in range(1, MAX_GROUP + 1) for chunk in CHUNKS
@@ -63,9 +67,9 @@ def chunk_size() -> int:
     return 64
 
 
-def ranks(device: torch.device) -> int:
-    """Blocks a (batch row, KV head) on `device`: RANKS in one cluster on sm_90+, else 1 (clusters need sm_90).
-    EXLQ_ATTENTION_RANKS=1|2|4|8|16 forces a count on sm_90+ (an A/B switch)."""
+def ranks(device: torch.device, span: int) -> int:
+    """Blocks a (batch row, KV head) on `device` over `span` keys: one cluster on sm_90+ of 8, or 16 past LONG_SPAN;
+    else 1 (clusters need sm_90). EXLQ_ATTENTION_RANKS=1|2|4|8|16 forces a count on sm_90+ (an A/B switch)."""
     if not hopper_or_newer(device):
         return 1
     forced = os.environ.get("EXLQ_ATTENTION_RANKS")
@@ -73,7 +77,7 @@ def ranks(device: torch.device) -> int:
         if forced not in {"1", "2", "4", "8", "16"}:
             raise ExlqError(f"EXLQ_ATTENTION_RANKS must be 1, 2, 4, 8 or 16, not {forced!r}")
         return int(forced)
-    return RANKS
+    return 8 if span <= LONG_SPAN else MAX_RANKS
 
 
 def decode_attention(
@@ -92,7 +96,7 @@ def decode_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk_size()}>"
     function = kernel(SOURCE, INSTANCES, name, q.device)
-    count = ranks(q.device)
+    count = ranks(q.device, span)
     launch(
         function,
         (bsz * kv_heads, count, 1),
