@@ -65,3 +65,25 @@ def test_a_cluster_of_blocks_a_head_on_hopper(monkeypatch):
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "3")
     with pytest.raises(Exception, match="EXLQ_ATTENTION_RANKS"):
         attention_ops.ranks(cpu, 8192)
+
+
+def test_a_refused_cluster_launch_falls_back_to_one_block_a_head(monkeypatch):
+    """A driver or GPU slice that refuses the cluster launch: the same kernel again with one block a head (a warning),
+    and one block a head on that device from then on."""
+    calls = []
+
+    def launch(function, grid, block, args, device, overlap=False, shared_bytes=0, cluster=None):
+        calls.append((grid, cluster))
+        if cluster is not None:
+            raise attention_ops.ExlqError("cuLaunchKernelEx failed with CUresult 912")
+
+    monkeypatch.delenv("EXLQ_ATTENTION_RANKS", raising=False)
+    monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: True)
+    monkeypatch.setattr(attention_ops, "kernel", lambda *args: 0)
+    monkeypatch.setattr(attention_ops, "launch", launch)
+    monkeypatch.setattr(attention_ops, "_clusters_refused", set())
+    q, k, v = cache_views(dim=128, heads=32, kv_heads=8)
+    with pytest.warns(RuntimeWarning, match="one block a head"):
+        attention_ops.decode_attention(q, k, v, 100, None)
+    attention_ops.decode_attention(q, k, v, 100, None)
+    assert calls == [((8, 8, 1), (1, 8, 1)), ((8, 1, 1), None), ((8, 1, 1), None)]

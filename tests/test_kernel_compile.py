@@ -117,3 +117,41 @@ def test_a_refused_programmatic_launch_falls_back_to_a_plain_one(monkeypatch):
     assert len(attempts) == 1 and plain == [7] and not launch.pdl_enabled(0)
     launch.launch(8, (2,), (64,), (1,), torch.device("cuda"), overlap=True)  # no second attempt, no warning
     assert len(attempts) == 1 and plain == [7, 8]
+
+
+@pytest.mark.parametrize("refuses", ["programmatic launch", "cluster"])
+def test_a_refused_cluster_launch_raises_and_keeps_programmatic_launch(monkeypatch, refuses):
+    """A cluster launch with programmatic launch that the driver refuses: tried again with the cluster alone. If that
+    works, programmatic launch was the fault (a warning, off from then on); if not, the cluster was (an ExlqError for
+    the caller's fallback), and programmatic launch stays on."""
+    import types
+
+    import torch
+
+    from exlq.errors import ExlqError
+    from exlq.runtime.kernels import launch
+
+    attempts = []
+
+    def launch_ex(config, function, params, extra):
+        ids = [config._obj.attrs[i].id for i in range(config._obj.num_attrs)]
+        attempts.append(ids)
+        pdl = launch.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION in ids
+        return 801 if pdl or refuses == "cluster" else 0
+
+    monkeypatch.delenv("EXLQ_PDL", raising=False)
+    monkeypatch.setattr(launch, "_hopper_or_newer", lambda index: True)
+    monkeypatch.setattr(launch, "_pdl_refused", set())
+    monkeypatch.setattr(launch, "_launch_ex", lambda: launch_ex)
+    monkeypatch.setattr(launch, "device_index", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=0))
+    cluster_id, pdl_id = launch.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, launch.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    if refuses == "cluster":
+        with pytest.raises(ExlqError, match="cluster"):
+            launch.launch(7, (8, 8), (128,), (1,), torch.device("cuda"), overlap=True, cluster=(1, 8, 1))
+        assert launch.pdl_enabled(0)
+    else:
+        with pytest.warns(RuntimeWarning, match="programmatic dependent launch"):
+            launch.launch(7, (8, 8), (128,), (1,), torch.device("cuda"), overlap=True, cluster=(1, 8, 1))
+        assert not launch.pdl_enabled(0)
+    assert attempts == [[cluster_id, pdl_id], [cluster_id]]

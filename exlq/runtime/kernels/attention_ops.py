@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -67,10 +68,14 @@ def chunk_size() -> int:
     return 64
 
 
+_clusters_refused: set[torch.device] = set()  # devices whose driver refused a cluster launch: one block a head there
+
+
 def ranks(device: torch.device, span: int) -> int:
     """Blocks a (batch row, KV head) on `device` over `span` keys: one cluster on sm_90+ of 8, or 16 past LONG_SPAN;
-    else 1 (clusters need sm_90). EXLQ_ATTENTION_RANKS=1|2|4|8|16 forces a count on sm_90+ (an A/B switch)."""
-    if not hopper_or_newer(device):
+    else 1 (clusters need sm_90; or the driver refused one). EXLQ_ATTENTION_RANKS=1|2|4|8|16 forces a count on
+    sm_90+ (an A/B switch)."""
+    if not hopper_or_newer(device) or device in _clusters_refused:
         return 1
     forced = os.environ.get("EXLQ_ATTENTION_RANKS")
     if forced:
@@ -97,14 +102,19 @@ def decode_attention(
     name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk_size()}>"
     function = kernel(SOURCE, INSTANCES, name, q.device)
     count = ranks(q.device, span)
-    launch(
-        function,
-        (bsz * kv_heads, count, 1),
-        (THREADS, 1, 1),
-        (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
-         0 if device_position is not None else position, window or 0, math.log2(math.e) / math.sqrt(dim), out),
-        q.device,
-        overlap=True,
-        cluster=(1, count, 1) if count > 1 else None,
-    )
+    arguments = (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
+                 0 if device_position is not None else position, window or 0, math.log2(math.e) / math.sqrt(dim), out)
+    try:
+        launch(function, (bsz * kv_heads, count, 1), (THREADS, 1, 1), arguments, q.device, overlap=True,
+               cluster=(1, count, 1) if count > 1 else None)
+    except ExlqError as error:
+        if count == 1:
+            raise
+        # A GPU slice with too few SMs a cluster's reach (MIG), or a driver without clusters: the kernel is correct
+        # with one block a head, which walks every chunk (slower on long contexts). Seen first in an eager step
+        # (a graph's warm-up), so no capture holds the failed launch.
+        _clusters_refused.add(q.device)
+        warnings.warn(f"{error}: one-token attention takes one block a head on {q.device} from now on",
+                      RuntimeWarning, stacklevel=2)
+        launch(function, (bsz * kv_heads, 1, 1), (THREADS, 1, 1), arguments, q.device, overlap=True)
     return out

@@ -158,26 +158,33 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
     stream = torch.cuda.current_stream(device).cuda_stream
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
-    attributes = []
+    base = []  # launch attributes the kernel cannot run without
     if cluster is not None:
         _allow_cluster(function, cluster)
-        attributes.append(_attribute(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *cluster))
-    pdl = overlap and pdl_enabled(index := device_index(device))  # plain launches skip the device lookup
-    if pdl:
-        attributes.append(_attribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1))
-    while attributes:
+        base.append(_attribute(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *cluster))
+
+    def launch_ex(attributes: list[_LaunchAttribute]) -> int:
         array = (_LaunchAttribute * len(attributes))(*attributes)
         config = _LaunchConfig(gx, gy, gz, bx, by, bz, shared_bytes, stream, array, len(attributes))
-        result = _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
+        return _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
+
+    if overlap and pdl_enabled(index := device_index(device)):  # plain launches skip the device lookup
+        first = launch_ex([*base, _attribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1)])
+        if first == 0:
+            return
+        # An older driver may refuse programmatic launch (e.g. inside a graph capture): the kernels are correct
+        # without it. A launch that fails without it too has another fault (raised), and PDL stays on.
+        result = launch_ex(base) if base else None
+        if result not in (None, 0):
+            raise ExlqError(f"cuLaunchKernelEx failed with CUresult {result} (cluster {cluster}, grid {grid})")
+        _pdl_refused.add(index)
+        warnings.warn(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {first}: launching "
+                      "without it from now on (EXLQ_PDL=0 skips the attempt)", RuntimeWarning, stacklevel=2)
         if result == 0:
             return
-        if not pdl:
+    elif base:
+        result = launch_ex(base)
+        if result != 0:
             raise ExlqError(f"cuLaunchKernelEx failed with CUresult {result} (cluster {cluster}, grid {grid})")
-        # An older driver may refuse programmatic launch (e.g. inside a graph capture): the kernels are correct
-        # without it. A real launch error shows again without it, which raises.
-        _pdl_refused.add(index)
-        warnings.warn(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {result}: launching "
-                      "without it from now on (EXLQ_PDL=0 skips the attempt)", RuntimeWarning, stacklevel=2)
-        attributes.pop()
-        pdl = False
+        return
     driver.launchKernel(function, gx, gy, gz, bx, by, bz, shared_bytes, stream, ctypes.addressof(params), 0)
