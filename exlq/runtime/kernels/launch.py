@@ -73,8 +73,6 @@ def _argument(value):
 #: writes anything that kernel touches. Its prologue (the layer's own weights and tables) then hides the previous
 #: kernel's tail and the launch gap: +5 % on the 8B's decode, +8-12 % on Qwen2.5-0.5B's (docs/benchmarks.md, session 16).
 CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-
-
 CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION = 4
 
 
@@ -84,6 +82,9 @@ class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 6
 
 def _attribute(kind: int, *values: int) -> _LaunchAttribute:
     return _LaunchAttribute(id=kind, value=(ctypes.c_uint * 16)(*values))
+
+
+_PDL = _attribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1)
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
@@ -145,6 +146,13 @@ def _allow_cluster(function: int, cluster: tuple[int, int, int]) -> None:
         _large_clusters.add(function)
 
 
+def _launch_with(attributes: list[_LaunchAttribute], config: tuple, function: int, params) -> int:
+    """cuLaunchKernelEx with `attributes`; config: (grid x, y, z, block x, y, z, shared bytes, stream). Its CUresult."""
+    array = (_LaunchAttribute * len(attributes))(*attributes)
+    launch_config = _LaunchConfig(*config, array, len(attributes))
+    return _launch_ex()(ctypes.byref(launch_config), function, ctypes.addressof(params), None)
+
+
 def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, device: torch.device,
            overlap: bool = False, shared_bytes: int = 0, cluster: tuple[int, int, int] | None = None) -> None:
     """Run kernel `function` on torch's current stream of `device`; `overlap`: the kernel calls pdl_wait() first
@@ -158,33 +166,29 @@ def launch(function: int, grid: tuple[int, ...], block: tuple[int, ...], args: t
     stream = torch.cuda.current_stream(device).cuda_stream
     gx, gy, gz = (*grid, 1, 1)[:3]
     bx, by, bz = (*block, 1, 1)[:3]
-    base = []  # launch attributes the kernel cannot run without
+    required = []  # launch attributes the kernel cannot run without
     if cluster is not None:
         _allow_cluster(function, cluster)
-        base.append(_attribute(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *cluster))
-
-    def launch_ex(attributes: list[_LaunchAttribute]) -> int:
-        array = (_LaunchAttribute * len(attributes))(*attributes)
-        config = _LaunchConfig(gx, gy, gz, bx, by, bz, shared_bytes, stream, array, len(attributes))
-        return _launch_ex()(ctypes.byref(config), function, ctypes.addressof(params), None)
-
+        required.append(_attribute(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, *cluster))
+    config = (gx, gy, gz, bx, by, bz, shared_bytes, stream)
+    result = None  # of the last launch with the required attributes alone
     if overlap and pdl_enabled(index := device_index(device)):  # plain launches skip the device lookup
-        first = launch_ex([*base, _attribute(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1)])
+        first = _launch_with([*required, _PDL], config, function, params)
         if first == 0:
             return
         # An older driver may refuse programmatic launch (e.g. inside a graph capture): the kernels are correct
         # without it. A launch that fails without it too has another fault (raised), and PDL stays on.
-        result = launch_ex(base) if base else None
-        if result not in (None, 0):
-            raise ExlqError(f"cuLaunchKernelEx failed with CUresult {result} (cluster {cluster}, grid {grid})")
-        _pdl_refused.add(index)
-        warnings.warn(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {first}: launching "
-                      "without it from now on (EXLQ_PDL=0 skips the attempt)", RuntimeWarning, stacklevel=2)
-        if result == 0:
-            return
-    elif base:
-        result = launch_ex(base)
-        if result != 0:
-            raise ExlqError(f"cuLaunchKernelEx failed with CUresult {result} (cluster {cluster}, grid {grid})")
+        if required:
+            result = _launch_with(required, config, function, params)
+        if result in (None, 0):
+            _pdl_refused.add(index)
+            warnings.warn(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {first}: "
+                          "launching without it from now on (EXLQ_PDL=0 skips the attempt)", RuntimeWarning,
+                          stacklevel=2)
+    elif required:
+        result = _launch_with(required, config, function, params)
+    if result == 0:
         return
+    if result is not None:
+        raise ExlqError(f"cuLaunchKernelEx failed with CUresult {result} (cluster {cluster}, grid {grid})")
     driver.launchKernel(function, gx, gy, gz, bx, by, bz, shared_bytes, stream, ctypes.addressof(params), 0)
