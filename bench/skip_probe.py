@@ -101,7 +101,6 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["none", "norm", "rope", "finish", "attention",
                                                           "norm+rope+finish"])
     args = parser.parse_args()
-    results = []
     for shape in args.shapes:
         model = _synthetic_model(shape, args.bpw, torch.device("cuda"), 128)
         for round_ in range(args.rounds):
@@ -112,7 +111,6 @@ def main() -> None:
                     rate = decode_rate(model, args.steps)
                 model.decode_graphs.clear()
                 row = {"shape": shape, "round": round_, "skipped": setting, "tokens_per_second": round(rate, 1)}
-                results.append(row)
                 print(json.dumps(row), flush=True)
         del model
         torch.cuda.empty_cache()

@@ -8,8 +8,8 @@ values are written from that position on (fused RoPE + store kernel, or `index_c
 runs over a fixed-length prefix of the cache buffer: SDPA with a mask (keys beyond each token's position
 masked out), or the one-token kernel, which reads the position from the device and skips those keys. For SDPA
 that length is a bucket (`step_span`): the end position rounded up to a multiple of `BUCKET`, one graph per bucket,
-so attention costs what the context needs, not what `max_seq_len` allows; the one-token kernel takes the whole
-cache, one graph for every position. The rest is the eager code.
+so attention costs what the context needs, not what `max_seq_len` allows; the one-token kernel takes 2048
+positions, then the whole cache, one graph for each. The rest is the eager code.
 
 Used automatically by `DecoderOnlyLM.forward` for one-token steps into a `KVCache` on a CUDA device
 whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off): an unquantized one, or a quantized one
@@ -103,17 +103,17 @@ def step_span(cache: KVCache, tokens: int, heads: int) -> int:
     model of `heads` query heads.
 
     A one-token step into an unquantized cache without left padding takes the one-token attention kernel, which reads
-    keys up to the token only and whose grid depends on the span only through its cluster size (attention_ops.ranks):
-    its span is LONG_SPAN until the token passes it, then the whole cache, so a generation captures one graph, or two
-    (each capture costs 40-60 ms of host time on the H200; one every 256 tokens cost a 1024-token generation 8-17 % of
-    its decode rate, docs/benchmarks.md, sessions 27-28). Elsewhere the step reads its whole span (SDPA's masked keys,
-    a quantized cache's dequantized prefix): the step's end rounded up to a multiple of BUCKET."""
+    keys up to the token only and whose launch depends on the span only through its cluster size: its span is
+    `attention_ops.graph_span`, so a generation captures one graph, or two (each capture costs 40-60 ms of host time
+    on the H200; one every 256 tokens cost a 1024-token generation 8-17 % of its decode rate, docs/benchmarks.md,
+    sessions 27-28). Elsewhere the step reads its whole span (SDPA's masked keys, a quantized cache's dequantized
+    prefix): the step's end rounded up to a multiple of BUCKET."""
     end = cache.seq_len + tokens
     reads_to_token = (tokens == 1 and cache.pad_lengths is None and not cache.cache_type.quantized
                       and cache.dtype in kernels.ACTIVATION_TAGS and kernels.enabled(cache.device)
                       and attention_ops.enabled() and attention_ops.takes_heads(cache.head_dim, heads, cache.num_kv_heads))  # fmt: skip
     if reads_to_token:
-        return min(cache.max_seq_len, attention_ops.LONG_SPAN if end <= attention_ops.LONG_SPAN else cache.max_seq_len)
+        return attention_ops.graph_span(end, cache.max_seq_len)
     return min(cache.max_seq_len, -(-end // BUCKET) * BUCKET)
 
 

@@ -1,7 +1,8 @@
 """One-token attention over a KV cache (`cuda/decode_attention.cu`): the decode step's SDPA call, reading only the
 keys from the window's start to the token's position (a captured graph's SDPA reads its whole span, masked) and
-sharing each KV head's loads among its query heads. Its grid depends on the batch and the heads alone, so one captured
-graph serves every position. The torch path (`attention.attend`, SDPA) is the reference."""
+sharing each KV head's loads among its query heads. Its grid depends on the batch, the heads and the cluster size the
+span picks (`ranks`), not on the position, so a captured graph serves every position of its span (`graph_span`). The
+torch path (`attention.attend`, SDPA) is the reference."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ MAX_GROUP = 8  # query heads a KV head serves, at most
 MAX_RANKS = 16  # ATT_MAX_RANKS: blocks a (batch row, KV head) at most, one thread-block cluster (sm_90+)
 #: Spans up to LONG_SPAN take clusters of 8 blocks a head, longer ones 16 (the H200, µs a layer, Llama-3-8B's heads:
 #: the token at 255 4.7 against 6.0, at 1023 4.9 against 6.0, at 2047 12.1 against 9.9, at 8191 42.5 against 29.0;
-#: docs/benchmarks.md, session 28). graphs.step_span gives a graph step LONG_SPAN until the token passes it.
+#: docs/benchmarks.md, session 28).
 LONG_SPAN = 2048
 
 INSTANCES = tuple(
@@ -85,6 +86,13 @@ def ranks(device: torch.device, span: int) -> int:
     return 8 if span <= LONG_SPAN else MAX_RANKS
 
 
+def graph_span(end: int, capacity: int) -> int:
+    """The span of a captured one-token step whose token ends at `end` in a cache of `capacity` positions: the
+    longest one with the same launch as `end` keys (LONG_SPAN until the token passes it, then the whole cache), so a
+    generation captures one graph, or two."""
+    return min(capacity, LONG_SPAN) if end <= LONG_SPAN else capacity
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor | int, window: int | None
 ) -> torch.Tensor:
@@ -101,9 +109,9 @@ def decode_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk_size()}>"
     function = kernel(SOURCE, INSTANCES, name, q.device)
-    count = ranks(q.device, span)
     arguments = (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
                  0 if device_position is not None else position, window or 0, math.log2(math.e) / math.sqrt(dim), out)
+    count = ranks(q.device, span)
     try:
         launch(function, (bsz * kv_heads, count, 1), (THREADS, 1, 1), arguments, q.device, overlap=True,
                cluster=(1, count, 1) if count > 1 else None)
