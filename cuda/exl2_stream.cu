@@ -42,8 +42,22 @@ struct StreamGroup {
     StreamMatrix m[MAX_GROUP];
     int count, units;
 };
+// The RMSNorm a launch folds into its activation gather (decode's q/k/v and gate/up): its input is then
+// weight * T(v / rms(v)) with v = residual + T(delta) in fp32, rounded as add_rms_norm (fused.cu) rounds it, and no
+// norm kernel runs before it (that kernel's own latency was ~3.5 µs a call: docs/benchmarks.md, sessions 28-29).
+// Every block reduces the whole row itself (a persistent grid: a few KB from L2 a block; the register kernel's
+// thousands of blocks made that cost more than the norm kernel, session 29); block 0 writes v to new_residual, a
+// buffer no block reads. residual null: no fold, the input is x. Mirrored by exl2_stream_ops.NormFold.
+struct NormFold {
+    const float* residual;  // [hidden] fp32
+    const u16* delta;       // [hidden] T: the output the residual stream adds (o_proj's, down_proj's)
+    const u16* weight;      // [hidden] T: the norm's weight
+    float* new_residual;    // [hidden] fp32: residual + delta, written by block 0
+    float eps;
+};
 static_assert(sizeof(StreamMatrix) == 56, "see exl2_stream_ops.StreamMatrix");
 static_assert(sizeof(StreamGroup) == 232, "see exl2_stream_ops.StreamGroup");
+static_assert(sizeof(NormFold) == 40, "see exl2_stream_ops.NormFold");
 
 // ----- mbarriers and bulk copies (PTX ISA 8.0, sm_90) -----
 __device__ __forceinline__ u32 shared_address(const void* p) {
@@ -202,20 +216,59 @@ __device__ __forceinline__ void early_entries(const StreamGroup& group, int K, i
     }
 }
 
-// Row r's activation into xh, at (r & ~31) + its pair slot, prescaled (`entry`: its gather table entry).
+// rsqrt(mean(v²) + eps) of the folded norm's row v = residual + T(delta) (K values, K a multiple of 4, 16-byte aligned
+// rows), by the block's consumers, reduced through shared memory; block 0 stores v to new_residual on the way.
+template <typename T, int CONSUMERS>
+__device__ __forceinline__ float fold_inv_rms(const NormFold& fold, int K) {
+    __shared__ float partial[CONSUMERS / 32];
+    const bool writer = blockIdx.x == 0;
+    float sum_sq = 0.0f;
+    for (int i = 4 * (int)threadIdx.x; i < K; i += 4 * CONSUMERS) {
+        float4 v = __ldg(reinterpret_cast<const float4*>(fold.residual + i));
+        const uint2 d = __ldg(reinterpret_cast<const uint2*>(fold.delta + i));
+        v.x += Act<T>::load((u16)(d.x & 0xffffu));
+        v.y += Act<T>::load((u16)(d.x >> 16));
+        v.z += Act<T>::load((u16)(d.y & 0xffffu));
+        v.w += Act<T>::load((u16)(d.y >> 16));
+        if (writer) *reinterpret_cast<float4*>(fold.new_residual + i) = v;
+        sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    sum_sq = warp_sum(sum_sq);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum_sq;
+    consumers_sync<CONSUMERS>();
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < CONSUMERS / 32; w++) total += partial[w];
+    return rsqrtf(total / (float)K + fold.eps);
+}
+
+// Input channel i of a folded norm (fold_inv_rms gave inv): T(weight · T(v · inv)), add_rms_norm's rounding.
+template <typename T>
+__device__ __forceinline__ float folded_activation(const NormFold& fold, int i, float inv) {
+    const float v = fold.residual[i] + Act<T>::load(fold.delta[i]);
+    const float normed = Act<T>::load(Act<T>::store(v * inv));
+    return Act<T>::load(Act<T>::store(Act<T>::load(fold.weight[i]) * normed));
+}
+
+// Row r's activation into xh, at (r & ~31) + its pair slot, prescaled (`entry`: its gather table entry); with a fold
+// (fold.residual not null), the folded norm's (inv: fold_inv_rms).
 template <typename T>
 __device__ __forceinline__ void gather_row(const u16* __restrict__ x, const u16* __restrict__ up, int r, u32 entry,
-                                           u16* xh) {
-    const float v = activation<T>(x, up, entry & 0x1ffffu);
+                                           u16* xh, const NormFold& fold, float inv) {
+    const int channel = entry & 0x1ffffu;
+    const float v = fold.residual != nullptr ? folded_activation<T>(fold, channel, inv) : activation<T>(x, up, channel);
     xh[(r & ~31) + ((entry >> 17) & 31)] = Act<fp16_t>::store(v * pair_prescale((int)(entry >> 22)));
 }
 
 // xh for the stored rows the block's units [u0, u1) (all of one matrix) cover; with `use_early`, the thread's first
-// rows take the entries early_entries read.
+// rows take the entries early_entries read. With a fold, its inv is reduced at the block's first gather (inv < 0
+// until then: every consumer takes this call together, so its barrier is safe).
 template <typename T, int CONSUMERS>
 __device__ __forceinline__ void gather_block(const StreamGroup& group, int K, const u16* __restrict__ x,
                                              const u16* __restrict__ up, int u0, int u1, u16* xh,
-                                             const u32 (&early)[STREAM_EARLY_ROWS], bool use_early) {
+                                             const u32 (&early)[STREAM_EARLY_ROWS], bool use_early,
+                                             const NormFold& fold, float& inv) {
+    if (fold.residual != nullptr && inv < 0.0f) inv = fold_inv_rms<T, CONSUMERS>(fold, K);
     const Rows rows(group, K, u0, u1);
     const u32* gather = group.m[matrix_of(group, u0)].gather;
     const int count = rows.count();
@@ -224,12 +277,12 @@ __device__ __forceinline__ void gather_block(const StreamGroup& group, int K, co
     for (int e = 0; e < STREAM_EARLY_ROWS; e++, i += CONSUMERS) {
         if (i < count) {
             const int r = rows.at(i);
-            gather_row<T>(x, up, r, use_early ? early[e] : __ldg(gather + r), xh);
+            gather_row<T>(x, up, r, use_early ? early[e] : __ldg(gather + r), xh, fold, inv);
         }
     }
     for (; i < count; i += CONSUMERS) {
         const int r = rows.at(i);
-        gather_row<T>(x, up, r, __ldg(gather + r), xh);
+        gather_row<T>(x, up, r, __ldg(gather + r), xh, fold, inv);
     }
 }
 
@@ -283,12 +336,14 @@ __device__ __forceinline__ void add_sums(const StreamMatrix& mat, int strip, int
     }
 }
 
-// y = x @ W (one activation row, fp16) for the group's matrices, through the fp32 workspaces (exl2_finish writes y).
+// y = x @ W (one activation row, fp16) for the group's matrices, through the fp32 workspaces (exl2_finish writes y);
+// with a fold (NormFold, residual not null; x then unused), the input is that norm's output.
 // Block: C == 2: 128 consumer threads of 2 adjacent columns, C == 1: 256 of one; then the producer warp.
 template <typename T, int C>
 __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16* __restrict__ x,
                                                                      const u16* __restrict__ up, int K,
-                                                                     const StreamGroup group, int stage_count) {
+                                                                     const StreamGroup group, int stage_count,
+                                                                     const NormFold fold) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     constexpr int CONSUMERS = STREAM_COLUMNS / C;
     extern __shared__ __align__(128) u32 stages[];
@@ -320,6 +375,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
 #pragma unroll
     for (int c = 0; c < C; c++) acc[c] = 0.0f;
     int matrix = -1, strip = -1;  // of the sums in acc
+    float inv = -1.0f;  // the fold's, once reduced
     int stage = 0;
     u32 phase = 0;
     for (int u = u0; u < u1; u++) {
@@ -331,7 +387,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
             if (t.matrix != matrix) {  // this matrix's activations, for the rows of its units in this block
                 consumers_sync<CONSUMERS>();  // nobody still reads the previous matrix's
                 gather_block<T, CONSUMERS>(group, K, x, up, u, min(u1, matrix_end(group, t.matrix)), xh, early,
-                                           matrix < 0);
+                                           matrix < 0, fold, inv);
                 consumers_sync<CONSUMERS>();
             }
             matrix = t.matrix;

@@ -45,7 +45,7 @@ def _descriptor_cases():
     from exlq.runtime.kernels import exl2_ops, exl2_stream_ops
 
     return [("exl2_common.cuh", (exl2_ops.GemvMatrix, exl2_ops.GemvGroup)),
-            ("exl2_stream.cu", (exl2_stream_ops.StreamMatrix, exl2_stream_ops.StreamGroup))]
+            ("exl2_stream.cu", (exl2_stream_ops.StreamMatrix, exl2_stream_ops.StreamGroup, exl2_stream_ops.NormFold))]
 
 
 @pytest.mark.parametrize("source, structs", _descriptor_cases())

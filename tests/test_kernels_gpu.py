@@ -308,6 +308,70 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
+FOLD_KINDS = [(torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "stream"), (torch.bfloat16, "narrow"),
+              (torch.bfloat16, "wide")]
+
+
+@pytest.mark.parametrize("hidden", [576, 592, 4096])  # 592: a 16-row 2-bit tail (no streamed kernel)
+@pytest.mark.parametrize("dtype, kind", FOLD_KINDS)
+@pytest.mark.parametrize("grid", [None, 3])  # the streamed kernel's block 0 across all three matrices
+def test_group_gemv_folds_the_pending_norm(hidden, dtype, kind, grid, monkeypatch):
+    """A one-row residual add + RMSNorm left pending and handed to a group GEMV (q/k/v-like) gives the products of
+    add_rms_norm's output (up to the norm's sum order: an activation an ulp apart, rarely) and the whole new residual,
+    exactly. The streamed kernel folds the norm into its gather (no add_rms_norm launch); the register kernel takes
+    the norm kernel's output."""
+    use_gemv(kind, monkeypatch)
+    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
+    monkeypatch.setattr(fused_ops, "NORM_FOLD", True)
+    gen = torch.Generator().manual_seed(hidden)
+    widths = [(hidden, [4], [1.0], 32), (256, [6, 4], [0.3, 0.7], 32), (4160, [3], [1.0], 32)]
+    if hidden % 32:
+        widths = [(n, [2], [1.0], 64) for n, *_ in widths]
+    layers = [Exl2Linear(on_gpu(random_exl2(hidden, n, bits, props, group, seed=70 + i, bias=i == 0)[0]), hidden, n,
+                         dtype=dtype) for i, (n, bits, props, group) in enumerate(widths)]
+    residual = (8 * torch.randn(1, 1, hidden, generator=gen)).to(CUDA)
+    delta = torch.randn(1, 1, hidden, generator=gen).to(CUDA, dtype)
+    weight = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(CUDA, dtype)
+    new_residual = torch.full_like(residual, float("nan"))
+    pending = fused_ops.PendingNorm(residual, delta, weight, 1e-5, new_residual)
+    assert fused_ops.PendingNorm.possible(residual, delta, weight)
+    got = project_each(layers, pending)
+    folds = kind == "stream" and hidden % 32 == 0  # the streamed kernel takes whole 32-row blocks only
+    assert (pending._out is None) == folds, "the streamed GEMV computes the norm itself, the others get it computed"
+    expected_residual, normed = fused_ops.add_rms_norm(residual, delta, weight, 1e-5)
+    assert torch.equal(new_residual, expected_residual)
+    for g, e in zip(got, project_each(layers, normed)):
+        assert g.shape == e.shape and torch.isfinite(g).all() and rel(g, e) < TOLERANCE[dtype] / 4
+    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
+    assert not workspace.any() and not counters.any()
+
+
+def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatch):
+    """A tiny EXL2 Llama decoding one token a step (graphs and eager) gives the same logits with its norms folded into
+    the q/k/v and gate/up GEMVs as with the norm kernel before them, and folds every in-layer norm of those steps."""
+    _, exl2_dir, _ = exl2_and_reference_dirs(tmp_path)
+    model = load_model(exl2_dir, device="cuda", dtype="fp16")
+    gen = torch.Generator().manual_seed(5)
+    ids, steps = torch.randint(0, 200, (1, 9), generator=gen), torch.randint(0, 200, (1, 12), generator=gen)
+    folds = []
+    original = exl2_stream_ops.NormFold.of.__func__
+    monkeypatch.setattr(exl2_stream_ops.NormFold, "of", classmethod(lambda cls, p: (folds.append(p is not None), original(cls, p))[1]))
+    results = {}
+    for fold, graphs in [(False, "0"), (True, "0"), (True, "1")]:
+        monkeypatch.setattr(fused_ops, "NORM_FOLD", fold)
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
+        model.decode_graphs.clear()
+        cache = model.new_cache(32)
+        model(ids, cache)
+        folds.clear()
+        out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
+        results[fold, graphs] = torch.cat(out, dim=1).float()
+        if fold and graphs == "0":  # eager: every step launches; 2 layers, q/k/v and gate/up, the first norm not folded
+            assert sum(folds) == steps.shape[1] * (2 * 2 - 1)
+    assert rel(results[True, "0"], results[False, "0"]) < 2e-3
+    assert rel(results[True, "1"], results[False, "0"]) < 2e-3
+
+
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
 @pytest.mark.parametrize("kind", ["mma", "narrow", "wide", "stream"])
 def test_gemv_survives_large_activations(bits, kind, monkeypatch):

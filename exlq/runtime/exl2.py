@@ -24,6 +24,7 @@ from torch import nn
 
 from exlq.errors import ExlqError
 from exlq.runtime import kernels
+from exlq.runtime.kernels.fused_ops import PendingNorm, as_tensor
 from exlq.runtime.weights import WeightStore
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -425,10 +426,12 @@ class Exl2Linear(nn.Module):
         return matmul_many([self.kernel_plan()], gate, up)[0]
 
     @staticmethod
-    def forward_many(layers: list[Exl2Linear], x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_many(layers: list[Exl2Linear], x: torch.Tensor | PendingNorm) -> list[torch.Tensor]:
         """[layer(x) for layer in layers]; on the GPU one kernel launch for all (few-row x), because for small
-        models each launch costs more than the product itself."""
+        models each launch costs more than the product itself. A pending norm goes to that launch, which forms it as
+        it gathers its input (exl2_ops.gemv)."""
         if not kernels.applies(x):
+            x = as_tensor(x)
             return [layer(x) for layer in layers]
         from exlq.runtime.kernels.exl2_ops import matmul_many
 

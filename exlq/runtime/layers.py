@@ -15,7 +15,7 @@ from torch import nn
 from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch
 from exlq.runtime.cache import KVCache
-from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, add_rms_norm
+from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, PendingNorm, add_rms_norm
 from exlq.runtime.linear import project_each, project_gated
 
 
@@ -38,9 +38,16 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(self.weight.dtype)
 
-    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual + delta in float32, the norm of that): one kernel on the GPU instead of four."""
+    def add_and_norm(
+        self, residual: torch.Tensor, delta: torch.Tensor, defer: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | PendingNorm]:
+        """(residual + delta in float32, the norm of that): one kernel on the GPU instead of four. With `defer`, a
+        one-row norm on the GPU is returned pending (PendingNorm), for the next GEMV to fold in: the residual comes
+        back unwritten, and is written once the pending norm is consumed (project_each consumes it)."""
         if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and self._fused():
+            if defer and PendingNorm.possible(residual, delta, self.weight):
+                new_residual = torch.empty_like(residual)
+                return new_residual, PendingNorm(residual, delta, self.weight, self.eps, new_residual)
             return add_rms_norm(residual, delta, self.weight, self.eps)
         residual = residual + delta.float()
         return residual, self(residual)
@@ -77,7 +84,9 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.window = window
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | PendingNorm, batch: AttentionBatch, cache: KVCache | None, cache_layer: int
+    ) -> torch.Tensor:
         bsz, length, _ = x.shape
         q, k, v = project_each((self.q_proj, self.k_proj, self.v_proj), x)
         q = q.view(bsz, length, self.num_heads, self.head_dim)
@@ -97,7 +106,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
         gate, up = project_each((self.gate_proj, self.up_proj), x)
         return project_gated(self.down_proj, gate, up)
 
@@ -129,12 +138,13 @@ class DecoderLayer(nn.Module):
         """The layer on residual + delta, returning (its residual before the MLP's output, that output).
 
         A model runs its layers this way so each layer's last residual add happens inside the next norm
-        (one fused kernel on the GPU instead of a cast, an add and a norm); `forward` adds it at once.
+        (one fused kernel on the GPU instead of a cast, an add and a norm; at one row, none: the norm is left
+        pending for the q/k/v and gate/up GEMVs to fold in); `forward` adds it at once.
         """
         if delta is None:
             normed = self.input_layernorm(residual)
         else:
-            residual, normed = self.input_layernorm.add_and_norm(residual, delta)
+            residual, normed = self.input_layernorm.add_and_norm(residual, delta, defer=True)
         attended = self.self_attn(normed, batch, cache, cache_layer)
-        residual, normed = self.post_attention_layernorm.add_and_norm(residual, attended)
+        residual, normed = self.post_attention_layernorm.add_and_norm(residual, attended, defer=True)
         return residual, self.mlp(normed)

@@ -17,7 +17,7 @@ from torch import nn
 from exlq.errors import ExlqError
 from exlq.runtime import kernels
 from exlq.runtime.exl2 import Exl2Linear
-from exlq.runtime.kernels.fused_ops import silu_mul
+from exlq.runtime.kernels.fused_ops import PendingNorm, as_tensor, silu_mul
 from exlq.runtime.weights import WeightStore
 
 
@@ -77,13 +77,14 @@ class DenseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def project_each(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+def project_each(layers: Sequence[nn.Module], x: torch.Tensor | PendingNorm) -> list[torch.Tensor]:
     """[layer(x) for layer in layers] (e.g. q/k/v of one input). Layers of one format that has
-    `forward_many(layers, x)` run through it (EXL2 on the GPU: one launch instead of one per layer), unless a
-    module hook must see each call (the quantizer's Hessian and input recorders)."""
+    `forward_many(layers, x)` run through it (EXL2 on the GPU: one launch instead of one per layer, which takes a
+    PendingNorm x as is), unless a module hook must see each call (the quantizer's Hessian and input recorders)."""
     kind = type(layers[0])
     many = getattr(kind, "forward_many", None)
     if many is None or len(layers) < 2 or any(type(layer) is not kind or _hooked(layer) for layer in layers):
+        x = as_tensor(x)
         return [layer(x) for layer in layers]
     return many(list(layers), x)
 

@@ -32,7 +32,7 @@ from exlq.runtime.exl2 import (
     Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, row_bits, scale_multipliers,
 )
 from exlq.runtime.kernels import ACTIVATION_TAGS, exl2_stream_ops
-from exlq.runtime.kernels.fused_ops import silu_mul
+from exlq.runtime.kernels.fused_ops import PendingNorm, silu_mul
 from exlq.runtime.kernels.launch import kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
@@ -253,16 +253,26 @@ def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tupl
     return tensor_cores, WIDE_COLUMNS if wide else 1
 
 
-def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor], up: torch.Tensor | None = None) -> None:
+def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequence[torch.Tensor],
+         up: torch.Tensor | None = None) -> None:
     """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M in GEMV_ROWS contiguous rows, ≤ MAX_GROUP matrices of
     input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch. With
-    `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first)."""
+    `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first). A
+    PendingNorm x (one row) is folded into the streamed kernel's gather (exl2_stream_ops.NormFold), else computed
+    first: in the register kernel, whose thousands of blocks would each reduce the whole row, the fold cost the 8B
+    6 % (docs/benchmarks.md, session 29)."""
+    pending = x if isinstance(x, PendingNorm) else None
+    if pending is not None:
+        x = pending.residual.view(1, -1)  # its row count and device; the streamed kernel reads the norm's tensors
     rows = x.shape[0]
     device = x.device
-    if exl2_stream_ops.applies(plans, rows, x.dtype, device):
-        streamed_gemv(plans, x, outs, up)
+    dtype = pending.dtype if pending is not None else x.dtype
+    if exl2_stream_ops.applies(plans, rows, dtype, device):
+        streamed_gemv(plans, x, outs, up, pending)
         return
-    tensor_cores, columns = gemv_route(plans, rows, x.dtype)
+    if pending is not None:
+        x = pending.tensor().view(rows, -1)
+    tensor_cores, columns = gemv_route(plans, rows, dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     finish = FINISH_KERNEL and not tensor_cores  # exl2_finish writes the outputs of split products
@@ -289,13 +299,13 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor
         function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
     else:
         name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
-        instance = f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
-        function = kernel(SOURCE, INSTANCE_SETS[x.dtype], instance, device)
+        instance = f"{name}<{ACTIVATION_TAGS[dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
+        function = kernel(SOURCE, INSTANCE_SETS[dtype], instance, device)
     args = group.m[0] if len(plans) == 1 else group
     operands = (x, up, plans[0].in_features, args) if name == "exl2_gemv" else (x, plans[0].in_features, args)
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=not tensor_cores)
     if finish and split_k:
-        finish_sums(group, plans, rows, x.dtype, device)
+        finish_sums(group, plans, rows, dtype, device)
 
 
 def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -306,8 +316,9 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
 
 
 def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
-                  up: torch.Tensor | None = None) -> None:
-    """gemv for one fp16 row through the streamed kernel (exl2_stream_ops.applies): its sums, then exl2_finish."""
+                  up: torch.Tensor | None = None, pending: PendingNorm | None = None) -> None:
+    """gemv for one fp16 row through the streamed kernel (exl2_stream_ops.applies): its sums, then exl2_finish; with
+    `pending`, that norm folded into the gather (x unused)."""
     if up is not None and len(plans) > 1:
         x, up = silu_mul(x, up), None
     workspace, _ = _workspace.get(x.device, sum(plan.n_pad for plan in plans), 0)
@@ -320,8 +331,8 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
             bias=0 if plan.bias is None else plan.bias.data_ptr(), workspace=sums[-1], y=out.data_ptr(),
             N=plan.out_features, n_pad=plan.n_pad, splits=2,
         )
-    exl2_stream_ops.launch_stream(plans, x, up, sums)
-    finish_sums(group, plans, 1, x.dtype, x.device)
+    exl2_stream_ops.launch_stream(plans, None if pending is not None else x, up, sums, pending)
+    finish_sums(group, plans, 1, outs[0].dtype, outs[0].device)
 
 
 def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = False) -> torch.Tensor:
@@ -339,10 +350,17 @@ def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = Fa
     return out
 
 
-def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor, up: torch.Tensor | None = None) -> list[torch.Tensor]:
+def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
+                up: torch.Tensor | None = None) -> list[torch.Tensor]:
     """[x @ W_iᵀ (+ bias_i)] for x [..., K] in fp16 or bf16 and matrices of input size K: GEMV for few rows (up to
     MAX_GROUP matrices a launch), dequantize + cuBLAS per matrix for many. With `up` (x's shape), the input is
-    silu_mul(x, up): the GEMV computes it as it gathers (down_proj of a gated MLP)."""
+    silu_mul(x, up): the GEMV computes it as it gathers (down_proj of a gated MLP). A PendingNorm x (one row) goes to
+    the GEMV, which folds it where it can (gemv)."""
+    if isinstance(x, PendingNorm):
+        ys = [torch.empty(1, plan.out_features, dtype=x.dtype, device=x.device) for plan in plans]
+        for first in range(0, len(plans), MAX_GROUP):
+            gemv(plans[first : first + MAX_GROUP], x, ys[first : first + MAX_GROUP])
+        return [y.view(*x.shape[:-1], plan.out_features) for y, plan in zip(ys, plans)]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, plans[0].in_features).contiguous()
     up2 = None if up is None else up.reshape(x2.shape).contiguous()

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from exlq.runtime.exl2 import Layout, row_bits
+from exlq.runtime.kernels.fused_ops import PendingNorm
 from exlq.runtime.kernels.launch import allow_shared, device_index, hopper_or_newer, kernel, launch
 
 SOURCE = "exl2_stream.cu"
@@ -116,6 +117,21 @@ class StreamGroup(ctypes.Structure):
     _fields_ = [("m", StreamMatrix * MAX_GROUP), ("count", ctypes.c_int32), ("units", ctypes.c_int32)]
 
 
+class NormFold(ctypes.Structure):
+    """`struct NormFold` of exl2_stream.cu: the norm a launch folds into its gather (fused_ops.PendingNorm); all zero
+    for none."""
+
+    _fields_ = [*[(name, ctypes.c_uint64) for name in ("residual", "delta", "weight", "new_residual")],
+                ("eps", ctypes.c_float)]
+
+    @classmethod
+    def of(cls, pending: PendingNorm | None) -> NormFold:
+        if pending is None:
+            return cls()
+        return cls(pending.residual.data_ptr(), pending.delta.data_ptr(), pending.weight.data_ptr(),
+                   pending.new_residual.data_ptr(), pending.eps)
+
+
 def applies(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a GEMV launch goes to the streamed kernel: one fp16 row, every matrix eligible, at most MAX_BYTES of
     packed weights in all, sm_90 or newer."""
@@ -142,10 +158,12 @@ def grid_size(units: int, shared: int, sms: int, shared_per_sm: int) -> int:
     return max(1, blocks if MAX_GRID is None else min(blocks, MAX_GRID))
 
 
-def launch_stream(plans: Sequence, x: torch.Tensor, up: torch.Tensor | None, sums: Sequence[int]) -> None:
+def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | None, sums: Sequence[int],
+                  pending: PendingNorm | None = None) -> None:
     """Add x[1, K] @ W_i (for ≤ MAX_GROUP matrices, with `up`: silu_mul(x, up) @ W, one matrix) into the fp32 sums at
-    device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them."""
-    device = x.device
+    device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them. With `pending`, the input is that
+    norm's output, formed in the gather (x unused), and the launch writes its new residual."""
+    device = plans[0].q_weight.device
     group = StreamGroup(count=len(plans))
     units = 0
     for i, (plan, at) in enumerate(zip(plans, sums, strict=True)):
@@ -164,4 +182,5 @@ def launch_stream(plans: Sequence, x: torch.Tensor, up: torch.Tensor | None, sum
     threads = STREAM_COLUMNS // columns + 32
     grid = grid_size(units, shared, *sm_limits(device_index(device)))
     launch(function, (grid, 1, 1), (threads, 1, 1),
-           (x, up, plans[0].in_features, group, stages), device, overlap=True, shared_bytes=shared)
+           (x, up, plans[0].in_features, group, stages, NormFold.of(pending)), device, overlap=True,
+           shared_bytes=shared)

@@ -1,6 +1,10 @@
-"""Fused element-wise kernels of the decode step (`cuda/fused.cu`): residual add + RMSNorm, SiLU gate."""
+"""Fused element-wise kernels of the decode step (`cuda/fused.cu`): residual add + RMSNorm, SiLU gate; and the
+residual add + RMSNorm left pending for the next GEMV to fold into its gather (`PendingNorm`)."""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 
@@ -15,14 +19,24 @@ NORM_MAX_HIDDEN = NORM_PER_THREAD * 1024  # longer rows take the torch path (lay
 INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "silu_mul", "rope_store") for tag in _TAGS.values())
 
 
+#: Leave a one-row decode step's residual add + RMSNorm to the q/k/v and gate/up GEMVs, which fold it into their
+#: activation gather (docs/benchmarks.md, session 29). EXLQ_NORM_FOLD=0: a norm kernel before each, as before.
+NORM_FOLD = os.environ.get("EXLQ_NORM_FOLD", "1") != "0"
+
+
 def add_rms_norm(
-    residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+    new_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(residual + delta in float32, weight * norm(that) in weight's dtype); delta None: just the norm."""
+    """(residual + delta in float32, weight * norm(that) in weight's dtype); delta None: just the norm.
+    `new_residual`: where the sum goes (a fresh tensor by default)."""
     hidden = weight.numel()
     residual = residual.contiguous()
     rows = residual.numel() // hidden
-    new_residual = residual if delta is None else torch.empty_like(residual)
+    if delta is None:
+        new_residual = residual
+    elif new_residual is None:
+        new_residual = torch.empty_like(residual)
     out = torch.empty(residual.shape, dtype=weight.dtype, device=residual.device)
     threads = min(1024, max(32, -(-hidden // 8 // 32) * 32))  # about 8 values a thread
     if hidden > NORM_MAX_HIDDEN:
@@ -37,6 +51,50 @@ def add_rms_norm(
         overlap=True,
     )
     return new_residual, out
+
+
+@dataclass
+class PendingNorm:
+    """weight * norm(residual + delta) of one row, not computed yet: a GEMV that takes it (`exl2_ops.gemv`) forms it
+    as it gathers its input, so the decode step saves the norm kernel and its latency; anything else calls `tensor()`.
+    Whoever consumes it writes residual + delta (fp32) into `new_residual`, which the layer keeps as its residual."""
+
+    residual: torch.Tensor  # [..., hidden] fp32, one row
+    delta: torch.Tensor  # [..., hidden] in weight's dtype
+    weight: torch.Tensor  # [hidden]
+    eps: float
+    new_residual: torch.Tensor  # [..., hidden] fp32, written by the consumer
+    _out: torch.Tensor | None = None
+
+    @staticmethod
+    def possible(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether a GEMV could fold this norm: one contiguous row whose width the kernels read 4 values at a time."""
+        hidden = weight.numel()
+        return (NORM_FOLD and residual.numel() == hidden and hidden % 4 == 0 and residual.is_contiguous()
+                and delta.is_contiguous() and residual.data_ptr() % 16 == 0 and delta.data_ptr() % 8 == 0)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.residual.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.residual.device
+
+    def tensor(self) -> torch.Tensor:
+        """The norm's output, by the add_rms_norm kernel (once; it writes new_residual too)."""
+        if self._out is None:
+            self._out = add_rms_norm(self.residual, self.delta, self.weight, self.eps, self.new_residual)[1]
+        return self._out
+
+
+def as_tensor(x: torch.Tensor | PendingNorm) -> torch.Tensor:
+    """x itself, or a pending norm's output."""
+    return x.tensor() if isinstance(x, PendingNorm) else x
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
