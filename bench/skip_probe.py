@@ -11,6 +11,8 @@ critical path), so a fusion can be priced before it is written.
 
 Kernels: norm (add_rms_norm: the residual add and RMSNorm before each attention and MLP), rope (rope_store: RoPE and
 the cache write), finish (exl2_finish: the split GEMVs' output writes), attention (the one-token attention kernel).
+Where the streamed GEMV folds the norm into its gather (small models, fused_ops.NORM_FOLD), `norm` leaves out only
+the norms it does not fold (the first layer's input norm, the final one): run with EXLQ_NORM_FOLD=0 to price them all.
 """
 
 from __future__ import annotations
