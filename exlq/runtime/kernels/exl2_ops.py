@@ -261,18 +261,17 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     PendingNorm x (one row) is folded into the streamed kernel's gather (exl2_stream_ops.NormFold), else computed
     first: in the register kernel, whose thousands of blocks would each reduce the whole row, the fold cost the 8B
     6 % (docs/benchmarks.md, session 29)."""
-    pending = x if isinstance(x, PendingNorm) else None
-    if pending is not None:
-        x = pending.residual.view(1, -1)  # its row count and device; the streamed kernel reads the norm's tensors
+    if isinstance(x, PendingNorm):  # one row
+        if exl2_stream_ops.applies(plans, 1, x.dtype, x.device):
+            streamed_gemv(plans, None, outs, None, x)
+            return
+        x = x.tensor().view(1, -1)
     rows = x.shape[0]
     device = x.device
-    dtype = pending.dtype if pending is not None else x.dtype
-    if exl2_stream_ops.applies(plans, rows, dtype, device):
-        streamed_gemv(plans, x, outs, up, pending)
+    if exl2_stream_ops.applies(plans, rows, x.dtype, device):
+        streamed_gemv(plans, x, outs, up)
         return
-    if pending is not None:
-        x = pending.tensor().view(rows, -1)
-    tensor_cores, columns = gemv_route(plans, rows, dtype)
+    tensor_cores, columns = gemv_route(plans, rows, x.dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     finish = FINISH_KERNEL and not tensor_cores  # exl2_finish writes the outputs of split products
@@ -299,13 +298,13 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
         function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
     else:
         name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
-        instance = f"{name}<{ACTIVATION_TAGS[dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
-        function = kernel(SOURCE, INSTANCE_SETS[dtype], instance, device)
+        instance = f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
+        function = kernel(SOURCE, INSTANCE_SETS[x.dtype], instance, device)
     args = group.m[0] if len(plans) == 1 else group
     operands = (x, up, plans[0].in_features, args) if name == "exl2_gemv" else (x, plans[0].in_features, args)
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=not tensor_cores)
     if finish and split_k:
-        finish_sums(group, plans, rows, dtype, device)
+        finish_sums(group, plans, rows, x.dtype, device)
 
 
 def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -315,13 +314,13 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
     launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows), device, overlap=True)
 
 
-def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
+def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | None, outs: Sequence[torch.Tensor],
                   up: torch.Tensor | None = None, pending: PendingNorm | None = None) -> None:
     """gemv for one fp16 row through the streamed kernel (exl2_stream_ops.applies): its sums, then exl2_finish; with
-    `pending`, that norm folded into the gather (x unused)."""
+    `pending` (x None), that norm folded into the gather."""
     if up is not None and len(plans) > 1:
         x, up = silu_mul(x, up), None
-    workspace, _ = _workspace.get(x.device, sum(plan.n_pad for plan in plans), 0)
+    workspace, _ = _workspace.get(outs[0].device, sum(plan.n_pad for plan in plans), 0)
     group = GemvGroup(count=len(plans))
     sums, at = [], workspace.data_ptr()
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
@@ -331,7 +330,7 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
             bias=0 if plan.bias is None else plan.bias.data_ptr(), workspace=sums[-1], y=out.data_ptr(),
             N=plan.out_features, n_pad=plan.n_pad, splits=2,
         )
-    exl2_stream_ops.launch_stream(plans, None if pending is not None else x, up, sums, pending)
+    exl2_stream_ops.launch_stream(plans, x, up, sums, pending)
     finish_sums(group, plans, 1, outs[0].dtype, outs[0].device)
 
 
