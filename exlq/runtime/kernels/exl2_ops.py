@@ -261,16 +261,14 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     PendingNorm x (one row) is folded into the streamed kernel's gather (exl2_stream_ops.NormFold), else computed
     first: in the register kernel, whose thousands of blocks would each reduce the whole row, the fold cost the 8B
     6 % (docs/benchmarks.md, session 29)."""
-    if isinstance(x, PendingNorm):  # one row
-        if exl2_stream_ops.applies(plans, 1, x.dtype, x.device):
-            streamed_gemv(plans, None, outs, None, x)
-            return
-        x = x.tensor().view(1, -1)
-    rows = x.shape[0]
+    pending = x if isinstance(x, PendingNorm) else None  # one row
+    rows = 1 if pending is not None else x.shape[0]
     device = x.device
     if exl2_stream_ops.applies(plans, rows, x.dtype, device):
-        streamed_gemv(plans, x, outs, up)
+        streamed_gemv(plans, None if pending is not None else x, outs, up, pending)
         return
+    if pending is not None:
+        x = pending.tensor().view(1, -1)
     tensor_cores, columns = gemv_route(plans, rows, x.dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
@@ -354,16 +352,14 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
     """[x @ W_iᵀ (+ bias_i)] for x [..., K] in fp16 or bf16 and matrices of input size K: GEMV for few rows (up to
     MAX_GROUP matrices a launch), dequantize + cuBLAS per matrix for many. With `up` (x's shape), the input is
     silu_mul(x, up): the GEMV computes it as it gathers (down_proj of a gated MLP). A PendingNorm x (one row) goes to
-    the GEMV, which folds it where it can (gemv)."""
-    if isinstance(x, PendingNorm):
-        ys = [torch.empty(1, plan.out_features, dtype=x.dtype, device=x.device) for plan in plans]
-        for first in range(0, len(plans), MAX_GROUP):
-            gemv(plans[first : first + MAX_GROUP], x, ys[first : first + MAX_GROUP])
-        return [y.view(*x.shape[:-1], plan.out_features) for y, plan in zip(ys, plans)]
+    the GEMV as is, which folds it where it can (gemv)."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, plans[0].in_features).contiguous()
-    up2 = None if up is None else up.reshape(x2.shape).contiguous()
-    rows = x2.shape[0]
+    if isinstance(x, PendingNorm):
+        x2, up2, rows = x, None, 1
+    else:
+        x2 = x.reshape(-1, plans[0].in_features).contiguous()
+        up2 = None if up is None else up.reshape(x2.shape).contiguous()
+        rows = x2.shape[0]
     if rows > GEMV_MAX_ROWS:
         if up2 is not None:
             x2, up2 = silu_mul(x2, up2), None
@@ -379,9 +375,13 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
         start = 0
         while start < rows:
             stop = start + next(m for m in GEMV_ROWS if m <= rows - start)
+            if stop - start == rows:  # one launch takes every row: x as it is (a PendingNorm cannot be sliced)
+                part, up_part = x2, up2
+            else:
+                part, up_part = x2[start:stop], None if up2 is None else up2[start:stop]
             for first in range(0, len(plans), MAX_GROUP):
-                gemv(plans[first : first + MAX_GROUP], x2[start:stop], [y[start:stop] for y in ys[first : first + MAX_GROUP]],
-                     None if up2 is None else up2[start:stop])
+                gemv(plans[first : first + MAX_GROUP], part, [y[start:stop] for y in ys[first : first + MAX_GROUP]],
+                     up_part)
             start = stop
     return [y.view(*lead, plan.out_features) for y, plan in zip(ys, plans)]
 
