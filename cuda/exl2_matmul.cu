@@ -367,6 +367,45 @@ __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup gr
     if (n < mat.N) mat.y[(size_t)m * mat.N + n] = Act<T>::store(v + (mat.bias != nullptr ? mat.bias[n] : 0.0f));
 }
 
+// The end of a one-row product that a residual stream adds and a folded norm reads next (o_proj's, down_proj's):
+// v = residual + T(sums + bias) (or + delta, a finished output, when `delta` is set) into new_residual, and the
+// block's Σ v² into partials[blockIdx.x] (NormFold), the sums re-zeroed (their padding columns too); T(sums + bias)
+// itself is never written (the residual add is its only use). Grid ceil(max(K, n_pad) / FINISH_THREADS), partials
+// from the first ceil(K / FINISH_THREADS) blocks: exl2_finish and add_rms_norm's work, one launch.
+template <typename T>
+__global__ void __launch_bounds__(FINISH_THREADS) exl2_finish_norm(const GemvMatrix mat, const u16* __restrict__ delta,
+                                                                    const float* __restrict__ residual,
+                                                                    float* __restrict__ new_residual,
+                                                                    float* __restrict__ partials, int K) {
+    __shared__ float part[FINISH_THREADS / 32];
+    pdl_launch_dependents();
+    pdl_wait();
+    const int i = blockIdx.x * FINISH_THREADS + threadIdx.x;
+    float v = 0.0f;
+    if (i < K) {
+        float d;
+        if (delta != nullptr) d = Act<T>::load(delta[i]);
+        else {
+            float* slot = mat.workspace + i;
+            d = Act<T>::load(Act<T>::store(__ldcg(slot) + (mat.bias != nullptr ? mat.bias[i] : 0.0f)));
+            *slot = 0.0f;
+        }
+        v = residual[i] + d;
+        new_residual[i] = v;
+    } else if (delta == nullptr && i < mat.n_pad) {
+        mat.workspace[i] = 0.0f;
+    }
+    const float sum_sq = warp_sum(v * v);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = sum_sq;
+    __syncthreads();
+    if (threadIdx.x == 0 && blockIdx.x * FINISH_THREADS < K) {
+        float total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < FINISH_THREADS / 32; w++) total += part[w];
+        partials[blockIdx.x] = total;
+    }
+}
+
 // Blocks an SM the GEMV kernels' launch bounds ask for, by activation rows m and columns a thread c: at m = 2 (one
 // column) 7 (72 registers; left alone, ptxas took 95); at m = 1, 8 for one column (64 registers, no spill; with the
 // early gather table ptxas took 72), 7 for two; other m as ptxas likes (0).

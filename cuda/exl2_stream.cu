@@ -42,22 +42,38 @@ struct StreamGroup {
     StreamMatrix m[MAX_GROUP];
     int count, units;
 };
-// The RMSNorm a launch folds into its activation gather (decode's q/k/v and gate/up): its input is then
-// weight * T(v / rms(v)) with v = residual + T(delta) in fp32, rounded as add_rms_norm (fused.cu) rounds it, and no
-// norm kernel runs before it (that kernel's own latency was ~3.5 µs a call: docs/benchmarks.md, sessions 28-29).
-// Every block reduces the whole row itself (a persistent grid: a few KB from L2 a block; the register kernel's
-// thousands of blocks made that cost more than the norm kernel, session 29); block 0 writes v to new_residual, a
-// buffer no block reads. residual null: no fold, the input is x. Mirrored by exl2_stream_ops.NormFold.
+// The residual add + RMSNorm a launch folds into its activation gather (decode's q/k/v and gate/up, where they take
+// this kernel; in the register kernel, whose thousands of blocks would each wait on the partials, a fold cost the 8B
+// 4-6 %: docs/benchmarks.md, sessions 29-30): its input is then weight * T(v · inv) with v = residual + delta, which exl2_finish_norm (the kernel before it) wrote to
+// `residual`, and inv = rsqrt(Σ v² / K + eps) from that kernel's per-block partial sums of squares (a few dozen floats
+// a block reads, not the row), rounded as add_rms_norm (fused.cu) rounds it: the step needs no norm kernel.
+// residual null: no fold, the input is x. Mirrored by exl2_stream_ops.NormFold.
 struct NormFold {
-    const float* residual;  // [hidden] fp32
-    const u16* delta;       // [hidden] T: the output the residual stream adds (o_proj's, down_proj's)
-    const u16* weight;      // [hidden] T: the norm's weight
-    float* new_residual;    // [hidden] fp32: residual + delta, written by block 0
+    const float* residual;  // [K] fp32: residual + delta
+    const u16* weight;      // [K] T: the norm's weight
+    const float* partials;  // [count] fp32: Σ v² of consecutive FINISH_THREADS-value pieces of the row
+    int count;
     float eps;
 };
+
+// The fold's inv, by one warp (lanes sum the partials in a fixed order: the same bits in every block), into *out.
+__device__ __forceinline__ void fold_inv_rms(const NormFold& fold, int K, float* out) {
+    float sum = 0.0f;
+    for (int j = threadIdx.x & 31; j < fold.count; j += 32) sum += __ldcg(fold.partials + j);
+    sum = warp_sum(sum);
+    if ((threadIdx.x & 31) == 0) *out = rsqrtf(sum / (float)K + fold.eps);
+}
+
+// Input channel i of a folded norm: T(weight · T(v · inv)), add_rms_norm's rounding.
+template <typename T>
+__device__ __forceinline__ float folded_activation(const NormFold& fold, int i, float inv) {
+    const float normed = Act<T>::load(Act<T>::store(__ldcg(fold.residual + i) * inv));
+    return Act<T>::load(Act<T>::store(Act<T>::load(fold.weight[i]) * normed));
+}
+
 static_assert(sizeof(StreamMatrix) == 56, "see exl2_stream_ops.StreamMatrix");
 static_assert(sizeof(StreamGroup) == 232, "see exl2_stream_ops.StreamGroup");
-static_assert(sizeof(NormFold) == 40, "see exl2_stream_ops.NormFold");
+static_assert(sizeof(NormFold) == 32, "see exl2_stream_ops.NormFold");
 
 // ----- mbarriers and bulk copies (PTX ISA 8.0, sm_90) -----
 __device__ __forceinline__ u32 shared_address(const void* p) {
@@ -216,40 +232,6 @@ __device__ __forceinline__ void early_entries(const StreamGroup& group, int K, i
     }
 }
 
-// rsqrt(mean(v²) + eps) of the folded norm's row v = residual + T(delta) (K values, K a multiple of 4, 16-byte aligned
-// rows), by the block's consumers, reduced through shared memory; block 0 stores v to new_residual on the way.
-template <typename T, int CONSUMERS>
-__device__ __forceinline__ float fold_inv_rms(const NormFold& fold, int K) {
-    __shared__ float partial[CONSUMERS / 32];
-    const bool writer = blockIdx.x == 0;
-    float sum_sq = 0.0f;
-    for (int i = 4 * (int)threadIdx.x; i < K; i += 4 * CONSUMERS) {
-        float4 v = __ldg(reinterpret_cast<const float4*>(fold.residual + i));
-        const uint2 d = __ldg(reinterpret_cast<const uint2*>(fold.delta + i));
-        v.x += Act<T>::load((u16)(d.x & 0xffffu));
-        v.y += Act<T>::load((u16)(d.x >> 16));
-        v.z += Act<T>::load((u16)(d.y & 0xffffu));
-        v.w += Act<T>::load((u16)(d.y >> 16));
-        if (writer) *reinterpret_cast<float4*>(fold.new_residual + i) = v;
-        sum_sq += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    }
-    sum_sq = warp_sum(sum_sq);
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum_sq;
-    consumers_sync<CONSUMERS>();
-    float total = 0.0f;
-#pragma unroll
-    for (int w = 0; w < CONSUMERS / 32; w++) total += partial[w];
-    return rsqrtf(total / (float)K + fold.eps);
-}
-
-// Input channel i of a folded norm (fold_inv_rms gave inv): T(weight · T(v · inv)), add_rms_norm's rounding.
-template <typename T>
-__device__ __forceinline__ float folded_activation(const NormFold& fold, int i, float inv) {
-    const float v = fold.residual[i] + Act<T>::load(fold.delta[i]);
-    const float normed = Act<T>::load(Act<T>::store(v * inv));
-    return Act<T>::load(Act<T>::store(Act<T>::load(fold.weight[i]) * normed));
-}
-
 // Row r's activation into xh, at (r & ~31) + its pair slot, prescaled (`entry`: its gather table entry); with a fold
 // (fold.residual not null), the folded norm's (inv: fold_inv_rms).
 template <typename T>
@@ -268,7 +250,12 @@ __device__ __forceinline__ void gather_block(const StreamGroup& group, int K, co
                                              const u16* __restrict__ up, int u0, int u1, u16* xh,
                                              const u32 (&early)[STREAM_EARLY_ROWS], bool use_early,
                                              const NormFold& fold, float& inv) {
-    if (fold.residual != nullptr && inv < 0.0f) inv = fold_inv_rms<T, CONSUMERS>(fold, K);
+    if (fold.residual != nullptr && inv < 0.0f) {
+        __shared__ float shared_inv;
+        if (threadIdx.x < 32) fold_inv_rms(fold, K, &shared_inv);
+        consumers_sync<CONSUMERS>();
+        inv = shared_inv;
+    }
     const Rows rows(group, K, u0, u1);
     const u32* gather = group.m[matrix_of(group, u0)].gather;
     const int count = rows.count();

@@ -16,10 +16,13 @@
 #else
 #define NORM_BOUNDS
 #endif
-template <typename T>
-__global__ void NORM_BOUNDS add_rms_norm(const float* __restrict__ residual, const u16* __restrict__ delta,
-                             const u16* __restrict__ weight, float* __restrict__ new_residual,
-                             u16* __restrict__ out, int hidden, float eps) {
+// SUMS (one row; delta null): the delta is a one-row GEMV's unfinished fp32 sums (its workspace, the split-K products
+// added by atomics), ended here as exl2_finish ends them, T(sums + bias), and re-zeroed up to n_pad.
+template <typename T, bool SUMS>
+__device__ __forceinline__ void norm_row(const float* __restrict__ residual, const u16* __restrict__ delta,
+                                         const u16* __restrict__ weight, float* __restrict__ new_residual,
+                                         u16* __restrict__ out, int hidden, float eps, float* __restrict__ sums,
+                                         const float* __restrict__ bias, int n_pad) {
     __shared__ float partial[32];
     pdl_launch_dependents();
     pdl_wait();
@@ -33,7 +36,8 @@ __global__ void NORM_BOUNDS add_rms_norm(const float* __restrict__ residual, con
         w[j] = 0;
         if (i < hidden) {
             v[j] = residual[base + i];
-            if (delta != nullptr) v[j] += Act<T>::load(delta[base + i]);
+            if (SUMS) v[j] += Act<T>::load(Act<T>::store(__ldcg(sums + i) + (bias != nullptr ? bias[i] : 0.0f)));
+            else if (delta != nullptr) v[j] += Act<T>::load(delta[base + i]);
             w[j] = weight[i];
         }
     }
@@ -41,8 +45,11 @@ __global__ void NORM_BOUNDS add_rms_norm(const float* __restrict__ residual, con
 #pragma unroll
     for (int j = 0; j < NORM_PER_THREAD; j++) {
         const int i = threadIdx.x + j * blockDim.x;
-        if (delta != nullptr && i < hidden) new_residual[base + i] = v[j];
+        if ((SUMS || delta != nullptr) && i < hidden) new_residual[base + i] = v[j];
         sum_sq += v[j] * v[j];
+    }
+    if (SUMS) {  // each thread re-zeroes the slots it read (and the padding past hidden)
+        for (int i = threadIdx.x; i < n_pad; i += blockDim.x) sums[i] = 0.0f;
     }
     sum_sq = warp_sum(sum_sq);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum_sq;
@@ -62,6 +69,24 @@ __global__ void NORM_BOUNDS add_rms_norm(const float* __restrict__ residual, con
             out[base + i] = Act<T>::store(Act<T>::load(w[j]) * normed);
         }
     }
+}
+
+template <typename T>
+__global__ void NORM_BOUNDS add_rms_norm(const float* __restrict__ residual, const u16* __restrict__ delta,
+                                         const u16* __restrict__ weight, float* __restrict__ new_residual,
+                                         u16* __restrict__ out, int hidden, float eps) {
+    norm_row<T, false>(residual, delta, weight, new_residual, out, hidden, eps, nullptr, nullptr, 0);
+}
+
+// add_rms_norm of one row whose delta is the unfinished sums of the product before it (o_proj's, down_proj's, at
+// decode): that product's end (exl2_finish's work) and the norm in one launch. Bounded on every architecture: sm_90
+// took 69 registers unbounded, too many for a block of 1024 threads (rows longer than 7936).
+template <typename T>
+__global__ void __launch_bounds__(1024) finish_add_rms_norm(const float* __restrict__ residual, float* __restrict__ sums,
+                                                const float* __restrict__ bias, int n_pad,
+                                                const u16* __restrict__ weight, float* __restrict__ new_residual,
+                                                u16* __restrict__ out, int hidden, float eps) {
+    norm_row<T, true>(residual, nullptr, weight, new_residual, out, hidden, eps, sums, bias, n_pad);
 }
 
 // out = T(silu(gate)) * up, element-wise over n values.

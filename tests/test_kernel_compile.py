@@ -12,7 +12,7 @@ MAX_LOCAL_BYTES = 32  # a thread's stack frame: spilled registers, local arrays
 #: Kernels launched with blocks of up to this many threads (add_rms_norm: one row a block, up to 1024 threads) must
 #: fit them in an SM's 65536 registers (allocated 8 at a time), or the launch fails with "too many resources
 #: requested" (session 21: add_rms_norm took 80 registers on sm_80 and sm_89).
-LARGEST_BLOCK = {"add_rms_norm": 1024}
+LARGEST_BLOCK = {"add_rms_norm": 1024, "finish_add_rms_norm": 1024}
 
 
 def test_every_source_is_in_the_catalog():

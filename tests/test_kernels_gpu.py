@@ -314,15 +314,18 @@ FOLD_KINDS = [(torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16
 
 @pytest.mark.parametrize("hidden", [576, 592, 4096])  # 592: a 16-row 2-bit tail (no streamed kernel)
 @pytest.mark.parametrize("dtype, kind", FOLD_KINDS)
-@pytest.mark.parametrize("grid", [None, 3])  # the streamed kernel's block 0 across all three matrices
-def test_group_gemv_folds_the_pending_norm(hidden, dtype, kind, grid, monkeypatch):
+@pytest.mark.parametrize("unfinished", [False, True])  # the delta: a finished output, or o_proj-like sums
+@pytest.mark.parametrize("folded", [True, False])  # a streamed GEMV folds the norm, or reads the norm kernel's output
+def test_group_gemv_folds_the_pending_norm(hidden, dtype, kind, unfinished, folded, monkeypatch):
     """A one-row residual add + RMSNorm left pending and handed to a group GEMV (q/k/v-like) gives the products of
-    add_rms_norm's output (up to the norm's sum order: an activation an ulp apart, rarely) and the whole new residual,
-    exactly. The streamed kernel folds the norm into its gather (no add_rms_norm launch); the register kernel takes
-    the norm kernel's output."""
+    add_rms_norm's output (up to the norm's sum order: an activation an ulp apart, rarely) and the whole new residual.
+    Folded (the streamed kernel): without an add_rms_norm launch: exl2_finish_norm before the GEMV adds the delta
+    (ending its product's sums where they were left unfinished) and sums the squares, and the GEMV forms the normed
+    activations as it gathers them. Not folded (EXLQ_FOLD_STREAM=0, and the register kernel always): the norm kernel
+    runs first, and ends unfinished sums itself (finish_add_rms_norm)."""
     use_gemv(kind, monkeypatch)
-    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
     monkeypatch.setattr(fused_ops, "NORM_FOLD", True)
+    monkeypatch.setattr(exl2_ops, "FOLD_STREAM", folded)
     gen = torch.Generator().manual_seed(hidden)
     widths = [(hidden, [4], [1.0], 32), (256, [6, 4], [0.3, 0.7], 32), (4160, [3], [1.0], 32)]
     if hidden % 32:
@@ -330,20 +333,36 @@ def test_group_gemv_folds_the_pending_norm(hidden, dtype, kind, grid, monkeypatc
     layers = [Exl2Linear(on_gpu(random_exl2(hidden, n, bits, props, group, seed=70 + i, bias=i == 0)[0]), hidden, n,
                          dtype=dtype) for i, (n, bits, props, group) in enumerate(widths)]
     residual = (8 * torch.randn(1, 1, hidden, generator=gen)).to(CUDA)
-    delta = torch.randn(1, 1, hidden, generator=gen).to(CUDA, dtype)
+    if unfinished:  # an o_proj-like product of 1024 inputs, split along K, left as sums
+        o_proj = Exl2Linear(on_gpu(random_exl2(1024, hidden, [4], [1.0], 32, seed=hidden, bias=True)[0]), 1024, hidden,
+                            dtype=dtype)
+        x = torch.randn(1, 1, 1024, generator=gen).to(CUDA, dtype)
+        delta = o_proj.forward_unfinished(x)
+        assert isinstance(delta, exl2_ops.PendingSums)
+        finished = o_proj(x)
+    else:
+        delta = finished = torch.randn(1, 1, hidden, generator=gen).to(CUDA, dtype)
     weight = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(CUDA, dtype)
     new_residual = torch.full_like(residual, float("nan"))
     pending = fused_ops.PendingNorm(residual, delta, weight, 1e-5, new_residual)
-    assert fused_ops.PendingNorm.possible(residual, delta, weight)
+    assert fused_ops.PendingNorm.possible(residual, weight)
     got = project_each(layers, pending)
-    folds = kind == "stream" and hidden % 32 == 0  # the streamed kernel takes whole 32-row blocks only
-    assert (pending._out is None) == folds, "the streamed GEMV computes the norm itself, the others get it computed"
-    expected_residual, normed = fused_ops.add_rms_norm(residual, delta, weight, 1e-5)
-    assert torch.equal(new_residual, expected_residual)
+    if folded and kind == "stream" and hidden % 32 == 0:  # the streamed kernel takes whole 32-row blocks only
+        assert pending._out is None and pending.fold is not None, "no add_rms_norm: the GEMV formed the norm itself"
+    else:
+        assert pending._out is not None and pending.fold is None, "the norm kernel ran before the GEMV"
+    if unfinished:
+        assert delta.ended and delta.take_sums() is None, "the product was ended once, by the norm's launch"
+    expected_residual, normed = fused_ops.add_rms_norm(residual, finished, weight, 1e-5)
+    if unfinished:  # two runs of a split product: their atomics' order may put a rare output an ulp apart
+        assert torch.isfinite(new_residual).all() and rel(new_residual, expected_residual) < 1e-3
+    else:
+        assert torch.equal(new_residual, expected_residual)
     for g, e in zip(got, project_each(layers, normed)):
         assert g.shape == e.shape and torch.isfinite(g).all() and rel(g, e) < TOLERANCE[dtype] / 4
-    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
-    assert not workspace.any() and not counters.any()
+    for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
+        workspace, counters = store.get(CUDA, 0, 0)
+        assert not workspace.any() and not counters.any()
 
 
 def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatch):
@@ -354,8 +373,8 @@ def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatc
     gen = torch.Generator().manual_seed(5)
     ids, steps = torch.randint(0, 200, (1, 9), generator=gen), torch.randint(0, 200, (1, 12), generator=gen)
     folds = []
-    original = exl2_stream_ops.NormFold.of.__func__
-    monkeypatch.setattr(exl2_stream_ops.NormFold, "of", classmethod(lambda cls, p: (folds.append(p is not None), original(cls, p))[1]))
+    original = exl2_ops.norm_fold
+    monkeypatch.setattr(exl2_ops, "norm_fold", lambda p: (folds.append(p.fold is None), original(p))[1])
     results = {}
     for fold, graphs in [(False, "0"), (True, "0"), (True, "1")]:
         monkeypatch.setattr(fused_ops, "NORM_FOLD", fold)
@@ -489,6 +508,28 @@ def test_fused_add_rms_norm_and_silu_match_torch(hidden, dtype, monkeypatch):
     assert rel(fused_ops.add_rms_norm(residual, None, norm.weight, norm.eps)[1], norm(residual)) < tol
     gate, up = delta, torch.randn(3, 5, hidden, device=CUDA, generator=gen).to(dtype)
     assert rel(fused_ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up) < tol
+
+
+@pytest.mark.parametrize("hidden", [64, 1000, 4096, 12000, 16384])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_finish_add_rms_norm_ends_the_sums_as_exl2_finish_would(hidden, dtype, with_bias):
+    """finish_add_rms_norm (a one-row product's unfinished sums as the delta) gives add_rms_norm's outputs of the
+    delta exl2_finish would have written, T(sums + bias), bit for bit, and leaves the sums zeroed, padding included."""
+    gen = torch.Generator(device=CUDA).manual_seed(hidden + with_bias)
+    n_pad = -(-hidden // 32) * 32 + 32
+    residual = torch.randn(1, 1, hidden, device=CUDA, generator=gen) * 4
+    sums = torch.randn(n_pad, device=CUDA, generator=gen) * 3
+    bias = torch.randn(n_pad, device=CUDA, generator=gen) if with_bias else None
+    weight = torch.randn(hidden, device=CUDA, generator=gen).to(dtype)
+    delta = (sums[:hidden] + (bias[:hidden] if with_bias else 0)).to(dtype).view(1, 1, hidden)
+    expected_residual, expected = fused_ops.add_rms_norm(residual, delta, weight, 1e-5)
+    new_residual = torch.full_like(residual, float("nan"))
+    got_residual, got = fused_ops.add_rms_norm(residual, None, weight, 1e-5, new_residual,
+                                               fused_ops.UnfinishedSums(sums, bias))
+    assert got_residual is new_residual and torch.equal(new_residual, expected_residual)
+    assert torch.equal(got, expected)
+    assert not sums.any(), "the sums are re-zeroed for the next product"
 
 
 def argmax_cases(rows: int, vocab: int, dtype, gen: torch.Generator) -> torch.Tensor:

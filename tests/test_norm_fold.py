@@ -1,17 +1,24 @@
-"""The residual add + RMSNorm left pending for the next GEMV (fused_ops.PendingNorm): when a layer defers it, and
-how a consumer that cannot fold it gets the plain norm (CPU; the kernels' fold is tested in test_kernels_gpu.py)."""
+"""The residual add + RMSNorm left pending for the next GEMV (fused_ops.PendingNorm) and products left unfinished for
+it: when a layer defers them, and how a reader that cannot take them gets plain values (CPU; the kernels' side is
+tested in test_kernels_gpu.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from exlq.runtime.kernels import exl2_stream_ops, fused_ops
+from exlq.runtime.kernels import exl2_ops, exl2_stream_ops, fused_ops
 from exlq.runtime.layers import RMSNorm
-from exlq.runtime.linear import DenseLinear, project_each
+from exlq.runtime.linear import DenseLinear, project_each, project_gated, project_to_residual
 
 
-def torch_add_rms_norm(residual, delta, weight, eps, new_residual=None):
+def torch_add_rms_norm(residual, delta, weight, eps, new_residual=None, sums=None):
+    """fused_ops.add_rms_norm in torch: with `sums`, the delta is T(sums + bias), and the sums are re-zeroed."""
+    if sums is not None:
+        assert delta is None
+        ended = sums.sums[: weight.numel()] + (0 if sums.bias is None else sums.bias[: weight.numel()])
+        delta = ended.to(weight.dtype).view(residual.shape)
+        sums.sums.zero_()
     total = residual + delta.float()
     if new_residual is not None:
         new_residual.copy_(total)
@@ -28,13 +35,12 @@ def pending(hidden: int = 64, rows: int = 1) -> fused_ops.PendingNorm:
 
 def test_a_norm_is_deferred_only_for_one_row_of_a_foldable_width(monkeypatch):
     p = pending()
-    assert fused_ops.PendingNorm.possible(p.residual, p.delta, p.weight)
+    assert fused_ops.PendingNorm.possible(p.residual, p.weight)
     wide = pending(rows=2)
-    assert not fused_ops.PendingNorm.possible(wide.residual, wide.delta, wide.weight)
-    odd = pending(hidden=66)
-    assert not fused_ops.PendingNorm.possible(odd.residual, odd.delta, odd.weight)
+    assert not fused_ops.PendingNorm.possible(wide.residual, wide.weight)
+    assert not fused_ops.PendingNorm.possible(torch.randn(1, 1, 128)[..., ::2], p.weight)  # not contiguous
     monkeypatch.setattr(fused_ops, "NORM_FOLD", False)
-    assert not fused_ops.PendingNorm.possible(p.residual, p.delta, p.weight)
+    assert not fused_ops.PendingNorm.possible(p.residual, p.weight)
 
 
 def test_on_the_cpu_a_deferred_norm_is_computed_at_once():
@@ -57,50 +63,107 @@ def test_layers_that_cannot_fold_a_pending_norm_get_its_output_and_the_residual_
     assert p.shape == p.residual.shape and p.dtype == torch.float16 and p.device == p.residual.device
 
 
-def test_the_kernel_descriptor_points_at_the_pending_tensors():
+class LaterDelta(fused_ops.Deferred):
+    """A delta some kernel has yet to produce (as exl2_ops.PendingSums), produced on request."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value, self.produced = value, 0
+        self.dtype = value.dtype
+
+    def tensor(self) -> torch.Tensor:
+        self.produced += 1
+        return self.value
+
+
+def test_a_pending_norm_over_a_deferred_delta_produces_it_once(monkeypatch):
+    monkeypatch.setattr(fused_ops, "add_rms_norm", torch_add_rms_norm)
     p = pending()
-    fold = exl2_stream_ops.NormFold.of(p)
-    assert (fold.residual, fold.delta, fold.weight, fold.new_residual) == tuple(
-        t.data_ptr() for t in (p.residual, p.delta, p.weight, p.new_residual))
-    assert abs(fold.eps - p.eps) < 1e-12
-    assert exl2_stream_ops.NormFold.of(None).residual == 0
+    later = LaterDelta(p.delta)
+    deferred = fused_ops.PendingNorm(p.residual, later, p.weight, p.eps, p.new_residual)
+    out = fused_ops.as_tensor(deferred)
+    assert fused_ops.as_tensor(deferred) is out and later.produced == 1
+    expected_residual, expected = torch_add_rms_norm(p.residual, p.delta, p.weight, p.eps)
+    assert torch.equal(out, expected) and torch.equal(p.new_residual, expected_residual)
+    norm = RMSNorm(p.weight, p.eps)
+    residual, normed = norm.add_and_norm(p.residual, LaterDelta(p.delta))  # on the CPU: computed at once
+    assert torch.equal(normed, expected) and torch.equal(residual, expected_residual)
+
+
+def test_formats_without_unfinished_outputs_return_tensors():
+    layer = DenseLinear(torch.randn(48, 64).half())
+    x = torch.randn(1, 1, 64).half()
+    assert torch.equal(project_to_residual(layer, x), layer(x))
+    gate, up = torch.randn(1, 1, 64).half(), torch.randn(1, 1, 64).half()
+    assert torch.equal(project_gated(layer, gate, up, unfinished=True), project_gated(layer, gate, up))
+
+
+class LaterSums(LaterDelta):
+    """A delta left as a product's unfinished sums (exl2_ops.PendingSums), which the norm's launch can end."""
+
+    def __init__(self, sums: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
+        super().__init__((sums + bias).to(dtype))
+        self.sums, self.bias, self.taken = sums, bias, 0
+
+    def take_sums(self) -> fused_ops.UnfinishedSums | None:
+        self.taken += 1
+        return fused_ops.UnfinishedSums(self.sums, self.bias) if self.taken == 1 else None
+
+
+def test_a_pending_norm_over_unfinished_sums_ends_them_in_the_norm(monkeypatch):
+    monkeypatch.setattr(fused_ops, "add_rms_norm", torch_add_rms_norm)
+    p = pending()
+    gen = torch.Generator().manual_seed(7)
+    sums, bias = torch.randn(96, generator=gen), torch.randn(96, generator=gen)  # padded past the 64 columns
+    later = LaterSums(sums.clone(), bias, torch.float16)
+    deferred = fused_ops.PendingNorm(p.residual, later, p.weight, p.eps, p.new_residual)
+    out = fused_ops.as_tensor(deferred)
+    expected_residual, expected = torch_add_rms_norm(p.residual, (sums + bias)[:64].half().view(1, 1, 64), p.weight, p.eps)
+    assert torch.equal(out, expected) and torch.equal(p.new_residual, expected_residual)
+    assert later.taken == 1 and later.produced == 0, "the sums were ended by the norm, not by a finish of their own"
+    assert not later.sums.any(), "the sums are re-zeroed, padding included"
 
 
 class _Routed(Exception):
-    """Raised by a stand-in where the GEMV would launch a kernel (no GPU here)."""
+    """Raised by a stand-in where the register GEMV would launch a kernel (no GPU here)."""
 
 
-def test_gemv_routes_a_pending_norm_once(monkeypatch):
-    """exl2_ops.gemv asks once whether the streamed kernel takes a launch: a pending norm goes to it whole (the kernel
-    folds it), or is computed first for the register kernel, which then sees a [1, K] tensor."""
-    from exlq.runtime.kernels import exl2_ops, exl2_stream_ops
-
+@pytest.mark.parametrize("streamed, fold", [(True, True), (True, False), (False, True)])
+def test_gemv_routes_a_pending_norm_once(streamed, fold, monkeypatch):
+    """exl2_ops.gemv asks once whether the streamed kernel takes a launch: there a pending norm is folded
+    (exl2_finish_norm, then the gather; x is left unread), unless EXLQ_FOLD_STREAM=0; for the register kernel, and
+    without the fold, the norm is computed first and the GEMV reads its output."""
     p = pending()
-    asked, streamed = [], []
-    monkeypatch.setattr(exl2_stream_ops, "applies", lambda plans, rows, dtype, device: asked.append(rows) or fold)
-    monkeypatch.setattr(exl2_ops, "streamed_gemv", lambda *args: streamed.append(args))
-    monkeypatch.setattr(fused_ops, "add_rms_norm", torch_add_rms_norm)
+    asked, streamed_calls, folded = [], [], []
+    monkeypatch.setattr(exl2_stream_ops, "applies", lambda plans, rows, dtype, device: asked.append(rows) or streamed)
+    monkeypatch.setattr(exl2_ops, "streamed_gemv", lambda *args: streamed_calls.append(args))
+    monkeypatch.setattr(exl2_ops, "norm_fold", lambda pending: folded.append(pending) or "the fold")
+    monkeypatch.setattr(exl2_ops, "FOLD_STREAM", fold)
 
     def route(plans, rows, dtype):
         raise _Routed(rows, dtype)
 
     monkeypatch.setattr(exl2_ops, "gemv_route", route)
-    fold = True
-    exl2_ops.gemv(["plan"], p, ["out"])
-    assert asked == [1] and streamed == [(["plan"], None, ["out"], None, p)] and p._out is None
-    fold, asked = False, []
-    with pytest.raises(_Routed) as routed:
+    monkeypatch.setattr(fused_ops, "add_rms_norm", torch_add_rms_norm)
+    if streamed:
         exl2_ops.gemv(["plan"], p, ["out"])
-    assert routed.value.args == (1, torch.float16)
-    assert asked == [1] and p._out is not None, "computed by the norm, once asked"
+        (plans, x, outs, up, how, unfinished), = streamed_calls
+        assert (plans, outs, up, unfinished) == (["plan"], ["out"], None, False)
+        if fold:
+            assert how == "the fold" and folded == [p] and p._out is None, "no norm kernel: the GEMV forms it"
+        else:
+            assert how is exl2_stream_ops.NO_FOLD and not folded and torch.equal(x.view(-1), p.tensor().view(-1))
+    else:
+        with pytest.raises(_Routed) as routed:
+            exl2_ops.gemv(["plan"], p, ["out"])
+        assert routed.value.args == (1, torch.float16)
+        assert not folded and p._out is not None, "computed by the norm before the register kernel"
+    assert asked == [1]
 
 
 def test_matmul_many_hands_a_pending_norm_to_the_gemv_as_is(monkeypatch):
     """One launch a group of ≤ MAX_GROUP matrices: a pending norm (one row) whole, tensor rows cut into GEMV_ROWS
     pieces (13 rows: 8 + 4 + 1), `up` cut alike."""
     from types import SimpleNamespace
-
-    from exlq.runtime.kernels import exl2_ops
 
     calls = []
     monkeypatch.setattr(exl2_ops, "gemv", lambda plans, x, outs, up=None: calls.append((len(plans), x, up)))

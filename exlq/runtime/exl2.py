@@ -24,7 +24,7 @@ from torch import nn
 
 from exlq.errors import ExlqError
 from exlq.runtime import kernels
-from exlq.runtime.kernels.fused_ops import PendingNorm, as_tensor
+from exlq.runtime.kernels.fused_ops import Deferred, PendingNorm, as_tensor
 from exlq.runtime.weights import WeightStore
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -417,13 +417,25 @@ class Exl2Linear(nn.Module):
         weight, bias = self._dense_weight()
         return F.linear(x, weight, bias)
 
-    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """self(silu(gate) * up) (down_proj of a gated MLP); on the GPU the GEMV forms its input as it reads it."""
+    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor, unfinished: bool = False) -> torch.Tensor | Deferred:
+        """self(silu(gate) * up) (down_proj of a gated MLP); on the GPU the GEMV forms its input as it reads it.
+        `unfinished`: as forward_unfinished."""
         if not kernels.applies(gate):
             return self(F.silu(gate) * up)
-        from exlq.runtime.kernels.exl2_ops import matmul_many
+        from exlq.runtime.kernels.exl2_ops import matmul_many, matmul_unfinished
 
+        if unfinished:
+            return matmul_unfinished(self.kernel_plan(), gate, up)
         return matmul_many([self.kernel_plan()], gate, up)[0]
+
+    def forward_unfinished(self, x: torch.Tensor) -> torch.Tensor | Deferred:
+        """self(x), except that on the GPU a one-row product may come back unfinished (exl2_ops.PendingSums), for the
+        residual add after it (the next norm) to end in its own launch."""
+        if not kernels.applies(x):
+            return self(x)
+        from exlq.runtime.kernels.exl2_ops import matmul_unfinished
+
+        return matmul_unfinished(self.kernel_plan(), x)
 
     @staticmethod
     def forward_many(layers: list[Exl2Linear], x: torch.Tensor | PendingNorm) -> list[torch.Tensor]:

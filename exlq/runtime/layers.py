@@ -15,8 +15,8 @@ from torch import nn
 from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch
 from exlq.runtime.cache import KVCache
-from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, PendingNorm, add_rms_norm
-from exlq.runtime.linear import project_each, project_gated
+from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, Deferred, PendingNorm, add_rms_norm, as_tensor
+from exlq.runtime.linear import project_each, project_gated, project_to_residual
 
 
 class RMSNorm(nn.Module):
@@ -39,17 +39,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(self.weight.dtype)
 
     def add_and_norm(
-        self, residual: torch.Tensor, delta: torch.Tensor, defer: bool = False
+        self, residual: torch.Tensor, delta: torch.Tensor | Deferred, defer: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | PendingNorm]:
         """(residual + delta in float32, the norm of that): one kernel on the GPU instead of four. With `defer`, a
         one-row norm on the GPU is returned pending (PendingNorm), for the next GEMV to fold in: the residual comes
         back unwritten, and is written once the pending norm is consumed (project_each consumes it)."""
         if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and self._fused():
-            if defer and PendingNorm.possible(residual, delta, self.weight):
+            if defer and PendingNorm.possible(residual, self.weight):
                 new_residual = torch.empty_like(residual)
                 return new_residual, PendingNorm(residual, delta, self.weight, self.eps, new_residual)
-            return add_rms_norm(residual, delta, self.weight, self.eps)
-        residual = residual + delta.float()
+            return add_rms_norm(residual, as_tensor(delta), self.weight, self.eps)
+        residual = residual + as_tensor(delta).float()
         return residual, self(residual)
 
 
@@ -85,8 +85,10 @@ class Attention(nn.Module):
         self.window = window
 
     def forward(
-        self, x: torch.Tensor | PendingNorm, batch: AttentionBatch, cache: KVCache | None, cache_layer: int
-    ) -> torch.Tensor:
+        self, x: torch.Tensor | PendingNorm, batch: AttentionBatch, cache: KVCache | None, cache_layer: int,
+        unfinished: bool = False,
+    ) -> torch.Tensor | Deferred:
+        """The attention's output; `unfinished`: possibly Deferred, for the residual add after it (project_to_residual)."""
         bsz, length, _ = x.shape
         q, k, v = project_each((self.q_proj, self.k_proj, self.v_proj), x)
         q = q.view(bsz, length, self.num_heads, self.head_dim)
@@ -96,7 +98,8 @@ class Attention(nn.Module):
             cache.observe_queries(cache_layer, q.transpose(1, 2), batch.past_len)
         q, k, v = batch.rotate_and_store(cache, cache_layer, q, k, v)
         out = batch.attend(q, k, v, self.window)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim)
+        return project_to_residual(self.o_proj, out) if unfinished else self.o_proj(out)
 
 
 class GatedMLP(nn.Module):
@@ -106,9 +109,10 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
-    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingNorm, unfinished: bool = False) -> torch.Tensor | Deferred:
+        """The MLP's output; `unfinished`: possibly Deferred, for the residual add after it (project_to_residual)."""
         gate, up = project_each((self.gate_proj, self.up_proj), x)
-        return project_gated(self.down_proj, gate, up)
+        return project_gated(self.down_proj, gate, up, unfinished)
 
 
 class DecoderLayer(nn.Module):
@@ -125,26 +129,28 @@ class DecoderLayer(nn.Module):
         self, residual: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int
     ) -> torch.Tensor:
         residual, delta = self.forward_deferred(residual, None, batch, cache, cache_layer)
-        return residual + delta.float()
+        return residual + as_tensor(delta).float()
 
     def forward_deferred(
         self,
         residual: torch.Tensor,
-        delta: torch.Tensor | None,
+        delta: torch.Tensor | Deferred | None,
         batch: AttentionBatch,
         cache: KVCache | None,
         cache_layer: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | Deferred]:
         """The layer on residual + delta, returning (its residual before the MLP's output, that output).
 
         A model runs its layers this way so each layer's last residual add happens inside the next norm
-        (one fused kernel on the GPU instead of a cast, an add and a norm; at one row, none: the norm is left
-        pending for the q/k/v and gate/up GEMVs to fold in); `forward` adds it at once.
+        (one fused kernel on the GPU instead of a cast, an add and a norm; at one row, none: o_proj's and
+        down_proj's products are left unfinished and the norm pending, and the launch before q/k/v or gate/up ends
+        the product with the residual add and the norm's sums, their GEMV forming the normed input as it gathers it);
+        `forward` adds it at once. The delta returned may be Deferred (read it with `as_tensor`).
         """
         if delta is None:
             normed = self.input_layernorm(residual)
         else:
             residual, normed = self.input_layernorm.add_and_norm(residual, delta, defer=True)
-        attended = self.self_attn(normed, batch, cache, cache_layer)
+        attended = self.self_attn(normed, batch, cache, cache_layer, unfinished=True)
         residual, normed = self.post_attention_layernorm.add_and_norm(residual, attended, defer=True)
-        return residual, self.mlp(normed)
+        return residual, self.mlp(normed, unfinished=True)

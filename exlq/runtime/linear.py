@@ -17,7 +17,7 @@ from torch import nn
 from exlq.errors import ExlqError
 from exlq.runtime import kernels
 from exlq.runtime.exl2 import Exl2Linear
-from exlq.runtime.kernels.fused_ops import PendingNorm, as_tensor, silu_mul
+from exlq.runtime.kernels.fused_ops import Deferred, PendingNorm, as_tensor, silu_mul
 from exlq.runtime.weights import WeightStore
 
 
@@ -89,13 +89,25 @@ def project_each(layers: Sequence[nn.Module], x: torch.Tensor | PendingNorm) -> 
     return many(list(layers), x)
 
 
-def project_gated(layer: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def project_gated(layer: nn.Module, gate: torch.Tensor, up: torch.Tensor,
+                  unfinished: bool = False) -> torch.Tensor | Deferred:
     """layer(silu(gate) * up), a gated MLP's down projection. A format with `forward_gated(gate, up)` forms the input
-    itself (EXL2 on the GPU: inside the GEMV, no separate launch), unless a module hook must see that input."""
+    itself (EXL2 on the GPU: inside the GEMV, no separate launch), unless a module hook must see that input.
+    `unfinished`: the output may come back Deferred, as project_to_residual's."""
     gated = getattr(type(layer), "forward_gated", None)
     if gated is not None and not _hooked(layer):
-        return gated(layer, gate, up)
+        return gated(layer, gate, up, unfinished) if unfinished else gated(layer, gate, up)
     return layer(silu_mul(gate, up) if kernels.applies(gate) else F.silu(gate) * up)
+
+
+def project_to_residual(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | Deferred:
+    """layer(x) for an output the residual stream adds next: a format with `forward_unfinished` may leave it
+    unfinished (EXL2 on the GPU: the sums of a one-row product, ended with the residual add by the next norm's
+    launch), unless a module hook must see it. Read it with `as_tensor`."""
+    unfinished = getattr(type(layer), "forward_unfinished", None)
+    if unfinished is not None and not _hooked(layer):
+        return unfinished(layer, x)
+    return layer(x)
 
 
 def _hooked(module: nn.Module) -> bool:

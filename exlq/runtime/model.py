@@ -16,6 +16,7 @@ from exlq.errors import ExlqError
 from exlq.runtime.attention import AttentionBatch
 from exlq.runtime.cache import KVCache
 from exlq.runtime.graphs import DecodeGraphs, graphs_wanted
+from exlq.runtime.kernels.fused_ops import as_tensor
 from exlq.runtime.layers import Attention, DecoderLayer, Embedding, GatedMLP, RMSNorm
 from exlq.runtime.linear import DenseLinear, load_linear
 from exlq.runtime.rope import RotaryEmbedding
@@ -219,7 +220,7 @@ class DecoderOnlyLM(nn.Module):
         delta = None
         for slot, i in enumerate(self.layer_order):
             hidden, delta = self.model.layers[i].forward_deferred(hidden, delta, batch, cache, slot)
-        return hidden, delta
+        return hidden, as_tensor(delta)
 
     def logits(self, hidden: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and lm_head over residual-stream rows (hidden + delta, when a delta is given)."""

@@ -32,7 +32,7 @@ from exlq.runtime.exl2 import (
     Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, row_bits, scale_multipliers,
 )
 from exlq.runtime.kernels import ACTIVATION_TAGS, exl2_stream_ops
-from exlq.runtime.kernels.fused_ops import PendingNorm, silu_mul
+from exlq.runtime.kernels.fused_ops import Deferred, PendingNorm, UnfinishedSums, as_tensor, silu_mul
 from exlq.runtime.kernels.launch import kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
@@ -61,7 +61,7 @@ INSTANCE_SETS = {
         [f"{name}<{tag}, {m}>" for name in ("exl2_gemv", "exl2_gemv_group") for m in GEMV_ROWS]
         + [f"{name}<{tag}, {m}, {c}>" for c in COLUMN_CHOICES[1:] for name in ("exl2_gemv", "exl2_gemv_group")
            for m in WIDE_ROWS]
-        + [f"exl2_dequant<{tag}>", f"exl2_finish<{tag}>"]
+        + [f"exl2_dequant<{tag}>", f"exl2_finish<{tag}>", f"exl2_finish_norm<{tag}>"]
     )
     for dtype, tag in ACTIVATION_TAGS.items()
 }
@@ -71,6 +71,12 @@ FINISH_THREADS = 256  # FINISH_THREADS in the .cu
 #: of 4096x14336 13.2 -> 12.5 µs, the 8B's decode +1.9 %).
 #: EXLQ_GEMV_FINISH=0: each K split's last block writes them, inside the GEMV.
 FINISH_KERNEL = os.environ.get("EXLQ_GEMV_FINISH", "1") != "0"
+#: Whether a streamed one-row GEMV folds a pending norm into its gather (norm_fold: from exl2_finish_norm's partial
+#: sums of squares) rather than read the output of the norm kernel; the register kernel never folds (each of its
+#: thousands of blocks would wait on the partials before its gather: the 8B decoded 4 % slower so, docs/benchmarks.md,
+#: session 30) and takes finish_add_rms_norm's output, which also ends the product before it (PendingSums.take_sums).
+#: EXLQ_FOLD_STREAM=0: the norm kernel before every GEMV.
+FOLD_STREAM = os.environ.get("EXLQ_FOLD_STREAM", "1") != "0"
 MMA_ROWS = (8, 4)  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
@@ -228,6 +234,9 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
 
 
 _workspace = Workspace()  # the GEMV's partial sums and tile counters
+#: The sums of a product left unfinished for the next norm (PendingSums): apart from every other launch's, so no
+#: launch between the product and the kernel that ends it can add into them.
+_unfinished_workspace = Workspace()
 
 
 class GemvMatrix(ctypes.Structure):
@@ -246,6 +255,65 @@ class GemvGroup(ctypes.Structure):
     _fields_ = [("m", GemvMatrix * MAX_GROUP), ("count", ctypes.c_int32)]
 
 
+class PendingSums(Deferred):
+    """A one-row product left as fp32 sums for the residual add that follows it (o_proj's, down_proj's): the next
+    norm's `norm_fold` ends it inside exl2_finish_norm (the add and the norm's sums of squares in the same launch);
+    anything else calls `tensor()` (exl2_finish). `take_sums` hands them to the norm kernel instead
+    (fused_ops.add_rms_norm ends them: the register kernel's path, which folds no norm)."""
+
+    def __init__(self, group: GemvGroup, plan: Exl2Plan, out: torch.Tensor, sums: torch.Tensor):
+        self.group, self.plan, self.out, self.sums = group, plan, out, sums  # sums: [n_pad] fp32, the workspace's
+        self.ended = False
+
+    def take_sums(self) -> UnfinishedSums | None:
+        if self.ended:
+            return None
+        self.ended = True  # ended by whoever takes them: its output is never written (the residual add was its use)
+        return UnfinishedSums(self.sums, self.plan.bias)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.out.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.out.device
+
+    def tensor(self) -> torch.Tensor:
+        if not self.ended:
+            finish_sums(self.group, [self.plan], 1, self.out.dtype, self.out.device)
+            self.ended = True
+        return self.out
+
+
+def norm_fold(pending: PendingNorm) -> exl2_stream_ops.NormFold:
+    """The NormFold of a pending norm (once): exl2_finish_norm writes residual + delta to its new residual and the
+    sums of squares by FINISH_THREADS-value pieces, ending the delta's sums where they are still unfinished."""
+    if pending.fold is None:
+        hidden = pending.weight.numel()
+        count = -(-hidden // FINISH_THREADS)
+        partials = torch.empty(count, dtype=torch.float32, device=pending.device)
+        delta = pending.delta
+        unfinished = isinstance(delta, PendingSums) and not delta.ended
+        matrix = delta.group.m[0] if unfinished else GemvMatrix()
+        function = kernel(SOURCE, INSTANCE_SETS[pending.dtype], f"exl2_finish_norm<{ACTIVATION_TAGS[pending.dtype]}>",
+                          pending.device)
+        blocks = max(count, -(-delta.plan.n_pad // FINISH_THREADS)) if unfinished else count  # its padding zeroed too
+        launch(function, (blocks, 1, 1), (FINISH_THREADS, 1, 1),
+               (matrix, None if unfinished else as_tensor(delta), pending.residual, pending.new_residual, partials,
+                hidden), pending.device, overlap=True)
+        if unfinished:
+            delta.ended = True  # its sums are re-zeroed; its output is never written (the residual add was its use)
+        fold = exl2_stream_ops.NormFold(pending.new_residual.data_ptr(), pending.weight.data_ptr(),
+                                        partials.data_ptr(), count, pending.eps)
+        pending.fold = (fold, partials)
+    return pending.fold[0]
+
+
 def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tuple[bool, int]:
     """Which GEMV a launch of `rows` activation rows takes: (tensor cores?, columns a thread of the other kernel)."""
     tensor_cores = MMA and rows in MMA_ROWS and dtype == torch.float16 and all(p.gather is not None for p in plans)
@@ -254,26 +322,36 @@ def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tupl
 
 
 def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequence[torch.Tensor],
-         up: torch.Tensor | None = None) -> None:
+         up: torch.Tensor | None = None, unfinished: bool = False) -> PendingSums | None:
     """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M in GEMV_ROWS contiguous rows, ≤ MAX_GROUP matrices of
     input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch. With
-    `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first). A
-    PendingNorm x (one row) is folded into the streamed kernel's gather (exl2_stream_ops.NormFold), else computed
-    first: in the register kernel, whose thousands of blocks would each reduce the whole row, the fold cost the 8B
-    6 % (docs/benchmarks.md, session 29)."""
-    pending = x if isinstance(x, PendingNorm) else None  # one row
-    rows = 1 if pending is not None else x.shape[0]
-    device = x.device
-    if exl2_stream_ops.applies(plans, rows, x.dtype, device):
-        streamed_gemv(plans, None if pending is not None else x, outs, up, pending)
-        return
+    `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first).
+
+    A PendingNorm x (one row) is folded into the gather (exl2_stream_ops.NormFold) of a streamed launch, else computed
+    first. `unfinished` (one matrix, one row): a product that would end in exl2_finish is returned as PendingSums
+    instead, for the next norm to end."""
+    pending = x if isinstance(x, PendingNorm) else None
     if pending is not None:
-        x = pending.tensor().view(1, -1)
-    tensor_cores, columns = gemv_route(plans, rows, x.dtype)
+        x = pending.residual.view(1, -1)  # its row count and device; the kernels read the fold's tensors
+    rows = x.shape[0]
+    device = x.device
+    dtype = pending.dtype if pending is not None else x.dtype
+    streamed = exl2_stream_ops.applies(plans, rows, dtype, device)
+    fold = exl2_stream_ops.NO_FOLD
+    if pending is not None:
+        if FOLD_STREAM and streamed:
+            fold = norm_fold(pending)
+        else:
+            x = pending.tensor().view(rows, -1)
+    unfinished = unfinished and rows == 1 and len(plans) == 1
+    if streamed:
+        return streamed_gemv(plans, x, outs, up, fold, unfinished)
+    tensor_cores, columns = gemv_route(plans, rows, dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     finish = FINISH_KERNEL and not tensor_cores  # exl2_finish writes the outputs of split products
-    workspace, counters = _workspace.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
+    store = _unfinished_workspace if unfinished else _workspace
+    workspace, counters = store.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
     split_k = False  # a product split along K: its outputs are exl2_finish's (with `finish`)
@@ -294,15 +372,19 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if tensor_cores:
         name = "exl2_mma" if len(plans) == 1 else "exl2_mma_group"
         function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
+        operands = (x, plans[0].in_features, group.m[0] if len(plans) == 1 else group)
     else:
         name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
-        instance = f"{name}<{ACTIVATION_TAGS[x.dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
-        function = kernel(SOURCE, INSTANCE_SETS[x.dtype], instance, device)
-    args = group.m[0] if len(plans) == 1 else group
-    operands = (x, up, plans[0].in_features, args) if name == "exl2_gemv" else (x, plans[0].in_features, args)
+        instance = f"{name}<{ACTIVATION_TAGS[dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
+        function = kernel(SOURCE, INSTANCE_SETS[dtype], instance, device)
+        operands = ((x, up, plans[0].in_features, group.m[0]) if len(plans) == 1
+                    else (x, plans[0].in_features, group))
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=not tensor_cores)
     if finish and split_k:
-        finish_sums(group, plans, rows, x.dtype, device)
+        if unfinished:
+            return PendingSums(group, plans[0], outs[0], workspace[: plans[0].n_pad])
+        finish_sums(group, plans, rows, dtype, device)
+    return None
 
 
 def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -312,13 +394,16 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
     launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows), device, overlap=True)
 
 
-def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | None, outs: Sequence[torch.Tensor],
-                  up: torch.Tensor | None = None, pending: PendingNorm | None = None) -> None:
-    """gemv for one fp16 row through the streamed kernel (exl2_stream_ops.applies): its sums, then exl2_finish; with
-    `pending` (x None), that norm folded into the gather."""
+def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
+                  up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold | None = None,
+                  unfinished: bool = False) -> PendingSums | None:
+    """gemv for one fp16 row through the streamed kernel (exl2_stream_ops.applies): its sums, then exl2_finish (or,
+    `unfinished`, PendingSums); with a `fold` set, that norm formed in the gather (x unused)."""
+    fold = fold if fold is not None else exl2_stream_ops.NO_FOLD
     if up is not None and len(plans) > 1:
         x, up = silu_mul(x, up), None
-    workspace, _ = _workspace.get(outs[0].device, sum(plan.n_pad for plan in plans), 0)
+    workspace, _ = (_unfinished_workspace if unfinished else _workspace).get(
+        x.device, sum(plan.n_pad for plan in plans), 0)
     group = GemvGroup(count=len(plans))
     sums, at = [], workspace.data_ptr()
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
@@ -328,8 +413,11 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | None, outs: Seque
             bias=0 if plan.bias is None else plan.bias.data_ptr(), workspace=sums[-1], y=out.data_ptr(),
             N=plan.out_features, n_pad=plan.n_pad, splits=2,
         )
-    exl2_stream_ops.launch_stream(plans, x, up, sums, pending)
+    exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold)
+    if unfinished:
+        return PendingSums(group, plans[0], outs[0], workspace[: plans[0].n_pad])
     finish_sums(group, plans, 1, outs[0].dtype, outs[0].device)
+    return None
 
 
 def dequantize_stored(plan: Exl2Plan, dtype: torch.dtype, input_order: bool = False) -> torch.Tensor:
@@ -384,6 +472,20 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
                      up_part)
             start = stop
     return [y.view(*lead, plan.out_features) for y, plan in zip(ys, plans)]
+
+
+def matmul_unfinished(plan: Exl2Plan, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor | PendingSums:
+    """matmul_many([plan], x, up)[0], except that a one-row product that would end in exl2_finish comes back as
+    PendingSums (the residual add after it ends it: norm_fold)."""
+    if x.shape[:-1].numel() != 1:
+        return matmul_many([plan], x, up)[0]
+    y = torch.empty(1, plan.out_features, dtype=x.dtype, device=x.device)
+    rest = gemv([plan], x.reshape(1, -1).contiguous(), [y], None if up is None else up.reshape(1, -1).contiguous(),
+                unfinished=True)
+    if rest is not None:
+        rest.out = y.view(*x.shape[:-1], plan.out_features)
+        return rest
+    return y.view(*x.shape[:-1], plan.out_features)
 
 
 def matmul(plan: Exl2Plan, x: torch.Tensor) -> torch.Tensor:

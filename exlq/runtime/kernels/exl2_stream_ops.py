@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 
 from exlq.runtime.exl2 import Layout, row_bits
-from exlq.runtime.kernels.fused_ops import PendingNorm
 from exlq.runtime.kernels.launch import allow_shared, device_index, hopper_or_newer, kernel, launch
 
 SOURCE = "exl2_stream.cu"
@@ -34,11 +33,12 @@ MAX_K = 32768  # most input rows: a block's activations (2 bytes a row) sit in i
 MAX_GROUP = 4  # MAX_GROUP in exl2_common.cuh
 #: On by default on sm_90+ for one fp16 row; EXLQ_GEMV_STREAM=0: the register kernel everywhere.
 ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
-#: Launches of at most this many packed weight bytes take it (EXLQ_STREAM_MAX_MB): on the H200 it is faster than the
-#: register kernel at 8-12 MB (4096x4096: 6.5 against 8.5 µs; 4096x6144: 8.7 against 9.6) and slower at 14-29 MB
-#: (smollm2's 576x49152 head in decode; 4096x14336: 14.6 against 12.3 µs), where its consumers' arithmetic is the
-#: limit (docs/benchmarks.md, session 24). Decode with 8 MiB: Qwen2.5-0.5B +12 %, smollm2 +10 %, the 8B even.
-MAX_BYTES = int(float(os.environ.get("EXLQ_STREAM_MAX_MB", "8")) * (1 << 20))
+#: Launches of at most this many packed weight bytes take it (EXLQ_STREAM_MAX_MB): on the H200 (docs/benchmarks.md,
+#: sessions 24 and 31) it is faster than the register kernel up to ~19 MB (4096x4096: 6.5 against 8.5 µs; 4096x6144
+#: 8.9 / 9.5, at 6 bpw 10.4 / 11.0; 4096x8192 10.2 / 10.5) and slower from ~21 MB (4096x10240 12.1 / 11.3; 4096x14336
+#: 14.8 / 12.3; smollm2's 576x49152 head 14.4 / 13.6), where its consumers' arithmetic is the limit; a launch it
+#: takes also folds the norm before it. 8 MiB left the 8B's q/k/v (12.5 MB) to the register kernel: 19 MiB, +3 %.
+MAX_BYTES = int(float(os.environ.get("EXLQ_STREAM_MAX_MB", "19")) * (1 << 20))
 #: Shared-memory stages a block, columns a consumer thread and blocks an SM (tuning; docs/benchmarks.md, session 24:
 #: 4 blocks of 2 stages were fastest of seven settings).
 STAGES = int(os.environ.get("EXLQ_STREAM_STAGES", "2"))
@@ -118,21 +118,14 @@ class StreamGroup(ctypes.Structure):
 
 
 class NormFold(ctypes.Structure):
-    """`struct NormFold` of exl2_stream.cu: the norm a launch folds into its gather (fused_ops.PendingNorm); all zero
-    for none."""
+    """`struct NormFold` of exl2_stream.cu: the norm a launch folds into its gather (exl2_ops.norm_fold); all zero for
+    none."""
 
-    _fields_ = [*[(name, ctypes.c_uint64) for name in ("residual", "delta", "weight", "new_residual")],
-                ("eps", ctypes.c_float)]
-
-    @classmethod
-    def of(cls, pending: PendingNorm | None) -> NormFold:
-        if pending is None:
-            return _NO_FOLD
-        return cls(pending.residual.data_ptr(), pending.delta.data_ptr(), pending.weight.data_ptr(),
-                   pending.new_residual.data_ptr(), pending.eps)
+    _fields_ = [("residual", ctypes.c_uint64), ("weight", ctypes.c_uint64), ("partials", ctypes.c_uint64),
+                ("count", ctypes.c_int32), ("eps", ctypes.c_float)]
 
 
-_NO_FOLD = NormFold()  # every launch without a fold passes this one (read only)
+NO_FOLD = NormFold()  # every launch without a fold passes this one (read only)
 
 
 def applies(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -162,10 +155,9 @@ def grid_size(units: int, shared: int, sms: int, shared_per_sm: int) -> int:
 
 
 def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | None, sums: Sequence[int],
-                  pending: PendingNorm | None = None) -> None:
+                  fold: NormFold) -> None:
     """Add x[1, K] @ W_i (for ≤ MAX_GROUP matrices, with `up`: silu_mul(x, up) @ W, one matrix) into the fp32 sums at
-    device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them. With `pending`, the input is that
-    norm's output, formed in the gather (x unused), and the launch writes its new residual."""
+    device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them. `fold`: where set, the input is that norm's output, formed in the gather (x unused)."""
     device = plans[0].q_weight.device
     group = StreamGroup(count=len(plans))
     units = 0
@@ -185,5 +177,5 @@ def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | No
     threads = STREAM_COLUMNS // columns + 32
     grid = grid_size(units, shared, *sm_limits(device_index(device)))
     launch(function, (grid, 1, 1), (threads, 1, 1),
-           (x, up, plans[0].in_features, group, stages, NormFold.of(pending)), device, overlap=True,
+           (x, up, plans[0].in_features, group, stages, fold), device, overlap=True,
            shared_bytes=shared)

@@ -16,7 +16,8 @@ SOURCE = "fused.cu"
 _TAGS = ACTIVATION_TAGS
 NORM_PER_THREAD = 16  # NORM_PER_THREAD in the .cu: values of a row each thread of add_rms_norm holds
 NORM_MAX_HIDDEN = NORM_PER_THREAD * 1024  # longer rows take the torch path (layers.RMSNorm)
-INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "silu_mul", "rope_store") for tag in _TAGS.values())
+INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "finish_add_rms_norm", "silu_mul", "rope_store")
+                  for tag in _TAGS.values())
 
 
 #: Leave a one-row decode step's residual add + RMSNorm to the q/k/v and gate/up GEMVs, which fold it into their
@@ -24,16 +25,28 @@ INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "silu_mul", "rop
 NORM_FOLD = os.environ.get("EXLQ_NORM_FOLD", "1") != "0"
 
 
+@dataclass
+class UnfinishedSums:
+    """A one-row product's fp32 sums, still in its GEMV's workspace, and its bias: the delta add_rms_norm can end in
+    its own launch (T(sums + bias), as exl2_finish would write it), re-zeroing the sums."""
+
+    sums: torch.Tensor  # [n_pad] fp32
+    bias: torch.Tensor | None  # [n_pad] fp32
+
+
 def add_rms_norm(
     residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-    new_residual: torch.Tensor | None = None,
+    new_residual: torch.Tensor | None = None, sums: UnfinishedSums | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual + delta in float32, weight * norm(that) in weight's dtype); delta None: just the norm.
-    `new_residual`: where the sum goes (a fresh tensor by default)."""
+    `new_residual`: where the sum goes (a fresh tensor by default). `sums` (one row, delta None): the delta is that
+    product's, ended here (no exl2_finish launch before)."""
     hidden = weight.numel()
     residual = residual.contiguous()
     rows = residual.numel() // hidden
-    if delta is None:
+    if sums is not None and (delta is not None or rows != 1):
+        raise ExlqError("add_rms_norm ends unfinished sums of one row, in place of a delta")
+    if delta is None and sums is None:
         new_residual = residual
     elif new_residual is None:
         new_residual = torch.empty_like(residual)
@@ -41,37 +54,48 @@ def add_rms_norm(
     threads = min(1024, max(32, -(-hidden // 8 // 32) * 32))  # about 8 values a thread
     if hidden > NORM_MAX_HIDDEN:
         raise ExlqError(f"the fused RMSNorm kernel holds at most {NORM_MAX_HIDDEN} values a row, not {hidden}")
-    function = kernel(SOURCE, INSTANCES, f"add_rms_norm<{_TAGS[weight.dtype]}>", residual.device)
-    launch(
-        function,
-        (rows, 1, 1),
-        (threads, 1, 1),
-        (residual, None if delta is None else delta.contiguous(), weight, new_residual, out, hidden, float(eps)),
-        residual.device,
-        overlap=True,
-    )
+    if sums is None:
+        name, operands = "add_rms_norm", (residual, None if delta is None else delta.contiguous(), weight)
+    else:
+        name, operands = "finish_add_rms_norm", (residual, sums.sums, sums.bias, sums.sums.numel(), weight)
+    function = kernel(SOURCE, INSTANCES, f"{name}<{_TAGS[weight.dtype]}>", residual.device)
+    launch(function, (rows, 1, 1), (threads, 1, 1), (*operands, new_residual, out, hidden, float(eps)), residual.device,
+           overlap=True)
     return new_residual, out
 
 
+class Deferred:
+    """A value a kernel has yet to produce, left for the launch that reads it next to produce on the way (no kernel of
+    its own); `tensor()` produces it for any other reader."""
+
+    def tensor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def take_sums(self) -> UnfinishedSums | None:
+        """The unfinished sums this value is, handed over to the one launch that ends them (then never again); None
+        where it is not such sums."""
+        return None
+
+
 @dataclass
-class PendingNorm:
+class PendingNorm(Deferred):
     """weight * norm(residual + delta) of one row, not computed yet: a GEMV that takes it (`exl2_ops.gemv`) forms it
-    as it gathers its input, so the decode step saves the norm kernel and its latency; anything else calls `tensor()`.
+    as it gathers its input, after exl2_finish_norm (the end of the product delta comes from, the residual add and the
+    norm's sums of squares in one launch), so the decode step runs no norm kernel; anything else calls `tensor()`.
     Whoever consumes it writes residual + delta (fp32) into `new_residual`, which the layer keeps as its residual."""
 
     residual: torch.Tensor  # [..., hidden] fp32, one row
-    delta: torch.Tensor  # [..., hidden] in weight's dtype
+    delta: torch.Tensor | Deferred  # [..., hidden] in weight's dtype (exl2_ops.PendingSums: a product's sums)
     weight: torch.Tensor  # [hidden]
     eps: float
     new_residual: torch.Tensor  # [..., hidden] fp32, written by the consumer
+    fold: tuple | None = None  # exl2_ops.norm_fold's (NormFold, its partial sums), once launched
     _out: torch.Tensor | None = None
 
     @staticmethod
-    def possible(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether a GEMV could fold this norm: one contiguous row whose width the kernels read 4 values at a time."""
-        hidden = weight.numel()
-        return (NORM_FOLD and residual.numel() == hidden and hidden % 4 == 0 and residual.is_contiguous()
-                and delta.is_contiguous() and residual.data_ptr() % 16 == 0 and delta.data_ptr() % 8 == 0)
+    def possible(residual: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether a GEMV could fold this norm: one contiguous row."""
+        return NORM_FOLD and residual.numel() == weight.numel() and residual.is_contiguous()
 
     @property
     def shape(self) -> torch.Size:
@@ -86,15 +110,21 @@ class PendingNorm:
         return self.residual.device
 
     def tensor(self) -> torch.Tensor:
-        """The norm's output, by the add_rms_norm kernel (once; it writes new_residual too)."""
+        """The norm's output, by the add_rms_norm kernel (once; it writes new_residual too, unless a fold did, and ends
+        the delta's product when that is unfinished)."""
         if self._out is None:
-            self._out = add_rms_norm(self.residual, self.delta, self.weight, self.eps, self.new_residual)[1]
+            if self.fold is not None:  # new_residual already holds residual + delta
+                self._out = add_rms_norm(self.new_residual, None, self.weight, self.eps)[1]
+            else:  # a product's sums end inside the norm's launch
+                sums = self.delta.take_sums() if isinstance(self.delta, Deferred) else None
+                delta = None if sums is not None else as_tensor(self.delta)
+                self._out = add_rms_norm(self.residual, delta, self.weight, self.eps, self.new_residual, sums)[1]
         return self._out
 
 
-def as_tensor(x: torch.Tensor | PendingNorm) -> torch.Tensor:
-    """x itself, or a pending norm's output."""
-    return x.tensor() if isinstance(x, PendingNorm) else x
+def as_tensor(x: torch.Tensor | Deferred) -> torch.Tensor:
+    """x itself, or a deferred value produced now."""
+    return x.tensor() if isinstance(x, Deferred) else x
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
