@@ -39,9 +39,11 @@ ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
 #: 14.8 / 12.3; smollm2's 576x49152 head 14.4 / 13.6), where its consumers' arithmetic is the limit; a launch it
 #: takes also folds the norm before it. 8 MiB left the 8B's q/k/v (12.5 MB) to the register kernel: 19 MiB, +3 %.
 MAX_BYTES = int(float(os.environ.get("EXLQ_STREAM_MAX_MB", "19")) * (1 << 20))
-#: Shared-memory stages a block, columns a consumer thread and blocks an SM (tuning; docs/benchmarks.md, session 24:
-#: 4 blocks of 2 stages were fastest of seven settings).
-STAGES = int(os.environ.get("EXLQ_STREAM_STAGES", "2"))
+#: Shared-memory stages a block, columns a consumer thread and blocks an SM (tuning, docs/benchmarks.md). Session 24
+#: found 4 blocks of 2 stages fastest of seven settings for the GEMV alone; in decode, session 31 measured 3 stages
+#: faster (the 8B +4.2 % over three rounds, where shared memory then fits 3 blocks an SM; Qwen2.5-0.5B +2.5 %, smollm2
+#: +0.8 %, with 4 blocks an SM where K is small).
+STAGES = int(os.environ.get("EXLQ_STREAM_STAGES", "3"))
 THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
 BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "4"))
 MAX_GRID: int | None = None  # tests: a small grid, so each block walks many units, strips and matrices
@@ -157,7 +159,8 @@ def grid_size(units: int, shared: int, sms: int, shared_per_sm: int) -> int:
 def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | None, sums: Sequence[int],
                   fold: NormFold) -> None:
     """Add x[1, K] @ W_i (for ≤ MAX_GROUP matrices, with `up`: silu_mul(x, up) @ W, one matrix) into the fp32 sums at
-    device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them. `fold`: where set, the input is that norm's output, formed in the gather (x unused)."""
+    device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them. `fold`: where set, the input is that
+    norm's output, formed in the gather (x unused)."""
     device = plans[0].q_weight.device
     group = StreamGroup(count=len(plans))
     units = 0
