@@ -271,17 +271,12 @@ class PendingSums(Deferred):
         self.ended = True  # ended by whoever takes them: its output is never written (the residual add was its use)
         return UnfinishedSums(self.sums, self.plan.bias)
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.out.shape
+    def _shaped(self) -> torch.Tensor:
+        return self.out
 
     @property
     def dtype(self) -> torch.dtype:
         return self.out.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.out.device
 
     def tensor(self) -> torch.Tensor:
         if not self.ended:

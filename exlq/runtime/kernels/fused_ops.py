@@ -66,10 +66,22 @@ def add_rms_norm(
 
 class Deferred:
     """A value a kernel has yet to produce, left for the launch that reads it next to produce on the way (no kernel of
-    its own); `tensor()` produces it for any other reader."""
+    its own); `tensor()` produces it for any other reader. Its shape and device are those of `_shaped()`."""
 
     def tensor(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def _shaped(self) -> torch.Tensor:
+        """A tensor of this value's shape, on its device."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shaped().shape
+
+    @property
+    def device(self) -> torch.device:
+        return self._shaped().device
 
     def take_sums(self) -> UnfinishedSums | None:
         """The unfinished sums this value is, handed over to the one launch that ends them (then never again); None
@@ -97,17 +109,12 @@ class PendingNorm(Deferred):
         """Whether a GEMV could fold this norm: one contiguous row."""
         return NORM_FOLD and residual.numel() == weight.numel() and residual.is_contiguous()
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.residual.shape
+    def _shaped(self) -> torch.Tensor:
+        return self.residual
 
     @property
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.residual.device
 
     def tensor(self) -> torch.Tensor:
         """The norm's output, by the add_rms_norm kernel (once; it writes new_residual too, unless a fold did, and ends
