@@ -16,7 +16,13 @@ than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md,
 column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
 forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
 instances instead: 2 adjacent columns a thread (one 8-byte load a word row), so the per-block work (activation
-gather, chunk walk, split-K epilogue) is shared by twice the weights.
+gather, chunk walk, split-K epilogue) is shared by twice the weights. On Hopper, one fp16 row of launches up to
+`exl2_stream_ops.MAX_BYTES` takes the streamed kernel (`exl2_stream_ops`) instead.
+
+At decode, a one-row product the residual stream adds next (o_proj's, down_proj's) may come back unfinished
+(`PendingSums`, through `matmul_unfinished`), and a pending norm (`fused_ops.PendingNorm`) is handed to the GEMV as
+is: the next norm's launch ends the product (`norm_fold`: exl2_finish_norm before a streamed GEMV, which folds the
+norm into its gather; else fused_ops.add_rms_norm), so no launch is spent on that product's end alone.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Fused element-wise kernels of the decode step (`cuda/fused.cu`): residual add + RMSNorm, SiLU gate; and the
-residual add + RMSNorm left pending for the next GEMV to fold into its gather (`PendingNorm`)."""
+"""Fused element-wise kernels of the decode step (`cuda/fused.cu`): residual add + RMSNorm (which can also end the
+unfinished sums of the product before it), SiLU gate; and values left for the next launch to produce on the way
+(`Deferred`): the residual add + RMSNorm left pending for the next GEMV to fold into its gather (`PendingNorm`)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "finish_add_rms_
                   for tag in _TAGS.values())
 
 
-#: Leave a one-row decode step's residual add + RMSNorm to the q/k/v and gate/up GEMVs, which fold it into their
-#: activation gather (docs/benchmarks.md, session 29). EXLQ_NORM_FOLD=0: a norm kernel before each, as before.
+#: Leave a one-row decode step's residual add + RMSNorm pending for the q/k/v and gate/up GEMVs: a streamed one folds
+#: it into its activation gather, others read finish_add_rms_norm's output (exl2_ops.gemv; docs/benchmarks.md,
+#: sessions 29-31). EXLQ_NORM_FOLD=0: add_rms_norm before each, as before.
 NORM_FOLD = os.environ.get("EXLQ_NORM_FOLD", "1") != "0"
 
 
