@@ -104,3 +104,14 @@ def test_grid_takes_the_blocks_that_fit_at_most_one_a_unit(monkeypatch):
     assert exl2_stream_ops.grid_size(10_000, big, 132, 228 * 1024) == 2 * 132
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", 7)
     assert exl2_stream_ops.grid_size(10_000, stage, 132, 228 * 1024) == 7
+
+
+def test_the_default_stages_fit_a_block_at_every_eligible_width(monkeypatch):
+    """A Hopper block takes at most 227 KB of dynamic shared memory: the default stages and the widest activations the
+    kernel accepts (MAX_K) must fit, or that launch fails on the device. With 3 stages (session 31), an SM holds 3
+    blocks at the 8B's 4096 inputs and 4 at smollm2's 576."""
+    widest = exl2_stream_ops.shared_bytes(exl2_stream_ops.MAX_K, exl2_stream_ops.STAGES)
+    assert widest <= 227 * 1024 and exl2_stream_ops.STAGES <= exl2_stream_ops.MAX_STAGES
+    monkeypatch.setattr(exl2_stream_ops, "BLOCKS_PER_SM", 4)
+    for k, blocks in ((4096, 3), (576, 4)):
+        assert exl2_stream_ops.grid_size(10_000, exl2_stream_ops.shared_bytes(k, 3), 132, 228 * 1024) == blocks * 132
