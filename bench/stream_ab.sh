@@ -7,6 +7,9 @@
 #                 "EXLQ_GEMV_STREAM=0 EXLQ_GEMV_STREAM=1"; a setting of several variables joins them with commas; a
 #                 setting "DIR:VARS" runs in the tree DIR, e.g. "$PWD: /tmp/gpu/early: /tmp/gpu/early:EXLQ_PDL=0", so
 #                 trees made by bench/ab_trees.sh interleave too; AB_GEMV=0 skips the GEMV part).
+#   STAGE=cross:  where the streamed kernel stops paying: bench/gemv.py at one row over CROSS_SHAPES (default: 12.6 to
+#                 29.4 MB at 4.0 bpw) with the register kernel (EXLQ_STREAM_MAX_MB=8) and the streamed one (=64), then
+#                 4096x6144 and smollm2's head at 5.0 and 6.0 bpw (docs/benchmarks.md, session 31).
 #   STAGE=tune:   bench/gemv.py at one row for each setting in TUNE_SETTINGS (space-separated settings, each a
 #                 comma-separated list of variables, e.g. "EXLQ_STREAM_STAGES=2 EXLQ_STREAM_COLUMNS=1,EXLQ_STREAM_BLOCKS=3").
 set -uo pipefail
@@ -32,6 +35,14 @@ ab)
     for setting in ${AB_SETTINGS:-EXLQ_GEMV_STREAM=0 EXLQ_GEMV_STREAM=1}; do
       echo "round $round $model $setting $(rate "$setting" --synthetic $model --bpw 4.0 --prefill 512)"
   done; done; done ;;
+cross)
+  for s in 8 64; do echo "== 4.0 bpw, EXLQ_STREAM_MAX_MB=$s"
+    EXLQ_STREAM_MAX_MB=$s timeout 200 python3 bench/gemv.py --rows 1 \
+      --shapes ${CROSS_SHAPES:-4096x6144 4096x8192 4096x10240 4096x12288 4096x14336 14336x4096} 2>&1 | grep "K="
+  done
+  for bpw in 5.0 6.0; do for s in 8 64; do echo "== $bpw bpw, EXLQ_STREAM_MAX_MB=$s"
+    EXLQ_STREAM_MAX_MB=$s timeout 200 python3 bench/gemv.py --bpw $bpw --rows 1 --shapes 4096x6144 576x49152 2>&1 | grep "K="
+  done; done ;;
 tune)
   for setting in ${TUNE_SETTINGS:-}; do echo "== $setting"
     env ${setting//,/ } timeout 300 python3 bench/gemv.py --rows 1 --shapes 4096x14336 14336x4096 4096x4096 2>&1 | tail -3
