@@ -115,3 +115,23 @@ def test_the_default_stages_fit_a_block_at_every_eligible_width(monkeypatch):
     monkeypatch.setattr(exl2_stream_ops, "BLOCKS_PER_SM", 4)
     for k, blocks in ((4096, 3), (576, 4)):
         assert exl2_stream_ops.grid_size(10_000, exl2_stream_ops.shared_bytes(k, 3), 132, 228 * 1024) == blocks * 132
+
+
+def test_a_launch_whose_block_would_not_fit_the_gpu_takes_the_register_kernel(monkeypatch):
+    """sm_120 parts give a block ~99 KB of shared memory, the H100 227 KB: long rows (the activations sit beside the
+    stages) go to the register kernel there instead of failing at launch."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(exl2_stream_ops, "ENABLED", True)
+    monkeypatch.setattr(exl2_stream_ops, "hopper_or_newer", lambda device: True)
+    monkeypatch.setattr(exl2_stream_ops, "device_index", lambda device: 0)
+    monkeypatch.setattr(exl2_stream_ops, "STAGES", 3)
+
+    def plan(k: int) -> SimpleNamespace:
+        return SimpleNamespace(in_features=k, stream_chunks=object(), q_weight=torch.empty(k // 8, 256, dtype=torch.int32))
+
+    for limit, fits in ((227 * 1024, (4096, 32768)), (99 * 1024, (4096, 16384))):
+        monkeypatch.setattr(exl2_stream_ops, "block_shared_limit", lambda index, limit=limit: limit)
+        for k in fits:
+            assert exl2_stream_ops.applies([plan(k)], 1, torch.float16, "cuda")
+    assert not exl2_stream_ops.applies([plan(32768)], 1, torch.float16, "cuda")  # 99 KB: 3 stages + 64 KB of x

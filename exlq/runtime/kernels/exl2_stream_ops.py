@@ -132,14 +132,24 @@ NO_FOLD = NormFold()  # every launch without a fold passes this one (read only)
 
 def applies(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a GEMV launch goes to the streamed kernel: one fp16 row, every matrix eligible, at most MAX_BYTES of
-    packed weights in all, sm_90 or newer."""
+    packed weights in all, sm_90 or newer, and a block's shared memory within what the GPU gives one (sm_120 parts
+    give ~99 KB, not the H100's 227: there long rows take the register kernel)."""
     return (ENABLED and rows == 1 and dtype == torch.float16 and all(p.stream_chunks is not None for p in plans)
-            and sum(p.q_weight.numel() * 4 for p in plans) <= MAX_BYTES and hopper_or_newer(device))
+            and sum(p.q_weight.numel() * 4 for p in plans) <= MAX_BYTES and hopper_or_newer(device)
+            and shared_bytes(plans[0].in_features, STAGES) <= block_shared_limit(device_index(device)))
 
 
 def shared_bytes(in_features: int, stages: int) -> int:
     """Dynamic shared memory of a block: the stages, then K fp16 activations (rounded to 16 bytes)."""
     return stages * STAGE_BYTES + -(-2 * in_features // 16) * 16
+
+
+@functools.cache
+def block_shared_limit(index: int) -> int:
+    """Dynamic shared memory one block of GPU `index` may take (the opt-in maximum), less what the kernel declares
+    statically (its barriers: STREAM_MAX_STAGES pairs of 8 bytes, and the fold's inv)."""
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", 227 * 1024) - 2 * 8 * MAX_STAGES - 16
 
 
 @functools.cache
