@@ -7,7 +7,8 @@
 // through the same serial phases (tables, gather, loads, math, atomics) at once, so the memory idles between them; it
 // reads 4096x14336 at 55 % of copy where a pure read reaches 80 %. Measured (session 24): this kernel's copies alone
 // reach 61-63 % there, but its consumers' arithmetic bounds it (13-14.5 µs with no copies at all, against the register
-// kernel's 12.3 µs whole), so the host gives it launches of at most 8 MiB, where it is faster (4096x4096: 6.5 / 8.5 µs).
+// kernel's 12.3 µs whole), so the host gives it launches of at most 19 MiB, where it is faster (4096x4096: 6.5 / 8.5
+// µs; session 31: 4096x6144 8.9 / 9.5 µs).
 //
 // Work: a matrix is cut into units of one stream chunk (host table: at most STREAM_WORD_ROWS word rows of one width)
 // by one strip of STREAM_COLUMNS columns; units are numbered strip by strip (chunks inside), matrix after matrix in a
@@ -44,9 +45,10 @@ struct StreamGroup {
 };
 // The residual add + RMSNorm a launch folds into its activation gather (decode's q/k/v and gate/up, where they take
 // this kernel; in the register kernel, whose thousands of blocks would each wait on the partials, a fold cost the 8B
-// 4-6 %: docs/benchmarks.md, sessions 29-30): its input is then weight * T(v · inv) with v = residual + delta, which exl2_finish_norm (the kernel before it) wrote to
-// `residual`, and inv = rsqrt(Σ v² / K + eps) from that kernel's per-block partial sums of squares (a few dozen floats
-// a block reads, not the row), rounded as add_rms_norm (fused.cu) rounds it: the step needs no norm kernel.
+// 4-6 %: docs/benchmarks.md, sessions 29-30): its input is then weight * T(v · inv) with v = residual + delta, which
+// exl2_finish_norm (the kernel before it) wrote to `residual`, and inv = rsqrt(Σ v² / K + eps) from that kernel's
+// per-block partial sums of squares (a few dozen floats a block reads, not the row), rounded as add_rms_norm
+// (fused.cu) rounds it: the step needs no norm kernel.
 // residual null: no fold, the input is x. Mirrored by exl2_stream_ops.NormFold.
 struct NormFold {
     const float* residual;  // [K] fp32: residual + delta

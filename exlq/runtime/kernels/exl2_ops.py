@@ -299,16 +299,14 @@ def norm_fold(pending: PendingNorm) -> exl2_stream_ops.NormFold:
         count = -(-hidden // FINISH_THREADS)
         partials = torch.empty(count, dtype=torch.float32, device=pending.device)
         delta = pending.delta
-        unfinished = isinstance(delta, PendingSums) and not delta.ended
-        matrix = delta.group.m[0] if unfinished else GemvMatrix()
+        sums = delta.take_sums() if isinstance(delta, Deferred) else None  # ended by this launch, if unfinished
+        matrix = delta.group.m[0] if sums is not None else GemvMatrix()
         function = kernel(SOURCE, INSTANCE_SETS[pending.dtype], f"exl2_finish_norm<{ACTIVATION_TAGS[pending.dtype]}>",
                           pending.device)
-        blocks = max(count, -(-delta.plan.n_pad // FINISH_THREADS)) if unfinished else count  # its padding zeroed too
+        blocks = count if sums is None else max(count, -(-sums.sums.numel() // FINISH_THREADS))  # padding zeroed too
         launch(function, (blocks, 1, 1), (FINISH_THREADS, 1, 1),
-               (matrix, None if unfinished else as_tensor(delta), pending.residual, pending.new_residual, partials,
-                hidden), pending.device, overlap=True)
-        if unfinished:
-            delta.ended = True  # its sums are re-zeroed; its output is never written (the residual add was its use)
+               (matrix, None if sums is not None else as_tensor(delta), pending.residual, pending.new_residual,
+                partials, hidden), pending.device, overlap=True)
         fold = exl2_stream_ops.NormFold(pending.new_residual.data_ptr(), pending.weight.data_ptr(),
                                         partials.data_ptr(), count, pending.eps)
         pending.fold = (fold, partials)
@@ -396,11 +394,10 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
 
 
 def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
-                  up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold | None = None,
+                  up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold = exl2_stream_ops.NO_FOLD,
                   unfinished: bool = False) -> PendingSums | None:
     """gemv for one fp16 row through the streamed kernel (exl2_stream_ops.applies): its sums, then exl2_finish (or,
     `unfinished`, PendingSums); with a `fold` set, that norm formed in the gather (x unused)."""
-    fold = fold if fold is not None else exl2_stream_ops.NO_FOLD
     if up is not None and len(plans) > 1:
         x, up = silu_mul(x, up), None
     workspace, _ = (_unfinished_workspace if unfinished else _workspace).get(
@@ -478,15 +475,13 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
 def matmul_unfinished(plan: Exl2Plan, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor | PendingSums:
     """matmul_many([plan], x, up)[0], except that a one-row product that would end in exl2_finish comes back as
     PendingSums (the residual add after it ends it: norm_fold)."""
-    if x.shape[:-1].numel() != 1:
+    lead = x.shape[:-1]
+    if lead.numel() != 1:
         return matmul_many([plan], x, up)[0]
-    y = torch.empty(1, plan.out_features, dtype=x.dtype, device=x.device)
+    y = torch.empty(*lead, plan.out_features, dtype=x.dtype, device=x.device)  # the GEMV reads only its address
     rest = gemv([plan], x.reshape(1, -1).contiguous(), [y], None if up is None else up.reshape(1, -1).contiguous(),
                 unfinished=True)
-    if rest is not None:
-        rest.out = y.view(*x.shape[:-1], plan.out_features)
-        return rest
-    return y.view(*x.shape[:-1], plan.out_features)
+    return y if rest is None else rest
 
 
 def matmul(plan: Exl2Plan, x: torch.Tensor) -> torch.Tensor:
