@@ -180,3 +180,50 @@ def test_matmul_many_hands_a_pending_norm_to_the_gemv_as_is(monkeypatch):
     calls.clear()
     exl2_ops.matmul_many(plans[:1], x[:1], up[:1])
     assert torch.equal(calls[0][1], x[:1]) and torch.equal(calls[0][2], up[:1])
+
+
+@pytest.mark.parametrize("unfinished", [True, False])
+def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, monkeypatch):
+    """exl2_ops.norm_fold launches exl2_finish_norm once per pending norm: over a product's unfinished sums (their
+    matrix, no delta tensor, enough blocks to re-zero the padding, the product then ended), or over a finished delta."""
+    from types import SimpleNamespace
+
+    launches = []
+    monkeypatch.setattr(exl2_ops, "kernel", lambda source, instances, name, device: name)
+    monkeypatch.setattr(exl2_ops, "launch", lambda function, grid, block, args, device, overlap: launches.append(
+        (function, grid, args)))
+    hidden, n_pad = 600, 1024  # 3 pieces of FINISH_THREADS values; the sums padded to 4
+    p = pending(hidden)
+    if unfinished:
+        group = exl2_ops.GemvGroup(count=1)
+        group.m[0] = exl2_ops.GemvMatrix(n_pad=n_pad)
+        delta = exl2_ops.PendingSums(group, SimpleNamespace(bias=None, n_pad=n_pad), torch.empty(1, 1, hidden).half(),
+                                     torch.zeros(n_pad))
+        p = fused_ops.PendingNorm(p.residual, delta, p.weight, p.eps, p.new_residual)
+    fold = exl2_ops.norm_fold(p)
+    assert exl2_ops.norm_fold(p) is fold, "once per pending norm"
+    (function, grid, args), = launches
+    assert function == "exl2_finish_norm<fp16_t>" and args[2:] == (p.residual, p.new_residual, p.fold[1], hidden)
+    assert (fold.count, fold.residual, fold.weight) == (3, p.new_residual.data_ptr(), p.weight.data_ptr())
+    if unfinished:
+        assert grid == (4, 1, 1) and args[1] is None and args[0].n_pad == n_pad
+        assert delta.ended and delta.take_sums() is None, "ended by that launch"
+    else:
+        assert grid == (3, 1, 1) and args[1] is p.delta and args[0].n_pad == 0
+
+
+def test_matmul_unfinished_gives_the_gemv_an_output_of_the_input_shape(monkeypatch):
+    """One row: the GEMV writes into an output of x's leading shape and may hand back its sums unfinished; more rows:
+    matmul_many."""
+    from types import SimpleNamespace
+
+    handed, outs = [None], []
+    monkeypatch.setattr(exl2_ops, "gemv", lambda plans, x, ys, up=None, unfinished=False: outs.append(ys[0]) or handed[0])
+    plan = SimpleNamespace(in_features=64, out_features=48)
+    x = torch.randn(1, 1, 64).half()
+    y = exl2_ops.matmul_unfinished(plan, x)
+    assert y is outs[0] and y.shape == (1, 1, 48) and y.dtype == torch.float16
+    handed[0] = "sums"
+    assert exl2_ops.matmul_unfinished(plan, x) == "sums" and outs[1].shape == (1, 1, 48)
+    monkeypatch.setattr(exl2_ops, "matmul_many", lambda plans, x, up=None: ["many"])
+    assert exl2_ops.matmul_unfinished(plan, torch.randn(1, 3, 64).half()) == "many"
