@@ -107,31 +107,52 @@ def test_grid_takes_the_blocks_that_fit_at_most_one_a_unit(monkeypatch):
 
 
 def test_the_default_stages_fit_a_block_at_every_eligible_width(monkeypatch):
-    """A Hopper block takes at most 227 KB of dynamic shared memory: the default stages and the widest activations the
-    kernel accepts (MAX_K) must fit, or that launch fails on the device. With 3 stages (session 31), an SM holds 3
-    blocks at the 8B's 4096 inputs and 4 at smollm2's 576."""
-    widest = exl2_stream_ops.shared_bytes(exl2_stream_ops.MAX_K, exl2_stream_ops.STAGES)
-    assert widest <= 227 * 1024 and exl2_stream_ops.STAGES <= exl2_stream_ops.MAX_STAGES
+    """A Hopper block takes at most 227 KB of dynamic shared memory: the default stages at every K up to the widest
+    activations the kernel accepts (MAX_K) must fit, or that launch fails on the device. By K (session 32): 5 stages
+    and 2 blocks an SM at the 8B's 4096 inputs, 4 and 3 at Llama-3.2-1B's 2048, 3 and 4 at smollm2's 576."""
+    monkeypatch.setattr(exl2_stream_ops, "STAGES", None)
     monkeypatch.setattr(exl2_stream_ops, "BLOCKS_PER_SM", 4)
-    for k, blocks in ((4096, 3), (576, 4)):
-        assert exl2_stream_ops.grid_size(10_000, exl2_stream_ops.shared_bytes(k, 3), 132, 228 * 1024) == blocks * 132
+    hopper = 227 * 1024
+    for k in (32, 576, 2047, 2048, 4096, 14336, exl2_stream_ops.MAX_K):
+        stages = exl2_stream_ops.stages_for(k, hopper)
+        assert stages == next(s for least, s in exl2_stream_ops.STAGES_BY_K if k >= least) <= exl2_stream_ops.MAX_STAGES
+        assert exl2_stream_ops.shared_bytes(k, stages) <= hopper
+    for k, stages, blocks in ((4096, 5, 2), (2048, 4, 3), (576, 3, 4)):
+        assert exl2_stream_ops.stages_for(k, hopper) == stages
+        assert exl2_stream_ops.grid_size(10_000, exl2_stream_ops.shared_bytes(k, stages), 132, 228 * 1024) == blocks * 132
+
+
+def test_stages_drop_to_what_fits_the_block_and_a_set_count_wins(monkeypatch):
+    """Where the GPU gives a block less (sm_120: ~99 KB), a long row takes fewer stages rather than failing or leaving
+    the kernel; EXLQ_STREAM_STAGES (STAGES) overrides the table."""
+    monkeypatch.setattr(exl2_stream_ops, "STAGES", None)
+    small = 99 * 1024
+    assert exl2_stream_ops.stages_for(4096, small) == 5  # 93 KB
+    assert exl2_stream_ops.stages_for(16384, small) == 4  # 5 stages + 32 KB of activations: 115 KB; 4: 98 KB
+    assert exl2_stream_ops.stages_for(32768, small) == 2  # 2 stages + 64 KB: 97 KB
+    assert exl2_stream_ops.stages_for(32768, 96 * 1024) is None
+    monkeypatch.setattr(exl2_stream_ops, "STAGES", 2)
+    assert exl2_stream_ops.stages_for(4096, 227 * 1024) == 2
+    monkeypatch.setattr(exl2_stream_ops, "STAGES", 12)  # past STREAM_MAX_STAGES: the most the kernel has
+    assert exl2_stream_ops.stages_for(576, 227 * 1024) == exl2_stream_ops.MAX_STAGES
 
 
 def test_a_launch_whose_block_would_not_fit_the_gpu_takes_the_register_kernel(monkeypatch):
     """sm_120 parts give a block ~99 KB of shared memory, the H100 227 KB: long rows (the activations sit beside the
-    stages) go to the register kernel there instead of failing at launch."""
+    stages) take fewer stages there, and where even 2 would not fit, the register kernel, instead of failing at
+    launch."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(exl2_stream_ops, "ENABLED", True)
     monkeypatch.setattr(exl2_stream_ops, "hopper_or_newer", lambda device: True)
     monkeypatch.setattr(exl2_stream_ops, "device_index", lambda device: 0)
-    monkeypatch.setattr(exl2_stream_ops, "STAGES", 3)
+    monkeypatch.setattr(exl2_stream_ops, "STAGES", None)
 
     def plan(k: int) -> SimpleNamespace:
         return SimpleNamespace(in_features=k, stream_chunks=object(), q_weight=torch.empty(k // 8, 256, dtype=torch.int32))
 
-    for limit, fits in ((227 * 1024, (4096, 32768)), (99 * 1024, (4096, 16384))):
+    for limit, fits in ((227 * 1024, (4096, 32768)), (99 * 1024, (4096, 16384, 32768)), (96 * 1024, (4096, 16384))):
         monkeypatch.setattr(exl2_stream_ops, "block_shared_limit", lambda index, limit=limit: limit)
         for k in fits:
             assert exl2_stream_ops.applies([plan(k)], 1, torch.float16, "cuda")
-    assert not exl2_stream_ops.applies([plan(32768)], 1, torch.float16, "cuda")  # 99 KB: 3 stages + 64 KB of x
+    assert not exl2_stream_ops.applies([plan(32768)], 1, torch.float16, "cuda")  # 96 KB: 2 stages + 64 KB of x

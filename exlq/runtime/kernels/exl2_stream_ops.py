@@ -39,11 +39,14 @@ ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
 #: 14.8 / 12.3; smollm2's 576x49152 head 14.4 / 13.6), where its consumers' arithmetic is the limit; a launch it
 #: takes also folds the norm before it. 8 MiB left the 8B's q/k/v (12.5 MB) to the register kernel: 19 MiB, +3 %.
 MAX_BYTES = int(float(os.environ.get("EXLQ_STREAM_MAX_MB", "19")) * (1 << 20))
-#: Shared-memory stages a block, columns a consumer thread and blocks an SM (tuning, docs/benchmarks.md). Session 24
-#: found 4 blocks of 2 stages fastest of seven settings for the GEMV alone; in decode, session 31 measured 3 stages
-#: faster (the 8B +4.2 % over three rounds, where shared memory then fits 3 blocks an SM; Qwen2.5-0.5B +2.5 %, smollm2
-#: +0.8 %, with 4 blocks an SM where K is small).
-STAGES = int(os.environ.get("EXLQ_STREAM_STAGES", "3"))
+#: Shared-memory stages a block (EXLQ_STREAM_STAGES fixes them; by default STAGES_BY_K picks them), columns a consumer
+#: thread and blocks an SM (tuning, docs/benchmarks.md). Session 24 found 4 blocks of 2 stages fastest of seven
+#: settings for the GEMV alone; in decode, session 31 measured 3 stages faster than 2 (the 8B +4.2 %).
+STAGES: int | None = int(os.environ["EXLQ_STREAM_STAGES"]) if os.environ.get("EXLQ_STREAM_STAGES") else None
+#: (least K, stages) by default, the first that K reaches. Measured in decode (session 32, same-call rounds against 3
+#: stages): the 8B (K 4096) +2.0 % with 5 (2 blocks an SM; 4 stages, 3 blocks: −2.5 %; 6: −2 %), Llama-3.2-1B (K 2048)
+#: +6.6 / +7.3 % with 4 (3 blocks an SM; 5: +5 %); at K 576 and 896 (smollm2, Qwen2.5-0.5B) 3, 4 and 5 are even.
+STAGES_BY_K = ((4096, 5), (2048, 4), (0, 3))
 THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
 BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "4"))
 MAX_GRID: int | None = None  # tests: a small grid, so each block walks many units, strips and matrices
@@ -132,11 +135,22 @@ NO_FOLD = NormFold()  # every launch without a fold passes this one (read only)
 
 def applies(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a GEMV launch goes to the streamed kernel: one fp16 row, every matrix eligible, at most MAX_BYTES of
-    packed weights in all, sm_90 or newer, and a block's shared memory within what the GPU gives one (sm_120 parts
-    give ~99 KB, not the H100's 227: there long rows take the register kernel)."""
+    packed weights in all, sm_90 or newer, and a block of at least 2 stages within the shared memory the GPU gives one
+    (sm_120 parts give ~99 KB, not the H100's 227: there long rows take fewer stages, the longest the register
+    kernel)."""
     return (ENABLED and rows == 1 and dtype == torch.float16 and all(p.stream_chunks is not None for p in plans)
             and sum(p.q_weight.numel() * 4 for p in plans) <= MAX_BYTES and hopper_or_newer(device)
-            and shared_bytes(plans[0].in_features, STAGES) <= block_shared_limit(device_index(device)))
+            and stages_for(plans[0].in_features, block_shared_limit(device_index(device))) is not None)
+
+
+def stages_for(in_features: int, limit: int) -> int | None:
+    """Stages a block takes at K = in_features (STAGES where set, else STAGES_BY_K's), fewer (down to 2) where the
+    block would not fit `limit` bytes of shared memory; None where 2 do not fit either."""
+    wanted = STAGES if STAGES is not None else next(stages for least, stages in STAGES_BY_K if in_features >= least)
+    for stages in range(max(2, min(MAX_STAGES, wanted)), 1, -1):
+        if shared_bytes(in_features, stages) <= limit:
+            return stages
+    return None
 
 
 def shared_bytes(in_features: int, stages: int) -> int:
@@ -182,7 +196,7 @@ def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | No
         )
         units += strips * chunk_count
     group.units = units
-    stages = max(2, min(MAX_STAGES, STAGES))
+    stages = stages_for(plans[0].in_features, block_shared_limit(device_index(device)))
     columns = THREAD_COLUMNS if THREAD_COLUMNS in COLUMN_CHOICES else 2
     function = kernel(SOURCE, INSTANCES, f"exl2_stream<fp16_t, {columns}>", device)
     shared = shared_bytes(plans[0].in_features, stages)
