@@ -10,6 +10,9 @@
 #   STAGE=cross:  where the streamed kernel stops paying: bench/gemv.py at one row over CROSS_SHAPES (default: 12.6 to
 #                 29.4 MB at 4.0 bpw) with the register kernel (EXLQ_STREAM_MAX_MB=8) and the streamed one (=64), then
 #                 4096x6144 and smollm2's head at 5.0 and 6.0 bpw (docs/benchmarks.md, session 31).
+#   STAGE=stages: decode of AB_MODELS (default: the four synthetic shapes) with each stage count of STAGE_COUNTS
+#                 (default "3 4 5"; EXLQ_STREAM_STAGES fixes it for every launch) and the default (stages by K,
+#                 exl2_stream_ops.STAGES_BY_K), interleaved, AB_ROUNDS rounds: the table behind STAGES_BY_K.
 #   STAGE=tune:   bench/gemv.py at one row for each setting in TUNE_SETTINGS (space-separated settings, each a
 #                 comma-separated list of variables, e.g. "EXLQ_STREAM_STAGES=2 EXLQ_STREAM_COLUMNS=1,EXLQ_STREAM_BLOCKS=3").
 set -uo pipefail
@@ -35,6 +38,10 @@ ab)
     for setting in ${AB_SETTINGS:-EXLQ_GEMV_STREAM=0 EXLQ_GEMV_STREAM=1}; do
       echo "round $round $model $setting $(rate "$setting" --synthetic $model --bpw 4.0 --prefill 512)"
   done; done; done ;;
+stages)
+  settings="EXLQ_DEFAULT=1"; for n in ${STAGE_COUNTS:-3 4 5}; do settings="$settings EXLQ_STREAM_STAGES=$n"; done
+  STAGE=ab AB_GEMV=0 AB_MODELS="${AB_MODELS:-llama3-8b llama3.2-1b qwen2.5-0.5b smollm2-135m}" AB_SETTINGS="$settings" \
+    bash "$0" ;;
 cross)
   for s in 8 64; do echo "== 4.0 bpw, EXLQ_STREAM_MAX_MB=$s"
     EXLQ_STREAM_MAX_MB=$s timeout 200 python3 bench/gemv.py --rows 1 \
