@@ -2,6 +2,9 @@
 
     python3 bench/boundaries.py [--hidden 4096 896 576]
 
+(finish_add_rms_norm: add_rms_norm whose delta is a product's unfinished fp32 sums, ended and re-zeroed in the same
+launch; the 8B's norm before gate/up, 5.05 µs a call in session 32's profile against add_rms_norm's 3.35.)
+
 Each op is captured PER_GRAPH times in one CUDA graph and replayed (bench/gemv.py's `graph_seconds`), with
 programmatic dependent launch on and then off (EXLQ_PDL, read at each launch), so the µs a call are what one more
 such launch adds to a graph step. `silu_mul` over 8 values is the floor: a launch that does nothing worth the name.
@@ -37,9 +40,12 @@ def ops(hidden: int, device: torch.device) -> dict:
     cos, sin = torch.rand(1, 128, device=device, dtype=torch.float16), torch.rand(1, 128, device=device, dtype=torch.float16)
     caches = [torch.zeros(1, kv_heads, 1024, 128, device=device, dtype=torch.float16) for _ in range(2)]
     position = torch.tensor([100], device=device)
+    sums = fused_ops.UnfinishedSums(torch.zeros(hidden, device=device), None)  # re-zeroed by every launch
+    new_residual = torch.empty_like(residual)
     return {
         f"silu_mul, {intermediate.shape[1]} values": lambda: fused_ops.silu_mul(intermediate, intermediate),
         f"add_rms_norm, {hidden}": lambda: fused_ops.add_rms_norm(residual, delta, weight, 1e-5),
+        f"finish_add_rms_norm, {hidden}": lambda: fused_ops.add_rms_norm(residual, None, weight, 1e-5, new_residual, sums),
         f"rope_store, {4 * kv_heads}+{kv_heads} heads": lambda: fused_ops.rope_store(q, k, k, cos, sin, *caches, position),
     }
 
