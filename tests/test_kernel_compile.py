@@ -94,6 +94,23 @@ def test_programmatic_launch_is_on_by_default_on_hopper_and_off_by_switch(monkey
     assert not launch.pdl_enabled(0)
 
 
+def test_the_carveout_probe_is_off_by_default_and_matches_kernel_names():
+    """EXLQ_CARVEOUT (a tuning probe): unset, every kernel keeps the driver's L1 / shared split; PCT applies to all;
+    NAME=PCT to the instances whose name starts with NAME, the first that matches; anything else is refused."""
+    from exlq.errors import ExlqError
+    from exlq.runtime.kernels import launch
+
+    stream, gemv = "exl2_stream<fp16_t, 2>", "exl2_gemv<fp16_t, 1, 2>"
+    assert launch.preferred_carveout(stream, "") is None
+    assert launch.preferred_carveout(gemv, "75") == 75
+    setting = "exl2_stream=100, exl2_gemv_group=50,exl2_gemv=0"
+    assert [launch.preferred_carveout(n, setting) for n in (stream, gemv, "exl2_gemv_group<fp16_t, 1, 2>")] == [100, 0, 50]
+    assert launch.preferred_carveout("rope_store<fp16_t>", setting) is None
+    for bad in ("101", "exl2_stream=half", "exl2_stream:100"):
+        with pytest.raises(ExlqError, match="EXLQ_CARVEOUT"):
+            launch.preferred_carveout(stream, bad)
+
+
 def test_a_refused_programmatic_launch_falls_back_to_a_plain_one(monkeypatch):
     """A driver that refuses cuLaunchKernelEx's programmatic launch (older ones in graph captures) must not stop the
     model: one warning, the same launch without it, and plain launches on that device from then on."""

@@ -41,10 +41,35 @@ def _module(source: str, instances: tuple[str, ...], index: int) -> dict[str, in
         module.load(compiled.cubin)
         functions = {name: module.get_function(lowered) for name, lowered in compiled.names.items()}
     _loaded_modules.append(module)  # keep the module (and its functions) alive for the process
+    for name, function in functions.items():
+        if (percent := preferred_carveout(name)) is not None:
+            from cupy_backends.cuda.api import driver
+
+            driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, percent)
     return {name: f.ptr for name, f in functions.items()}
 
 
 _loaded_modules: list = []
+
+#: A tuning probe, unset by default: the split of each SM's L1 / shared memory a kernel prefers
+#: (CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT: percent of the most shared memory an SM has; unset, the
+#: driver's choice). EXLQ_CARVEOUT=PCT for every kernel, or NAME=PCT,NAME=PCT for the kernels whose instance name
+#: starts with NAME (the first that matches), e.g. "exl2_stream=100,exl2_gemv=100". Why: the streamed GEMV's stage
+#: count changes the 8B's decode where it changes no copy request, only the shared memory reserved
+#: (docs/benchmarks.md, session 32).
+CARVEOUT = os.environ.get("EXLQ_CARVEOUT", "")
+
+
+def preferred_carveout(name: str, setting: str | None = None) -> int | None:
+    """The carveout percent EXLQ_CARVEOUT (or `setting`) asks for kernel instance `name`; None: the driver's choice."""
+    setting = CARVEOUT if setting is None else setting
+    for part in filter(None, (p.strip() for p in setting.split(","))):
+        prefix, _, value = part.rpartition("=")
+        if not value.isdigit() or not 0 <= int(value) <= 100:
+            raise ExlqError(f"EXLQ_CARVEOUT takes PCT or NAME=PCT,... with PCT in 0-100, not {setting!r}")
+        if name.startswith(prefix):
+            return int(value)
+    return None
 
 
 def kernel(source: str, instances: tuple[str, ...], name: str, device: torch.device) -> int:
