@@ -68,7 +68,9 @@ class LaterDelta(fused_ops.Deferred):
 
     def __init__(self, value: torch.Tensor):
         self.value, self.produced = value, 0
-        self.dtype = value.dtype
+
+    def _shaped(self) -> torch.Tensor:
+        return self.value
 
     def tensor(self) -> torch.Tensor:
         self.produced += 1

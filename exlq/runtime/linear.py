@@ -91,12 +91,13 @@ def project_each(layers: Sequence[nn.Module], x: torch.Tensor | PendingNorm) -> 
 
 def project_gated(layer: nn.Module, gate: torch.Tensor, up: torch.Tensor,
                   unfinished: bool = False) -> torch.Tensor | Deferred:
-    """layer(silu(gate) * up), a gated MLP's down projection. A format with `forward_gated(gate, up)` forms the input
-    itself (EXL2 on the GPU: inside the GEMV, no separate launch), unless a module hook must see that input.
+    """layer(silu(gate) * up), a gated MLP's down projection. A format with `forward_gated(gate, up, unfinished)`
+    forms the input itself (EXL2 on the GPU: inside the GEMV, no separate launch), unless a module hook must see that
+    input.
     `unfinished`: the output may come back Deferred, as project_to_residual's."""
     gated = getattr(type(layer), "forward_gated", None)
     if gated is not None and not _hooked(layer):
-        return gated(layer, gate, up, unfinished) if unfinished else gated(layer, gate, up)
+        return gated(layer, gate, up, unfinished)
     return layer(silu_mul(gate, up) if kernels.applies(gate) else F.silu(gate) * up)
 
 

@@ -280,10 +280,6 @@ class PendingSums(Deferred):
     def _shaped(self) -> torch.Tensor:
         return self.out
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.out.dtype
-
     def tensor(self) -> torch.Tensor:
         if not self.ended:
             finish_sums(self.group, [self.plan], 1, self.out.dtype, self.out.device)

@@ -145,8 +145,14 @@ def applies(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device
 
 def stages_for(in_features: int, limit: int) -> int | None:
     """Stages a block takes at K = in_features (STAGES where set, else STAGES_BY_K's), fewer (down to 2) where the
-    block would not fit `limit` bytes of shared memory; None where 2 do not fit either."""
-    wanted = STAGES if STAGES is not None else next(stages for least, stages in STAGES_BY_K if in_features >= least)
+    block would not fit `limit` bytes of shared memory; None where 2 do not fit either. Worked out once per (K, limit,
+    STAGES): `applies` and `launch_stream` both ask at every streamed launch."""
+    return _stages_for(in_features, limit, STAGES)
+
+
+@functools.cache
+def _stages_for(in_features: int, limit: int, fixed: int | None) -> int | None:
+    wanted = fixed if fixed is not None else next(stages for least, stages in STAGES_BY_K if in_features >= least)
     for stages in range(max(2, min(MAX_STAGES, wanted)), 1, -1):
         if shared_bytes(in_features, stages) <= limit:
             return stages

@@ -68,7 +68,8 @@ def add_rms_norm(
 
 class Deferred:
     """A value a kernel has yet to produce, left for the launch that reads it next to produce on the way (no kernel of
-    its own); `tensor()` produces it for any other reader. Its shape and device are those of `_shaped()`."""
+    its own); `tensor()` produces it for any other reader. Its shape, device and (unless a subclass says otherwise)
+    dtype are those of `_shaped()`."""
 
     def tensor(self) -> torch.Tensor:
         raise NotImplementedError
@@ -84,6 +85,10 @@ class Deferred:
     @property
     def device(self) -> torch.device:
         return self._shaped().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._shaped().dtype
 
     def take_sums(self) -> UnfinishedSums | None:
         """The unfinished sums this value is, handed over to the one launch that ends them (then never again); None
