@@ -28,6 +28,30 @@ struct Magic {
         default: CALL(2); break;    \
     }
 
+// Sums added into the fp32 workspace, 2 or 4 adjacent floats (8- or 16-byte aligned) at once: on sm_90 and newer one
+// vector reduction (red.global.v2/v4.f32.add), one L2 atomic operation instead of 2 or 4; scalar atomics before.
+// Why: a split-K GEMV adds K/split partial sums a column and row; at 8 rows 4096x14336 makes 1.8 million atomics,
+// and their rate (~150 a ns on the H200) bounded the tensor-core kernel (docs/benchmarks.md, session 33).
+__device__ __forceinline__ void add_pair(float* at, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.v2.f32.add [%0], {%1, %2};" ::"l"(at), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(at, a);
+    atomicAdd(at + 1, b);
+#endif
+}
+__device__ __forceinline__ void add_quad(float* at, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.v4.f32.add [%0], {%1, %2, %3, %4};" ::"l"(at), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                 : "memory");
+#else
+    atomicAdd(at, v.x);
+    atomicAdd(at + 1, v.y);
+    atomicAdd(at + 2, v.z);
+    atomicAdd(at + 3, v.w);
+#endif
+}
+
 // Effective scale of (group g, column n) before the format's fp16 rounding: c^2 * M_g, c = nibble + 1.
 __device__ __forceinline__ float column_scale(const u32* __restrict__ q_scale, const float* __restrict__ scale_max,
                                               int g, int n, int n_pad) {

@@ -330,9 +330,10 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
     }
     if (valid) {
 #pragma unroll
-        for (int c = 0; c < C; c++) {
-#pragma unroll
-            for (int m = 0; m < M; m++) atomicAdd(mat.workspace + (size_t)m * n_pad + n + c, acc[c][m]);
+        for (int m = 0; m < M; m++) {  // C == 2: the thread's columns n (even), n + 1 as one reduction
+            float* at = mat.workspace + (size_t)m * n_pad + n;
+            if (C == 2) add_pair(at, acc[0][m], acc[C - 1][m]);
+            else atomicAdd(at, acc[0][m]);
         }
     }
     // Launched without counters, the block ends at its atomics: exl2_finish, the next launch, writes y.

@@ -147,6 +147,7 @@ template <int M>
 __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, const GemvMatrix& mat, int local) {
     __shared__ __align__(16) uint4 xh[M][SPLIT_ROWS / 8];  // activations in slot order, 8 fp16 a lane-block
     __shared__ __align__(16) float off[SPLIT_ROWS / 32][8];  // [block][m]: sum of b_k (1024 + 2^s_k z)
+    __shared__ __align__(16) float warp_sums[THREADS / 32][M][36];  // the epilogue's, a warp's own (36: rows 2t on distinct banks)
     const int4* __restrict__ chunks = mat.chunks;
     const int n_pad = mat.n_pad, tile = local % mat.tiles, split = local / mat.tiles;
     const int c0 = mat.split_chunks[split], c1 = mat.split_chunks[split + 1];
@@ -191,22 +192,32 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
 #undef MMA_CHUNK
         }
         // total[tile][i]: column col0 + 16 tile + g (+ 8 for i >= 2), activation row 2t + (i & 1)
+        if (mat.splits == 1) {
 #pragma unroll
-        for (int tl = 0; tl < 2; tl++) {
+            for (int tl = 0; tl < 2; tl++) {
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int m = 2 * t + (i & 1), col = col0 + 16 * tl + g + (i >> 1) * 8;
-                if (m < M) {
-                    if (mat.splits == 1) {
-                        if (col < mat.N) {
-                            const float bias = mat.bias != nullptr ? mat.bias[col] : 0.0f;
-                            mat.y[(size_t)m * mat.N + col] = Act<fp16_t>::store(total[tl][i] + bias);
-                        }
-                    } else {
-                        atomicAdd(mat.workspace + (size_t)m * n_pad + col, total[tl][i]);
+                for (int i = 0; i < 4; i++) {
+                    const int m = 2 * t + (i & 1), col = col0 + 16 * tl + g + (i >> 1) * 8;
+                    if (m < M && col < mat.N) {
+                        const float bias = mat.bias != nullptr ? mat.bias[col] : 0.0f;
+                        mat.y[(size_t)m * mat.N + col] = Act<fp16_t>::store(total[tl][i] + bias);
                     }
                 }
             }
+        } else {  // the warp's [M][32] sums through shared memory, then added 4 adjacent columns at a time
+            float(*sums)[36] = warp_sums[warp];
+#pragma unroll
+            for (int tl = 0; tl < 2; tl++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int m = 2 * t + (i & 1);
+                    if (m < M) sums[m][16 * tl + g + (i >> 1) * 8] = total[tl][i];
+                }
+            }
+            __syncwarp();
+            for (int v = lane; v < M * 8; v += 32)
+                add_quad(mat.workspace + (size_t)(v >> 3) * n_pad + col0 + 4 * (v & 7),
+                         *reinterpret_cast<const float4*>(&sums[v >> 3][4 * (v & 7)]));
         }
     }
     if (mat.splits > 1) finish_split<fp16_t, M>(mat, tile);

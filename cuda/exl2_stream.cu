@@ -317,12 +317,13 @@ __device__ __forceinline__ void unit_dot(const u32* stage, const u16* xh, const 
 // The block's sums of one strip (all its units there) into the matrix's workspace; acc starts over.
 template <int C>
 __device__ __forceinline__ void add_sums(const StreamMatrix& mat, int strip, int n, float* acc) {
-#pragma unroll
-    for (int c = 0; c < C; c++) {
-        const int column = strip * STREAM_COLUMNS + n + c;
-        if (column < mat.n_pad) atomicAdd(mat.workspace + column, acc[c]);
-        acc[c] = 0.0f;
+    const int column = strip * STREAM_COLUMNS + n;  // C == 2: n even, and n_pad a multiple of 32
+    if (column < mat.n_pad) {
+        if (C == 2) add_pair(mat.workspace + column, acc[0], acc[C - 1]);
+        else atomicAdd(mat.workspace + column, acc[0]);
     }
+#pragma unroll
+    for (int c = 0; c < C; c++) acc[c] = 0.0f;
 }
 
 // y = x @ W (one activation row, fp16) for the group's matrices, through the fp32 workspaces (exl2_finish writes y);
