@@ -157,10 +157,23 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
     // Gather: warp w takes 32-row blocks w, w + 4, ...; lane i puts row i of the block in its slot for every
     // activation row, and the warp sums the block's offset terms. Table entry: channel | slot << 20 | s << 25 |
     // (bits - 1) << 28.
+    // The entries are the layer's own: read before the programmatic wait, so after it each row costs one load of x.
     const int* __restrict__ table = mat.perm;
+    constexpr int WARP_BLOCKS = SPLIT_ROWS / THREADS;  // most 32-row blocks a warp gathers
+    int entries[WARP_BLOCKS];
+#pragma unroll
+    for (int j = 0; j < WARP_BLOCKS; j++) {
+        const int blk = warp + j * (THREADS / 32);
+        entries[j] = blk < (rows >> 5) ? __ldg(table + r0 + 32 * blk + lane) : 0;
+    }
+    pdl_launch_dependents();
+    pdl_wait();  // x and the workspace belong to earlier kernels
     u16* xs = reinterpret_cast<u16*>(xh);
-    for (int blk = warp; blk < (rows >> 5); blk += THREADS / 32) {
-        const int e = __ldg(table + r0 + 32 * blk + lane);
+#pragma unroll
+    for (int j = 0; j < WARP_BLOCKS; j++) {
+        const int blk = warp + j * (THREADS / 32);
+        if (blk >= (rows >> 5)) break;
+        const int e = entries[j];
         const int s = (e >> 25) & 7, bits = ((e >> 28) & 7) + 1, slot = 32 * blk + ((e >> 20) & 31);
         const float down = __int_as_float((127 - s) << 23), up = 1024.0f + (float)((1 << s) << (bits - 1));
         float x_m[M];
@@ -220,7 +233,8 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
                          *reinterpret_cast<const float4*>(&sums[v >> 3][4 * (v & 7)]));
         }
     }
-    if (mat.splits > 1) finish_split<fp16_t, M>(mat, tile);
+    // Launched without counters, the block ends at its atomics: exl2_finish, the next launch, writes y.
+    if (mat.splits > 1 && mat.counters != nullptr) finish_split<fp16_t, M>(mat, tile);
 }
 
 template <int M>

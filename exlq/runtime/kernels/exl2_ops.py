@@ -72,9 +72,9 @@ INSTANCE_SETS = {
     for dtype, tag in ACTIVATION_TAGS.items()
 }
 FINISH_THREADS = 256  # FINISH_THREADS in the .cu
-#: The split-K GEMV (not the tensor-core one) ends at its atomics and `exl2_finish`, launched after it, writes the
-#: outputs: no fence, counter and read-back at the end of every block (docs/benchmarks.md, sessions 20-21: one row
-#: of 4096x14336 13.2 -> 12.5 µs, the 8B's decode +1.9 %).
+#: The split-K GEMVs (the tensor-core one too, since session 33) end at their atomics and `exl2_finish`, launched
+#: after them, writes the outputs: no fence, counter and read-back at the end of every block (docs/benchmarks.md,
+#: sessions 20-21: one row of 4096x14336 13.2 -> 12.5 µs, the 8B's decode +1.9 %).
 #: EXLQ_GEMV_FINISH=0: each K split's last block writes them, inside the GEMV.
 FINISH_KERNEL = os.environ.get("EXLQ_GEMV_FINISH", "1") != "0"
 #: Whether a streamed one-row GEMV folds a pending norm into its gather (norm_fold: from exl2_finish_norm's partial
@@ -344,7 +344,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     tensor_cores, columns = gemv_route(plans, rows, dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
-    finish = FINISH_KERNEL and not tensor_cores  # exl2_finish writes the outputs of split products
+    finish = FINISH_KERNEL  # exl2_finish writes the outputs of split products
     store = _unfinished_workspace if unfinished else _workspace
     workspace, counters = store.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
@@ -374,7 +374,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
         function = kernel(SOURCE, INSTANCE_SETS[dtype], instance, device)
         operands = ((x, up, plans[0].in_features, group.m[0]) if len(plans) == 1
                     else (x, plans[0].in_features, group))
-    launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=not tensor_cores)
+    launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=True)
     if finish and split_k:
         if unfinished:
             return PendingSums(group, plans[0], outs[0], workspace[: plans[0].n_pad])
