@@ -19,64 +19,14 @@
 //
 // Words: 2-bit rows 8t.. of a block are half of word t / 2; 4-bit, word t; 8-bit, words 2t and 2t + 1; 3, 5 and
 // 6 bits, the (at most two) words that hold bits 8tb .. 8tb + 8b of the block's bit string.
-#include "exl2_common.cuh"
-
-// d = a b + d for one 16 x 8 x 16 tile: fp16 inputs, fp32 accumulators (c0, c1: column g, activation rows 2t,
-// 2t + 1; c2, c3: column g + 8).
-__device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// Words a lane loads per 32-row block and column, by width.
-__host__ __device__ constexpr int lane_words(int bits) { return bits == 2 || bits == 4 ? 1 : 2; }
-
-// The first of those words, as a word row within the block.
-template <int B>
-__device__ __forceinline__ int first_word(int t) {
-    return B == 2 ? t >> 1 : B == 4 ? t : B == 8 ? 2 * t : (8 * t * B) >> 5;
-}
-
-// Code pairs 2·step and 2·step + 1 (as fp16 pairs 1024 + 2^s q) of a lane's 8 rows of one column, from its words
-// w0, w1: the A fragment halves of one mma step. Pair p holds rows (p, p + 4), for 8 bits (0, 2), (1, 3), (4, 6),
-// (5, 7); the factor 2^s is 16 on odd 4-bit pairs and 4^p on 2-bit ones (exl2_ops.pair_row, pair_shift).
-template <int B>
-__device__ __forceinline__ void decode_step(u32 w0, u32 w1, int t, int step, u32 h1024, u32* pair) {
-    if (B == 4) {
-        const u32 w = step ? w0 >> 8 : w0;
-        pair[0] = (w & 0x000F000Fu) | h1024;
-        pair[1] = (w & 0x00F000F0u) | h1024;
-    } else if (B == 8) {  // bytes of w0: rows 0-3; of w1: rows 4-7
-        const u32 w = step ? w1 : w0;
-        pair[0] = (w & 0x00FF00FFu) | h1024;
-        pair[1] = ((w >> 8) & 0x00FF00FFu) | h1024;
-    } else if (B == 2) {  // the lane's 16 bits spread as bytes b0, 0, b1, 0: rows 0-3 low, 4-7 high
-        const u32 spread = __byte_perm(w0, 0u, (t & 1) ? 0x4342u : 0x4140u);
-        pair[0] = (spread & (step ? 0x00300030u : 0x00030003u)) | h1024;
-        pair[1] = (spread & (step ? 0x00C000C0u : 0x000C000Cu)) | h1024;
-    } else {  // 3, 5, 6 bits: codes from the 64-bit window that starts at the lane's first row, unscaled
-        const unsigned long long v = ((((unsigned long long)w1 << 32) | w0) >> ((8 * t * B) & 31)) >> (2 * step * B);
-        constexpr u32 mask = (1u << B) - 1u;
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-            pair[i] = ((u32)(v >> (i * B)) & mask) | (((u32)(v >> ((i + 4) * B)) & mask) << 16) | h1024;
-    }
-}
+#include "exl2_mma.cuh"
 
 // Scales of group `group` for columns col0 + g + 8i, i < 4 (col0: a multiple of 32): their four q_scale words are
 // one 16-byte load, the same for the whole warp.
 __device__ __forceinline__ void warp_scales(const u32* __restrict__ q_scale, const float* __restrict__ scale_max, int group,
                                             int col0, int g, int n_pad, float* scale) {
-    const uint4 words = __ldg(reinterpret_cast<const uint4*>(q_scale + (size_t)group * (n_pad >> 3) + (col0 >> 3)));
-    const float multiplier = __ldg(scale_max + group);
-    const u32 w[4] = {words.x, words.y, words.z, words.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float c = (float)(((w[i] >> (4 * g)) & 15u) + 1u);
-        scale[i] = c * c * multiplier;
-    }
+    group_scales(__ldg(reinterpret_cast<const uint4*>(q_scale + (size_t)group * (n_pad >> 3) + (col0 >> 3))),
+                 __ldg(scale_max + group), g, scale);
 }
 
 // One chunk (at most 128 rows, whole 32-row blocks) for a lane's two 16-column tiles: the words of BLOCKS
@@ -109,32 +59,14 @@ __device__ __forceinline__ void mma_chunk(const u32* __restrict__ base, int n_pa
             const int blk = b0 + sb;
             if (blk < blocks) {
                 const uint4 xv = g < M ? xh[g][(blk0 + blk) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-                for (int tile = 0; tile < 2; tile++) {
-#pragma unroll
-                    for (int step = 0; step < 2; step++) {  // rows of the block's first, then second mma step
-                        u32 lo[2], hi[2];  // columns g and g + 8
-                        decode_step<B>(words[sb][2 * tile][0], words[sb][2 * tile][W - 1], t, step, h1024, lo);
-                        decode_step<B>(words[sb][2 * tile + 1][0], words[sb][2 * tile + 1][W - 1], t, step, h1024, hi);
-                        mma_16816(acc[tile], lo[0], hi[0], lo[1], hi[1], step ? xv.z : xv.x, step ? xv.w : xv.y);
-                    }
-                }
+                block_mma<B>(words[sb], xv, t, h1024, acc);
                 const float2 o = *reinterpret_cast<const float2*>(&off[blk0 + blk][2 * t]);
                 offset[0] += o.x;
                 offset[1] += o.y;
                 if (((blk + 1) & (group_blocks - 1)) == 0 || blk + 1 == blocks) {  // the group ends: fold
                     float scale[4];  // columns g, g + 8, g + 16, g + 24 of the warp's 32
                     warp_scales(mat.q_scale, mat.scale_max, g0 + (blk >> shift), col0, g, n_pad, scale);
-#pragma unroll
-                    for (int tile = 0; tile < 2; tile++) {
-#pragma unroll
-                        for (int i = 0; i < 4; i++) {
-                            if (M > 1 || (i & 1) == 0)  // at M = 1 only activation row 2t (t = 0) is used
-                                total[tile][i] = fmaf(scale[2 * tile + (i >> 1)], acc[tile][i] - offset[i & 1], total[tile][i]);
-                            acc[tile][i] = 0.0f;
-                        }
-                    }
-                    offset[0] = offset[1] = 0.0f;
+                    fold_group<M>(scale, acc, offset, total);
                 }
             }
         }
@@ -173,19 +105,7 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
     for (int j = 0; j < WARP_BLOCKS; j++) {
         const int blk = warp + j * (THREADS / 32);
         if (blk >= (rows >> 5)) break;
-        const int e = entries[j];
-        const int s = (e >> 25) & 7, bits = ((e >> 28) & 7) + 1, slot = 32 * blk + ((e >> 20) & 31);
-        const float down = __int_as_float((127 - s) << 23), up = 1024.0f + (float)((1 << s) << (bits - 1));
-        float x_m[M];
-#pragma unroll
-        for (int m = 0; m < M; m++) x_m[m] = Act<fp16_t>::load(x[(size_t)m * K + (e & 0xfffff)]);
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-            const u16 b = Act<fp16_t>::store(x_m[m] * down);
-            xs[m * SPLIT_ROWS + slot] = b;
-            const float term = warp_sum(Act<fp16_t>::load(b) * up);
-            if (lane == 0) off[blk][m] = term;
-        }
+        gather_mma_block<M>(x, K, entries[j], xs, SPLIT_ROWS, 32 * blk, off[blk]);
     }
     __syncthreads();
 
@@ -217,20 +137,8 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
                     }
                 }
             }
-        } else {  // the warp's [M][32] sums through shared memory, then added 4 adjacent columns at a time
-            float(*sums)[36] = warp_sums[warp];
-#pragma unroll
-            for (int tl = 0; tl < 2; tl++) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int m = 2 * t + (i & 1);
-                    if (m < M) sums[m][16 * tl + g + (i >> 1) * 8] = total[tl][i];
-                }
-            }
-            __syncwarp();
-            for (int v = lane; v < M * 8; v += 32)
-                add_quad(mat.workspace + (size_t)(v >> 3) * n_pad + col0 + 4 * (v & 7),
-                         *reinterpret_cast<const float4*>(&sums[v >> 3][4 * (v & 7)]));
+        } else {
+            add_warp_sums<M>(mat.workspace, n_pad, col0, warp_sums[warp], total, g, t);
         }
     }
     // Launched without counters, the block ends at its atomics: exl2_finish, the next launch, writes y.

@@ -16,18 +16,36 @@
 // block streams the same number of bytes (within one unit). A block's consumers sum each strip's units in registers and
 // add them to the fp32 workspace at the strip's end (atomics); exl2_finish (exl2_matmul.cu) then writes y (+bias).
 //
+// Launches of 4 or 8 fp16 rows take exl2_stream_rows (the end of this file): the same producer and units, with
+// tensor-core consumers.
+//
 // Shared memory: `stages` buffers of one unit each (its word rows, its groups' scale words, its header), the activations of
 // the rows the block needs in the fp16 pair path's order (xh, one per stored row), and the stages' barriers.
 #include "exl2_dot.cuh"
+#include "exl2_mma.cuh"
 
 #define STREAM_COLUMNS 256                        // columns of a strip: a word row of a unit is one 1 KB copy
 #define STREAM_WORD_ROWS 16                       // most word rows of a unit (exl2_stream_ops.STREAM_WORD_ROWS)
 #define STREAM_SCALE_ROWS 4                       // most groups of a unit: 128 rows in groups of 32
-#define STREAM_SCALES (STREAM_WORD_ROWS * STREAM_COLUMNS)   // a stage's scale words, after its word rows
-#define STREAM_HEADER (STREAM_SCALES + STREAM_SCALE_ROWS * STREAM_COLUMNS / 8)  // then the unit's header (Header)
-#define STREAM_STAGE_WORDS (STREAM_HEADER + 16)
-static_assert(4 * STREAM_STAGE_WORDS == 16960, "exl2_stream_ops.STAGE_BYTES");
 #define STREAM_MAX_STAGES 8
+
+// A stage: the unit's word rows ROW words apart, its groups' scale words, its header (Header). The one-row kernel's
+// rows are STREAM_COLUMNS apart; the multi-row kernel's 8 words more, so that the four lanes of one column (four word
+// rows: exl2_mma.cuh) read four different banks.
+template <int ROW>
+struct Stage {
+    static constexpr int ROW_WORDS = ROW;
+    static constexpr int SCALES = STREAM_WORD_ROWS * ROW;
+    static constexpr int HEADER = SCALES + STREAM_SCALE_ROWS * STREAM_COLUMNS / 8;
+    static constexpr int WORDS = HEADER + 16;
+};
+using RowStage = Stage<STREAM_COLUMNS>;
+using RowsStage = Stage<STREAM_COLUMNS + 8>;
+#define STREAM_SCALES RowStage::SCALES
+#define STREAM_HEADER RowStage::HEADER
+#define STREAM_STAGE_WORDS RowStage::WORDS
+static_assert(4 * RowStage::WORDS == 16960, "exl2_stream_ops.STAGE_BYTES");
+static_assert(4 * RowsStage::WORDS == 17472, "exl2_stream_ops.ROWS_STAGE_BYTES");
 
 // One matrix of a streamed launch. Mirrored by exl2_stream_ops.StreamMatrix.
 struct StreamMatrix {
@@ -154,6 +172,7 @@ struct Header {
 
 // The producer warp: for each unit of the block, wait for its stage to be free, announce its bytes, and copy each word
 // row (lanes 0-15) and each group's scale words (lanes 16-19) of the strip.
+template <typename S>
 __device__ __forceinline__ void produce(const StreamGroup& group, int u0, int u1, u32* stages, u32 full, u32 empty,
                                         int stage_count) {
     const int lane = threadIdx.x & 31;
@@ -166,10 +185,10 @@ __device__ __forceinline__ void produce(const StreamGroup& group, int u0, int u1
         const StreamMatrix& mat = group.m[t.matrix];
         const int words = t.rows() * t.bits() / 32, groups = t.groups(), columns = strip_columns(mat, t.strip);
         const u32 row_bytes = 4 * columns, scale_bytes = columns / 2;
-        u32* at = stages + (size_t)stage * STREAM_STAGE_WORDS;
+        u32* at = stages + (size_t)stage * S::WORDS;
         barrier_wait(empty + 8 * stage, phase ^ 1);
         if (lane == 0) {
-            Header* header = reinterpret_cast<Header*>(at + STREAM_HEADER);
+            Header* header = reinterpret_cast<Header*>(at + S::HEADER);
             *reinterpret_cast<int4*>(header) = make_int4(t.chunk.x, t.chunk.z, t.strip, t.matrix);
             header->columns = columns;
             *reinterpret_cast<int4*>(header->multiplier) = t.multipliers;
@@ -178,17 +197,40 @@ __device__ __forceinline__ void produce(const StreamGroup& group, int u0, int u1
         __syncwarp();
         const u32 base = shared_address(at);
         if (lane < words)
-            bulk_copy(base + 4 * lane * STREAM_COLUMNS,
+            bulk_copy(base + 4 * lane * S::ROW_WORDS,
                       mat.q_weight + (size_t)(t.chunk.y + lane) * mat.n_pad + t.strip * STREAM_COLUMNS, row_bytes,
                       full + 8 * stage);
         else if (lane >= 16 && lane - 16 < groups)
-            bulk_copy(base + 4 * (STREAM_SCALES + (lane - 16) * (STREAM_COLUMNS / 8)),
+            bulk_copy(base + 4 * (S::SCALES + (lane - 16) * (STREAM_COLUMNS / 8)),
                       mat.q_scale + (size_t)(t.chunk.w + lane - 16) * (mat.n_pad >> 3) + t.strip * (STREAM_COLUMNS / 8),
                       scale_bytes, full + 8 * stage);
         if (++stage == stage_count) {
             stage = 0;
             phase ^= 1;
         }
+    }
+}
+
+// The stages' barriers, before any thread of the block uses them: "full" completes on the producer's arrival and its
+// copies' bytes, "empty" on one arrival of each consumer warp.
+__device__ __forceinline__ void init_stages(u32 full, u32 empty, int stage_count, int consumer_warps) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stage_count; s++) {
+            barrier_init(full + 8 * s, 1);
+            barrier_init(empty + 8 * s, consumer_warps);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+}
+
+// A consumer warp is done with its stage: one arrival on its "empty" barrier, and on to the next stage.
+__device__ __forceinline__ void release_stage(u32 empty, int& stage, u32& phase, int stage_count) {
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) barrier_arrive(empty + 8 * stage);
+    if (++stage == stage_count) {
+        stage = 0;
+        phase ^= 1;
     }
 }
 
@@ -342,17 +384,10 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
     const u32 full = shared_address(barriers), empty = full + 8 * STREAM_MAX_STAGES;
     const int u0 = (int)((long long)group.units * blockIdx.x / gridDim.x);
     const int u1 = (int)((long long)group.units * (blockIdx.x + 1) / gridDim.x);
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < stage_count; s++) {
-            barrier_init(full + 8 * s, 1);
-            barrier_init(empty + 8 * s, CONSUMERS / 32);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
+    init_stages(full, empty, stage_count, CONSUMERS / 32);
     pdl_launch_dependents();
     if (threadIdx.x >= CONSUMERS) {  // the producer warp: reads only the layer's own tensors, so it never waits
-        produce(group, u0, u1, stages, full, empty, stage_count);
+        produce<RowStage>(group, u0, u1, stages, full, empty, stage_count);
         return;
     }
     u32 early[STREAM_EARLY_ROWS];
@@ -388,14 +423,132 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
             WITH_WIDTH(t.code & 0xff, UNIT_DOT)
 #undef UNIT_DOT
         }
-        __syncwarp();
-        if ((threadIdx.x & 31) == 0) barrier_arrive(empty + 8 * stage);
-        if (++stage == stage_count) {
-            stage = 0;
-            phase ^= 1;
-        }
+        release_stage(empty, stage, phase, stage_count);
     }
     if (matrix >= 0) add_sums<C>(group.m[matrix], strip, n, acc);
+#else
+    __trap();  // the host launches it on sm_90 and newer only
+#endif
+}
+
+// ----- The multi-row kernel: M = 4 or 8 fp16 activation rows on tensor cores -----
+// The one-row kernel's producer and units, with exl2_mma.cu's arithmetic as the consumers: 8 consumer warps of 32
+// columns each (a strip's 256), lane (g, t) decoding its column's code pairs from the stage (word rows 8 words apart,
+// so its warp's loads of one word row fall on 32 banks) into mma A fragments, the activations as B fragments in
+// slot order. Why: the tensor-core kernel reads the weights in one wave of blocks that gather, then load, then add,
+// and took as long at 8 rows as torch's FP16 GEMV at 4096x14336 (docs/benchmarks.md, session 33); here the copies
+// stream ahead, and the mma makes the row count free up to 8.
+// Shared memory (dynamic): the stages, then the activations xh [M][K] (fp16, slot order, prescaled: the mma gather
+// table), the offset sums off [K / 32][8] (fp32) and each consumer warp's epilogue sums [M][36].
+
+// One unit's products for the lane's two 16-column tiles into total (exl2_mma.cuh's block_mma and fold_group).
+template <int B, int M>
+__device__ __forceinline__ void unit_mma(const u32* stage, const uint4* xh, int K, const float* off, const Header& t,
+                                         int col0, int g, int tq, u32 h1024, float (*total)[4]) {
+    constexpr int W = lane_words(B);
+    const int blocks = (t.code >> 13) & 7, shift = t.code >> 16, group_blocks = 1 << shift, blk0 = t.row0 >> 5;
+    const u32* lane_words_at = stage + first_word<B>(tq) * RowsStage::ROW_WORDS + col0 + g;
+    float acc[2][4] = {}, offset[2] = {};
+#pragma unroll
+    for (int sb = 0; sb < STREAM_SCALE_ROWS; sb++) {
+        if (sb >= blocks) break;
+        u32 words[4][W];  // [column g + 8c][word]
+#pragma unroll
+        for (int w = 0; w < W; w++) {
+            const bool inside = W == 1 || first_word<B>(tq) + w < B;
+            const u32* row = lane_words_at + (sb * B + w) * RowsStage::ROW_WORDS;
+#pragma unroll
+            for (int c = 0; c < 4; c++) words[c][w] = inside ? row[8 * c] : 0u;
+        }
+        const int blk = blk0 + sb;
+        const uint4 xv = g < M ? xh[(size_t)g * (K >> 3) + blk * 4 + tq] : make_uint4(0u, 0u, 0u, 0u);
+        block_mma<B>(words, xv, tq, h1024, acc);
+        const float2 o = *reinterpret_cast<const float2*>(off + blk * 8 + 2 * tq);
+        offset[0] += o.x;
+        offset[1] += o.y;
+        if (((sb + 1) & (group_blocks - 1)) == 0 || sb + 1 == blocks) {  // the group ends: fold
+            const int group = sb >> shift;
+            float scale[4];
+            group_scales(*reinterpret_cast<const uint4*>(stage + RowsStage::SCALES + group * (STREAM_COLUMNS / 8) + (col0 >> 3)),
+                         t.multiplier[group], g, scale);
+            fold_group<M>(scale, acc, offset, total);
+        }
+    }
+}
+
+// xh and off for the stored rows the block's units [u0, u1) (all of one matrix) cover, by whole 32-row blocks, one
+// warp a block (exl2_mma.cuh's gather_mma_block); the rows are whole blocks as every unit's are.
+template <int M, int CONSUMERS>
+__device__ __forceinline__ void gather_rows(const StreamGroup& group, int K, const u16* __restrict__ x, int u0, int u1,
+                                            u16* xs, float* off) {
+    const Rows rows(group, K, u0, u1);
+    const u32* gather = group.m[matrix_of(group, u0)].gather;
+    const int first = (rows.hi0 - rows.lo0) >> 5, count = first + ((rows.hi1 - rows.lo1) >> 5);
+    for (int i = (int)threadIdx.x >> 5; i < count; i += CONSUMERS / 32) {
+        const int blk = i < first ? (rows.lo0 >> 5) + i : (rows.lo1 >> 5) + i - first;
+        const int entry = (int)__ldg(gather + 32 * blk + (threadIdx.x & 31));
+        gather_mma_block<M>(x, K, entry, xs, K, 32 * blk, off + blk * 8);
+    }
+}
+
+// y = x @ W for M fp16 rows x [M, K] and the group's matrices, into their fp32 workspaces [M][n_pad] (exl2_finish
+// writes y). Block: 8 consumer warps, then the producer warp.
+template <int M>
+__global__ void __launch_bounds__(STREAM_COLUMNS + 32) exl2_stream_rows(const u16* __restrict__ x, int K,
+                                                                        const StreamGroup group, int stage_count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr int CONSUMERS = STREAM_COLUMNS;
+    extern __shared__ __align__(128) u32 stages[];
+    uint4* xh = reinterpret_cast<uint4*>(stages + (size_t)stage_count * RowsStage::WORDS);
+    float* off = reinterpret_cast<float*>(xh + (size_t)M * (K >> 3));
+    float(*warp_sums)[M][36] = reinterpret_cast<float(*)[M][36]>(off + (K >> 5) * 8);
+    __shared__ __align__(8) unsigned long long barriers[2 * STREAM_MAX_STAGES];
+    const u32 full = shared_address(barriers), empty = full + 8 * STREAM_MAX_STAGES;
+    const int u0 = (int)((long long)group.units * blockIdx.x / gridDim.x);
+    const int u1 = (int)((long long)group.units * (blockIdx.x + 1) / gridDim.x);
+    init_stages(full, empty, stage_count, CONSUMERS / 32);
+    pdl_launch_dependents();
+    if (threadIdx.x >= CONSUMERS) {  // the producer warp: reads only the layer's own tensors, so it never waits
+        produce<RowsStage>(group, u0, u1, stages, full, empty, stage_count);
+        return;
+    }
+    pdl_wait();  // x and the workspaces belong to earlier kernels
+
+    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, g = lane >> 2, tq = lane & 3, col0 = 32 * warp;
+    const Magic k(group.m[0].n_pad);
+    float total[2][4] = {};
+    int matrix = -1, strip = -1;  // of the sums in total
+    int stage = 0;
+    u32 phase = 0;
+    for (int u = u0; u < u1; u++) {
+        barrier_wait(full + 8 * stage, phase);
+        const u32* words = stages + (size_t)stage * RowsStage::WORDS;
+        const Header& t = *reinterpret_cast<const Header*>(words + RowsStage::HEADER);
+        if (t.matrix != matrix || t.strip != strip) {  // the sums so far are one strip's part: add them up
+            if (matrix >= 0 && strip * STREAM_COLUMNS + col0 < group.m[matrix].n_pad)
+                add_warp_sums<M>(group.m[matrix].workspace, group.m[matrix].n_pad, strip * STREAM_COLUMNS + col0,
+                                 warp_sums[warp], total, g, tq);
+#pragma unroll
+            for (int i = 0; i < 8; i++) total[i >> 2][i & 3] = 0.0f;
+            if (t.matrix != matrix) {  // this matrix's activations, for the rows of its units in this block
+                consumers_sync<CONSUMERS>();  // nobody still reads the previous matrix's
+                gather_rows<M, CONSUMERS>(group, K, x, u, min(u1, matrix_end(group, t.matrix)),
+                                          reinterpret_cast<u16*>(xh), off);
+                consumers_sync<CONSUMERS>();
+            }
+            matrix = t.matrix;
+            strip = t.strip;
+        }
+        if (col0 < t.columns) {  // n_pad is a multiple of 32: a warp's columns are all in the strip or none
+#define UNIT_MMA(B) unit_mma<B, M>(words, xh, K, off, t, col0, g, tq, k.h1024, total)
+            WITH_WIDTH(t.code & 0xff, UNIT_MMA)
+#undef UNIT_MMA
+        }
+        release_stage(empty, stage, phase, stage_count);
+    }
+    if (matrix >= 0 && strip * STREAM_COLUMNS + col0 < group.m[matrix].n_pad)
+        add_warp_sums<M>(group.m[matrix].workspace, group.m[matrix].n_pad, strip * STREAM_COLUMNS + col0, warp_sums[warp],
+                         total, g, tq);
 #else
     __trap();  // the host launches it on sm_90 and newer only
 #endif

@@ -92,7 +92,8 @@ def test_host_stage_size_is_the_kernels():
     from exlq.runtime.kernels.compiler import SOURCE_DIR
 
     text = (SOURCE_DIR / exl2_stream_ops.SOURCE).read_text()
-    assert f"4 * STREAM_STAGE_WORDS == {exl2_stream_ops.STAGE_BYTES}," in text
+    assert f"4 * RowStage::WORDS == {exl2_stream_ops.STAGE_BYTES}," in text
+    assert f"4 * RowsStage::WORDS == {exl2_stream_ops.ROWS_STAGE_BYTES}," in text
 
 
 def test_grid_takes_the_blocks_that_fit_at_most_one_a_unit(monkeypatch):
@@ -156,3 +157,44 @@ def test_a_launch_whose_block_would_not_fit_the_gpu_takes_the_register_kernel(mo
         for k in fits:
             assert exl2_stream_ops.applies([plan(k)], 1, torch.float16, "cuda")
     assert not exl2_stream_ops.applies([plan(32768)], 1, torch.float16, "cuda")  # 96 KB: 2 stages + 64 KB of x
+
+
+def test_multi_row_blocks_take_the_stages_that_fit(monkeypatch):
+    """The multi-row kernel holds all K activations of its 4 or 8 rows beside its stages: at the 8B's K 4096 both row
+    counts take 4 stages on Hopper; down_proj's K 14336 fits at 4 rows and not at 8 (229 KB of activations), which
+    then takes the tensor-core kernel; fewer stages where less fits, and EXLQ_STREAM_ROWS_STAGES sets the count."""
+    monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", 4)
+    hopper = 227 * 1024
+    for k, rows in ((4096, 4), (4096, 8), (8192, 8), (14336, 4)):
+        assert exl2_stream_ops.rows_stages_for(k, rows, hopper) == 4
+        assert exl2_stream_ops.rows_shared_bytes(k, rows, 4) <= hopper
+    assert exl2_stream_ops.rows_stages_for(14336, 8, hopper) is None
+    assert exl2_stream_ops.rows_stages_for(14336, 4, 170 * 1024) == 2  # 165 KB; 3 stages: 182 KB
+    assert exl2_stream_ops.rows_shared_bytes(4096, 8, 2) == 2 * 17472 + 8 * 4096 * 2 + 4096 + 8 * 4 * 8 * 36
+    monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", 2)
+    assert exl2_stream_ops.rows_stages_for(4096, 8, hopper) == 2
+
+
+def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monkeypatch):
+    """4 or 8 fp16 rows, every matrix with stream chunks and the tensor-core gather table, on Hopper, where a block
+    fits; EXLQ_STREAM_ROWS=0 (ROWS_ENABLED) switches it off."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(exl2_stream_ops, "ENABLED", True)
+    monkeypatch.setattr(exl2_stream_ops, "ROWS_ENABLED", True)
+    monkeypatch.setattr(exl2_stream_ops, "hopper_or_newer", lambda device: True)
+    monkeypatch.setattr(exl2_stream_ops, "device_index", lambda device: 0)
+    monkeypatch.setattr(exl2_stream_ops, "block_shared_limit", lambda index: 227 * 1024)
+
+    def plan(k: int, gather: object | None = True) -> SimpleNamespace:
+        return SimpleNamespace(in_features=k, stream_chunks=object(), gather=gather)
+
+    assert exl2_stream_ops.applies_rows([plan(4096), plan(4096)], 8, torch.float16, "cuda")
+    assert exl2_stream_ops.applies_rows([plan(14336)], 4, torch.float16, "cuda")
+    assert not exl2_stream_ops.applies_rows([plan(14336)], 8, torch.float16, "cuda")  # does not fit
+    for rows in (1, 2, 3, 5):
+        assert not exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
+    assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.bfloat16, "cuda")
+    assert not exl2_stream_ops.applies_rows([plan(4096), plan(4096, gather=None)], 8, torch.float16, "cuda")
+    monkeypatch.setattr(exl2_stream_ops, "ROWS_ENABLED", False)
+    assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.float16, "cuda")

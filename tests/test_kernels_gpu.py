@@ -115,18 +115,21 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
 
 # The GEMV kernels: the tensor-core one (fp16, 4 or 8 rows, layers of whole 32-row blocks; rows 8 and 13 reach it),
 # the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width), whose
-# split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs), and the streamed
-# one (one fp16 row, layers of whole 32-row blocks; other launches of that kind take the narrow kernel).
+# split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs), the streamed
+# one (one fp16 row, layers of whole 32-row blocks; other launches of that kind take the narrow kernel) and, with
+# "stream-rows", the streamed multi-row one too (4 or 8 fp16 rows, where it fits).
 KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "wide-inline"),
-           (torch.float16, "stream"), (torch.bfloat16, "narrow"), (torch.bfloat16, "wide")]
+           (torch.float16, "stream"), (torch.float16, "stream-rows"), (torch.bfloat16, "narrow"), (torch.bfloat16, "wide")]
 
 
 def use_gemv(kind: str, monkeypatch) -> None:
     """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows), "stream" (one fp16
-    row, where it applies), and "-inline" to the in-kernel end of split products instead of exl2_finish."""
+    row, where it applies), "stream-rows" (that, and 4 or 8 fp16 rows where the multi-row streamed kernel applies),
+    and "-inline" to the in-kernel end of split products instead of exl2_finish."""
     monkeypatch.setattr(exl2_ops, "FINISH_KERNEL", not kind.endswith("-inline"))
     kind = kind.removesuffix("-inline")
-    monkeypatch.setattr(exl2_stream_ops, "ENABLED", kind == "stream")
+    monkeypatch.setattr(exl2_stream_ops, "ENABLED", kind in ("stream", "stream-rows"))
+    monkeypatch.setattr(exl2_stream_ops, "ROWS_ENABLED", kind == "stream-rows")
     monkeypatch.setattr(exl2_stream_ops, "MAX_BYTES", 1 << 40)  # every size, whatever the speed rule
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
     monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind == "wide" else 1 << 62)
@@ -217,6 +220,60 @@ def test_streamed_group_launch_matches_each_layer(grid, monkeypatch):
     plans = [layer.kernel_plan() for layer in layers]
     assert exl2_stream_ops.applies(plans, 1, x.dtype, x.device)
     outs = [torch.full((1, layer.out_features), float("nan"), dtype=torch.float16, device=CUDA) for layer in layers]
+    exl2_ops.gemv(plans, x, outs)
+    for layer, out in zip(layers, outs):
+        ref = x.double() @ stored_weight(layer)[:, : layer.out_features].double()
+        if layer.bias is not None:
+            ref += layer.bias[: layer.out_features].double()
+        assert torch.isfinite(out).all() and rel(out, ref) < TOLERANCE[torch.float16]
+    workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
+    assert not workspace.any()
+
+
+@pytest.mark.parametrize("k, bits, props, group", STREAM_LAYOUTS)
+@pytest.mark.parametrize("n", [32, 200, 4160])
+@pytest.mark.parametrize("grid, stages", [(None, 4), (7, 2), (3, 8)])
+@pytest.mark.parametrize("rows", exl2_stream_ops.ROWS)
+def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, rows, monkeypatch):
+    """4 or 8 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
+    torch dequantization (+bias), and a clean workspace; small grids walk many units, strips and stages a block. Where
+    the block does not fit (K 14336 at 8 rows), the launch must not take it."""
+    use_gemv("stream-rows", monkeypatch)
+    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
+    monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", stages)
+    tensors, layout = random_exl2(k, n, bits, props, group, seed=7 * k + n + rows, bias=n % 3 == 0)
+    cuda = on_gpu(tensors)
+    layer = Exl2Linear(cuda, k, n, dtype=torch.float16)
+    plan = layer.kernel_plan()
+    x = torch.randn(rows, k, device=CUDA).half()
+    fits = exl2_stream_ops.rows_shared_bytes(k, rows, 2) <= exl2_stream_ops.block_shared_limit(0)
+    assert exl2_stream_ops.applies_rows([plan], rows, x.dtype, x.device) == fits
+    expected = x.double() @ stored_weight(cuda)[:, :n].double()
+    if cuda.bias is not None:
+        expected += cuda.bias[:n].double()
+    out = torch.full((rows, n), float("nan"), dtype=torch.float16, device=CUDA)
+    exl2_ops.gemv([plan], x, [out])
+    assert torch.isfinite(out).all()
+    assert rel(out, expected) < TOLERANCE[torch.float16]
+    workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
+    assert not workspace.any(), "the GEMV must leave its workspace zeroed"
+
+
+@pytest.mark.parametrize("grid", [None, 5])
+@pytest.mark.parametrize("rows", exl2_stream_ops.ROWS)
+def test_multi_row_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
+    """Four matrices of one input in one multi-row streamed launch (a block may start in one matrix and end in the
+    next): each gets its own product, rows apart."""
+    use_gemv("stream-rows", monkeypatch)
+    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
+    k = 1024
+    shapes = [(4160, [4], [1.0], 128), (576, [8, 4], [0.2, 0.8], 32), (200, [5, 3], [0.5, 0.5], 64), (1024, [6, 2], [0.5, 0.5], 32)]
+    layers = [Exl2Linear(on_gpu(random_exl2(k, n, b, p, g, seed=95 + i, bias=i % 2 == 0)[0]), k, n, dtype=torch.float16)
+              for i, (n, b, p, g) in enumerate(shapes)]
+    x = torch.randn(rows, k, device=CUDA).half()
+    plans = [layer.kernel_plan() for layer in layers]
+    assert exl2_stream_ops.applies_rows(plans, rows, x.dtype, x.device)
+    outs = [torch.full((rows, layer.out_features), float("nan"), dtype=torch.float16, device=CUDA) for layer in layers]
     exl2_ops.gemv(plans, x, outs)
     for layer, out in zip(layers, outs):
         ref = x.double() @ stored_weight(layer)[:, : layer.out_features].double()
@@ -392,7 +449,7 @@ def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
-@pytest.mark.parametrize("kind", ["mma", "narrow", "wide", "stream"])
+@pytest.mark.parametrize("kind", ["mma", "narrow", "wide", "stream", "stream-rows"])
 def test_gemv_survives_large_activations(bits, kind, monkeypatch):
     """The fp16 path sums pairs in half precision (and the tensor-core one removes offsets of 1024 x): activations
     in the thousands must not overflow to inf nor lose the product."""
@@ -402,7 +459,7 @@ def test_gemv_survives_large_activations(bits, kind, monkeypatch):
     cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, 512, 256, dtype=torch.float16)
     weight = stored_weight(cuda)
-    rows = {"mma": 4, "stream": 1}.get(kind, 3)  # 4: the tensor-core kernel's smallest launch; 1: the streamed one's
+    rows = {"mma": 4, "stream": 1, "stream-rows": 8}.get(kind, 3)  # the tensor-core kernels' launches: 4 or 8 rows
     x = torch.randn(rows, 512, device=CUDA)
     x[:, :8] *= 3000 / x[:, :8].abs().max()  # a few channels in the thousands, as real down_proj inputs have
     x = x * min(1.0, 30000 / (x.double() @ weight[:, :256].double()).abs().max().item())  # outputs fit fp16

@@ -17,7 +17,8 @@ column a thread) takes everything else: 1-3 rows, bf16, layers with a short last
 forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
 instances instead: 2 adjacent columns a thread (one 8-byte load a word row), so the per-block work (activation
 gather, chunk walk, split-K epilogue) is shared by twice the weights. On Hopper, one fp16 row of launches up to
-`exl2_stream_ops.MAX_BYTES` takes the streamed kernel (`exl2_stream_ops`) instead.
+`exl2_stream_ops.MAX_BYTES` takes the streamed kernel (`exl2_stream_ops`) instead, and launches of 4 or 8 fp16 rows
+its multi-row instances where their block fits (`exl2_stream_ops.applies_rows`).
 
 At decode, a one-row product the residual stream adds next (o_proj's, down_proj's) may come back unfinished
 (`PendingSums`, through `matmul_unfinished`), and a pending norm (`fused_ops.PendingNorm`) is handed to the GEMV as
@@ -341,6 +342,10 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     unfinished = unfinished and rows == 1 and len(plans) == 1
     if streamed:
         return streamed_gemv(plans, x, outs, up, fold, unfinished)
+    if exl2_stream_ops.applies_rows(plans, rows, dtype, device):
+        if up is not None:
+            x = silu_mul(x, up)
+        return streamed_gemv(plans, x, outs)
     tensor_cores, columns = gemv_route(plans, rows, dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
@@ -392,25 +397,30 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
 def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
                   up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold = exl2_stream_ops.NO_FOLD,
                   unfinished: bool = False) -> PendingSums | None:
-    """gemv for one fp16 row through the streamed kernel (exl2_stream_ops.applies): its sums, then exl2_finish (or,
-    `unfinished`, PendingSums); with a `fold` set, that norm formed in the gather (x unused)."""
+    """gemv through a streamed kernel: one fp16 row (exl2_stream_ops.applies), or exl2_stream_ops.ROWS rows
+    (applies_rows; no `up`, `fold` or `unfinished` there); its sums, then exl2_finish (or, `unfinished`, PendingSums);
+    with a `fold` set, that norm formed in the gather (x unused)."""
+    rows = x.shape[0]
     if up is not None and len(plans) > 1:
         x, up = silu_mul(x, up), None
     workspace, _ = (_unfinished_workspace if unfinished else _workspace).get(
-        x.device, sum(plan.n_pad for plan in plans), 0)
+        x.device, rows * sum(plan.n_pad for plan in plans), 0)
     group = GemvGroup(count=len(plans))
     sums, at = [], workspace.data_ptr()
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
         sums.append(at)
-        at += 4 * plan.n_pad
+        at += 4 * rows * plan.n_pad
         group.m[i] = GemvMatrix(  # for exl2_finish: every product is left as sums (splits > 1)
             bias=0 if plan.bias is None else plan.bias.data_ptr(), workspace=sums[-1], y=out.data_ptr(),
             N=plan.out_features, n_pad=plan.n_pad, splits=2,
         )
-    exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold)
+    if rows == 1:
+        exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold)
+    else:
+        exl2_stream_ops.launch_stream_rows(plans, x, sums)
     if unfinished:
         return PendingSums(group, plans[0], outs[0], workspace[: plans[0].n_pad])
-    finish_sums(group, plans, 1, outs[0].dtype, outs[0].device)
+    finish_sums(group, plans, rows, outs[0].dtype, outs[0].device)
     return None
 
 

@@ -5,6 +5,9 @@ copies ahead of the arithmetic, starting before the programmatic-launch wait, so
 register kernel's serial phases (docs/benchmarks.md, session 24). The products end as sums in the fp32 workspace:
 `exl2_ops.gemv` launches `exl2_finish` after it, as for the split register kernel.
 
+Launches of 4 or 8 fp16 rows take the same kernel's multi-row instances (`exl2_stream_rows`, `applies_rows`):
+the same producer and units, with `exl2_mma.cu`'s tensor-core arithmetic as the consumers and its gather table.
+
 Per matrix it needs two tables, built once per layer: the stream chunks (≤ STREAM_WORD_ROWS word rows of one width:
 one unit of work a strip, with its groups' multipliers) and the gather table (per stored row: input channel, slot in the fp16 pair path's order,
 prescale).
@@ -23,11 +26,22 @@ from exlq.runtime.exl2 import Layout, row_bits
 from exlq.runtime.kernels.launch import allow_shared, device_index, hopper_or_newer, kernel, launch
 
 SOURCE = "exl2_stream.cu"
-COLUMN_CHOICES = (1, 2)  # columns a consumer thread takes: the kernel's instances
-INSTANCES = tuple(f"exl2_stream<fp16_t, {c}>" for c in COLUMN_CHOICES)
+COLUMN_CHOICES = (1, 2)  # columns a consumer thread takes: the one-row kernel's instances
+#: Activation rows of the multi-row kernel's instances (exl2_stream_rows<M>: tensor cores, 8 consumer warps)
+ROWS = (4, 8)
+INSTANCES = (tuple(f"exl2_stream<fp16_t, {c}>" for c in COLUMN_CHOICES)
+             + tuple(f"exl2_stream_rows<{m}>" for m in ROWS))
 STREAM_COLUMNS = 256  # STREAM_COLUMNS in the .cu: columns of a strip
 STREAM_WORD_ROWS = 16  # STREAM_WORD_ROWS in the .cu: most word rows of a unit
-STAGE_BYTES = 4 * (STREAM_WORD_ROWS * STREAM_COLUMNS + 4 * STREAM_COLUMNS // 8 + 16)  # words, scale words, header
+
+
+def stage_bytes(row_words: int) -> int:
+    """A stage (struct Stage in the .cu): the unit's word rows `row_words` words apart, its scale words, its header."""
+    return 4 * (STREAM_WORD_ROWS * row_words + 4 * STREAM_COLUMNS // 8 + 16)
+
+
+STAGE_BYTES = stage_bytes(STREAM_COLUMNS)  # the one-row kernel's
+ROWS_STAGE_BYTES = stage_bytes(STREAM_COLUMNS + 8)  # the multi-row kernel's: its word rows 8 banks apart
 MAX_STAGES = 8  # STREAM_MAX_STAGES in the .cu
 MAX_K = 32768  # most input rows: a block's activations (2 bytes a row) sit in its shared memory beside the stages
 MAX_GROUP = 4  # MAX_GROUP in exl2_common.cuh
@@ -47,6 +61,10 @@ STAGES: int | None = int(os.environ["EXLQ_STREAM_STAGES"]) if os.environ.get("EX
 #: stages): the 8B (K 4096) +2.0 % with 5 (2 blocks an SM; 4 stages, 3 blocks: −2.5 %; 6: −2 %), Llama-3.2-1B (K 2048)
 #: +6.6 / +7.3 % with 4 (3 blocks an SM; 5: +5 %); at K 576 and 896 (smollm2, Qwen2.5-0.5B) 3, 4 and 5 are even.
 STAGES_BY_K = ((4096, 5), (2048, 4), (0, 3))
+#: The multi-row kernel (launches of ROWS fp16 rows on Hopper, every size; EXLQ_STREAM_ROWS=0: exl2_mma.cu's kernel)
+#: and its stages (EXLQ_STREAM_ROWS_STAGES), fewer where a block would not fit.
+ROWS_ENABLED = os.environ.get("EXLQ_STREAM_ROWS", "1") != "0"
+ROWS_STAGES = int(os.environ.get("EXLQ_STREAM_ROWS_STAGES", "4"))
 THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
 BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "4"))
 MAX_GRID: int | None = None  # tests: a small grid, so each block walks many units, strips and matrices
@@ -159,6 +177,34 @@ def _stages_for(in_features: int, limit: int, fixed: int | None) -> int | None:
     return None
 
 
+def applies_rows(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a GEMV launch goes to the multi-row kernel: ROWS fp16 rows, every matrix streamable with the tensor-core
+    gather table (whole 32-row groups, exl2_ops.mma_gather_table), sm_90 or newer, and a block of at least 2 stages
+    within the GPU's per-block shared memory (K 14336 at 8 rows does not fit: 229 KB of activations)."""
+    return (ENABLED and ROWS_ENABLED and rows in ROWS and dtype == torch.float16
+            and all(p.stream_chunks is not None and p.gather is not None for p in plans) and hopper_or_newer(device)
+            and rows_stages_for(plans[0].in_features, rows, block_shared_limit(device_index(device))) is not None)
+
+
+def rows_stages_for(in_features: int, rows: int, limit: int) -> int | None:
+    """Stages of a multi-row block (ROWS_STAGES, fewer down to 2 where it would not fit `limit`); None: 2 do not fit."""
+    return _rows_stages_for(in_features, rows, limit, ROWS_STAGES)
+
+
+@functools.cache
+def _rows_stages_for(in_features: int, rows: int, limit: int, wanted: int) -> int | None:
+    for stages in range(max(2, min(MAX_STAGES, wanted)), 1, -1):
+        if rows_shared_bytes(in_features, rows, stages) <= limit:
+            return stages
+    return None
+
+
+def rows_shared_bytes(in_features: int, rows: int, stages: int) -> int:
+    """Dynamic shared memory of a multi-row block: the stages, the activations [rows][K] (fp16), the offset sums
+    [K / 32][8] (fp32) and the 8 consumer warps' epilogue sums [rows][36] (fp32)."""
+    return stages * ROWS_STAGE_BYTES + 2 * rows * in_features + 4 * 8 * (in_features // 32) + 8 * 4 * rows * 36
+
+
 def shared_bytes(in_features: int, stages: int) -> int:
     """Dynamic shared memory of a block: the stages, then K fp16 activations (rounded to 16 bytes)."""
     return stages * STAGE_BYTES + -(-2 * in_features // 16) * 16
@@ -186,22 +232,42 @@ def grid_size(units: int, shared: int, sms: int, shared_per_sm: int) -> int:
     return max(1, blocks if MAX_GRID is None else min(blocks, MAX_GRID))
 
 
+def stream_group(plans: Sequence, sums: Sequence[int], gathers: Sequence[torch.Tensor]) -> StreamGroup:
+    """The launch's StreamGroup: each matrix's tables, its sums' address and its units after the previous ones'."""
+    group = StreamGroup(count=len(plans))
+    units = 0
+    for i, (plan, at, gather) in enumerate(zip(plans, sums, gathers, strict=True)):
+        strips, chunk_count = -(-plan.n_pad // STREAM_COLUMNS), plan.stream_chunks.shape[0]
+        group.m[i] = StreamMatrix(plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.stream_chunks.data_ptr(),
+                                  gather.data_ptr(), at, plan.n_pad, chunk_count, units)
+        units += strips * chunk_count
+    group.units = units
+    return group
+
+
+def launch_stream_rows(plans: Sequence, x: torch.Tensor, sums: Sequence[int]) -> None:
+    """Add x[M, K] @ W_i (M in ROWS, fp16, ≤ MAX_GROUP matrices) into the fp32 sums at device addresses `sums[i]`
+    ([M][n_pad_i], zero before) with the multi-row kernel (applies_rows); exl2_finish ends them."""
+    device = plans[0].q_weight.device
+    rows, k = x.shape
+    group = stream_group(plans, sums, [plan.gather for plan in plans])
+    stages = rows_stages_for(k, rows, block_shared_limit(device_index(device)))
+    function = kernel(SOURCE, INSTANCES, f"exl2_stream_rows<{rows}>", device)
+    shared = rows_shared_bytes(k, rows, stages)
+    allow_shared(function, shared)
+    grid = grid_size(group.units, shared, *sm_limits(device_index(device)))
+    launch(function, (grid, 1, 1), (STREAM_COLUMNS + 32, 1, 1), (x, k, group, stages), device, overlap=True,
+           shared_bytes=shared)
+
+
 def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | None, sums: Sequence[int],
                   fold: NormFold) -> None:
     """Add x[1, K] @ W_i (for ≤ MAX_GROUP matrices, with `up`: silu_mul(x, up) @ W, one matrix) into the fp32 sums at
     device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them. `fold`: where set, the input is that
     norm's output, formed in the gather (x unused)."""
     device = plans[0].q_weight.device
-    group = StreamGroup(count=len(plans))
-    units = 0
-    for i, (plan, at) in enumerate(zip(plans, sums, strict=True)):
-        strips, chunk_count = -(-plan.n_pad // STREAM_COLUMNS), plan.stream_chunks.shape[0]
-        group.m[i] = StreamMatrix(
-            plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.stream_chunks.data_ptr(),
-            plan.stream_gather.data_ptr(), at, plan.n_pad, chunk_count, units,
-        )
-        units += strips * chunk_count
-    group.units = units
+    group = stream_group(plans, sums, [plan.stream_gather for plan in plans])
+    units = group.units
     stages = stages_for(plans[0].in_features, block_shared_limit(device_index(device)))
     columns = THREAD_COLUMNS if THREAD_COLUMNS in COLUMN_CHOICES else 2
     function = kernel(SOURCE, INSTANCES, f"exl2_stream<fp16_t, {columns}>", device)

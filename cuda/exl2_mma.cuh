@@ -1,0 +1,135 @@
+// The tensor-core GEMVs' code-pair decode and mma (exl2_mma.cu: words from global memory; exl2_stream.cu's
+// multi-row kernel: from its stages). Lane (g, t) = (lane / 4, lane % 4) holds, within every 32-row block, rows
+// 8t .. 8t + 7 of its columns as 4 code pairs (exl2_mma.cu's header says why and how).
+#pragma once
+#include "exl2_common.cuh"
+
+// d = a b + d for one 16 x 8 x 16 tile: fp16 inputs, fp32 accumulators (c0, c1: column g, activation rows 2t,
+// 2t + 1; c2, c3: column g + 8).
+__device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Words a lane loads per 32-row block and column, by width.
+__host__ __device__ constexpr int lane_words(int bits) { return bits == 2 || bits == 4 ? 1 : 2; }
+
+// The first of those words, as a word row within the block.
+template <int B>
+__device__ __forceinline__ int first_word(int t) {
+    return B == 2 ? t >> 1 : B == 4 ? t : B == 8 ? 2 * t : (8 * t * B) >> 5;
+}
+
+// Code pairs 2·step and 2·step + 1 (as fp16 pairs 1024 + 2^s q) of a lane's 8 rows of one column, from its words
+// w0, w1: the A fragment halves of one mma step. Pair p holds rows (p, p + 4), for 8 bits (0, 2), (1, 3), (4, 6),
+// (5, 7); the factor 2^s is 16 on odd 4-bit pairs and 4^p on 2-bit ones (exl2_ops.pair_row, pair_shift).
+template <int B>
+__device__ __forceinline__ void decode_step(u32 w0, u32 w1, int t, int step, u32 h1024, u32* pair) {
+    if (B == 4) {
+        const u32 w = step ? w0 >> 8 : w0;
+        pair[0] = (w & 0x000F000Fu) | h1024;
+        pair[1] = (w & 0x00F000F0u) | h1024;
+    } else if (B == 8) {  // bytes of w0: rows 0-3; of w1: rows 4-7
+        const u32 w = step ? w1 : w0;
+        pair[0] = (w & 0x00FF00FFu) | h1024;
+        pair[1] = ((w >> 8) & 0x00FF00FFu) | h1024;
+    } else if (B == 2) {  // the lane's 16 bits spread as bytes b0, 0, b1, 0: rows 0-3 low, 4-7 high
+        const u32 spread = __byte_perm(w0, 0u, (t & 1) ? 0x4342u : 0x4140u);
+        pair[0] = (spread & (step ? 0x00300030u : 0x00030003u)) | h1024;
+        pair[1] = (spread & (step ? 0x00C000C0u : 0x000C000Cu)) | h1024;
+    } else {  // 3, 5, 6 bits: codes from the 64-bit window that starts at the lane's first row, unscaled
+        const unsigned long long v = ((((unsigned long long)w1 << 32) | w0) >> ((8 * t * B) & 31)) >> (2 * step * B);
+        constexpr u32 mask = (1u << B) - 1u;
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            pair[i] = ((u32)(v >> (i * B)) & mask) | (((u32)(v >> ((i + 4) * B)) & mask) << 16) | h1024;
+    }
+}
+
+// Scales of one group for columns col0 + g + 8i, i < 4, from its four scale words for columns col0 .. col0 + 31
+// (nibble g of word i) and the group's multiplier M_g.
+__device__ __forceinline__ void group_scales(uint4 words, float multiplier, int g, float* scale) {
+    const u32 w[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float c = (float)(((w[i] >> (4 * g)) & 15u) + 1u);
+        scale[i] = c * c * multiplier;
+    }
+}
+
+// One 32-row block's products for a lane's two 16-column tiles: words[c][w] holds word w of column g + 8c (tile c / 2),
+// xv the lane's B fragments (activation row g's 8 values at its rows, slot order) for the block's two mma steps.
+template <int B>
+__device__ __forceinline__ void block_mma(const u32 (*words)[lane_words(B)], uint4 xv, int t, u32 h1024, float (*acc)[4]) {
+    constexpr int W = lane_words(B);
+#pragma unroll
+    for (int tile = 0; tile < 2; tile++) {
+#pragma unroll
+        for (int step = 0; step < 2; step++) {  // rows of the block's first, then second mma step
+            u32 lo[2], hi[2];  // columns g and g + 8
+            decode_step<B>(words[2 * tile][0], words[2 * tile][W - 1], t, step, h1024, lo);
+            decode_step<B>(words[2 * tile + 1][0], words[2 * tile + 1][W - 1], t, step, h1024, hi);
+            mma_16816(acc[tile], lo[0], hi[0], lo[1], hi[1], step ? xv.z : xv.x, step ? xv.w : xv.y);
+        }
+    }
+}
+
+// A group's end: total += scale · (acc − the gather's offset sums), acc and offset start over. acc[tile][i]: column
+// 16·tile + g (+ 8 for i >= 2), activation row 2t + (i & 1); offset[j]: rows 2t + j.
+template <int M>
+__device__ __forceinline__ void fold_group(const float* scale, float (*acc)[4], float* offset, float (*total)[4]) {
+#pragma unroll
+    for (int tile = 0; tile < 2; tile++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (M > 1 || (i & 1) == 0)  // at M = 1 only activation row 2t (t = 0) is used
+                total[tile][i] = fmaf(scale[2 * tile + (i >> 1)], acc[tile][i] - offset[i & 1], total[tile][i]);
+            acc[tile][i] = 0.0f;
+        }
+    }
+    offset[0] = offset[1] = 0.0f;
+}
+
+// The warp's sums of its 32 columns (from column `first` of a [M][n_pad] fp32 workspace) added in: through `sums`
+// (the warp's own [M][36] floats of shared memory; 36: rows 2t on distinct banks) so that one vector reduction adds
+// 4 adjacent columns (add_quad).
+template <int M>
+__device__ __forceinline__ void add_warp_sums(float* workspace, int n_pad, int first, float (*sums)[36],
+                                              const float (*total)[4], int g, int t) {
+#pragma unroll
+    for (int tile = 0; tile < 2; tile++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int m = 2 * t + (i & 1);
+            if (m < M) sums[m][16 * tile + g + (i >> 1) * 8] = total[tile][i];
+        }
+    }
+    __syncwarp();
+    for (int v = (int)threadIdx.x & 31; v < M * 8; v += 32)
+        add_quad(workspace + (size_t)(v >> 3) * n_pad + first + 4 * (v & 7),
+                 *reinterpret_cast<const float4*>(&sums[v >> 3][4 * (v & 7)]));
+    __syncwarp();  // the next call's stores wait for these loads
+}
+
+// The gather of one 32-row block of stored rows for M activation rows, by one warp (lane i: row i; `entry`: its
+// table entry, channel | slot << 20 | s << 25 | (bits - 1) << 28): each row's x · 2^-s into xs[m · stride + slot]
+// (slot order: `slot_base` + the entry's slot), and the block's offset sums Σ b (1024 + 2^s z) into off[m]
+// (lane 0).
+template <int M>
+__device__ __forceinline__ void gather_mma_block(const u16* __restrict__ x, int K, int entry, u16* xs, int stride,
+                                                 int slot_base, float* off) {
+    const int s = (entry >> 25) & 7, bits = ((entry >> 28) & 7) + 1, slot = slot_base + ((entry >> 20) & 31);
+    const float down = __int_as_float((127 - s) << 23), up = 1024.0f + (float)((1 << s) << (bits - 1));
+    float x_m[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) x_m[m] = Act<fp16_t>::load(x[(size_t)m * K + (entry & 0xfffff)]);
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        const u16 b = Act<fp16_t>::store(x_m[m] * down);
+        xs[m * stride + slot] = b;
+        const float term = warp_sum(Act<fp16_t>::load(b) * up);
+        if ((threadIdx.x & 31) == 0) off[m] = term;
+    }
+}
