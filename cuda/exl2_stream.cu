@@ -224,6 +224,19 @@ __device__ __forceinline__ void init_stages(u32 full, u32 empty, int stage_count
     __syncthreads();
 }
 
+// The block's start: its stages' barriers, the programmatic launch of the next kernel, and the producer warp (the
+// threads from `consumers` on) sent to copy the units [u0, u1): true for it, which is then done. It reads only the
+// layer's own tensors, so it never waits for the previous kernel.
+template <typename S>
+__device__ __forceinline__ bool produced(const StreamGroup& group, int u0, int u1, u32* stages, u32 full, u32 empty,
+                                         int stage_count, int consumers) {
+    init_stages(full, empty, stage_count, consumers / 32);
+    pdl_launch_dependents();
+    if ((int)threadIdx.x < consumers) return false;
+    produce<S>(group, u0, u1, stages, full, empty, stage_count);
+    return true;
+}
+
 // A consumer warp is done with its stage: one arrival on its "empty" barrier, and on to the next stage.
 __device__ __forceinline__ void release_stage(u32 empty, int& stage, u32& phase, int stage_count) {
     __syncwarp();
@@ -384,12 +397,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
     const u32 full = shared_address(barriers), empty = full + 8 * STREAM_MAX_STAGES;
     const int u0 = (int)((long long)group.units * blockIdx.x / gridDim.x);
     const int u1 = (int)((long long)group.units * (blockIdx.x + 1) / gridDim.x);
-    init_stages(full, empty, stage_count, CONSUMERS / 32);
-    pdl_launch_dependents();
-    if (threadIdx.x >= CONSUMERS) {  // the producer warp: reads only the layer's own tensors, so it never waits
-        produce<RowStage>(group, u0, u1, stages, full, empty, stage_count);
-        return;
-    }
+    if (produced<RowStage>(group, u0, u1, stages, full, empty, stage_count, CONSUMERS)) return;
     u32 early[STREAM_EARLY_ROWS];
     if (u0 < u1) early_entries<CONSUMERS>(group, K, u0, min(u1, matrix_end(group, matrix_of(group, u0))), early);
     pdl_wait();  // x, up and the workspaces belong to earlier kernels
@@ -506,12 +514,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS + 32) exl2_stream_rows(const u1
     const u32 full = shared_address(barriers), empty = full + 8 * STREAM_MAX_STAGES;
     const int u0 = (int)((long long)group.units * blockIdx.x / gridDim.x);
     const int u1 = (int)((long long)group.units * (blockIdx.x + 1) / gridDim.x);
-    init_stages(full, empty, stage_count, CONSUMERS / 32);
-    pdl_launch_dependents();
-    if (threadIdx.x >= CONSUMERS) {  // the producer warp: reads only the layer's own tensors, so it never waits
-        produce<RowsStage>(group, u0, u1, stages, full, empty, stage_count);
-        return;
-    }
+    if (produced<RowsStage>(group, u0, u1, stages, full, empty, stage_count, CONSUMERS)) return;
     pdl_wait();  // x and the workspaces belong to earlier kernels
 
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, g = lane >> 2, tq = lane & 3, col0 = 32 * warp;

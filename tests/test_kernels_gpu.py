@@ -207,19 +207,21 @@ def test_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages,
 
 
 @pytest.mark.parametrize("grid", [None, 5])
-def test_streamed_group_launch_matches_each_layer(grid, monkeypatch):
-    """Four matrices of one input with their own permutations, layouts and widths in one streamed launch (a block
-    may start in one matrix and end in the next, gathering the activations again): each gets its own product."""
-    use_gemv("stream", monkeypatch)
+@pytest.mark.parametrize("rows", [1, *exl2_stream_ops.ROWS])
+def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
+    """Four matrices of one input with their own permutations, layouts and widths in one streamed launch, of one row
+    or of 4 or 8 (the multi-row kernel; a block may start in one matrix and end in the next, gathering the
+    activations again): each gets its own product."""
+    use_gemv("stream-rows", monkeypatch)
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
     k = 1024
     shapes = [(4160, [4], [1.0], 128), (576, [8, 4], [0.2, 0.8], 32), (200, [5, 3], [0.5, 0.5], 64), (1024, [6], [1.0], 32)]
     layers = [Exl2Linear(on_gpu(random_exl2(k, n, b, p, g, seed=90 + i, bias=i % 2 == 0)[0]), k, n, dtype=torch.float16)
               for i, (n, b, p, g) in enumerate(shapes)]
-    x = torch.randn(1, k, device=CUDA).half()
+    x = torch.randn(rows, k, device=CUDA).half()
     plans = [layer.kernel_plan() for layer in layers]
-    assert exl2_stream_ops.applies(plans, 1, x.dtype, x.device)
-    outs = [torch.full((1, layer.out_features), float("nan"), dtype=torch.float16, device=CUDA) for layer in layers]
+    assert (exl2_stream_ops.applies if rows == 1 else exl2_stream_ops.applies_rows)(plans, rows, x.dtype, x.device)
+    outs = [torch.full((rows, layer.out_features), float("nan"), dtype=torch.float16, device=CUDA) for layer in layers]
     exl2_ops.gemv(plans, x, outs)
     for layer, out in zip(layers, outs):
         ref = x.double() @ stored_weight(layer)[:, : layer.out_features].double()
@@ -257,31 +259,6 @@ def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, gri
     assert rel(out, expected) < TOLERANCE[torch.float16]
     workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
     assert not workspace.any(), "the GEMV must leave its workspace zeroed"
-
-
-@pytest.mark.parametrize("grid", [None, 5])
-@pytest.mark.parametrize("rows", exl2_stream_ops.ROWS)
-def test_multi_row_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
-    """Four matrices of one input in one multi-row streamed launch (a block may start in one matrix and end in the
-    next): each gets its own product, rows apart."""
-    use_gemv("stream-rows", monkeypatch)
-    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
-    k = 1024
-    shapes = [(4160, [4], [1.0], 128), (576, [8, 4], [0.2, 0.8], 32), (200, [5, 3], [0.5, 0.5], 64), (1024, [6, 2], [0.5, 0.5], 32)]
-    layers = [Exl2Linear(on_gpu(random_exl2(k, n, b, p, g, seed=95 + i, bias=i % 2 == 0)[0]), k, n, dtype=torch.float16)
-              for i, (n, b, p, g) in enumerate(shapes)]
-    x = torch.randn(rows, k, device=CUDA).half()
-    plans = [layer.kernel_plan() for layer in layers]
-    assert exl2_stream_ops.applies_rows(plans, rows, x.dtype, x.device)
-    outs = [torch.full((rows, layer.out_features), float("nan"), dtype=torch.float16, device=CUDA) for layer in layers]
-    exl2_ops.gemv(plans, x, outs)
-    for layer, out in zip(layers, outs):
-        ref = x.double() @ stored_weight(layer)[:, : layer.out_features].double()
-        if layer.bias is not None:
-            ref += layer.bias[: layer.out_features].double()
-        assert torch.isfinite(out).all() and rel(out, ref) < TOLERANCE[torch.float16]
-    workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
-    assert not workspace.any()
 
 
 @pytest.mark.parametrize("bits", [3, 5, 6, 8])
