@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from exlq.errors import ExlqError
 from exlq.quant.exl2_pack import converter_layout
 from exlq.runtime.exl2 import group_row_starts, row_bits
 from exlq.runtime.kernels import exl2_stream_ops
@@ -177,11 +178,11 @@ def test_multi_row_blocks_take_the_stages_that_fit(monkeypatch):
 
 def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monkeypatch):
     """4 or 8 fp16 rows, every matrix with stream chunks and the tensor-core gather table, on Hopper, where a block
-    fits; EXLQ_STREAM_ROWS=0 (ROWS_ENABLED) switches it off."""
+    fits; EXLQ_STREAM_ROWS (ROWS) lists the row counts it takes, none with "0"."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(exl2_stream_ops, "ENABLED", True)
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_ENABLED", True)
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", (4, 8))
     monkeypatch.setattr(exl2_stream_ops, "hopper_or_newer", lambda device: True)
     monkeypatch.setattr(exl2_stream_ops, "device_index", lambda device: 0)
     monkeypatch.setattr(exl2_stream_ops, "block_shared_limit", lambda index: 227 * 1024)
@@ -196,5 +197,10 @@ def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monke
         assert not exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.bfloat16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096), plan(4096, gather=None)], 8, torch.float16, "cuda")
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_ENABLED", False)
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("2,3,4,8"))
+    for rows in (2, 3):
+        assert exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("0"))
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.float16, "cuda")
+    with pytest.raises(ExlqError, match="among"):
+        exl2_stream_ops.row_counts("5")

@@ -129,7 +129,7 @@ def use_gemv(kind: str, monkeypatch) -> None:
     monkeypatch.setattr(exl2_ops, "FINISH_KERNEL", not kind.endswith("-inline"))
     kind = kind.removesuffix("-inline")
     monkeypatch.setattr(exl2_stream_ops, "ENABLED", kind in ("stream", "stream-rows"))
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_ENABLED", kind == "stream-rows")
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", (4, 8) if kind == "stream-rows" else ())
     monkeypatch.setattr(exl2_stream_ops, "MAX_BYTES", 1 << 40)  # every size, whatever the speed rule
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
     monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind == "wide" else 1 << 62)
@@ -207,7 +207,7 @@ def test_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages,
 
 
 @pytest.mark.parametrize("grid", [None, 5])
-@pytest.mark.parametrize("rows", [1, *exl2_stream_ops.ROWS])
+@pytest.mark.parametrize("rows", [1, 4, 8])
 def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
     """Four matrices of one input with their own permutations, layouts and widths in one streamed launch, of one row
     or of 4 or 8 (the multi-row kernel; a block may start in one matrix and end in the next, gathering the
@@ -235,12 +235,13 @@ def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
 @pytest.mark.parametrize("k, bits, props, group", STREAM_LAYOUTS)
 @pytest.mark.parametrize("n", [32, 200, 4160])
 @pytest.mark.parametrize("grid, stages", [(None, 4), (7, 2), (3, 8)])
-@pytest.mark.parametrize("rows", exl2_stream_ops.ROWS)
+@pytest.mark.parametrize("rows", exl2_stream_ops.ROW_COUNTS)
 def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, rows, monkeypatch):
-    """4 or 8 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
+    """2, 3, 4 or 8 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
     torch dequantization (+bias), and a clean workspace; small grids walk many units, strips and stages a block. Where
     the block does not fit (K 14336 at 8 rows), the launch must not take it."""
     use_gemv("stream-rows", monkeypatch)
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.ROW_COUNTS)  # 2 and 3 rows too
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
     monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", stages)
     tensors, layout = random_exl2(k, n, bits, props, group, seed=7 * k + n + rows, bias=n % 3 == 0)

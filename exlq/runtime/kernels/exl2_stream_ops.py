@@ -22,15 +22,16 @@ from collections.abc import Sequence
 
 import torch
 
+from exlq.errors import ExlqError
 from exlq.runtime.exl2 import Layout, row_bits
 from exlq.runtime.kernels.launch import allow_shared, device_index, hopper_or_newer, kernel, launch
 
 SOURCE = "exl2_stream.cu"
 COLUMN_CHOICES = (1, 2)  # columns a consumer thread takes: the one-row kernel's instances
 #: Activation rows of the multi-row kernel's instances (exl2_stream_rows<M>: tensor cores, 8 consumer warps)
-ROWS = (4, 8)
+ROW_COUNTS = (2, 3, 4, 8)
 INSTANCES = (tuple(f"exl2_stream<fp16_t, {c}>" for c in COLUMN_CHOICES)
-             + tuple(f"exl2_stream_rows<{m}>" for m in ROWS))
+             + tuple(f"exl2_stream_rows<{m}>" for m in ROW_COUNTS))
 STREAM_COLUMNS = 256  # STREAM_COLUMNS in the .cu: columns of a strip
 STREAM_WORD_ROWS = 16  # STREAM_WORD_ROWS in the .cu: most word rows of a unit
 
@@ -61,9 +62,21 @@ STAGES: int | None = int(os.environ["EXLQ_STREAM_STAGES"]) if os.environ.get("EX
 #: stages): the 8B (K 4096) +2.0 % with 5 (2 blocks an SM; 4 stages, 3 blocks: −2.5 %; 6: −2 %), Llama-3.2-1B (K 2048)
 #: +6.6 / +7.3 % with 4 (3 blocks an SM; 5: +5 %); at K 576 and 896 (smollm2, Qwen2.5-0.5B) 3, 4 and 5 are even.
 STAGES_BY_K = ((4096, 5), (2048, 4), (0, 3))
-#: The multi-row kernel (launches of ROWS fp16 rows on Hopper, every size; EXLQ_STREAM_ROWS=0: exl2_mma.cu's kernel)
-#: and its stages (EXLQ_STREAM_ROWS_STAGES), fewer where a block would not fit.
-ROWS_ENABLED = os.environ.get("EXLQ_STREAM_ROWS", "1") != "0"
+
+
+def row_counts(setting: str) -> tuple[int, ...]:
+    """The row counts an EXLQ_STREAM_ROWS setting lists ("4,8"; "0": none); a count without an instance is an error."""
+    counts = tuple(int(m) for m in setting.replace(" ", "").split(",") if m and int(m) != 0)
+    if any(m not in ROW_COUNTS for m in counts):
+        raise ExlqError(f"EXLQ_STREAM_ROWS={setting!r}: row counts must be among {ROW_COUNTS}, or 0 for none")
+    return counts
+
+
+#: The multi-row kernel takes launches of ROWS fp16 rows on Hopper, every size (EXLQ_STREAM_ROWS: "0" for none, or a
+#: comma-separated list of ROW_COUNTS). 4 and 8 by default, where the tensor-core kernel was no faster than torch's
+#: FP16 GEMV (docs/benchmarks.md, session 33); 2 and 3 rows take the wide register kernel unless listed.
+ROWS = row_counts(os.environ.get("EXLQ_STREAM_ROWS", "4,8"))
+#: Its stages (EXLQ_STREAM_ROWS_STAGES), fewer where a block would not fit.
 ROWS_STAGES = int(os.environ.get("EXLQ_STREAM_ROWS_STAGES", "4"))
 THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
 BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "4"))
@@ -181,7 +194,7 @@ def applies_rows(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.d
     """Whether a GEMV launch goes to the multi-row kernel: ROWS fp16 rows, every matrix streamable with the tensor-core
     gather table (whole 32-row groups, exl2_ops.mma_gather_table), sm_90 or newer, and a block of at least 2 stages
     within the GPU's per-block shared memory (K 14336 at 8 rows does not fit: 229 KB of activations)."""
-    return (ENABLED and ROWS_ENABLED and rows in ROWS and dtype == torch.float16
+    return (ENABLED and rows in ROWS and dtype == torch.float16
             and all(p.stream_chunks is not None and p.gather is not None for p in plans) and hopper_or_newer(device)
             and rows_stages_for(plans[0].in_features, rows, block_shared_limit(device_index(device))) is not None)
 
@@ -246,7 +259,7 @@ def stream_group(plans: Sequence, sums: Sequence[int], gathers: Sequence[torch.T
 
 
 def launch_stream_rows(plans: Sequence, x: torch.Tensor, sums: Sequence[int]) -> None:
-    """Add x[M, K] @ W_i (M in ROWS, fp16, ≤ MAX_GROUP matrices) into the fp32 sums at device addresses `sums[i]`
+    """Add x[M, K] @ W_i (M in ROW_COUNTS, fp16, ≤ MAX_GROUP matrices) into the fp32 sums at device addresses `sums[i]`
     ([M][n_pad_i], zero before) with the multi-row kernel (applies_rows); exl2_finish ends them."""
     device = plans[0].q_weight.device
     rows, k = x.shape
