@@ -118,6 +118,8 @@ def main() -> None:
             kernel = "mma" if tensor_cores else "wide" if columns > 1 else "narrow"
             if exl2_stream_ops.applies([layer.kernel_plan()], rows, x.dtype, device):
                 kernel = "stream"
+            elif exl2_stream_ops.applies_rows([layer.kernel_plan()], rows, x.dtype, device):
+                kernel = "srows"
             row = {
                 "k": k, "n": n, "rows": rows, "kernel": kernel,
                 "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,
