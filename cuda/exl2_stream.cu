@@ -262,6 +262,7 @@ __device__ __forceinline__ int matrix_end(const StreamGroup& group, int which) {
 // second empty; the end of one strip and the start of the next: two; more than that: all of K).
 struct Rows {
     int lo0, hi0, lo1, hi1;
+    Rows() = default;
     __device__ __forceinline__ Rows(const StreamGroup& group, int K, int u0, int u1) {
         const Unit first = unit_at(group, u0), last = unit_at(group, u1 - 1);
         const int lo = first.chunk.z, hi = last.chunk.z + last.rows();
@@ -272,6 +273,8 @@ struct Rows {
     }
     __device__ __forceinline__ int count() const { return hi0 - lo0 + hi1 - lo1; }
     __device__ __forceinline__ int at(int i) const { return i < hi0 - lo0 ? lo0 + i : lo1 + i - (hi0 - lo0); }
+    // The inverse: where stored row r (one of them) is among the covered rows.
+    __device__ __forceinline__ int window(int r) const { return r >= lo0 && r < hi0 ? r - lo0 : hi0 - lo0 + r - lo1; }
 };
 
 // Gather entries a consumer thread reads before the programmatic wait (the layer's own table), for its first EARLY
@@ -446,15 +449,18 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
 // slot order. Why: the tensor-core kernel reads the weights in one wave of blocks that gather, then load, then add,
 // and took as long at 8 rows as torch's FP16 GEMV at 4096x14336 (docs/benchmarks.md, session 33); here the copies
 // stream ahead, and the mma makes the row count free up to 8.
-// Shared memory (dynamic): the stages, then the activations xh [M][K] (fp16, slot order, prescaled: the mma gather
-// table), the offset sums off [K / 32][8] (fp32) and each consumer warp's epilogue sums [M][36].
+// Shared memory (dynamic): the stages, then the activations xh [M][window] (fp16, slot order, prescaled: the mma
+// gather table) of the rows the block's units cover (at most `window`: the host sizes it by the units a block takes),
+// the offset sums off [window / 32][8] (fp32) and each consumer warp's epilogue sums [M][36].
 
-// One unit's products for the lane's two 16-column tiles into total (exl2_mma.cuh's block_mma and fold_group).
+// One unit's products for the lane's two 16-column tiles into total (exl2_mma.cuh's block_mma and fold_group); its
+// first 32-row block is block blk0 of the window.
 template <int B, int M>
-__device__ __forceinline__ void unit_mma(const u32* stage, const uint4* xh, int K, const float* off, const Header& t,
-                                         int col0, int g, int tq, u32 h1024, float (*total)[4]) {
+__device__ __forceinline__ void unit_mma(const u32* stage, const uint4* xh, int window, const float* off,
+                                         const Header& t, int blk0, int col0, int g, int tq, u32 h1024,
+                                         float (*total)[4]) {
     constexpr int W = lane_words(B);
-    const int blocks = (t.code >> 13) & 7, shift = t.code >> 16, group_blocks = 1 << shift, blk0 = t.row0 >> 5;
+    const int blocks = (t.code >> 13) & 7, shift = t.code >> 16, group_blocks = 1 << shift;
     const u32* lane_words_at = stage + first_word<B>(tq) * RowsStage::ROW_WORDS + col0 + g;
     float acc[2][4] = {}, offset[2] = {};
 #pragma unroll
@@ -469,7 +475,7 @@ __device__ __forceinline__ void unit_mma(const u32* stage, const uint4* xh, int 
             for (int c = 0; c < 4; c++) words[c][w] = inside ? row[8 * c] : 0u;
         }
         const int blk = blk0 + sb;
-        const uint4 xv = g < M ? xh[(size_t)g * (K >> 3) + blk * 4 + tq] : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 xv = g < M ? xh[(size_t)g * (window >> 3) + blk * 4 + tq] : make_uint4(0u, 0u, 0u, 0u);
         block_mma<B>(words, xv, tq, h1024, acc);
         const float2 o = *reinterpret_cast<const float2*>(off + blk * 8 + 2 * tq);
         offset[0] += o.x;
@@ -484,32 +490,33 @@ __device__ __forceinline__ void unit_mma(const u32* stage, const uint4* xh, int 
     }
 }
 
-// xh and off for the stored rows the block's units [u0, u1) (all of one matrix) cover, by whole 32-row blocks, one
-// warp a block (exl2_mma.cuh's gather_mma_block); the rows are whole blocks as every unit's are.
+// xh and off for the stored rows the block's units [u0, u1) (all of one matrix) cover, in the order of those rows
+// (Rows: the window of `window` rows the block's shared memory holds), by whole 32-row blocks, one warp a block
+// (exl2_mma.cuh's gather_mma_block); the rows are whole blocks as every unit's are. Returns them.
 template <int M, int CONSUMERS>
-__device__ __forceinline__ void gather_rows(const StreamGroup& group, int K, const u16* __restrict__ x, int u0, int u1,
-                                            u16* xs, float* off) {
+__device__ __forceinline__ Rows gather_rows(const StreamGroup& group, int K, const u16* __restrict__ x, int u0, int u1,
+                                            u16* xs, int window, float* off) {
     const Rows rows(group, K, u0, u1);
     const u32* gather = group.m[matrix_of(group, u0)].gather;
-    const int first = (rows.hi0 - rows.lo0) >> 5, count = first + ((rows.hi1 - rows.lo1) >> 5);
-    for (int i = (int)threadIdx.x >> 5; i < count; i += CONSUMERS / 32) {
-        const int blk = i < first ? (rows.lo0 >> 5) + i : (rows.lo1 >> 5) + i - first;
-        const int entry = (int)__ldg(gather + 32 * blk + (threadIdx.x & 31));
-        gather_mma_block<M>(x, K, entry, xs, K, 32 * blk, off + blk * 8);
+    for (int i = (int)threadIdx.x >> 5; i < (rows.count() >> 5); i += CONSUMERS / 32) {
+        const int entry = (int)__ldg(gather + rows.at(32 * i) + (threadIdx.x & 31));
+        gather_mma_block<M>(x, K, entry, xs, window, 32 * i, off + i * 8);
     }
+    return rows;
 }
 
 // y = x @ W for M fp16 rows x [M, K] and the group's matrices, into their fp32 workspaces [M][n_pad] (exl2_finish
 // writes y). Block: 8 consumer warps, then the producer warp.
 template <int M>
 __global__ void __launch_bounds__(STREAM_COLUMNS + 32) exl2_stream_rows(const u16* __restrict__ x, int K,
-                                                                        const StreamGroup group, int stage_count) {
+                                                                        const StreamGroup group, int stage_count,
+                                                                        int window) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     constexpr int CONSUMERS = STREAM_COLUMNS;
     extern __shared__ __align__(128) u32 stages[];
     uint4* xh = reinterpret_cast<uint4*>(stages + (size_t)stage_count * RowsStage::WORDS);
-    float* off = reinterpret_cast<float*>(xh + (size_t)M * (K >> 3));
-    float(*warp_sums)[M][36] = reinterpret_cast<float(*)[M][36]>(off + (K >> 5) * 8);
+    float* off = reinterpret_cast<float*>(xh + (size_t)M * (window >> 3));
+    float(*warp_sums)[M][36] = reinterpret_cast<float(*)[M][36]>(off + (window >> 5) * 8);
     __shared__ __align__(8) unsigned long long barriers[2 * STREAM_MAX_STAGES];
     const u32 full = shared_address(barriers), empty = full + 8 * STREAM_MAX_STAGES;
     const int u0 = (int)((long long)group.units * blockIdx.x / gridDim.x);
@@ -521,6 +528,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS + 32) exl2_stream_rows(const u1
     const Magic k(group.m[0].n_pad);
     float total[2][4] = {};
     int matrix = -1, strip = -1;  // of the sums in total
+    Rows rows;  // the rows xh holds (set at the first unit)
     int stage = 0;
     u32 phase = 0;
     for (int u = u0; u < u1; u++) {
@@ -535,15 +543,15 @@ __global__ void __launch_bounds__(STREAM_COLUMNS + 32) exl2_stream_rows(const u1
             for (int i = 0; i < 8; i++) total[i >> 2][i & 3] = 0.0f;
             if (t.matrix != matrix) {  // this matrix's activations, for the rows of its units in this block
                 consumers_sync<CONSUMERS>();  // nobody still reads the previous matrix's
-                gather_rows<M, CONSUMERS>(group, K, x, u, min(u1, matrix_end(group, t.matrix)),
-                                          reinterpret_cast<u16*>(xh), off);
+                rows = gather_rows<M, CONSUMERS>(group, K, x, u, min(u1, matrix_end(group, t.matrix)),
+                                                 reinterpret_cast<u16*>(xh), window, off);
                 consumers_sync<CONSUMERS>();
             }
             matrix = t.matrix;
             strip = t.strip;
         }
         if (col0 < t.columns) {  // n_pad is a multiple of 32: a warp's columns are all in the strip or none
-#define UNIT_MMA(B) unit_mma<B, M>(words, xh, K, off, t, col0, g, tq, k.h1024, total)
+#define UNIT_MMA(B) unit_mma<B, M>(words, xh, window, off, t, rows.window(t.row0) >> 5, col0, g, tq, k.h1024, total)
             WITH_WIDTH(t.code & 0xff, UNIT_MMA)
 #undef UNIT_MMA
         }

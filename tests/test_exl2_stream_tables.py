@@ -160,20 +160,26 @@ def test_a_launch_whose_block_would_not_fit_the_gpu_takes_the_register_kernel(mo
     assert not exl2_stream_ops.applies([plan(32768)], 1, torch.float16, "cuda")  # 96 KB: 2 stages + 64 KB of x
 
 
-def test_multi_row_blocks_take_the_stages_that_fit(monkeypatch):
-    """The multi-row kernel holds all K activations of its 4 or 8 rows beside its stages: at the 8B's K 4096 both row
-    counts take 4 stages on Hopper; down_proj's K 14336 fits at 4 rows and not at 8 (229 KB of activations), which
-    then takes the tensor-core kernel; fewer stages where less fits, and EXLQ_STREAM_ROWS_STAGES sets the count."""
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", 4)
-    hopper = 227 * 1024
-    for k, rows in ((4096, 4), (4096, 8), (8192, 8), (14336, 4)):
-        assert exl2_stream_ops.rows_stages_for(k, rows, hopper) == 4
-        assert exl2_stream_ops.rows_shared_bytes(k, rows, 4) <= hopper
-    assert exl2_stream_ops.rows_stages_for(14336, 8, hopper) is None
-    assert exl2_stream_ops.rows_stages_for(14336, 4, 170 * 1024) == 2  # 165 KB; 3 stages: 182 KB
-    assert exl2_stream_ops.rows_shared_bytes(4096, 8, 2) == 2 * 17472 + 8 * 4096 * 2 + 4096 + 8 * 4 * 8 * 36
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", 2)
-    assert exl2_stream_ops.rows_stages_for(4096, 8, hopper) == 2
+def test_multi_row_blocks_hold_the_window_their_units_cover(monkeypatch):
+    """A multi-row block holds the activations of the rows its units cover (at most 128 a unit, all of K for a run
+    past two strips) beside its stages: at the 8B's shapes on an H100-sized GPU (132 SMs) 2 blocks an SM of 4 stages,
+    down_proj's K 14336 at 8 rows in a window of 896 rows; with a grid of 3 blocks its window is all of K and 8 rows do
+    not fit (229 KB), 4 do. Whatever it returns fits the block and the SMs and covers each block's units."""
+    hopper, sm = 227 * 1024 - 144, 228 * 1024
+    geometry = exl2_stream_ops.window_geometry
+    assert geometry(768, 4096, 8, hopper, 132, sm, 4, 4, None) == (264, 384, 4)  # q/k/v: 24 strips x 32 chunks
+    assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, None) == (264, 896, 4)  # down_proj: 16 x 112
+    assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, 3) is None
+    assert geometry(1792, 14336, 4, hopper, 132, sm, 4, 4, 3) == (3, 14336, 4)
+    assert geometry(1792, 14336, 4, 170 * 1024, 132, sm, 4, 4, 3) == (3, 14336, 2)  # 165 KB; 3 stages: 182 KB
+    for units, k, rows, limit, wanted, most, max_grid in ((768, 4096, 8, hopper, 4, 4, None), (40, 576, 3, 99 * 1024, 8, 2, None),
+                                                       (3584, 4096, 2, hopper, 2, 4, 7), (16032, 4096, 8, hopper, 4, 4, None)):
+        grid, window, stages = geometry(units, k, rows, limit, 132, sm, wanted, most, max_grid)
+        shared = exl2_stream_ops.rows_shared_bytes(window, rows, stages)
+        assert shared <= limit and 2 <= stages <= wanted
+        assert grid <= min(most, sm // (shared + 1152)) * 132 and (max_grid is None or grid <= max_grid)
+        assert window == min(k, -(-units // grid) * 128)
+    assert exl2_stream_ops.rows_shared_bytes(384, 8, 2) == 2 * 17472 + 8 * 384 * 2 + 384 + 8 * 4 * 8 * 36
 
 
 def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monkeypatch):
@@ -186,13 +192,17 @@ def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monke
     monkeypatch.setattr(exl2_stream_ops, "hopper_or_newer", lambda device: True)
     monkeypatch.setattr(exl2_stream_ops, "device_index", lambda device: 0)
     monkeypatch.setattr(exl2_stream_ops, "block_shared_limit", lambda index: 227 * 1024)
+    monkeypatch.setattr(exl2_stream_ops, "sm_limits", lambda index: (132, 228 * 1024))
 
-    def plan(k: int, gather: object | None = True) -> SimpleNamespace:
-        return SimpleNamespace(in_features=k, stream_chunks=object(), gather=gather)
+    def plan(k: int, gather: object | None = True, n: int = 4096) -> SimpleNamespace:
+        return SimpleNamespace(in_features=k, n_pad=n, stream_chunks=torch.empty(k // 128, 8), gather=gather)
 
     assert exl2_stream_ops.applies_rows([plan(4096), plan(4096)], 8, torch.float16, "cuda")
+    assert exl2_stream_ops.applies_rows([plan(14336)], 8, torch.float16, "cuda")
+    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", 3)  # each block's window: all of K
     assert exl2_stream_ops.applies_rows([plan(14336)], 4, torch.float16, "cuda")
-    assert not exl2_stream_ops.applies_rows([plan(14336)], 8, torch.float16, "cuda")  # does not fit
+    assert not exl2_stream_ops.applies_rows([plan(14336)], 8, torch.float16, "cuda")  # 229 KB: does not fit
+    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", None)
     for rows in (1, 2, 3, 5):
         assert not exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.bfloat16, "cuda")

@@ -193,29 +193,51 @@ def _stages_for(in_features: int, limit: int, fixed: int | None) -> int | None:
 def applies_rows(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a GEMV launch goes to the multi-row kernel: ROWS fp16 rows, every matrix streamable with the tensor-core
     gather table (whole 32-row groups, exl2_ops.mma_gather_table), sm_90 or newer, and a block of at least 2 stages
-    within the GPU's per-block shared memory (K 14336 at 8 rows does not fit: 229 KB of activations)."""
+    and its window of activations within the GPU's shared memory (rows_geometry)."""
     return (ENABLED and rows in ROWS and dtype == torch.float16
             and all(p.stream_chunks is not None and p.gather is not None for p in plans) and hopper_or_newer(device)
-            and rows_stages_for(plans[0].in_features, rows, block_shared_limit(device_index(device))) is not None)
+            and rows_geometry(plans, rows, device) is not None)
 
 
-def rows_stages_for(in_features: int, rows: int, limit: int) -> int | None:
-    """Stages of a multi-row block (ROWS_STAGES, fewer down to 2 where it would not fit `limit`); None: 2 do not fit."""
-    return _rows_stages_for(in_features, rows, limit, ROWS_STAGES)
+def unit_count(plans: Sequence) -> int:
+    """Units of a streamed launch: each matrix's strips times its stream chunks."""
+    return sum(-(-plan.n_pad // STREAM_COLUMNS) * plan.stream_chunks.shape[0] for plan in plans)
+
+
+def rows_geometry(plans: Sequence, rows: int, device: torch.device) -> tuple[int, int, int] | None:
+    """(grid, window, stages) of a multi-row launch (window_geometry on this GPU), None where no block fits."""
+    index = device_index(device)
+    return window_geometry(unit_count(plans), plans[0].in_features, rows, block_shared_limit(index),
+                           *sm_limits(index), ROWS_STAGES, BLOCKS_PER_SM, MAX_GRID)
 
 
 @functools.cache
-def _rows_stages_for(in_features: int, rows: int, limit: int, wanted: int) -> int | None:
+def window_geometry(units: int, in_features: int, rows: int, limit: int, sms: int, shared_per_sm: int, wanted: int,
+                    blocks_per_sm: int, max_grid: int | None) -> tuple[int, int, int] | None:
+    """A multi-row block holds the activations of the rows its units cover, its window: at most min(K, 128 a unit)
+    (a run of units within two strips covers their rows only, 128 at most each: unit_rows; a longer run, all of K).
+    The window depends on the units a block takes, so on the grid, which depends on the block's shared memory: with
+    the most stages that fit (`wanted` down to 2), start from one unit a block and take fewer, larger blocks until
+    as many fit the SMs (at most `blocks_per_sm` each) as the grid has."""
     for stages in range(max(2, min(MAX_STAGES, wanted)), 1, -1):
-        if rows_shared_bytes(in_features, rows, stages) <= limit:
-            return stages
+        grid = units if max_grid is None else min(units, max_grid)
+        while True:
+            window = min(in_features, -(-units // grid) * 128)
+            shared = rows_shared_bytes(window, rows, stages)
+            fit = min(blocks_per_sm, shared_per_sm // (shared + 1024 + 128))  # + the block's reserved 1 KiB, barriers
+            if shared > limit or fit == 0:
+                break
+            most = min(units, fit * sms)
+            if grid <= most:
+                return grid, window, stages
+            grid = most  # fewer blocks, more units each: a larger window, checked again
     return None
 
 
-def rows_shared_bytes(in_features: int, rows: int, stages: int) -> int:
-    """Dynamic shared memory of a multi-row block: the stages, the activations [rows][K] (fp16), the offset sums
-    [K / 32][8] (fp32) and the 8 consumer warps' epilogue sums [rows][36] (fp32)."""
-    return stages * ROWS_STAGE_BYTES + 2 * rows * in_features + 4 * 8 * (in_features // 32) + 8 * 4 * rows * 36
+def rows_shared_bytes(window: int, rows: int, stages: int) -> int:
+    """Dynamic shared memory of a multi-row block: the stages, the activations [rows][window] (fp16), the offset sums
+    [window / 32][8] (fp32) and the 8 consumer warps' epilogue sums [rows][36] (fp32)."""
+    return stages * ROWS_STAGE_BYTES + 2 * rows * window + 4 * 8 * (window // 32) + 8 * 4 * rows * 36
 
 
 def shared_bytes(in_features: int, stages: int) -> int:
@@ -264,12 +286,11 @@ def launch_stream_rows(plans: Sequence, x: torch.Tensor, sums: Sequence[int]) ->
     device = plans[0].q_weight.device
     rows, k = x.shape
     group = stream_group(plans, sums, [plan.gather for plan in plans])
-    stages = rows_stages_for(k, rows, block_shared_limit(device_index(device)))
+    grid, window, stages = rows_geometry(plans, rows, device)
     function = kernel(SOURCE, INSTANCES, f"exl2_stream_rows<{rows}>", device)
-    shared = rows_shared_bytes(k, rows, stages)
+    shared = rows_shared_bytes(window, rows, stages)
     allow_shared(function, shared)
-    grid = grid_size(group.units, shared, *sm_limits(device_index(device)))
-    launch(function, (grid, 1, 1), (STREAM_COLUMNS + 32, 1, 1), (x, k, group, stages), device, overlap=True,
+    launch(function, (grid, 1, 1), (STREAM_COLUMNS + 32, 1, 1), (x, k, group, stages, window), device, overlap=True,
            shared_bytes=shared)
 
 
