@@ -343,9 +343,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if streamed:
         return streamed_gemv(plans, x, outs, up, fold, unfinished)
     if exl2_stream_ops.applies_rows(plans, rows, dtype, device):
-        if up is not None:
-            x = silu_mul(x, up)
-        return streamed_gemv(plans, x, outs)
+        return streamed_gemv(plans, x, outs, up)
     tensor_cores, columns = gemv_route(plans, rows, dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
@@ -398,10 +396,11 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
                   up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold = exl2_stream_ops.NO_FOLD,
                   unfinished: bool = False) -> PendingSums | None:
     """gemv through a streamed kernel: one fp16 row (exl2_stream_ops.applies), or exl2_stream_ops.ROWS rows
-    (applies_rows; no `up`, `fold` or `unfinished` there); its sums, then exl2_finish (or, `unfinished`, PendingSums);
-    with a `fold` set, that norm formed in the gather (x unused)."""
+    (applies_rows; no `fold` or `unfinished` there); its sums, then exl2_finish (or, `unfinished`, PendingSums);
+    with a `fold` set, that norm formed in the gather (x unused). `up`: silu_mul first, except for the one-row
+    kernel's single matrix, which forms it as it gathers."""
     rows = x.shape[0]
-    if up is not None and len(plans) > 1:
+    if up is not None and (len(plans) > 1 or rows > 1):
         x, up = silu_mul(x, up), None
     workspace, _ = (_unfinished_workspace if unfinished else _workspace).get(
         x.device, rows * sum(plan.n_pad for plan in plans), 0)

@@ -199,9 +199,14 @@ def applies_rows(plans: Sequence, rows: int, dtype: torch.dtype, device: torch.d
             and rows_geometry(plans, rows, device) is not None)
 
 
+def plan_units(plan) -> int:
+    """A matrix's units: its strips times its stream chunks."""
+    return -(-plan.n_pad // STREAM_COLUMNS) * plan.stream_chunks.shape[0]
+
+
 def unit_count(plans: Sequence) -> int:
-    """Units of a streamed launch: each matrix's strips times its stream chunks."""
-    return sum(-(-plan.n_pad // STREAM_COLUMNS) * plan.stream_chunks.shape[0] for plan in plans)
+    """Units of a streamed launch: all its matrices'."""
+    return sum(plan_units(plan) for plan in plans)
 
 
 def rows_geometry(plans: Sequence, rows: int, device: torch.device) -> tuple[int, int, int] | None:
@@ -272,10 +277,9 @@ def stream_group(plans: Sequence, sums: Sequence[int], gathers: Sequence[torch.T
     group = StreamGroup(count=len(plans))
     units = 0
     for i, (plan, at, gather) in enumerate(zip(plans, sums, gathers, strict=True)):
-        strips, chunk_count = -(-plan.n_pad // STREAM_COLUMNS), plan.stream_chunks.shape[0]
         group.m[i] = StreamMatrix(plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.stream_chunks.data_ptr(),
-                                  gather.data_ptr(), at, plan.n_pad, chunk_count, units)
-        units += strips * chunk_count
+                                  gather.data_ptr(), at, plan.n_pad, plan.stream_chunks.shape[0], units)
+        units += plan_units(plan)
     group.units = units
     return group
 
@@ -301,14 +305,13 @@ def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | No
     norm's output, formed in the gather (x unused)."""
     device = plans[0].q_weight.device
     group = stream_group(plans, sums, [plan.stream_gather for plan in plans])
-    units = group.units
     stages = stages_for(plans[0].in_features, block_shared_limit(device_index(device)))
     columns = THREAD_COLUMNS if THREAD_COLUMNS in COLUMN_CHOICES else 2
     function = kernel(SOURCE, INSTANCES, f"exl2_stream<fp16_t, {columns}>", device)
     shared = shared_bytes(plans[0].in_features, stages)
     allow_shared(function, shared)
     threads = STREAM_COLUMNS // columns + 32
-    grid = grid_size(units, shared, *sm_limits(device_index(device)))
+    grid = grid_size(group.units, shared, *sm_limits(device_index(device)))
     launch(function, (grid, 1, 1), (threads, 1, 1),
            (x, up, plans[0].in_features, group, stages, fold), device, overlap=True,
            shared_bytes=shared)
