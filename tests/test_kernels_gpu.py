@@ -239,7 +239,7 @@ def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
 def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, rows, monkeypatch):
     """2, 3, 4 or 8 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
     torch dequantization (+bias), and a clean workspace; small grids walk many units, strips and stages a block (and
-    hold all of K). Where the block does not fit, the launch must not take it."""
+    hold much of K, or all). Where the block does not fit, the launch must not take it."""
     use_gemv("stream-rows", monkeypatch)
     monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.ROW_COUNTS)  # 2 and 3 rows too
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
@@ -249,8 +249,13 @@ def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, gri
     layer = Exl2Linear(cuda, k, n, dtype=torch.float16)
     plan = layer.kernel_plan()
     x = torch.randn(rows, k, device=CUDA).half()
-    # a small grid's blocks each hold all K activations: 8 rows of K 14336 (229 KB) do not fit then
-    fits = grid is None or 2 * rows * k <= 150 * 1024
+    # a block holds the activations of the rows its units cover, 128 a unit (all of K past two strips: a small grid's
+    # blocks take many units); the launch takes it where that window fits beside 2 stages (8 rows of all of K 14336:
+    # 229 KB, no), always with the automatic grid (one unit a block to start with)
+    blocks = min(grid or 1 << 30, exl2_stream_ops.plan_units(plan))
+    window = min(k, -(-exl2_stream_ops.plan_units(plan) // blocks) * 128)
+    limit = exl2_stream_ops.block_shared_limit(exl2_stream_ops.device_index(x.device))
+    fits = grid is None or exl2_stream_ops.rows_shared_bytes(window, rows, 2) <= limit
     assert exl2_stream_ops.applies_rows([plan], rows, x.dtype, x.device) == fits
     expected = x.double() @ stored_weight(cuda)[:, :n].double()
     if cuda.bias is not None:
