@@ -1,6 +1,6 @@
 // EXL2 GEMV on tensor cores, for fp16 activations (up to 8 rows) and layers whose groups are whole 32-row blocks.
-// The host sends it launches of 4 or 8 rows (exl2_ops.MMA_ROWS), where it beats exl2_matmul.cu by 7-33 % on the
-// H200; at 1-2 rows it is 14-26 % slower (its fixed per-warp costs: docs/benchmarks.md, session 10).
+// The host sends it launches of 4 to 8 rows (exl2_ops.MMA_ROWS), where it beats exl2_matmul.cu by 7-33 % on the
+// H200 (its mma takes 8 rows whatever the launch holds); at 1-2 rows it is 14-26 % slower (its fixed per-warp costs: docs/benchmarks.md, session 10).
 //
 // Why: the one-column-a-thread kernel (exl2_matmul.cu) spends ~5 instructions a weight (a code pair costs a mask,
 // a centring fma and a dot fma; plus the activation gather), and the cost of its dot grows with the rows.

@@ -16,7 +16,7 @@
 // block streams the same number of bytes (within one unit). A block's consumers sum each strip's units in registers and
 // add them to the fp32 workspace at the strip's end (atomics); exl2_finish (exl2_matmul.cu) then writes y (+bias).
 //
-// Launches of 4 or 8 fp16 rows take exl2_stream_rows (the end of this file): the same producer and units, with
+// Launches of 4 to 8 fp16 rows take exl2_stream_rows (the end of this file): the same producer and units, with
 // tensor-core consumers.
 //
 // Shared memory: `stages` buffers of one unit each (its word rows, its groups' scale words, its header), the activations of
@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
 #endif
 }
 
-// ----- The multi-row kernel: M = 4 or 8 fp16 activation rows on tensor cores -----
+// ----- The multi-row kernel: M = 2 to 8 fp16 activation rows on tensor cores -----
 // The one-row kernel's producer and units, with exl2_mma.cu's arithmetic as the consumers: 8 consumer warps of 32
 // columns each (a strip's 256), lane (g, t) decoding its column's code pairs from the stage (word rows 8 words apart,
 // so its warp's loads of one word row fall on 32 banks) into mma A fragments, the activations as B fragments in

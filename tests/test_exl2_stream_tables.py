@@ -183,7 +183,7 @@ def test_multi_row_blocks_hold_the_window_their_units_cover(monkeypatch):
 
 
 def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monkeypatch):
-    """4 or 8 fp16 rows, every matrix with stream chunks and the tensor-core gather table, on Hopper, where a block
+    """4 to 8 fp16 rows, every matrix with stream chunks and the tensor-core gather table, on Hopper, where a block
     fits; EXLQ_STREAM_ROWS (ROWS) lists the row counts it takes, none with "0"."""
     from types import SimpleNamespace
 
@@ -205,6 +205,9 @@ def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monke
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", None)
     for rows in (1, 2, 3, 5):
         assert not exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.DEFAULT_ROWS)
+    for rows in (4, 5, 6, 7, 8):
+        assert exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.bfloat16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096), plan(4096, gather=None)], 8, torch.float16, "cuda")
     monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("2,3,4,8"))
@@ -213,4 +216,4 @@ def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monke
     monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("0"))
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.float16, "cuda")
     with pytest.raises(ExlqError, match="among"):
-        exl2_stream_ops.row_counts("5")
+        exl2_stream_ops.row_counts("9")

@@ -113,23 +113,23 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
     assert torch.equal(bf16, reference.float().to(torch.bfloat16)) or rel(bf16, reference) < 4e-3
 
 
-# The GEMV kernels: the tensor-core one (fp16, 4 or 8 rows, layers of whole 32-row blocks; rows 8 and 13 reach it),
+# The GEMV kernels: the tensor-core one (fp16, 4 to 8 rows, layers of whole 32-row blocks; rows 5, 7, 8 and 13 reach it),
 # the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width), whose
 # split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs), the streamed
 # one (one fp16 row, layers of whole 32-row blocks; other launches of that kind take the narrow kernel) and, with
-# "stream-rows", the streamed multi-row one too (4 or 8 fp16 rows, where it fits).
+# "stream-rows", the streamed multi-row one too (4 to 8 fp16 rows, where it fits).
 KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "wide-inline"),
            (torch.float16, "stream"), (torch.float16, "stream-rows"), (torch.bfloat16, "narrow"), (torch.bfloat16, "wide")]
 
 
 def use_gemv(kind: str, monkeypatch) -> None:
     """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows), "stream" (one fp16
-    row, where it applies), "stream-rows" (that, and 4 or 8 fp16 rows where the multi-row streamed kernel applies),
+    row, where it applies), "stream-rows" (that, and 4 to 8 fp16 rows where the multi-row streamed kernel applies),
     and "-inline" to the in-kernel end of split products instead of exl2_finish."""
     monkeypatch.setattr(exl2_ops, "FINISH_KERNEL", not kind.endswith("-inline"))
     kind = kind.removesuffix("-inline")
     monkeypatch.setattr(exl2_stream_ops, "ENABLED", kind in ("stream", "stream-rows"))
-    monkeypatch.setattr(exl2_stream_ops, "ROWS", (4, 8) if kind == "stream-rows" else ())
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.DEFAULT_ROWS if kind == "stream-rows" else ())
     monkeypatch.setattr(exl2_stream_ops, "MAX_BYTES", 1 << 40)  # every size, whatever the speed rule
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
     monkeypatch.setattr(exl2_ops, "WIDE_MIN_COLUMNS", 0 if kind == "wide" else 1 << 62)
@@ -150,7 +150,7 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
         expected += cuda.bias[:n].double()
     plan = layer.kernel_plan()
     assert (plan.gather is None) == any(r % 32 for _, r in layout)  # the tensor-core GEMV takes whole 32-row blocks
-    if rows in exl2_ops.GEMV_ROWS:  # the raw kernel, into a poisoned output
+    if exl2_ops.launch_rows([plan], rows, dtype, x.device) == rows:  # one launch takes them: the raw kernel, poisoned output
         out = torch.full((rows, n), float("nan"), dtype=dtype, device=CUDA)
         exl2_ops.gemv([plan], x, [out])
         assert torch.isfinite(out).all()
@@ -237,7 +237,7 @@ def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
 @pytest.mark.parametrize("grid, stages", [(None, 4), (7, 2), (3, 8)])
 @pytest.mark.parametrize("rows", exl2_stream_ops.ROW_COUNTS)
 def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, rows, monkeypatch):
-    """2, 3, 4 or 8 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
+    """2 to 8 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
     torch dequantization (+bias), and a clean workspace; small grids walk many units, strips and stages a block (and
     hold much of K, or all). Where the block does not fit, the launch must not take it."""
     use_gemv("stream-rows", monkeypatch)
@@ -296,7 +296,7 @@ def test_one_row_matmul_at_the_largest_input_size():
     assert rel(layer(x[None])[0], x.double() @ weight[:, :64].double()) < TOLERANCE[torch.float16]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 13, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 13, 40])
 @pytest.mark.parametrize("dtype, kind", KERNELS)
 def test_gated_gemv_equals_silu_mul_then_gemv(rows, dtype, kind, monkeypatch):
     """down_proj's GEMV forming silu(gate) * up as it gathers gives silu_mul followed by the plain GEMV (the

@@ -162,7 +162,22 @@ def test_gemv_routes_a_pending_norm_once(streamed, fold, monkeypatch):
     assert asked == [1]
 
 
-def test_matmul_many_hands_a_pending_norm_to_the_gemv_as_is(monkeypatch):
+@pytest.fixture
+def tensor_cores(monkeypatch):
+    """Whether launches of 4-8 rows find a tensor-core kernel (set .on), instead of the tables and the GPU deciding."""
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(on=False)
+
+    def route(plans, rows, dtype):
+        return state.on and 4 <= rows <= 8, 1
+
+    monkeypatch.setattr(exl2_ops, "gemv_route", route)
+    monkeypatch.setattr(exl2_stream_ops, "applies_rows", lambda plans, rows, dtype, device: False)
+    return state
+
+
+def test_matmul_many_hands_a_pending_norm_to_the_gemv_as_is(tensor_cores, monkeypatch):
     """One launch a group of ≤ MAX_GROUP matrices: a pending norm (one row) whole, tensor rows cut into GEMV_ROWS
     pieces (13 rows: 8 + 4 + 1), `up` cut alike."""
     from types import SimpleNamespace
@@ -182,6 +197,28 @@ def test_matmul_many_hands_a_pending_norm_to_the_gemv_as_is(monkeypatch):
     calls.clear()
     exl2_ops.matmul_many(plans[:1], x[:1], up[:1])
     assert torch.equal(calls[0][1], x[:1]) and torch.equal(calls[0][2], up[:1])
+
+
+@pytest.mark.parametrize("rows, cuts, cuts_with_tensor_cores", [
+    (5, [4, 1], [5]), (7, [4, 3], [7]), (8, [8], [8]), (13, [8, 4, 1], [8, 5]), (31, [8, 8, 8, 4, 3], [8, 8, 8, 7]),
+    (3, [3], [3]),
+])
+def test_rows_are_cut_into_as_few_launches_as_the_kernels_allow(rows, cuts, cuts_with_tensor_cores, tensor_cores,
+                                                                monkeypatch):
+    """A tensor-core kernel takes any 4-8 rows in one launch (its mma holds 8), so 5-7 rows read the weights once;
+    the register kernel has instances for GEMV_ROWS only (5 rows: 4 + 1)."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(exl2_ops, "gemv", lambda plans, x, outs, up=None: calls.append(x.shape[0]))
+    plans = [SimpleNamespace(in_features=64, out_features=32)]
+    x = torch.randn(rows, 64).half()
+    exl2_ops.matmul_many(plans, x)
+    assert calls == cuts
+    calls.clear()
+    tensor_cores.on = True
+    exl2_ops.matmul_many(plans, x)
+    assert calls == cuts_with_tensor_cores
 
 
 @pytest.mark.parametrize("unfinished", [True, False])

@@ -10,14 +10,15 @@ The packed tensors stay exactly as stored (no load-time re-layout); the kernels 
 permutation and the group scale multipliers M_g = f16(q_scale_max · prescale / 256), all built once per
 layer by `build_plan`.
 
-Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 or 8 fp16 activation rows for layers whose
+Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 to 8 fp16 activation rows for layers whose
 groups are whole 32-row blocks (every converter layout with K a multiple of 32): on the H200 it is 7-33 % faster
-than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). `exl2_matmul.cu` (one
+than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). Its mma takes 8 rows
+whatever the launch holds, so 5-7 rows are one launch (`launch_rows`), not 4 + 1-3 reading the weights twice. `exl2_matmul.cu` (one
 column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
 forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
 instances instead: 2 adjacent columns a thread (one 8-byte load a word row), so the per-block work (activation
 gather, chunk walk, split-K epilogue) is shared by twice the weights. On Hopper, one fp16 row of launches up to
-`exl2_stream_ops.MAX_BYTES` takes the streamed kernel (`exl2_stream_ops`) instead, and launches of 4 or 8 fp16 rows
+`exl2_stream_ops.MAX_BYTES` takes the streamed kernel (`exl2_stream_ops`) instead, and launches of 4 to 8 fp16 rows
 its multi-row instances where their block fits (`exl2_stream_ops.applies_rows`).
 
 At decode, a one-row product the residual stream adds next (o_proj's, down_proj's) may come back unfinished
@@ -84,7 +85,7 @@ FINISH_KERNEL = os.environ.get("EXLQ_GEMV_FINISH", "1") != "0"
 #: session 30) and takes finish_add_rms_norm's output, which also ends the product before it (PendingSums.take_sums).
 #: EXLQ_FOLD_STREAM=0: the norm kernel before every GEMV.
 FOLD_STREAM = os.environ.get("EXLQ_FOLD_STREAM", "1") != "0"
-MMA_ROWS = (8, 4)  # launches of these many rows go to the tensor-core kernel (where it applies)
+MMA_ROWS = (8, 7, 6, 5, 4)  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
 
@@ -317,9 +318,19 @@ def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tupl
     return tensor_cores, WIDE_COLUMNS if wide else 1
 
 
+def launch_rows(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many of `rows` activation rows the next GEMV launch takes: up to GEMV_ROWS[0] at once where a tensor-core
+    kernel has an instance for that count (the streamed multi-row one, exl2_stream_ops.applies_rows, or exl2_mma.cu),
+    so 5-7 rows read the weights once; else the most of GEMV_ROWS that fit (5 rows: 4 + 1)."""
+    most = min(rows, GEMV_ROWS[0])
+    if exl2_stream_ops.applies_rows(plans, most, dtype, device) or gemv_route(plans, most, dtype)[0]:
+        return most
+    return next(m for m in GEMV_ROWS if m <= rows)
+
+
 def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequence[torch.Tensor],
          up: torch.Tensor | None = None, unfinished: bool = False) -> PendingSums | None:
-    """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M in GEMV_ROWS contiguous rows, ≤ MAX_GROUP matrices of
+    """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M contiguous rows (a count launch_rows gives), ≤ MAX_GROUP matrices of
     input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch. With
     `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first).
 
@@ -465,7 +476,7 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
         ys = [torch.empty(rows, plan.out_features, dtype=x.dtype, device=x.device) for plan in plans]
         start = 0
         while start < rows:
-            stop = start + next(m for m in GEMV_ROWS if m <= rows - start)
+            stop = start + launch_rows(plans, rows - start, x.dtype, x.device)
             if stop - start == rows:  # one launch takes every row: x as it is (a PendingNorm cannot be sliced)
                 part, up_part = x2, up2
             else:
