@@ -114,12 +114,15 @@ def main() -> None:
             x = torch.randn(rows, k, device=device, dtype=torch.float16)
             seconds = graph_seconds(cycling(lambda i: layers[i % len(layers)](x)), warm_calls=max(PER_GRAPH, len(layers)))
             fp16_seconds = graph_seconds(cycling(lambda i: F.linear(x, dense[i % len(dense)])))
-            tensor_cores, columns = exl2_ops.gemv_route([layer.kernel_plan()], rows, x.dtype)
+            plan = layer.kernel_plan()
+            first = exl2_ops.launch_rows([plan], rows, x.dtype, device)  # the first launch's rows; "+": more launches
+            tensor_cores, columns = exl2_ops.gemv_route([plan], first, x.dtype)
             kernel = "mma" if tensor_cores else "wide" if columns > 1 else "narrow"
-            if exl2_stream_ops.applies([layer.kernel_plan()], rows, x.dtype, device):
+            if exl2_stream_ops.applies([plan], first, x.dtype, device):
                 kernel = "stream"
-            elif exl2_stream_ops.applies_rows([layer.kernel_plan()], rows, x.dtype, device):
+            elif exl2_stream_ops.applies_rows([plan], first, x.dtype, device):
                 kernel = "srows"
+            kernel += "+" if first < rows else ""
             row = {
                 "k": k, "n": n, "rows": rows, "kernel": kernel,
                 "bpw": round(layer.bits_per_weight, 4), "microseconds": seconds * 1e6,
