@@ -13,8 +13,8 @@ layer by `build_plan`.
 Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 to 8 fp16 activation rows for layers whose
 groups are whole 32-row blocks (every converter layout with K a multiple of 32): on the H200 it is 7-33 % faster
 than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). Its mma takes 8 rows
-whatever the launch holds, so 5-7 rows are one launch (`launch_rows`), not 4 + 1-3 reading the weights twice. `exl2_matmul.cu` (one
-column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
+whatever the launch holds, so 5-7 rows are one launch (`launch_rows`), not 4 + 1-3 reading the weights twice.
+`exl2_matmul.cu` (one column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
 forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
 instances instead: 2 adjacent columns a thread (one 8-byte load a word row), so the per-block work (activation
 gather, chunk walk, split-K epilogue) is shared by twice the weights. On Hopper, one fp16 row of launches up to
@@ -330,8 +330,8 @@ def launch_rows(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device
 
 def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequence[torch.Tensor],
          up: torch.Tensor | None = None, unfinished: bool = False) -> PendingSums | None:
-    """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M contiguous rows (a count launch_rows gives), ≤ MAX_GROUP matrices of
-    input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch. With
+    """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M contiguous rows (a count launch_rows gives), ≤ MAX_GROUP
+    matrices of input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch. With
     `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first).
 
     A PendingNorm x (one row) is folded into the gather (exl2_stream_ops.NormFold) of a streamed launch, else computed
