@@ -14,8 +14,8 @@ Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 to 8 fp16 act
 groups are whole 32-row blocks (every converter layout with K a multiple of 32): on the H200 it is 7-33 % faster
 than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). Its mma takes 8 rows
 whatever the launch holds, so 5-7 rows are one launch (`launch_rows`), not 4 + 1-3 reading the weights twice.
-`exl2_matmul.cu` (one column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group. `MMA = False` (EXLQ_MMA=0)
-forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
+`exl2_matmul.cu` (one column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group.
+`MMA = False` (EXLQ_MMA=0) forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
 instances instead: 2 adjacent columns a thread (one 8-byte load a word row), so the per-block work (activation
 gather, chunk walk, split-K epilogue) is shared by twice the weights. On Hopper, one fp16 row of launches up to
 `exl2_stream_ops.MAX_BYTES` takes the streamed kernel (`exl2_stream_ops`) instead, and launches of 4 to 8 fp16 rows
