@@ -321,9 +321,10 @@ def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tupl
 def launch_rows(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> int:
     """How many of `rows` activation rows the next GEMV launch takes: up to GEMV_ROWS[0] at once where a tensor-core
     kernel has an instance for that count (the streamed multi-row one, exl2_stream_ops.applies_rows, or exl2_mma.cu),
-    so 5-7 rows read the weights once; else the most of GEMV_ROWS that fit (5 rows: 4 + 1)."""
+    so 5-7 rows read the weights once; else the most of GEMV_ROWS that fit (5 rows: 4 + 1). Only 5-7 rows ask which
+    kernel would take them: every other count is a GEMV_ROWS one, or more than 8 (a launch of 8 first) either way."""
     most = min(rows, GEMV_ROWS[0])
-    if exl2_stream_ops.applies_rows(plans, most, dtype, device) or gemv_route(plans, most, dtype)[0]:
+    if most in GEMV_ROWS or exl2_stream_ops.applies_rows(plans, most, dtype, device) or gemv_route(plans, most, dtype)[0]:
         return most
     return next(m for m in GEMV_ROWS if m <= rows)
 
