@@ -221,6 +221,23 @@ def test_rows_are_cut_into_as_few_launches_as_the_kernels_allow(rows, cuts, cuts
     assert calls == cuts_with_tensor_cores
 
 
+def test_rows_are_cut_so_that_every_group_of_matrices_takes_them(monkeypatch):
+    """More than MAX_GROUP matrices are launched in groups, each routed on its own: 7 rows are one launch only where
+    every group's matrices find a tensor-core kernel, else 4 + 3 for all (the register kernel has no 7-row instance)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(exl2_ops, "gemv_route", lambda plans, rows, dtype: (all(p.tc for p in plans) and 4 <= rows <= 8, 1))
+    monkeypatch.setattr(exl2_stream_ops, "applies_rows", lambda plans, rows, dtype, device: False)
+    calls = []
+    monkeypatch.setattr(exl2_ops, "gemv", lambda plans, x, outs, up=None: calls.append((len(plans), x.shape[0])))
+    x = torch.randn(7, 64).half()
+    for last, cuts in ((True, [(4, 7), (1, 7)]), (False, [(4, 4), (1, 4), (4, 3), (1, 3)])):
+        calls.clear()
+        plans = [SimpleNamespace(in_features=64, out_features=32, tc=True) for _ in range(4)]
+        exl2_ops.matmul_many(plans + [SimpleNamespace(in_features=64, out_features=32, tc=last)], x)
+        assert calls == cuts
+
+
 @pytest.mark.parametrize("unfinished", [True, False])
 def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, monkeypatch):
     """exl2_ops.norm_fold launches exl2_finish_norm once per pending norm: over a product's unfinished sums (their

@@ -477,7 +477,8 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
         ys = [torch.empty(rows, plan.out_features, dtype=x.dtype, device=x.device) for plan in plans]
         start = 0
         while start < rows:
-            stop = start + launch_rows(plans, rows - start, x.dtype, x.device)
+            stop = start + min(launch_rows(plans[first : first + MAX_GROUP], rows - start, x.dtype, x.device)
+                               for first in range(0, len(plans), MAX_GROUP))  # each group's launch takes as many
             if stop - start == rows:  # one launch takes every row: x as it is (a PendingNorm cannot be sliced)
                 part, up_part = x2, up2
             else:
