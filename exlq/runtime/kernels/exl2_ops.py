@@ -475,17 +475,16 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
                 ys.append(torch.addmm(plan.bias[: plan.out_features].to(x.dtype), x2, weight))
     else:
         ys = [torch.empty(rows, plan.out_features, dtype=x.dtype, device=x.device) for plan in plans]
+        groups = [range(first, min(first + MAX_GROUP, len(plans))) for first in range(0, len(plans), MAX_GROUP)]
         start = 0
-        while start < rows:
-            stop = start + min(launch_rows(plans[first : first + MAX_GROUP], rows - start, x.dtype, x.device)
-                               for first in range(0, len(plans), MAX_GROUP))  # each group's launch takes as many
+        while start < rows:  # each group's launch takes as many rows as every group can
+            stop = start + min(launch_rows(plans[g.start : g.stop], rows - start, x.dtype, x.device) for g in groups)
             if stop - start == rows:  # one launch takes every row: x as it is (a PendingNorm cannot be sliced)
                 part, up_part = x2, up2
             else:
                 part, up_part = x2[start:stop], None if up2 is None else up2[start:stop]
-            for first in range(0, len(plans), MAX_GROUP):
-                gemv(plans[first : first + MAX_GROUP], part, [y[start:stop] for y in ys[first : first + MAX_GROUP]],
-                     up_part)
+            for g in groups:
+                gemv(plans[g.start : g.stop], part, [ys[i][start:stop] for i in g], up_part)
             start = stop
     return [y.view(*lead, plan.out_features) for y, plan in zip(ys, plans)]
 
