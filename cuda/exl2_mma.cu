@@ -1,6 +1,7 @@
-// EXL2 GEMV on tensor cores, for fp16 activations (up to 8 rows) and layers whose groups are whole 32-row blocks.
-// The host sends it launches of 4 to 8 rows (exl2_ops.MMA_ROWS), where it beats exl2_matmul.cu by 7-33 % on the
-// H200 (its mma takes 8 rows whatever the launch holds); at 1-2 rows it is 14-26 % slower (its fixed per-warp costs: docs/benchmarks.md, session 10).
+// EXL2 GEMV on tensor cores, for fp16 activations (up to 16 rows) and layers whose groups are whole 32-row blocks.
+// The host sends it launches of 4 to 16 rows (exl2_ops.MMA_ROWS), where it beats exl2_matmul.cu by 7-33 % on the
+// H200 (its mma takes 8 rows whatever the launch holds; 9-16 rows take two, on the same decoded weights); at 1-2 rows
+// it is 14-26 % slower (its fixed per-warp costs: docs/benchmarks.md, session 10).
 //
 // Why: the one-column-a-thread kernel (exl2_matmul.cu) spends ~5 instructions a weight (a code pair costs a mask,
 // a centring fma and a dot fma; plus the activation gather), and the cost of its dot grows with the rows.
@@ -35,12 +36,14 @@ __device__ __forceinline__ void warp_scales(const u32* __restrict__ q_scale, con
 template <int B, int M>
 __device__ __forceinline__ void mma_chunk(const u32* __restrict__ base, int n_pad, int rows, int shift, int blk0, int g0,
                                           const GemvMatrix& mat, int col0, int g, int t, const uint4 (*xh)[SPLIT_ROWS / 8],
-                                          const float (*off)[8], u32 h1024, float (*total)[4]) {
+                                          const float (*off)[8 * row_tiles(M)], u32 h1024,
+                                          float (*total)[4 * row_tiles(M)]) {
+    constexpr int NT = row_tiles(M);
     constexpr int BLOCKS = B <= 4 ? 4 : 2;  // at most 16 words in flight a lane
     constexpr int W = lane_words(B);
     const int blocks = rows >> 5;
     const int group_blocks = 1 << shift;
-    float acc[2][4] = {}, offset[2] = {};  // offset: the group's offset sums for activation rows 2t, 2t + 1
+    float acc[2][4 * NT] = {}, offset[2 * NT] = {};  // offset: the group's offset sums for the lane's rows (acc_offset)
     for (int b0 = 0; b0 < blocks; b0 += BLOCKS) {
         u32 words[BLOCKS][4][W];  // [block][column: tile 0 g, tile 0 g + 8, tile 1 g, tile 1 g + 8][word]
         const u32* at = base + (size_t)(b0 * B + first_word<B>(t)) * n_pad;  // this lane's first word of the step
@@ -58,11 +61,10 @@ __device__ __forceinline__ void mma_chunk(const u32* __restrict__ base, int n_pa
         for (int sb = 0; sb < BLOCKS; sb++) {
             const int blk = b0 + sb;
             if (blk < blocks) {
-                const uint4 xv = g < M ? xh[g][(blk0 + blk) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
-                block_mma<B>(words[sb], xv, t, h1024, acc);
-                const float2 o = *reinterpret_cast<const float2*>(&off[blk0 + blk][2 * t]);
-                offset[0] += o.x;
-                offset[1] += o.y;
+                uint4 xv[NT];
+                row_fragments<M>(xh[0], SPLIT_ROWS, blk0 + blk, g, t, xv);
+                block_mma<B, NT>(words[sb], xv, t, h1024, acc);
+                add_offsets<M>(off[blk0 + blk], t, offset);
                 if (((blk + 1) & (group_blocks - 1)) == 0 || blk + 1 == blocks) {  // the group ends: fold
                     float scale[4];  // columns g, g + 8, g + 16, g + 24 of the warp's 32
                     warp_scales(mat.q_scale, mat.scale_max, g0 + (blk >> shift), col0, g, n_pad, scale);
@@ -78,7 +80,7 @@ __device__ __forceinline__ void mma_chunk(const u32* __restrict__ base, int n_pa
 template <int M>
 __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, const GemvMatrix& mat, int local) {
     __shared__ __align__(16) uint4 xh[M][SPLIT_ROWS / 8];  // activations in slot order, 8 fp16 a lane-block
-    __shared__ __align__(16) float off[SPLIT_ROWS / 32][8];  // [block][m]: sum of b_k (1024 + 2^s_k z)
+    __shared__ __align__(16) float off[SPLIT_ROWS / 32][8 * row_tiles(M)];  // [block][m]: sum of b_k (1024 + 2^s_k z)
     __shared__ __align__(16) float warp_sums[THREADS / 32][M][36];  // the epilogue's, a warp's own (36: rows 2t on distinct banks)
     const int4* __restrict__ chunks = mat.chunks;
     const int n_pad = mat.n_pad, tile = local % mat.tiles, split = local / mat.tiles;
@@ -113,7 +115,7 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
     if (col0 < n_pad) {
         const int g = lane >> 2, t = lane & 3;
         const Magic k(mat.N);
-        float total[2][4] = {};
+        float total[2][4 * row_tiles(M)] = {};
         const u32* lane_base;  // opaque to the compiler (see chunk_dot in exl2_matmul.cu)
         asm("mov.b64 %0, %1;" : "=l"(lane_base) : "l"(mat.q_weight + col0 + g));
         for (int c = c0; c < c1; c++) {
@@ -124,13 +126,13 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
             WITH_WIDTH(bits, MMA_CHUNK)
 #undef MMA_CHUNK
         }
-        // total[tile][i]: column col0 + 16 tile + g (+ 8 for i >= 2), activation row 2t + (i & 1)
+        // total[tile][i]: column col0 + 16 tile + acc_column(i, g), activation row acc_row(i, t)
         if (mat.splits == 1) {
 #pragma unroll
             for (int tl = 0; tl < 2; tl++) {
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int m = 2 * t + (i & 1), col = col0 + 16 * tl + g + (i >> 1) * 8;
+                for (int i = 0; i < 4 * row_tiles(M); i++) {
+                    const int m = acc_row(i, t), col = col0 + 16 * tl + acc_column(i, g);
                     if (m < M && col < mat.N) {
                         const float bias = mat.bias != nullptr ? mat.bias[col] : 0.0f;
                         mat.y[(size_t)m * mat.N + col] = Act<fp16_t>::store(total[tl][i] + bias);

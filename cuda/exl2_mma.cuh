@@ -4,6 +4,17 @@
 #pragma once
 #include "exl2_common.cuh"
 
+// Activation rows are the mma's n8: a launch of M rows takes row_tiles(M) n8 tiles (2 above 8 rows), each A
+// fragment (the decoded weights) multiplied with every tile's B fragment, so 9-16 rows decode the weights once.
+__host__ __device__ constexpr int row_tiles(int rows) { return (rows + 7) / 8; }
+
+// A lane's accumulators of one 16-column tile: 4 a row tile, float acc[4 · row_tiles(M)]. Accumulator i holds
+// activation row acc_row(i, t) of column acc_column(i, g) (within the 16); offsets (the gather's sums for the lane's
+// rows) are indexed by acc_offset(i): rows 8n + 2t + j at 2n + j.
+__device__ __forceinline__ int acc_row(int i, int t) { return 8 * (i >> 2) + 2 * t + (i & 1); }
+__device__ __forceinline__ int acc_column(int i, int g) { return g + (i & 2) * 4; }
+__device__ __forceinline__ int acc_offset(int i) { return 2 * (i >> 2) + (i & 1); }
+
 // d = a b + d for one 16 x 8 x 16 tile: fp16 inputs, fp32 accumulators (c0, c1: column g, activation rows 2t,
 // 2t + 1; c2, c3: column g + 8).
 __device__ __forceinline__ void mma_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -60,9 +71,11 @@ __device__ __forceinline__ void group_scales(uint4 words, float multiplier, int 
 }
 
 // One 32-row block's products for a lane's two 16-column tiles: words[c][w] holds word w of column g + 8c (tile c / 2),
-// xv the lane's B fragments (activation row g's 8 values at its rows, slot order) for the block's two mma steps.
-template <int B>
-__device__ __forceinline__ void block_mma(const u32 (*words)[lane_words(B)], uint4 xv, int t, u32 h1024, float (*acc)[4]) {
+// xv[n] the lane's B fragments of row tile n (activation row 8n + g's 8 values at its rows, slot order) for the
+// block's two mma steps.
+template <int B, int NT>
+__device__ __forceinline__ void block_mma(const u32 (*words)[lane_words(B)], const uint4* xv, int t, u32 h1024,
+                                          float (*acc)[4 * NT]) {
     constexpr int W = lane_words(B);
 #pragma unroll
     for (int tile = 0; tile < 2; tile++) {
@@ -71,25 +84,50 @@ __device__ __forceinline__ void block_mma(const u32 (*words)[lane_words(B)], uin
             u32 lo[2], hi[2];  // columns g and g + 8
             decode_step<B>(words[2 * tile][0], words[2 * tile][W - 1], t, step, h1024, lo);
             decode_step<B>(words[2 * tile + 1][0], words[2 * tile + 1][W - 1], t, step, h1024, hi);
-            mma_16816(acc[tile], lo[0], hi[0], lo[1], hi[1], step ? xv.z : xv.x, step ? xv.w : xv.y);
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+                mma_16816(acc[tile] + 4 * n, lo[0], hi[0], lo[1], hi[1], step ? xv[n].z : xv[n].x,
+                          step ? xv[n].w : xv[n].y);
         }
     }
 }
 
 // A group's end: total += scale · (acc − the gather's offset sums), acc and offset start over. acc[tile][i]: column
-// 16·tile + g (+ 8 for i >= 2), activation row 2t + (i & 1); offset[j]: rows 2t + j.
+// 16·tile + acc_column(i, g), activation row acc_row(i, t); offset[acc_offset(i)]: that row's.
 template <int M>
-__device__ __forceinline__ void fold_group(const float* scale, float (*acc)[4], float* offset, float (*total)[4]) {
+__device__ __forceinline__ void fold_group(const float* scale, float (*acc)[4 * row_tiles(M)], float* offset,
+                                           float (*total)[4 * row_tiles(M)]) {
 #pragma unroll
     for (int tile = 0; tile < 2; tile++) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < 4 * row_tiles(M); i++) {
             if (M > 1 || (i & 1) == 0)  // at M = 1 only activation row 2t (t = 0) is used
-                total[tile][i] = fmaf(scale[2 * tile + (i >> 1)], acc[tile][i] - offset[i & 1], total[tile][i]);
+                total[tile][i] = fmaf(scale[2 * tile + (i >> 1 & 1)], acc[tile][i] - offset[acc_offset(i)], total[tile][i]);
             acc[tile][i] = 0.0f;
         }
     }
-    offset[0] = offset[1] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 2 * row_tiles(M); j++) offset[j] = 0.0f;
+}
+
+// The offset sums of 32-row block `block` (off: [block][8 · row_tiles(M)], row m at m) for the lane's rows, added in.
+template <int M>
+__device__ __forceinline__ void add_offsets(const float* off, int t, float* offset) {
+#pragma unroll
+    for (int n = 0; n < row_tiles(M); n++) {
+        const float2 o = *reinterpret_cast<const float2*>(off + 8 * n + 2 * t);
+        offset[2 * n] += o.x;
+        offset[2 * n + 1] += o.y;
+    }
+}
+
+// The lane's B fragments of 32-row block `block` for each row tile, from the activations xh [M][stride / 8] (slot
+// order); rows past M are zero.
+template <int M>
+__device__ __forceinline__ void row_fragments(const uint4* xh, int stride, int block, int g, int t, uint4* xv) {
+#pragma unroll
+    for (int n = 0; n < row_tiles(M); n++)
+        xv[n] = g + 8 * n < M ? xh[(g + 8 * n) * (stride >> 3) + block * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // The warp's sums of its 32 columns (from column `first` of a [M][n_pad] fp32 workspace) added in: through `sums`
@@ -97,13 +135,13 @@ __device__ __forceinline__ void fold_group(const float* scale, float (*acc)[4], 
 // 4 adjacent columns (add_quad).
 template <int M>
 __device__ __forceinline__ void add_warp_sums(float* workspace, int n_pad, int first, float (*sums)[36],
-                                              const float (*total)[4], int g, int t) {
+                                              const float (*total)[4 * row_tiles(M)], int g, int t) {
 #pragma unroll
     for (int tile = 0; tile < 2; tile++) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int m = 2 * t + (i & 1);
-            if (m < M) sums[m][16 * tile + g + (i >> 1) * 8] = total[tile][i];
+        for (int i = 0; i < 4 * row_tiles(M); i++) {
+            const int m = acc_row(i, t);
+            if (m < M) sums[m][16 * tile + acc_column(i, g)] = total[tile][i];
         }
     }
     __syncwarp();

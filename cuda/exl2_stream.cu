@@ -16,7 +16,7 @@
 // block streams the same number of bytes (within one unit). A block's consumers sum each strip's units in registers and
 // add them to the fp32 workspace at the strip's end (atomics); exl2_finish (exl2_matmul.cu) then writes y (+bias).
 //
-// Launches of 4 to 8 fp16 rows take exl2_stream_rows (the end of this file): the same producer and units, with
+// Launches of 4 to 16 fp16 rows take exl2_stream_rows (the end of this file): the same producer and units, with
 // tensor-core consumers.
 //
 // Shared memory: `stages` buffers of one unit each (its word rows, its groups' scale words, its header), the activations of
@@ -442,27 +442,27 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
 #endif
 }
 
-// ----- The multi-row kernel: M = 2 to 8 fp16 activation rows on tensor cores -----
+// ----- The multi-row kernel: M = 2 to 16 fp16 activation rows on tensor cores -----
 // The one-row kernel's producer and units, with exl2_mma.cu's arithmetic as the consumers: 8 consumer warps of 32
 // columns each (a strip's 256), lane (g, t) decoding its column's code pairs from the stage (word rows 8 words apart,
 // so its warp's loads of one word row fall on 32 banks) into mma A fragments, the activations as B fragments in
 // slot order. Why: the tensor-core kernel reads the weights in one wave of blocks that gather, then load, then add,
 // and took as long at 8 rows as torch's FP16 GEMV at 4096x14336 (docs/benchmarks.md, session 33); here the copies
-// stream ahead, and the mma makes the row count free up to 8.
+// stream ahead, and the mma makes the row count free up to 8 (9-16 rows: a second mma on the same decoded weights).
 // Shared memory (dynamic): the stages, then the activations xh [M][window] (fp16, slot order, prescaled: the mma
 // gather table) of the rows the block's units cover (at most `window`: the host sizes it by the units a block takes),
-// the offset sums off [window / 32][8] (fp32) and each consumer warp's epilogue sums [M][36].
+// the offset sums off [window / 32][8 · row_tiles(M)] (fp32) and each consumer warp's epilogue sums [M][36].
 
 // One unit's products for the lane's two 16-column tiles into total (exl2_mma.cuh's block_mma and fold_group); its
 // first 32-row block is block blk0 of the window.
 template <int B, int M>
 __device__ __forceinline__ void unit_mma(const u32* stage, const uint4* xh, int window, const float* off,
                                          const Header& t, int blk0, int col0, int g, int tq, u32 h1024,
-                                         float (*total)[4]) {
-    constexpr int W = lane_words(B);
+                                         float (*total)[4 * row_tiles(M)]) {
+    constexpr int W = lane_words(B), NT = row_tiles(M);
     const int blocks = (t.code >> 13) & 7, shift = t.code >> 16, group_blocks = 1 << shift;
     const u32* lane_words_at = stage + first_word<B>(tq) * RowsStage::ROW_WORDS + col0 + g;
-    float acc[2][4] = {}, offset[2] = {};
+    float acc[2][4 * NT] = {}, offset[2 * NT] = {};
 #pragma unroll
     for (int sb = 0; sb < STREAM_SCALE_ROWS; sb++) {
         if (sb >= blocks) break;
@@ -475,11 +475,10 @@ __device__ __forceinline__ void unit_mma(const u32* stage, const uint4* xh, int 
             for (int c = 0; c < 4; c++) words[c][w] = inside ? row[8 * c] : 0u;
         }
         const int blk = blk0 + sb;
-        const uint4 xv = g < M ? xh[(size_t)g * (window >> 3) + blk * 4 + tq] : make_uint4(0u, 0u, 0u, 0u);
-        block_mma<B>(words, xv, tq, h1024, acc);
-        const float2 o = *reinterpret_cast<const float2*>(off + blk * 8 + 2 * tq);
-        offset[0] += o.x;
-        offset[1] += o.y;
+        uint4 xv[NT];
+        row_fragments<M>(xh, window, blk, g, tq, xv);
+        block_mma<B, NT>(words, xv, tq, h1024, acc);
+        add_offsets<M>(off + blk * 8 * NT, tq, offset);
         if (((sb + 1) & (group_blocks - 1)) == 0 || sb + 1 == blocks) {  // the group ends: fold
             const int group = sb >> shift;
             float scale[4];
@@ -500,7 +499,7 @@ __device__ __forceinline__ Rows gather_rows(const StreamGroup& group, int K, con
     const u32* gather = group.m[matrix_of(group, u0)].gather;
     for (int i = (int)threadIdx.x >> 5; i < (rows.count() >> 5); i += CONSUMERS / 32) {
         const int entry = (int)__ldg(gather + rows.at(32 * i) + (threadIdx.x & 31));
-        gather_mma_block<M>(x, K, entry, xs, window, 32 * i, off + i * 8);
+        gather_mma_block<M>(x, K, entry, xs, window, 32 * i, off + i * 8 * row_tiles(M));
     }
     return rows;
 }
@@ -516,7 +515,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS + 32) exl2_stream_rows(const u1
     extern __shared__ __align__(128) u32 stages[];
     uint4* xh = reinterpret_cast<uint4*>(stages + (size_t)stage_count * RowsStage::WORDS);
     float* off = reinterpret_cast<float*>(xh + (size_t)M * (window >> 3));
-    float(*warp_sums)[M][36] = reinterpret_cast<float(*)[M][36]>(off + (window >> 5) * 8);
+    float(*warp_sums)[M][36] = reinterpret_cast<float(*)[M][36]>(off + (window >> 5) * 8 * row_tiles(M));
     __shared__ __align__(8) unsigned long long barriers[2 * STREAM_MAX_STAGES];
     const u32 full = shared_address(barriers), empty = full + 8 * STREAM_MAX_STAGES;
     const int u0 = (int)((long long)group.units * blockIdx.x / gridDim.x);
@@ -526,7 +525,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS + 32) exl2_stream_rows(const u1
 
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31, g = lane >> 2, tq = lane & 3, col0 = 32 * warp;
     const Magic k(group.m[0].n_pad);
-    float total[2][4] = {};
+    float total[2][4 * row_tiles(M)] = {};
     int matrix = -1, strip = -1;  // of the sums in total
     Rows rows;  // the rows xh holds (set at the first unit)
     int stage = 0;
@@ -540,7 +539,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS + 32) exl2_stream_rows(const u1
                 add_warp_sums<M>(group.m[matrix].workspace, group.m[matrix].n_pad, strip * STREAM_COLUMNS + col0,
                                  warp_sums[warp], total, g, tq);
 #pragma unroll
-            for (int i = 0; i < 8; i++) total[i >> 2][i & 3] = 0.0f;
+            for (int i = 0; i < 4 * row_tiles(M); i++) total[0][i] = total[1][i] = 0.0f;
             if (t.matrix != matrix) {  // this matrix's activations, for the rows of its units in this block
                 consumers_sync<CONSUMERS>();  // nobody still reads the previous matrix's
                 rows = gather_rows<M, CONSUMERS>(group, K, x, u, min(u1, matrix_end(group, t.matrix)),

@@ -164,26 +164,30 @@ def test_multi_row_blocks_hold_the_window_their_units_cover(monkeypatch):
     """A multi-row block holds the activations of the rows its units cover (at most 128 a unit, all of K for a run
     past two strips) beside its stages: at the 8B's shapes on an H100-sized GPU (132 SMs) 2 blocks an SM of 4 stages,
     down_proj's K 14336 at 8 rows in a window of 896 rows; with a grid of 3 blocks its window is all of K and 8 rows do
-    not fit (229 KB), 4 do. Whatever it returns fits the block and the SMs and covers each block's units."""
+    not fit (229 KB), 4 do; 16 rows of down_proj fit one block an SM (146 KB: twice the offset sums, 2 row tiles).
+    Whatever it returns fits the block and the SMs and covers each block's units."""
     hopper, sm = 227 * 1024 - 144, 228 * 1024
     geometry = exl2_stream_ops.window_geometry
     assert geometry(768, 4096, 8, hopper, 132, sm, 4, 4, None) == (264, 384, 4)  # q/k/v: 24 strips x 32 chunks
     assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, None) == (264, 896, 4)  # down_proj: 16 x 112
+    assert geometry(1792, 14336, 16, hopper, 132, sm, 4, 4, None) == (132, 1792, 4)
     assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, 3) is None
     assert geometry(1792, 14336, 4, hopper, 132, sm, 4, 4, 3) == (3, 14336, 4)
     assert geometry(1792, 14336, 4, 170 * 1024, 132, sm, 4, 4, 3) == (3, 14336, 2)  # 165 KB; 3 stages: 182 KB
     for units, k, rows, limit, wanted, most, max_grid in ((768, 4096, 8, hopper, 4, 4, None), (40, 576, 3, 99 * 1024, 8, 2, None),
-                                                       (3584, 4096, 2, hopper, 2, 4, 7), (16032, 4096, 8, hopper, 4, 4, None)):
+                                                       (3584, 4096, 2, hopper, 2, 4, 7), (16032, 4096, 8, hopper, 4, 4, None),
+                                                       (3584, 4096, 16, hopper, 4, 4, None), (768, 4096, 11, hopper, 4, 4, None)):
         grid, window, stages = geometry(units, k, rows, limit, 132, sm, wanted, most, max_grid)
         shared = exl2_stream_ops.rows_shared_bytes(window, rows, stages)
         assert shared <= limit and 2 <= stages <= wanted
         assert grid <= min(most, sm // (shared + 1152)) * 132 and (max_grid is None or grid <= max_grid)
         assert window == min(k, -(-units // grid) * 128)
     assert exl2_stream_ops.rows_shared_bytes(384, 8, 2) == 2 * 17472 + 8 * 384 * 2 + 384 + 8 * 4 * 8 * 36
+    assert exl2_stream_ops.rows_shared_bytes(384, 16, 2) == 2 * 17472 + 16 * 384 * 2 + 2 * 384 + 8 * 4 * 16 * 36
 
 
 def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monkeypatch):
-    """4 to 8 fp16 rows, every matrix with stream chunks and the tensor-core gather table, on Hopper, where a block
+    """4 to 16 fp16 rows, every matrix with stream chunks and the tensor-core gather table, on Hopper, where a block
     fits; EXLQ_STREAM_ROWS (ROWS) lists the row counts it takes, none with "0"."""
     from types import SimpleNamespace
 
@@ -206,8 +210,9 @@ def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monke
     for rows in (1, 2, 3, 5):
         assert not exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
     monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.DEFAULT_ROWS)
-    for rows in (4, 5, 6, 7, 8):
+    for rows in range(4, 17):
         assert exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
+    assert not exl2_stream_ops.applies_rows([plan(4096)], 17, torch.float16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.bfloat16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096), plan(4096, gather=None)], 8, torch.float16, "cuda")
     monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("2,3,4,8"))
@@ -216,4 +221,4 @@ def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monke
     monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("0"))
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.float16, "cuda")
     with pytest.raises(ExlqError, match="among"):
-        exl2_stream_ops.row_counts("9")
+        exl2_stream_ops.row_counts("17")

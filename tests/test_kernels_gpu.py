@@ -113,18 +113,18 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
     assert torch.equal(bf16, reference.float().to(torch.bfloat16)) or rel(bf16, reference) < 4e-3
 
 
-# The GEMV kernels: the tensor-core one (fp16, 4 to 8 rows, layers of whole 32-row blocks; rows 5, 7, 8 and 13 reach it),
+# The GEMV kernels: the tensor-core one (fp16, 4 to 16 rows, layers of whole 32-row blocks; all rows below 40 reach it),
 # the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width), whose
 # split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs), the streamed
 # one (one fp16 row, layers of whole 32-row blocks; other launches of that kind take the narrow kernel) and, with
-# "stream-rows", the streamed multi-row one too (4 to 8 fp16 rows, where it fits).
+# "stream-rows", the streamed multi-row one too (4 to 16 fp16 rows, where it fits).
 KERNELS = [(torch.float16, "mma"), (torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "wide-inline"),
            (torch.float16, "stream"), (torch.float16, "stream-rows"), (torch.bfloat16, "narrow"), (torch.bfloat16, "wide")]
 
 
 def use_gemv(kind: str, monkeypatch) -> None:
     """Route GEMV launches to one kernel: "mma" (where it applies), "narrow" or "wide" (1-3 rows), "stream" (one fp16
-    row, where it applies), "stream-rows" (that, and 4 to 8 fp16 rows where the multi-row streamed kernel applies),
+    row, where it applies), "stream-rows" (that, and 4 to 16 fp16 rows where the multi-row streamed kernel applies),
     and "-inline" to the in-kernel end of split products instead of exl2_finish."""
     monkeypatch.setattr(exl2_ops, "FINISH_KERNEL", not kind.endswith("-inline"))
     kind = kind.removesuffix("-inline")
@@ -136,7 +136,8 @@ def use_gemv(kind: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
-@pytest.mark.parametrize("n, rows", [(32, 1), (200, 3), (4160, 8), (544, 13), (160, 7), (1024, 32), (96, 40)])
+@pytest.mark.parametrize("n, rows", [(32, 1), (200, 3), (4160, 8), (544, 13), (160, 7), (288, 16), (1024, 32),
+                                     (96, 40)])
 @pytest.mark.parametrize("dtype, kind", KERNELS)
 def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dtype, kind, monkeypatch):
     use_gemv(kind, monkeypatch)
@@ -207,10 +208,10 @@ def test_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages,
 
 
 @pytest.mark.parametrize("grid", [None, 5])
-@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("rows", [1, 4, 8, 16])
 def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
     """Four matrices of one input with their own permutations, layouts and widths in one streamed launch, of one row
-    or of 4 or 8 (the multi-row kernel; a block may start in one matrix and end in the next, gathering the
+    or of 4, 8 or 16 (the multi-row kernel; a block may start in one matrix and end in the next, gathering the
     activations again): each gets its own product."""
     use_gemv("stream-rows", monkeypatch)
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
@@ -235,9 +236,9 @@ def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
 @pytest.mark.parametrize("k, bits, props, group", STREAM_LAYOUTS)
 @pytest.mark.parametrize("n", [32, 200, 4160])
 @pytest.mark.parametrize("grid, stages", [(None, 4), (7, 2), (3, 8)])
-@pytest.mark.parametrize("rows", exl2_stream_ops.ROW_COUNTS)
+@pytest.mark.parametrize("rows", exl2_stream_ops.ROW_COUNTS[:7] + (9, 12, 16))  # 9-16: two row tiles, rows 9-16 alike
 def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, rows, monkeypatch):
-    """2 to 8 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
+    """2 to 16 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
     torch dequantization (+bias), and a clean workspace; small grids walk many units, strips and stages a block (and
     hold much of K, or all). Where the block does not fit, the launch must not take it."""
     use_gemv("stream-rows", monkeypatch)

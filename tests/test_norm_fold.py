@@ -164,13 +164,13 @@ def test_gemv_routes_a_pending_norm_once(streamed, fold, monkeypatch):
 
 @pytest.fixture
 def tensor_cores(monkeypatch):
-    """Whether launches of 4-8 rows find a tensor-core kernel (set .on), instead of the tables and the GPU deciding."""
+    """Whether launches of 4-16 rows find a tensor-core kernel (set .on), instead of the tables and the GPU deciding."""
     from types import SimpleNamespace
 
     state = SimpleNamespace(on=False)
 
     def route(plans, rows, dtype):
-        return state.on and 4 <= rows <= 8, 1
+        return state.on and 4 <= rows <= 16, 1
 
     monkeypatch.setattr(exl2_ops, "gemv_route", route)
     monkeypatch.setattr(exl2_stream_ops, "applies_rows", lambda plans, rows, dtype, device: False)
@@ -200,13 +200,13 @@ def test_matmul_many_hands_a_pending_norm_to_the_gemv_as_is(tensor_cores, monkey
 
 
 @pytest.mark.parametrize("rows, cuts, cuts_with_tensor_cores", [
-    (5, [4, 1], [5]), (7, [4, 3], [7]), (8, [8], [8]), (13, [8, 4, 1], [8, 5]), (31, [8, 8, 8, 4, 3], [8, 8, 8, 7]),
-    (3, [3], [3]),
+    (5, [4, 1], [5]), (7, [4, 3], [7]), (8, [8], [8]), (9, [8, 1], [9]), (13, [8, 4, 1], [13]), (16, [8, 8], [16]),
+    (20, [8, 8, 4], [16, 4]), (31, [8, 8, 8, 4, 3], [16, 15]), (32, [8, 8, 8, 8], [16, 16]), (3, [3], [3]),
 ])
 def test_rows_are_cut_into_as_few_launches_as_the_kernels_allow(rows, cuts, cuts_with_tensor_cores, tensor_cores,
                                                                 monkeypatch):
-    """A tensor-core kernel takes any 4-8 rows in one launch (its mma holds 8), so 5-7 rows read the weights once;
-    the register kernel has instances for GEMV_ROWS only (5 rows: 4 + 1)."""
+    """A tensor-core kernel takes any 4-16 rows in one launch (its mma holds 8, twice above 8), so 5-7 and 9-16 rows
+    read the weights once; the register kernel has instances for GEMV_ROWS only (5 rows: 4 + 1)."""
     from types import SimpleNamespace
 
     calls = []

@@ -10,15 +10,16 @@ The packed tensors stay exactly as stored (no load-time re-layout); the kernels 
 permutation and the group scale multipliers M_g = f16(q_scale_max · prescale / 256), all built once per
 layer by `build_plan`.
 
-Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 to 8 fp16 activation rows for layers whose
+Two GEMV kernels. `exl2_mma.cu` (tensor cores) takes launches of 4 to 16 fp16 activation rows for layers whose
 groups are whole 32-row blocks (every converter layout with K a multiple of 32): on the H200 it is 7-33 % faster
-than `exl2_matmul.cu` there, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). Its mma takes 8 rows
-whatever the launch holds, so 5-7 rows are one launch (`launch_rows`), not 4 + 1-3 reading the weights twice.
+than `exl2_matmul.cu` at 4 and 8 rows, but 14-26 % slower at 1-2 rows (docs/benchmarks.md, session 10). Its mma
+takes 8 rows whatever the launch holds, and 9-16 rows two mma on the same decoded weights, so 5-7 and 9-16 rows are
+one launch (`launch_rows`), not 4 + 1-3 or 8 + 1-8 reading the weights twice.
 `exl2_matmul.cu` (one column a thread) takes everything else: 1-3 rows, bf16, layers with a short last group.
 `MMA = False` (EXLQ_MMA=0) forces it everywhere. Launches of 1-3 rows whose matrices are all at least `WIDE_MIN_COLUMNS` wide take its "wide"
 instances instead: 2 adjacent columns a thread (one 8-byte load a word row), so the per-block work (activation
 gather, chunk walk, split-K epilogue) is shared by twice the weights. On Hopper, one fp16 row of launches up to
-`exl2_stream_ops.MAX_BYTES` takes the streamed kernel (`exl2_stream_ops`) instead, and launches of 4 to 8 fp16 rows
+`exl2_stream_ops.MAX_BYTES` takes the streamed kernel (`exl2_stream_ops`) instead, and launches of 4 to 16 fp16 rows
 its multi-row instances where their block fits (`exl2_stream_ops.applies_rows`).
 
 At decode, a one-row product the residual stream adds next (o_proj's, down_proj's) may come back unfinished
@@ -52,7 +53,7 @@ MMA_MAX_K = 1 << 20  # the gather table holds an input channel in 20 bits
 THREADS = 128  # THREADS in the .cu: output columns per block
 SPLIT_ROWS = 256  # SPLIT_ROWS in the .cu: most stored rows one block reads
 CHUNK_ROWS = 128  # rows of one group a thread handles at once (its words all in flight together)
-GEMV_ROWS = (8, 4, 3, 2, 1)  # kernel instances by activation rows; other counts are cut into these
+GEMV_ROWS = (8, 4, 3, 2, 1)  # the register kernel's instances by activation rows; other counts are cut into these
 GEMV_MAX_ROWS = 32  # above this, dequantize + cuBLAS
 TARGET_BLOCKS = 264  # about two blocks per SM on an H100: K splits shrink until this many exist
 MAX_GROUP = 4  # MAX_GROUP in the .cu: most matrices of one input one launch multiplies (q/k/v, gate/up)
@@ -85,7 +86,7 @@ FINISH_KERNEL = os.environ.get("EXLQ_GEMV_FINISH", "1") != "0"
 #: session 30) and takes finish_add_rms_norm's output, which also ends the product before it (PendingSums.take_sums).
 #: EXLQ_FOLD_STREAM=0: the norm kernel before every GEMV.
 FOLD_STREAM = os.environ.get("EXLQ_FOLD_STREAM", "1") != "0"
-MMA_ROWS = (8, 7, 6, 5, 4)  # launches of these many rows go to the tensor-core kernel (where it applies)
+MMA_ROWS = tuple(range(16, 3, -1))  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
 
@@ -319,11 +320,11 @@ def gemv_route(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype) -> tupl
 
 
 def launch_rows(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> int:
-    """How many of `rows` activation rows the next GEMV launch takes: up to GEMV_ROWS[0] at once where a tensor-core
+    """How many of `rows` activation rows the next GEMV launch takes: up to MMA_ROWS[0] at once where a tensor-core
     kernel has an instance for that count (the streamed multi-row one, exl2_stream_ops.applies_rows, or exl2_mma.cu),
-    so 5-7 rows read the weights once; else the most of GEMV_ROWS that fit (5 rows: 4 + 1). Only 5-7 rows ask which
-    kernel would take them: every other count is a GEMV_ROWS one, or more than 8 (a launch of 8 first) either way."""
-    most = min(rows, GEMV_ROWS[0])
+    so 5-7 and 9-16 rows read the weights once (20 rows: 16 + 4); else the most of GEMV_ROWS that fit (5 rows: 4 + 1,
+    13: 8 + 4 + 1). Only counts without a register-kernel instance ask which kernel would take them."""
+    most = min(rows, MMA_ROWS[0])
     if most in GEMV_ROWS or exl2_stream_ops.applies_rows(plans, most, dtype, device) or gemv_route(plans, most, dtype)[0]:
         return most
     return next(m for m in GEMV_ROWS if m <= rows)

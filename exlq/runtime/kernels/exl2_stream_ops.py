@@ -5,7 +5,7 @@ copies ahead of the arithmetic, starting before the programmatic-launch wait, so
 register kernel's serial phases (docs/benchmarks.md, session 24). The products end as sums in the fp32 workspace:
 `exl2_ops.gemv` launches `exl2_finish` after it, as for the split register kernel.
 
-Launches of 4 to 8 fp16 rows take the same kernel's multi-row instances (`exl2_stream_rows`, `applies_rows`):
+Launches of 4 to 16 fp16 rows take the same kernel's multi-row instances (`exl2_stream_rows`, `applies_rows`):
 the same producer and units, with `exl2_mma.cu`'s tensor-core arithmetic as the consumers and its gather table.
 
 Per matrix it needs two tables, built once per layer: the stream chunks (≤ STREAM_WORD_ROWS word rows of one width:
@@ -29,7 +29,7 @@ from exlq.runtime.kernels.launch import allow_shared, device_index, hopper_or_ne
 SOURCE = "exl2_stream.cu"
 COLUMN_CHOICES = (1, 2)  # columns a consumer thread takes: the one-row kernel's instances
 #: Activation rows of the multi-row kernel's instances (exl2_stream_rows<M>: tensor cores, 8 consumer warps)
-ROW_COUNTS = (2, 3, 4, 5, 6, 7, 8)
+ROW_COUNTS = tuple(range(2, 17))
 INSTANCES = (tuple(f"exl2_stream<fp16_t, {c}>" for c in COLUMN_CHOICES)
              + tuple(f"exl2_stream_rows<{m}>" for m in ROW_COUNTS))
 STREAM_COLUMNS = 256  # STREAM_COLUMNS in the .cu: columns of a strip
@@ -74,9 +74,9 @@ def row_counts(setting: str) -> tuple[int, ...]:
 
 
 #: The multi-row kernel takes launches of ROWS fp16 rows on Hopper, every size (EXLQ_STREAM_ROWS: "0" for none, or a
-#: comma-separated list of ROW_COUNTS). 4 to 8 by default, where the tensor-core kernel was no faster than torch's
+#: comma-separated list of ROW_COUNTS). 4 to 16 by default, where the tensor-core kernel was no faster than torch's
 #: FP16 GEMV (docs/benchmarks.md, session 33); 2 and 3 rows take the wide register kernel unless listed.
-DEFAULT_ROWS = (4, 5, 6, 7, 8)
+DEFAULT_ROWS = tuple(range(4, 17))
 ROWS = row_counts(os.environ["EXLQ_STREAM_ROWS"]) if "EXLQ_STREAM_ROWS" in os.environ else DEFAULT_ROWS
 #: Its stages (EXLQ_STREAM_ROWS_STAGES), fewer where a block would not fit.
 ROWS_STAGES = int(os.environ.get("EXLQ_STREAM_ROWS_STAGES", "4"))
@@ -243,8 +243,14 @@ def window_geometry(units: int, in_features: int, rows: int, limit: int, sms: in
 
 def rows_shared_bytes(window: int, rows: int, stages: int) -> int:
     """Dynamic shared memory of a multi-row block: the stages, the activations [rows][window] (fp16), the offset sums
-    [window / 32][8] (fp32) and the 8 consumer warps' epilogue sums [rows][36] (fp32)."""
-    return stages * ROWS_STAGE_BYTES + 2 * rows * window + 4 * 8 * (window // 32) + 8 * 4 * rows * 36
+    [window / 32][8 · row tiles] (fp32; a row tile is the mma's 8 rows) and the 8 consumer warps' epilogue sums
+    [rows][36] (fp32)."""
+    return stages * ROWS_STAGE_BYTES + 2 * rows * window + 4 * 8 * row_tiles(rows) * (window // 32) + 8 * 4 * rows * 36
+
+
+def row_tiles(rows: int) -> int:
+    """The mma's 8-row tiles a launch of `rows` activation rows takes (row_tiles in exl2_mma.cuh)."""
+    return -(-rows // 8)
 
 
 def shared_bytes(in_features: int, stages: int) -> int:
