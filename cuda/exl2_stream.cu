@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
 #endif
 }
 
-// ----- The multi-row kernel: M = 2 to 16 fp16 activation rows on tensor cores -----
+// ----- The multi-row kernel: M = 1 to 16 fp16 activation rows on tensor cores -----
 // The one-row kernel's producer and units, with exl2_mma.cu's arithmetic as the consumers: 8 consumer warps of 32
 // columns each (a strip's 256), lane (g, t) decoding its column's code pairs from the stage (word rows 8 words apart,
 // so its warp's loads of one word row fall on 32 banks) into mma A fragments, the activations as B fragments in

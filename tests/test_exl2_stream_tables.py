@@ -215,8 +215,8 @@ def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monke
     assert not exl2_stream_ops.applies_rows([plan(4096)], 17, torch.float16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.bfloat16, "cuda")
     assert not exl2_stream_ops.applies_rows([plan(4096), plan(4096, gather=None)], 8, torch.float16, "cuda")
-    monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("2,3,4,8"))
-    for rows in (2, 3):
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("1,2,3,4,8"))
+    for rows in (1, 2, 3):
         assert exl2_stream_ops.applies_rows([plan(4096)], rows, torch.float16, "cuda")
     monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.row_counts("0"))
     assert not exl2_stream_ops.applies_rows([plan(4096)], 8, torch.float16, "cuda")

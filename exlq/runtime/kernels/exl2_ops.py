@@ -356,7 +356,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if streamed:
         return streamed_gemv(plans, x, outs, up, fold, unfinished)
     if exl2_stream_ops.applies_rows(plans, rows, dtype, device):
-        return streamed_gemv(plans, x, outs, up)
+        return streamed_gemv(plans, x, outs, up, tensor_cores=True)
     tensor_cores, columns = gemv_route(plans, rows, dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
@@ -407,13 +407,13 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
 
 def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
                   up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold = exl2_stream_ops.NO_FOLD,
-                  unfinished: bool = False) -> PendingSums | None:
-    """gemv through a streamed kernel: one fp16 row (exl2_stream_ops.applies), or exl2_stream_ops.ROWS rows
-    (applies_rows; no `fold` or `unfinished` there); its sums, then exl2_finish (or, `unfinished`, PendingSums);
-    with a `fold` set, that norm formed in the gather (x unused). `up`: silu_mul first, except for the one-row
-    kernel's single matrix, which forms it as it gathers."""
+                  unfinished: bool = False, tensor_cores: bool = False) -> PendingSums | None:
+    """gemv through a streamed kernel: one fp16 row (exl2_stream_ops.applies), or, `tensor_cores`,
+    exl2_stream_ops.ROWS rows through the multi-row kernel (applies_rows; no `fold` or `unfinished` there); its sums,
+    then exl2_finish (or, `unfinished`, PendingSums); with a `fold` set, that norm formed in the gather (x unused).
+    `up`: silu_mul first, except for the one-row kernel's single matrix, which forms it as it gathers."""
     rows = x.shape[0]
-    if up is not None and (len(plans) > 1 or rows > 1):
+    if up is not None and (len(plans) > 1 or tensor_cores):
         x, up = silu_mul(x, up), None
     workspace, _ = (_unfinished_workspace if unfinished else _workspace).get(
         x.device, rows * sum(plan.n_pad for plan in plans), 0)
@@ -426,10 +426,10 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
             bias=0 if plan.bias is None else plan.bias.data_ptr(), workspace=sums[-1], y=out.data_ptr(),
             N=plan.out_features, n_pad=plan.n_pad, splits=2,
         )
-    if rows == 1:
-        exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold)
-    else:
+    if tensor_cores:
         exl2_stream_ops.launch_stream_rows(plans, x, sums)
+    else:
+        exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold)
     if unfinished:
         return PendingSums(group, plans[0], outs[0], workspace[: plans[0].n_pad])
     finish_sums(group, plans, rows, outs[0].dtype, outs[0].device)

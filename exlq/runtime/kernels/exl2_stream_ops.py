@@ -29,7 +29,7 @@ from exlq.runtime.kernels.launch import allow_shared, device_index, hopper_or_ne
 SOURCE = "exl2_stream.cu"
 COLUMN_CHOICES = (1, 2)  # columns a consumer thread takes: the one-row kernel's instances
 #: Activation rows of the multi-row kernel's instances (exl2_stream_rows<M>: tensor cores, 8 consumer warps)
-ROW_COUNTS = tuple(range(2, 17))
+ROW_COUNTS = tuple(range(1, 17))
 INSTANCES = (tuple(f"exl2_stream<fp16_t, {c}>" for c in COLUMN_CHOICES)
              + tuple(f"exl2_stream_rows<{m}>" for m in ROW_COUNTS))
 STREAM_COLUMNS = 256  # STREAM_COLUMNS in the .cu: columns of a strip
@@ -75,7 +75,8 @@ def row_counts(setting: str) -> tuple[int, ...]:
 
 #: The multi-row kernel takes launches of ROWS fp16 rows on Hopper, every size (EXLQ_STREAM_ROWS: "0" for none, or a
 #: comma-separated list of ROW_COUNTS). 4 to 16 by default, where the tensor-core kernel was no faster than torch's
-#: FP16 GEMV (docs/benchmarks.md, session 33); 2 and 3 rows take the wide register kernel unless listed.
+#: FP16 GEMV (docs/benchmarks.md, session 33); 2 and 3 rows take the wide register kernel unless listed, and 1 row the
+#: one-row streamed kernel up to MAX_BYTES, the register kernel above, unless listed (then the launches above).
 DEFAULT_ROWS = tuple(range(4, 17))
 ROWS = row_counts(os.environ["EXLQ_STREAM_ROWS"]) if "EXLQ_STREAM_ROWS" in os.environ else DEFAULT_ROWS
 #: Its stages (EXLQ_STREAM_ROWS_STAGES), fewer where a block would not fit.
