@@ -263,7 +263,10 @@ def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, gri
     if cuda.bias is not None:
         expected += cuda.bias[:n].double()
     out = torch.full((rows, n), float("nan"), dtype=torch.float16, device=CUDA)
-    exl2_ops.gemv([plan], x, [out])
+    if fits or rows in exl2_ops.GEMV_ROWS:  # one launch: the multi-row kernel, else the register kernel's instance
+        exl2_ops.gemv([plan], x, [out])
+    else:  # no other kernel takes these rows in one launch: the cut matmul_many makes (16 rows: 8 + 8)
+        out = exl2_ops.matmul_many([plan], x)[0]
     assert torch.isfinite(out).all()
     assert rel(out, expected) < TOLERANCE[torch.float16]
     workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
@@ -406,6 +409,39 @@ def test_group_gemv_folds_the_pending_norm(hidden, dtype, kind, unfinished, fold
     for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
         workspace, counters = store.get(CUDA, 0, 0)
         assert not workspace.any() and not counters.any()
+
+
+def test_one_row_on_the_multi_row_kernel_is_left_unfinished_as_on_the_register_kernel(monkeypatch):
+    """EXLQ_STREAM_ROWS listing 1 sends one-row launches the one-row streamed kernel does not take (above MAX_BYTES)
+    to exl2_stream_rows<1>: an o_proj-like product there is still left as sums for the next norm to end (one launch
+    fewer), and that norm gives add_rms_norm's residual and output of the finished product."""
+    use_gemv("stream-rows", monkeypatch)
+    monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.ROW_COUNTS)
+    monkeypatch.setattr(exl2_stream_ops, "MAX_BYTES", 0)
+    monkeypatch.setattr(fused_ops, "NORM_FOLD", True)
+    hidden, gen = 576, torch.Generator().manual_seed(9)
+    o_proj = Exl2Linear(on_gpu(random_exl2(1024, hidden, [4], [1.0], 32, seed=9, bias=True)[0]), 1024, hidden,
+                        dtype=torch.float16)
+    x = torch.randn(1, 1, 1024, generator=gen).to(CUDA, torch.float16)
+    plan = o_proj.kernel_plan()
+    assert not exl2_stream_ops.applies([plan], 1, x.dtype, x.device)
+    assert exl2_stream_ops.applies_rows([plan], 1, x.dtype, x.device)
+    delta = o_proj.forward_unfinished(x)
+    assert isinstance(delta, exl2_ops.PendingSums)
+    finished = o_proj(x)
+    assert rel(finished[0], x[0].double() @ stored_weight(o_proj)[:, :hidden].double() + o_proj.bias[:hidden].double()) \
+        < TOLERANCE[torch.float16]
+    residual = (8 * torch.randn(1, 1, hidden, generator=gen)).to(CUDA)  # fp32, as a layer's residual stream
+    weight = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(CUDA, torch.float16)
+    new_residual = torch.full_like(residual, float("nan"))
+    normed = fused_ops.PendingNorm(residual, delta, weight, 1e-5, new_residual).tensor()
+    assert delta.ended and delta.take_sums() is None, "the product was ended once, by the norm's launch"
+    expected_residual, expected = fused_ops.add_rms_norm(residual, finished, weight, 1e-5)
+    assert torch.isfinite(new_residual).all() and rel(new_residual, expected_residual) < 1e-3
+    assert rel(normed, expected) < 1e-3
+    for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
+        workspace, _ = store.get(CUDA, 0, 0)
+        assert not workspace.any()
 
 
 def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatch):

@@ -356,7 +356,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if streamed:
         return streamed_gemv(plans, x, outs, up, fold, unfinished)
     if exl2_stream_ops.applies_rows(plans, rows, dtype, device):
-        return streamed_gemv(plans, x, outs, up, tensor_cores=True)
+        return streamed_gemv(plans, x, outs, up, unfinished=unfinished, tensor_cores=True)
     tensor_cores, columns = gemv_route(plans, rows, dtype)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
@@ -409,8 +409,9 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
                   up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold = exl2_stream_ops.NO_FOLD,
                   unfinished: bool = False, tensor_cores: bool = False) -> PendingSums | None:
     """gemv through a streamed kernel: one fp16 row (exl2_stream_ops.applies), or, `tensor_cores`,
-    exl2_stream_ops.ROWS rows through the multi-row kernel (applies_rows; no `fold` or `unfinished` there); its sums,
-    then exl2_finish (or, `unfinished`, PendingSums); with a `fold` set, that norm formed in the gather (x unused).
+    exl2_stream_ops.ROWS rows through the multi-row kernel (applies_rows; no `fold` there); its sums, then
+    exl2_finish (or, `unfinished`: one row, one matrix, PendingSums); with a `fold` set, that norm formed in the
+    gather (x unused).
     `up`: silu_mul first, except for the one-row kernel's single matrix, which forms it as it gathers."""
     rows = x.shape[0]
     if up is not None and (len(plans) > 1 or tensor_cores):
