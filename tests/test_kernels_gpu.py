@@ -115,10 +115,10 @@ def test_dequant_kernel_matches_torch(k, bits, props, group, n):
 
 # The GEMV kernels: the tensor-core one (fp16, 4 to 16 rows, layers of whole 32-row blocks; all rows below 40 reach it),
 # the one-column-a-thread one, and its wide instances (2 columns a thread, 1-3 rows; here for every width), whose
-# split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs; "mma-inline" the
-# tensor-core kernel's too), the streamed
-# one (one fp16 row, layers of whole 32-row blocks; other launches of that kind take the narrow kernel) and, with
-# "stream-rows", the streamed multi-row one too (4 to 16 fp16 rows, where it fits).
+# split products end in exl2_finish unless "-inline" (each K split's last block writes the outputs; "mma-inline": the
+# tensor-core kernel's too), the streamed one (one fp16 row, layers of whole 32-row blocks; other launches of that
+# kind take the narrow kernel) and, with "stream-rows", the streamed multi-row one too (4 to 16 fp16 rows, where it
+# fits).
 KERNELS = [(torch.float16, "mma"), (torch.float16, "mma-inline"), (torch.float16, "narrow"), (torch.float16, "wide"),
            (torch.float16, "wide-inline"), (torch.float16, "stream"), (torch.float16, "stream-rows"),
            (torch.bfloat16, "narrow"), (torch.bfloat16, "wide")]
