@@ -66,7 +66,7 @@ def bench(
     if json_output:
         print_json(payload)
         return
-    print(f"{payload['model']} on {report.device}")
+    print(f"{payload['model']} on {report.device} (kernels: {report.kernels})")
     print(f"decode (batch {batch}, {report.sampling}): {report.decode_tokens_per_second:.1f} tokens/s, weights {report.weight_bytes_per_token / 1e9:.3f} GB/token, "
           f"{report.decode_weight_gbps:.0f} GB/s = {100 * report.roofline_fraction:.1f}% of copy bandwidth {report.copy_bandwidth_gbps:.0f} GB/s")
     for n, tps in report.prefill_tokens_per_second.items():
