@@ -1,8 +1,9 @@
-"""Where a batch-1 decode step's GPU time goes: kernel time by kernel name, under torch.profiler.
+"""Where a decode step's GPU time goes: kernel time by kernel name, under torch.profiler.
 
-    python bench/profile_decode.py [--synthetic llama3-8b | --model DIR] [--bpw 4.0] [--steps 32]
+    python bench/profile_decode.py [--synthetic llama3-8b | --model DIR] [--bpw 4.0] [--steps 32] [--batch 1]
 
-Decodes as `exlq bench` does (32-token prompt, greedy, one host sync per token, CUDA graphs if enabled),
+Decodes as `exlq bench` does (32-token prompt, greedy, one host sync per token, CUDA graphs if enabled; `--batch B`
+sequences a step, as `exlq bench --batch B`),
 first untimed over the same positions so every graph is captured, then profiles `--steps` more steps and
 prints GPU time per step by kernel (CUPTI records the kernels inside graph replays) against the wall time
 per step: the gap between the two is launch and host time the GPU spends idle.
@@ -32,19 +33,20 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together a step")
     args = parser.parse_args()
 
     device = torch.device("cuda")
     model = _real_model(args.model, device) if args.model else _synthetic_model(args.synthetic, args.bpw, device, args.group_size)
-    cache = model.new_cache(args.max_seq_len)
-    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
+    cache = model.new_cache(args.max_seq_len, batch_size=args.batch)
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch, 32), device=device)
 
     def run(count: int) -> None:
         cache.reset()
         token = model(prompt, cache).argmax(-1)
         for _ in range(count):
             token = model(token, cache).argmax(-1)
-            token.item()
+            token.tolist()
 
     run(args.steps)  # graphs captured, kernels loaded
     torch.cuda.synchronize()
