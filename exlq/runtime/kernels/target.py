@@ -6,6 +6,8 @@ dependent launch, no thread-block clusters, no bulk copies (so no streamed GEMV)
 built as PTX for that architecture (`compute_XY`, which the driver compiles for the device, as it would for a GPU
 newer than a cubin), the capability the runtime routes by is that one, and so are the shared-memory limits. The GPU
 tests run so on the Hopper machine test the Ampere and Ada code; speeds measured so are not those of the older GPU.
+Not stood in for: registers and spills (the driver compiles the PTX for the device present; CI's cubin checks in
+tests/test_kernel_compile.py cover each architecture's), the SM count, the L2 size.
 """
 
 from __future__ import annotations
