@@ -141,8 +141,8 @@ def use_gemv(kind: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("k, bits, props, group", LAYOUTS)
-@pytest.mark.parametrize("n, rows", [(32, 1), (200, 3), (4160, 8), (544, 13), (160, 7), (288, 16), (1024, 32),
-                                     (96, 40)])
+@pytest.mark.parametrize("n, rows", [(32, 1), (200, 3), (4160, 8), (544, 13), (160, 7), (800, 10), (352, 12), (224, 15),
+                                     (288, 16), (1024, 32), (96, 40)])
 @pytest.mark.parametrize("dtype, kind", KERNELS)
 def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dtype, kind, monkeypatch):
     use_gemv(kind, monkeypatch)
