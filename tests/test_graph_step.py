@@ -52,8 +52,8 @@ def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, toke
 @pytest.mark.parametrize("kernel_attention", [True, False])
 def test_one_token_kernel_steps_span_the_whole_cache(monkeypatch, kernel_attention):
     """One-token steps into an fp16 cache, left-padded or not, on the attention kernel (whose grid depends on the span
-    only through its cluster size): 2048 up to 2048 keys, then the whole cache, one or two graphs a generation; every other
-    step (SDPA and quantized caches read the whole span, a head shape the kernel was not built for): multiples of
+    only through its cluster size): 2048 up to 2048 keys, then the whole cache, one or two graphs a generation; every
+    other step (SDPA and quantized caches read the whole span, a head shape the kernel was not built for): multiples of
     256."""
     from exlq.runtime.cache import KVCache
 

@@ -776,7 +776,8 @@ def test_decode_attention_skips_each_rows_left_padding(dim, heads, kv_heads, dty
         buffer.transpose(1, 2)[~allowed] = float("nan")  # every key a row must not read, in all its heads
     k, v = (b[:, :, :span] for b in buffers)
     q = (torch.randn(bsz, heads, 1, dim, device=CUDA, generator=gen) * 2).to(dtype)
-    mask = torch.zeros(bsz, 1, 1, span, device=CUDA, dtype=dtype).masked_fill(~allowed[:, None, None, :span], float("-inf"))
+    mask = torch.zeros(bsz, 1, 1, span, device=CUDA, dtype=dtype)
+    mask.masked_fill_(~allowed[:, None, None, :span], float("-inf"))
     expected = attend(q, clean[0][:, :, :span], clean[1][:, :, :span], mask, False)
     where = torch.tensor([position], device=CUDA) if on_device else position
     got = attention_ops.decode_attention(q, k, v, where, window, pads)
