@@ -96,8 +96,10 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // The position is a graph input copied in before the step's first (torch) kernel, or a launch argument.
     const int pos = position != nullptr ? (int)*position : position_value;
-    // The first key read: the window's, or past the row's left padding (pad: [B] lengths, a graph input too).
-    const int start = max(pad != nullptr ? (int)pad[b] : 0, window > 0 ? pos - window + 1 : 0);
+    // The first key read: the window's, or past the row's left padding (pad: [B] lengths, a graph input too); never
+    // past the token itself, which a row sees even where its padding reaches it (as attention.build_mask lets it),
+    // so a row of padding alone reads its own key rather than none (a 0 / 0 softmax, NaN in its cache).
+    const int start = min(pos, max(pad != nullptr ? (int)pad[b] : 0, window > 0 ? pos - window + 1 : 0));
     const int last = pos / CHUNK;
     int chunk = start / CHUNK + rank;  // the rank's first chunk (none if past the last)
 
