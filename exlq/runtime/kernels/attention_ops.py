@@ -99,8 +99,9 @@ def decode_attention(
 ) -> torch.Tensor:
     """softmax(q kᵀ/√D) v for one token: q [B, Hq, 1, D]; k, v [B, Hkv, span, D]; `position` (an int, or a [1]
     int64 device tensor in CUDA graphs, below span) the token's cache position: keys after it are not read, nor keys
-    `window` or more before it, nor the first pad_lengths[b] keys of row b (a left-padded batch: [B] on the device;
-    a row sees its own token whatever its padding, as attention.build_mask lets it). Returns [B, Hq, 1, D]."""
+    `window` or more before it, nor the first pad_lengths[b] keys of row b (a left-padded batch: [B] contiguous int64
+    on q's device, as model.forward makes the cache's and the graphs keep theirs; a row sees its own token whatever
+    its padding, as attention.build_mask lets it). Returns [B, Hq, 1, D]."""
     bsz, heads, _, dim = q.shape
     kv_heads, span = k.shape[1], k.shape[2]
     if isinstance(position, int) and not 0 <= position < span:
@@ -111,11 +112,6 @@ def decode_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk_size()}>"
     function = kernel(SOURCE, INSTANCES, name, q.device)
-    if pad_lengths is not None:  # the kernel reads pad[b] for every row b: one int64 a row, on q's device
-        if pad_lengths.device != q.device or tuple(pad_lengths.shape) != (bsz,):
-            raise ExlqError(f"decode attention needs one pad length a row on {q.device}: got shape "
-                            f"{tuple(pad_lengths.shape)} on {pad_lengths.device} for a batch of {bsz}")
-        pad_lengths = pad_lengths.to(torch.int64).contiguous()  # no-ops for the caches' and graphs' own tensors
     arguments = (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
                  0 if device_position is not None else position, window or 0, pad_lengths,
                  math.log2(math.e) / math.sqrt(dim), out)
