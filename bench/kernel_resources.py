@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--arch", default="sm_90")
     args = parser.parse_args()
     module = compiler.compile_source(args.source, args.arch, list(args.instances))
-    registers, local = compiler.cubin_resources(module.cubin)
+    registers, local = compiler.cubin_resources(module.image)
     for instance in args.instances:
         mangled = module.names[instance]
         print(f"{instance}: {registers.get(mangled, '?')} registers, {local.get(mangled, 0)} bytes of local memory")

@@ -41,7 +41,7 @@ def disassemble(instance: str, source: str, arch: str) -> list[tuple[int, tuple[
     compiles it (-lineinfo) and disassembled with nvdisasm; offsets from the start of the kernel."""
     module = compiler._nvrtc_compile(source, *compiler.read_source(source), arch, [instance])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(module.cubin + b"\0")  # CuPy's getCUBIN drops the image's last byte; nvdisasm insists on it
+        cubin.write(module.image + b"\0")  # CuPy's getCUBIN drops the image's last byte; nvdisasm insists on it
         cubin.flush()
         sass = subprocess.run([nvdisasm(), "-g", "-c", cubin.name], capture_output=True, text=True, check=True).stdout
     where, out = None, []

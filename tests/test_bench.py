@@ -21,12 +21,15 @@ def small_synthetic(shape: str, bpw: float, group_size: int = 128, device: str =
     return model_class(config_from_dict(model_class.config_class, raw), store, dtype=dtype, device=torch.device(device))
 
 
-@pytest.mark.parametrize("shape", ["qwen2.5-0.5b", "smollm2-135m", "llama3.2-1b"])
+@pytest.mark.parametrize("shape", ["qwen2.5-0.5b", "smollm2-135m", "llama3.2-1b", "qwen2.5-1.5b"])
 def test_synthetic_models_run_at_the_target_bpw(shape):
     model = small_synthetic(shape, 4.0)
     layers = [m for m in model.model.layers.modules() if isinstance(m, Exl2Linear)]
     assert len(layers) == 14
-    assert abs(decoder_bits_per_weight(model) - 4.0) < (0.1 if SHAPES[shape]["hidden_size"] < 1024 else 0.03)
+    shape_ = SHAPES[shape]
+    kv_width = shape_["num_key_value_heads"] * shape_["hidden_size"] // shape_["num_attention_heads"]
+    # k/v of 256 columns or fewer: their permutation's 32/N bits a weight make the two widths' mix coarser
+    assert abs(decoder_bits_per_weight(model) - 4.0) < (0.1 if kv_width <= 256 else 0.03)
     logits = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 1, 512) and torch.isfinite(logits).all()
     dense = small_synthetic(shape, 16)

@@ -26,14 +26,14 @@ def test_kernel_compiles(source, arch, tmp_path, monkeypatch):
     monkeypatch.setenv("EXLQ_CACHE_DIR", str(tmp_path))  # a real compile, not a cache hit
     for instances in SOURCES[source]:
         module = compile_source(source, arch, list(instances))
-        assert module.cubin[:4] == b"\x7fELF"
+        assert module.image[:4] == b"\x7fELF"
         assert set(module.names) == set(instances) and all(module.names.values())
         again = compile_source(source, arch, list(instances))  # now from the disk cache
-        assert again.cubin == module.cubin and again.names == module.names
+        assert again.image == module.image and again.names == module.names
         # No instance keeps more than a few words in local memory (spills are a silent slowdown: session 14's warp
         # GEMV spilled 40-80 bytes at its register bound; bench/kernel_resources.py prints the numbers). Some GEMV
         # instances keep 8-32 bytes under their register bounds, which ptxas places differently per architecture.
-        registers, local = cubin_resources(module.cubin)
+        registers, local = cubin_resources(module.image)
         for instance, mangled in module.names.items():
             assert 0 < registers[mangled] <= 255, instance
             assert local.get(mangled, 0) <= MAX_LOCAL_BYTES, f"{instance} uses {local[mangled]} bytes of local memory on {arch}"

@@ -16,6 +16,7 @@ from exlq.runtime.exl2 import MAX_IN_FEATURES, Exl2Linear, dequantize, dequantiz
 from exlq.runtime.generator import Generator
 from exlq.runtime.kernels import enabled
 from exlq.runtime.kernels import exl2_ops, exl2_stream_ops, fused_ops
+from exlq.runtime.kernels.launch import hopper_or_newer
 from exlq.runtime.layers import RMSNorm
 from exlq.runtime.linear import project_each, project_gated
 from exlq.runtime.loader import load_model
@@ -126,6 +127,8 @@ def use_gemv(kind: str, monkeypatch) -> None:
     row, where it applies), and "-inline" to the in-kernel end of split products instead of exl2_finish."""
     monkeypatch.setattr(exl2_ops, "FINISH_KERNEL", not kind.endswith("-inline"))
     kind = kind.removesuffix("-inline")
+    if kind == "stream" and not hopper_or_newer(CUDA):  # an Ampere/Ada GPU, or EXLQ_ARCH standing in for one
+        pytest.skip("the streamed GEMV needs sm_90 or newer (bulk copies)")
     monkeypatch.setattr(exl2_stream_ops, "ENABLED", kind == "stream")
     monkeypatch.setattr(exl2_stream_ops, "MAX_BYTES", 1 << 40)  # every size, whatever the speed rule
     monkeypatch.setattr(exl2_ops, "MMA", kind == "mma")
@@ -452,7 +455,7 @@ def test_programmatic_dependent_launch_equals_plain_launches(monkeypatch, graph)
     """With PDL (default on sm_90+) each GEMV/norm/SiLU kernel starts while the previous one ends and loads its own
     weights before it waits: a chain in which every kernel reads the one before's output must compute what plain
     launches compute (eagerly and replayed from a CUDA graph, where the waits become programmatic edges)."""
-    if torch.cuda.get_device_capability()[0] < 9:
+    if not hopper_or_newer(CUDA):
         pytest.skip("programmatic dependent launch needs sm_90 or newer")
     use_gemv("wide", monkeypatch)
     layers = []
@@ -1034,6 +1037,61 @@ def test_kernel_cache_is_fast_when_warm():
             start = time.perf_counter()
             compile_source(source, arch, list(instances))
             assert time.perf_counter() - start < 1.0
+
+
+def _forget_architecture() -> None:
+    """Drop every cache that holds what the kernels were built or routed for (EXLQ_ARCH is read once a process)."""
+    from exlq.runtime import kernels
+    from exlq.runtime.kernels import launch, target
+
+    for cached in (target._emulated, target.shared_limits, launch._module, launch._hopper_or_newer, kernels._capable,
+                   exl2_stream_ops.block_shared_limit, exl2_stream_ops.sm_limits):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def ampere_stand_in(monkeypatch):
+    """EXLQ_ARCH=sm_80 for one test; yields the architecture of every kernel build it asks for."""
+    from exlq.runtime.kernels import launch
+
+    if torch.cuda.get_device_capability(CUDA) <= (8, 0):
+        pytest.skip("this GPU is an sm_80 already (or older)")
+    built: list[str] = []
+    build = launch.compile_source
+    monkeypatch.setattr(launch, "compile_source", lambda *args: built.append(args[1]) or build(*args))
+    monkeypatch.setenv("EXLQ_ARCH", "sm_80")
+    _forget_architecture()
+    yield built
+    monkeypatch.undo()
+    _forget_architecture()
+
+
+def test_an_older_architecture_stands_in_on_this_gpu(ampere_stand_in):
+    """EXLQ_ARCH=sm_80 on a newer GPU: kernels built as compute_80 PTX (the driver compiles them here), routed as on an
+    A100 (no programmatic launch, clusters or streamed GEMV; its shared memory), with the torch path's results. The GPU
+    suite run so (bench/older_arch.sh) tests the Ampere and Ada code."""
+    from exlq.runtime.kernels import attention_ops, target
+
+    assert enabled(CUDA) and not hopper_or_newer(CUDA)
+    assert attention_ops.ranks(CUDA, 4096) == 1
+    assert target.shared_limits(CUDA.index or 0) <= (163 * 1024, 164 * 1024)
+    gen = torch.Generator(device=CUDA).manual_seed(5)
+    residual = torch.randn(3, 4096, device=CUDA, generator=gen)
+    delta = torch.randn(3, 4096, device=CUDA, generator=gen).half()
+    weight = torch.rand(4096, device=CUDA, generator=gen).half() + 0.5
+    new_residual, normed = fused_ops.add_rms_norm(residual, delta, weight, 1e-5)
+    total = residual + delta.float()
+    assert torch.equal(new_residual, total)
+    assert rel(normed, total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()) < 2e-3
+    tensors, _ = random_exl2(4096, 1024, [4, 3], [0.75, 0.25], 128, seed=11)
+    cuda = on_gpu(tensors)
+    layer = Exl2Linear(cuda, 4096, 1024, dtype=torch.float16)
+    assert not exl2_stream_ops.applies([layer.kernel_plan()], 1, torch.float16, CUDA)
+    for rows in (1, 4):  # the register GEMV, the tensor-core one
+        x = torch.randn(rows, 4096, device=CUDA, generator=gen).half()
+        got = layer(x[None])[0]
+        assert torch.isfinite(got).all() and rel(got, x.double() @ stored_weight(cuda)[:, :1024].double()) < 4e-3
+    assert ampere_stand_in and set(ampere_stand_in) == {"compute_80"}
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])

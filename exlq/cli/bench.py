@@ -14,7 +14,7 @@ MAX_BATCH = 32  # the EXL2 GEMV's row limit (exl2_ops.GEMV_MAX_ROWS): a step of 
 
 def bench(
     model_dir: Annotated[Optional[Path], typer.Argument(metavar="[MODEL]", help="Model directory (FP16 or EXL2); or use --synthetic.", show_default=False)] = None,
-    synthetic: Annotated[Optional[str], typer.Option(help="Build a model of this shape with random weights instead: llama3-8b, llama3.2-1b, qwen2.5-0.5b, smollm2-135m.", show_default=False)] = None,
+    synthetic: Annotated[Optional[str], typer.Option(help="Build a model of this shape with random weights instead: llama3-8b, llama3.2-1b, qwen2.5-7b, qwen2.5-1.5b, qwen2.5-0.5b, smollm2-135m.", show_default=False)] = None,
     bpw: Annotated[float, typer.Option(help="With --synthetic: EXL2 bits per weight of the decoder linears (2-8), or 16 for FP16.")] = 4.0,
     group_size: Annotated[int, typer.Option(help="With --synthetic: rows per group of the decoder linears, 32, 64 or 128 (real conversions choose 32 for many matrices, which costs the GEMV more).")] = 128,
     cache_tokens: Annotated[int, typer.Option("--max-seq-len", help="KV-cache length allocated for the decode test.")] = 4096,
@@ -66,7 +66,7 @@ def bench(
     if json_output:
         print_json(payload)
         return
-    print(f"{payload['model']} on {report.device}")
+    print(f"{payload['model']} on {report.device} (kernels: {report.kernels})")
     print(f"decode (batch {batch}, {report.sampling}): {report.decode_tokens_per_second:.1f} tokens/s, weights {report.weight_bytes_per_token / 1e9:.3f} GB/token, "
           f"{report.decode_weight_gbps:.0f} GB/s = {100 * report.roofline_fraction:.1f}% of copy bandwidth {report.copy_bandwidth_gbps:.0f} GB/s")
     for n, tps in report.prefill_tokens_per_second.items():

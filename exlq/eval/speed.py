@@ -21,8 +21,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from exlq.runtime import kernels
 from exlq.runtime.exl2 import Exl2Linear
 from exlq.runtime.generator import TokenReader
+from exlq.runtime.kernels import target
+from exlq.runtime.kernels.launch import device_index
 from exlq.runtime.kv_quant import as_cache_type
 from exlq.runtime.linear import DenseLinear
 from exlq.runtime.sampler import Sampler
@@ -45,6 +48,7 @@ class SpeedReport:
     cache: str = "fp16"  # KV-cache type of the decode test
     batch: int = 1  # sequences decoded together (decode tokens/s counts all of them)
     sampling: str = "greedy"  # how the decode test picks tokens
+    kernels: str = ""  # what the CUDA kernels are built for ("sm_90"; EXLQ_ARCH: "compute_80 on sm_90"), or "off"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -179,4 +183,10 @@ def measure_speed(
         cache=as_cache_type(cache_type).name,
         batch=batch,
         sampling=sampler.settings.describe(),
+        kernels=kernel_target(device),
     )
+
+
+def kernel_target(device: torch.device) -> str:
+    """What the decode ran on: the kernels' architecture (an EXLQ_ARCH stand-in says so), or "off" (torch path)."""
+    return target.describe(device_index(device)) if kernels.enabled(device) else "off"

@@ -28,6 +28,12 @@ SHAPES: dict[str, dict] = {
     "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                          rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         rope_theta=1000000.0, tie_word_embeddings=True),  # Qwen2.5-Coder-1.5B's too
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       rope_theta=1000000.0, tie_word_embeddings=False),  # Qwen2.5-Coder-7B's too
     "smollm2-135m": dict(architectures=["LlamaForCausalLM"], hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                          rope_theta=100000.0, tie_word_embeddings=True),

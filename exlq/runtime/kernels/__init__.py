@@ -2,6 +2,7 @@
 
 Every kernel has a torch reference path; the runtime uses a kernel only where `enabled(device)` holds:
 a CUDA device of compute capability 8.0 or newer, CuPy importable, and `EXLQ_KERNELS` not set to 0.
+`EXLQ_ARCH=sm_80|sm_86|sm_89` runs an older architecture's kernels and paths on a newer GPU (see `target`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def _cupy_importable() -> bool:
 
 @functools.cache
 def _capable(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY and _cupy_importable()
+    from exlq.runtime.kernels import target
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return target.capability(index) >= MIN_CAPABILITY and _cupy_importable()
 
 
 def enabled(device: torch.device) -> bool:

@@ -1,8 +1,8 @@
 """Run-time compilation of the `cuda/` sources with NVRTC, cached on disk per architecture and source hash.
 
 No build step and no CUDA toolkit: NVRTC (from `nvidia-cuda-nvrtc` or CuPy's CUDA) turns a `.cu` file into
-a cubin for one architecture (`sm_80`, `sm_89`, `sm_90`, ...). The cubin and the lowered names of its
-template instances are cached under `$EXLQ_CACHE_DIR/kernels` (default `~/.cache/exlq/kernels`), keyed by
+a cubin for one architecture (`sm_80`, `sm_89`, `sm_90`, ...), or into PTX for a virtual one (`compute_80`: what
+`EXLQ_ARCH` builds, see `target`). The image and the lowered names of its template instances are cached under `$EXLQ_CACHE_DIR/kernels` (default `~/.cache/exlq/kernels`), keyed by
 a hash of the sources, options, instances and the NVRTC version, so a second run loads in milliseconds.
 This module needs no GPU: CI compiles every kernel with it.
 """
@@ -28,9 +28,10 @@ _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"', re.MULTILINE)
 
 @dataclass(frozen=True)
 class CompiledModule:
-    """A cubin and the mangled name of each requested kernel instance (e.g. "exl2_gemv<fp16_t, 1>")."""
+    """A cubin (arch "sm_XY") or PTX text ("compute_XY"), and the mangled name of each requested kernel instance
+    (e.g. "exl2_gemv<fp16_t, 1>")."""
 
-    cubin: bytes
+    image: bytes
     names: dict[str, str]
     arch: str
 
@@ -56,6 +57,11 @@ def read_source(name: str) -> tuple[str, dict[str, str]]:
     return text, headers
 
 
+def is_virtual(arch: str) -> bool:
+    """Whether `arch` is a virtual architecture ("compute_80"), built to PTX, rather than a real one ("sm_80")."""
+    return arch.startswith("compute_")
+
+
 def nvrtc_version() -> tuple[int, int]:
     from cupy.cuda import nvrtc
 
@@ -69,12 +75,13 @@ def compile_source(name: str, arch: str, instances: list[str]) -> CompiledModule
         json.dumps([source, sorted(headers.items()), OPTIONS, arch, instances, nvrtc_version()]).encode()
     ).hexdigest()[:24]
     stem = cache_dir() / arch / f"{Path(name).stem}-{key}"
-    cubin_path, names_path = stem.with_suffix(".cubin"), stem.with_suffix(".json")
-    if cubin_path.is_file() and names_path.is_file():
-        return CompiledModule(cubin_path.read_bytes(), json.loads(names_path.read_text()), arch)
+    image_path = stem.with_suffix(".ptx" if is_virtual(arch) else ".cubin")
+    names_path = stem.with_suffix(".json")
+    if image_path.is_file() and names_path.is_file():
+        return CompiledModule(image_path.read_bytes(), json.loads(names_path.read_text()), arch)
     module = _nvrtc_compile(name, source, headers, arch, instances)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    for path, data in ((cubin_path, module.cubin), (names_path, json.dumps(module.names).encode())):
+    for path, data in ((image_path, module.image), (names_path, json.dumps(module.names).encode())):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic: concurrent processes never read half a file
@@ -95,7 +102,7 @@ def _nvrtc_compile(name: str, source: str, headers: dict[str, str], arch: str, i
         except nvrtc.NVRTCError as exc:
             raise ExlqError(f"NVRTC failed to compile cuda/{name} for {arch}:\n{nvrtc.getProgramLog(program)}") from exc
         names = {instance: nvrtc.getLoweredName(program, instance) for instance in instances}
-        return CompiledModule(nvrtc.getCUBIN(program), names, arch)
+        return CompiledModule(nvrtc.getPTX(program) if is_virtual(arch) else nvrtc.getCUBIN(program), names, arch)
     finally:
         nvrtc.destroyProgram(program)
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from exlq.runtime.exl2 import Layout, row_bits
+from exlq.runtime.kernels import target
 from exlq.runtime.kernels.launch import allow_shared, device_index, hopper_or_newer, kernel, launch
 
 SOURCE = "exl2_stream.cu"
@@ -168,15 +169,13 @@ def shared_bytes(in_features: int, stages: int) -> int:
 def block_shared_limit(index: int) -> int:
     """Dynamic shared memory one block of GPU `index` may take (the opt-in maximum), less what the kernel declares
     statically (its barriers: STREAM_MAX_STAGES pairs of 8 bytes, and the fold's inv)."""
-    props = torch.cuda.get_device_properties(index)
-    return getattr(props, "shared_memory_per_block_optin", 227 * 1024) - 2 * 8 * MAX_STAGES - 16
+    return target.shared_limits(index)[0] - 2 * 8 * MAX_STAGES - 16
 
 
 @functools.cache
 def sm_limits(index: int) -> tuple[int, int]:
     """(SMs, shared memory bytes an SM) of GPU `index`, looked up once (launch_stream runs every decode step)."""
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    return torch.cuda.get_device_properties(index).multi_processor_count, target.shared_limits(index)[1]
 
 
 def grid_size(units: int, shared: int, sms: int, shared_per_sm: int) -> int:

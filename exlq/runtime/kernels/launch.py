@@ -19,12 +19,13 @@ import warnings
 import torch
 
 from exlq.errors import ExlqError
-from exlq.runtime.kernels.compiler import compile_source
+from exlq.runtime.kernels import target
+from exlq.runtime.kernels.compiler import compile_source, is_virtual
 
 
 def arch_of(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+    """NVRTC's -arch for `device`: its own ("sm_90"), or the PTX target EXLQ_ARCH names ("compute_80")."""
+    return target.compile_arch(device_index(device))
 
 
 def device_index(device: torch.device) -> int:
@@ -38,7 +39,8 @@ def _module(source: str, instances: tuple[str, ...], index: int) -> dict[str, in
     compiled = compile_source(source, arch_of(torch.device("cuda", index)), list(instances))
     with cupy.cuda.Device(index):
         module = cupy.cuda.function.Module()
-        module.load(compiled.cubin)
+        # PTX is handed to the driver as a C string (it compiles it for the device here)
+        module.load(compiled.image + b"\0" if is_virtual(compiled.arch) else compiled.image)
         functions = {name: module.get_function(lowered) for name, lowered in compiled.names.items()}
     _loaded_modules.append(module)  # keep the module (and its functions) alive for the process
     for name, function in functions.items():
@@ -129,7 +131,7 @@ def _launch_ex():
 
 @functools.cache
 def _hopper_or_newer(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return target.capability(index)[0] >= 9
 
 
 _pdl_refused: set[int] = set()  # devices whose driver refused a programmatic launch: plain launches from then on
@@ -142,7 +144,7 @@ def pdl_enabled(index: int) -> bool:
 
 
 def hopper_or_newer(device: torch.device) -> bool:
-    """Compute capability 9.0 or newer (programmatic dependent launch, bulk copies)."""
+    """Compute capability 9.0 or newer (programmatic dependent launch, bulk copies, clusters); EXLQ_ARCH counts."""
     return _hopper_or_newer(device_index(device))
 
 
