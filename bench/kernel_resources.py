@@ -22,8 +22,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="a file of cuda/, e.g. exl2_matmul.cu")
     parser.add_argument("instances", nargs="+", help='template instances, e.g. "exl2_gemv<fp16_t, 1, 2>"')
-    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--arch", default="sm_90", help="a real architecture, sm_XY (a cubin to read; not compute_XY PTX)")
     args = parser.parse_args()
+    if not args.arch.startswith("sm_"):
+        parser.error(f"--arch must name a real architecture (sm_80, sm_90, ...), not {args.arch!r}")
     module = compiler.compile_source(args.source, args.arch, list(args.instances))
     registers, local = compiler.cubin_resources(module.image)
     for instance in args.instances:

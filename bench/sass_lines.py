@@ -57,9 +57,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("instance", nargs="?", default="exl2_gemv<fp16_t, 1>")
     parser.add_argument("--source", default="exl2_matmul.cu")
-    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--arch", default="sm_90", help="a real architecture, sm_XY (a cubin to read; not compute_XY PTX)")
     parser.add_argument("--lines", default=None, metavar="A-B")
     args = parser.parse_args()
+    if not args.arch.startswith("sm_"):
+        parser.error(f"--arch must name a real architecture (sm_80, sm_90, ...), not {args.arch!r}")
 
     source = (compiler.SOURCE_DIR / args.source).read_text().splitlines()
     counts, opcodes = Counter(), defaultdict(Counter)

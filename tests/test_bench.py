@@ -68,6 +68,15 @@ def test_bench_command_errors(tmp_path):
     assert bad_batch.returncode == 2 and "--batch must be between 1 and 32" in bad_batch.stderr
     sampled = run_cli(["bench", "--synthetic", "llama3-8b", "--sample"], tmp_path)  # an option, checked before the GPU
     assert sampled.returncode == 2 and "needs a CUDA GPU" in sampled.stderr
+    # what is wrong with the request itself is said first, the missing GPU after
+    bad_shape = run_cli(["bench", "--synthetic", "llama9-1t"], tmp_path)
+    assert bad_shape.returncode == 2 and "unknown synthetic shape 'llama9-1t'; known: llama3-8b" in bad_shape.stderr
+    bad_bpw = run_cli(["bench", "--synthetic", "llama3-8b", "--bpw", "12"], tmp_path)
+    assert bad_bpw.returncode == 2 and "--bpw must be in [2, 8] for EXL2 (or 16 for FP16), got 12" in bad_bpw.stderr
+    fp16 = run_cli(["bench", "--synthetic", "llama3-8b", "--bpw", "16"], tmp_path)
+    assert fp16.returncode == 2 and "needs a CUDA GPU" in fp16.stderr
+    missing = run_cli(["bench", str(tmp_path / "no-model")], tmp_path)
+    assert missing.returncode == 2 and "no-model does not exist" in missing.stderr
 
 
 

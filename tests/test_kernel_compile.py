@@ -1,4 +1,5 @@
-"""Every CUDA source compiles through NVRTC for Ampere, Ada and Hopper: no GPU needed, so CI runs it."""
+"""Every CUDA source compiles through NVRTC for Ampere, Ada, Hopper and Blackwell (sm_100 data-centre parts, sm_120
+consumer cards): no GPU needed, so CI runs it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from exlq.runtime.kernels.catalog import SOURCES
 from exlq.runtime.kernels.compiler import SOURCE_DIR, compile_source, cubin_resources
 
-ARCHES = ("sm_80", "sm_89", "sm_90")
+ARCHES = ("sm_80", "sm_89", "sm_90", "sm_100", "sm_120")
 MAX_LOCAL_BYTES = 32  # a thread's stack frame: spilled registers, local arrays
 #: Kernels launched with blocks of up to this many threads (add_rms_norm: one row a block, up to 1024 threads) must
 #: fit them in an SM's 65536 registers (allocated 8 at a time), or the launch fails with "too many resources

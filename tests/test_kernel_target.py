@@ -17,6 +17,7 @@ from exlq.runtime.kernels.compiler import compile_source
     ("", (9, 0), None), ("  ", (8, 6), None),
     ("sm_80", (9, 0), (8, 0)), ("sm_86", (9, 0), (8, 6)), ("sm_89", (9, 0), (8, 9)), ("sm_80", (8, 9), (8, 0)),
     ("sm_90", (9, 0), None), (" sm_89 ", (8, 9), None),  # the device's own: nothing stood in
+    ("sm_90", (12, 0), (9, 0)), ("sm_100", (12, 0), (10, 0)), ("sm_120", (12, 0), None),  # a Blackwell card
 ])
 def test_the_setting_names_an_architecture_no_newer_than_the_device(setting, device, expected):
     assert target.parse_arch(setting, device) == expected
@@ -24,7 +25,7 @@ def test_the_setting_names_an_architecture_no_newer_than_the_device(setting, dev
 
 @pytest.mark.parametrize("setting, device, message", [
     ("sm_90", (8, 9), "newer than this GPU (sm_89)"), ("sm_89", (8, 6), "newer than this GPU (sm_86)"),
-    ("sm_75", (9, 0), "must be one of sm_80, sm_86"), ("80", (9, 0), "must be one of"),
+    ("sm_100", (9, 0), "newer than this GPU (sm_90)"), ("sm_75", (9, 0), "must be one of sm_80, sm_86"), ("80", (9, 0), "must be one of"),
     ("compute_80", (9, 0), "must be one of"), ("SM_80", (9, 0), "must be one of"),
 ])
 def test_other_settings_are_refused_with_the_choices(setting, device, message):
@@ -79,7 +80,7 @@ def test_a_stand_in_builds_ptx_and_takes_its_paths_and_limits(hopper, setting, b
 
 
 def test_a_bad_setting_stops_the_first_kernel_use(hopper):
-    hopper.setenv("EXLQ_ARCH", "sm_100")
+    hopper.setenv("EXLQ_ARCH", "sm_101")
     with pytest.raises(ExlqError, match="EXLQ_ARCH must be one of"):
         kernels.enabled(torch.device("cuda", 0))
 

@@ -389,7 +389,8 @@ def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatc
         out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
         results[fold, graphs] = torch.cat(out, dim=1).float()
         if fold and graphs == "0":  # eager: every step launches; 2 layers, q/k/v and gate/up, the first norm not folded
-            assert sum(folds) == steps.shape[1] * (2 * 2 - 1)
+            # (only the streamed GEMV folds: below sm_90 none is)
+            assert sum(folds) == (steps.shape[1] * (2 * 2 - 1) if hopper_or_newer(CUDA) else 0)
     assert rel(results[True, "0"], results[False, "0"]) < 2e-3
     assert rel(results[True, "1"], results[False, "0"]) < 2e-3
 
@@ -729,6 +730,8 @@ def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, positi
     from exlq.runtime.attention import attend
     from exlq.runtime.kernels import attention_ops
 
+    if not hopper_or_newer(CUDA) and ranks != "1" and (chunk, ranks) != ("32", "8"):
+        pytest.skip("below sm_90 every count is one block a head: (32, 8) and (64, 1) cover both chunk sizes")
     monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", chunk)
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
 

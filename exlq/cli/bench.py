@@ -47,6 +47,14 @@ def bench(
         raise ExlqError(f"--group-size must be 32, 64 or 128, got {group_size}")
     if not 1 <= batch <= MAX_BATCH:
         raise ExlqError(f"--batch must be between 1 and {MAX_BATCH}, got {batch}")
+    if synthetic is not None:  # a bad shape or bitrate is said before the missing GPU
+        from exlq.quant.synthetic import bit_mix, synthetic_config
+
+        synthetic_config(synthetic)
+        if bpw < 16:
+            bit_mix(bpw, 4096, group_size)
+    elif not model_dir.is_dir():
+        raise ExlqError(f"model directory {model_dir} does not exist")
     if not torch.cuda.is_available():
         raise ExlqError("exlq bench measures GPU speed and needs a CUDA GPU (none is visible)")
     target = torch.device(device)

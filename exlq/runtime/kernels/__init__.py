@@ -2,7 +2,7 @@
 
 Every kernel has a torch reference path; the runtime uses a kernel only where `enabled(device)` holds:
 a CUDA device of compute capability 8.0 or newer, CuPy importable, and `EXLQ_KERNELS` not set to 0.
-`EXLQ_ARCH=sm_80|sm_86|sm_89` runs an older architecture's kernels and paths on a newer GPU (see `target`).
+`EXLQ_ARCH=sm_80|sm_86|sm_89|...` runs an older architecture's kernels and paths on a newer GPU (see `target`).
 """
 
 from __future__ import annotations

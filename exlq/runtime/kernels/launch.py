@@ -39,8 +39,14 @@ def _module(source: str, instances: tuple[str, ...], index: int) -> dict[str, in
     compiled = compile_source(source, arch_of(torch.device("cuda", index)), list(instances))
     with cupy.cuda.Device(index):
         module = cupy.cuda.function.Module()
-        # PTX is handed to the driver as a C string (it compiles it for the device here)
-        module.load(compiled.image + b"\0" if is_virtual(compiled.arch) else compiled.image)
+        if is_virtual(compiled.arch):  # PTX (EXLQ_ARCH), handed to the driver as a C string: it compiles it here
+            try:
+                module.load(compiled.image + b"\0")
+            except cupy.cuda.driver.CUDADriverError as exc:
+                raise ExlqError(f"the driver could not compile cuda/{source} from {compiled.arch} PTX (EXLQ_ARCH): {exc}. "
+                                "An NVRTC newer than the driver writes PTX it cannot read; unset EXLQ_ARCH") from exc
+        else:
+            module.load(compiled.image)
         functions = {name: module.get_function(lowered) for name, lowered in compiled.names.items()}
     _loaded_modules.append(module)  # keep the module (and its functions) alive for the process
     for name, function in functions.items():
