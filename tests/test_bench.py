@@ -54,29 +54,27 @@ def test_bit_mix_averages_to_the_target(bpw):
     assert abs(average - max(2.0, bpw - 4 / 128 - 32 / 4096)) < 1e-9
 
 
+# (arguments after `bench`, what its one error line says): options are checked before the GPU, and what is wrong
+# with the request itself (shape, bitrate, model directory) is said before the missing GPU.
+BENCH_ERRORS = [
+    ([], "MODEL"),
+    (["--synthetic", "llama3-8b"], "needs a CUDA GPU"),
+    (["--synthetic", "llama3-8b", "--cache", "q5"], "unknown --cache"),
+    (["--synthetic", "llama3-8b", "--group-size", "48"], "--group-size"),
+    (["--synthetic", "llama3-8b", "--batch", "33"], "--batch must be between 1 and 32"),
+    (["--synthetic", "llama3-8b", "--sample"], "needs a CUDA GPU"),
+    (["--synthetic", "llama9-1t"], "unknown synthetic shape 'llama9-1t'; known: llama3-8b"),
+    (["--synthetic", "llama3-8b", "--bpw", "12"], "--bpw must be in [2, 8] for EXL2 (or 16 for FP16), got 12"),
+    (["--synthetic", "llama3-8b", "--bpw", "16"], "needs a CUDA GPU"),
+    (["{tmp}/no-model"], "no-model does not exist"),
+]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
-def test_bench_command_errors(tmp_path):
-    nothing = run_cli(["bench"], tmp_path)
-    assert nothing.returncode == 2 and "MODEL" in nothing.stderr
-    no_gpu = run_cli(["bench", "--synthetic", "llama3-8b"], tmp_path)
-    assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr
-    bad_cache = run_cli(["bench", "--synthetic", "llama3-8b", "--cache", "q5"], tmp_path)
-    assert bad_cache.returncode == 2 and "unknown --cache" in bad_cache.stderr
-    bad_groups = run_cli(["bench", "--synthetic", "llama3-8b", "--group-size", "48"], tmp_path)
-    assert bad_groups.returncode == 2 and "--group-size" in bad_groups.stderr
-    bad_batch = run_cli(["bench", "--synthetic", "llama3-8b", "--batch", "33"], tmp_path)
-    assert bad_batch.returncode == 2 and "--batch must be between 1 and 32" in bad_batch.stderr
-    sampled = run_cli(["bench", "--synthetic", "llama3-8b", "--sample"], tmp_path)  # an option, checked before the GPU
-    assert sampled.returncode == 2 and "needs a CUDA GPU" in sampled.stderr
-    # what is wrong with the request itself is said first, the missing GPU after
-    bad_shape = run_cli(["bench", "--synthetic", "llama9-1t"], tmp_path)
-    assert bad_shape.returncode == 2 and "unknown synthetic shape 'llama9-1t'; known: llama3-8b" in bad_shape.stderr
-    bad_bpw = run_cli(["bench", "--synthetic", "llama3-8b", "--bpw", "12"], tmp_path)
-    assert bad_bpw.returncode == 2 and "--bpw must be in [2, 8] for EXL2 (or 16 for FP16), got 12" in bad_bpw.stderr
-    fp16 = run_cli(["bench", "--synthetic", "llama3-8b", "--bpw", "16"], tmp_path)
-    assert fp16.returncode == 2 and "needs a CUDA GPU" in fp16.stderr
-    missing = run_cli(["bench", str(tmp_path / "no-model")], tmp_path)
-    assert missing.returncode == 2 and "no-model does not exist" in missing.stderr
+@pytest.mark.parametrize("args, message", BENCH_ERRORS)
+def test_bench_command_errors(args, message, tmp_path):
+    result = run_cli(["bench", *(arg.format(tmp=tmp_path) for arg in args)], tmp_path)
+    assert result.returncode == 2 and message in result.stderr
 
 
 

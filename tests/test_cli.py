@@ -359,8 +359,27 @@ def test_score_choices(capsys, tiny_llama_dir, api, choice_values, expected_valu
         assert c["probability"] == pytest.approx(math.exp(c["logprob"] - norm), rel=1e-6)
 
 
+def test_score_choices_are_scored_as_typed(capsys, tiny_llama_dir, api):
+    """' 1, 2' scores " 1" and " 2" after the prompt (README's example), not "1" and "2": the spaces are the user's."""
+    _, tokenizer = api
+    prompt = "Rate it:"
+    results = {}
+    for choices in (" 1, 2", "1,2"):
+        code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", prompt, "--format", "raw", "--score-choices", choices,
+                             "--json")
+        assert code == 0, err
+        results[choices] = parse_one_json(out)["choices"]
+    plain_prompt = tokenizer.encode(prompt, encode_special_tokens=True)
+    for choices, texts in ((" 1, 2", [" 1", " 2"]), ("1,2", ["1", "2"])):
+        assert [c["text"] for c in results[choices]] == texts
+        for c, text in zip(results[choices], texts):
+            assert c["token_ids"] == tokenizer.encode(prompt + text, encode_special_tokens=True)[len(plain_prompt):]
+    assert [c["token_ids"] for c in results[" 1, 2"]] != [c["token_ids"] for c in results["1,2"]]
+    assert [c["value"] for c in results[" 1, 2"]] == [1.0, 2.0]
+
+
 def test_score_choices_numeric_labels_and_plain_output(capsys, tiny_llama_dir):
-    code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", "Rate it:", "--format", "raw", "--score-choices", "2, 4,8", "--json")
+    code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", "Rate it:", "--format", "raw", "--score-choices", "2,4,8", "--json")
     assert code == 0, err
     payload = parse_one_json(out)
     assert [c["value"] for c in payload["choices"]] == [2.0, 4.0, 8.0]  # numeric labels value themselves
@@ -507,6 +526,7 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
         (["-p", "hi", "--score-choices", "a,b", "--choice-values", "1"], ["1 numbers", "2 choices"], False),
         (["-p", "hi", "--score-choices", "a,b", "--choice-values", "x,y"], ["--choice-values"], False),
         (["-p", "hi", "--score-choices", " , "], ["--score-choices"], False),
+        (["-p", "hi", "--score-choices", "a,,b"], ["an empty choice"], False),
         (["-p", "hi", "--choice-values", "1,2"], ["--score-choices"], False),
     ],
 )
@@ -528,6 +548,7 @@ def test_infer_bad_input(capsys, tiny_llama_dir, args, needles, after_load):
         (["--data", "TEXT", "--length", 1], ["--length"], False),
         (["--data", "TEXT", "--rows", 1, "--length", 8, "--batch-size", 0], ["--batch-size"], False),
         (["--data", "TEXT", "--rows", "two"], ["--rows"], False),
+        (["--data", "TEXT", "--rows", 1, "--kl-ref", "/nonexistent/ref"], ["--kl-ref", "does not exist"], False),
     ],
 )
 def test_eval_ppl_bad_input(capsys, tiny_llama_dir, long_text_file, tmp_path, args, needles, after_load):
@@ -547,3 +568,26 @@ def test_eval_ppl_jsonl_missing_field(capsys, tiny_llama_dir, tmp_path):
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1].startswith("exlq: error: ") and "'text'" in lines[-1] and "body" in lines[-1] and "--text-field" in lines[-1]
     assert sum("exlq: error" in line for line in lines) == 1 and "Traceback" not in err
+
+
+# --- interruption ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, hint", [("eval-ppl", False), ("convert", True), ("measure", True)])
+@pytest.mark.parametrize("how", ["returned", "raised"])
+def test_ctrl_c_exits_130_saying_so(capsys, monkeypatch, command, hint, how):
+    """Ctrl-C in a command reaches main as typer's return value 130 (or as KeyboardInterrupt outside one): exit 130
+    with one line, which for the resumable jobs says that running the command again resumes."""
+    from exlq.cli import app as app_module
+
+    def interrupted(**_):
+        if how == "raised":
+            raise KeyboardInterrupt
+        return 130
+
+    monkeypatch.setattr(app_module, "app", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        app_module.main([command, "MODEL"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and err.startswith("exlq: error: interrupted") and err.count("\n") == 1
+    assert ("run the same command again to resume" in err) == hint

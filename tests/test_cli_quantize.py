@@ -67,6 +67,32 @@ def test_convert_bad_options(capsys, tiny_llama_dir, tmp_path, args, needle):
     assert code == 2 and out == "" and needle in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["measure", "{model}", "-o", "{model}/m.json"], "overlaps the input model directory"),
+        (["measure", "{model}", "-o", "{tmp}/m.json", "--work-dir", "{model}/work"], "overlaps the input model directory"),
+        (["convert", "{model}", "{tmp}/out", "--work-dir", "{model}/work"], "overlaps the input model directory"),
+        (["convert", "{model}", "{tmp}/out", "--work-dir", "{tmp}"], "overlaps the input model directory"),
+        (["convert", "{model}", "{tmp}/out", "--work-dir", "{tmp}/out"], "overlaps the output"),
+        (["convert", "{model}", "{tmp}/out", "--work-dir", "{tmp}/out/work"], "overlaps the output"),
+        (["convert", "{model}", "{tmp}/out", "--calibration", "{tmp}/missing.txt"], "no such file; pass 'builtin'"),
+        (["measure", "{model}", "-o", "{tmp}/m.json", "--rows", "0"], "rows >= 1"),
+    ],
+)
+def test_requests_that_would_fail_late_or_write_the_input_are_refused_before_loading(capsys, tmp_path, args, needle):
+    """Paths into the input model (never written), a work directory the output would replace, a missing calibration
+    file: one error line before the model loads, not after the job; the input untouched."""
+    from tiny_models import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model", "llama")  # {tmp}/model: a work dir of {tmp} would hold it
+    before = sorted(p.name for p in model.iterdir())
+    command, *rest = (a.format(model=model, tmp=tmp_path) for a in args)
+    code, out, err = cli(capsys, command, *SMALL, *rest)  # the case's own options after SMALL's
+    assert code == 2 and out == "" and needle in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
 def test_convert_refuses_non_empty_output_and_foreign_measurement(capsys, tiny_model_dirs, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()

@@ -201,6 +201,18 @@ def test_cli_plain_output(capsys, tiny_llama_dir):
     assert "1 problems × 1 samples" in err
 
 
+def test_cli_cache_bits(capsys, tmp_path):
+    """--cache-bits K,V as in infer and eval-ppl: the completions are generated through that quantized cache (a model
+    of 32-wide heads: the cache quantizes groups of 32)."""
+    from tiny_models import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "wide-head", "qwen2", seed=7, num_attention_heads=2, num_key_value_heads=1)
+    code, out, err = cli(capsys, "eval-humaneval", model_dir, "--tasks", "5", "--max-new-tokens", 4, "--format", "raw",
+                         "--device", "cpu", "--cache-bits", "4,2", "--json")  # fmt: skip
+    assert code == 0, err
+    assert parse_one_json(out)["settings"]["cache"] == "k4v2"
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -213,6 +225,10 @@ def test_cli_plain_output(capsys, tiny_llama_dir):
         (["--limit", 0], "--limit"),
         (["--tasks", "1-x"], "--tasks"),
         (["--cache", "q5x"], "q5x"),
+        (["--cache-bits", "9,2"], "--cache-bits"),
+        (["--tasks", "5-2"], "runs backwards"),
+        (["-o", "/nonexistent-exlq-dir/samples.jsonl"], "does not exist"),
+        (["-o", "."], "is a directory"),
         (["--timeout", 0], "--timeout"),
         (["--workers", 0], "--workers"),
     ],

@@ -50,6 +50,15 @@ def _root(
     """exlq: quantize LLMs to the EXL2 format and run them (torch on CPU, CUDA on NVIDIA GPUs)."""
 
 
+INTERRUPTED = 130
+RESUMABLE = ("convert", "measure")
+
+
+def _interrupted(args: list[str]) -> None:
+    resumes = " (run the same command again to resume where it stopped)" if args and args[0] in RESUMABLE else ""
+    _error(f"interrupted{resumes}", INTERRUPTED)
+
+
 def _error(message: str, code: int) -> None:
     sys.stderr.write(f"exlq: error: {message}\n")
     sys.exit(code)
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     except ExlqError as exc:
         _error(str(exc), 2)
     except (KeyboardInterrupt, typer.Abort):
-        _error("interrupted", 130)
+        _interrupted(args)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         where = f"exlq {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "exlq --help"
         _error(f"{exc.format_message()} (see '{where}')", 2)
+    if result == INTERRUPTED:  # typer turns Ctrl-C inside a command into this return value
+        _interrupted(args)
     sys.exit(result if isinstance(result, int) else 0)
 
 

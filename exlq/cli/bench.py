@@ -37,6 +37,7 @@ def bench(
 
     from exlq.errors import ExlqError
     from exlq.eval.speed import measure_speed
+    from exlq.runtime.config import read_model_config
     from exlq.runtime.kv_quant import parse_cache_type
     from exlq.runtime.sampler import Sampler, SamplerSettings
 
@@ -53,8 +54,8 @@ def bench(
         synthetic_config(synthetic)
         if bpw < 16:
             bit_mix(bpw, 4096, group_size)
-    elif not model_dir.is_dir():
-        raise ExlqError(f"model directory {model_dir} does not exist")
+    else:
+        read_model_config(model_dir)
     if not torch.cuda.is_available():
         raise ExlqError("exlq bench measures GPU speed and needs a CUDA GPU (none is visible)")
     target = torch.device(device)

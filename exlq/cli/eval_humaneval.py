@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from exlq.cli.common import DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+from exlq.cli.common import CacheBitsOpt, DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
 from exlq.cli.progress import StepCounter, stage_progress
 
 SAMPLING = "Sampling"
@@ -27,6 +27,7 @@ def eval_humaneval(
     max_new_tokens: Annotated[int, typer.Option(help="Stop a completion after this many tokens.")] = 512,
     prompt_format: Annotated[str, typer.Option("--format", help="raw (complete the code: base models), chat (the chat template, the answer pre-filled with the code) or auto (chat when the model has a chat template).")] = "auto",
     cache: Annotated[str, typer.Option("--cache", help="KV cache type: fp16 (the model's dtype) or a quantized one (q4, q6, q8) where the runtime has them.")] = "fp16",
+    cache_bits: CacheBitsOpt = None,
     batch_size: Annotated[int, typer.Option(help="Completions generated together in one batch.")] = 8,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N problems (after --tasks).", show_default=False)] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Problem numbers and ranges, e.g. 0-9,42.", show_default=False)] = None,
@@ -48,23 +49,26 @@ def eval_humaneval(
 
     Example: exlq eval-humaneval MODEL --samples-per-task 10 --temperature 0.8 --top-p 0.95 -o samples.jsonl
     """
-    from exlq.eval.humaneval import FORMATS, HumanEvalConfig, default_workers, evaluate_humaneval, load_problems, select_problems, write_samples
+    from exlq.eval.humaneval import FORMATS, HumanEvalConfig, check_writable, default_workers, evaluate_humaneval, load_problems, select_problems, write_samples
     from exlq.eval.sandbox import SandboxLimits
     from exlq.errors import ExlqError
-    from exlq.runtime.batch_generator import check_cache_type
+    from exlq.runtime.kv_quant import parse_cache_type
     from exlq.runtime.sampler import Sampler, SamplerSettings
 
     # Everything that can be checked without the model is checked before loading it.
     if prompt_format not in FORMATS:
         raise ExlqError(f"unknown --format {prompt_format!r}; choose one of: {', '.join(FORMATS)}")
+    cache_type = parse_cache_type(cache, cache_bits)
+    if output is not None:
+        check_writable(output)
     config = HumanEvalConfig(
         format=prompt_format, samples_per_task=samples_per_task, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        max_seq_len=max_seq_len, cache_type=cache, limits=SandboxLimits(timeout=timeout),
+        max_seq_len=max_seq_len, cache_type=cache_type,
+        limits=SandboxLimits(timeout=timeout),
         workers=default_workers() if workers is None else workers,
     )  # fmt: skip
     config.validate()
     sampler = Sampler(SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
-    check_cache_type(cache)
     problems = select_problems(load_problems(), tasks, limit)
     if sampler.settings.greedy and samples_per_task > 1:
         stderr.print(f"[yellow]greedy decoding: the {samples_per_task} samples per problem will be identical[/yellow]")
@@ -107,7 +111,7 @@ def eval_humaneval(
             "generation_tokens_per_second": round(report.generation_tokens_per_second, 2),
             "settings": {
                 "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p, "seed": sampler.seed,
-                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "cache": cache, "max_seq_len": max_seq_len,
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "cache": cache_type.name, "max_seq_len": max_seq_len,
                 "timeout_s": timeout, "workers": config.workers, "tasks": tasks, "limit": limit,
             },  # fmt: skip
             "sandbox": sorted({h for s in report.samples for h in s.result.hardening}),  # OS-level layers in effect

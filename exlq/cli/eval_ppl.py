@@ -44,6 +44,7 @@ def eval_ppl(
     from exlq.data.text_sources import load_text
     from exlq.errors import ExlqError
     from exlq.eval.perplexity import check_chunk, check_window_options, evaluate_perplexity, nonoverlapping_windows, sliding_windows
+    from exlq.runtime.config import read_model_config
     from exlq.runtime.kv_quant import parse_cache_type
 
     if rows is not None and stride is not None:
@@ -64,6 +65,11 @@ def eval_ppl(
     check_chunk(chunk)
     step = (chunk or 1) if token_by_token else None
     source = load_text(data, text_field=text_field)
+    if kl_ref is not None:  # a wrong path is said now, not after the model and the text are loaded
+        try:
+            read_model_config(kl_ref)
+        except ExlqError as exc:
+            raise ExlqError(f"--kl-ref: {exc}") from None
     model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, layers)
     reference = None
     if kl_ref is not None:

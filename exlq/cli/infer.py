@@ -36,7 +36,7 @@ def infer(
     max_seq_len: Annotated[Optional[int], typer.Option(help="KV-cache length: prompt + answer must fit (default: the model's max_position_embeddings).")] = None,
     cache: CacheOpt = "fp16",
     cache_bits: CacheBitsOpt = None,
-    score_choices: Annotated[Optional[str], typer.Option(help="Instead of generating, score these comma-separated continuations (e.g. 'A,B,C,D').")] = None,
+    score_choices: Annotated[Optional[str], typer.Option(help="Instead of generating, score these comma-separated continuations, each exactly as typed, spaces included (e.g. ' A, B, C, D' after 'Answer:').")] = None,
     choice_values: Annotated[Optional[str], typer.Option(help="Comma-separated numbers for the choices, for the expected value (default: numeric labels themselves, else 1..n).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -172,9 +172,11 @@ def _parse_choices(score_choices: str | None, choice_values: str | None) -> tupl
         if choice_values is not None:
             raise ExlqError("--choice-values needs --score-choices")
         return [], None
-    labels = split_list(score_choices)
-    if not labels:
+    labels = score_choices.split(",")  # each scored as typed: " 1" after "Answer:" is not "1"
+    if not any(label.strip() for label in labels):
         raise ExlqError("--score-choices needs at least one comma-separated choice")
+    if not all(label.strip() for label in labels):
+        raise ExlqError(f"--score-choices has an empty choice (got {score_choices!r})")
     if choice_values is None:
         return labels, None
     try:

@@ -63,6 +63,23 @@ def _work_dir(given: Path | None, output: Path) -> tuple[Path, bool]:
     return output.parent / f".{output.name}.exlq-work", True
 
 
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether one of two paths is the other or inside it."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_paths(model_dir: Path, output: Path, work: Path) -> None:
+    """Refuse, before any work, an output or work directory that would write into the input model, or a work
+    directory that the output would replace (or the reverse): found at the end, that cost the whole job."""
+    for name, path in (("--output", output), ("--work-dir", work)):
+        if _overlap(path, model_dir):
+            raise ExlqError(f"{name} {path} overlaps the input model directory {model_dir}, which is never written; "
+                            "choose another")
+    if _overlap(work, output):
+        raise ExlqError(f"--work-dir {work} overlaps the output {output}; choose a work directory outside it")
+
+
 def measure(
     model_dir: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write measurement.json.")],
@@ -83,6 +100,7 @@ def measure(
     The measurement does not depend on the target bitrate: pass it to `exlq convert
     --measurement` to convert to any --bpw without measuring again.
     """
+    from exlq.quant.calibration import check_calibration_request
     from exlq.quant.job import Job, fingerprint, write_json_file
     from exlq.quant.measure import measure_resumable, measure_settings
     from exlq.quant.options import grid_specs
@@ -91,8 +109,10 @@ def measure(
     if output.exists() and not output.is_file():
         raise ExlqError(f"--output {output} is not a file")
     specs_for = grid_specs(grid)
-    model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
     work, default_work = _work_dir(work_dir, output)
+    _check_paths(model_dir, output, work)
+    check_calibration_request(calibration, rows, length)
+    model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
     rotation = rotation_for(rotate)
     apply_rotation(model, rotation)
     options = {"task": "measure", "calibration": calib.fingerprint, "rotation": rotation}
@@ -139,6 +159,7 @@ def convert(
     states that went through the already quantized layers, and writes the model atomically.
     Interrupted conversions resume when the same command is run again. The input is never written.
     """
+    from exlq.quant.calibration import check_calibration_request
     from exlq.quant.convert import ConvertOptions, convert_model
     from exlq.quant.measure import Measurement
     from exlq.quant.writer import check_out_dir
@@ -150,9 +171,11 @@ def convert(
     )
     options.validate()
     check_out_dir(out_dir, model_dir)
+    work, default_work = _work_dir(work_dir, out_dir)
+    _check_paths(model_dir, out_dir, work)
+    check_calibration_request(calibration, rows, length)
     loaded = Measurement.from_json(read_json(measurement)) if measurement is not None else None
     model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
-    work, default_work = _work_dir(work_dir, out_dir)
     with layer_progress() as report:
         summary = convert_model(
             model, model_dir, out_dir, calib, options, work_dir=work, measurement=loaded, restart=restart, progress=report

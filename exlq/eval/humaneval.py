@@ -26,6 +26,7 @@ from pathlib import Path
 
 from exlq.errors import ExlqError
 from exlq.eval.sandbox import SandboxLimits, SandboxResult, run_sandboxed
+from exlq.runtime.kv_quant import CacheType
 
 FORMATS = ("auto", "raw", "chat")
 USER_MESSAGE = "Complete the following Python function:\n```python\n{prompt}```"
@@ -58,6 +59,8 @@ def select_problems(problems: Sequence[Problem], tasks: str | None = None, limit
             lo, sep, hi = part.removeprefix("HumanEval/").partition("-")
             if not lo.isdigit() or (sep and not hi.isdigit()):
                 raise ExlqError(f"--tasks takes problem numbers and ranges such as 0-9,42 (got {part!r})")
+            if sep and int(hi) < int(lo):
+                raise ExlqError(f"--tasks: the range {part!r} runs backwards; write it low-high, e.g. {hi}-{lo}")
             numbers.extend(range(int(lo), int(hi or lo) + 1))
         bad = [n for n in numbers if not 0 <= n < len(problems)]
         if bad:
@@ -220,7 +223,7 @@ class HumanEvalConfig:
     max_new_tokens: int = 512
     batch_size: int = 8
     max_seq_len: int | None = None
-    cache_type: str = "fp16"
+    cache_type: str | CacheType = "fp16"  # a --cache name, or the CacheType of --cache-bits
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     workers: int = field(default_factory=default_workers)
 
@@ -307,6 +310,16 @@ def _store_in(sample: Sample, on_scored: Callable[[], None] | None) -> Callable[
             on_scored()
 
     return store
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output file that cannot be written before hours of generation, not after them."""
+    if path.is_dir():
+        raise ExlqError(f"--output {path} is a directory; give a file name such as samples.jsonl")
+    if not path.parent.is_dir():
+        raise ExlqError(f"--output {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ExlqError(f"--output {path} is not writable")
 
 
 def write_samples(path: Path, samples: Iterable[Sample]) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 
-from exlq.data.text_sources import load_text
+from exlq.data.text_sources import NAMED_SOURCES, load_text
 from exlq.errors import ExlqError
 from exlq.runtime.tokenizer import Tokenizer
 
@@ -45,10 +46,18 @@ def spread_windows(ids: list[int], count: int, length: int) -> list[list[int]]:
     return [ids[int(i) * length : (int(i) + 1) * length] for i in picks]
 
 
-def load_calibration(tokenizer: Tokenizer, source: str = BUILTIN, *, rows: int = 128, length: int = 2048) -> Calibration:
-    """`rows` windows of `length` tokens from `source` (a file, a named text source, or "builtin")."""
+def check_calibration_request(source: str, rows: int, length: int) -> None:
+    """Refuse a calibration that cannot be made, before a model is loaded for it."""
     if rows < 1 or length < 16:
         raise ExlqError(f"calibration needs rows >= 1 and length >= 16 (got {rows} x {length})")
+    if source != BUILTIN and source not in NAMED_SOURCES and not Path(source).expanduser().is_file():
+        raise ExlqError(f"--calibration {source!r}: no such file; pass {BUILTIN!r} (the mix shipped with exlq) or a "
+                        ".txt/.jsonl/.parquet file")
+
+
+def load_calibration(tokenizer: Tokenizer, source: str = BUILTIN, *, rows: int = 128, length: int = 2048) -> Calibration:
+    """`rows` windows of `length` tokens from `source` (a file, a named text source, or "builtin")."""
+    check_calibration_request(source, rows, length)
     if source == BUILTIN:
         texts = builtin_texts()
         description = f"built-in mix ({', '.join(BUILTIN_SOURCES)})"

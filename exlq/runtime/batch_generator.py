@@ -12,7 +12,6 @@ the finished rows' share of each step but keeps the cache a plain rectangular ba
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from exlq.errors import ExlqError
 from exlq.runtime.cache import KVCache
 from exlq.runtime.generator import PREFILL_CHUNK, TokenSink
+from exlq.runtime.kv_quant import CacheType
 from exlq.runtime.model import DecoderOnlyLM
 from exlq.runtime.sampler import Sampler, SamplerSettings
 from exlq.runtime.tokenizer import Tokenizer
@@ -50,31 +50,11 @@ class BatchResult:
         return sum(len(r.token_ids) for r in self.rows)
 
 
-def check_cache_type(cache_type: str) -> None:
-    """Refuse an unknown cache type before anything is loaded."""
-    if cache_type == DEFAULT_CACHE:
-        return
-    try:
-        from exlq.runtime.kv_quant import parse_cache_type
-    except ImportError:
-        raise ExlqError(f"cache type {cache_type!r} needs quantized KV caches, which this build does not have; use fp16") from None
-    parse_cache_type(cache_type)
-
-
-def new_cache(model: DecoderOnlyLM, max_seq_len: int, batch_size: int, cache_type: str = DEFAULT_CACHE) -> KVCache:
-    """A batch cache; `cache_type` other than fp16 needs a runtime with quantized caches."""
-    if cache_type == DEFAULT_CACHE:
-        return KVCache.for_model(model, max_seq_len, batch_size)
-    if "cache_type" not in inspect.signature(KVCache.for_model).parameters:
-        raise ExlqError(f"cache type {cache_type!r} needs quantized KV caches, which this build does not have; use fp16")
-    return KVCache.for_model(model, max_seq_len, batch_size, cache_type=cache_type)
-
-
 class BatchGenerator:
     """Batched sampling of independent continuations with per-row stopping."""
 
     def __init__(self, model: DecoderOnlyLM, tokenizer: Tokenizer, *, max_seq_len: int | None = None,
-                 cache_type: str = DEFAULT_CACHE):  # fmt: skip
+                 cache_type: CacheType | str = DEFAULT_CACHE):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len or model.config.max_position_embeddings
@@ -110,7 +90,8 @@ class BatchGenerator:
         pads = [longest - len(p) for p in prompts]
         for i, p in enumerate(prompts):
             history[i, pads[i] : longest] = torch.tensor(list(p), dtype=torch.long)
-        cache = new_cache(self.model, min(self.max_seq_len, longest + max_new_tokens), rows, self.cache_type)
+        cache = KVCache.for_model(self.model, min(self.max_seq_len, longest + max_new_tokens), rows,
+                                  cache_type=self.cache_type)
         pad_lengths = torch.tensor(pads) if any(pads) else None  # equal prompts need no padding masks
         logits = self._prefill(history[:, :longest].clamp(min=0), pad_lengths, cache)
         cut_at: dict[int, int] = {}  # row -> where the stop rule cut its text

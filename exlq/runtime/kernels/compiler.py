@@ -2,8 +2,9 @@
 
 No build step and no CUDA toolkit: NVRTC (from `nvidia-cuda-nvrtc` or CuPy's CUDA) turns a `.cu` file into
 a cubin for one architecture (`sm_80`, `sm_89`, `sm_90`, ...), or into PTX for a virtual one (`compute_80`: what
-`EXLQ_ARCH` builds, see `target`). The image and the lowered names of its template instances are cached under `$EXLQ_CACHE_DIR/kernels` (default `~/.cache/exlq/kernels`), keyed by
-a hash of the sources, options, instances and the NVRTC version, so a second run loads in milliseconds.
+`EXLQ_ARCH` builds, see `target`). The image and the lowered names of its template instances are cached under
+`$EXLQ_CACHE_DIR/kernels` (default `~/.cache/exlq/kernels`), keyed by a hash of the sources, options, instances and
+the NVRTC version, so a second run loads in milliseconds.
 This module needs no GPU: CI compiles every kernel with it.
 """
 

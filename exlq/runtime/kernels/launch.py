@@ -43,8 +43,8 @@ def _module(source: str, instances: tuple[str, ...], index: int) -> dict[str, in
             try:
                 module.load(compiled.image + b"\0")
             except cupy.cuda.driver.CUDADriverError as exc:
-                raise ExlqError(f"the driver could not compile cuda/{source} from {compiled.arch} PTX (EXLQ_ARCH): {exc}. "
-                                "An NVRTC newer than the driver writes PTX it cannot read; unset EXLQ_ARCH") from exc
+                raise ExlqError(f"the driver could not compile cuda/{source} from {compiled.arch} PTX (EXLQ_ARCH): "
+                                f"{exc}. An NVRTC newer than the driver writes PTX it cannot read; unset EXLQ_ARCH") from exc
         else:
             module.load(compiled.image)
         functions = {name: module.get_function(lowered) for name, lowered in compiled.names.items()}
