@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EXLQ_SHARED_DIR", REPO.parent / "shared"))
 MODEL_CACHE = Path(os.environ.get("EXLQ_TEST_MODELS", Path.home() / ".cache" / "exlq-test-models"))
 
+def forget_kernel_architecture() -> None:
+    """Drop every cache that holds what the kernels were built or routed for: EXLQ_ARCH and the device's capability
+    and limits are read once a process, so tests that switch them clear these before and after."""
+    from exlq.runtime import kernels
+    from exlq.runtime.kernels import exl2_stream_ops, launch, target
+
+    for cached in (target._emulated, target.shared_limits, launch._module, launch._hopper_or_newer, kernels._capable,
+                   exl2_stream_ops.block_shared_limit, exl2_stream_ops.sm_limits):
+        cached.cache_clear()
+
+
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from conftest import forget_kernel_architecture
 from exlq.errors import ExlqError
 from exlq.runtime import kernels
 from exlq.runtime.kernels import exl2_stream_ops, launch, target
@@ -42,18 +43,14 @@ class _Props:
 @pytest.fixture
 def hopper(monkeypatch):
     """A stubbed sm_90 GPU 0 with the H100's shared memory; EXLQ_ARCH unset; the arch caches empty before and after."""
-    caches = (target._emulated, target.shared_limits, launch._hopper_or_newer, kernels._capable,
-              exl2_stream_ops.block_shared_limit, exl2_stream_ops.sm_limits)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _Props())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(kernels, "_cupy_importable", lambda: True)
     monkeypatch.delenv("EXLQ_ARCH", raising=False)
-    for cached in caches:
-        cached.cache_clear()
+    forget_kernel_architecture()
     yield monkeypatch
-    for cached in caches:
-        cached.cache_clear()
+    forget_kernel_architecture()
 
 
 def test_the_device_itself_without_the_setting(hopper):

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import real_model_dir
+from conftest import forget_kernel_architecture, real_model_dir
 from exlq.quant.exl2_pack import converter_layout, pack_exl2
 from exlq.runtime.exl2 import MAX_IN_FEATURES, Exl2Linear, dequantize, dequantize_stored
 from exlq.runtime.generator import Generator
@@ -1042,16 +1042,6 @@ def test_kernel_cache_is_fast_when_warm():
             assert time.perf_counter() - start < 1.0
 
 
-def _forget_architecture() -> None:
-    """Drop every cache that holds what the kernels were built or routed for (EXLQ_ARCH is read once a process)."""
-    from exlq.runtime import kernels
-    from exlq.runtime.kernels import launch, target
-
-    for cached in (target._emulated, target.shared_limits, launch._module, launch._hopper_or_newer, kernels._capable,
-                   exl2_stream_ops.block_shared_limit, exl2_stream_ops.sm_limits):
-        cached.cache_clear()
-
-
 @pytest.fixture
 def ampere_stand_in(monkeypatch):
     """EXLQ_ARCH=sm_80 for one test; yields the architecture of every kernel build it asks for."""
@@ -1063,10 +1053,10 @@ def ampere_stand_in(monkeypatch):
     build = launch.compile_source
     monkeypatch.setattr(launch, "compile_source", lambda *args: built.append(args[1]) or build(*args))
     monkeypatch.setenv("EXLQ_ARCH", "sm_80")
-    _forget_architecture()
+    forget_kernel_architecture()
     yield built
     monkeypatch.undo()
-    _forget_architecture()
+    forget_kernel_architecture()
 
 
 def test_an_older_architecture_stands_in_on_this_gpu(ampere_stand_in):

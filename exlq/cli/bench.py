@@ -49,11 +49,10 @@ def bench(
     if not 1 <= batch <= MAX_BATCH:
         raise ExlqError(f"--batch must be between 1 and {MAX_BATCH}, got {batch}")
     if synthetic is not None:  # a bad shape or bitrate is said before the missing GPU
-        from exlq.quant.synthetic import bit_mix, synthetic_config
+        from exlq.quant.synthetic import check_bpw, synthetic_config
 
         synthetic_config(synthetic)
-        if bpw < 16:
-            bit_mix(bpw, 4096, group_size)
+        check_bpw(bpw)
     else:
         read_model_config(model_dir)
     if not torch.cuda.is_available():

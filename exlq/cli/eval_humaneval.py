@@ -63,8 +63,7 @@ def eval_humaneval(
         check_writable(output)
     config = HumanEvalConfig(
         format=prompt_format, samples_per_task=samples_per_task, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        max_seq_len=max_seq_len, cache_type=cache_type,
-        limits=SandboxLimits(timeout=timeout),
+        max_seq_len=max_seq_len, cache_type=cache_type, limits=SandboxLimits(timeout=timeout),
         workers=default_workers() if workers is None else workers,
     )  # fmt: skip
     config.validate()

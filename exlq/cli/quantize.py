@@ -69,13 +69,16 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _check_paths(model_dir: Path, output: Path, work: Path) -> None:
-    """Refuse, before any work, an output or work directory that would write into the input model, or a work
-    directory that the output would replace (or the reverse): found at the end, that cost the whole job."""
-    for name, path in (("--output", output), ("--work-dir", work)):
-        if _overlap(path, model_dir):
-            raise ExlqError(f"{name} {path} overlaps the input model directory {model_dir}, which is never written; "
-                            "choose another")
+def _check_not_in_input(name: str, path: Path, model_dir: Path) -> None:
+    if _overlap(path, model_dir):
+        raise ExlqError(f"{name} {path} overlaps the input model directory {model_dir}, which is never written; "
+                        "choose another")
+
+
+def _check_work_dir(work: Path, model_dir: Path, output: Path) -> None:
+    """Refuse, before any work, a work directory that would write into the input model, or that the output would
+    replace (or the reverse): found at the end, that cost the whole job."""
+    _check_not_in_input("--work-dir", work, model_dir)
     if _overlap(work, output):
         raise ExlqError(f"--work-dir {work} overlaps the output {output}; choose a work directory outside it")
 
@@ -110,7 +113,8 @@ def measure(
         raise ExlqError(f"--output {output} is not a file")
     specs_for = grid_specs(grid)
     work, default_work = _work_dir(work_dir, output)
-    _check_paths(model_dir, output, work)
+    _check_not_in_input("--output", output, model_dir)
+    _check_work_dir(work, model_dir, output)
     check_calibration_request(calibration, rows, length)
     model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)
     rotation = rotation_for(rotate)
@@ -172,7 +176,7 @@ def convert(
     options.validate()
     check_out_dir(out_dir, model_dir)
     work, default_work = _work_dir(work_dir, out_dir)
-    _check_paths(model_dir, out_dir, work)
+    _check_work_dir(work, model_dir, out_dir)
     check_calibration_request(calibration, rows, length)
     loaded = Measurement.from_json(read_json(measurement)) if measurement is not None else None
     model, calib = _prepare(model_dir, calibration, rows, length, device, dtype)

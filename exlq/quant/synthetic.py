@@ -49,14 +49,19 @@ def synthetic_config(shape: str) -> dict:
     return {"model_type": "llama", "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **SHAPES[shape]}
 
 
+def check_bpw(bpw: float, fp16: bool = True) -> None:
+    """A synthetic model's --bpw: 2-8 for EXL2 decoder linears, or (`fp16`) 16 and above for FP16 ones."""
+    if not (2.0 <= bpw <= 8.0 or (fp16 and bpw >= 16)):
+        raise ExlqError(f"--bpw must be in [2, 8] for EXL2 (or 16 for FP16), got {bpw}")
+
+
 def bit_mix(bpw: float, out_features: int, group_size: int = GROUP_SIZE) -> tuple[list[int], list[float]]:
     """Two neighbouring EXL2 widths (descending) averaging `bpw` once scales and permutation are counted.
 
     Overhead per weight: 4-bit scale codes per group of `group_size` rows, and a 32-bit permutation entry
     per input row shared by the N columns (spec §13).
     """
-    if not 2.0 <= bpw <= 8.0:
-        raise ExlqError(f"--bpw must be in [2, 8] for EXL2 (or 16 for FP16), got {bpw}")
+    check_bpw(bpw, fp16=False)
     target = max(2.0, bpw - 4 / group_size - 32 / out_features)
     lo = max(b for b in SUPPORTED_BITS if b <= target)
     hi = min((b for b in SUPPORTED_BITS if b > lo), default=lo)

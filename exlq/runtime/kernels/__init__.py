@@ -29,9 +29,9 @@ def _cupy_importable() -> bool:
 @functools.cache
 def _capable(device: torch.device) -> bool:
     from exlq.runtime.kernels import target
+    from exlq.runtime.kernels.launch import device_index
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return target.capability(index) >= MIN_CAPABILITY and _cupy_importable()
+    return target.capability(device_index(device)) >= MIN_CAPABILITY and _cupy_importable()
 
 
 def enabled(device: torch.device) -> bool:
