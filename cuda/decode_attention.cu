@@ -1,7 +1,8 @@
 // One-token attention over a KV cache (the decode step): out = softmax(q·kᵀ/√D) v for every query head. The G query
 // heads of a KV head share its keys' and values' loads, and only keys from the window's start to the token's position
-// are read: SDPA, the torch path, reads the whole span a captured graph was made for, with a mask, and its fused
-// kernel costs ~6.5-8.5 µs a layer at spans of 256 keys on the H200, latency rather than bandwidth.
+// are read (in a left-padded batch, none of a row's padding either): SDPA, the torch path, reads the whole span a
+// captured graph was made for, with a mask, and its fused kernel costs ~6.5-8.5 µs a layer at spans of 256 keys on
+// the H200, latency rather than bandwidth.
 //
 // Grid (B·Hkv, R): the R blocks ("ranks") of a (b, h) take its chunks of CHUNK keys in turn (rank r: chunks first + r,
 // first + r + R, ...), the first one requested before the programmatic wait (written by earlier steps, except the
@@ -70,7 +71,7 @@ template <typename T, int D, int G, int CHUNK>
 __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const u16* __restrict__ q, const u16* __restrict__ keys, const u16* __restrict__ values, int batch_stride,
     int head_stride, int kv_heads, const long long* __restrict__ position, int position_value, int window,
-    float scale_log2, u16* __restrict__ out) {
+    const long long* __restrict__ pad, float scale_log2, u16* __restrict__ out) {
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(CHUNK == 32 || CHUNK == 64, "chunks of 32 or 64 keys");
     constexpr int EPT = D / ATT_KEY_THREADS;                  // elements of a key a thread scores: 32 or 16
@@ -95,7 +96,10 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // The position is a graph input copied in before the step's first (torch) kernel, or a launch argument.
     const int pos = position != nullptr ? (int)*position : position_value;
-    const int start = window > 0 ? max(0, pos - window + 1) : 0;  // the first key read
+    // The first key read: the window's, or past the row's left padding (pad: [B] lengths, a graph input too); never
+    // past the token itself, which a row sees even where its padding reaches it (as attention.build_mask lets it),
+    // so a row of padding alone reads its own key rather than none (a 0 / 0 softmax, NaN in its cache).
+    const int start = min(pos, max(pad != nullptr ? (int)pad[b] : 0, window > 0 ? pos - window + 1 : 0));
     const int last = pos / CHUNK;
     int chunk = start / CHUNK + rank;  // the rank's first chunk (none if past the last)
 

@@ -14,20 +14,18 @@ def cache_views(dim=64, heads=14, kv_heads=2, span=256, capacity=1024, bsz=1, dt
 
 
 def test_cache_prefix_views_take_the_kernel():
-    assert attention_ops.applies(*cache_views(), padded=False)
-    assert attention_ops.applies(*cache_views(dim=128, heads=32, kv_heads=8, bsz=2, dtype=torch.bfloat16), padded=False)
-    assert attention_ops.applies(*cache_views(span=32768, capacity=32768), padded=False)  # any length: chunks in turn
+    """Left-padded batches too: the kernel starts each row past its padding (AttentionBatch.attend passes it)."""
+    assert attention_ops.applies(*cache_views())
+    assert attention_ops.applies(*cache_views(dim=128, heads=32, kv_heads=8, bsz=2, dtype=torch.bfloat16))
+    assert attention_ops.applies(*cache_views(span=32768, capacity=32768))  # any length: chunks in turn
 
 
-@pytest.mark.parametrize("change", ["two tokens", "padded", "head size 80", "9 a group", "rows not contiguous",
-                                    "mixed dtypes", "switched off"])
+@pytest.mark.parametrize("change", ["two tokens", "head size 80", "9 a group", "rows not contiguous", "mixed dtypes",
+                                    "switched off"])
 def test_other_steps_stay_on_sdpa(change, monkeypatch):
     q, k, v = cache_views()
-    padded = False
     if change == "two tokens":
         q = torch.zeros(1, 14, 2, 64, dtype=torch.float16)
-    elif change == "padded":
-        padded = True
     elif change == "head size 80":
         q, k, v = cache_views(dim=80)
     elif change == "9 a group":
@@ -38,7 +36,7 @@ def test_other_steps_stay_on_sdpa(change, monkeypatch):
         v = v.to(torch.bfloat16)
     else:
         monkeypatch.setenv("EXLQ_DECODE_ATTENTION", "0")
-    assert not attention_ops.applies(q, k, v, padded=padded)
+    assert not attention_ops.applies(q, k, v)
 
 
 def test_chunks_of_64_keys_unless_forced(monkeypatch):

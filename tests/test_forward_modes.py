@@ -76,6 +76,16 @@ def test_left_padded_batch_equals_unpadded_rows(model):
         assert torch.allclose(step[row, -1], expected[0, 1], atol=ATOL)
 
 
+def test_pad_lengths_need_one_length_a_row(model):
+    """Every consumer of the pad lengths (masks, RoPE positions, the attention kernel) indexes them by row: a
+    tensor of another shape is refused, not broadcast."""
+    ids = random_ids(model, 2, 6)
+    for pad in (torch.tensor([1]), torch.tensor([[1, 0]]), torch.tensor([1, 0, 0])):
+        with pytest.raises(ExlqError, match="one length a row"):
+            model(ids, model.new_cache(8, batch_size=2), pad_lengths=pad)
+    assert model(ids, pad_lengths=torch.tensor([1, 0], dtype=torch.int32)).shape[0] == 2
+
+
 def test_truncate_rewinds_cache(model):
     ids = random_ids(model, 1, 20)
     other = random_ids(model, 1, 20, seed=9)

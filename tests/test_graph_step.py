@@ -51,9 +51,9 @@ def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, toke
 
 @pytest.mark.parametrize("kernel_attention", [True, False])
 def test_one_token_kernel_steps_span_the_whole_cache(monkeypatch, kernel_attention):
-    """One-token steps into an fp16 cache, no padding, on the attention kernel (whose grid depends on the span only
-    through its cluster size): 2048 up to 2048 keys, then the whole cache, one or two graphs a generation; every other
-    step (SDPA and quantized caches read the whole span, a head shape the kernel was not built for): multiples of
+    """One-token steps into an fp16 cache, left-padded or not, on the attention kernel (whose grid depends on the span
+    only through its cluster size): 2048 up to 2048 keys, then the whole cache, one or two graphs a generation; every
+    other step (SDPA and quantized caches read the whole span, a head shape the kernel was not built for): multiples of
     256."""
     from exlq.runtime.cache import KVCache
 
@@ -67,6 +67,9 @@ def test_one_token_kernel_steps_span_the_whole_cache(monkeypatch, kernel_attenti
     linear = {0: 256, 255: 256, 256: 512, 600: 768, 1100: 1280, 2047: 2048, 2048: 2304, 4500: 4608, 5999: 6000}
     kernel = {0: 2048, 255: 2048, 256: 2048, 600: 2048, 1100: 2048, 2047: 2048, 2048: 6000, 4500: 6000, 5999: 6000}
     assert {n: span(n) for n in linear} == (kernel if kernel_attention else linear)
+    cache.pad_lengths = torch.tensor([0, 5])  # a left-padded batch: the kernel skips each row's padding
+    assert {n: span(n) for n in linear} == (kernel if kernel_attention else linear)
+    cache.pad_lengths = None
     small = KVCache(num_layers=1, num_kv_heads=2, head_dim=64, max_seq_len=1000)
     assert span(999, cache=small) == 1000
     assert {n: span(n, tokens=3) for n in (0, 254, 600)} == {0: 256, 254: 512, 600: 768}  # multi-token steps

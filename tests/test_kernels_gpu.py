@@ -825,7 +825,7 @@ def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, positi
             buffer[:, :, : max(0, position - window + 1)] = float("nan")
     k, v = (b[:, :, :span] for b in buffers)
     q = (torch.randn(bsz, heads, 1, dim, device=CUDA, generator=gen) * 2).to(dtype)
-    assert attention_ops.applies(q, k, v, padded=False)
+    assert attention_ops.applies(q, k, v)
     keys = torch.arange(span, device=CUDA)
     allowed = (keys <= position) & ((position - keys < window) if window else True)
     clean = [b.nan_to_num(0.0) for b in buffers]
@@ -833,6 +833,44 @@ def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, positi
                       torch.zeros(1, 1, 1, span, device=CUDA, dtype=dtype).masked_fill(~allowed, float("-inf")), False)
     where = torch.tensor([position], device=CUDA) if on_device else position
     got = attention_ops.decode_attention(q, k, v, where, window)
+    assert got.shape == expected.shape and torch.isfinite(got).all()
+    assert rel(got, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dim, heads, kv_heads", [(128, 32, 8), (64, 14, 2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("span, position, window, on_device", [
+    (64, 40, None, False), (512, 300, None, True), (1024, 1000, 100, True), (4096, 4095, None, True),
+])
+@pytest.mark.parametrize("chunk, ranks", [("32", "8"), ("64", "8"), ("64", "1"), ("32", "2"), ("64", "16")])
+def test_decode_attention_skips_each_rows_left_padding(dim, heads, kv_heads, dtype, span, position, window, on_device,
+                                                       chunk, ranks, monkeypatch):  # fmt: skip
+    """A left-padded batch (BatchGenerator's unequal prompts): row b's first pad[b] keys are padding, NaN here, and
+    must not be read (nor, with a window, keys `window` or more before the token); against SDPA with the torch path's
+    mask of each row, which lets a row see its own token whatever its padding. Pads from none to all but the token,
+    some inside the window, one past its start, one past the token (that row sees the token alone)."""
+    from exlq.runtime.attention import attend
+    from exlq.runtime.kernels import attention_ops
+
+    monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", chunk)
+    monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
+    pads = torch.tensor([0, 17, min(position, 930), position, position + 3], device=CUDA)
+    bsz = pads.numel()
+    gen = torch.Generator(device=CUDA).manual_seed(span + position)
+    buffers = [torch.randn(bsz, kv_heads, span + 64, dim, device=CUDA, generator=gen).to(dtype) for _ in range(2)]
+    keys = torch.arange(span + 64, device=CUDA)
+    allowed = ((keys <= position) & ((position - keys < window) if window else True)
+               & ((keys[None] >= pads[:, None]) | (keys == position)))
+    clean = [b.clone() for b in buffers]
+    for buffer in buffers:
+        buffer.transpose(1, 2)[~allowed] = float("nan")  # every key a row must not read, in all its heads
+    k, v = (b[:, :, :span] for b in buffers)
+    q = (torch.randn(bsz, heads, 1, dim, device=CUDA, generator=gen) * 2).to(dtype)
+    mask = torch.zeros(bsz, 1, 1, span, device=CUDA, dtype=dtype)
+    mask.masked_fill_(~allowed[:, None, None, :span], float("-inf"))
+    expected = attend(q, clean[0][:, :, :span], clean[1][:, :, :span], mask, False)
+    where = torch.tensor([position], device=CUDA) if on_device else position
+    got = attention_ops.decode_attention(q, k, v, where, window, pads)
     assert got.shape == expected.shape and torch.isfinite(got).all()
     assert rel(got, expected) < TOLERANCE[dtype]
 
@@ -999,6 +1037,47 @@ def test_attention_kernel_graphs_across_the_long_span(tmp_path, monkeypatch):
         if graphs == "1":
             assert sorted(key[3] for key in model.decode_graphs._graphs) == [attention_ops.LONG_SPAN, 2100]
     assert rel(results["1"], results["0"]) < 2e-3
+
+
+def test_left_padded_decode_on_the_attention_kernel_equals_sdpa(tmp_path, monkeypatch):
+    """A left-padded batch decodes on the attention kernel (each row's padding skipped; every call gets the pads),
+    eager and from one graph for the cache's whole span (steps across position 256, where SDPA's spans end), with the
+    logits of eager SDPA steps under the padding mask."""
+    from exlq.runtime.kernels import attention_ops
+    from tiny_models import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path / "llama", "llama", seed=5, hidden_size=128, num_attention_heads=2,
+                               num_key_value_heads=1)
+    model = load_model(path, device="cuda", dtype="fp16")
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, model.config.vocab_size, (3, 250), generator=gen)
+    steps = torch.randint(0, model.config.vocab_size, (3, 12), generator=gen)
+    pad = torch.tensor([0, 9, 231])
+    calls = []
+    kernel_attention = attention_ops.decode_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[5] if len(args) > 5 else kwargs.get("pad_lengths"))
+        return kernel_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention_ops, "decode_attention", counted)
+    results = {}
+    for graphs, kernel in (("0", "0"), ("0", "1"), ("1", "1")):
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
+        monkeypatch.setenv("EXLQ_DECODE_ATTENTION", kernel)
+        model.decode_graphs.clear()
+        calls.clear()
+        cache = model.new_cache(600, batch_size=3)
+        model(ids, cache, max_output_len=0, pad_lengths=pad)
+        results[graphs + kernel] = torch.cat([model(steps[:, i : i + 1], cache) for i in range(12)], dim=1).float()
+        if kernel == "1":  # eager: every layer of every step; graphs: the captured step's layers
+            assert calls and all(p is not None and p.tolist() == pad.tolist() for p in calls)
+        else:
+            assert not calls
+        if graphs == "1":
+            assert [key[3] for key in model.decode_graphs._graphs] == [600], "one graph for the whole span"
+    assert rel(results["01"], results["00"]) < 2e-3
+    assert rel(results["11"], results["00"]) < 2e-3
 
 
 def test_speculative_with_graphs_equals_plain_greedy(tiny_model_dirs):

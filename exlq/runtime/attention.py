@@ -62,9 +62,10 @@ class AttentionBatch:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
         """Attention of this forward's queries q [B, H, T, D] over k, v [B, Hkv, K, D]: a one-token step on the GPU
-        takes the decode kernel, which reads keys up to the token's position only; everything else SDPA."""
-        if kernels.applies(q) and attention_ops.applies(q, k, v, self.pad_lengths is not None):  # one token, etc.
-            return attention_ops.decode_attention(q, k, v, self.cache_position(), window)
+        takes the decode kernel, which reads keys from each row's first unpadded one up to the token's position only;
+        everything else SDPA."""
+        if kernels.applies(q) and attention_ops.applies(q, k, v):  # one token, etc.
+            return attention_ops.decode_attention(q, k, v, self.cache_position(), window, self.pad_lengths)
         mask, is_causal = self.mask(window)
         return attend(q, k, v, mask, is_causal)
 

@@ -102,14 +102,14 @@ def step_span(cache: KVCache, tokens: int, heads: int) -> int:
     """The attention span of a captured step of `tokens` tokens from `cache.seq_len` (part of its graph's key), for a
     model of `heads` query heads.
 
-    A one-token step into an unquantized cache without left padding takes the one-token attention kernel, which reads
+    A one-token step into an unquantized cache (left-padded or not) takes the one-token attention kernel, which reads
     keys up to the token only and whose launch depends on the span only through its cluster size: its span is
     `attention_ops.graph_span`, so a generation captures one graph, or two (each capture costs 40-60 ms of host time
     on the H200; one every 256 tokens cost a 1024-token generation 8-17 % of its decode rate, docs/benchmarks.md,
     sessions 27-28). Elsewhere the step reads its whole span (SDPA's masked keys, a quantized cache's dequantized
     prefix): the step's end rounded up to a multiple of BUCKET."""
     end = cache.seq_len + tokens
-    reads_to_token = (tokens == 1 and cache.pad_lengths is None and not cache.cache_type.quantized
+    reads_to_token = (tokens == 1 and not cache.cache_type.quantized
                       and cache.dtype in kernels.ACTIVATION_TAGS and kernels.enabled(cache.device)
                       and attention_ops.enabled() and attention_ops.takes_heads(cache.head_dim, heads, cache.num_kv_heads))  # fmt: skip
     if reads_to_token:

@@ -161,6 +161,10 @@ class DecoderOnlyLM(nn.Module):
         input_ids = input_ids.to(self._device)
         bsz, new_len = input_ids.shape
         past_len = 0
+        if pad_lengths is not None:  # one int64 a row on the model's device, as every consumer indexes it
+            if tuple(pad_lengths.shape) != (bsz,):
+                raise ExlqError(f"pad_lengths needs one length a row ({bsz}), got shape {tuple(pad_lengths.shape)}")
+            pad_lengths = pad_lengths.to(self._device, torch.int64).contiguous()
         if cache is not None:
             if cache.num_layers != self.num_cache_layers:
                 raise ExlqError(
@@ -172,10 +176,8 @@ class DecoderOnlyLM(nn.Module):
             if pad_lengths is not None:
                 if past_len:
                     raise ExlqError("pad_lengths can only be set on the first forward into an empty cache")
-                cache.pad_lengths = pad_lengths.to(self._device)
+                cache.pad_lengths = pad_lengths
             pad_lengths = cache.pad_lengths
-        elif pad_lengths is not None:
-            pad_lengths = pad_lengths.to(self._device)
         if graphs_wanted(self, cache, bsz, new_len, max_output_len, graph_step):
             logits = self.decode_graphs.run(self, input_ids, cache)
             cache.seq_len = past_len + new_len

@@ -45,14 +45,14 @@ def takes_heads(head_dim: int, heads: int, kv_heads: int) -> bool:
     return head_dim in HEAD_DIMS and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padded: bool) -> bool:
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a step's attention (q [B, Hq, T, D] on a kernel-enabled GPU, `kernels.applies`; k and v
-    [B, Hkv, span, D]) can take the kernel: one token, no left padding, a head size and group it was built for,
-    keys and values as 16-byte aligned rows of D contiguous elements."""
+    [B, Hkv, span, D]) can take the kernel: one token, a head size and group it was built for, keys and values as
+    16-byte aligned rows of D contiguous elements (a left-padded batch too: the kernel skips each row's padding)."""
     bsz, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     return (
-        enabled() and length == 1 and not padded and takes_heads(dim, heads, kv_heads)
+        enabled() and length == 1 and takes_heads(dim, heads, kv_heads)
         and k.dtype == q.dtype == v.dtype and k.stride() == v.stride()
         and k.stride(3) == 1 and k.stride(2) == dim and k.stride(1) % 8 == 0 and k.stride(0) % 8 == 0
         and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0 and bsz * k.stride(0) < 2**31
@@ -94,11 +94,14 @@ def graph_span(end: int, capacity: int) -> int:
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor | int, window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor | int, window: int | None,
+    pad_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ/√D) v for one token: q [B, Hq, 1, D]; k, v [B, Hkv, span, D]; `position` (an int, or a [1]
     int64 device tensor in CUDA graphs, below span) the token's cache position: keys after it are not read, nor keys
-    `window` or more before it. Returns [B, Hq, 1, D]."""
+    `window` or more before it, nor the first pad_lengths[b] keys of row b (a left-padded batch: [B] contiguous int64
+    on q's device, as model.forward makes the cache's and the graphs keep theirs; a row sees its own token whatever
+    its padding, as attention.build_mask lets it). Returns [B, Hq, 1, D]."""
     bsz, heads, _, dim = q.shape
     kv_heads, span = k.shape[1], k.shape[2]
     if isinstance(position, int) and not 0 <= position < span:
@@ -110,7 +113,8 @@ def decode_attention(
     name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk_size()}>"
     function = kernel(SOURCE, INSTANCES, name, q.device)
     arguments = (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
-                 0 if device_position is not None else position, window or 0, math.log2(math.e) / math.sqrt(dim), out)
+                 0 if device_position is not None else position, window or 0, pad_lengths,
+                 math.log2(math.e) / math.sqrt(dim), out)
     count = ranks(q.device, span)
     try:
         launch(function, (bsz * kv_heads, count, 1), (THREADS, 1, 1), arguments, q.device, overlap=True,
