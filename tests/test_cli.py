@@ -266,6 +266,15 @@ def test_infer_seeded_sampling_is_reproducible_including_stdin_prompt(capsys, ti
         runs.append(parse_one_json(out))
     assert runs[0]["text"] == runs[1]["text"]
     assert runs[0]["seed"] == 5
+    # Unseeded, the seed drawn is reported, and --seed with it replays the run.
+    unseeded = [o for o in SEEDED_OPTIONS if o not in ("--seed", 5)]
+    code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", PROMPT, *unseeded)
+    assert code == 0, err
+    drawn = parse_one_json(out)
+    assert isinstance(drawn["seed"], int) and f"seed {drawn['seed']}" in err
+    code, out, err = cli(capsys, "infer", tiny_llama_dir, "-p", PROMPT, *unseeded, "--seed", drawn["seed"])
+    assert code == 0, err
+    assert parse_one_json(out)["text"] == drawn["text"]
     # A real process reading the prompt from stdin samples the same tokens.
     result = real_runs["infer_stdin"]  # infer MODEL --prompt-file - SEEDED_OPTIONS, PROMPT on stdin
     assert result.returncode == 0, result.stderr
@@ -514,14 +523,16 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
         ([], ["--prompt"], False),
         (["-p", "hi", "--prompt-file", __file__], ["--prompt", "--prompt-file"], False),
         (["-p", "hi", "--format", "nope"], ["nope", "raw", "chatml"], False),
-        (["-p", "hi", "--top-p", 1.5], ["top_p", "1.5"], False),
+        (["-p", "hi", "--top-p", 1.5], ["--top-p 1.5"], False),
         (["-p", "hi", "--dtype", "fp8"], ["fp8", "fp16"], False),
         (["-p", "hi", "--device", "cuda"], ["cuda", "--device cpu"], False),
         (["-p", "hi", "--max-new-tokens", "many"], ["--max-new-tokens"], False),
         (["-p", "hi", "--max-new-tokens", 0], ["--max-new-tokens"], False),
         (["-p", "hi", "--max-seq-len", 0], ["--max-seq-len"], False),
-        (["-p", "hi", "--seed", -1], ["seed"], False),
-        (["-p", "hi", "--temperature", -0.5], ["temperature"], False),
+        (["-p", "hi", "--seed", -1], ["--seed -1"], False),
+        (["-p", "hi", "--temperature", -0.5], ["--temperature -0.5"], False),
+        (["-p", "hi", "--repetition-range", -2], ["--repetition-range -2"], False),
+        (["-p", "", "--format", "raw"], ["prompt is empty"], False),
         (["--prompt-file", "/nonexistent/prompt.txt"], ["/nonexistent/prompt.txt"], False),
         (["-p", "hi", "--score-choices", "a,b", "--choice-values", "1"], ["1 numbers", "2 choices"], False),
         (["-p", "hi", "--score-choices", "a,b", "--choice-values", "x,y"], ["--choice-values"], False),

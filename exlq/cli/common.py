@@ -54,6 +54,11 @@ def load_model_and_tokenizer(model_dir: Path, device: str, dtype: str, layers: s
     return model, tokenizer
 
 
+def option_name(field: str) -> str:
+    """How an error names a setting the CLI took as an option: "--top-p " for the field top_p."""
+    return f"--{field.replace('_', '-')} "
+
+
 def split_list(value: str | None) -> list[str]:
     """'A,B, C' -> ['A', 'B', 'C'] (blank items dropped)."""
     return [item.strip() for item in value.split(",") if item.strip()] if value else []

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from exlq.cli.common import CacheBitsOpt, DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, stderr
+from exlq.cli.common import CacheBitsOpt, DeviceOpt, dtype_name, DtypeOpt, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, option_name, print_json, stderr
 from exlq.cli.progress import StepCounter, stage_progress
 
 SAMPLING = "Sampling"
@@ -67,7 +67,9 @@ def eval_humaneval(
         workers=default_workers() if workers is None else workers,
     )  # fmt: skip
     config.validate()
-    sampler = Sampler(SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
+    settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    settings.validate(option_name)
+    sampler = Sampler(settings)
     problems = select_problems(load_problems(), tasks, limit)
     if sampler.settings.greedy and samples_per_task > 1:
         stderr.print(f"[yellow]greedy decoding: the {samples_per_task} samples per problem will be identical[/yellow]")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from exlq.cli.common import CacheBitsOpt, CacheOpt, DeviceOpt, dtype_name, DtypeOpt, INFER_SAMPLING, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, print_json, split_list, stderr
+from exlq.cli.common import CacheBitsOpt, CacheOpt, DeviceOpt, dtype_name, DtypeOpt, INFER_SAMPLING, JsonOpt, LayersOpt, ModelArg, load_model_and_tokenizer, option_name, print_json, split_list, stderr
 from exlq.errors import ExlqError
 
 SAMPLING = "Sampling"
@@ -60,7 +60,7 @@ def infer(
     from exlq.runtime.kv_quant import parse_cache_type
     from exlq.runtime.lora import load_lora, set_loras
     from exlq.runtime.prompt_format import FORMATS, format_prompt, prompt_encoding, resolve_format, stop_strings_for
-    from exlq.runtime.sampler import SamplerSettings
+    from exlq.runtime.sampler import Sampler, SamplerSettings
 
     # Everything that can be checked without the model is checked before loading it.
     user_text = _read_prompt(prompt, prompt_file)
@@ -78,7 +78,9 @@ def infer(
         repetition_range=repetition_range,
         seed=seed,
     )
-    settings.validate()
+    settings.validate(option_name)
+    if not user_text and prompt_format == "raw" and not system:
+        raise ExlqError("the prompt is empty: --format raw sends it as it is, and a model needs at least one token")
     if max_seq_len is not None and max_seq_len < 1:
         raise ExlqError(f"--max-seq-len must be positive (got {max_seq_len})")
     cache_type = parse_cache_type(cache, cache_bits)
@@ -124,9 +126,10 @@ def infer(
         out.write(text)
         out.flush()
 
+    sampler = Sampler(settings)  # its seed (drawn when --seed is unset) is reported, so a sampled run can be replayed
     result = generator.generate(
         prompt_ids,
-        sampler=settings,
+        sampler=sampler,
         max_new_tokens=max_new_tokens,
         stop_strings=[*stop_strings_for(fmt), *(stop or [])],
         on_text=show,
@@ -136,7 +139,8 @@ def infer(
         f"[dim]{result.prompt_tokens} prompt tokens, {result.new_tokens} new; first token after "
         f"{result.time_to_first_token:.2f} s, {result.decode_tokens_per_second:.1f} tokens/s; stop: {result.stop_reason}"
         + (f"; draft accepted {result.draft_accepted}/{result.draft_proposed}" if draft else "")
-        + (f"; {cache_type.name} KV cache" if cache_type.quantized else "") + "[/dim]"
+        + (f"; {cache_type.name} KV cache" if cache_type.quantized else "")
+        + ("" if settings.greedy else f"; seed {sampler.seed}") + "[/dim]"
     )
     if json_output:
         print_json(
@@ -147,7 +151,7 @@ def infer(
                 "stop_reason": result.stop_reason,
                 "time_to_first_token_s": round(result.time_to_first_token, 4),
                 "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
-                "seed": settings.seed,
+                "seed": None if settings.greedy else sampler.seed,
                 **({"draft": str(draft), "draft_proposed": result.draft_proposed, "draft_accepted": result.draft_accepted} if draft else {}),
             }
         )

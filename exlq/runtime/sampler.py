@@ -38,23 +38,25 @@ class SamplerSettings:
     repetition_range: int = -1  # most recent history tokens penalized; -1 = all, 0 = off
     seed: int | None = None  # None = fresh entropy per Sampler
 
-    def validate(self) -> None:
-        """Raise ExlqError naming the first out-of-range option, so the CLI can report it."""
-        _check_real("temperature", self.temperature, lambda v: v >= 0, "must be >= 0 (0 = greedy)")
-        _check_int("top_k", self.top_k, "must be >= 0 (0 = off)", minimum=0)
-        _check_real("top_p", self.top_p, lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)")
-        _check_real("min_p", self.min_p, lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)")
+    def validate(self, name: Callable[[str], str] = lambda field: f"{field}=") -> None:
+        """Raise ExlqError naming the first out-of-range setting, so the CLI can report it; `name(field)` is how the
+        message names it (the field by default, "temperature=-1.0"; the CLI passes its option, "--temperature -1.0")."""
+        _check_real(name("temperature"), self.temperature, lambda v: v >= 0, "must be >= 0 (0 = greedy)")
+        _check_int(name("top_k"), self.top_k, "must be >= 0 (0 = off)", minimum=0)
+        _check_real(name("top_p"), self.top_p, lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)")
+        _check_real(name("min_p"), self.min_p, lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)")
         _check_real(
-            "repetition_penalty",
+            name("repetition_penalty"),
             self.repetition_penalty,
             lambda v: v > 0,
             "must be > 0 (1 = off, > 1 discourages repeats)",
         )
-        _check_int("repetition_range", self.repetition_range, "must be >= -1 (-1 = whole history, 0 = off)", minimum=-1)
+        _check_int(name("repetition_range"), self.repetition_range, "must be >= -1 (-1 = whole history, 0 = off)",
+                   minimum=-1)
         if self.seed is not None:
-            _check_int("seed", self.seed, "must be an integer in [0, 2**64) or unset", minimum=0)
+            _check_int(name("seed"), self.seed, "must be an integer in [0, 2**64) or unset", minimum=0)
             if self.seed >= 2**64:
-                raise ExlqError(f"seed={self.seed!r} must be an integer in [0, 2**64) or unset")
+                raise ExlqError(f"{name('seed')}{self.seed!r} must be an integer in [0, 2**64) or unset")
 
     @property
     def greedy(self) -> bool:
@@ -78,12 +80,12 @@ class SamplerSettings:
 def _check_real(name: str, value: object, in_range: Callable[[float], bool], rule: str) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value) or not in_range(value):  # type: ignore[arg-type]
-        raise ExlqError(f"{name}={value!r} is out of range: it {rule}")
+        raise ExlqError(f"{name}{value!r} is out of range: it {rule}")
 
 
 def _check_int(name: str, value: object, rule: str, *, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ExlqError(f"{name}={value!r} is out of range: it {rule}")
+        raise ExlqError(f"{name}{value!r} is out of range: it {rule}")
 
 
 # ---------------------------------------------------------------------------------------------
