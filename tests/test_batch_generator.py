@@ -76,8 +76,10 @@ def test_max_seq_len_stops_every_row(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = [tokenizer.encode(p, add_bos=True) for p in PROMPTS[:2]]
     longest = max(len(p) for p in prompts)
-    result = BatchGenerator(model, tokenizer, max_seq_len=longest + 3).generate(prompts, sampler=GREEDY, max_new_tokens=20, eos_ids=[])
-    assert all(r.stop_reason == "max_seq_len" and len(r.token_ids) == 4 for r in result.rows)
+    for new_tokens in (20, 10**12):  # a huge limit allocates nothing beyond the cache
+        result = BatchGenerator(model, tokenizer, max_seq_len=longest + 3).generate(prompts, sampler=GREEDY,
+                                                                                    max_new_tokens=new_tokens, eos_ids=[])
+        assert all(r.stop_reason == "max_seq_len" and len(r.token_ids) == 4 for r in result.rows)
 
 
 def test_bad_input(model_and_tokenizer):
@@ -89,5 +91,7 @@ def test_bad_input(model_and_tokenizer):
         gen.generate([[1], []])
     with pytest.raises(ExlqError, match="max_seq_len"):
         gen.generate([list(range(1, 12))])
+    with pytest.raises(ExlqError, match="max_seq_len"):
+        BatchGenerator(model, tokenizer, max_seq_len=0)
     with pytest.raises(ExlqError):  # unknown everywhere; without quantized caches any non-fp16 type is refused
         BatchGenerator(model, tokenizer, cache_type="q5x").generate([[1, 2]], max_new_tokens=2)

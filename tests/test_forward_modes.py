@@ -84,6 +84,7 @@ def test_pad_lengths_need_one_length_a_row(model):
         with pytest.raises(ExlqError, match="one length a row"):
             model(ids, model.new_cache(8, batch_size=2), pad_lengths=pad)
     assert model(ids, pad_lengths=torch.tensor([1, 0], dtype=torch.int32)).shape[0] == 2
+    assert torch.equal(model(ids, pad_lengths=[1, 0]), model(ids, pad_lengths=torch.tensor([1, 0])))  # a list too
 
 
 def test_truncate_rewinds_cache(model):
@@ -145,3 +146,10 @@ def test_pinned_decode_backend_gives_the_same_attention(monkeypatch):
     reference = (scores.softmax(-1) @ v[:, :, keep]).reshape(2, 8, 1, 64)
     torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(expected, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_load_model_refuses_an_unsupported_torch_dtype(tiny_model_dirs):
+    from exlq.runtime.loader import load_model
+
+    with pytest.raises(ExlqError, match="not supported"):
+        load_model(tiny_model_dirs["llama"], device="cpu", dtype=torch.int8)

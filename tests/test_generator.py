@@ -209,3 +209,53 @@ def test_common_prefix_length_matches_the_id_by_id_count():
         a = [rng.randint(0, 2) for _ in range(rng.randint(0, 12))]
         b = a[: rng.randint(0, len(a))] + [rng.randint(0, 2) for _ in range(rng.randint(0, 12))]
         assert common_prefix_length(a, b) == common_prefix_length(tuple(b), a) == reference(a, b)
+
+
+def test_a_changed_model_is_not_served_from_the_old_cache(tiny_llama_dir):
+    """After set_layer_order (or set_loras: both go through the model's `revision`) the generator's cached keys and
+    values are stale: the next generation equals a fresh generator's, and a new layer count gets a cache of its own."""
+    model, tokenizer = load_model(tiny_llama_dir, device="cpu"), Tokenizer.from_dir(tiny_llama_dir)
+    prompt = tokenizer.encode("The capital of France is a city named", add_bos=True)
+    generator = Generator(model, tokenizer, max_seq_len=64)
+    generator.generate(prompt, sampler=GREEDY, max_new_tokens=4, eos_ids=[])
+    layers = len(model.model.layers)
+    for order in (list(reversed(range(layers))), [0, *range(layers)]):  # same count, then one more
+        model.set_layer_order(order)
+        result = generator.generate(prompt, sampler=GREEDY, max_new_tokens=6, eos_ids=[])
+        fresh = Generator(model, tokenizer, max_seq_len=64).generate(prompt, sampler=GREEDY, max_new_tokens=6, eos_ids=[])
+        assert result.token_ids == fresh.token_ids == greedy_reference(model, prompt, 6)
+        assert result.reused_tokens == 0 and generator.cache.num_layers == len(order)
+    again = generator.generate(prompt, sampler=GREEDY, max_new_tokens=6, eos_ids=[])
+    assert again.reused_tokens == len(prompt) - 1  # unchanged since: reused as before
+
+
+def test_api_misuse_is_refused_with_a_clear_error(generator, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("Hello", add_bos=True)
+    with pytest.raises(ExlqError, match="max_new_tokens"):
+        generator.generate(prompt, max_new_tokens=2.0)
+    with pytest.raises(ExlqError, match="outside the vocabulary"):
+        generator.generate([*prompt, model.config.vocab_size], max_new_tokens=2)
+    with pytest.raises(ExlqError, match="labels"):
+        generator.score_choices(prompt, [[5], [6], [7]], labels=["a", "b"])
+    with pytest.raises(ExlqError, match="max_seq_len"):
+        Generator(model, tokenizer, max_seq_len=0)
+    with pytest.raises(ExlqError, match="input_ids"):
+        model(torch.tensor(prompt))
+    with pytest.raises(ExlqError, match="max_output_len"):
+        model(torch.tensor([prompt]), max_output_len=-1)
+
+
+def test_a_huge_max_new_tokens_is_bounded_by_the_cache(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("Once upon a time", add_bos=True)
+    result = Generator(model, tokenizer, max_seq_len=24).generate(prompt, sampler=GREEDY, max_new_tokens=10**12,
+                                                                   eos_ids=[])
+    assert result.stop_reason == "max_seq_len" and result.new_tokens == 24 - len(prompt) + 1
+
+
+def test_a_tensor_prompt_is_taken_as_its_ids(generator, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    prompt = tokenizer.encode("The quick brown fox", add_bos=True)
+    as_list = generator.generate(prompt, sampler=GREEDY, max_new_tokens=5, eos_ids=[]).token_ids
+    assert generator.generate(torch.tensor(prompt), sampler=GREEDY, max_new_tokens=5, eos_ids=[]).token_ids == as_list

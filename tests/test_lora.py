@@ -59,7 +59,9 @@ def test_adapters_equal_merged_weights_and_unset_restores(tiny_model_dirs, tmp_p
     first = write_adapter(tmp_path / "a", model, rank=4, alpha=8, seed=1)
     second = write_adapter(tmp_path / "b", model, rank=2, alpha=4, seed=2, modules=MODULES[:2],
                            config={"use_rslora": True, "alpha_pattern": {"v_proj": 16}})  # fmt: skip
+    revision = model.revision
     set_loras(model, [load_lora(first, 0.5), load_lora(second)])
+    assert model.revision > revision  # a Generator's cached keys and values are then stale (test_generator)
     got = model(ids, max_output_len=None)
 
     merged = load_model(source, device="cpu", dtype=torch.float64)

@@ -185,3 +185,12 @@ def test_acceptance_and_correction_follow_speculative_sampling():
         accepted, fixed = SpeculativeGenerator._accept(sampler, main_logits, q, drafts, history, 3)
         counts[int(accepted), int(fixed)] += 1
     assert 0.5 * float((counts / trials - expected).abs().sum()) < 0.04
+
+
+def test_the_draft_needs_a_generator_of_its_own(pair):
+    main, _, _ = generators(pair)
+    with pytest.raises(ExlqError, match="own"):
+        SpeculativeGenerator(main, main)
+    main_again, _, _ = generators(pair)
+    result = SpeculativeGenerator(main, main_again).generate([1, 5, 9], sampler=SamplerSettings(), max_new_tokens=10**12)
+    assert result.stop_reason in ("max_seq_len", "eos") and result.new_tokens <= 64

@@ -57,7 +57,9 @@ class BatchGenerator:
                  cache_type: CacheType | str = DEFAULT_CACHE):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len or model.config.max_position_embeddings
+        self.max_seq_len = model.config.max_position_embeddings if max_seq_len is None else max_seq_len
+        if self.max_seq_len < 1:
+            raise ExlqError(f"max_seq_len must be at least 1 (got {self.max_seq_len})")
         self.cache_type = cache_type
 
     def generate(
@@ -86,11 +88,12 @@ class BatchGenerator:
         sinks = [TokenSink(self.tokenizer, stop_strings, eos_ids, texts[i].append, max_new_tokens) for i in range(rows)]
         device = self.model.device
         # Prompt + room for every new token (never more than max_seq_len), filled in place.
-        history = torch.full((rows, longest + max_new_tokens), -1, dtype=torch.long, device=device)
+        room = min(max_new_tokens, self.max_seq_len - longest + 1)
+        history = torch.full((rows, longest + room), -1, dtype=torch.long, device=device)
         pads = [longest - len(p) for p in prompts]
         for i, p in enumerate(prompts):
             history[i, pads[i] : longest] = torch.tensor(list(p), dtype=torch.long)
-        cache = KVCache.for_model(self.model, min(self.max_seq_len, longest + max_new_tokens), rows,
+        cache = KVCache.for_model(self.model, min(self.max_seq_len, longest + room), rows,
                                   cache_type=self.cache_type)
         pad_lengths = torch.tensor(pads) if any(pads) else None  # equal prompts need no padding masks
         logits = self._prefill(history[:, :longest].clamp(min=0), pad_lengths, cache)

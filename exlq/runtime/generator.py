@@ -70,8 +70,8 @@ class TokenSink:
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str], eos_ids: Sequence[int] | None,
                  on_text: Callable[[str], None] | None, max_new_tokens: int):  # fmt: skip
-        if max_new_tokens < 1:
-            raise ExlqError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ExlqError(f"max_new_tokens must be an integer of at least 1 (got {max_new_tokens!r})")
         self.eos = set(tokenizer.eos_token_ids if eos_ids is None else eos_ids)
         self.decoder = StreamDecoder(tokenizer)
         self.stops = StopStrings(list(stop_strings))
@@ -174,8 +174,10 @@ class Generator:
         """`cache_type`: fp16 (default), a quantized CacheType, or its name ("q4"); see kv_quant."""
         self.model = model
         self.tokenizer = tokenizer
-        self.cache = KVCache.for_model(model, max_seq_len or model.config.max_position_embeddings, cache_type=cache_type)
+        length = model.config.max_position_embeddings if max_seq_len is None else max_seq_len
+        self.cache = KVCache.for_model(model, length, cache_type=cache_type)
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self._revision = model.revision  # the model's, when the cache's keys/values were computed
         self.tokens_processed = 0  # every token ever run through the model by this generator
 
     @property
@@ -206,8 +208,19 @@ class Generator:
         self.cache.truncate(length)
         del self._cached_ids[length:]
 
+    def follow_model(self) -> None:
+        """Start over if the model changed since the cache was filled (set_loras, set_layer_order: `revision`): its
+        keys and values are stale, and a new layer order needs a cache of its own size."""
+        if self.model.revision == self._revision:
+            return
+        if self.cache.num_layers != self.model.num_cache_layers:
+            self.cache = KVCache.for_model(self.model, self.cache.max_seq_len, cache_type=self.cache.cache_type)
+        self.rewind(0)
+        self._revision = self.model.revision
+
     def sync(self, ids: Sequence[int]) -> None:
         """Make the cache hold exactly `ids`, running only what is not cached yet (no logits)."""
+        self.follow_model()
         self.rewind(common_prefix_length(self._cached_ids, ids))
         pending = list(ids[len(self._cached_ids) :])
         for start in range(0, len(pending), PREFILL_CHUNK):
@@ -216,12 +229,16 @@ class Generator:
     @property
     def cached_ids(self) -> list[int]:
         """The tokens whose keys/values the cache holds (read-only view by convention)."""
+        self.follow_model()
         return self._cached_ids
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
-        """A prompt must hold at least one token and fit the cache."""
-        if not prompt_ids:
+        """A prompt must hold at least one token id of the vocabulary and fit the cache."""
+        if len(prompt_ids) == 0:
             raise ExlqError("the prompt is empty after tokenization")
+        vocab = self.model.config.vocab_size
+        if (bad := next((t for t in prompt_ids if not 0 <= int(t) < vocab), None)) is not None:
+            raise ExlqError(f"token id {int(bad)} is outside the vocabulary (0..{vocab - 1})")
         if len(prompt_ids) > self.max_seq_len:
             raise ExlqError(
                 f"the prompt has {len(prompt_ids)} tokens but max_seq_len is {self.max_seq_len}; "
@@ -235,6 +252,7 @@ class Generator:
     def _prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, int]:
         """prefill(), also returning how many prompt tokens were already cached."""
         self.check_prompt(prompt_ids)
+        self.follow_model()
         # Keep at least one token to run: its logits are the ones we need.
         keep = min(common_prefix_length(self._cached_ids, prompt_ids), len(prompt_ids) - 1)
         self.rewind(keep)
@@ -261,11 +279,13 @@ class Generator:
         """
         if not isinstance(sampler, Sampler):
             sampler = Sampler(sampler or SamplerSettings())
+        prompt_ids = [int(t) for t in prompt_ids]  # a list, a tuple or a 1-D tensor
         sink = TokenSink(self.tokenizer, stop_strings, eos_ids, on_text, max_new_tokens)
         start = time.perf_counter()
         logits, reused = self._prefill(prompt_ids)
-        # Prompt + room for every new token, filled in place: no per-token reallocation.
-        history = torch.empty(1, len(prompt_ids) + max_new_tokens, dtype=torch.long, device=self.model.device)
+        # Prompt + room for every new token the cache allows, filled in place: no per-token reallocation.
+        room = min(max_new_tokens, self.max_seq_len - len(prompt_ids) + 1)
+        history = torch.empty(1, len(prompt_ids) + room, dtype=torch.long, device=self.model.device)
         history[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
         length = len(prompt_ids)
         reader = TokenReader(self.model.device)
@@ -329,6 +349,8 @@ class Generator:
             raise ExlqError("every choice must be a non-empty continuation")
         if values is not None and len(values) != len(choice_ids):
             raise ExlqError(f"got {len(values)} values for {len(choice_ids)} choices")
+        if len(labels) != len(choice_ids):
+            raise ExlqError(f"got {len(labels)} labels for {len(choice_ids)} choices")
         first_logprobs = torch.log_softmax(self.prefill(prompt_ids).float(), dim=-1)[0]
         base = len(self._cached_ids)
         totals = []

@@ -39,7 +39,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """'auto' is fp16 on GPUs (fast, halves memory) and fp32 on CPUs (fp16 matmuls are slow there)."""
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype):  # float64 too: references and tests compute in it
+        if dtype not in (*DTYPES.values(), torch.float64):
+            raise ExlqError(f"dtype {dtype} is not supported; use torch.float16, torch.bfloat16 or torch.float32")
         return dtype
     if dtype is None or dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32

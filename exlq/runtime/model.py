@@ -43,6 +43,9 @@ class DecoderOnlyLM(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, self._device)
         self.layer_order: list[int] = list(range(config.num_hidden_layers))
         self.decode_graphs = DecodeGraphs()
+        #: Bumped by every change of what the model computes (layer order, a swapped module such as a LoRA
+        #: adapter): keys and values cached before it are stale (Generator starts over when it changes).
+        self.revision = 0
 
     # ----- construction; architectures override the pieces that differ -----
 
@@ -122,6 +125,7 @@ class DecoderOnlyLM(nn.Module):
             raise ExlqError(f"layer order must list layers 0..{count - 1} (got {order})")
         self.layer_order = list(order)
         self.decode_graphs.clear()
+        self.revision += 1
 
     def new_cache(self, max_seq_len: int, batch_size: int = 1, cache_type=None) -> KVCache:
         """A KV cache for this model; `cache_type` as `KVCache.for_model` takes it (None: fp16)."""
@@ -136,6 +140,7 @@ class DecoderOnlyLM(nn.Module):
             raise ExlqError(f"model has no module named {name!r}")
         setattr(parent, child, module)
         self.decode_graphs.clear()  # captured steps call the old module
+        self.revision += 1
         return old
 
     # ----- forward -----
@@ -154,14 +159,19 @@ class DecoderOnlyLM(nn.Module):
 
         n = `max_output_len` last positions (None: all; 0: no logits, prefill only). With a cache,
         the new keys/values are appended and `cache.seq_len` advances by T. `pad_lengths` [B]
-        gives the number of left-pad tokens per row; with a cache it is set on the first call.
+        gives the number of left-pad tokens per row (a tensor or a list); with a cache it is set on the first call.
         `graph_step`: replay a CUDA graph for this multi-token call too, where graphs apply (worth it
         for calls repeated with one length, e.g. speculative verification; one-token steps always do).
         """
         input_ids = input_ids.to(self._device)
+        if input_ids.dim() != 2:
+            raise ExlqError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if max_output_len is not None and max_output_len < 0:
+            raise ExlqError(f"max_output_len must be >= 0 or None (all positions), got {max_output_len}")
         bsz, new_len = input_ids.shape
         past_len = 0
         if pad_lengths is not None:  # one int64 a row on the model's device, as every consumer indexes it
+            pad_lengths = torch.as_tensor(pad_lengths)
             if tuple(pad_lengths.shape) != (bsz,):
                 raise ExlqError(f"pad_lengths needs one length a row ({bsz}), got shape {tuple(pad_lengths.shape)}")
             pad_lengths = pad_lengths.to(self._device, torch.int64).contiguous()

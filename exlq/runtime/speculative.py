@@ -52,6 +52,8 @@ class SpeculativeGenerator:
     def __init__(self, main: Generator, draft: Generator, *, draft_tokens: int = 4, adaptive: bool = True):
         if draft_tokens < 1:
             raise ExlqError(f"draft tokens must be at least 1 (got {draft_tokens})")
+        if main is draft or main.cache is draft.cache:
+            raise ExlqError("the draft needs a Generator of its own (its own cache), even for the same model")
         check_same_vocabulary(main, draft)
         if draft.max_seq_len < main.max_seq_len:
             raise ExlqError(f"the draft cache ({draft.max_seq_len}) must be at least as long as the main one ({main.max_seq_len})")
@@ -75,6 +77,7 @@ class SpeculativeGenerator:
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Generator.generate with the draft's help: same arguments, same result, same distribution."""
+        prompt_ids = [int(t) for t in prompt_ids]  # a list, a tuple or a 1-D tensor
         self.main.check_prompt(prompt_ids)
         if not isinstance(sampler, Sampler):
             sampler = Sampler(sampler or SamplerSettings())
@@ -83,7 +86,8 @@ class SpeculativeGenerator:
         context = list(prompt_ids)
         # Context + room for every new token and a full proposal, filled in place (drafts are
         # written after the context and overwritten when rejected): no per-round tensor building.
-        history = torch.empty(1, len(context) + max_new_tokens + self.max_draft_tokens, dtype=torch.long, device=self.main.model.device)
+        room = min(max_new_tokens, self.main.max_seq_len - len(context) + 1)  # the cache bounds the new tokens
+        history = torch.empty(1, len(context) + room + self.max_draft_tokens, dtype=torch.long, device=self.main.model.device)
         history[0, : len(context)] = torch.tensor(context, dtype=torch.long)
         reused = common_prefix_length(self.main.cached_ids, context[:-1])
         proposed = accepted_total = 0
