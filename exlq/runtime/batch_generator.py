@@ -20,7 +20,7 @@ import torch
 
 from exlq.errors import ExlqError
 from exlq.runtime.cache import KVCache
-from exlq.runtime.generator import PREFILL_CHUNK, TokenSink
+from exlq.runtime.generator import PREFILL_CHUNK, TokenSink, cache_length
 from exlq.runtime.kv_quant import CacheType
 from exlq.runtime.model import DecoderOnlyLM
 from exlq.runtime.sampler import Sampler, SamplerSettings
@@ -57,9 +57,7 @@ class BatchGenerator:
                  cache_type: CacheType | str = DEFAULT_CACHE):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
-        self.max_seq_len = model.config.max_position_embeddings if max_seq_len is None else max_seq_len
-        if self.max_seq_len < 1:
-            raise ExlqError(f"max_seq_len must be at least 1 (got {self.max_seq_len})")
+        self.max_seq_len = cache_length(model, max_seq_len)
         self.cache_type = cache_type
 
     def generate(
@@ -88,7 +86,7 @@ class BatchGenerator:
         sinks = [TokenSink(self.tokenizer, stop_strings, eos_ids, texts[i].append, max_new_tokens) for i in range(rows)]
         device = self.model.device
         # Prompt + room for every new token (never more than max_seq_len), filled in place.
-        room = min(max_new_tokens, self.max_seq_len - longest + 1)
+        room = sinks[0].room(self.max_seq_len, longest)
         history = torch.full((rows, longest + room), -1, dtype=torch.long, device=device)
         pads = [longest - len(p) for p in prompts]
         for i, p in enumerate(prompts):

@@ -81,6 +81,11 @@ class TokenSink:
         self.token_ids: list[int] = []
         self.stop_reason = "max_new_tokens"
 
+    def room(self, max_seq_len: int, prompt_length: int) -> int:
+        """New tokens a history buffer needs after a prompt: the limit, or what a cache of `max_seq_len` lets through
+        (its last token is sampled, never cached), whichever is fewer."""
+        return min(self.max_new_tokens, max_seq_len - prompt_length + 1)
+
     def _emit(self, text: str) -> None:
         if text:
             self.emitted.append(text)
@@ -160,6 +165,14 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
+def cache_length(model: DecoderOnlyLM, max_seq_len: int | None) -> int:
+    """A generator's cache length: `max_seq_len`, or the model's max_position_embeddings when None."""
+    length = model.config.max_position_embeddings if max_seq_len is None else max_seq_len
+    if length < 1:
+        raise ExlqError(f"max_seq_len must be at least 1 (got {length})")
+    return length
+
+
 class Generator:
     """Batch-1 generation and scoring with prefix reuse across calls."""
 
@@ -174,8 +187,7 @@ class Generator:
         """`cache_type`: fp16 (default), a quantized CacheType, or its name ("q4"); see kv_quant."""
         self.model = model
         self.tokenizer = tokenizer
-        length = model.config.max_position_embeddings if max_seq_len is None else max_seq_len
-        self.cache = KVCache.for_model(model, length, cache_type=cache_type)
+        self.cache = KVCache.for_model(model, cache_length(model, max_seq_len), cache_type=cache_type)
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
         self._revision = model.revision  # the model's, when the cache's keys/values were computed
         self.tokens_processed = 0  # every token ever run through the model by this generator
@@ -220,15 +232,15 @@ class Generator:
 
     def sync(self, ids: Sequence[int]) -> None:
         """Make the cache hold exactly `ids`, running only what is not cached yet (no logits)."""
-        self.follow_model()
-        self.rewind(common_prefix_length(self._cached_ids, ids))
+        self.rewind(common_prefix_length(self.cached_ids, ids))
         pending = list(ids[len(self._cached_ids) :])
         for start in range(0, len(pending), PREFILL_CHUNK):
             self.run(pending[start : start + PREFILL_CHUNK], max_output_len=0)
 
     @property
     def cached_ids(self) -> list[int]:
-        """The tokens whose keys/values the cache holds (read-only view by convention)."""
+        """The tokens whose keys/values the cache holds (read-only view by convention), once the cache follows the
+        model (follow_model): every reuse of the cache asks this first."""
         self.follow_model()
         return self._cached_ids
 
@@ -252,9 +264,8 @@ class Generator:
     def _prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, int]:
         """prefill(), also returning how many prompt tokens were already cached."""
         self.check_prompt(prompt_ids)
-        self.follow_model()
         # Keep at least one token to run: its logits are the ones we need.
-        keep = min(common_prefix_length(self._cached_ids, prompt_ids), len(prompt_ids) - 1)
+        keep = min(common_prefix_length(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
         self.rewind(keep)
         pending = list(prompt_ids[keep:])
         while len(pending) > PREFILL_CHUNK:
@@ -284,9 +295,9 @@ class Generator:
         start = time.perf_counter()
         logits, reused = self._prefill(prompt_ids)
         # Prompt + room for every new token the cache allows, filled in place: no per-token reallocation.
-        room = min(max_new_tokens, self.max_seq_len - len(prompt_ids) + 1)
+        room = sink.room(self.max_seq_len, len(prompt_ids))
         history = torch.empty(1, len(prompt_ids) + room, dtype=torch.long, device=self.model.device)
-        history[0, : len(prompt_ids)] = torch.tensor(list(prompt_ids), dtype=torch.long)
+        history[0, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
         length = len(prompt_ids)
         reader = TokenReader(self.model.device)
         token = sampler.sample(logits, history[:, :length])

@@ -124,8 +124,7 @@ class DecoderOnlyLM(nn.Module):
         if not order or any(not 0 <= i < count for i in order):
             raise ExlqError(f"layer order must list layers 0..{count - 1} (got {order})")
         self.layer_order = list(order)
-        self.decode_graphs.clear()
-        self.revision += 1
+        self._changed()
 
     def new_cache(self, max_seq_len: int, batch_size: int = 1, cache_type=None) -> KVCache:
         """A KV cache for this model; `cache_type` as `KVCache.for_model` takes it (None: fp16)."""
@@ -139,9 +138,13 @@ class DecoderOnlyLM(nn.Module):
         if not isinstance(old, nn.Module):
             raise ExlqError(f"model has no module named {name!r}")
         setattr(parent, child, module)
-        self.decode_graphs.clear()  # captured steps call the old module
-        self.revision += 1
+        self._changed()
         return old
+
+    def _changed(self) -> None:
+        """What the model computes changed: captured steps call the old modules, cached keys/values are stale."""
+        self.decode_graphs.clear()
+        self.revision += 1
 
     # ----- forward -----
 

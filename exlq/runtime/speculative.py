@@ -52,7 +52,7 @@ class SpeculativeGenerator:
     def __init__(self, main: Generator, draft: Generator, *, draft_tokens: int = 4, adaptive: bool = True):
         if draft_tokens < 1:
             raise ExlqError(f"draft tokens must be at least 1 (got {draft_tokens})")
-        if main is draft or main.cache is draft.cache:
+        if main.cache is draft.cache:
             raise ExlqError("the draft needs a Generator of its own (its own cache), even for the same model")
         check_same_vocabulary(main, draft)
         if draft.max_seq_len < main.max_seq_len:
@@ -86,7 +86,7 @@ class SpeculativeGenerator:
         context = list(prompt_ids)
         # Context + room for every new token and a full proposal, filled in place (drafts are
         # written after the context and overwritten when rejected): no per-round tensor building.
-        room = min(max_new_tokens, self.main.max_seq_len - len(context) + 1)  # the cache bounds the new tokens
+        room = sink.room(self.main.max_seq_len, len(context))
         history = torch.empty(1, len(context) + room + self.max_draft_tokens, dtype=torch.long, device=self.main.model.device)
         history[0, : len(context)] = torch.tensor(context, dtype=torch.long)
         reused = common_prefix_length(self.main.cached_ids, context[:-1])
