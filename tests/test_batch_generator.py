@@ -72,14 +72,29 @@ def test_repeated_prompt_samples_differ_and_are_reproducible(model_and_tokenizer
     assert len({tuple(r.token_ids) for r in runs[0].rows}) > 1
 
 
-def test_max_seq_len_stops_every_row(model_and_tokenizer):
+def test_max_seq_len_stops_each_row_where_it_would_alone(model_and_tokenizer):
+    """max_seq_len bounds a row's own tokens, not its left padding: a short prompt beside a long one gets as
+    many new tokens as it would alone, and the same ones."""
     model, tokenizer = model_and_tokenizer
     prompts = [tokenizer.encode(p, add_bos=True) for p in PROMPTS[:2]]
-    longest = max(len(p) for p in prompts)
-    for new_tokens in (20, 10**12):  # a huge limit allocates nothing beyond the cache
-        result = BatchGenerator(model, tokenizer, max_seq_len=longest + 3).generate(prompts, sampler=GREEDY,
-                                                                                    max_new_tokens=new_tokens, eos_ids=[])
-        assert all(r.stop_reason == "max_seq_len" and len(r.token_ids) == 4 for r in result.rows)
+    lengths = [len(p) for p in prompts]
+    assert lengths[0] != lengths[1]
+    limit = max(lengths) + 3
+    assert abs(lengths[0] - lengths[1]) + 4 < 40
+    for new_tokens in (40, 10**12):  # a huge limit allocates nothing beyond the cache
+        result = BatchGenerator(model, tokenizer, max_seq_len=limit).generate(prompts, sampler=GREEDY,
+                                                                              max_new_tokens=new_tokens, eos_ids=[])
+        assert [len(r.token_ids) for r in result.rows] == [limit - n + 1 for n in lengths]
+        assert all(r.stop_reason == "max_seq_len" for r in result.rows)
+        for prompt, row in zip(prompts, result.rows):
+            alone = Generator(model, tokenizer, max_seq_len=limit).generate(prompt, sampler=GREEDY,
+                                                                            max_new_tokens=new_tokens, eos_ids=[])
+            assert alone.token_ids == row.token_ids and alone.stop_reason == row.stop_reason
+    # A limit of new tokens below the short row's room still stops every row there.
+    result = BatchGenerator(model, tokenizer, max_seq_len=limit).generate(prompts, sampler=GREEDY, max_new_tokens=5,
+                                                                          eos_ids=[])
+    assert [(len(r.token_ids), r.stop_reason) for r in result.rows] == [
+        (min(5, limit - n + 1), "max_new_tokens" if limit - n + 1 > 5 else "max_seq_len") for n in lengths]
 
 
 def test_bad_input(model_and_tokenizer):

@@ -10,7 +10,9 @@ import torch
 from conftest import real_model_dir
 from exlq.data.text_sources import load_text
 from exlq.eval.perplexity import evaluate_perplexity
+from exlq.runtime.cache import KVCache
 from exlq.runtime.generator import Generator
+from exlq.runtime.kv_quant import CacheType
 from exlq.runtime.loader import load_model
 from exlq.runtime.prompt_format import format_prompt, prompt_encoding
 from exlq.runtime.sampler import SamplerSettings
@@ -89,3 +91,34 @@ def test_speculative_decoding_on_real_models(smollm):
     _, smol_model, smol_tokenizer = smollm
     with pytest.raises(ExlqError, match="vocabulary differs"):
         SpeculativeGenerator(Generator(model, tokenizer, max_seq_len=256), Generator(smol_model, smol_tokenizer, max_seq_len=256))
+
+
+def test_chunked_prefill_with_a_quantized_cache_is_as_good_as_one_shot(smollm):
+    """Chunking a prefill into a q4 cache changes the logits (a float-noise difference in a key flips a rounding,
+    and the flip grows through the later layers: up to ~3 % relative here), but not their quality: as close to the
+    FP16 cache's as one-shot prefill is. Measured 2026-12-05 (relative logit error): one-shot vs FP16 5.8 %,
+    chunked vs FP16 5.6-6.0 %, chunked vs one-shot 0.15-2.8 %."""
+    _, model, tokenizer = smollm
+    text = ("The printing press reached Venice in 1469, and within thirty years the city had more than a hundred "
+            "shops. Aldus Manutius cut a slanted type that saved paper, printed small books a scholar could carry, "
+            "and sold Greek classics to readers across Europe. Paper mills along the rivers of the Veneto grew "
+            "with the trade, while the Senate granted the first privileges, an early form of copyright, to "
+            "printers who asked for them. By 1500 the presses of the city had turned out perhaps a sixth of all "
+            "the books printed in Europe, from grammars and missals to maps and music.")
+    ids = torch.tensor(tokenizer.encode(text))[None, :120]
+    assert ids.shape[1] == 120
+
+    def logits(cache_type, chunks):
+        cache = KVCache.for_model(model, ids.shape[1], cache_type=cache_type)
+        bounds = [0, *torch.tensor(chunks).cumsum(0).tolist()]
+        return torch.cat([model(ids[:, a:b], cache, max_output_len=None) for a, b in zip(bounds, bounds[1:])], dim=1)
+
+    def error(x, ref):
+        return float((x - ref).norm() / ref.norm())
+
+    fp16 = logits(CacheType(None, None), [120])
+    q4 = CacheType(4, 4)
+    one_shot = error(logits(q4, [120]), fp16)
+    assert 0.01 < one_shot < 0.15  # the cache is quantized, and not broken
+    for chunks in ([60, 60], [2] + [1] * 118, [7] * 17 + [1]):
+        assert error(logits(q4, chunks), fp16) < 1.25 * one_shot, chunks

@@ -34,7 +34,7 @@ def eval_humaneval(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write every sample as a JSON line: task_id, sample, completion, passed, result, error.", show_default=False)] = None,
     timeout: Annotated[float, typer.Option(help="Wall-clock seconds each sample's tests may run.", rich_help_panel=SANDBOX)] = 10.0,
     workers: Annotated[Optional[int], typer.Option(help="Samples scored at once, each in its own sandboxed process (default: CPU cores, at most 8).", show_default=False, rich_help_panel=SANDBOX)] = None,
-    max_seq_len: Annotated[Optional[int], typer.Option(help="KV-cache length limit (default: longest prompt + --max-new-tokens, within the model's max_position_embeddings).", show_default=False)] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option(help="Tokens a sample may reach, prompt + completion, padding in a batch not counted (default: longest prompt + --max-new-tokens, within the model's max_position_embeddings).", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     layers: LayersOpt = None,

@@ -5,7 +5,11 @@ little more than one over a single row while decode is bound by weight reads, so
 one batch. Prompts of unequal length are left padded (the model masks and positions the padding
 through `pad_lengths`); N samples of one prompt are simply N rows with the same prompt.
 
-A row that has stopped (EOS, its stop rule, `max_new_tokens`) keeps being decoded with whatever
+`max_seq_len` bounds each row on its own, as if it ran alone: a row's prompt and new tokens, not its
+left padding, so a short prompt beside a long one is not cut early (the cache holds `max_seq_len` plus the
+longest padding, and positions count from each row's first real token).
+
+A row that has stopped (EOS, its stop rule, `max_new_tokens`, `max_seq_len`) keeps being decoded with whatever
 it sampled, and its tokens are ignored: the batch runs until every row has stopped. That wastes
 the finished rows' share of each step but keeps the cache a plain rectangular batch.
 """
@@ -85,13 +89,14 @@ class BatchGenerator:
         texts: list[list[str]] = [[] for _ in range(rows)]
         sinks = [TokenSink(self.tokenizer, stop_strings, eos_ids, texts[i].append, max_new_tokens) for i in range(rows)]
         device = self.model.device
-        # Prompt + room for every new token (never more than max_seq_len), filled in place.
-        room = sinks[0].room(self.max_seq_len, longest)
-        history = torch.full((rows, longest + room), -1, dtype=torch.long, device=device)
         pads = [longest - len(p) for p in prompts]
+        # Prompt + room for every new token, filled in place: the shortest prompt's row has the most (each row's
+        # real tokens stop at max_seq_len, its padding not counted).
+        room = sinks[0].room(self.max_seq_len, longest - max(pads))
+        history = torch.full((rows, longest + room), -1, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             history[i, pads[i] : longest] = torch.tensor(list(p), dtype=torch.long)
-        cache = KVCache.for_model(self.model, min(self.max_seq_len, longest + room), rows,
+        cache = KVCache.for_model(self.model, min(self.max_seq_len + max(pads), longest + room), rows,
                                   cache_type=self.cache_type)
         pad_lengths = torch.tensor(pads) if any(pads) else None  # equal prompts need no padding masks
         logits = self._prefill(history[:, :longest].clamp(min=0), pad_lengths, cache)
@@ -113,11 +118,11 @@ class BatchGenerator:
                         active.discard(i)
             history[:, length] = tokens
             length += 1
+            full = cache.seq_len >= cache.max_seq_len
+            for i in [i for i in active if full or cache.seq_len - pads[i] >= self.max_seq_len]:
+                sinks[i].stop_reason = "max_seq_len"  # its own tokens fill max_seq_len: the last one is never cached
+                active.discard(i)
             if not active:
-                break
-            if cache.seq_len >= cache.max_seq_len:
-                for i in active:
-                    sinks[i].stop_reason = "max_seq_len"
                 break
             logits = self.model(tokens[:, None], cache, max_output_len=1)[:, -1]
 
