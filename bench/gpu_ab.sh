@@ -28,6 +28,8 @@
 #   STAGE=profile: this tree's decode step by kernel (bench/profile_decode.py: synthetic 8B, smollm2 EXL2).
 #   STAGE=ncu:     Nsight Compute on the GEMV (4096x14336, M=1, eager) of each tree in NCU_TREES (default this one): the full set with source-level counters, its
 #                  report in $OUT (open it with `ncu-ui`, or `ncu -i FILE --page source --csv`) and the details page.
+#                  NCU_KERNEL (a regex, default exl2_gemv), NCU_ROWS (default 1), NCU_SHAPE and NCU_GEMV_ARGS pick
+#                  another launch, e.g. NCU_KERNEL=exl2_stream_rows NCU_ROWS=16 (the multi-row streamed kernel).
 #   STAGE=quality: start bench/quality.py in its own session (it outlives the call; at most QUALITY_PARALLEL at once,
 #                  default 4, the rest queued; QUALITY_ARGS passes options,
 #                  QUALITY_ROOT its out-root, /tmp/quality-NAME, e.g. one for `--grid dense` jobs beside the
@@ -122,8 +124,9 @@ profile)
 ncu)
   for tree in ${NCU_TREES:-$HERE}; do
     tag=$(basename $tree); echo "=== ncu $tree"
-    (cd $tree && ncu --clock-control none --set full --import-source yes -k regex:exl2_gemv --launch-skip 4 \
-      --launch-count 1 -f -o $OUT/gemv_ncu_$tag python3 bench/gemv.py --once --shapes 4096x14336 --rows 1 2>&1 | tail -3)
+    (cd $tree && ncu --clock-control none --set full --import-source yes -k regex:${NCU_KERNEL:-exl2_gemv} --launch-skip 4 \
+      --launch-count 1 -f -o $OUT/gemv_ncu_$tag python3 bench/gemv.py --once --shapes ${NCU_SHAPE:-4096x14336} \
+      --rows ${NCU_ROWS:-1} ${NCU_GEMV_ARGS:-} 2>&1 | tail -3)
     ncu -i $OUT/gemv_ncu_$tag.ncu-rep --page details 2>&1 | grep -vE "^ +-+$" | head -120
     ncu -i $OUT/gemv_ncu_$tag.ncu-rep --page source --csv > $OUT/gemv_ncu_source_$tag.csv 2>&1
   done ;;
