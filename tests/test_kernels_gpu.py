@@ -70,6 +70,12 @@ def stored_weight(layer) -> torch.Tensor:
     return dequantize(*(getattr(layer, f) for f in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")))
 
 
+def workspace_of(store) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Workspace's (sums, counters) on the GPU, under the key the ops use: a tensor's device, "cuda:0" (a get with
+    torch.device("cuda") would make a new, zeroed pair, and a check of it could never fail)."""
+    return store.get(torch.device("cuda", torch.cuda.current_device()), 0, 0)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -164,7 +170,7 @@ def test_exl2_matmul_kernel_matches_reference(k, bits, props, group, n, rows, dt
     y = layer(x[None])[0]
     assert y.shape == (rows, n) and y.dtype == dtype and torch.isfinite(y).all()
     assert rel(y, expected) < TOLERANCE[dtype]
-    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
+    workspace, counters = workspace_of(exl2_ops._workspace)
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
@@ -208,7 +214,7 @@ def test_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages,
     if cuda.bias is not None:
         reference += cuda.bias[:n].double()
     assert torch.isfinite(gated).all() and rel(gated, reference) < TOLERANCE[torch.float16]
-    workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
+    workspace, _ = workspace_of(exl2_ops._workspace)
     assert not workspace.any(), "the GEMV must leave its workspace zeroed"
 
 
@@ -234,7 +240,7 @@ def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
         if layer.bias is not None:
             ref += layer.bias[: layer.out_features].double()
         assert torch.isfinite(out).all() and rel(out, ref) < TOLERANCE[torch.float16]
-    workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
+    workspace, _ = workspace_of(exl2_ops._workspace)
     assert not workspace.any()
 
 
@@ -274,7 +280,7 @@ def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, gri
         out = exl2_ops.matmul_many([plan], x)[0]
     assert torch.isfinite(out).all()
     assert rel(out, expected) < TOLERANCE[torch.float16]
-    workspace, _ = exl2_ops._workspace.get(CUDA, 0, 0)
+    workspace, _ = workspace_of(exl2_ops._workspace)
     assert not workspace.any(), "the GEMV must leave its workspace zeroed"
 
 
@@ -355,7 +361,7 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
     for y, layer, ref in zip(ys, layers, expected):
         assert y.shape == (1, rows, layer.out_features) and y.dtype == dtype
         assert torch.isfinite(y).all() and rel(y[0], ref) < TOLERANCE[dtype]
-    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
+    workspace, counters = workspace_of(exl2_ops._workspace)
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
@@ -412,7 +418,7 @@ def test_group_gemv_folds_the_pending_norm(hidden, dtype, kind, unfinished, fold
     for g, e in zip(got, project_each(layers, normed)):
         assert g.shape == e.shape and torch.isfinite(g).all() and rel(g, e) < TOLERANCE[dtype] / 4
     for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
-        workspace, counters = store.get(CUDA, 0, 0)
+        workspace, counters = workspace_of(store)
         assert not workspace.any() and not counters.any()
 
 
@@ -445,7 +451,7 @@ def test_one_row_on_the_multi_row_kernel_is_left_unfinished_as_on_the_register_k
     assert torch.isfinite(new_residual).all() and rel(new_residual, expected_residual) < 1e-3
     assert rel(normed, expected) < 1e-3
     for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
-        workspace, _ = store.get(CUDA, 0, 0)
+        workspace, _ = workspace_of(store)
         assert not workspace.any()
 
 
@@ -573,7 +579,7 @@ def test_programmatic_dependent_launch_equals_plain_launches(monkeypatch, graph)
             results[flag] = [chain(), chain()]
     for got in results["1"] + results["0"][1:]:  # split-K sums land in any order: fp16 roundings may differ
         assert torch.isfinite(got).all() and rel(got, results["0"][0]) < TOLERANCE[torch.float16]
-    workspace, counters = exl2_ops._workspace.get(CUDA, 0, 0)
+    workspace, counters = workspace_of(exl2_ops._workspace)
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
