@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import real_model_dir
+from test_kv_cache_quant import relative_logit_error
 from exlq.data.text_sources import load_text
 from exlq.eval.perplexity import evaluate_perplexity
 from exlq.runtime.cache import KVCache
@@ -113,12 +114,9 @@ def test_chunked_prefill_with_a_quantized_cache_is_as_good_as_one_shot(smollm):
         bounds = [0, *torch.tensor(chunks).cumsum(0).tolist()]
         return torch.cat([model(ids[:, a:b], cache, max_output_len=None) for a, b in zip(bounds, bounds[1:])], dim=1)
 
-    def error(x, ref):
-        return float((x - ref).norm() / ref.norm())
-
     fp16 = logits(CacheType(None, None), [120])
     q4 = CacheType(4, 4)
-    one_shot = error(logits(q4, [120]), fp16)
+    one_shot = relative_logit_error(logits(q4, [120]), fp16)
     assert 0.01 < one_shot < 0.15  # the cache is quantized, and not broken
     for chunks in ([60, 60], [2] + [1] * 118, [7] * 17 + [1]):
-        assert error(logits(q4, chunks), fp16) < 1.25 * one_shot, chunks
+        assert relative_logit_error(logits(q4, chunks), fp16) < 1.25 * one_shot, chunks

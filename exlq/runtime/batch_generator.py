@@ -77,8 +77,8 @@ class BatchGenerator:
         """Continue every prompt; row i of the result belongs to prompt i."""
         if not prompts:
             raise ExlqError("no prompts to generate from")
-        longest = max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
+        longest, shortest = max(len(p) for p in prompts), min(len(p) for p in prompts)
+        if shortest == 0:
             raise ExlqError("a prompt is empty after tokenization")
         if longest > self.max_seq_len:
             raise ExlqError(f"a prompt has {longest} tokens but max_seq_len is {self.max_seq_len}; raise --max-seq-len")
@@ -92,7 +92,7 @@ class BatchGenerator:
         pads = [longest - len(p) for p in prompts]
         # Prompt + room for every new token, filled in place: the shortest prompt's row has the most (each row's
         # real tokens stop at max_seq_len, its padding not counted).
-        room = sinks[0].room(self.max_seq_len, longest - max(pads))
+        room = sinks[0].room(self.max_seq_len, shortest)
         history = torch.full((rows, longest + room), -1, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             history[i, pads[i] : longest] = torch.tensor(list(p), dtype=torch.long)
@@ -118,8 +118,8 @@ class BatchGenerator:
                         active.discard(i)
             history[:, length] = tokens
             length += 1
-            full = cache.seq_len >= cache.max_seq_len
-            for i in [i for i in active if full or cache.seq_len - pads[i] >= self.max_seq_len]:
+            # (the cache, max_seq_len + the longest padding or the prompts + room, never fills before every row stops)
+            for i in [i for i in active if cache.seq_len - pads[i] >= self.max_seq_len]:
                 sinks[i].stop_reason = "max_seq_len"  # its own tokens fill max_seq_len: the last one is never cached
                 active.discard(i)
             if not active:

@@ -244,26 +244,28 @@ class Generator:
         self.follow_model()
         return self._cached_ids
 
-    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
-        """A prompt must hold at least one token id of the vocabulary and fit the cache."""
-        if len(prompt_ids) == 0:
+    def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt's ids as a list (it may come as a list, a tuple or a 1-D tensor); it must hold at least one
+        token id of the vocabulary and fit the cache."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
             raise ExlqError("the prompt is empty after tokenization")
         vocab = self.model.config.vocab_size
-        if (bad := next((t for t in prompt_ids if not 0 <= int(t) < vocab), None)) is not None:
-            raise ExlqError(f"token id {int(bad)} is outside the vocabulary (0..{vocab - 1})")
+        if (bad := next((t for t in prompt_ids if not 0 <= t < vocab), None)) is not None:
+            raise ExlqError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if len(prompt_ids) > self.max_seq_len:
             raise ExlqError(
                 f"the prompt has {len(prompt_ids)} tokens but max_seq_len is {self.max_seq_len}; "
                 "raise --max-seq-len or shorten the prompt"
             )
+        return prompt_ids
 
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Make the cache hold exactly `prompt_ids`; return the last position's logits [1, vocab]."""
-        return self._prefill(prompt_ids)[0]
+        return self._prefill(self.check_prompt(prompt_ids))[0]
 
-    def _prefill(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, int]:
-        """prefill(), also returning how many prompt tokens were already cached."""
-        self.check_prompt(prompt_ids)
+    def _prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
+        """prefill() of checked ids (check_prompt's), also returning how many prompt tokens were already cached."""
         # Keep at least one token to run: its logits are the ones we need.
         keep = min(common_prefix_length(self.cached_ids, prompt_ids), len(prompt_ids) - 1)
         self.rewind(keep)
@@ -290,7 +292,7 @@ class Generator:
         """
         if not isinstance(sampler, Sampler):
             sampler = Sampler(sampler or SamplerSettings())
-        prompt_ids = [int(t) for t in prompt_ids]  # a list, a tuple or a 1-D tensor
+        prompt_ids = self.check_prompt(prompt_ids)
         sink = TokenSink(self.tokenizer, stop_strings, eos_ids, on_text, max_new_tokens)
         start = time.perf_counter()
         logits, reused = self._prefill(prompt_ids)

@@ -77,8 +77,7 @@ class SpeculativeGenerator:
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Generator.generate with the draft's help: same arguments, same result, same distribution."""
-        prompt_ids = [int(t) for t in prompt_ids]  # a list, a tuple or a 1-D tensor
-        self.main.check_prompt(prompt_ids)
+        prompt_ids = self.main.check_prompt(prompt_ids)
         if not isinstance(sampler, Sampler):
             sampler = Sampler(sampler or SamplerSettings())
         sink = TokenSink(self.main.tokenizer, stop_strings, eos_ids, on_text, max_new_tokens)
