@@ -171,7 +171,7 @@ def test_multi_row_blocks_hold_the_window_their_units_cover(monkeypatch):
     assert geometry(768, 4096, 8, hopper, 132, sm, 4, 4, None) == (264, 384, 4)  # q/k/v: 24 strips x 32 chunks
     assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, None) == (264, 896, 4)  # down_proj: 16 x 112
     assert geometry(1792, 14336, 16, hopper, 132, sm, 4, 4, None) == (132, 1792, 4)
-    # asked for 2 blocks an SM (the default): 16 rows take 3 stages to keep them (117 KB a block at 4), 8 rows keep 4
+    # asked for 2 blocks an SM: 16 rows take 3 stages to keep them (113-116 KB a block at 4 for 15-16 rows), 8 rows keep 4
     assert geometry(1792, 14336, 16, hopper, 132, sm, 4, 4, None, 2) == (264, 896, 3)
     assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, None, 2) == (264, 896, 4)
     assert geometry(1792, 14336, 4, hopper, 132, sm, 4, 4, 3, 2) == (3, 14336, 4)  # no stage count gives 2: the most
@@ -194,9 +194,10 @@ def test_multi_row_blocks_hold_the_window_their_units_cover(monkeypatch):
 
 
 def test_multi_row_stages_keep_two_blocks_an_sm_unless_fixed(monkeypatch):
-    """By default a multi-row launch takes the most stages (up to 4) that let 2 blocks share an SM: 16 rows of the
-    8B's down_proj 3 (a block alone on an SM leaves its consumers latency-bound), 8 rows 4; EXLQ_STREAM_ROWS_STAGES
-    (ROWS_STAGES) fixes the stages, fewer only where a block does not fit."""
+    """Asked for 2 blocks an SM (EXLQ_STREAM_ROWS_MIN_BLOCKS=2), a multi-row launch takes the most stages (up to 4)
+    that keep them: 16 rows of the 8B's down_proj 3 (a block alone on an SM may leave its consumers latency-bound),
+    8 rows 4; asked for 1, 16 rows take 4 stages, one block an SM; EXLQ_STREAM_ROWS_STAGES (ROWS_STAGES) fixes the
+    stages, fewer only where a block does not fit."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(exl2_stream_ops, "device_index", lambda device: 0)
@@ -205,6 +206,9 @@ def test_multi_row_stages_keep_two_blocks_an_sm_unless_fixed(monkeypatch):
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", None)
     down = [SimpleNamespace(in_features=14336, n_pad=4096, stream_chunks=torch.empty(112, 8))]
     monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", None)
+    monkeypatch.setattr(exl2_stream_ops, "ROWS_MIN_BLOCKS", 1)
+    assert exl2_stream_ops.rows_geometry(down, 16, "cuda") == (132, 1792, 4)
+    monkeypatch.setattr(exl2_stream_ops, "ROWS_MIN_BLOCKS", 2)
     assert exl2_stream_ops.rows_geometry(down, 16, "cuda") == (264, 896, 3)
     assert exl2_stream_ops.rows_geometry(down, 8, "cuda") == (264, 896, 4)
     monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", 4)

@@ -82,12 +82,13 @@ def row_counts(setting: str) -> tuple[int, ...]:
 DEFAULT_ROWS = tuple(range(4, 17))
 ROWS = row_counts(os.environ["EXLQ_STREAM_ROWS"]) if "EXLQ_STREAM_ROWS" in os.environ else DEFAULT_ROWS
 #: Its stages: EXLQ_STREAM_ROWS_STAGES fixes them (fewer only where a block would not fit); by default the most, up to
-#: DEFAULT_ROWS_STAGES, that still let ROWS_MIN_BLOCKS blocks share an SM. Why: at 4 stages a block of 15-16 rows of
-#: the 8B's shapes needs 117 KB, one block an SM, whose 8 consumer warps cannot hide the latency (session 39: 16 rows
-#: took 1.7x the 8-row time, 8-14 rows keep 2 blocks an SM at 4 stages; 3 stages keep 2 at 16 rows too).
+#: DEFAULT_ROWS_STAGES, that still let ROWS_MIN_BLOCKS blocks share an SM (EXLQ_STREAM_ROWS_MIN_BLOCKS; 1 until
+#: measured). Why 2: at 4 stages a block of 15-16 rows of the 8B's shapes needs 113-116 KB, so one block an SM, whose 8
+#: consumer warps may not hide the latency (session 39: 16 rows took 1.7x the 8-row time at 4096x14336; 8-14 rows keep
+#: 2 blocks an SM at 4 stages, and 3 stages keep 2 at 16 rows too). The session's device time ran out before the A/B.
 ROWS_STAGES: int | None = int(os.environ["EXLQ_STREAM_ROWS_STAGES"]) if "EXLQ_STREAM_ROWS_STAGES" in os.environ else None
 DEFAULT_ROWS_STAGES = 4
-ROWS_MIN_BLOCKS = 2
+ROWS_MIN_BLOCKS = int(os.environ.get("EXLQ_STREAM_ROWS_MIN_BLOCKS", "1"))
 THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
 BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "4"))
 MAX_GRID: int | None = None  # tests: a small grid, so each block walks many units, strips and matrices
