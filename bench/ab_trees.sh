@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Variant trees for one GPU A/B call, made here (no GPU): each NAME=PATCH[,PATCH...] becomes .gpu1/NAME, this commit
 # (git archive HEAD) with the patches applied; then every tree's kernel modules are compiled for sm_90 into
-# .gpu1/kcache, packed at the end as .gpu1/kcache.txz (NVRTC 13.0 here and on the device: the device finds them cached
+# .gpu1/kcache (with each prepared variant of catalog.VARIANTS), packed at the end as .gpu1/kcache.txz (NVRTC 13.0 here and on the device: the device finds them cached
 # and compiles nothing).
 #   bench/ab_trees.sh prefetch=bench/patches/gemv-l2-prefetch.patch adj=bench/patches/mma-adjacent-columns.patch
 # then, on the device (carry .gpu1; gpu_ab.sh unpacks the cache into /tmp/gpu/kcache and reads it there):
@@ -34,6 +34,14 @@ for source, sets in catalog.SOURCES.items():
         if instances not in skip:
             for instance in instances:  # one at a time, as the runtime compiles and caches them (launch.kernel)
                 compiler.compile_source(source, 'sm_90', [instance])
+for name, sources in getattr(catalog, 'VARIANTS', {}).items():  # each prepared variant (EXLQ_NVRTC_DEFINES) too
+    os.environ['EXLQ_NVRTC_DEFINES'] = name
+    for source in sources:
+        for instances in catalog.SOURCES[source]:
+            if instances not in skip:
+                for instance in instances:
+                    compiler.compile_source(source, 'sm_90', [instance])
+    del os.environ['EXLQ_NVRTC_DEFINES']
 print('compiled', os.getcwd())
 ") &
 done

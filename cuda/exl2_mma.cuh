@@ -151,10 +151,40 @@ __device__ __forceinline__ void add_warp_sums(float* workspace, int n_pad, int f
     __syncwarp();  // the next call's stores wait for these loads
 }
 
+__host__ __device__ constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
+__host__ __device__ constexpr int log2_of(int p) { return p <= 1 ? 0 : 1 + log2_of(p / 2); }
+
+// out[m] = Σ over the warp's 32 lanes of v[m], for m < M (v holds pow2_at_least(M) values, zero past M), by halving
+// the values each step: at the step of lane bit 4 - i, a lane keeps the upper half of its values if it has that bit,
+// else the lower, and adds its partner's; after log2 P steps (P = pow2_at_least(M)) lane l holds a partial sum of
+// value l >> (5 - log2 P), which the remaining 5 - log2 P steps finish. Why: M warp_sums take 5M shuffles (80 at 16
+// rows), this P - 1 + 5 - log2 P (16), plus P - 1 selects pairs.
+template <int M>
+__device__ __forceinline__ void scattered_warp_sums(float (&v)[pow2_at_least(M)], float* out) {
+    constexpr int P = pow2_at_least(M), STEPS = log2_of(P);
+    const int lane = (int)threadIdx.x & 31;
+#pragma unroll
+    for (int step = 0; step < STEPS; step++) {
+        const int half = P >> (step + 1), offset = 16 >> step;
+        const bool upper = (lane & offset) != 0;
+#pragma unroll
+        for (int i = 0; i < P / 2; i++) {  // a constant trip count, so that it unrolls before the outer loop does
+            if (i < half) {
+                const float send = upper ? v[i] : v[i + half], keep = upper ? v[i + half] : v[i];
+                v[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+            }
+        }
+    }
+#pragma unroll
+    for (int offset = 16 >> STEPS; offset > 0; offset >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+    const int m = lane >> (5 - STEPS);
+    if ((lane & ((32 >> STEPS) - 1)) == 0 && m < M) out[m] = v[0];
+}
+
 // The gather of one 32-row block of stored rows for M activation rows, by one warp (lane i: row i; `entry`: its
 // table entry, channel | slot << 20 | s << 25 | (bits - 1) << 28): each row's x · 2^-s into xs[m · stride + slot]
 // (slot order: `slot_base` + the entry's slot), and the block's offset sums Σ b (1024 + 2^s z) into off[m]
-// (lane 0).
+// (lane 0; with GATHER_SCATTERED_SUMS, the lanes scattered_warp_sums names).
 template <int M>
 __device__ __forceinline__ void gather_mma_block(const u16* __restrict__ x, int K, int entry, u16* xs, int stride,
                                                  int slot_base, float* off) {
@@ -163,6 +193,20 @@ __device__ __forceinline__ void gather_mma_block(const u16* __restrict__ x, int 
     float x_m[M];
 #pragma unroll
     for (int m = 0; m < M; m++) x_m[m] = Act<fp16_t>::load(x[(size_t)m * K + (entry & 0xfffff)]);
+#ifdef GATHER_SCATTERED_SUMS
+    float terms[pow2_at_least(M)];
+#pragma unroll
+    for (int m = 0; m < pow2_at_least(M); m++) {
+        if (m < M) {
+            const u16 b = Act<fp16_t>::store(x_m[m] * down);
+            xs[m * stride + slot] = b;
+            terms[m] = Act<fp16_t>::load(b) * up;
+        } else {
+            terms[m] = 0.0f;
+        }
+    }
+    scattered_warp_sums<M>(terms, off);
+#else
 #pragma unroll
     for (int m = 0; m < M; m++) {
         const u16 b = Act<fp16_t>::store(x_m[m] * down);
@@ -170,4 +214,5 @@ __device__ __forceinline__ void gather_mma_block(const u16* __restrict__ x, int 
         const float term = warp_sum(Act<fp16_t>::load(b) * up);
         if ((threadIdx.x & 31) == 0) off[m] = term;
     }
+#endif
 }

@@ -82,22 +82,45 @@ def test_bench_command_errors(args, message, tmp_path):
 def test_bench_decodes_a_batch_a_step():
     """--batch B: B sequences a step (through the CUDA graphs); tokens/s counts all of them, GB/s reads the weights
     once a step."""
+    from exlq.runtime.sampler import Sampler
+
+    rows = []
+
+    class Counting(Sampler):  # greedy, as the default; records the rows of every step's logits
+        def sample(self, logits, history=None):
+            rows.append(logits.shape[0])
+            return super().sample(logits, history)
+
     model = small_synthetic("llama3.2-1b", 4.0, device="cuda", dtype=torch.float16).eval()
-    report = measure_speed(model, cache_tokens=128, prefill_lengths=(32,), new_tokens=8, batch=4)
+    report = measure_speed(model, cache_tokens=128, prefill_lengths=(32,), new_tokens=8, batch=4, sampler=Counting())
     assert report.batch == 4 and report.decode_tokens_per_second > 0
+    assert rows and set(rows) == {4}, "every decode step drew a token for each of the 4 sequences"
+    assert any(key[1] == 4 and key[4] == 1 for key in model.decode_graphs._graphs), "one-token steps of 4 rows replayed"
     per_step = report.decode_tokens_per_second / 4
     assert report.decode_weight_gbps == pytest.approx(report.weight_bytes_per_token * per_step / 1e9)
     assert report.roofline_fraction == pytest.approx(report.decode_weight_gbps / report.copy_bandwidth_gbps)
 
 
 @pytest.mark.gpu
-def test_bench_decodes_with_infer_sampling():
+def test_bench_decodes_with_infer_sampling(monkeypatch):
     """--sample: the decode test draws tokens as `exlq infer` does (the sampler's kernels between steps) and says so."""
     from exlq.cli.common import INFER_SAMPLING
+    from exlq.runtime.kernels import sampling_ops
     from exlq.runtime.sampler import Sampler, SamplerSettings
 
+    calls = []
+
+    def counted(name):
+        run = getattr(sampling_ops, name)
+        return lambda *args, **kwargs: calls.append(name) or run(*args, **kwargs)
+
+    for name in ("sample_rows", "argmax_rows"):
+        monkeypatch.setattr(sampling_ops, name, counted(name))
     model = small_synthetic("qwen2.5-0.5b", 4.0, device="cuda", dtype=torch.float16).eval()
     sampler = Sampler(SamplerSettings(**INFER_SAMPLING, seed=0))
     report = measure_speed(model, cache_tokens=128, prefill_lengths=(32,), new_tokens=8, sampler=sampler)
     assert report.sampling == "temperature 0.8, top-p 0.95, min-p 0.05" and report.decode_tokens_per_second > 0
+    assert set(calls) == {"sample_rows"}, "the decode drew every token with the sampling kernels"
+    calls.clear()
     assert measure_speed(model, cache_tokens=128, prefill_lengths=(32,), new_tokens=8).sampling == "greedy"
+    assert set(calls) == {"argmax_rows"}

@@ -173,3 +173,48 @@ def test_a_refused_cluster_launch_raises_and_keeps_programmatic_launch(monkeypat
             launch.launch(7, (8, 8), (128,), (1,), torch.device("cuda"), overlap=True, cluster=(1, 8, 1))
         assert not launch.pdl_enabled(0)
     assert attempts == [[cluster_id, pdl_id], [cluster_id]]
+
+
+def _variant_cases():
+    from exlq.runtime.kernels import exl2_stream_ops
+    from exlq.runtime.kernels.catalog import VARIANTS
+
+    hopper_only = {exl2_stream_ops.SOURCE}  # its kernels trap below sm_90: the variant changes nothing there
+    return [(name, source, arch) for name, sources in sorted(VARIANTS.items()) for source in sources
+            for arch in ("sm_80", "sm_90") if arch == "sm_90" or source not in hopper_only]
+
+
+@pytest.mark.parametrize("name, source, arch", _variant_cases())
+def test_kernel_variants_compile_and_change_the_build(name, source, arch, tmp_path, monkeypatch):
+    """Every prepared variant (EXLQ_NVRTC_DEFINES) compiles without spills, and is its own build: another image under
+    another cache key, so a GPU session that flips the setting times the variant, not a cached default."""
+    from exlq.runtime.kernels.catalog import SOURCES
+
+    monkeypatch.setenv("EXLQ_CACHE_DIR", str(tmp_path))
+    instances = list(SOURCES[source][0])
+    monkeypatch.delenv("EXLQ_NVRTC_DEFINES", raising=False)
+    default = compile_source(source, arch, instances)
+    monkeypatch.setenv("EXLQ_NVRTC_DEFINES", name)
+    variant = compile_source(source, arch, instances)
+    assert variant.image != default.image
+    assert len(list((tmp_path / "kernels" / arch).glob("*.json"))) == 2
+    registers, local = cubin_resources(variant.image)
+    for instance, mangled in variant.names.items():
+        assert local.get(mangled, 0) <= MAX_LOCAL_BYTES, f"{instance} with {name} uses {local[mangled]} bytes of local memory"
+
+
+def test_variant_names_are_checked(monkeypatch):
+    """EXLQ_NVRTC_DEFINES takes the catalog's variant names, comma or space separated; a name it does not know is an
+    error, not a silent default build."""
+    from exlq.errors import ExlqError
+    from exlq.runtime.kernels.catalog import VARIANTS
+    from exlq.runtime.kernels.compiler import variant_options
+
+    name = sorted(VARIANTS)[0]
+    monkeypatch.setenv("EXLQ_NVRTC_DEFINES", f" {name}, {name} ")
+    assert variant_options() == (f"-D{name}",)
+    monkeypatch.setenv("EXLQ_NVRTC_DEFINES", "")
+    assert variant_options() == ()
+    monkeypatch.setenv("EXLQ_NVRTC_DEFINES", f"{name},NO_SUCH_VARIANT")
+    with pytest.raises(ExlqError, match="NO_SUCH_VARIANT"):
+        variant_options()

@@ -16,7 +16,7 @@ from exlq.runtime.exl2 import MAX_IN_FEATURES, Exl2Linear, dequantize, dequantiz
 from exlq.runtime.generator import Generator
 from exlq.runtime.kernels import enabled
 from exlq.runtime.kernels import exl2_ops, exl2_stream_ops, fused_ops
-from exlq.runtime.kernels.launch import hopper_or_newer
+from exlq.runtime.kernels.launch import hopper_or_newer, pdl_enabled
 from exlq.runtime.layers import RMSNorm
 from exlq.runtime.linear import project_each, project_gated
 from exlq.runtime.loader import load_model
@@ -509,12 +509,15 @@ def test_gemv_survives_large_activations(bits, kind, monkeypatch):
 
 
 def test_gemv_reaches_torch_path_on_repeated_calls():
-    """The split-K reduction is deterministic enough that repeated calls agree to fp16 rounding."""
+    """Every one of repeated calls gives the torch path's product, and the split-K reduction is deterministic enough
+    that they agree to fp16 rounding."""
     tensors, layout = random_exl2(4096, 4096, [4], [1.0], 128, seed=1)
     cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, 4096, 4096, dtype=torch.float16)
     x = torch.randn(1, 4096, device=CUDA, dtype=torch.float16)
+    expected = x.double() @ stored_weight(cuda)[:, :4096].double()
     first = layer(x)
+    assert torch.isfinite(first).all() and rel(first, expected) < TOLERANCE[torch.float16]
     for _ in range(5):
         assert rel(layer(x), first) < 1e-3
 
@@ -581,6 +584,8 @@ def test_programmatic_dependent_launch_equals_plain_launches(monkeypatch, graph)
             results[flag].append(out.clone())
         else:
             results[flag] = [chain(), chain()]
+        if flag == "1":  # a driver that refused a programmatic launch would compare plain launches with plain ones
+            assert pdl_enabled(torch.cuda.current_device()), "the programmatic launches ran"
     for got in results["1"] + results["0"][1:]:  # split-K sums land in any order: fp16 roundings may differ
         assert torch.isfinite(got).all() and rel(got, results["0"][0]) < TOLERANCE[torch.float16]
     workspace, counters = workspace_of(exl2_ops._workspace)

@@ -24,6 +24,10 @@ from exlq.errors import ExlqError
 #: `exlq/cuda_sources` (a wheel stores the files themselves there).
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda_sources"
 OPTIONS = ("-std=c++17", "--use_fast_math", "-lineinfo")
+#: The kernel variants compiled in (catalog.VARIANTS): EXLQ_NVRTC_DEFINES lists macro names, comma or space
+#: separated, that the sources test with #ifdef. Why: a prepared variant and the default are timed in one tree and one
+#: GPU call, the setting flipped between runs, instead of two trees and two kernel caches (docs/benchmarks.md).
+DEFINES_VARIABLE = "EXLQ_NVRTC_DEFINES"
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"', re.MULTILINE)
 
 
@@ -69,18 +73,33 @@ def nvrtc_version() -> tuple[int, int]:
     return tuple(nvrtc.getVersion())
 
 
+def variant_options() -> tuple[str, ...]:
+    """-D options of the variants EXLQ_NVRTC_DEFINES selects; an unknown name is an error (a typo would otherwise
+    time the default and call it the variant)."""
+    from exlq.runtime.kernels.catalog import VARIANTS
+
+    names = os.environ.get(DEFINES_VARIABLE, "").replace(",", " ").split()
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise ExlqError(f"{DEFINES_VARIABLE}: unknown kernel variant(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(sorted(VARIANTS)) or 'none'}")
+    return tuple(f"-D{name}" for name in sorted(set(names)))
+
+
 def compile_source(name: str, arch: str, instances: list[str]) -> CompiledModule:
-    """Compile `cuda/<name>` for `arch` (e.g. "sm_90"), from the disk cache when the same build exists."""
+    """Compile `cuda/<name>` for `arch` (e.g. "sm_90") with the selected variants, from the disk cache when the same
+    build exists."""
     source, headers = read_source(name)
+    options = (*OPTIONS, *variant_options())
     key = hashlib.sha256(
-        json.dumps([source, sorted(headers.items()), OPTIONS, arch, instances, nvrtc_version()]).encode()
+        json.dumps([source, sorted(headers.items()), options, arch, instances, nvrtc_version()]).encode()
     ).hexdigest()[:24]
     stem = cache_dir() / arch / f"{Path(name).stem}-{key}"
     image_path = stem.with_suffix(".ptx" if is_virtual(arch) else ".cubin")
     names_path = stem.with_suffix(".json")
     if image_path.is_file() and names_path.is_file():
         return CompiledModule(image_path.read_bytes(), json.loads(names_path.read_text()), arch)
-    module = _nvrtc_compile(name, source, headers, arch, instances)
+    module = _nvrtc_compile(name, source, headers, arch, instances, options)
     stem.parent.mkdir(parents=True, exist_ok=True)
     for path, data in ((image_path, module.image), (names_path, json.dumps(module.names).encode())):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -89,7 +108,8 @@ def compile_source(name: str, arch: str, instances: list[str]) -> CompiledModule
     return module
 
 
-def _nvrtc_compile(name: str, source: str, headers: dict[str, str], arch: str, instances: list[str]) -> CompiledModule:
+def _nvrtc_compile(name: str, source: str, headers: dict[str, str], arch: str, instances: list[str],
+                   options: tuple[str, ...] = OPTIONS) -> CompiledModule:
     from cupy.cuda import nvrtc
 
     program = nvrtc.createProgram(
@@ -99,7 +119,7 @@ def _nvrtc_compile(name: str, source: str, headers: dict[str, str], arch: str, i
         for instance in instances:
             nvrtc.addNameExpression(program, instance)
         try:
-            nvrtc.compileProgram(program, (*OPTIONS, f"-arch={arch}"))
+            nvrtc.compileProgram(program, (*options, f"-arch={arch}"))
         except nvrtc.NVRTCError as exc:
             raise ExlqError(f"NVRTC failed to compile cuda/{name} for {arch}:\n{nvrtc.getProgramLog(program)}") from exc
         names = {instance: nvrtc.getLoweredName(program, instance) for instance in instances}
