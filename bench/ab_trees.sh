@@ -27,6 +27,7 @@ for tree in "${trees[@]}"; do
   (cd "$tree" && EXLQ_CACHE_DIR="$ROOT/.gpu1/kcache" KCACHE_DTYPES="${KCACHE_DTYPES:-fp16 bf16}" "$ROOT/$PY" -c "
 import os, torch
 from exlq.runtime.kernels import catalog, compiler, exl2_ops
+os.environ.pop('EXLQ_NVRTC_DEFINES', None)  # the default builds first, whatever the caller set
 wanted = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 skip = {exl2_ops.INSTANCE_SETS[d] for n, d in wanted.items() if n not in os.environ['KCACHE_DTYPES'].split()}
 for source, sets in catalog.SOURCES.items():

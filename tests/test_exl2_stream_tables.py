@@ -186,9 +186,13 @@ def test_multi_row_blocks_hold_the_window_their_units_cover(monkeypatch):
         assert shared <= limit and 2 <= stages <= wanted
         assert grid <= min(most, sm // (shared + 1152)) * 132 and (max_grid is None or grid <= max_grid)
         assert window == min(k, -(-units // grid) * 128)
-        least = geometry(units, k, rows, limit, 132, sm, wanted, most, max_grid, 2)
-        fit = min(most, sm // (exl2_stream_ops.rows_shared_bytes(least[1], rows, least[2]) + 1152))
-        assert least[2] <= stages and (least == (grid, window, stages) or fit >= 2)
+        least_grid, least_window, least_stages = geometry(units, k, rows, limit, 132, sm, wanted, most, max_grid, 2)
+        least_shared = exl2_stream_ops.rows_shared_bytes(least_window, rows, least_stages)
+        fit = min(most, sm // (least_shared + 1152))
+        assert least_shared <= limit and 2 <= least_stages <= stages
+        assert least_grid <= fit * 132 and (max_grid is None or least_grid <= max_grid)
+        assert least_window == min(k, -(-units // least_grid) * 128)
+        assert (least_grid, least_window, least_stages) == (grid, window, stages) or fit >= 2
     assert exl2_stream_ops.rows_shared_bytes(384, 8, 2) == 2 * 17472 + 8 * 384 * 2 + 384 + 8 * 4 * 8 * 36
     assert exl2_stream_ops.rows_shared_bytes(384, 16, 2) == 2 * 17472 + 16 * 384 * 2 + 2 * 384 + 8 * 4 * 16 * 36
 

@@ -218,3 +218,17 @@ def test_variant_names_are_checked(monkeypatch):
     monkeypatch.setenv("EXLQ_NVRTC_DEFINES", f"{name},NO_SUCH_VARIANT")
     with pytest.raises(ExlqError, match="NO_SUCH_VARIANT"):
         variant_options()
+
+
+def test_variants_reach_only_their_sources(monkeypatch):
+    """A variant's -D goes to the sources the catalog lists for it, the only ones that test the macro: the others keep
+    their default builds and cache keys (a GPU session's precompiled cache holds no other builds of them)."""
+    from exlq.runtime.kernels.catalog import SOURCES, VARIANTS
+    from exlq.runtime.kernels.compiler import read_source, variant_options
+
+    for name, listed in VARIANTS.items():
+        monkeypatch.setenv("EXLQ_NVRTC_DEFINES", name)
+        for source in SOURCES:
+            text, headers = read_source(source)
+            assert not any(name in t for t in (text, *headers.values())) or source in listed, f"{source} tests {name}"
+            assert variant_options(source) == ((f"-D{name}",) if source in listed else ())

@@ -73,9 +73,10 @@ def nvrtc_version() -> tuple[int, int]:
     return tuple(nvrtc.getVersion())
 
 
-def variant_options() -> tuple[str, ...]:
-    """-D options of the variants EXLQ_NVRTC_DEFINES selects; an unknown name is an error (a typo would otherwise
-    time the default and call it the variant)."""
+def variant_options(source: str | None = None) -> tuple[str, ...]:
+    """-D options of the variants EXLQ_NVRTC_DEFINES selects, those of `source` only where given (the other sources
+    keep their default builds and cache entries); an unknown name is an error (a typo would otherwise time the
+    default and call it the variant). Read when a process first loads a module: set it before the run."""
     from exlq.runtime.kernels.catalog import VARIANTS
 
     names = os.environ.get(DEFINES_VARIABLE, "").replace(",", " ").split()
@@ -83,14 +84,14 @@ def variant_options() -> tuple[str, ...]:
     if unknown:
         raise ExlqError(f"{DEFINES_VARIABLE}: unknown kernel variant(s) {', '.join(unknown)}; known: "
                         f"{', '.join(sorted(VARIANTS)) or 'none'}")
-    return tuple(f"-D{name}" for name in sorted(set(names)))
+    return tuple(f"-D{v}" for v in sorted(set(names)) if source is None or source in VARIANTS[v])
 
 
 def compile_source(name: str, arch: str, instances: list[str]) -> CompiledModule:
     """Compile `cuda/<name>` for `arch` (e.g. "sm_90") with the selected variants, from the disk cache when the same
     build exists."""
     source, headers = read_source(name)
-    options = (*OPTIONS, *variant_options())
+    options = (*OPTIONS, *variant_options(name))
     key = hashlib.sha256(
         json.dumps([source, sorted(headers.items()), options, arch, instances, nvrtc_version()]).encode()
     ).hexdigest()[:24]
