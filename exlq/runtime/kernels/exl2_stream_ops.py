@@ -85,7 +85,7 @@ ROWS = row_counts(os.environ["EXLQ_STREAM_ROWS"]) if "EXLQ_STREAM_ROWS" in os.en
 #: DEFAULT_ROWS_STAGES, that still let ROWS_MIN_BLOCKS blocks share an SM (EXLQ_STREAM_ROWS_MIN_BLOCKS; 1 until
 #: measured). Why 2: at 4 stages a block of 15-16 rows of the 8B's shapes needs 113-116 KB, so one block an SM, whose 8
 #: consumer warps may not hide the latency (session 39: 16 rows took 1.7x the 8-row time at 4096x14336; 8-14 rows keep
-#: 2 blocks an SM at 4 stages, and 3 stages keep 2 at 16 rows too). The session's device time ran out before the A/B.
+#: 2 blocks an SM at 4 stages, and 3 stages keep 2 at 16 rows too).
 ROWS_STAGES: int | None = int(os.environ["EXLQ_STREAM_ROWS_STAGES"]) if "EXLQ_STREAM_ROWS_STAGES" in os.environ else None
 DEFAULT_ROWS_STAGES = 4
 ROWS_MIN_BLOCKS = int(os.environ.get("EXLQ_STREAM_ROWS_MIN_BLOCKS", "1"))
