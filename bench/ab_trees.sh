@@ -27,22 +27,17 @@ for tree in "${trees[@]}"; do
   (cd "$tree" && EXLQ_CACHE_DIR="$ROOT/.gpu1/kcache" KCACHE_DTYPES="${KCACHE_DTYPES:-fp16 bf16}" "$ROOT/$PY" -c "
 import os, torch
 from exlq.runtime.kernels import catalog, compiler, exl2_ops
-os.environ.pop('EXLQ_NVRTC_DEFINES', None)  # the default builds first, whatever the caller set
 wanted = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 skip = {exl2_ops.INSTANCE_SETS[d] for n, d in wanted.items() if n not in os.environ['KCACHE_DTYPES'].split()}
-for source, sets in catalog.SOURCES.items():
-    for instances in sets:
-        if instances not in skip:
-            for instance in instances:  # one at a time, as the runtime compiles and caches them (launch.kernel)
-                compiler.compile_source(source, 'sm_90', [instance])
-for name, sources in getattr(catalog, 'VARIANTS', {}).items():  # each prepared variant (EXLQ_NVRTC_DEFINES) too
-    os.environ['EXLQ_NVRTC_DEFINES'] = name
+# the default builds of every source, then each prepared variant (EXLQ_NVRTC_DEFINES) of the sources it touches
+builds = [('', catalog.SOURCES)] + [(name, sources) for name, sources in getattr(catalog, 'VARIANTS', {}).items()]
+for defines, sources in builds:
+    os.environ['EXLQ_NVRTC_DEFINES'] = defines
     for source in sources:
         for instances in catalog.SOURCES[source]:
             if instances not in skip:
-                for instance in instances:
+                for instance in instances:  # one at a time, as the runtime compiles and caches them (launch.kernel)
                     compiler.compile_source(source, 'sm_90', [instance])
-    del os.environ['EXLQ_NVRTC_DEFINES']
 print('compiled', os.getcwd())
 ") &
 done

@@ -34,12 +34,18 @@ def test_kernel_compiles(source, arch, tmp_path, monkeypatch):
         # No instance keeps more than a few words in local memory (spills are a silent slowdown: session 14's warp
         # GEMV spilled 40-80 bytes at its register bound; bench/kernel_resources.py prints the numbers). Some GEMV
         # instances keep 8-32 bytes under their register bounds, which ptxas places differently per architecture.
-        registers, local = cubin_resources(module.image)
-        for instance, mangled in module.names.items():
-            assert 0 < registers[mangled] <= 255, instance
-            assert local.get(mangled, 0) <= MAX_LOCAL_BYTES, f"{instance} uses {local[mangled]} bytes of local memory on {arch}"
-            threads = LARGEST_BLOCK.get(instance.partition("<")[0], 0)
-            assert -(-registers[mangled] // 8) * 8 * threads <= 65536, f"{instance}: {registers[mangled]} registers on {arch}"
+        assert_resources(module, arch)
+
+
+def assert_resources(module, arch: str) -> None:
+    """Every instance of `module` within the register bound, its block within an SM's registers, no more than a few
+    words of local memory."""
+    registers, local = cubin_resources(module.image)
+    for instance, mangled in module.names.items():
+        assert 0 < registers[mangled] <= 255, instance
+        assert local.get(mangled, 0) <= MAX_LOCAL_BYTES, f"{instance} uses {local[mangled]} bytes of local memory on {arch}"
+        threads = LARGEST_BLOCK.get(instance.partition("<")[0], 0)
+        assert -(-registers[mangled] // 8) * 8 * threads <= 65536, f"{instance}: {registers[mangled]} registers on {arch}"
 
 
 def _descriptor_cases():
@@ -198,9 +204,7 @@ def test_kernel_variants_compile_and_change_the_build(name, source, arch, tmp_pa
     variant = compile_source(source, arch, instances)
     assert variant.image != default.image
     assert len(list((tmp_path / "kernels" / arch).glob("*.json"))) == 2
-    registers, local = cubin_resources(variant.image)
-    for instance, mangled in variant.names.items():
-        assert local.get(mangled, 0) <= MAX_LOCAL_BYTES, f"{instance} with {name} uses {local[mangled]} bytes of local memory"
+    assert_resources(variant, arch)
 
 
 def test_variant_names_are_checked(monkeypatch):
