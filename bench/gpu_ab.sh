@@ -47,7 +47,7 @@
 #                  where its time goes against the pure read of STAGE=pattern (results are wrong; timing only).
 #   STAGE=rows:    the multi-row streamed GEMV's stage rule: bench/gemv.py at ROWS_COUNTS rows (default 8 14 15 16) over
 #                  the 8B's shapes under each of ROWS_SETTINGS (default: the rule as is, EXLQ_STREAM_ROWS_MIN_BLOCKS=2,
-#                  EXLQ_STREAM_ROWS_STAGES=3 and =2), then the synthetic 8B's decode at batch 16 and 15 as is and with
+#                  EXLQ_STREAM_ROWS_STAGES=3 and =2), then the synthetic 8B's decode at ROWS_BATCHES (default 16 15) as is and with
 #                  ROWS_AB (default EXLQ_STREAM_ROWS_MIN_BLOCKS=2), ROWS_ROUNDS rounds (default 2) interleaved.
 #   STAGE=variant: a kernel variant (VARIANT, default GATHER_SCATTERED_SUMS, through EXLQ_NVRTC_DEFINES): the GPU
 #                  tests of the multi-row kernels built with it, then bench/gemv.py at 4, 8 and 16 rows and the 8B's
@@ -241,7 +241,7 @@ rows)
     (setenv $setting; python3 bench/gemv.py --rows ${ROWS_COUNTS:-8 14 15 16} --shapes $shapes \
       --json-out $OUT/gemv_rows_$(echo "${setting:-default}" | tr -c 'A-Za-z0-9\n' _).json 2>&1 | grep -E "^K=|copy")
   done
-  for round in $(seq ${ROWS_ROUNDS:-2}); do for batch in 16 15; do for setting in "" "${ROWS_AB:-EXLQ_STREAM_ROWS_MIN_BLOCKS=2}"; do
+  for round in $(seq ${ROWS_ROUNDS:-2}); do for batch in ${ROWS_BATCHES:-16 15}; do for setting in "" "${ROWS_AB:-EXLQ_STREAM_ROWS_MIN_BLOCKS=2}"; do
     echo "8b batch $batch ${setting:-as is} ($round): $(setenv $setting; decode_rate --synthetic llama3-8b --bpw 4.0 --batch $batch --prefill 512)"
   done; done; done ;;
 variant)
