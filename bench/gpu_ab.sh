@@ -45,14 +45,14 @@
 #   STAGE=ladder:  the wide GEMV with parts taken out (bench/patches/gemv-ladder.patch: -D switches through
 #                  EXLQ_NVRTC_DEFINES; no epilogue, no gather, no math, no scales, an L2 prefetch of the first chunk):
 #                  where its time goes against the pure read of STAGE=pattern (results are wrong; timing only).
-#   STAGE=rows:    the multi-row streamed GEMV's stage rule: bench/gemv.py at ROWS_COUNTS rows (default 8 14 15 16) over
-#                  the 8B's shapes under each of ROWS_SETTINGS (default: the rule as is, EXLQ_STREAM_ROWS_MIN_BLOCKS=2,
-#                  EXLQ_STREAM_ROWS_STAGES=3 and =2), then the synthetic 8B's decode at ROWS_BATCHES (default 16 15) as is and with
-#                  ROWS_AB (default EXLQ_STREAM_ROWS_MIN_BLOCKS=2), ROWS_ROUNDS rounds (default 2) interleaved.
+#   STAGE=rows:    the multi-row streamed GEMV's settings: bench/gemv.py at ROWS_COUNTS rows (default 8 14 15 16) over
+#                  the 8B's shapes as is and under each of ROWS_SETTINGS (default EXLQ_STREAM_ROWS_STAGES=3 and =2), then
+#                  the synthetic 8B's decode at ROWS_BATCHES (default 16 15) as is and with ROWS_AB (default
+#                  EXLQ_STREAM_ROWS_STAGES=3), ROWS_ROUNDS rounds (default 2) interleaved.
 #   STAGE=variant: a kernel variant (VARIANT, default GATHER_SCATTERED_SUMS, through EXLQ_NVRTC_DEFINES): the GPU
 #                  tests of the multi-row kernels built with it, then bench/gemv.py at 4, 8 and 16 rows and the 8B's
 #                  decode at batch 4 and 16 without and with it (VARIANT_ENV adds settings to both, e.g.
-#                  EXLQ_STREAM_ROWS_MIN_BLOCKS=2), VARIANT_ROUNDS rounds (default 2) interleaved.
+#                  EXLQ_STREAM_ROWS_STAGES=3), VARIANT_ROUNDS rounds (default 2) interleaved.
 #   STAGE=spread:  the synthetic 8B's prefill call by call (bench/prefill_spread.py, 512 and 2048 tokens).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
 #                  kernel cache, then again with it filled (the difference is the compile).
@@ -236,12 +236,12 @@ convprof) assemble; python3 bench/profile_convert.py ${PROFILE_MODEL:-$M} --devi
 pattern) python3 bench/dram_pattern.py --json-out $OUT/dram_pattern.json 2>&1 | tail -40 ;;
 rows)
   shapes="4096x14336 14336x4096 4096x4096 4096x1024"
-  for setting in "" ${ROWS_SETTINGS:-EXLQ_STREAM_ROWS_MIN_BLOCKS=2 EXLQ_STREAM_ROWS_STAGES=3 EXLQ_STREAM_ROWS_STAGES=2}; do
+  for setting in "" ${ROWS_SETTINGS:-EXLQ_STREAM_ROWS_STAGES=3 EXLQ_STREAM_ROWS_STAGES=2}; do
     echo "== gemv, ${setting:-the rule as is}"
     (setenv $setting; python3 bench/gemv.py --rows ${ROWS_COUNTS:-8 14 15 16} --shapes $shapes \
       --json-out $OUT/gemv_rows_$(echo "${setting:-default}" | tr -c 'A-Za-z0-9\n' _).json 2>&1 | grep -E "^K=|copy")
   done
-  for round in $(seq ${ROWS_ROUNDS:-2}); do for batch in ${ROWS_BATCHES:-16 15}; do for setting in "" "${ROWS_AB:-EXLQ_STREAM_ROWS_MIN_BLOCKS=2}"; do
+  for round in $(seq ${ROWS_ROUNDS:-2}); do for batch in ${ROWS_BATCHES:-16 15}; do for setting in "" "${ROWS_AB:-EXLQ_STREAM_ROWS_STAGES=3}"; do
     echo "8b batch $batch ${setting:-as is} ($round): $(setenv $setting; decode_rate --synthetic llama3-8b --bpw 4.0 --batch $batch --prefill 512)"
   done; done; done ;;
 variant)

@@ -171,10 +171,6 @@ def test_multi_row_blocks_hold_the_window_their_units_cover(monkeypatch):
     assert geometry(768, 4096, 8, hopper, 132, sm, 4, 4, None) == (264, 384, 4)  # q/k/v: 24 strips x 32 chunks
     assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, None) == (264, 896, 4)  # down_proj: 16 x 112
     assert geometry(1792, 14336, 16, hopper, 132, sm, 4, 4, None) == (132, 1792, 4)
-    # asked for 2 blocks an SM: 16 rows take 3 stages to keep them (113-116 KB a block at 4 for 15-16 rows), 8 rows keep 4
-    assert geometry(1792, 14336, 16, hopper, 132, sm, 4, 4, None, 2) == (264, 896, 3)
-    assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, None, 2) == (264, 896, 4)
-    assert geometry(1792, 14336, 4, hopper, 132, sm, 4, 4, 3, 2) == (3, 14336, 4)  # no stage count gives 2: the most
     assert geometry(1792, 14336, 8, hopper, 132, sm, 4, 4, 3) is None
     assert geometry(1792, 14336, 4, hopper, 132, sm, 4, 4, 3) == (3, 14336, 4)
     assert geometry(1792, 14336, 4, 170 * 1024, 132, sm, 4, 4, 3) == (3, 14336, 2)  # 165 KB; 3 stages: 182 KB
@@ -186,39 +182,8 @@ def test_multi_row_blocks_hold_the_window_their_units_cover(monkeypatch):
         assert shared <= limit and 2 <= stages <= wanted
         assert grid <= min(most, sm // (shared + 1152)) * 132 and (max_grid is None or grid <= max_grid)
         assert window == min(k, -(-units // grid) * 128)
-        least_grid, least_window, least_stages = geometry(units, k, rows, limit, 132, sm, wanted, most, max_grid, 2)
-        least_shared = exl2_stream_ops.rows_shared_bytes(least_window, rows, least_stages)
-        fit = min(most, sm // (least_shared + 1152))
-        assert least_shared <= limit and 2 <= least_stages <= stages
-        assert least_grid <= fit * 132 and (max_grid is None or least_grid <= max_grid)
-        assert least_window == min(k, -(-units // least_grid) * 128)
-        assert (least_grid, least_window, least_stages) == (grid, window, stages) or fit >= 2
     assert exl2_stream_ops.rows_shared_bytes(384, 8, 2) == 2 * 17472 + 8 * 384 * 2 + 384 + 8 * 4 * 8 * 36
     assert exl2_stream_ops.rows_shared_bytes(384, 16, 2) == 2 * 17472 + 16 * 384 * 2 + 2 * 384 + 8 * 4 * 16 * 36
-
-
-def test_multi_row_stages_keep_two_blocks_an_sm_unless_fixed(monkeypatch):
-    """Asked for 2 blocks an SM (EXLQ_STREAM_ROWS_MIN_BLOCKS=2), a multi-row launch takes the most stages (up to 4)
-    that keep them: 16 rows of the 8B's down_proj 3 (a block alone on an SM may leave its consumers latency-bound),
-    8 rows 4; asked for 1, 16 rows take 4 stages, one block an SM; EXLQ_STREAM_ROWS_STAGES (ROWS_STAGES) fixes the
-    stages, fewer only where a block does not fit."""
-    from types import SimpleNamespace
-
-    monkeypatch.setattr(exl2_stream_ops, "device_index", lambda device: 0)
-    monkeypatch.setattr(exl2_stream_ops, "block_shared_limit", lambda index: 227 * 1024 - 144)
-    monkeypatch.setattr(exl2_stream_ops, "sm_limits", lambda index: (132, 228 * 1024))
-    monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", None)
-    down = [SimpleNamespace(in_features=14336, n_pad=4096, stream_chunks=torch.empty(112, 8))]
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", None)
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_MIN_BLOCKS", 1)
-    assert exl2_stream_ops.rows_geometry(down, 16, "cuda") == (132, 1792, 4)
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_MIN_BLOCKS", 2)
-    assert exl2_stream_ops.rows_geometry(down, 16, "cuda") == (264, 896, 3)
-    assert exl2_stream_ops.rows_geometry(down, 8, "cuda") == (264, 896, 4)
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", 4)
-    assert exl2_stream_ops.rows_geometry(down, 16, "cuda") == (132, 1792, 4)
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", 2)
-    assert exl2_stream_ops.rows_geometry(down, 16, "cuda")[2] == 2
 
 
 def test_multi_row_launches_take_the_streamed_kernel_only_where_it_applies(monkeypatch):

@@ -246,21 +246,17 @@ def test_streamed_group_launch_matches_each_layer(grid, rows, monkeypatch):
 
 @pytest.mark.parametrize("k, bits, props, group", STREAM_LAYOUTS)
 @pytest.mark.parametrize("n", [32, 200, 4160])
-@pytest.mark.parametrize("grid, stages", [(None, 4), (7, 2), (3, 8), (None, None)])
+@pytest.mark.parametrize("grid, stages", [(None, 4), (7, 2), (3, 8)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])  # one row tile and two, each partly or wholly used
 def test_multi_row_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, rows, monkeypatch):
     """1 to 16 fp16 rows through the streamed tensor-core kernel into a poisoned output: the float64 product of the
     torch dequantization (+bias), and a clean workspace; small grids walk many units, strips and stages a block (and
-    hold much of K, or all). Where the block does not fit, the launch must not take it. Stages None: the stages that
-    keep 2 blocks an SM (EXLQ_STREAM_ROWS_MIN_BLOCKS=2), which differ from 4 only at many rows."""
-    if stages is None and rows < 9:
-        pytest.skip("below 9 rows the 2-block rule keeps the fixed 4 stages' geometry, tested above")
+    hold much of K, or all). Where the block does not fit, the launch must not take it."""
     use_gemv("stream-rows", monkeypatch)
     monkeypatch.setattr(exl2_stream_ops, "ROWS", exl2_stream_ops.ROW_COUNTS)  # 1-3 rows too
     monkeypatch.setattr(exl2_stream_ops, "MAX_BYTES", 0)  # one row: past the one-row streamed kernel's launches
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
     monkeypatch.setattr(exl2_stream_ops, "ROWS_STAGES", stages)
-    monkeypatch.setattr(exl2_stream_ops, "ROWS_MIN_BLOCKS", 2 if stages is None else 1)
     tensors, layout = random_exl2(k, n, bits, props, group, seed=7 * k + n + rows, bias=n % 3 == 0)
     cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, k, n, dtype=torch.float16)

@@ -81,14 +81,10 @@ def row_counts(setting: str) -> tuple[int, ...]:
 #: one-row streamed kernel up to MAX_BYTES, the register kernel above, unless listed (then the launches above).
 DEFAULT_ROWS = tuple(range(4, 17))
 ROWS = row_counts(os.environ["EXLQ_STREAM_ROWS"]) if "EXLQ_STREAM_ROWS" in os.environ else DEFAULT_ROWS
-#: Its stages: EXLQ_STREAM_ROWS_STAGES fixes them (fewer only where a block would not fit); by default the most, up to
-#: DEFAULT_ROWS_STAGES, that still let ROWS_MIN_BLOCKS blocks share an SM (EXLQ_STREAM_ROWS_MIN_BLOCKS; 1 until
-#: measured). Why 2: at 4 stages a block of 15-16 rows of the 8B's shapes needs 113-116 KB, so one block an SM, whose 8
-#: consumer warps may not hide the latency (session 39: 16 rows took 1.7x the 8-row time at 4096x14336; 8-14 rows keep
-#: 2 blocks an SM at 4 stages, and 3 stages keep 2 at 16 rows too).
-ROWS_STAGES: int | None = int(os.environ["EXLQ_STREAM_ROWS_STAGES"]) if "EXLQ_STREAM_ROWS_STAGES" in os.environ else None
-DEFAULT_ROWS_STAGES = 4
-ROWS_MIN_BLOCKS = int(os.environ.get("EXLQ_STREAM_ROWS_MIN_BLOCKS", "1"))
+#: Its stages (EXLQ_STREAM_ROWS_STAGES), fewer where a block would not fit. At 15-16 rows of the 8B's shapes 4 stages
+#: leave one block an SM (113-116 KB); 3 stages, which keep two, were slower on the H100 (session 40: 16 rows at
+#: 4096x14336 49.9 against 45.1 µs, 14336x4096 48.1 against 46.8).
+ROWS_STAGES = int(os.environ.get("EXLQ_STREAM_ROWS_STAGES", "4"))
 THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
 BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "4"))
 MAX_GRID: int | None = None  # tests: a small grid, so each block walks many units, strips and matrices
@@ -223,48 +219,31 @@ def unit_count(plans: Sequence) -> int:
 def rows_geometry(plans: Sequence, rows: int, device: torch.device) -> tuple[int, int, int] | None:
     """(grid, window, stages) of a multi-row launch (window_geometry on this GPU), None where no block fits."""
     index = device_index(device)
-    fixed = ROWS_STAGES is not None
     return window_geometry(unit_count(plans), plans[0].in_features, rows, block_shared_limit(index),
-                           *sm_limits(index), ROWS_STAGES if fixed else DEFAULT_ROWS_STAGES, BLOCKS_PER_SM, MAX_GRID,
-                           1 if fixed else ROWS_MIN_BLOCKS)
+                           *sm_limits(index), ROWS_STAGES, BLOCKS_PER_SM, MAX_GRID)
 
 
 @functools.cache
 def window_geometry(units: int, in_features: int, rows: int, limit: int, sms: int, shared_per_sm: int, wanted: int,
-                    blocks_per_sm: int, max_grid: int | None, least_blocks: int = 1) -> tuple[int, int, int] | None:
+                    blocks_per_sm: int, max_grid: int | None) -> tuple[int, int, int] | None:
     """A multi-row block holds the activations of the rows its units cover, its window: at most min(K, 128 a unit)
     (a run of units within two strips covers their rows only, 128 at most each: unit_rows; a longer run, all of K).
     The window depends on the units a block takes, so on the grid, which depends on the block's shared memory: with
-    the most stages (`wanted` down to 2) that fit and let `least_blocks` blocks share an SM (where none does, the
-    most stages that fit), start from one unit a block and take fewer, larger blocks until as many fit the SMs (at
-    most `blocks_per_sm` each) as the grid has."""
-    first = None
+    the most stages that fit (`wanted` down to 2), start from one unit a block and take fewer, larger blocks until
+    as many fit the SMs (at most `blocks_per_sm` each) as the grid has."""
     for stages in range(max(2, min(MAX_STAGES, wanted)), 1, -1):
-        found = _grid_and_window(units, in_features, rows, limit, sms, shared_per_sm, stages, blocks_per_sm, max_grid)
-        if found is None:
-            continue
-        grid, window, fit = found
-        if fit >= min(least_blocks, blocks_per_sm):
-            return grid, window, stages
-        first = first or (grid, window, stages)
-    return first
-
-
-def _grid_and_window(units: int, in_features: int, rows: int, limit: int, sms: int, shared_per_sm: int, stages: int,
-                     blocks_per_sm: int, max_grid: int | None) -> tuple[int, int, int] | None:
-    """(grid, window, blocks an SM) of a multi-row launch at `stages` (window_geometry's search), None where no block
-    fits."""
-    grid = units if max_grid is None else min(units, max_grid)
-    while True:
-        window = min(in_features, -(-units // grid) * 128)
-        shared = rows_shared_bytes(window, rows, stages)
-        fit = min(blocks_per_sm, shared_per_sm // (shared + 1024 + 128))  # + the block's reserved 1 KiB, barriers
-        if shared > limit or fit == 0:
-            return None
-        most = min(units, fit * sms)
-        if grid <= most:
-            return grid, window, fit
-        grid = most  # fewer blocks, more units each: a larger window, checked again
+        grid = units if max_grid is None else min(units, max_grid)
+        while True:
+            window = min(in_features, -(-units // grid) * 128)
+            shared = rows_shared_bytes(window, rows, stages)
+            fit = min(blocks_per_sm, shared_per_sm // (shared + 1024 + 128))  # + the block's reserved 1 KiB, barriers
+            if shared > limit or fit == 0:
+                break
+            most = min(units, fit * sms)
+            if grid <= most:
+                return grid, window, stages
+            grid = most  # fewer blocks, more units each: a larger window, checked again
+    return None
 
 
 def rows_shared_bytes(window: int, rows: int, stages: int) -> int:
