@@ -4,6 +4,9 @@
 # a patch applied, made here with `git archive HEAD | tar -x -C .gpu/alt && patch -p1 -d .gpu/alt < PATCH`, or several
 # at once with their kernels compiled in advance: bench/ab_trees.sh, then TREES="$PWD /tmp/gpu/NAME ..." STAGE=speed).
 #   STAGE=assemble: only put smollm2 together (STAGE may list several stages, run in order).
+#   LIMIT=S:       the whole run's seconds (e.g. a call's limit less a margin): a stage starts only while more than
+#                  STAGE_MIN (default 30) are left, and `tests` stops its pytest when they run out (its log in $OUT), so
+#                  one call can list more stages than may fit, the most wanted first.
 #   STAGE=session: assemble and convert smollm2 (EXL2 4.0, quick calibration) beside this tree's full GPU test suite,
 #                  the real-EXL2 test, then the speed of this tree (as STAGE=speed TREES=$PWD).
 #   STAGE=prep:    the same preparation with ALT's GPU tests instead.
@@ -122,11 +125,15 @@ speed() {  # $1: tree; $2: environment settings for this run (e.g. EXLQ_MMA=0), 
   tail -3 $OUT/err.log 2>/dev/null
 }
 
+END=$(( $(date +%s) + ${LIMIT:-1000000} ))
+left() { echo $(( END - $(date +%s) )); }
 for stage in ${STAGE:-session}; do  # several stages in order, e.g. STAGE="assemble quality prep"
+[ $(left) -gt ${STAGE_MIN:-30} ] || { echo "== LIMIT: stage $stage not started ($(left) s left)"; continue; }
 case $stage in
 assemble) assemble ;;
 session) prepare $HERE; (speed $HERE) ;;
-tests) (python3 -m pytest -q -p no:cacheprovider -rs -m gpu ${PYTEST_ARGS:-} 2>&1 | tee -a $OUT/pytest_gpu.log | tail -15) ;;
+tests) (timeout $(left) python3 -m pytest -q -p no:cacheprovider -rs -m gpu ${PYTEST_ARGS:-} 2>&1 | tee -a $OUT/pytest_gpu.log \
+  | tail -15) ;;
 prep) prepare $ALT ;;
 speed) for tree in ${TREES:-$HERE $ALT}; do for env in ${SPEED_ENVS:-""}; do (speed $tree "$env"); done; done ;;
 profile)
