@@ -30,7 +30,7 @@ from exlq.runtime.kernels import catalog, compiler, exl2_ops
 wanted = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 skip = {exl2_ops.INSTANCE_SETS[d] for n, d in wanted.items() if n not in os.environ['KCACHE_DTYPES'].split()}
 # the default builds of every source, then each prepared variant (EXLQ_NVRTC_DEFINES) of the sources it touches
-builds = [('', catalog.SOURCES)] + [(name, sources) for name, sources in getattr(catalog, 'VARIANTS', {}).items()]
+builds = [('', catalog.SOURCES)] + list(catalog.VARIANTS.items())
 for defines, sources in builds:
     os.environ['EXLQ_NVRTC_DEFINES'] = defines
     for source in sources:

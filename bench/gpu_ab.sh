@@ -102,6 +102,22 @@ decode_rate() {  # `exlq bench ARGS --json`, its decode tokens/s alone ("decode_
   python3 -m exlq.cli.app bench "$@" --json 2>>$OUT/err.log | grep -E '"decode_tokens_per_second"' | tr -d ' ,'
 }
 
+gemv_ab() {  # $1: row counts; then settings, each "" or "NAME=VALUE ...": bench/gemv.py at the 8B's shapes under each
+  local rows=$1 setting; shift
+  for setting in "$@"; do
+    echo "== gemv, ${setting:-as is}"
+    (setenv $setting; python3 bench/gemv.py --rows $rows --shapes 4096x14336 14336x4096 4096x4096 4096x1024 \
+      --json-out $OUT/gemv_$(echo "${setting:-default}" | tr -c 'A-Za-z0-9\n' _).json 2>&1 | grep -E "^K=|copy")
+  done
+}
+
+decode_ab() {  # $1: rounds; $2: batch sizes; then settings as gemv_ab's: the synthetic 8B's decode, interleaved
+  local rounds=$1 batches=$2 round batch setting; shift 2
+  for round in $(seq $rounds); do for batch in $batches; do for setting in "$@"; do
+    echo "8b batch $batch ${setting:-as is} ($round): $(setenv $setting; decode_rate --synthetic llama3-8b --bpw 4.0 --batch $batch --prefill 512)"
+  done; done; done
+}
+
 speed() {  # $1: tree; $2: environment settings for this run (e.g. EXLQ_MMA=0), also in the output names.
   # Run in a subshell (the stage does): the cd and the exported setting end with it.
   cd $1; tag=$(basename $1)$(echo "${2:-}" | tr -c 'A-Za-z0-9\n' _); [ -n "${2:-}" ] && export ${2}
@@ -242,27 +258,15 @@ convprof) assemble; python3 bench/profile_convert.py ${PROFILE_MODEL:-$M} --devi
   2>&1 | tee $OUT/profile_convert.log | grep -vE "^ +(measure|quantize)" | tail -45 ;;
 pattern) python3 bench/dram_pattern.py --json-out $OUT/dram_pattern.json 2>&1 | tail -40 ;;
 rows)
-  shapes="4096x14336 14336x4096 4096x4096 4096x1024"
-  for setting in "" ${ROWS_SETTINGS:-EXLQ_STREAM_ROWS_STAGES=3 EXLQ_STREAM_ROWS_STAGES=2}; do
-    echo "== gemv, ${setting:-the rule as is}"
-    (setenv $setting; python3 bench/gemv.py --rows ${ROWS_COUNTS:-8 14 15 16} --shapes $shapes \
-      --json-out $OUT/gemv_rows_$(echo "${setting:-default}" | tr -c 'A-Za-z0-9\n' _).json 2>&1 | grep -E "^K=|copy")
-  done
-  for round in $(seq ${ROWS_ROUNDS:-2}); do for batch in ${ROWS_BATCHES:-16 15}; do for setting in "" "${ROWS_AB:-EXLQ_STREAM_ROWS_STAGES=3}"; do
-    echo "8b batch $batch ${setting:-as is} ($round): $(setenv $setting; decode_rate --synthetic llama3-8b --bpw 4.0 --batch $batch --prefill 512)"
-  done; done; done ;;
+  settings=("" ${ROWS_SETTINGS:-EXLQ_STREAM_ROWS_STAGES=3 EXLQ_STREAM_ROWS_STAGES=2})
+  gemv_ab "${ROWS_COUNTS:-8 14 15 16}" "${settings[@]}"
+  decode_ab ${ROWS_ROUNDS:-2} "${ROWS_BATCHES:-16 15}" "" "${ROWS_AB:-EXLQ_STREAM_ROWS_STAGES=3}" ;;
 variant)
-  name=${VARIANT:-GATHER_SCATTERED_SUMS}
-  (setenv ${VARIANT_ENV:-}; EXLQ_NVRTC_DEFINES=$name python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py \
+  name=${VARIANT:-GATHER_SCATTERED_SUMS} base=${VARIANT_ENV:-}
+  (setenv $base EXLQ_NVRTC_DEFINES=$name; python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py \
     -k "rows or mma or stream" 2>&1 | tail -3)
-  for setting in "" "EXLQ_NVRTC_DEFINES=$name"; do
-    echo "== gemv, ${setting:-default build} ${VARIANT_ENV:-}"
-    (setenv ${VARIANT_ENV:-} $setting; python3 bench/gemv.py --rows 4 8 16 --shapes 4096x14336 14336x4096 4096x4096 4096x1024 \
-      2>&1 | grep -E "^K=|copy")
-  done
-  for round in $(seq ${VARIANT_ROUNDS:-2}); do for batch in 4 16; do for setting in "" "EXLQ_NVRTC_DEFINES=$name"; do
-    echo "8b batch $batch ${setting:-default build} ($round): $(setenv ${VARIANT_ENV:-} $setting; decode_rate --synthetic llama3-8b --bpw 4.0 --batch $batch --prefill 512)"
-  done; done; done ;;
+  gemv_ab "4 8 16" "$base" "$base EXLQ_NVRTC_DEFINES=$name"
+  decode_ab ${VARIANT_ROUNDS:-2} "4 16" "$base" "$base EXLQ_NVRTC_DEFINES=$name" ;;
 spread) python3 bench/prefill_spread.py --lengths 512 2048 --calls 12 2>&1 | tail -30 ;;
 cold)
   for tree in ${TREES:-$HERE}; do

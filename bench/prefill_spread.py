@@ -15,6 +15,7 @@ import statistics
 import torch
 
 from exlq.cli.bench import _synthetic_model
+from exlq.eval.speed import prefill_call
 
 
 def main() -> None:
@@ -28,21 +29,19 @@ def main() -> None:
     model = _synthetic_model(args.synthetic, args.bpw, device, 128)
     print(f"{torch.cuda.get_device_name(device)}: {args.synthetic} at {args.bpw} bpw")
     for length in args.lengths:
-        cache = model.new_cache(length)
-        ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+        run = prefill_call(model, length)  # the call `exlq bench` times (prefill_speed)
         times = []
-        for _ in range(args.calls):  # as exlq.eval.speed.prefill_speed runs them (forward is in inference mode)
-            cache.reset()
+        for _ in range(args.calls):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            model(ids, cache)
+            run()
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end) / 1e3)
         rates = [length / t for t in times]
         print(f"{length} tokens: " + " ".join(f"{r / 1e3:.1f}k" for r in rates)
               + f" | median {statistics.median(rates) / 1e3:.1f}k tokens/s")
-        del cache
+        del run  # its cache
 
 
 if __name__ == "__main__":

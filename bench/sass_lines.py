@@ -40,7 +40,7 @@ def disassemble(instance: str, source: str, arch: str) -> list[tuple[int, tuple[
     """(offset, (file, line), opcode, operands) of every SASS instruction of one instance, compiled as the runtime
     compiles it (-lineinfo) and disassembled with nvdisasm; offsets from the start of the kernel."""
     module = compiler._nvrtc_compile(source, *compiler.read_source(source), arch, [instance],
-                                     (*compiler.OPTIONS, *compiler.variant_options(source)))  # EXLQ_NVRTC_DEFINES too
+                                     compiler.build_options(source))  # EXLQ_NVRTC_DEFINES too
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(module.image + b"\0")  # CuPy's getCUBIN drops the image's last byte; nvdisasm insists on it
         cubin.flush()

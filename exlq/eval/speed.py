@@ -17,6 +17,7 @@ Conventions (also printed by `exlq bench`):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -142,17 +143,22 @@ def decode_speed(model, cache_tokens: int, new_tokens: int = 256, cache_type=Non
     return batch * steps / (prefill_start - start - prefill_seconds)
 
 
-def prefill_speed(model, length: int, repeats: int = 3) -> float:
-    """Tokens/s of one forward over `length` tokens into an empty cache."""
-    device = model.device
+def prefill_call(model, length: int) -> Callable[[], None]:
+    """One forward over `length` random tokens into an emptied cache, as a call to time (prefill_speed,
+    bench/prefill_spread.py)."""
     cache = model.new_cache(length)
-    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=model.device)
 
     def run() -> None:
         cache.reset()
         model(ids, cache)
 
-    return length / _timed(device, run, repeats)
+    return run
+
+
+def prefill_speed(model, length: int, repeats: int = 3) -> float:
+    """Tokens/s of one forward over `length` tokens into an empty cache."""
+    return length / _timed(model.device, prefill_call(model, length), repeats)
 
 
 def measure_speed(

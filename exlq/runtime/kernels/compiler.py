@@ -87,11 +87,16 @@ def variant_options(source: str | None = None) -> tuple[str, ...]:
     return tuple(f"-D{v}" for v in sorted(set(names)) if source is None or source in VARIANTS[v])
 
 
+def build_options(source: str) -> tuple[str, ...]:
+    """NVRTC options of a source's build: OPTIONS and the selected variants' -D (its cache key includes them)."""
+    return (*OPTIONS, *variant_options(source))
+
+
 def compile_source(name: str, arch: str, instances: list[str]) -> CompiledModule:
     """Compile `cuda/<name>` for `arch` (e.g. "sm_90") with the selected variants, from the disk cache when the same
     build exists."""
     source, headers = read_source(name)
-    options = (*OPTIONS, *variant_options(name))
+    options = build_options(name)
     key = hashlib.sha256(
         json.dumps([source, sorted(headers.items()), options, arch, instances, nvrtc_version()]).encode()
     ).hexdigest()[:24]
