@@ -22,6 +22,15 @@
 // 6 bits, the (at most two) words that hold bits 8tb .. 8tb + 8b of the block's bit string.
 #include "exl2_mma.cuh"
 
+// The gather's offset sums by scattered_warp_sums (exl2_mma.cuh), as the multi-row streamed kernel takes them: a
+// prepared variant here (MMA_SCATTERED_SUMS), since it costs this kernel registers (exl2_mma<4> 80 -> 96 on sm_90,
+// exl2_mma_group<7> 96 -> 116 on sm_80) and was not timed on the Ampere/Ada path it serves.
+#ifdef MMA_SCATTERED_SUMS
+constexpr bool MMA_SCATTERED_SUMS_ON = true;
+#else
+constexpr bool MMA_SCATTERED_SUMS_ON = false;
+#endif
+
 // Scales of group `group` for columns col0 + g + 8i, i < 4 (col0: a multiple of 32): their four q_scale words are
 // one 16-byte load, the same for the whole warp.
 __device__ __forceinline__ void warp_scales(const u32* __restrict__ q_scale, const float* __restrict__ scale_max, int group,
@@ -107,7 +116,7 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
     for (int j = 0; j < WARP_BLOCKS; j++) {
         const int blk = warp + j * (THREADS / 32);
         if (blk >= (rows >> 5)) break;
-        gather_mma_block<M>(x, K, entries[j], xs, SPLIT_ROWS, 32 * blk, off[blk]);
+        gather_mma_block<M, MMA_SCATTERED_SUMS_ON>(x, K, entries[j], xs, SPLIT_ROWS, 32 * blk, off[blk]);
     }
     __syncthreads();
 

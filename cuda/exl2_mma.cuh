@@ -183,9 +183,11 @@ __device__ __forceinline__ void scattered_warp_sums(float (&v)[pow2_at_least(M)]
 
 // The gather of one 32-row block of stored rows for M activation rows, by one warp (lane i: row i; `entry`: its
 // table entry, channel | slot << 20 | s << 25 | (bits - 1) << 28): each row's x · 2^-s into xs[m · stride + slot]
-// (slot order: `slot_base` + the entry's slot), and the block's offset sums Σ b (1024 + 2^s z) into off[m]
-// (lane 0; with GATHER_SCATTERED_SUMS, the lanes scattered_warp_sums names).
-template <int M>
+// (slot order: `slot_base` + the entry's slot), and the block's offset sums Σ b (1024 + 2^s z) into off[m]: with
+// SCATTERED, by scattered_warp_sums (from the lanes it names; the multi-row streamed kernel: 16 rows 1-5 % faster on
+// the H100, session 41), else one warp_sum a row (lane 0; exl2_mma.cu, where the scattered sums cost registers on
+// sm_80 that were never timed: the prepared variant MMA_SCATTERED_SUMS).
+template <int M, bool SCATTERED>
 __device__ __forceinline__ void gather_mma_block(const u16* __restrict__ x, int K, int entry, u16* xs, int stride,
                                                  int slot_base, float* off) {
     const int s = (entry >> 25) & 7, bits = ((entry >> 28) & 7) + 1, slot = slot_base + ((entry >> 20) & 31);
@@ -193,8 +195,7 @@ __device__ __forceinline__ void gather_mma_block(const u16* __restrict__ x, int 
     float x_m[M];
 #pragma unroll
     for (int m = 0; m < M; m++) x_m[m] = Act<fp16_t>::load(x[(size_t)m * K + (entry & 0xfffff)]);
-#ifdef GATHER_SCATTERED_SUMS
-    float terms[pow2_at_least(M)];
+    float terms[pow2_at_least(M)];  // zero past M
 #pragma unroll
     for (int m = 0; m < pow2_at_least(M); m++) {
         if (m < M) {
@@ -205,14 +206,13 @@ __device__ __forceinline__ void gather_mma_block(const u16* __restrict__ x, int 
             terms[m] = 0.0f;
         }
     }
-    scattered_warp_sums<M>(terms, off);
-#else
+    if (SCATTERED) {
+        scattered_warp_sums<M>(terms, off);
+    } else {
 #pragma unroll
-    for (int m = 0; m < M; m++) {
-        const u16 b = Act<fp16_t>::store(x_m[m] * down);
-        xs[m * stride + slot] = b;
-        const float term = warp_sum(Act<fp16_t>::load(b) * up);
-        if ((threadIdx.x & 31) == 0) off[m] = term;
+        for (int m = 0; m < M; m++) {
+            const float term = warp_sum(terms[m]);
+            if ((threadIdx.x & 31) == 0) off[m] = term;
+        }
     }
-#endif
 }

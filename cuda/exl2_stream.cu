@@ -499,7 +499,7 @@ __device__ __forceinline__ Rows gather_rows(const StreamGroup& group, int K, con
     const u32* gather = group.m[matrix_of(group, u0)].gather;
     for (int i = (int)threadIdx.x >> 5; i < (rows.count() >> 5); i += CONSUMERS / 32) {
         const int entry = (int)__ldg(gather + rows.at(32 * i) + (threadIdx.x & 31));
-        gather_mma_block<M>(x, K, entry, xs, window, 32 * i, off + i * 8 * row_tiles(M));
+        gather_mma_block<M, true>(x, K, entry, xs, window, 32 * i, off + i * 8 * row_tiles(M));
     }
     return rows;
 }

@@ -21,8 +21,7 @@ SOURCES: dict[str, list[tuple[str, ...]]] = {
 #: Prepared kernel variants (EXLQ_NVRTC_DEFINES, compiler.variant_options): macro name -> the sources that test it.
 #: Each is timed against the default on a GPU, then kept as the code or dropped; CI compiles every one.
 VARIANTS: dict[str, tuple[str, ...]] = {
-    # the multi-row gathers' offset sums reduced across the warp by halving the rows each step (exl2_mma.cuh's
-    # scattered_warp_sums): 16 rows take 16 shuffles instead of 80 (session 39, not yet timed)
-    "GATHER_SCATTERED_SUMS": (exl2_ops.MMA_SOURCE, exl2_stream_ops.SOURCE),
+    # exl2_mma.cu's gather sums reduced across the warp by halving the rows each step (exl2_mma.cuh's
+    # scattered_warp_sums), as the multi-row streamed kernel does since session 41: untimed on Ampere/Ada
+    "MMA_SCATTERED_SUMS": (exl2_ops.MMA_SOURCE,),
 }
-
