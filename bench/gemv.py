@@ -2,6 +2,7 @@
 
     python3 bench/gemv.py [--bpw 4.0] [--rows 1 4] [--shapes 4096x14336 ...] [--group-size 32] [--json-out FILE]
     python3 bench/gemv.py --once --shapes 4096x14336     # a few plain calls, no timing: for ncu (gpu_ab.sh STAGE=ncu)
+    python3 bench/gemv.py --step llama3-8b [--floor dram_step.json]   # each GEMV launch of the one-token step
 
 Each product is captured 50 times in one CUDA graph and the graph replayed, so launch overhead from Python
 is not in the number. The 50 products cycle over enough copies of the layer to exceed twice the L2 cache,
@@ -9,6 +10,11 @@ so the weights stream from device memory as in a real decode step (a 4096x14336 
 50 MB L2; `--l2-hot` times one copy, as before 2026-12-01). Bytes counted: every stored tensor of the layer
 (q_weight, q_scale, q_scale_max, q_groups, q_invperm), read once per product. torch's FP16 GEMV (F.linear on
 the dense weight) is timed the same way for reference.
+
+`--step SHAPE` times each GEMV launch of a synthetic shape's one-token step as the runtime groups them (q/k/v in one
+launch, o, gate/up in one, down with silu(gate)·up formed in its gather, the 6-bit head), each with its finish, and
+adds them up: the step's GEMV time on this code, against the pure reads of the same bytes (`--floor`: the JSON of
+`bench/dram_pattern.py --step SHAPE`) and the issue's target (75 % of the roofline).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exlq.eval.speed import copy_bandwidth  # noqa: E402
-from exlq.quant.synthetic import random_exl2  # noqa: E402
+from exlq.quant.synthetic import random_exl2, synthetic_config  # noqa: E402
 from exlq.runtime.exl2 import Exl2Linear  # noqa: E402
 from exlq.runtime.kernels import exl2_ops, exl2_stream_ops  # noqa: E402
 
@@ -74,6 +80,62 @@ def graph_seconds(fn, replays: int = 20, warm_calls: int = PER_GRAPH) -> float:
     return start.elapsed_time(end) / 1e3 / (replays * PER_GRAPH)
 
 
+def step_launches(name: str) -> list[tuple[str, int, list[int], float | None, int]]:
+    """(label, K, out features of each matrix, bpw (None: the one asked for), launches a step) of each GEMV launch of
+    a one-token step of synthetic shape `name`, grouped as the runtime groups them; the head at 6 bits (the
+    converter's default; also exlq.quant.synthetic's)."""
+    c = synthetic_config(name)
+    h, layers, head_dim = c["hidden_size"], c["num_hidden_layers"], c["hidden_size"] // c["num_attention_heads"]
+    q, kv, i = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["intermediate_size"]
+    launches = [("q/k/v", h, [q, kv, kv], None, layers), ("o", q, [h], None, layers), ("gate/up", h, [i, i], None, layers),
+                ("down", i, [h], None, layers)]
+    if not c.get("tie_word_embeddings"):
+        launches.append(("head", h, [c["vocab_size"]], 6.0, 1))
+    return launches
+
+
+def time_step(name: str, bpw: float, bandwidth: float, floor: dict | None) -> dict:
+    """Each of step_launches(name) timed as the runtime calls it (matmul_many; down_proj with its `up`), and the sum."""
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    floors = {m["matrix"]: m for m in floor["matrices"]} if floor else {}
+    rows, total, total_floor = [], 0.0, {"plain": 0.0, "chained": 0.0}
+    for label, k, outs, launch_bpw, count in step_launches(name):
+        def make() -> list[Exl2Linear]:
+            return [Exl2Linear(random_exl2(k, n, launch_bpw or bpw, generator), k, n, dtype=torch.float16) for n in outs]
+
+        first = make()
+        stored = sum(layer.kernel_plan().q_weight.numel() * 4 for layer in first)  # weights only, as dram_pattern
+        copies = [first] + [make() for _ in range(copies_beyond_l2(stored, device) - 1)]
+        plans = [[layer.kernel_plan() for layer in copy] for copy in copies]
+        x = torch.randn(1, k, device=device, dtype=torch.float16)
+        up = x.clone() if label == "down" else None
+        seconds = graph_seconds(cycling(lambda j: exl2_ops.matmul_many(plans[j % len(plans)], x, up)),
+                                warm_calls=max(PER_GRAPH, len(plans)))
+        row = {"launch": label, "K": k, "N": outs, "launches": count, "microseconds": seconds * 1e6,
+               "weight_bytes": stored, "fraction_of_copy": stored / seconds / 1e9 / bandwidth}
+        total += seconds * 1e6 * count
+        line = (f"{label:8s} K={k:5d} N={'+'.join(map(str, outs)):17s} x{count:2d}: {seconds * 1e6:7.1f} us "
+                f"{100 * row['fraction_of_copy']:5.1f} % of copy")
+        if label in floors:
+            for kind in total_floor:
+                row[f"{kind}_read_us"] = floors[label][f"best_{kind}_us"]
+                total_floor[kind] += floors[label][f"best_{kind}_us"] * count
+            line += f" | pure read {row['plain_read_us']:6.1f} us, chained {row['chained_read_us']:6.1f} us"
+        print(line)
+        rows.append(row)
+        del copies, plans, first
+    weight_bytes = sum(r["weight_bytes"] * r["launches"] for r in rows)
+    roofline = bandwidth * 1e9 / weight_bytes
+    print(f"{name} at {bpw} bpw: the step's GEMVs {total / 1e3:.3f} ms = {1e6 / total:.0f} tok/s if nothing else ran "
+          f"(roofline {roofline:.0f}, target 75 % = {0.75 * roofline:.0f})")
+    for kind, microseconds in total_floor.items():
+        if microseconds:
+            print(f"  the same bytes as {kind} pure reads: {microseconds / 1e3:.3f} ms = {1e6 / microseconds:.0f} tok/s")
+    return {"shape": name, "bpw": bpw, "launches": rows, "gemv_step_ms": total / 1e3,
+            "roofline_tokens_per_second": roofline}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bpw", type=float, default=4.0)
@@ -83,8 +145,19 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128, help="rows per group (real conversions often use 32)")
     parser.add_argument("--l2-hot", action="store_true", help="one copy per layer (may stay in L2)")
     parser.add_argument("--once", action="store_true", help="8 plain calls per shape and row count, no timing (profilers)")
+    parser.add_argument("--step", help="time the GEMV launches of this synthetic shape's one-token step instead")
+    parser.add_argument("--floor", type=Path, help="with --step: bench/dram_pattern.py --step's JSON, side by side")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.step:
+        bandwidth = copy_bandwidth(device)
+        print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s")
+        floor = json.loads(args.floor.read_text())["step_floor"] if args.floor else None
+        record = time_step(args.step, args.bpw, bandwidth, floor)
+        if args.json_out:
+            args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": bandwidth,
+                                                 **record}, indent=2))
+        return
     if args.once:
         generator = torch.Generator(device=device).manual_seed(0)
         for k, n in args.shapes:

@@ -44,7 +44,9 @@
 #                  QUALITY_MODEL=DIR quantizes another model than smollm2 (e.g. the Qwen2.5-Coder-0.5B that
 #                  bench/gpu_final.sh rebuilds from its GGUF in /tmp/models), in its own QUALITY_ROOT.
 #   STAGE=pattern: read bandwidth by access pattern (bench/dram_pattern.py: the GEMV's tiles as stored, as contiguous
-#                  tiles, and streamed; no model needed).
+#                  tiles, streamed, chained by programmatic launch; the 8B's GEMV shapes), then the pure-read floor of
+#                  the 8B's one-token step (--step llama3-8b) beside its GEMV launches as they run (bench/gemv.py
+#                  --step); no model needed.
 #   STAGE=ladder:  the wide GEMV with parts taken out (bench/patches/gemv-ladder.patch: -D switches through
 #                  EXLQ_NVRTC_DEFINES; no epilogue, no gather, no math, no scales, an L2 prefetch of the first chunk):
 #                  where its time goes against the pure read of STAGE=pattern (results are wrong; timing only).
@@ -52,10 +54,11 @@
 #                  the 8B's shapes as is and under each of ROWS_SETTINGS (default EXLQ_STREAM_ROWS_STAGES=3 and =2), then
 #                  the synthetic 8B's decode at ROWS_BATCHES (default 16 15) as is and with ROWS_AB (default
 #                  EXLQ_STREAM_ROWS_STAGES=3), ROWS_ROUNDS rounds (default 2) interleaved.
-#   STAGE=variant: a kernel variant (VARIANT, default GATHER_SCATTERED_SUMS, through EXLQ_NVRTC_DEFINES): the GPU
-#                  tests of the multi-row kernels built with it, then bench/gemv.py at 4, 8 and 16 rows and the 8B's
-#                  decode at batch 4 and 16 without and with it (VARIANT_ENV adds settings to both, e.g.
-#                  EXLQ_STREAM_ROWS_STAGES=3), VARIANT_ROUNDS rounds (default 2) interleaved.
+#   STAGE=variant: a kernel variant (VARIANT, default GEMV_STAGED_WORDS, through EXLQ_NVRTC_DEFINES): its GPU tests
+#                  (VARIANT_TESTS, a -k expression; default the wide GEMV's), then bench/gemv.py at VARIANT_ROWS rows
+#                  (default 1) and the 8B's decode at VARIANT_BATCHES (default 1) without and with it (VARIANT_ENV adds
+#                  settings to both, e.g. EXLQ_STREAM_ROWS_STAGES=3; VARIANT_EXTRA, a third setting with the variant,
+#                  e.g. EXLQ_CARVEOUT=exl2_gemv=100), VARIANT_ROUNDS rounds (default 2) interleaved.
 #   STAGE=spread:  the synthetic 8B's prefill call by call (bench/prefill_spread.py, 512 and 2048 tokens).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
 #                  kernel cache, then again with it filled (the difference is the compile).
@@ -256,17 +259,22 @@ qwen)
   ls $Q ;;
 convprof) assemble; python3 bench/profile_convert.py ${PROFILE_MODEL:-$M} --device cuda --json-out $OUT/profile_convert.json \
   2>&1 | tee $OUT/profile_convert.log | grep -vE "^ +(measure|quantize)" | tail -45 ;;
-pattern) python3 bench/dram_pattern.py --json-out $OUT/dram_pattern.json 2>&1 | tail -40 ;;
+pattern)
+  python3 bench/dram_pattern.py --shapes 4096x14336 14336x4096 --json-out $OUT/dram_pattern.json 2>&1 | tail -80
+  python3 bench/dram_pattern.py --step llama3-8b --json-out $OUT/dram_step.json 2>&1 | tail -50
+  python3 bench/gemv.py --step llama3-8b --floor $OUT/dram_step.json --json-out $OUT/gemv_step.json 2>&1 | tail -12 ;;
 rows)
   settings=("" ${ROWS_SETTINGS:-EXLQ_STREAM_ROWS_STAGES=3 EXLQ_STREAM_ROWS_STAGES=2})
   gemv_ab "${ROWS_COUNTS:-8 14 15 16}" "${settings[@]}"
   decode_ab ${ROWS_ROUNDS:-2} "${ROWS_BATCHES:-16 15}" "" "${ROWS_AB:-EXLQ_STREAM_ROWS_STAGES=3}" ;;
 variant)
-  name=${VARIANT:-GATHER_SCATTERED_SUMS} base=${VARIANT_ENV:-}
-  (setenv $base EXLQ_NVRTC_DEFINES=$name; python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py \
-    -k "rows or mma or stream" 2>&1 | tail -3)
-  gemv_ab "4 8 16" "$base" "$base EXLQ_NVRTC_DEFINES=$name"
-  decode_ab ${VARIANT_ROUNDS:-2} "4 16" "$base" "$base EXLQ_NVRTC_DEFINES=$name" ;;
+  name=${VARIANT:-GEMV_STAGED_WORDS} base=${VARIANT_ENV:-}
+  settings=("$base" "$base EXLQ_NVRTC_DEFINES=$name")
+  [ -n "${VARIANT_EXTRA:-}" ] && settings+=("$base EXLQ_NVRTC_DEFINES=$name $VARIANT_EXTRA")
+  (setenv $base EXLQ_NVRTC_DEFINES=$name; timeout $(left) python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/test_kernels_gpu.py -k "${VARIANT_TESTS:-wide or repeated or large or programmatic}" 2>&1 | tail -3)
+  gemv_ab "${VARIANT_ROWS:-1}" "${settings[@]}"
+  decode_ab ${VARIANT_ROUNDS:-2} "${VARIANT_BATCHES:-1}" "${settings[@]}" ;;
 spread) python3 bench/prefill_spread.py --lengths 512 2048 --calls 12 2>&1 | tail -30 ;;
 cold)
   for tree in ${TREES:-$HERE}; do

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from exlq.cli.bench import _synthetic_model
-from exlq.eval.speed import prefill_call
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing, as bench/gemv.py
+from exlq.cli.bench import _synthetic_model  # noqa: E402
+from exlq.eval.speed import prefill_call  # noqa: E402
 
 
 def main() -> None:

@@ -39,6 +39,32 @@ def test_synthetic_models_run_at_the_target_bpw(shape):
     assert 7.5 < ratio < 8.1
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_bench_step_launches_are_the_models_linears(shape):
+    """`bench/gemv.py --step` and `bench/dram_pattern.py --step` time the launches `step_launches` lists, against the
+    issue's roofline: together they must be the synthetic model's EXL2 linears, each once a step (the head at the
+    6 bits the model gives it, and none where it is tied to the embedding), each launch's matrices of one input."""
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.gemv import step_launches
+
+    store = SyntheticStore(synthetic_config(shape), 4.0, torch.device("cpu"))
+    linears = Counter()
+    for name in store.names():
+        if name.endswith(".q_weight"):
+            out_features, in_features = store.shape(name.removesuffix(".q_weight") + ".weight")
+            linears[in_features, out_features] += 1
+    launched = Counter()
+    for label, in_features, outs, bpw, count in step_launches(shape):
+        assert bpw == (6.0 if label == "head" else None)
+        for out_features in outs:
+            launched[in_features, out_features] += count
+    assert launched == linears
+
+
 def test_synthetic_groups_of_32_keep_the_target_bpw():
     model = small_synthetic("llama3.2-1b", 4.0, group_size=32)
     layers = [m for m in model.model.layers.modules() if isinstance(m, Exl2Linear)]
