@@ -186,7 +186,7 @@ __device__ __forceinline__ void scattered_warp_sums(float (&v)[pow2_at_least(M)]
 // (slot order: `slot_base` + the entry's slot), and the block's offset sums Σ b (1024 + 2^s z) into off[m]: with
 // SCATTERED, by scattered_warp_sums (from the lanes it names; the multi-row streamed kernel: 16 rows 1-5 % faster on
 // the H100, session 41), else one warp_sum a row (lane 0; exl2_mma.cu, where the scattered sums cost registers on
-// sm_80 that were never timed: the prepared variant MMA_SCATTERED_SUMS).
+// sm_80 that were never timed: a prepared variant there).
 template <int M, bool SCATTERED>
 __device__ __forceinline__ void gather_mma_block(const u16* __restrict__ x, int K, int entry, u16* xs, int stride,
                                                  int slot_base, float* off) {
