@@ -54,11 +54,12 @@
 #                  the 8B's shapes as is and under each of ROWS_SETTINGS (default EXLQ_STREAM_ROWS_STAGES=3 and =2), then
 #                  the synthetic 8B's decode at ROWS_BATCHES (default 16 15) as is and with ROWS_AB (default
 #                  EXLQ_STREAM_ROWS_STAGES=3), ROWS_ROUNDS rounds (default 2) interleaved.
-#   STAGE=variant: a kernel variant (VARIANT, default GEMV_STAGED_WORDS, through EXLQ_NVRTC_DEFINES): its GPU tests
-#                  (VARIANT_TESTS, a -k expression; default the wide GEMV's), then bench/gemv.py at VARIANT_ROWS rows
-#                  (default 1) and the 8B's decode at VARIANT_BATCHES (default 1) without and with it (VARIANT_ENV adds
-#                  settings to both, e.g. EXLQ_STREAM_ROWS_STAGES=3; VARIANT_EXTRA, a third setting with the variant,
-#                  e.g. EXLQ_CARVEOUT=exl2_gemv=100), VARIANT_ROUNDS rounds (default 2) interleaved.
+#   STAGE=variant: a kernel variant (VARIANT, default GEMV_GROUP_WAVE, through EXLQ_NVRTC_DEFINES): its GPU tests
+#                  (VARIANT_TESTS, a -k expression; default the wide and grouped GEMVs'), then bench/gemv.py at
+#                  VARIANT_ROWS rows (default 1) and --step llama3-8b, and the 8B's decode at VARIANT_BATCHES (default
+#                  1), each without and with it (VARIANT_ENV adds settings to both, e.g. EXLQ_STREAM_ROWS_STAGES=3;
+#                  VARIANT_EXTRA, a third setting with the variant, e.g. EXLQ_CARVEOUT=exl2_gemv=100),
+#                  VARIANT_ROUNDS rounds (default 2) interleaved.
 #   STAGE=spread:  the synthetic 8B's prefill call by call (bench/prefill_spread.py, 512 and 2048 tokens).
 #   STAGE=cold:    per tree in TREES, the first run's kernel compile: `exlq bench --synthetic llama3.2-1b` with an empty
 #                  kernel cache, then again with it filled (the difference is the compile).
@@ -268,12 +269,16 @@ rows)
   gemv_ab "${ROWS_COUNTS:-8 14 15 16}" "${settings[@]}"
   decode_ab ${ROWS_ROUNDS:-2} "${ROWS_BATCHES:-16 15}" "" "${ROWS_AB:-EXLQ_STREAM_ROWS_STAGES=3}" ;;
 variant)
-  name=${VARIANT:-GEMV_STAGED_WORDS} base=${VARIANT_ENV:-}
+  name=${VARIANT:-GEMV_GROUP_WAVE} base=${VARIANT_ENV:-}
   settings=("$base" "$base EXLQ_NVRTC_DEFINES=$name")
   [ -n "${VARIANT_EXTRA:-}" ] && settings+=("$base EXLQ_NVRTC_DEFINES=$name $VARIANT_EXTRA")
   (setenv $base EXLQ_NVRTC_DEFINES=$name; timeout $(left) python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_kernels_gpu.py -k "${VARIANT_TESTS:-wide or repeated or large or programmatic}" 2>&1 | tail -3)
+    tests/test_kernels_gpu.py -k "${VARIANT_TESTS:-wide or group or longer_splits or repeated or programmatic}" 2>&1 \
+    | tail -3)
   gemv_ab "${VARIANT_ROWS:-1}" "${settings[@]}"
+  for setting in "${settings[@]}"; do  # the 8B step's launches as the runtime groups them (gate/up in one)
+    echo "== step, ${setting:-as is}"; (setenv $setting; python3 bench/gemv.py --step llama3-8b 2>&1 | tail -8)
+  done
   decode_ab ${VARIANT_ROUNDS:-2} "${VARIANT_BATCHES:-1}" "${settings[@]}" ;;
 spread) python3 bench/prefill_spread.py --lengths 512 2048 --calls 12 2>&1 | tail -30 ;;
 cold)

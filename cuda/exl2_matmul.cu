@@ -7,6 +7,14 @@
 // group first + (sb >> shift). The host builds the chunk table once per layer (exl2_ops.py).
 //
 // Chunk: int4 {bits | rows << 8 | shift << 16, first q_weight row (word), first stored row, first group}.
+// A prepared variant (GEMV_GROUP_WAVE, session 41): K splits of up to 512 stored rows, which the host takes only for a
+// one-row group launch of the wide kernel whose 256-row splits would need two waves of blocks (the 8B's gate/up: 112
+// column tiles x 16 splits = 1792 blocks, 924 a wave on the H100): 8 splits of 512 make one wave, so every block's
+// early words load while the previous kernel ends and its fixed phases (gather, scales, epilogue) are paid once
+// (exl2_ops.wave_split_rows). Every instance of this source then keeps 512 rows' activations in shared memory.
+#ifdef GEMV_GROUP_WAVE
+#define SPLIT_ROWS 512
+#endif
 #include "exl2_dot.cuh"
 
 
@@ -144,8 +152,11 @@ constexpr int GATHER_ROWS = SPLIT_ROWS / THREADS;
 // Where the thread's rows of split [c0, c1) come from and go to, read from the layer's own tables (so before the PDL
 // wait), one word a row, kept in the row's own slot of xs until gather_row (registers held across the wait spill):
 // the input channel in bits 0-16 (the format has K ≤ 65536, MAX_IN_FEATURES in exl2.py), the row's fp16 pair-order
-// slot in xh in bits 17-24 and its prescale exponent (half_shift; 0: a float-path row, no fp16 copy) in bits 25-28;
-// -1 past the split's end.
+// slot in xh in the SLOT_BITS above (17-24 for 256-row splits) and its prescale exponent (half_shift; 0: a
+// float-path row, no fp16 copy) in the 4 bits above those; -1 past the split's end.
+constexpr int SLOT_BITS = SPLIT_ROWS > 256 ? 9 : 8;
+constexpr int SHIFT_AT = 17 + SLOT_BITS;
+static_assert(SPLIT_ROWS <= (1 << SLOT_BITS) && SHIFT_AT + 4 <= 31, "a gather entry holds a slot and a shift");
 template <bool HALF>
 __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, const int* __restrict__ perm, int c0,
                                              int c1, int r0, int* entry) {
@@ -157,7 +168,7 @@ __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, co
         while (c + 1 < c1 && i >= ch.z - r0 + ((ch.x >> 8) & 0xff)) ch = chunks[++c];
         const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, p = i - (ch.z - r0);
         const bool paired = HALF && p < (rows & ~31);
-        const int pair = paired ? pair_position(bits, i, p) << 17 | half_shift(bits) << 25 : 0;
+        const int pair = paired ? pair_position(bits, i, p) << 17 | half_shift(bits) << SHIFT_AT : 0;
         entry[i] = p < rows ? __ldg(perm + r0 + i) | pair : -1;
     }
 }
@@ -172,8 +183,8 @@ __device__ __forceinline__ void gather_row(const u16* __restrict__ x, const u16*
     if (entry < 0) return;
     const float v = activation<T>(x, up, entry & 0x1ffff);
     xs[row] = v;
-    const int shift = entry >> 25;
-    if (shift != 0) xh[(entry >> 17) & 0xff] = Act<fp16_t>::store(v * pair_prescale(shift));
+    const int shift = entry >> SHIFT_AT;
+    if (shift != 0) xh[(entry >> 17) & ((1 << SLOT_BITS) - 1)] = Act<fp16_t>::store(v * pair_prescale(shift));
 }
 
 template <typename T> struct HalfPath { static constexpr bool value = false; };

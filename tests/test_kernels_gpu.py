@@ -365,6 +365,33 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
+@pytest.mark.skipif(not exl2_ops.group_wave(), reason="the GEMV_GROUP_WAVE build only (EXLQ_NVRTC_DEFINES)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [2048, 1568])  # 4 splits of 512 rows; 3 and a short one
+def test_group_launch_on_longer_splits_matches_each_layer(k, dtype, monkeypatch):
+    """The prepared variant GEMV_GROUP_WAVE: a one-row wide group launch on 512-row K splits (forced here: a wave of
+    one block an SM, 512 the only longer split) gives each matrix's product into poisoned outputs, and leaves the
+    workspace clean."""
+    use_gemv("wide", monkeypatch)
+    monkeypatch.setattr(exl2_ops, "WIDE_BLOCKS_PER_SM", 1)
+    monkeypatch.setattr(exl2_ops, "GROUP_SPLIT_ROWS", (512,))
+    layers = []
+    for i, (n, bits, props, group, *bias) in enumerate(GROUP_LAYERS[:4]):
+        tensors, _ = random_exl2(k, n, bits, props, group, seed=70 + i, bias=bool(bias and bias[0]))
+        layers.append(Exl2Linear(on_gpu(tensors), k, n, dtype=dtype))
+    plans = [layer.kernel_plan() for layer in layers]
+    assert exl2_ops.wave_split_rows(plans, CUDA) == exl2_ops.GROUP_SPLIT_ROWS[-1]
+    x = torch.randn(1, k, device=CUDA).to(dtype)
+    outs = [torch.full((1, layer.out_features), float("nan"), dtype=dtype, device=CUDA) for layer in layers]
+    exl2_ops.gemv(plans, x, outs)
+    for out, layer in zip(outs, layers):
+        ref = x.double() @ stored_weight(layer)[:, : layer.out_features].double()
+        ref = ref if layer.bias is None else ref + layer.bias[: layer.out_features].double()
+        assert torch.isfinite(out).all() and rel(out, ref) < TOLERANCE[dtype]
+    workspace, counters = workspace_of(exl2_ops._workspace)
+    assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
+
+
 FOLD_KINDS = [(torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "stream"), (torch.bfloat16, "narrow"),
               (torch.bfloat16, "wide")]
 

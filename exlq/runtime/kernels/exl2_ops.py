@@ -31,6 +31,7 @@ norm into its gather; else fused_ops.add_rms_norm), so no launch is spent on tha
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ from exlq.runtime.exl2 import (
 )
 from exlq.runtime.kernels import ACTIVATION_TAGS, exl2_stream_ops
 from exlq.runtime.kernels.fused_ops import Deferred, PendingNorm, UnfinishedSums, as_tensor, silu_mul
-from exlq.runtime.kernels.launch import kernel, launch
+from exlq.runtime.kernels.compiler import variant_options
+from exlq.runtime.kernels.launch import device_index, kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
 SOURCE = "exl2_matmul.cu"
@@ -86,6 +88,11 @@ FINISH_KERNEL = os.environ.get("EXLQ_GEMV_FINISH", "1") != "0"
 #: session 30) and takes finish_add_rms_norm's output, which also ends the product before it (PendingSums.take_sums).
 #: EXLQ_FOLD_STREAM=0: the norm kernel before every GEMV.
 FOLD_STREAM = os.environ.get("EXLQ_FOLD_STREAM", "1") != "0"
+#: Longer K splits for one-row group launches of the wide kernel (the prepared variant GEMV_GROUP_WAVE of
+#: exl2_matmul.cu, which then keeps up to GROUP_SPLIT_ROWS[-1] rows a block): wave_split_rows picks the shortest that
+#: fits the launch in one wave of WIDE_BLOCKS_PER_SM blocks an SM (gemv_min_blocks(1, 2) in the .cu).
+GROUP_SPLIT_ROWS = (384, 512)
+WIDE_BLOCKS_PER_SM = 7
 MMA_ROWS = tuple(range(16, 3, -1))  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
@@ -99,7 +106,7 @@ class Exl2Plan:
     scale_max: torch.Tensor  # float32 [G]: the fp16 values M_g
     chunks: torch.Tensor  # int32 [C, 4]: bits | rows << 8 | group shift << 16, first word row, first stored row, first group
     #: int32 [S + 1] per columns a GEMV thread takes (COLUMN_CHOICES): the chunk index where each K split starts
-    split_tables: dict[int, torch.Tensor]
+    split_tables: dict[int | tuple[int, int], torch.Tensor]  # (columns, rows): GROUP_SPLIT_ROWS splits (GEMV_GROUP_WAVE)
     perm: torch.Tensor  # int32 [K]: stored row -> input channel
     gather: torch.Tensor | None  # int32 [K]: the tensor-core GEMV's gather table (mma_gather_table); None: not eligible
     bias: torch.Tensor | None  # float32 [N_pad]
@@ -164,7 +171,11 @@ def split_points(table: list[tuple[int, int, int, int, int, int]], column_tiles:
     """Chunk indices where K splits start (plus the end): splits of ≤ SPLIT_ROWS rows, enough blocks overall."""
     total_rows = sum(t[1] for t in table)
     wanted = -(-total_rows * column_tiles // TARGET_BLOCKS)
-    split_rows = max(CHUNK_ROWS, min(SPLIT_ROWS, -(-wanted // CHUNK_ROWS) * CHUNK_ROWS))
+    return chunk_splits(table, max(CHUNK_ROWS, min(SPLIT_ROWS, -(-wanted // CHUNK_ROWS) * CHUNK_ROWS)))
+
+
+def chunk_splits(table: list[tuple[int, int, int, int, int, int]], split_rows: int) -> list[int]:
+    """Chunk indices where K splits of at most `split_rows` rows start (plus the end)."""
     points, rows = [0], 0
     for i, (_, chunk_rows, *_rest) in enumerate(table):
         if rows + chunk_rows > split_rows:
@@ -239,7 +250,31 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
     for columns in COLUMN_CHOICES:
         points = split_points(table, plan.tiles(columns))
         plan.split_tables[columns] = torch.tensor(points, dtype=torch.int32, device=device)
+    if group_wave():
+        for split_rows in GROUP_SPLIT_ROWS:
+            plan.split_tables[WIDE_COLUMNS, split_rows] = torch.tensor(
+                chunk_splits(table, split_rows), dtype=torch.int32, device=device)
     return plan
+
+
+@functools.cache
+def group_wave() -> bool:
+    """Whether exl2_matmul.cu is built with the prepared variant GEMV_GROUP_WAVE (EXLQ_NVRTC_DEFINES; read once,
+    as the kernels are): its blocks then take K splits of up to 512 rows, so the host may hand them such splits."""
+    return "-DGEMV_GROUP_WAVE" in variant_options(SOURCE)
+
+
+def wave_split_rows(plans: Sequence[Exl2Plan], device: torch.device) -> int | None:
+    """The K split (GROUP_SPLIT_ROWS) for a one-row wide group launch under GEMV_GROUP_WAVE: None (the plans' own
+    splits) where those fit one wave of blocks, else the shortest longer split that does, else the longest."""
+    wave = WIDE_BLOCKS_PER_SM * exl2_stream_ops.sm_limits(device_index(device))[0]
+
+    def blocks(key) -> int:
+        return sum(p.tiles(WIDE_COLUMNS) * (p.split_tables[key].numel() - 1) for p in plans)
+
+    if blocks(WIDE_COLUMNS) <= wave:
+        return None
+    return next((rows for rows in GROUP_SPLIT_ROWS if blocks((WIDE_COLUMNS, rows)) <= wave), GROUP_SPLIT_ROWS[-1])
 
 
 _workspace = Workspace()  # the GEMV's partial sums and tile counters
@@ -358,6 +393,8 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if exl2_stream_ops.applies_rows(plans, rows, dtype, device):
         return streamed_gemv(plans, x, outs, up, unfinished=unfinished, tensor_cores=True)
     tensor_cores, columns = gemv_route(plans, rows, dtype)
+    longer = (wave_split_rows(plans, device)
+              if group_wave() and len(plans) > 1 and rows == 1 and columns == WIDE_COLUMNS and not tensor_cores else None)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     finish = FINISH_KERNEL  # exl2_finish writes the outputs of split products
@@ -367,7 +404,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     blocks = floats = tiles = 0
     split_k = False  # a product split along K: its outputs are exl2_finish's (with `finish`)
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
-        split_chunks = plan.splits(columns)
+        split_chunks = plan.split_tables[columns, longer] if longer else plan.splits(columns)
         splits, plan_tiles = split_chunks.numel() - 1, plan.tiles(columns)
         split_k |= splits > 1
         rows_in = plan.gather if tensor_cores else plan.perm  # the field each kernel reads for its input rows
