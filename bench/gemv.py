@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exlq.eval.speed import copy_bandwidth  # noqa: E402
-from exlq.quant.synthetic import random_exl2, synthetic_config  # noqa: E402
+from exlq.quant.synthetic import layer_linears, random_exl2, synthetic_config  # noqa: E402
 from exlq.runtime.exl2 import Exl2Linear  # noqa: E402
 from exlq.runtime.kernels import exl2_ops, exl2_stream_ops  # noqa: E402
 
@@ -85,12 +85,14 @@ def step_launches(name: str) -> list[tuple[str, int, list[int], float | None, in
     a one-token step of synthetic shape `name`, grouped as the runtime groups them; the head at 6 bits (the
     converter's default; also exlq.quant.synthetic's)."""
     c = synthetic_config(name)
-    h, layers, head_dim = c["hidden_size"], c["num_hidden_layers"], c["hidden_size"] // c["num_attention_heads"]
-    q, kv, i = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["intermediate_size"]
-    launches = [("q/k/v", h, [q, kv, kv], None, layers), ("o", q, [h], None, layers), ("gate/up", h, [i, i], None, layers),
-                ("down", i, [h], None, layers)]
+    shapes, layers = layer_linears(c), c["num_hidden_layers"]
+    groups = {"q/k/v": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+              "gate/up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+    launches = []
+    for label, names in groups.items():  # (out, in) each; a launch's matrices share their input
+        launches.append((label, shapes[names[0]][1], [shapes[name][0] for name in names], None, layers))
     if not c.get("tie_word_embeddings"):
-        launches.append(("head", h, [c["vocab_size"]], 6.0, 1))
+        launches.append(("head", c["hidden_size"], [c["vocab_size"]], 6.0, 1))
     return launches
 
 

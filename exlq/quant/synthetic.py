@@ -43,6 +43,14 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+def layer_linears(config: dict) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each decoder layer's linear (LINEARS) for a config's sizes."""
+    c = config
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    q, kv, h, i = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["hidden_size"], c["intermediate_size"]
+    return dict(zip(LINEARS, [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]))
+
+
 def synthetic_config(shape: str) -> dict:
     if shape not in SHAPES:
         raise ExlqError(f"unknown synthetic shape {shape!r}; known: {', '.join(SHAPES)}")
@@ -85,9 +93,7 @@ class SyntheticStore:
         self._pending: dict[str, torch.Tensor] = {}
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
         c = self.config
-        head_dim = c["hidden_size"] // c["num_attention_heads"]
-        q, kv, h, i = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["hidden_size"], c["intermediate_size"]
-        shapes = dict(zip(LINEARS, [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]))
+        h, shapes = c["hidden_size"], layer_linears(c)
         self._linears = {f"model.layers.{n}.{name}": s for n in range(c["num_hidden_layers"]) for name, s in shapes.items()}
         if not c.get("tie_word_embeddings"):
             self._linears["lm_head"] = (c["vocab_size"], h)  # quantized like the converter's default head (6 bits)

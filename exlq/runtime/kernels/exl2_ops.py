@@ -124,9 +124,9 @@ class Exl2Plan:
         """Column tiles of a GEMV whose threads take `columns` adjacent columns each."""
         return -(-self.n_pad // (THREADS * columns))
 
-    def splits(self, columns: int) -> torch.Tensor:
-        """The K-split table of that GEMV."""
-        return self.split_tables[columns]
+    def splits(self, columns: int, rows: int | None = None) -> torch.Tensor:
+        """The K-split table of that GEMV: its own, or (GEMV_GROUP_WAVE) the one of `rows`-row splits."""
+        return self.split_tables[columns] if rows is None else self.split_tables[columns, rows]
 
 
 def chunk_table(layout: Layout, max_rows: Callable[[int], int] = lambda bits: CHUNK_ROWS,
@@ -269,12 +269,12 @@ def wave_split_rows(plans: Sequence[Exl2Plan], device: torch.device) -> int | No
     splits) where those fit one wave of blocks, else the shortest longer split that does, else the longest."""
     wave = WIDE_BLOCKS_PER_SM * exl2_stream_ops.sm_limits(device_index(device))[0]
 
-    def blocks(key) -> int:
-        return sum(p.tiles(WIDE_COLUMNS) * (p.split_tables[key].numel() - 1) for p in plans)
+    def blocks(rows: int | None) -> int:
+        return sum(p.tiles(WIDE_COLUMNS) * (p.splits(WIDE_COLUMNS, rows).numel() - 1) for p in plans)
 
-    if blocks(WIDE_COLUMNS) <= wave:
+    if blocks(None) <= wave:
         return None
-    return next((rows for rows in GROUP_SPLIT_ROWS if blocks((WIDE_COLUMNS, rows)) <= wave), GROUP_SPLIT_ROWS[-1])
+    return next((rows for rows in GROUP_SPLIT_ROWS if blocks(rows) <= wave), GROUP_SPLIT_ROWS[-1])
 
 
 _workspace = Workspace()  # the GEMV's partial sums and tile counters
@@ -393,8 +393,9 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if exl2_stream_ops.applies_rows(plans, rows, dtype, device):
         return streamed_gemv(plans, x, outs, up, unfinished=unfinished, tensor_cores=True)
     tensor_cores, columns = gemv_route(plans, rows, dtype)
+    # (wide implies no tensor cores: gemv_route)
     longer = (wave_split_rows(plans, device)
-              if group_wave() and len(plans) > 1 and rows == 1 and columns == WIDE_COLUMNS and not tensor_cores else None)
+              if len(plans) > 1 and rows == 1 and columns == WIDE_COLUMNS and group_wave() else None)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     finish = FINISH_KERNEL  # exl2_finish writes the outputs of split products
@@ -404,7 +405,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     blocks = floats = tiles = 0
     split_k = False  # a product split along K: its outputs are exl2_finish's (with `finish`)
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
-        split_chunks = plan.split_tables[columns, longer] if longer else plan.splits(columns)
+        split_chunks = plan.splits(columns, longer)
         splits, plan_tiles = split_chunks.numel() - 1, plan.tiles(columns)
         split_k |= splits > 1
         rows_in = plan.gather if tensor_cores else plan.perm  # the field each kernel reads for its input rows
