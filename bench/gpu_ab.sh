@@ -54,7 +54,7 @@
 #                  the 8B's shapes as is and under each of ROWS_SETTINGS (default EXLQ_STREAM_ROWS_STAGES=3 and =2), then
 #                  the synthetic 8B's decode at ROWS_BATCHES (default 16 15) as is and with ROWS_AB (default
 #                  EXLQ_STREAM_ROWS_STAGES=3), ROWS_ROUNDS rounds (default 2) interleaved.
-#   STAGE=variant: a kernel variant (VARIANT, default GEMV_GROUP_WAVE, through EXLQ_NVRTC_DEFINES): its GPU tests
+#   STAGE=variant: a kernel variant (VARIANT, a name of catalog.VARIANTS, through EXLQ_NVRTC_DEFINES): its GPU tests
 #                  (VARIANT_TESTS, a -k expression; default the wide and grouped GEMVs'), then bench/gemv.py at
 #                  VARIANT_ROWS rows (default 1) and --step llama3-8b, and the 8B's decode at VARIANT_BATCHES (default
 #                  1), each without and with it (VARIANT_ENV adds settings to both, e.g. EXLQ_STREAM_ROWS_STAGES=3;
@@ -269,7 +269,7 @@ rows)
   gemv_ab "${ROWS_COUNTS:-8 14 15 16}" "${settings[@]}"
   decode_ab ${ROWS_ROUNDS:-2} "${ROWS_BATCHES:-16 15}" "" "${ROWS_AB:-EXLQ_STREAM_ROWS_STAGES=3}" ;;
 variant)
-  name=${VARIANT:-GEMV_GROUP_WAVE} base=${VARIANT_ENV:-}
+  name=${VARIANT:?STAGE=variant needs VARIANT=NAME (catalog.VARIANTS)} base=${VARIANT_ENV:-}
   settings=("$base" "$base EXLQ_NVRTC_DEFINES=$name")
   [ -n "${VARIANT_EXTRA:-}" ] && settings+=("$base EXLQ_NVRTC_DEFINES=$name $VARIANT_EXTRA")
   (setenv $base EXLQ_NVRTC_DEFINES=$name; timeout $(left) python3 -m pytest -q -p no:cacheprovider -m gpu \

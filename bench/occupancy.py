@@ -4,8 +4,8 @@
 
 Why: a kernel change that adds shared memory or registers can push a one-wave GEMV into a second wave; the cubin's
 numbers (bench/kernel_resources.py, no GPU) give the inputs, this gives the driver's answer
-(cuOccupancyMaxActiveBlocksPerMultiprocessor), for the build EXLQ_NVRTC_DEFINES selects and the carveout
-EXLQ_CARVEOUT asks for.
+(cuOccupancyMaxActiveBlocksPerMultiprocessor, as the runtime asks it for one-wave grids: launch.blocks_per_sm), for
+the build EXLQ_NVRTC_DEFINES selects and the carveout EXLQ_CARVEOUT asks for.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from exlq.runtime.kernels.launch import kernel  # noqa: E402
+from exlq.runtime.kernels.launch import blocks_per_sm, kernel  # noqa: E402
 
 CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
 CU_FUNC_ATTRIBUTE_NUM_REGS = 4
@@ -38,7 +38,7 @@ def main() -> None:
         function = kernel(args.source, tuple(args.instances), instance, device)
         registers = driver.funcGetAttribute(CU_FUNC_ATTRIBUTE_NUM_REGS, function)
         shared = driver.funcGetAttribute(CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, function)
-        blocks = driver.occupancyMaxActiveBlocksPerMultiprocessor(function, args.threads, 0)
+        blocks = blocks_per_sm(function, args.threads)
         print(f"{instance}: {registers} registers, {shared} B static shared memory, {blocks} blocks an SM "
               f"({blocks * properties.multi_processor_count} a wave)")
 

@@ -4,9 +4,7 @@
 #include "common.cuh"
 
 #define THREADS 128        // threads a block; also the columns of a block's tile
-#ifndef SPLIT_ROWS           // (a source may take longer splits: exl2_matmul.cu's prepared variant)
-#define SPLIT_ROWS 256     // at most this many stored rows per K split (x slice in shared memory)
-#endif
+#define SPLIT_ROWS 256     // at most this many stored rows per K split (x slice in shared memory; see GROUP_SPLIT_ROWS)
 
 // The constants OR-ed onto codes (0x4B000000: 2^23 in fp32; 0x64006400: 1024 in both fp16 halves), held
 // in registers the compiler cannot prove constant. LOP3 takes one immediate: with both the mask and the

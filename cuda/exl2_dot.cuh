@@ -1,6 +1,7 @@
 // The EXL2 GEMVs' arithmetic on codes already in registers (exl2_matmul.cu: words loaded from global memory;
 // exl2_stream.cu: from shared memory): one 32-row block's dot product with the activations, on the fp32 path (any
 // width, bf16 activations) or the fp16 pair path (fp16 activations), and the activation a GEMV gathers.
+// S (deduced from the activations' pointer): the rows of a block's activation slice in shared memory, its row stride.
 #pragma once
 #include "exl2_common.cuh"
 
@@ -21,8 +22,8 @@ __device__ __forceinline__ float centered(u32 code, u32 two23) {
 
 // fp32 path, any width (bf16 activations; fp16 ones take sub_half): dot[c][m] += sum_i x[m][lr + i] (q_ci - z) over
 // 32 rows whose B words per column are in registers.
-template <int B, int M, int C>
-__device__ __forceinline__ void sub_float(const u32 (*words)[B + 1], const float (*xs)[SPLIT_ROWS], int lr, const Magic& k,
+template <int B, int M, int C, int S>
+__device__ __forceinline__ void sub_float(const u32 (*words)[B + 1], const float (*xs)[S], int lr, const Magic& k,
                                           float (*dot)[M]) {
 #pragma unroll
     for (int i = 0; i < 32; i += 4) {
@@ -80,8 +81,8 @@ __device__ __forceinline__ u32 h2(float value) {
 
 // acc[c][m] += column c's four code pairs q[c] times four activation pairs at xh[m][at..at+7] (half2 arithmetic;
 // each activation load serves all C columns).
-template <int M, int C>
-__device__ __forceinline__ void dot4_pairs(const u32 (*q)[4], const u16 (*xh)[SPLIT_ROWS], int at, u32 (*acc)[M]) {
+template <int M, int C, int S>
+__device__ __forceinline__ void dot4_pairs(const u32 (*q)[4], const u16 (*xh)[S], int at, u32 (*acc)[M]) {
 #pragma unroll
     for (int m = 0; m < M; m++) {
         const uint4 xv = *reinterpret_cast<const uint4*>(&xh[m][at]);
@@ -143,8 +144,8 @@ __device__ __forceinline__ u32 row_pair(int r, const u32 (&piece)[B]) {
     return ((piece[i] >> bit) & low) | ((piece[i + 1] << (16 - bit)) & PAIR & ~low);
 }
 
-template <int B, int M, int C>
-__device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*xh)[SPLIT_ROWS], int lr, const Magic& k,
+template <int B, int M, int C, int S>
+__device__ __forceinline__ void sub_half(const u32 (*words)[B + 1], const u16 (*xh)[S], int lr, const Magic& k,
                                          float (*dot)[M]) {
     constexpr float Z = (float)(1 << (B - 1));
     u32 acc[C][M], q[C][4];

@@ -7,15 +7,18 @@
 // group first + (sb >> shift). The host builds the chunk table once per layer (exl2_ops.py).
 //
 // Chunk: int4 {bits | rows << 8 | shift << 16, first q_weight row (word), first stored row, first group}.
-// A prepared variant (GEMV_GROUP_WAVE, session 41): K splits of up to 512 stored rows, which the host takes only for a
-// one-row group launch of the wide kernel whose 256-row splits would need two waves of blocks (the 8B's gate/up: 112
-// column tiles x 16 splits = 1792 blocks, 924 a wave on the H100): 8 splits of 512 make one wave, so every block's
-// early words load while the previous kernel ends and its fixed phases (gather, scales, epilogue) are paid once
-// (exl2_ops.wave_split_rows). Every instance of this source then keeps 512 rows' activations in shared memory.
-#ifdef GEMV_GROUP_WAVE
-#define SPLIT_ROWS 512
-#endif
 #include "exl2_dot.cuh"
+
+// Longer K splits, up to GROUP_SPLIT_ROWS stored rows, for the one-row group launch of the wide kernel
+// (exl2_gemv_group<T, 1, 2>) whose SPLIT_ROWS splits would need two waves of blocks (the 8B's gate/up: 112 column
+// tiles x 16 splits = 1792 blocks, 924 a wave on the H100): 8 splits of 512 make one wave, so every block's early
+// words load while the previous kernel ends and its fixed phases (gather, scales, epilogue) are paid once
+// (exl2_ops.wave_split_rows picks them; the 8B decodes ~3 % faster: docs/benchmarks.md, session 42). Only that
+// instance keeps 512 rows' activations in shared memory (19 KiB a block instead of 9.5, fp16).
+#define GROUP_SPLIT_ROWS 512
+__host__ __device__ constexpr int split_capacity(bool group, int m, int c) {
+    return group && m == 1 && c == 2 ? GROUP_SPLIT_ROWS : SPLIT_ROWS;
+}
 
 
 // C adjacent columns' words of one word row (the C columns of a thread are contiguous in q_weight: 2 columns are
@@ -32,8 +35,8 @@ __device__ __forceinline__ void load_columns(const u32* p, u32* out) {
 }
 
 // The short last group of a matrix (fewer than 32 rows: rows * B / 32 words), loading as it goes.
-template <int B, int M, int C>
-__device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
+template <int B, int M, int C, int S>
+__device__ __forceinline__ void tail_float(const u32* __restrict__ w, int stride, const float (*xs)[S],
                                            int lr, int rows, const Magic& k, float (*dot)[M]) {
     const int nw = rows * B / 32;
     for (int i = 0; i < rows; i++) {
@@ -74,9 +77,9 @@ constexpr int EARLY_ROWS = 8;
 // first, then multiplied; a last partial block of rows goes through tail_float. acc[c][m] += Σ over blocks of
 // scale[block][c] · (block's dot): each 32-row block has its group's column scale. With use_early, `early` holds the
 // chunk's first EARLY_ROWS word rows, already loaded.
-template <int B, int M, bool HALF, int C>
-__device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[SPLIT_ROWS],
-                                          const u16 (*xh)[SPLIT_ROWS], int lr, int rows, const float (*scale)[C],
+template <int B, int M, bool HALF, int C, int S>
+__device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride, const float (*xs)[S],
+                                          const u16 (*xh)[S], int lr, int rows, const float (*scale)[C],
                                           const Magic& k, float (*acc)[M], const u32 (&early)[C][EARLY_ROWS],
                                           bool use_early) {
     constexpr int BL = blocks_in_flight(B, C, HALF && M == 1);
@@ -146,24 +149,23 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
     }
 }
 
-// Stored rows of a K split that one thread gathers at one activation row (row threadIdx.x + j·THREADS of the split).
-constexpr int GATHER_ROWS = SPLIT_ROWS / THREADS;
-
-// Where the thread's rows of split [c0, c1) come from and go to, read from the layer's own tables (so before the PDL
-// wait), one word a row, kept in the row's own slot of xs until gather_row (registers held across the wait spill):
-// the input channel in bits 0-16 (the format has K ≤ 65536, MAX_IN_FEATURES in exl2.py), the row's fp16 pair-order
-// slot in xh in the SLOT_BITS above (17-24 for 256-row splits) and its prescale exponent (half_shift; 0: a
-// float-path row, no fp16 copy) in the 4 bits above those; -1 past the split's end.
-constexpr int SLOT_BITS = SPLIT_ROWS > 256 ? 9 : 8;
-constexpr int SHIFT_AT = 17 + SLOT_BITS;
-static_assert(SPLIT_ROWS <= (1 << SLOT_BITS) && SHIFT_AT + 4 <= 31, "a gather entry holds a slot and a shift");
-template <bool HALF>
+// Where the thread's rows of split [c0, c1) (at most S rows: S / THREADS a thread, row threadIdx.x + j·THREADS) come
+// from and go to, read from the layer's own tables (so before the PDL wait), one word a row, kept in the row's own
+// slot of xs until gather_row (registers held across the wait spill): the input channel in bits 0-16 (the format has
+// K ≤ 65536, MAX_IN_FEATURES in exl2.py), the row's fp16 pair-order slot in xh in the slot_bits(S) above (17-24 for
+// 256-row splits) and its prescale exponent (half_shift; 0: a float-path row, no fp16 copy) in the 4 bits above
+// those; -1 past the split's end.
+__host__ __device__ constexpr int slot_bits(int split_rows) { return split_rows > 256 ? 9 : 8; }
+static_assert(GROUP_SPLIT_ROWS <= (1 << slot_bits(GROUP_SPLIT_ROWS)) && 17 + slot_bits(GROUP_SPLIT_ROWS) + 4 <= 31,
+              "a gather entry holds a slot and a shift");
+template <bool HALF, int S>
 __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, const int* __restrict__ perm, int c0,
                                              int c1, int r0, int* entry) {
+    constexpr int SHIFT_AT = 17 + slot_bits(S);
     int c = c0;
     int4 ch = chunks[c0];
 #pragma unroll
-    for (int j = 0; j < GATHER_ROWS; j++) {
+    for (int j = 0; j < S / THREADS; j++) {
         const int i = threadIdx.x + j * THREADS;
         while (c + 1 < c1 && i >= ch.z - r0 + ((ch.x >> 8) & 0xff)) ch = chunks[++c];
         const int bits = ch.x & 0xff, rows = (ch.x >> 8) & 0xff, p = i - (ch.z - r0);
@@ -176,9 +178,10 @@ __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, co
 
 // Row `row` of the split (gather_table's entry in xs[row]): the activation at one activation row, into xs and (fp16
 // path) xh.
-template <typename T>
+template <typename T, int S>
 __device__ __forceinline__ void gather_row(const u16* __restrict__ x, const u16* __restrict__ up, int row, float* xs,
                                            u16* xh) {
+    constexpr int SLOT_BITS = slot_bits(S), SHIFT_AT = 17 + SLOT_BITS;
     const int entry = __float_as_int(xs[row]);
     if (entry < 0) return;
     const float v = activation<T>(x, up, entry & 0x1ffff);
@@ -213,13 +216,14 @@ __device__ __forceinline__ void column_scales(const u32* __restrict__ q_scale, c
 // into the fp32 workspace. Launched with counters, the last block of a column tile to finish writes y (+bias) and
 // re-zeroes the workspace and its counter, so one launch does the whole product and leaves the workspace clean;
 // without, the blocks end at their atomics and exl2_finish (the next launch) does that. With `up` (not null) the
-// product's input is T(silu(x)) * up (activation()).
-template <typename T, int M, int C>
+// product's input is T(silu(x)) * up (activation()). S: the most stored rows of the launch's K splits
+// (split_capacity).
+template <typename T, int M, int C, int S>
 __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16* __restrict__ up, int K,
                                            const GemvMatrix& mat, int local) {
     constexpr bool HALF = HalfPath<T>::value;
-    __shared__ __align__(16) float xs[M][SPLIT_ROWS];
-    __shared__ __align__(16) u16 xh[HALF ? M : 1][SPLIT_ROWS];
+    __shared__ __align__(16) float xs[M][S];
+    __shared__ __align__(16) u16 xh[HALF ? M : 1][S];
     const u32* __restrict__ q_weight = mat.q_weight;
     const int4* __restrict__ chunks = mat.chunks;
     const int n_pad = mat.n_pad, tile = local % mat.tiles, split = local / mat.tiles;
@@ -251,7 +255,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
     // Every column scale of the split (per 32-row block of it), read before the wait into shared memory (the thread's
     // own slots; registers held across the wait spill): after it, the chunk loop takes them from there, so no scale
     // load waits on its chunk entry inside the split's critical path.
-    __shared__ float split_scales[SPLIT_ROWS / 32][C][THREADS];
+    __shared__ float split_scales[S / 32][C][THREADS];
     if (valid) {
         for (int c = c0; c < c1; c++) {
             const int4 ch = chunks[c];
@@ -276,16 +280,16 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
         }
     }
 
-    // At one row the gather's tables are read before the wait too (GATHER_ROWS rows a thread): after it, one load of
+    // At one row the gather's tables are read before the wait too (S / THREADS rows a thread): after it, one load of
     // x a row instead of the chain chunk entry -> permutation -> x.
-    if (M == 1) gather_table<HALF>(chunks, mat.perm, c0, c1, r0, reinterpret_cast<int*>(xs[0]));
+    if (M == 1) gather_table<HALF, S>(chunks, mat.perm, c0, c1, r0, reinterpret_cast<int*>(xs[0]));
 
     pdl_launch_dependents();  // the weights and tables are the layer's own: the early words load while the previous kernel ends; x and the outputs wait
     pdl_wait();
 
     if (M == 1) {
 #pragma unroll
-        for (int j = 0; j < GATHER_ROWS; j++) gather_row<T>(x, up, threadIdx.x + j * THREADS, xs[0], xh[0]);
+        for (int j = 0; j < S / THREADS; j++) gather_row<T, S>(x, up, threadIdx.x + j * THREADS, xs[0], xh[0]);
     } else {
         for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
             const int4 ch = chunks[c];
@@ -319,7 +323,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
 #pragma unroll
                 for (int i = 0; i < C; i++) scale[sb][i] = 32 * sb < rows ? split_scales[(lr >> 5) + sb][i][threadIdx.x] : 0.0f;
             }
-            const u16(*xhv)[SPLIT_ROWS] = reinterpret_cast<const u16(*)[SPLIT_ROWS]>(xh);
+            const u16(*xhv)[S] = reinterpret_cast<const u16(*)[S]>(xh);
 #define CHUNK_DOT(B) chunk_dot<B, M, HALF, C>(w, n_pad, xs, xhv, lr, rows, scale, k, acc, early, EARLY && c == c0)
             WITH_WIDTH(bits, CHUNK_DOT)
 #undef CHUNK_DOT
@@ -433,7 +437,7 @@ template <typename T, int M, int C = 1>
 __global__ void __launch_bounds__(THREADS, gemv_min_blocks(M, C)) exl2_gemv(const u16* __restrict__ x,
                                                                          const u16* __restrict__ up, int K,
                                                                          const GemvMatrix mat) {
-    gemv_block<T, M, C>(x, up, K, mat, blockIdx.x);
+    gemv_block<T, M, C, split_capacity(false, M, C)>(x, up, K, mat, blockIdx.x);
 }
 
 // Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each
@@ -445,7 +449,7 @@ __global__ void __launch_bounds__(THREADS, gemv_min_blocks(M, C)) exl2_gemv_grou
 #pragma unroll
     for (int i = 1; i < MAX_GROUP; i++)
         if (i < group.count && (int)blockIdx.x >= group.m[i].block0) which = i;
-    gemv_block<T, M, C>(x, nullptr, K, group.m[which], blockIdx.x - group.m[which].block0);
+    gemv_block<T, M, C, split_capacity(true, M, C)>(x, nullptr, K, group.m[which], blockIdx.x - group.m[which].block0);
 }
 
 

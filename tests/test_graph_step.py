@@ -141,14 +141,12 @@ def test_plans_split_k_for_every_gemv_width(n):
 @pytest.mark.parametrize("outs, expected", [([14336, 14336], 512), ([4096, 1024, 1024], None), ([28672, 28672], 512),
                                             ([8192, 8192], 384)])
 def test_group_wave_splits_fit_one_wave(outs, expected, monkeypatch):
-    """Under GEMV_GROUP_WAVE a one-row wide group launch whose 256-row splits need two waves of blocks takes the
-    shortest longer split that fits one (H100: 132 SMs x 7 blocks): the 8B's gate/up 8 splits of 512 rows, 896 blocks;
-    q/k/v keeps its own splits; the longer tables still cover every chunk once, in splits of at most their rows."""
-    from exlq.runtime.kernels import exl2_ops, exl2_stream_ops
+    """A one-row wide group launch whose 256-row splits need two waves of blocks takes the shortest longer split that
+    fits one (H100: 132 SMs x 7 blocks): the 8B's gate/up 8 splits of 512 rows, 896 blocks; q/k/v keeps its own
+    splits; the longer tables still cover every chunk once, in splits of at most their rows."""
+    from exlq.runtime.kernels import exl2_ops
 
-    monkeypatch.setattr(exl2_ops, "group_wave", lambda: True)
-    monkeypatch.setattr(exl2_ops, "device_index", lambda device: 0)
-    monkeypatch.setattr(exl2_stream_ops, "sm_limits", lambda index: (132, 233472))
+    monkeypatch.setattr(exl2_ops, "GROUP_WAVE", True)
     k = 4096
     plans = []
     for i, n in enumerate(outs):
@@ -160,7 +158,7 @@ def test_group_wave_splits_fit_one_wave(outs, expected, monkeypatch):
             points = plans[-1].split_tables[WIDE_COLUMNS, rows].tolist()
             assert points[0] == 0 and points[-1] == len(table) and points == sorted(set(points))
             assert all(sum(t[1] for t in table[a:b]) <= rows for a, b in zip(points, points[1:]))
-    chosen = exl2_ops.wave_split_rows(plans, torch.device("cpu"))
+    chosen = exl2_ops.wave_split_rows(plans, 132 * 7)
     assert chosen == expected
     key = WIDE_COLUMNS if chosen is None else (WIDE_COLUMNS, chosen)
     blocks = sum(p.tiles(WIDE_COLUMNS) * (p.split_tables[key].numel() - 1) for p in plans)

@@ -14,9 +14,8 @@ from conftest import forget_kernel_architecture, real_model_dir
 from exlq.quant.exl2_pack import converter_layout, pack_exl2
 from exlq.runtime.exl2 import MAX_IN_FEATURES, Exl2Linear, dequantize, dequantize_stored
 from exlq.runtime.generator import Generator
-from exlq.runtime.kernels import enabled
-from exlq.runtime.kernels import exl2_ops, exl2_stream_ops, fused_ops
-from exlq.runtime.kernels.launch import hopper_or_newer, pdl_enabled
+from exlq.runtime.kernels import ACTIVATION_TAGS, enabled, exl2_ops, exl2_stream_ops, fused_ops
+from exlq.runtime.kernels.launch import blocks_per_sm, hopper_or_newer, kernel, pdl_enabled
 from exlq.runtime.layers import RMSNorm
 from exlq.runtime.linear import project_each, project_gated
 from exlq.runtime.loader import load_model
@@ -365,22 +364,21 @@ def test_grouped_gemv_matches_each_layer(rows, dtype, kind, monkeypatch):
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
-@pytest.mark.skipif(not exl2_ops.group_wave(), reason="the GEMV_GROUP_WAVE build only (EXLQ_NVRTC_DEFINES)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k", [2048, 1568])  # 4 splits of 512 rows; 3 and a short one
 def test_group_launch_on_longer_splits_matches_each_layer(k, dtype, monkeypatch):
-    """The prepared variant GEMV_GROUP_WAVE: a one-row wide group launch on 512-row K splits (forced here: a wave of
-    one block an SM, 512 the only longer split) gives each matrix's product into poisoned outputs, and leaves the
-    workspace clean."""
+    """A one-row wide group launch on 512-row K splits (forced here: a wave of one block an SM, 512 the only longer
+    split) gives each matrix's product into poisoned outputs, and leaves the workspace clean."""
     use_gemv("wide", monkeypatch)
-    monkeypatch.setattr(exl2_ops, "WIDE_BLOCKS_PER_SM", 1)
+    monkeypatch.setattr(exl2_ops, "GROUP_WAVE", True)
+    monkeypatch.setattr(exl2_ops, "blocks_per_sm", lambda function, threads: 1)
     monkeypatch.setattr(exl2_ops, "GROUP_SPLIT_ROWS", (512,))
     layers = []
     for i, (n, bits, props, group, *bias) in enumerate(GROUP_LAYERS[:4]):
         tensors, _ = random_exl2(k, n, bits, props, group, seed=70 + i, bias=bool(bias and bias[0]))
         layers.append(Exl2Linear(on_gpu(tensors), k, n, dtype=dtype))
     plans = [layer.kernel_plan() for layer in layers]
-    assert exl2_ops.wave_split_rows(plans, CUDA) == exl2_ops.GROUP_SPLIT_ROWS[-1]
+    assert exl2_ops.wave_split_rows(plans, torch.cuda.get_device_properties(CUDA).multi_processor_count) == 512
     x = torch.randn(1, k, device=CUDA).to(dtype)
     outs = [torch.full((1, layer.out_features), float("nan"), dtype=dtype, device=CUDA) for layer in layers]
     exl2_ops.gemv(plans, x, outs)
@@ -390,6 +388,16 @@ def test_group_launch_on_longer_splits_matches_each_layer(k, dtype, monkeypatch)
         assert torch.isfinite(out).all() and rel(out, ref) < TOLERANCE[dtype]
     workspace, counters = workspace_of(exl2_ops._workspace)
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability(CUDA) != (9, 0),
+                    reason="Hopper's 228 KB of shared memory an SM")
+def test_wide_group_kernel_runs_seven_blocks_an_sm_on_hopper():
+    """The group wave's sizing rests on the driver granting 7 of the one-row wide group kernel's blocks an SM (72
+    registers, 20 KB of shared memory): the 8B's gate/up on 512-row splits (896 blocks) then run in one wave on 132 SMs."""
+    for dtype, tag in ACTIVATION_TAGS.items():
+        function = kernel(exl2_ops.SOURCE, exl2_ops.INSTANCE_SETS[dtype], f"exl2_gemv_group<{tag}, 1, 2>", CUDA)
+        assert blocks_per_sm(function, exl2_ops.THREADS) == 7
 
 
 FOLD_KINDS = [(torch.float16, "narrow"), (torch.float16, "wide"), (torch.float16, "stream"), (torch.bfloat16, "narrow"),

@@ -24,8 +24,4 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # exl2_mma.cu's gather sums reduced across the warp by halving the rows each step (exl2_mma.cuh's
     # scattered_warp_sums), as the multi-row streamed kernel does since session 41: untimed on Ampere/Ada
     "MMA_SCATTERED_SUMS": (exl2_ops.MMA_SOURCE,),
-    # K splits of up to 512 rows in exl2_matmul.cu, which the host takes for one-row wide group launches that would
-    # need two waves of 256-row splits (the 8B's gate/up: one wave of 896 blocks; exl2_ops.wave_split_rows;
-    # session 41, not yet timed)
-    "GEMV_GROUP_WAVE": (exl2_ops.SOURCE,),
 }

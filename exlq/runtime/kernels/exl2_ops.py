@@ -31,7 +31,6 @@ norm into its gather; else fused_ops.add_rms_norm), so no launch is spent on tha
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,8 +42,7 @@ from exlq.runtime.exl2 import (
 )
 from exlq.runtime.kernels import ACTIVATION_TAGS, exl2_stream_ops
 from exlq.runtime.kernels.fused_ops import Deferred, PendingNorm, UnfinishedSums, as_tensor, silu_mul
-from exlq.runtime.kernels.compiler import variant_options
-from exlq.runtime.kernels.launch import device_index, kernel, launch
+from exlq.runtime.kernels.launch import blocks_per_sm, device_index, kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
 SOURCE = "exl2_matmul.cu"
@@ -88,11 +86,12 @@ FINISH_KERNEL = os.environ.get("EXLQ_GEMV_FINISH", "1") != "0"
 #: session 30) and takes finish_add_rms_norm's output, which also ends the product before it (PendingSums.take_sums).
 #: EXLQ_FOLD_STREAM=0: the norm kernel before every GEMV.
 FOLD_STREAM = os.environ.get("EXLQ_FOLD_STREAM", "1") != "0"
-#: Longer K splits for one-row group launches of the wide kernel (the prepared variant GEMV_GROUP_WAVE of
-#: exl2_matmul.cu, which then keeps up to GROUP_SPLIT_ROWS[-1] rows a block): wave_split_rows picks the shortest that
-#: fits the launch in one wave of WIDE_BLOCKS_PER_SM blocks an SM (gemv_min_blocks(1, 2) in the .cu).
+#: Longer K splits for one-row group launches of the wide kernel (exl2_gemv_group<T, 1, 2> keeps up to
+#: GROUP_SPLIT_ROWS[-1] rows a block, GROUP_SPLIT_ROWS in the .cu): where the launch's own splits need two waves of
+#: blocks, wave_split_rows picks the shortest of these that fits one (the 8B's gate/up: 896 blocks of 512-row splits
+#: instead of 1792; its decode +3 % on the H100, docs/benchmarks.md, session 42). EXLQ_GROUP_WAVE=0: always their own.
 GROUP_SPLIT_ROWS = (384, 512)
-WIDE_BLOCKS_PER_SM = 7
+GROUP_WAVE = os.environ.get("EXLQ_GROUP_WAVE", "1") != "0"
 MMA_ROWS = tuple(range(16, 3, -1))  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
@@ -106,7 +105,7 @@ class Exl2Plan:
     scale_max: torch.Tensor  # float32 [G]: the fp16 values M_g
     chunks: torch.Tensor  # int32 [C, 4]: bits | rows << 8 | group shift << 16, first word row, first stored row, first group
     #: int32 [S + 1] per columns a GEMV thread takes (COLUMN_CHOICES): the chunk index where each K split starts
-    split_tables: dict[int | tuple[int, int], torch.Tensor]  # (columns, rows): GROUP_SPLIT_ROWS splits (GEMV_GROUP_WAVE)
+    split_tables: dict[int | tuple[int, int], torch.Tensor]  # (columns, rows): GROUP_SPLIT_ROWS splits (group wave)
     perm: torch.Tensor  # int32 [K]: stored row -> input channel
     gather: torch.Tensor | None  # int32 [K]: the tensor-core GEMV's gather table (mma_gather_table); None: not eligible
     bias: torch.Tensor | None  # float32 [N_pad]
@@ -125,7 +124,7 @@ class Exl2Plan:
         return -(-self.n_pad // (THREADS * columns))
 
     def splits(self, columns: int, rows: int | None = None) -> torch.Tensor:
-        """The K-split table of that GEMV: its own, or (GEMV_GROUP_WAVE) the one of `rows`-row splits."""
+        """The K-split table of that GEMV: its own, or (a group wave) the one of `rows`-row splits."""
         return self.split_tables[columns] if rows is None else self.split_tables[columns, rows]
 
 
@@ -250,24 +249,16 @@ def build_plan(tensors: Exl2Tensors, layout: Layout, out_features: int, prescale
     for columns in COLUMN_CHOICES:
         points = split_points(table, plan.tiles(columns))
         plan.split_tables[columns] = torch.tensor(points, dtype=torch.int32, device=device)
-    if group_wave():
+    if GROUP_WAVE:
         for split_rows in GROUP_SPLIT_ROWS:
             plan.split_tables[WIDE_COLUMNS, split_rows] = torch.tensor(
                 chunk_splits(table, split_rows), dtype=torch.int32, device=device)
     return plan
 
 
-@functools.cache
-def group_wave() -> bool:
-    """Whether exl2_matmul.cu is built with the prepared variant GEMV_GROUP_WAVE (EXLQ_NVRTC_DEFINES; read once,
-    as the kernels are): its blocks then take K splits of up to 512 rows, so the host may hand them such splits."""
-    return "-DGEMV_GROUP_WAVE" in variant_options(SOURCE)
-
-
-def wave_split_rows(plans: Sequence[Exl2Plan], device: torch.device) -> int | None:
-    """The K split (GROUP_SPLIT_ROWS) for a one-row wide group launch under GEMV_GROUP_WAVE: None (the plans' own
-    splits) where those fit one wave of blocks, else the shortest longer split that does, else the longest."""
-    wave = WIDE_BLOCKS_PER_SM * exl2_stream_ops.sm_limits(device_index(device))[0]
+def wave_split_rows(plans: Sequence[Exl2Plan], wave: int) -> int | None:
+    """The K split (GROUP_SPLIT_ROWS) for a one-row wide group launch of which `wave` blocks run at once: None (the
+    plans' own splits) where those fit one wave, else the shortest longer split that does, else the longest."""
 
     def blocks(rows: int | None) -> int:
         return sum(p.tiles(WIDE_COLUMNS) * (p.splits(WIDE_COLUMNS, rows).numel() - 1) for p in plans)
@@ -393,9 +384,17 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if exl2_stream_ops.applies_rows(plans, rows, dtype, device):
         return streamed_gemv(plans, x, outs, up, unfinished=unfinished, tensor_cores=True)
     tensor_cores, columns = gemv_route(plans, rows, dtype)
-    # (wide implies no tensor cores: gemv_route)
-    longer = (wave_split_rows(plans, device)
-              if len(plans) > 1 and rows == 1 and columns == WIDE_COLUMNS and group_wave() else None)
+    if tensor_cores:
+        name = "exl2_mma" if len(plans) == 1 else "exl2_mma_group"
+        function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
+    else:
+        name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
+        instance = f"{name}<{ACTIVATION_TAGS[dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
+        function = kernel(SOURCE, INSTANCE_SETS[dtype], instance, device)
+    longer = None  # (wide implies no tensor cores: gemv_route)
+    if GROUP_WAVE and len(plans) > 1 and rows == 1 and columns == WIDE_COLUMNS:
+        wave = blocks_per_sm(function, THREADS) * exl2_stream_ops.sm_limits(device_index(device))[0]
+        longer = wave_split_rows(plans, wave)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     finish = FINISH_KERNEL  # exl2_finish writes the outputs of split products
@@ -419,13 +418,8 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
         floats += rows * plan.n_pad
         tiles += plan_tiles
     if tensor_cores:
-        name = "exl2_mma" if len(plans) == 1 else "exl2_mma_group"
-        function = kernel(MMA_SOURCE, MMA_INSTANCES, f"{name}<{rows}>", device)
         operands = (x, plans[0].in_features, group.m[0] if len(plans) == 1 else group)
     else:
-        name = "exl2_gemv" if len(plans) == 1 else "exl2_gemv_group"  # one matrix: fewer registers
-        instance = f"{name}<{ACTIVATION_TAGS[dtype]}, {rows}" + (f", {columns}>" if columns > 1 else ">")
-        function = kernel(SOURCE, INSTANCE_SETS[dtype], instance, device)
         operands = ((x, up, plans[0].in_features, group.m[0]) if len(plans) == 1
                     else (x, plans[0].in_features, group))
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=True)

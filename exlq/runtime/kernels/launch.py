@@ -89,6 +89,16 @@ def kernel(source: str, instances: tuple[str, ...], name: str, device: torch.dev
     return _module(source, (name,), device_index(device))[name]
 
 
+@functools.cache
+def blocks_per_sm(function: int, threads: int) -> int:
+    """Blocks of `threads` threads an SM runs at once of kernel `function` (the driver's occupancy answer: its
+    registers, shared memory and carveout on this GPU), for grids sized to one wave: 7 of the one-row wide group GEMV's
+    20-KB blocks on an H100, fewer where an SM has 100 KB of shared memory (sm_86, sm_89)."""
+    from cupy_backends.cuda.api import driver
+
+    return driver.occupancyMaxActiveBlocksPerMultiprocessor(function, threads, 0)
+
+
 def _argument(value):
     if isinstance(value, ctypes.Structure):  # a struct passed by value, laid out as in the .cu
         return value
