@@ -2,7 +2,7 @@
 
     python3 bench/gemv.py [--bpw 4.0] [--rows 1 4] [--shapes 4096x14336 ...] [--group-size 32] [--json-out FILE]
     python3 bench/gemv.py --once --shapes 4096x14336     # a few plain calls, no timing: for ncu (gpu_ab.sh STAGE=ncu)
-    python3 bench/gemv.py --step llama3-8b [--floor dram_step.json]   # each GEMV launch of the one-token step
+    python3 bench/gemv.py --step llama3-8b [--floor dram_step.json] [--after-norm]   # each GEMV launch of the one-token step
 
 Each product is captured 50 times in one CUDA graph and the graph replayed, so launch overhead from Python
 is not in the number. The 50 products cycle over enough copies of the layer to exceed twice the L2 cache,
@@ -14,7 +14,11 @@ the dense weight) is timed the same way for reference.
 `--step SHAPE` times each GEMV launch of a synthetic shape's one-token step as the runtime groups them (q/k/v in one
 launch, o, gate/up in one, down with silu(gate)·up formed in its gather, the 6-bit head), each with its finish, and
 adds them up: the step's GEMV time on this code, against the pure reads of the same bytes (`--floor`: the JSON of
-`bench/dram_pattern.py --step SHAPE`) and the issue's target (75 % of the roofline).
+`bench/dram_pattern.py --step SHAPE`) and the issue's target (75 % of the roofline). Each launch is timed after
+itself, so its start overlaps its own kind's tail; `--after-norm` also times it after a one-row add_rms_norm whose
+output it reads (one block, as before gate/up in the model), minus that norm alone: where most SMs idle before a
+launch, a one-wave grid has all its blocks' early loads done by the wait, which launch after launch hides (session 42:
+gate/up in one wave 0.3-0.6 µs slower timed after itself, the 8B's decode 3 % faster).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exlq.eval.speed import copy_bandwidth  # noqa: E402
 from exlq.quant.synthetic import layer_linears, random_exl2, synthetic_config  # noqa: E402
 from exlq.runtime.exl2 import Exl2Linear  # noqa: E402
-from exlq.runtime.kernels import exl2_ops, exl2_stream_ops  # noqa: E402
+from exlq.runtime.kernels import exl2_ops, exl2_stream_ops, fused_ops  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (in_features K, out_features N)
 PER_GRAPH = 50
@@ -96,12 +100,13 @@ def step_launches(name: str) -> list[tuple[str, int, list[int], float | None, in
     return launches
 
 
-def time_step(name: str, bpw: float, bandwidth: float, floor: dict | None) -> dict:
-    """Each of step_launches(name) timed as the runtime calls it (matmul_many; down_proj with its `up`), and the sum."""
+def time_step(name: str, bpw: float, bandwidth: float, floor: dict | None, after_norm: bool = False) -> dict:
+    """Each of step_launches(name) timed as the runtime calls it (matmul_many; down_proj with its `up`), and the sum;
+    `after_norm`: also after a one-row add_rms_norm that makes its input, less the norm alone."""
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(0)
     floors = {m["matrix"]: m for m in floor["matrices"]} if floor else {}
-    rows, total, total_floor = [], 0.0, {"plain": 0.0, "chained": 0.0}
+    rows, total, total_after, total_floor = [], 0.0, 0.0, {"plain": 0.0, "chained": 0.0}
     for label, k, outs, launch_bpw, count in step_launches(name):
         def make() -> list[Exl2Linear]:
             return [Exl2Linear(random_exl2(k, n, launch_bpw or bpw, generator), k, n, dtype=torch.float16) for n in outs]
@@ -119,6 +124,20 @@ def time_step(name: str, bpw: float, bandwidth: float, floor: dict | None) -> di
         total += seconds * 1e6 * count
         line = (f"{label:8s} K={k:5d} N={'+'.join(map(str, outs)):17s} x{count:2d}: {seconds * 1e6:7.1f} us "
                 f"{100 * row['fraction_of_copy']:5.1f} % of copy")
+        if after_norm:
+            residual = torch.randn(1, k, device=device)
+            delta = torch.randn(1, k, device=device, dtype=torch.float16)
+            weight = torch.ones(k, device=device, dtype=torch.float16)
+
+            def normed() -> torch.Tensor:
+                return fused_ops.add_rms_norm(residual, delta, weight, 1e-5)[1]
+
+            norm_seconds = graph_seconds(normed)
+            pair_seconds = graph_seconds(cycling(lambda j: exl2_ops.matmul_many(plans[j % len(plans)], normed(), up)),
+                                         warm_calls=max(PER_GRAPH, len(plans)))
+            row["norm_us"], row["after_norm_us"] = norm_seconds * 1e6, (pair_seconds - norm_seconds) * 1e6
+            total_after += row["after_norm_us"] * count
+            line += f" | after a norm {row['after_norm_us']:6.1f} us (norm alone {row['norm_us']:4.1f})"
         if label in floors:
             for kind in total_floor:
                 row[f"{kind}_read_us"] = floors[label][f"best_{kind}_us"]
@@ -131,10 +150,13 @@ def time_step(name: str, bpw: float, bandwidth: float, floor: dict | None) -> di
     roofline = bandwidth * 1e9 / weight_bytes
     print(f"{name} at {bpw} bpw: the step's GEMVs {total / 1e3:.3f} ms = {1e6 / total:.0f} tok/s if nothing else ran "
           f"(roofline {roofline:.0f}, target 75 % = {0.75 * roofline:.0f})")
+    if after_norm:
+        print(f"  each after a norm: {total_after / 1e3:.3f} ms = {1e6 / total_after:.0f} tok/s")
     for kind, microseconds in total_floor.items():
         if microseconds:
             print(f"  the same bytes as {kind} pure reads: {microseconds / 1e3:.3f} ms = {1e6 / microseconds:.0f} tok/s")
     return {"shape": name, "bpw": bpw, "launches": rows, "gemv_step_ms": total / 1e3,
+            "gemv_step_after_norm_ms": total_after / 1e3 if after_norm else None,
             "roofline_tokens_per_second": roofline}
 
 
@@ -149,13 +171,15 @@ def main() -> None:
     parser.add_argument("--once", action="store_true", help="8 plain calls per shape and row count, no timing (profilers)")
     parser.add_argument("--step", help="time the GEMV launches of this synthetic shape's one-token step instead")
     parser.add_argument("--floor", type=Path, help="with --step: bench/dram_pattern.py --step's JSON, side by side")
+    parser.add_argument("--after-norm", action="store_true",
+                        help="with --step: also time each launch after a one-row norm that makes its input")
     args = parser.parse_args()
     device = torch.device("cuda")
     if args.step:
         bandwidth = copy_bandwidth(device)
         print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s")
         floor = json.loads(args.floor.read_text())["step_floor"] if args.floor else None
-        record = time_step(args.step, args.bpw, bandwidth, floor)
+        record = time_step(args.step, args.bpw, bandwidth, floor, args.after_norm)
         if args.json_out:
             args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "copy_gbps": bandwidth,
                                                  **record}, indent=2))

@@ -277,7 +277,7 @@ variant)
     | tail -3)
   gemv_ab "${VARIANT_ROWS:-1}" "${settings[@]}"
   for setting in "${settings[@]}"; do  # the 8B step's launches as the runtime groups them (gate/up in one)
-    echo "== step, ${setting:-as is}"; (setenv $setting; python3 bench/gemv.py --step llama3-8b 2>&1 | tail -8)
+    echo "== step, ${setting:-as is}"; (setenv $setting; python3 bench/gemv.py --step llama3-8b --after-norm 2>&1 | tail -9)
   done
   decode_ab ${VARIANT_ROUNDS:-2} "${VARIANT_BATCHES:-1}" "${settings[@]}" ;;
 spread) python3 bench/prefill_spread.py --lengths 512 2048 --calls 12 2>&1 | tail -30 ;;
