@@ -152,16 +152,18 @@ __device__ __forceinline__ void chunk_dot(const u32* __restrict__ w, int stride,
 // Where the thread's rows of split [c0, c1) (at most S rows: S / THREADS a thread, row threadIdx.x + j·THREADS) come
 // from and go to, read from the layer's own tables (so before the PDL wait), one word a row, kept in the row's own
 // slot of xs until gather_row (registers held across the wait spill): the input channel in bits 0-16 (the format has
-// K ≤ 65536, MAX_IN_FEATURES in exl2.py), the row's fp16 pair-order slot in xh in the slot_bits(S) above (17-24 for
-// 256-row splits) and its prescale exponent (half_shift; 0: a float-path row, no fp16 copy) in the 4 bits above
-// those; -1 past the split's end.
-__host__ __device__ constexpr int slot_bits(int split_rows) { return split_rows > 256 ? 9 : 8; }
-static_assert(GROUP_SPLIT_ROWS <= (1 << slot_bits(GROUP_SPLIT_ROWS)) && 17 + slot_bits(GROUP_SPLIT_ROWS) + 4 <= 31,
-              "a gather entry holds a slot and a shift");
+// K ≤ 65536, MAX_IN_FEATURES in exl2.py), the row's fp16 pair-order slot in xh in the GatherEntry<S>::SLOT_BITS
+// above (17-24 for 256-row splits) and its prescale exponent (half_shift; 0: a float-path row, no fp16 copy) in the 4
+// bits above those; -1 past the split's end.
+template <int S>
+struct GatherEntry {
+    static constexpr int SLOT_BITS = S > 256 ? 9 : 8, SHIFT_AT = 17 + SLOT_BITS;
+    static_assert(S <= (1 << SLOT_BITS) && SHIFT_AT + 4 <= 31, "a gather entry holds a slot and a shift");
+};
 template <bool HALF, int S>
 __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, const int* __restrict__ perm, int c0,
                                              int c1, int r0, int* entry) {
-    constexpr int SHIFT_AT = 17 + slot_bits(S);
+    constexpr int SHIFT_AT = GatherEntry<S>::SHIFT_AT;
     int c = c0;
     int4 ch = chunks[c0];
 #pragma unroll
@@ -181,7 +183,7 @@ __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, co
 template <typename T, int S>
 __device__ __forceinline__ void gather_row(const u16* __restrict__ x, const u16* __restrict__ up, int row, float* xs,
                                            u16* xh) {
-    constexpr int SLOT_BITS = slot_bits(S), SHIFT_AT = 17 + SLOT_BITS;
+    constexpr int SLOT_BITS = GatherEntry<S>::SLOT_BITS, SHIFT_AT = GatherEntry<S>::SHIFT_AT;
     const int entry = __float_as_int(xs[row]);
     if (entry < 0) return;
     const float v = activation<T>(x, up, entry & 0x1ffff);
