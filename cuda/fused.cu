@@ -98,25 +98,47 @@ __global__ void silu_mul(const u16* __restrict__ gate, const u16* __restrict__ u
         out[i] = Act<T>::store(silu_mul_value<T>(gate[i], up[i]));
 }
 
+// Where rope_store reads q, k and v: the GEMV's finished outputs (T values), or (Sums) the fp32 sums a one-row q/k/v
+// GEMV left unfinished, ended here as exl2_finish ends them, T(sums + bias), and re-zeroed: each value is read by one
+// thread, so the product's end costs no launch of its own.
+template <typename T>
+struct Outputs {
+    const u16* __restrict__ x;
+    __device__ __forceinline__ u16 take(size_t i, int) const { return x[i]; }
+};
+template <typename T>
+struct Sums {
+    float* __restrict__ sums;
+    const float* __restrict__ bias;
+    __device__ __forceinline__ u16 take(size_t i, int column) const {
+        const float s = __ldcg(sums + i);
+        sums[i] = 0.0f;
+        return Act<T>::store(s + (bias != nullptr ? bias[column] : 0.0f));
+    }
+};
+
 // RoPE on the new queries and keys (HF's half-split convention, rounded like the torch path: x·cos and
 // rotate_half(x)·sin each rounded to T, then their sum), queries written as [B, Hq, T, D], keys and values
 // appended to the cache [B, Hkv, S, D] at position (*position or position_value) + t.
 // Grid (B·T, Hq + Hkv), block D/2 threads: thread i rotates the pair (i, i + D/2).
-template <typename T>
-__global__ void rope_store(const u16* __restrict__ q_in, const u16* __restrict__ k_in, const u16* __restrict__ v_in,
-                           const u16* __restrict__ cos, const u16* __restrict__ sin, u16* __restrict__ q_out,
-                           u16* __restrict__ k_cache, u16* __restrict__ v_cache, const long long* __restrict__ position,
-                           int position_value, int tokens, int q_heads, int kv_heads, int dim, int cache_len) {
+template <typename T, typename In>
+__device__ __forceinline__ void rope_rows(const In& q_in, const In& k_in, const In& v_in, const u16* __restrict__ cos,
+                                          const u16* __restrict__ sin, u16* __restrict__ q_out,
+                                          u16* __restrict__ k_cache, u16* __restrict__ v_cache,
+                                          const long long* __restrict__ position, int position_value, int tokens,
+                                          int q_heads, int kv_heads, int dim, int cache_len) {
     pdl_launch_dependents();
     pdl_wait();
     const int bt = blockIdx.x, b = bt / tokens, t = bt - b * tokens;
     const int head = blockIdx.y, i = threadIdx.x, half = dim >> 1;
     const bool is_query = head < q_heads;
     const int h = is_query ? head : head - q_heads;
-    const u16* src = (is_query ? q_in + (size_t)bt * q_heads * dim : k_in + (size_t)bt * kv_heads * dim) + (size_t)h * dim;
+    const In& src = is_query ? q_in : k_in;
+    const size_t at = (size_t)bt * (is_query ? q_heads : kv_heads) * dim + (size_t)h * dim;
+    const int column = h * dim + i;  // of the row's q (or k, v) outputs: the bias's index
     const u16* c = cos + (size_t)bt * dim;
     const u16* s = sin + (size_t)bt * dim;
-    const float x1 = Act<T>::load(src[i]), x2 = Act<T>::load(src[i + half]);
+    const float x1 = Act<T>::load(src.take(at + i, column)), x2 = Act<T>::load(src.take(at + i + half, column + half));
     const float a1 = Act<T>::load(Act<T>::store(x1 * Act<T>::load(c[i])));
     const float b1 = Act<T>::load(Act<T>::store(-x2 * Act<T>::load(s[i])));
     const float a2 = Act<T>::load(Act<T>::store(x2 * Act<T>::load(c[i + half])));
@@ -132,7 +154,29 @@ __global__ void rope_store(const u16* __restrict__ q_in, const u16* __restrict__
     const size_t row = (((size_t)b * kv_heads + h) * cache_len + pos) * dim;
     k_cache[row + i] = r1;
     k_cache[row + i + half] = r2;
-    const u16* vs = v_in + (size_t)bt * kv_heads * dim + (size_t)h * dim;
-    v_cache[row + i] = vs[i];
-    v_cache[row + i + half] = vs[i + half];
+    v_cache[row + i] = v_in.take(at + i, column);
+    v_cache[row + i + half] = v_in.take(at + i + half, column + half);
+}
+
+template <typename T>
+__global__ void rope_store(const u16* __restrict__ q_in, const u16* __restrict__ k_in, const u16* __restrict__ v_in,
+                           const u16* __restrict__ cos, const u16* __restrict__ sin, u16* __restrict__ q_out,
+                           u16* __restrict__ k_cache, u16* __restrict__ v_cache, const long long* __restrict__ position,
+                           int position_value, int tokens, int q_heads, int kv_heads, int dim, int cache_len) {
+    rope_rows<T>(Outputs<T>{q_in}, Outputs<T>{k_in}, Outputs<T>{v_in}, cos, sin, q_out, k_cache, v_cache, position,
+                 position_value, tokens, q_heads, kv_heads, dim, cache_len);
+}
+
+// rope_store of one token of one sequence (grid (1, Hq + Hkv)) whose q/k/v GEMV left its products as sums (one
+// launch instead of exl2_finish and rope_store).
+template <typename T>
+__global__ void finish_rope_store(float* __restrict__ q_sums, const float* __restrict__ q_bias,
+                                  float* __restrict__ k_sums, const float* __restrict__ k_bias,
+                                  float* __restrict__ v_sums, const float* __restrict__ v_bias,
+                                  const u16* __restrict__ cos, const u16* __restrict__ sin, u16* __restrict__ q_out,
+                                  u16* __restrict__ k_cache, u16* __restrict__ v_cache,
+                                  const long long* __restrict__ position, int position_value, int q_heads,
+                                  int kv_heads, int dim, int cache_len) {
+    rope_rows<T>(Sums<T>{q_sums, q_bias}, Sums<T>{k_sums, k_bias}, Sums<T>{v_sums, v_bias}, cos, sin, q_out, k_cache,
+                 v_cache, position, position_value, 1, q_heads, kv_heads, dim, cache_len);
 }

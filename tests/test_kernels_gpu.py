@@ -490,6 +490,73 @@ def test_one_row_on_the_multi_row_kernel_is_left_unfinished_as_on_the_register_k
         assert not workspace.any()
 
 
+@pytest.mark.parametrize("dtype, kind", [(torch.float16, "stream"), (torch.float16, "wide"), (torch.float16, "narrow"),
+                                         (torch.bfloat16, "narrow")])
+@pytest.mark.parametrize("bias", [False, True])  # Qwen2's q/k/v have biases
+def test_rope_ends_the_qkv_sums_of_one_token(dtype, kind, bias, monkeypatch):
+    """One token's q/k/v left as their group GEMV's sums (project_each, deferred) are ended by finish_rope_store, with
+    no exl2_finish launch: its queries and the cache's new key and value rows are rope_store's of the finished products
+    (two runs of a split product: rarely an ulp apart), the cache's other rows untouched, the workspace clean."""
+    from exlq.runtime.rope import RotaryEmbedding
+
+    use_gemv(kind, monkeypatch)
+    k_in, dim, q_heads, kv_heads, length, position = 1024, 64, 8, 2, 32, 13
+    layers = [Exl2Linear(on_gpu(random_exl2(k_in, n, [4, 3], [0.5, 0.5], 32, seed=80 + i, bias=bias)[0]), k_in, n,
+                         dtype=dtype) for i, n in enumerate((q_heads * dim, kv_heads * dim, kv_heads * dim))]
+    x = torch.randn(1, 1, k_in, generator=torch.Generator().manual_seed(8)).to(CUDA, dtype)
+    where = torch.tensor([position], device=CUDA)
+    cos, sin = RotaryEmbedding(dim, 10000.0, None, CUDA).cos_sin(where[None], dtype)
+    caches = {run: [torch.full((1, kv_heads, length, dim), float("nan"), dtype=dtype, device=CUDA) for _ in "kv"]
+              for run in ("finished", "sums")}
+    expected = fused_ops.rope_store(*project_each(layers, x), cos, sin, *caches["finished"], where)
+    finishes = []
+    original = exl2_ops.finish_sums
+    monkeypatch.setattr(exl2_ops, "finish_sums", lambda *args: (finishes.append(args), original(*args))[1])
+    qkv = project_each(layers, x, deferred=True)
+    assert all(isinstance(t, exl2_ops.PendingSums) and t.unfinished() for t in qkv), "every product split along K"
+    got = fused_ops.rope_store(*qkv, cos, sin, *caches["sums"], where)
+    assert finishes == [] and not any(t.unfinished() for t in qkv)
+    assert torch.isfinite(got).all() and rel(got, expected) < 1e-3
+    for cache, reference in zip(caches["sums"], caches["finished"]):
+        row = cache[:, :, position]
+        assert torch.isfinite(row).all() and rel(row, reference[:, :, position]) < 1e-3
+        assert torch.isnan(cache[:, :, :position]).all() and torch.isnan(cache[:, :, position + 1 :]).all()
+    for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
+        workspace, counters = workspace_of(store)
+        assert not workspace.any() and not counters.any()
+
+
+def test_decode_with_rope_ending_the_qkv_sums_equals_exl2_finish(tmp_path, monkeypatch):
+    """A tiny EXL2 Llama decoding one token a step (graphs and eager) gives the same logits with RoPE ending q/k/v's
+    sums as with exl2_finish before it (EXLQ_ROPE_FINISH=0), and on sm_90 (the streamed GEMV leaves every q/k/v as
+    sums) ends them so in every layer of every eager step."""
+    _, exl2_dir, _ = exl2_and_reference_dirs(tmp_path)
+    model = load_model(exl2_dir, device="cuda", dtype="fp16")
+    gen = torch.Generator().manual_seed(6)
+    ids, steps = torch.randint(0, 200, (1, 9), generator=gen), torch.randint(0, 200, (1, 12), generator=gen)
+    names = []
+    original = fused_ops.kernel
+    monkeypatch.setattr(fused_ops, "kernel", lambda source, instances, name, device: (
+        names.append(name), original(source, instances, name, device))[1])
+    results = {}
+    for ends, graphs in [(False, "0"), (True, "0"), (True, "1")]:
+        monkeypatch.setattr(fused_ops, "ROPE_FINISH", ends)
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
+        model.decode_graphs.clear()
+        cache = model.new_cache(32)
+        model(ids, cache)
+        names.clear()
+        out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
+        results[ends, graphs] = torch.cat(out, dim=1).float()
+        ended = names.count("finish_rope_store<fp16_t>")
+        if not ends:
+            assert ended == 0
+        elif graphs == "0" and hopper_or_newer(CUDA):
+            assert ended == steps.shape[1] * len(model.model.layers)
+    assert rel(results[True, "0"], results[False, "0"]) < 2e-3
+    assert rel(results[True, "1"], results[False, "0"]) < 2e-3
+
+
 def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatch):
     """A tiny EXL2 Llama decoding one token a step (graphs and eager) gives the same logits with its norms folded into
     the q/k/v and gate/up GEMVs as with the norm kernel before them, and folds every in-layer norm of those steps."""

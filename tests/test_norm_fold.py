@@ -268,18 +268,84 @@ def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, mon
         assert grid == (3, 1, 1) and args[1] is p.delta and args[0].n_pad == 0
 
 
-def test_matmul_unfinished_gives_the_gemv_an_output_of_the_input_shape(monkeypatch):
-    """One row: the GEMV writes into an output of x's leading shape and may hand back its sums unfinished; more rows:
-    matmul_many."""
+def test_matmul_unfinished_gives_the_gemv_outputs_of_the_input_shape(monkeypatch):
+    """One row: the GEMV (one launch for every matrix) writes into outputs of x's leading shape and may hand back
+    their sums unfinished; more rows, or more matrices than a launch takes: matmul_many."""
     from types import SimpleNamespace
 
-    handed, outs = [None], []
-    monkeypatch.setattr(exl2_ops, "gemv", lambda plans, x, ys, up=None, unfinished=False: outs.append(ys[0]) or handed[0])
-    plan = SimpleNamespace(in_features=64, out_features=48)
+    handed, launches = [None], []
+    monkeypatch.setattr(exl2_ops, "gemv", lambda plans, x, ys, up=None, unfinished=False: launches.append(
+        (len(plans), ys, unfinished)) or handed[0])
+    plans = [SimpleNamespace(in_features=64, out_features=n) for n in (48, 16)]
     x = torch.randn(1, 1, 64).half()
-    y = exl2_ops.matmul_unfinished(plan, x)
-    assert y is outs[0] and y.shape == (1, 1, 48) and y.dtype == torch.float16
-    handed[0] = "sums"
-    assert exl2_ops.matmul_unfinished(plan, x) == "sums" and outs[1].shape == (1, 1, 48)
-    monkeypatch.setattr(exl2_ops, "matmul_many", lambda plans, x, up=None: ["many"])
-    assert exl2_ops.matmul_unfinished(plan, torch.randn(1, 3, 64).half()) == "many"
+    ys = exl2_ops.matmul_unfinished(plans, x)
+    (count, outs, unfinished), = launches
+    assert ys == outs and count == 2 and unfinished
+    assert [y.shape for y in ys] == [(1, 1, 48), (1, 1, 16)] and ys[0].dtype == torch.float16
+    handed[0] = ["sums", "sums"]
+    assert exl2_ops.matmul_unfinished(plans, x) == ["sums", "sums"] and launches[1][1][0].shape == (1, 1, 48)
+    monkeypatch.setattr(exl2_ops, "matmul_many", lambda plans, x, up=None: ["many"] * len(plans))
+    assert exl2_ops.matmul_unfinished(plans, torch.randn(1, 3, 64).half()) == ["many", "many"]
+    assert exl2_ops.matmul_unfinished(plans * 3, x) == ["many"] * 6, "more than MAX_GROUP matrices"
+
+
+def qkv_products(widths=(96, 32, 32)) -> list[exl2_ops.PendingSums]:
+    """One launch's q/k/v-like products left as sums (exl2_ops.pending_products), without a GPU."""
+    from types import SimpleNamespace
+
+    group = exl2_ops.GemvGroup(count=len(widths))
+    for i, n in enumerate(widths):
+        group.m[i] = exl2_ops.GemvMatrix(N=n, n_pad=n, splits=2)
+    plans = [SimpleNamespace(n_pad=n, bias=None if i else torch.randn(n)) for i, n in enumerate(widths)]
+    outs = [torch.empty(1, 1, n).half() for n in widths]
+    return exl2_ops.pending_products(group, plans, outs, list(torch.randn(sum(widths)).split(list(widths))))
+
+
+def test_one_finish_ends_the_products_of_a_launch_that_no_launch_took(monkeypatch):
+    """A launch's products left as sums are siblings: reading one (`tensor()`) ends all those not taken by another
+    launch in one exl2_finish, whose group holds just them; a taken product is never finished again."""
+    finishes = []
+    monkeypatch.setattr(exl2_ops, "finish_sums", lambda group, plans, rows, dtype, device: finishes.append(
+        ([group.m[i].n_pad for i in range(group.count)], [p.n_pad for p in plans], rows)))
+    q, k, v = qkv_products()
+    assert all(p.unfinished() for p in (q, k, v)) and (q.matrix.n_pad, k.matrix.n_pad) == (96, 32)
+    taken = q.take_sums()
+    assert taken.sums is q.sums and taken.bias is q.plan.bias and not q.unfinished() and q.take_sums() is None
+    assert k.tensor() is k.out and finishes == [([32, 32], [32, 32], 1)], "k and v in one launch, q not"
+    assert v.tensor() is v.out and q.tensor() is q.out and len(finishes) == 1
+    assert v.take_sums() is None and not v.unfinished()
+    q, k, v = qkv_products()
+    v.tensor()
+    assert finishes[-1] == ([96, 32, 32], [96, 32, 32], 1) and not any(p.unfinished() for p in (q, k, v))
+
+
+@pytest.mark.parametrize("case", ["sums", "switched off", "one taken", "tensors", "two tokens"])
+def test_rope_store_ends_qkv_sums_in_its_own_launch(case, monkeypatch):
+    """fused_ops.rope_store takes one token's q, k and v, all three left as their GEMV's sums, in finish_rope_store
+    (the sums and biases by address, no exl2_finish); anything else (EXLQ_ROPE_FINISH=0, a product already ended,
+    finished tensors, more tokens) is read as values by rope_store."""
+    launches, finishes = [], []
+    monkeypatch.setattr(fused_ops, "kernel", lambda source, instances, name, device: name)
+    monkeypatch.setattr(fused_ops, "launch", lambda function, grid, block, args, device, overlap: launches.append(
+        (function, grid, block, args)))
+    monkeypatch.setattr(exl2_ops, "finish_sums", lambda group, plans, rows, dtype, device: finishes.append(group.count))
+    monkeypatch.setattr(fused_ops, "ROPE_FINISH", case != "switched off")
+    tokens, dim = (2 if case == "two tokens" else 1), 16
+    qkv = qkv_products()
+    if case == "one taken":
+        qkv[2].take_sums()
+    if case in ("tensors", "two tokens"):
+        qkv = [torch.randn(1, tokens, n).half() for n in (96, 32, 32)]
+    cos = sin = torch.randn(1, tokens, dim).half()
+    cache = torch.empty(1, 2, 8, dim).half()
+    q_out = fused_ops.rope_store(*qkv, cos, sin, cache, cache, torch.tensor([3]))
+    assert q_out.shape == (1, 6, tokens, dim) and q_out.dtype == torch.float16
+    (function, grid, block, args), = launches
+    assert grid == (tokens, 6 + 2, 1) and block == (dim // 2, 1, 1) and args[-4:] == (6, 2, dim, 8)
+    if case == "sums":
+        assert function == "finish_rope_store<fp16_t>" and finishes == []
+        assert args[:6] == (qkv[0].sums, qkv[0].plan.bias, qkv[1].sums, None, qkv[2].sums, None)
+        assert not any(p.unfinished() for p in qkv)
+    else:
+        assert function == "rope_store<fp16_t>" and args[-5] == tokens
+        assert finishes == ([3] if case == "switched off" else [2] if case == "one taken" else [])

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlq.runtime import kernels
 from exlq.runtime.kernels import attention_ops
+from exlq.runtime.kernels.fused_ops import Deferred, as_tensor
 from exlq.runtime.rope import apply_rotary
 
 
@@ -70,11 +71,13 @@ class AttentionBatch:
         return attend(q, k, v, mask, is_causal)
 
     def rotate_and_store(
-        self, cache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, cache, layer: int, q: torch.Tensor | Deferred, k: torch.Tensor | Deferred, v: torch.Tensor | Deferred,
+        head_dim: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RoPE on q, k [B, T, H, D], k and v appended to the cache: (q, all keys, all values) as [B, H, T|K, D].
+        """RoPE on q, k [B, T, H·D], k and v appended to the cache: (q, all keys, all values) as [B, H, T|K, D].
 
-        One fused kernel on the GPU when the cache is unquantized; the torch ops otherwise.
+        One fused kernel on the GPU when the cache is unquantized (which also ends q/k/v left Deferred by their GEMV);
+        the torch ops otherwise. A quantized cache sees the queries first (cache.observe_queries).
         """
         buffers = None
         if cache is not None and kernels.applies(q):
@@ -84,9 +87,12 @@ class AttentionBatch:
 
             q = rope_store(q, k, v, self.cos, self.sin, *buffers, self.cache_position())
             return (q, *self.attended(*buffers))
-        q = apply_rotary(q.transpose(1, 2), self.cos, self.sin)
-        k = apply_rotary(k.transpose(1, 2), self.cos, self.sin)
-        v = v.transpose(1, 2)
+        bsz, length = q.shape[:2]
+        q, k, v = (as_tensor(t).view(bsz, length, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:  # a quantized cache weighs its key channels by the queries of its first positions
+            cache.observe_queries(layer, q, self.past_len)
+        q = apply_rotary(q, self.cos, self.sin)
+        k = apply_rotary(k, self.cos, self.sin)
         if cache is not None:
             k, v = self.store(cache, layer, k, v)
         return q, k, v

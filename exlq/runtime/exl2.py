@@ -425,7 +425,7 @@ class Exl2Linear(nn.Module):
         from exlq.runtime.kernels.exl2_ops import matmul_many, matmul_unfinished
 
         if unfinished:
-            return matmul_unfinished(self.kernel_plan(), gate, up)
+            return matmul_unfinished([self.kernel_plan()], gate, up)[0]
         return matmul_many([self.kernel_plan()], gate, up)[0]
 
     def forward_unfinished(self, x: torch.Tensor) -> torch.Tensor | Deferred:
@@ -435,19 +435,22 @@ class Exl2Linear(nn.Module):
             return self(x)
         from exlq.runtime.kernels.exl2_ops import matmul_unfinished
 
-        return matmul_unfinished(self.kernel_plan(), x)
+        return matmul_unfinished([self.kernel_plan()], x)[0]
 
     @staticmethod
-    def forward_many(layers: list[Exl2Linear], x: torch.Tensor | PendingNorm) -> list[torch.Tensor]:
+    def forward_many(layers: list[Exl2Linear], x: torch.Tensor | PendingNorm,
+                     deferred: bool = False) -> list[torch.Tensor | Deferred]:
         """[layer(x) for layer in layers]; on the GPU one kernel launch for all (few-row x), because for small
         models each launch costs more than the product itself. A pending norm goes to that launch, which forms it as
-        it gathers its input (exl2_ops.gemv)."""
+        it gathers its input (exl2_ops.gemv). `deferred`: one-row products may come back unfinished
+        (exl2_ops.PendingSums), for the launch that reads them next to end (q/k/v's: RoPE's)."""
         if not kernels.applies(x):
             x = as_tensor(x)
             return [layer(x) for layer in layers]
-        from exlq.runtime.kernels.exl2_ops import matmul_many
+        from exlq.runtime.kernels.exl2_ops import matmul_many, matmul_unfinished
 
-        return matmul_many([layer.kernel_plan() for layer in layers], x)
+        plans = [layer.kernel_plan() for layer in layers]
+        return matmul_unfinished(plans, x) if deferred else matmul_many(plans, x)
 
     def extra_repr(self) -> str:
         bits = "/".join(str(b) for b in dict.fromkeys(b for b, _ in self.layout))

@@ -77,16 +77,19 @@ class DenseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def project_each(layers: Sequence[nn.Module], x: torch.Tensor | PendingNorm) -> list[torch.Tensor]:
+def project_each(layers: Sequence[nn.Module], x: torch.Tensor | PendingNorm,
+                 deferred: bool = False) -> list[torch.Tensor | Deferred]:
     """[layer(x) for layer in layers] (e.g. q/k/v of one input). Layers of one format that has
     `forward_many(layers, x)` run through it (EXL2 on the GPU: one launch instead of one per layer, which takes a
-    PendingNorm x as is), unless a module hook must see each call (the quantizer's Hessian and input recorders)."""
+    PendingNorm x as is), unless a module hook must see each call (the quantizer's Hessian and input recorders).
+    `deferred`: outputs may come back Deferred, for the launch that reads them next to produce (read them with
+    `as_tensor`)."""
     kind = type(layers[0])
     many = getattr(kind, "forward_many", None)
     if many is None or len(layers) < 2 or any(type(layer) is not kind or _hooked(layer) for layer in layers):
         x = as_tensor(x)
         return [layer(x) for layer in layers]
-    return many(list(layers), x)
+    return many(list(layers), x, deferred=True) if deferred else many(list(layers), x)
 
 
 def project_gated(layer: nn.Module, gate: torch.Tensor, up: torch.Tensor,

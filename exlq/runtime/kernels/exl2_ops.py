@@ -23,7 +23,7 @@ gather, chunk walk, split-K epilogue) is shared by twice the weights. On Hopper,
 its multi-row instances where their block fits (`exl2_stream_ops.applies_rows`).
 
 At decode, a one-row product the residual stream adds next (o_proj's, down_proj's) may come back unfinished
-(`PendingSums`, through `matmul_unfinished`), and a pending norm (`fused_ops.PendingNorm`) is handed to the GEMV as
+(`PendingSums`, through `matmul_unfinished`; q/k/v's too, for RoPE to end), and a pending norm (`fused_ops.PendingNorm`) is handed to the GEMV as
 is: the next norm's launch ends the product (`norm_fold`: exl2_finish_norm before a streamed GEMV, which folds the
 norm into its gather; else fused_ops.add_rms_norm), so no launch is spent on that product's end alone.
 """
@@ -291,19 +291,29 @@ class GemvGroup(ctypes.Structure):
 
 
 class PendingSums(Deferred):
-    """A one-row product left as fp32 sums for the residual add that follows it (o_proj's, down_proj's): the next
-    norm's `norm_fold` ends it inside exl2_finish_norm (the add and the norm's sums of squares in the same launch);
-    anything else calls `tensor()` (exl2_finish). `take_sums` hands them to the norm kernel instead
-    (fused_ops.add_rms_norm ends them: the register kernel's path, which folds no norm)."""
+    """A one-row product left as fp32 sums for the launch that reads it next to end (exl2_ops.gemv, `unfinished`):
+    o_proj's and down_proj's for the residual add after them (the next norm's `norm_fold` ends them inside
+    exl2_finish_norm, the add and the norm's sums of squares in the same launch), q/k/v's for RoPE
+    (fused_ops.rope_store). `take_sums` hands them to such a launch; anything else calls `tensor()` (exl2_finish).
+    The products of one launch (q/k/v) are `siblings`: `tensor()` ends those not yet taken in one exl2_finish."""
 
-    def __init__(self, group: GemvGroup, plan: Exl2Plan, out: torch.Tensor, sums: torch.Tensor):
+    def __init__(self, group: GemvGroup, plan: Exl2Plan, out: torch.Tensor, sums: torch.Tensor, index: int = 0):
         self.group, self.plan, self.out, self.sums = group, plan, out, sums  # sums: [n_pad] fp32, the workspace's
+        self.index = index  # the product's matrix in its launch's group
         self.ended = False
+        self.siblings: list[PendingSums] = [self]
+
+    @property
+    def matrix(self) -> GemvMatrix:
+        return self.group.m[self.index]
+
+    def unfinished(self) -> bool:
+        return not self.ended
 
     def take_sums(self) -> UnfinishedSums | None:
         if self.ended:
             return None
-        self.ended = True  # ended by whoever takes them: its output is never written (the residual add was its use)
+        self.ended = True  # ended by whoever takes them: its output is never written (that launch was its use)
         return UnfinishedSums(self.sums, self.plan.bias)
 
     def _shaped(self) -> torch.Tensor:
@@ -311,9 +321,22 @@ class PendingSums(Deferred):
 
     def tensor(self) -> torch.Tensor:
         if not self.ended:
-            finish_sums(self.group, [self.plan], 1, self.out.dtype, self.out.device)
-            self.ended = True
+            left = [s for s in self.siblings if not s.ended]
+            group = GemvGroup(count=len(left))
+            for i, s in enumerate(left):
+                group.m[i] = s.matrix
+                s.ended = True
+            finish_sums(group, [s.plan for s in left], 1, self.out.dtype, self.out.device)
         return self.out
+
+
+def pending_products(group: GemvGroup, plans: Sequence[Exl2Plan], outs: Sequence[torch.Tensor],
+                     sums: Sequence[torch.Tensor]) -> list[PendingSums]:
+    """The PendingSums of each product of one launch, siblings of each other."""
+    pending = [PendingSums(group, plan, out, s, i) for i, (plan, out, s) in enumerate(zip(plans, outs, sums, strict=True))]
+    for p in pending:
+        p.siblings = pending
+    return pending
 
 
 def norm_fold(pending: PendingNorm) -> exl2_stream_ops.NormFold:
@@ -325,7 +348,7 @@ def norm_fold(pending: PendingNorm) -> exl2_stream_ops.NormFold:
         partials = torch.empty(count, dtype=torch.float32, device=pending.device)
         delta = pending.delta
         sums = delta.take_sums() if isinstance(delta, Deferred) else None  # ended by this launch, if unfinished
-        matrix = delta.group.m[0] if sums is not None else GemvMatrix()
+        matrix = delta.matrix if sums is not None else GemvMatrix()
         function = kernel(SOURCE, INSTANCE_SETS[pending.dtype], f"exl2_finish_norm<{ACTIVATION_TAGS[pending.dtype]}>",
                           pending.device)
         blocks = count if sums is None else max(count, -(-sums.sums.numel() // FINISH_THREADS))  # padding zeroed too
@@ -357,14 +380,14 @@ def launch_rows(plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device
 
 
 def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequence[torch.Tensor],
-         up: torch.Tensor | None = None, unfinished: bool = False) -> PendingSums | None:
+         up: torch.Tensor | None = None, unfinished: bool = False) -> list[PendingSums] | None:
     """outs[i][M, N_i] = x[M, K] @ W_i (+ bias_i) for M contiguous rows (a count launch_rows gives), ≤ MAX_GROUP
     matrices of input size K, in one launch: the matrices' blocks share one grid, so small layers do not each pay a launch. With
     `up`, the input is silu_mul(x, up), computed as the kernel gathers it (one matrix; else by silu_mul first).
 
     A PendingNorm x (one row) is folded into the gather (exl2_stream_ops.NormFold) of a streamed launch, else computed
-    first. `unfinished` (one matrix, one row): a product that would end in exl2_finish is returned as PendingSums
-    instead, for the next norm to end."""
+    first. `unfinished` (one row): products that would end in exl2_finish (all of the launch's) are returned as
+    PendingSums instead, for the launch that reads them next to end."""
     pending = x if isinstance(x, PendingNorm) else None
     if pending is not None:
         x = pending.residual.view(1, -1)  # its row count and device; the kernels read the fold's tensors
@@ -378,7 +401,7 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
             fold = norm_fold(pending)
         else:
             x = pending.tensor().view(rows, -1)
-    unfinished = unfinished and rows == 1 and len(plans) == 1
+    unfinished = unfinished and rows == 1
     if streamed:
         return streamed_gemv(plans, x, outs, up, fold, unfinished)
     if exl2_stream_ops.applies_rows(plans, rows, dtype, device):
@@ -402,11 +425,12 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     workspace, counters = store.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
-    split_k = False  # a product split along K: its outputs are exl2_finish's (with `finish`)
+    split_k, every_split = False, True  # products split along K: their outputs are exl2_finish's (with `finish`)
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
         split_chunks = plan.splits(columns, longer)
         splits, plan_tiles = split_chunks.numel() - 1, plan.tiles(columns)
         split_k |= splits > 1
+        every_split &= splits > 1
         rows_in = plan.gather if tensor_cores else plan.perm  # the field each kernel reads for its input rows
         group.m[i] = GemvMatrix(
             plan.q_weight.data_ptr(), plan.q_scale.data_ptr(), plan.scale_max.data_ptr(), plan.chunks.data_ptr(),
@@ -424,10 +448,15 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
                     else (x, plans[0].in_features, group))
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=True)
     if finish and split_k:
-        if unfinished:
-            return PendingSums(group, plans[0], outs[0], workspace[: plans[0].n_pad])
+        if unfinished and every_split:
+            return pending_products(group, plans, outs, sums_of(workspace, plans))
         finish_sums(group, plans, rows, dtype, device)
     return None
+
+
+def sums_of(workspace: torch.Tensor, plans: Sequence[Exl2Plan]) -> list[torch.Tensor]:
+    """Each matrix's one-row sums in a launch's workspace (one after the other, n_pad each)."""
+    return list(workspace[: sum(p.n_pad for p in plans)].split([p.n_pad for p in plans]))
 
 
 def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -439,10 +468,10 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
 
 def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
                   up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold = exl2_stream_ops.NO_FOLD,
-                  unfinished: bool = False, tensor_cores: bool = False) -> PendingSums | None:
+                  unfinished: bool = False, tensor_cores: bool = False) -> list[PendingSums] | None:
     """gemv through a streamed kernel: one fp16 row (exl2_stream_ops.applies), or, `tensor_cores`,
     exl2_stream_ops.ROWS rows through the multi-row kernel (applies_rows; no `fold` there); its sums, then
-    exl2_finish (or, `unfinished`: one row, one matrix, PendingSums); with a `fold` set, that norm formed in the
+    exl2_finish (or, `unfinished`: one row, PendingSums); with a `fold` set, that norm formed in the
     gather (x unused).
     `up`: silu_mul first, except for the one-row kernel's single matrix, which forms it as it gathers."""
     rows = x.shape[0]
@@ -464,7 +493,7 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
     else:
         exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold)
     if unfinished:
-        return PendingSums(group, plans[0], outs[0], workspace[: plans[0].n_pad])
+        return pending_products(group, plans, outs, sums_of(workspace, plans))
     finish_sums(group, plans, rows, outs[0].dtype, outs[0].device)
     return None
 
@@ -523,16 +552,18 @@ def matmul_many(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
     return [y.view(*lead, plan.out_features) for y, plan in zip(ys, plans)]
 
 
-def matmul_unfinished(plan: Exl2Plan, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor | PendingSums:
-    """matmul_many([plan], x, up)[0], except that a one-row product that would end in exl2_finish comes back as
-    PendingSums (the residual add after it ends it: norm_fold)."""
+def matmul_unfinished(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
+                      up: torch.Tensor | None = None) -> list[torch.Tensor | PendingSums]:
+    """matmul_many(plans, x, up), except that one-row products that would end in exl2_finish come back as PendingSums,
+    for the launch that reads them next to end (o_proj's and down_proj's: the next norm's, norm_fold; q/k/v's:
+    fused_ops.rope_store)."""
     lead = x.shape[:-1]
-    if lead.numel() != 1:
-        return matmul_many([plan], x, up)[0]
-    y = torch.empty(*lead, plan.out_features, dtype=x.dtype, device=x.device)  # the GEMV reads only its address
-    rest = gemv([plan], x.reshape(1, -1).contiguous(), [y], None if up is None else up.reshape(1, -1).contiguous(),
-                unfinished=True)
-    return y if rest is None else rest
+    if lead.numel() != 1 or len(plans) > MAX_GROUP:
+        return matmul_many(plans, x, up)
+    ys = [torch.empty(*lead, plan.out_features, dtype=x.dtype, device=x.device) for plan in plans]  # (addresses)
+    one = x if isinstance(x, PendingNorm) else x.reshape(1, -1).contiguous()
+    rest = gemv(plans, one, ys, None if up is None else up.reshape(1, -1).contiguous(), unfinished=True)
+    return ys if rest is None else rest
 
 
 def matmul(plan: Exl2Plan, x: torch.Tensor) -> torch.Tensor:

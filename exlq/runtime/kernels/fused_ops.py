@@ -4,6 +4,7 @@ unfinished sums of the product before it), SiLU gate; and values left for the ne
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -17,14 +18,17 @@ SOURCE = "fused.cu"
 _TAGS = ACTIVATION_TAGS
 NORM_PER_THREAD = 16  # NORM_PER_THREAD in the .cu: values of a row each thread of add_rms_norm holds
 NORM_MAX_HIDDEN = NORM_PER_THREAD * 1024  # longer rows take the torch path (layers.RMSNorm)
-INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "finish_add_rms_norm", "silu_mul", "rope_store")
-                  for tag in _TAGS.values())
+INSTANCES = tuple(f"{name}<{tag}>" for name in ("add_rms_norm", "finish_add_rms_norm", "silu_mul", "rope_store",
+                                               "finish_rope_store") for tag in _TAGS.values())
 
 
 #: Leave a one-row decode step's residual add + RMSNorm pending for the q/k/v and gate/up GEMVs: a streamed one folds
 #: it into its activation gather, others read finish_add_rms_norm's output (exl2_ops.gemv; docs/benchmarks.md,
 #: sessions 29-31). EXLQ_NORM_FOLD=0: add_rms_norm before each, as before.
 NORM_FOLD = os.environ.get("EXLQ_NORM_FOLD", "1") != "0"
+#: rope_store ends one token's q/k/v left as their GEMV's sums (finish_rope_store), so no exl2_finish runs before it.
+#: EXLQ_ROPE_FINISH=0: exl2_finish first, as before (an A/B switch: the same launches otherwise).
+ROPE_FINISH = os.environ.get("EXLQ_ROPE_FINISH", "1") != "0"
 
 
 @dataclass
@@ -90,6 +94,10 @@ class Deferred:
     def dtype(self) -> torch.dtype:
         return self._shaped().dtype
 
+    def unfinished(self) -> bool:
+        """Whether this value is a product's unfinished sums that take_sums would hand over."""
+        return False
+
     def take_sums(self) -> UnfinishedSums | None:
         """The unfinished sums this value is, handed over to the one launch that ends them (then never again); None
         where it is not such sums."""
@@ -153,33 +161,36 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_store(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: torch.Tensor | Deferred,
+    k: torch.Tensor | Deferred,
+    v: torch.Tensor | Deferred,
     cos: torch.Tensor,
     sin: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     position: torch.Tensor | int,
 ) -> torch.Tensor:
-    """RoPE on q [B, T, Hq, D] and k [B, T, Hkv, D], k and v appended to the caches [B, Hkv, S, D] at `position`.
+    """RoPE on q [B, T, Hq·D] and k [B, T, Hkv·D] (or [B, T, H, D]), k and v appended to the caches [B, Hkv, S, D] at
+    `position`; one token's q, k and v left as their GEMV's unfinished sums (Deferred) are ended by the same launch
+    (finish_rope_store: no exl2_finish before it), others produced first.
 
     `position` is the first cache position written: an int, or a [1] int64 device tensor (CUDA graphs).
     Returns the rotated queries [B, Hq, T, D]; rounding as `apply_rotary` in the cache dtype.
     """
-    bsz, tokens, q_heads, dim = q.shape
-    kv_heads = k.shape[2]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bsz, tokens = q.shape[:2]
+    dim = cos.shape[-1]
+    q_heads, kv_heads = math.prod(q.shape[2:]) // dim, math.prod(k.shape[2:]) // dim
     q_out = torch.empty(bsz, q_heads, tokens, dim, dtype=q.dtype, device=q.device)
-    function = kernel(SOURCE, INSTANCES, f"rope_store<{_TAGS[q.dtype]}>", q.device)
     device_position = position if isinstance(position, torch.Tensor) else None
-    launch(
-        function,
-        (bsz * tokens, q_heads + kv_heads, 1),
-        (dim // 2, 1, 1),
-        (q, k, v, cos.contiguous(), sin.contiguous(), q_out, key_cache, value_cache, device_position,
-         0 if device_position is not None else int(position), tokens, q_heads, kv_heads, dim, key_cache.shape[2]),
-        q.device,
-        overlap=True,
-    )
+    where = (device_position, 0 if device_position is not None else int(position))
+    tables = (cos.contiguous(), sin.contiguous(), q_out, key_cache, value_cache, *where)
+    unfinished = ROPE_FINISH and bsz * tokens == 1 and all(isinstance(t, Deferred) and t.unfinished() for t in (q, k, v))
+    if unfinished:
+        sums = [t.take_sums() for t in (q, k, v)]
+        name, operands = "finish_rope_store", (*(x for s in sums for x in (s.sums, s.bias)), *tables)
+    else:
+        name, operands = "rope_store", (*(as_tensor(t).contiguous() for t in (q, k, v)), *tables, tokens)
+    function = kernel(SOURCE, INSTANCES, f"{name}<{_TAGS[q.dtype]}>", q.device)
+    launch(function, (bsz * tokens, q_heads + kv_heads, 1), (dim // 2, 1, 1),
+           (*operands, q_heads, kv_heads, dim, key_cache.shape[2]), q.device, overlap=True)
     return q_out
