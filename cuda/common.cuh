@@ -66,6 +66,13 @@ __device__ __forceinline__ float half2_sum(u32 a) {
     return Act<fp16_t>::load((u16)(a & 0xffffu)) + Act<fp16_t>::load((u16)(a >> 16));
 }
 
+// floats [0, count) set to zero by every thread of the grid's x dimension in turn (nothing when `floats` is null):
+// the sums a finished product's input came from, re-zeroed by the launch that ends that product.
+__device__ __forceinline__ void zero_floats(float* __restrict__ floats, int count) {
+    if (floats == nullptr) return;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) floats[i] = 0.0f;
+}
+
 // Programmatic dependent launch (sm_90+; no-ops elsewhere and when the kernel was launched without it):
 // pdl_launch_dependents lets the stream's next kernel start now; pdl_wait blocks until the previous kernel has
 // finished and its writes are visible. Every kernel launched with overlap=True (launch.py) calls pdl_wait before

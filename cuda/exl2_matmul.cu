@@ -179,14 +179,16 @@ __device__ __forceinline__ void gather_table(const int4* __restrict__ chunks, co
 
 
 // Row `row` of the split (gather_table's entry in xs[row]): the activation at one activation row, into xs and (fp16
-// path) xh.
-template <typename T, int S>
+// path) xh. SUMS: x and up are a gate/up GEMV's unfinished fp32 sums (gated_sums_value).
+template <typename T, int S, bool SUMS>
 __device__ __forceinline__ void gather_row(const u16* __restrict__ x, const u16* __restrict__ up, int row, float* xs,
                                            u16* xh) {
     constexpr int SLOT_BITS = GatherEntry<S>::SLOT_BITS, SHIFT_AT = GatherEntry<S>::SHIFT_AT;
     const int entry = __float_as_int(xs[row]);
     if (entry < 0) return;
-    const float v = activation<T>(x, up, entry & 0x1ffff);
+    const float v = SUMS ? gated_sums_value<T>(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(up),
+                                               entry & 0x1ffff)
+                         : activation<T>(x, up, entry & 0x1ffff);
     xs[row] = v;
     const int shift = entry >> SHIFT_AT;
     if (shift != 0) xh[(entry >> 17) & ((1 << SLOT_BITS) - 1)] = Act<fp16_t>::store(v * pair_prescale(shift));
@@ -218,9 +220,10 @@ __device__ __forceinline__ void column_scales(const u32* __restrict__ q_scale, c
 // into the fp32 workspace. Launched with counters, the last block of a column tile to finish writes y (+bias) and
 // re-zeroes the workspace and its counter, so one launch does the whole product and leaves the workspace clean;
 // without, the blocks end at their atomics and exl2_finish (the next launch) does that. With `up` (not null) the
-// product's input is T(silu(x)) * up (activation()). S: the most stored rows of the launch's K splits
+// product's input is T(silu(x)) * up (activation()); SUMS (one row): x and up are the gate/up GEMV's unfinished fp32
+// sums, ended as they are gathered (gated_sums_value). S: the most stored rows of the launch's K splits
 // (split_capacity).
-template <typename T, int M, int C, int S>
+template <typename T, int M, int C, int S, bool SUMS = false>
 __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16* __restrict__ up, int K,
                                            const GemvMatrix& mat, int local) {
     constexpr bool HALF = HalfPath<T>::value;
@@ -291,7 +294,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
 
     if (M == 1) {
 #pragma unroll
-        for (int j = 0; j < S / THREADS; j++) gather_row<T, S>(x, up, threadIdx.x + j * THREADS, xs[0], xh[0]);
+        for (int j = 0; j < S / THREADS; j++) gather_row<T, S, SUMS>(x, up, threadIdx.x + j * THREADS, xs[0], xh[0]);
     } else {
         for (int c = c0; c < c1; c++) {  // activations of this split, permuted to stored order
             const int4 ch = chunks[c];
@@ -363,12 +366,15 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
 // one-wave kernel (~3 µs a launch, docs/benchmarks.md, session 20); the launch boundary gives ~2 µs of that back
 // (4096x14336 at one row: 13.2 -> 12.5 µs, session 21), the rest is for a consumer that ends the sums as it reads
 // them. Grid (ceil(rows · max n_pad / FINISH_THREADS), matrices); the same rounding as finish_split, so the outputs
-// are the same.
+// are the same. `extra` (null, or extra_count floats): the sums this product's input was gathered from (gate/up's, for
+// down_proj: exl2_gemv's SUMS), re-zeroed here too, by the first matrix's blocks.
 #define FINISH_THREADS 256
 template <typename T>
-__global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup group, int rows) {
+__global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup group, int rows, float* __restrict__ extra,
+                                                              int extra_count) {
     pdl_launch_dependents();
     pdl_wait();
+    if (blockIdx.y == 0) zero_floats(extra, extra_count);
     // The matrix of blockIdx.y, picked by an unrolled compare as exl2_gemv_group picks its own: a run-time index
     // into the parameter's array would copy the group to local memory.
     int which = 0;
@@ -389,15 +395,18 @@ __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup gr
 // v = residual + T(sums + bias) (or + delta, a finished output, when `delta` is set) into new_residual, and the
 // block's Σ v² into partials[blockIdx.x] (NormFold), the sums re-zeroed (their padding columns too); T(sums + bias)
 // itself is never written (the residual add is its only use). Grid ceil(max(K, n_pad) / FINISH_THREADS), partials
-// from the first ceil(K / FINISH_THREADS) blocks: exl2_finish and add_rms_norm's work, one launch.
+// from the first ceil(K / FINISH_THREADS) blocks: exl2_finish and add_rms_norm's work, one launch. `extra`: as
+// exl2_finish's.
 template <typename T>
 __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish_norm(const GemvMatrix mat, const u16* __restrict__ delta,
                                                                     const float* __restrict__ residual,
                                                                     float* __restrict__ new_residual,
-                                                                    float* __restrict__ partials, int K) {
+                                                                    float* __restrict__ partials, int K,
+                                                                    float* __restrict__ extra, int extra_count) {
     __shared__ float part[FINISH_THREADS / 32];
     pdl_launch_dependents();
     pdl_wait();
+    zero_floats(extra, extra_count);
     const int i = blockIdx.x * FINISH_THREADS + threadIdx.x;
     float v = 0.0f;
     if (i < K) {
@@ -435,11 +444,14 @@ __host__ __device__ constexpr int gemv_min_blocks(int m, int c) {
 // the compiler reads as operands (fewer registers than the group kernel's indexed fields).
 // C: adjacent columns a thread (1; or 2, "wide": one 8-byte load a word row, THREADS·2 columns a block, so the
 // activation gather, the chunk walk and the split-K epilogue of a block serve twice the weights).
-template <typename T, int M, int C = 1>
+// SUMS (M = 1): down_proj's input formed from the gate/up launch's unfinished sums, x and up their addresses (fp32),
+// so that launch needs no exl2_finish; whatever ends this product re-zeroes them (exl2_ops.matmul_gated).
+template <typename T, int M, int C = 1, bool SUMS = false>
 __global__ void __launch_bounds__(THREADS, gemv_min_blocks(M, C)) exl2_gemv(const u16* __restrict__ x,
                                                                          const u16* __restrict__ up, int K,
                                                                          const GemvMatrix mat) {
-    gemv_block<T, M, C, split_capacity(false, M, C)>(x, up, K, mat, blockIdx.x);
+    static_assert(!SUMS || M == 1, "the sums gather is one row's");
+    gemv_block<T, M, C, split_capacity(false, M, C), SUMS>(x, up, K, mat, blockIdx.x);
 }
 
 // Up to MAX_GROUP matrices of the same activations in one launch (q/k/v, gate/up): a 1-D grid of each

@@ -17,15 +17,18 @@
 #define NORM_BOUNDS
 #endif
 // SUMS (one row; delta null): the delta is a one-row GEMV's unfinished fp32 sums (its workspace, the split-K products
-// added by atomics), ended here as exl2_finish ends them, T(sums + bias), and re-zeroed up to n_pad.
+// added by atomics), ended here as exl2_finish ends them, T(sums + bias), and re-zeroed up to n_pad, with the `extra`
+// sums its input was gathered from (exl2_finish's `extra`).
 template <typename T, bool SUMS>
 __device__ __forceinline__ void norm_row(const float* __restrict__ residual, const u16* __restrict__ delta,
                                          const u16* __restrict__ weight, float* __restrict__ new_residual,
                                          u16* __restrict__ out, int hidden, float eps, float* __restrict__ sums,
-                                         const float* __restrict__ bias, int n_pad) {
+                                         const float* __restrict__ bias, int n_pad, float* __restrict__ extra,
+                                         int extra_count) {
     __shared__ float partial[32];
     pdl_launch_dependents();
     pdl_wait();
+    if (SUMS) zero_floats(extra, extra_count);
     const size_t base = (size_t)blockIdx.x * hidden;
     float v[NORM_PER_THREAD];
     u16 w[NORM_PER_THREAD];
@@ -75,7 +78,7 @@ template <typename T>
 __global__ void NORM_BOUNDS add_rms_norm(const float* __restrict__ residual, const u16* __restrict__ delta,
                                          const u16* __restrict__ weight, float* __restrict__ new_residual,
                                          u16* __restrict__ out, int hidden, float eps) {
-    norm_row<T, false>(residual, delta, weight, new_residual, out, hidden, eps, nullptr, nullptr, 0);
+    norm_row<T, false>(residual, delta, weight, new_residual, out, hidden, eps, nullptr, nullptr, 0, nullptr, 0);
 }
 
 // add_rms_norm of one row whose delta is the unfinished sums of the product before it (o_proj's, down_proj's, at
@@ -85,8 +88,9 @@ template <typename T>
 __global__ void __launch_bounds__(1024) finish_add_rms_norm(const float* __restrict__ residual, float* __restrict__ sums,
                                                 const float* __restrict__ bias, int n_pad,
                                                 const u16* __restrict__ weight, float* __restrict__ new_residual,
-                                                u16* __restrict__ out, int hidden, float eps) {
-    norm_row<T, true>(residual, nullptr, weight, new_residual, out, hidden, eps, sums, bias, n_pad);
+                                                u16* __restrict__ out, int hidden, float eps,
+                                                float* __restrict__ extra, int extra_count) {
+    norm_row<T, true>(residual, nullptr, weight, new_residual, out, hidden, eps, sums, bias, n_pad, extra, extra_count);
 }
 
 // out = T(silu(gate)) * up, element-wise over n values.

@@ -557,6 +557,91 @@ def test_decode_with_rope_ending_the_qkv_sums_equals_exl2_finish(tmp_path, monke
     assert rel(results[True, "1"], results[False, "0"]) < 2e-3
 
 
+@pytest.mark.parametrize("dtype, kind", [(torch.float16, "wide"), (torch.float16, "narrow"), (torch.bfloat16, "wide")])
+@pytest.mark.parametrize("ender", ["none", "finish", "norm", "fold"])
+def test_down_gathers_its_input_from_the_gate_up_sums(dtype, kind, ender, monkeypatch):
+    """One row's gate/up left as their group GEMV's sums (project_each, deferred) go to down_proj's register GEMV as
+    they are (exl2_gemv's SUMS): no exl2_finish for them, and the same product as from the finished gate and up (two
+    runs of split products: an ulp apart at most, rarely). Whatever ends down_proj's product re-zeroes gate/up's sums
+    too: exl2_finish (`none`: a finished product; `finish`: an unfinished one read later), finish_add_rms_norm
+    (`norm`) or exl2_finish_norm (`fold`), leaving every workspace clean."""
+    use_gemv(kind, monkeypatch)
+    gen = torch.Generator().manual_seed(11)
+    hidden, inner = 1024, 2048
+    gate_proj, up_proj = (Exl2Linear(on_gpu(random_exl2(hidden, inner, [4, 3], [0.5, 0.5], 32, seed=90 + i)[0]), hidden,
+                                     inner, dtype=dtype) for i in range(2))
+    down_proj = Exl2Linear(on_gpu(random_exl2(inner, hidden, [4, 5], [0.6, 0.4], 32, seed=92, bias=True)[0]), inner,
+                           hidden, dtype=dtype)
+    x = torch.randn(1, 1, hidden, generator=gen).to(CUDA, dtype)
+    expected = project_gated(down_proj, *project_each((gate_proj, up_proj), x))
+    assert isinstance(expected, torch.Tensor)
+    finishes = []
+    original = exl2_ops.finish_sums
+    monkeypatch.setattr(exl2_ops, "finish_sums", lambda *args: (finishes.append(args), original(*args))[1])
+    gate, up = project_each((gate_proj, up_proj), x, deferred=True)
+    assert all(isinstance(t, exl2_ops.PendingSums) and t.unfinished() for t in (gate, up))
+    assert exl2_ops.gathers_sums(down_proj.kernel_plan(), gate, up)
+    got = project_gated(down_proj, gate, up, unfinished=ender != "none")
+    assert not gate.unfinished() and not up.unfinished()
+    residual = (8 * torch.randn(1, 1, hidden, generator=gen)).to(CUDA)
+    weight = (1 + 0.2 * torch.randn(hidden, generator=gen)).to(CUDA, dtype)
+    new_residual = torch.full_like(residual, float("nan"))
+    if ender in ("none", "finish"):
+        got = fused_ops.as_tensor(got)
+        assert torch.isfinite(got).all() and rel(got, expected) < 1e-3
+        (*_, extra), = finishes
+        assert extra is gate.span, "exl2_finish re-zeroed the gate/up sums"
+    else:
+        assert isinstance(got, exl2_ops.PendingSums) and got.extra is gate.span
+        pending = fused_ops.PendingNorm(residual, got, weight, 1e-5, new_residual)
+        expected_residual, expected_normed = fused_ops.add_rms_norm(residual, expected, weight, 1e-5)
+        if ender == "norm":
+            assert rel(pending.tensor(), expected_normed) < 1e-3
+        else:
+            exl2_ops.norm_fold(pending)
+        assert finishes == [] and torch.isfinite(new_residual).all() and rel(new_residual, expected_residual) < 1e-3
+    for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
+        workspace, counters = workspace_of(store)
+        assert not workspace.any() and not counters.any()
+
+
+def test_decode_with_down_on_the_gate_up_sums_equals_exl2_finish(monkeypatch):
+    """A synthetic 2-layer smollm2-shaped model on the register GEMVs decoding one token a step (graphs and eager)
+    gives the same logits with down_proj gathering from gate/up's sums as with exl2_finish before it
+    (EXLQ_GATED_SUMS=0), and takes the sums in every layer of every eager step."""
+    from exlq.quant.synthetic import SyntheticStore, synthetic_config
+    from exlq.runtime.architectures.registry import model_class_for
+    from exlq.runtime.config import config_from_dict
+
+    use_gemv("wide", monkeypatch)  # the sums gather is the register kernel's
+    raw = dict(synthetic_config("smollm2-135m"), num_hidden_layers=2)
+    model_class = model_class_for(raw)
+    store = SyntheticStore(raw, 4.0, CUDA, group_size=128)
+    model = model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float16, device=CUDA).eval()
+    gen = torch.Generator().manual_seed(7)
+    ids, steps = torch.randint(0, 1000, (1, 9), generator=gen), torch.randint(0, 1000, (1, 10), generator=gen)
+    taken = []
+    original = exl2_ops.gathers_sums
+    monkeypatch.setattr(exl2_ops, "gathers_sums", lambda *args: (taken.append(original(*args)), taken[-1])[1])
+    results = {}
+    for gated, graphs in [(False, "0"), (True, "0"), (True, "1")]:
+        monkeypatch.setattr(exl2_ops, "GATED_SUMS", gated)
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
+        model.decode_graphs.clear()
+        cache = model.new_cache(32)
+        model(ids.to(CUDA), cache)
+        taken.clear()
+        out = [model(steps[:, i : i + 1].to(CUDA), cache, max_output_len=None) for i in range(steps.shape[1])]
+        results[gated, graphs] = torch.cat(out, dim=1).float()
+        if graphs == "0":
+            assert taken == [gated] * (steps.shape[1] * 2)
+        for workspace_store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
+            assert not workspace_of(workspace_store)[0].any()
+    assert torch.isfinite(results[False, "0"]).all()
+    assert rel(results[True, "0"], results[False, "0"]) < 2e-3
+    assert rel(results[True, "1"], results[False, "0"]) < 2e-3
+
+
 def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatch):
     """A tiny EXL2 Llama decoding one token a step (graphs and eager) gives the same logits with its norms folded into
     the q/k/v and gate/up GEMVs as with the norm kernel before them, and folds every in-layer norm of those steps."""

@@ -238,10 +238,11 @@ def test_rows_are_cut_so_that_every_group_of_matrices_takes_them(monkeypatch):
         assert calls == cuts
 
 
-@pytest.mark.parametrize("unfinished", [True, False])
-def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, monkeypatch):
+@pytest.mark.parametrize("unfinished, gated", [(True, False), (True, True), (False, False)])
+def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, gated, monkeypatch):
     """exl2_ops.norm_fold launches exl2_finish_norm once per pending norm: over a product's unfinished sums (their
-    matrix, no delta tensor, enough blocks to re-zero the padding, the product then ended), or over a finished delta."""
+    matrix, no delta tensor, enough blocks to re-zero the padding, the product then ended; `gated`: also the gate/up
+    sums its input was gathered from, to re-zero), or over a finished delta."""
     from types import SimpleNamespace
 
     launches = []
@@ -253,13 +254,15 @@ def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, mon
     if unfinished:
         group = exl2_ops.GemvGroup(count=1)
         group.m[0] = exl2_ops.GemvMatrix(n_pad=n_pad)
+        extra = torch.zeros(3000) if gated else None
         delta = exl2_ops.PendingSums(group, SimpleNamespace(bias=None, n_pad=n_pad), torch.empty(1, 1, hidden).half(),
-                                     torch.zeros(n_pad))
+                                     torch.zeros(n_pad), extra=extra)
         p = fused_ops.PendingNorm(p.residual, delta, p.weight, p.eps, p.new_residual)
     fold = exl2_ops.norm_fold(p)
     assert exl2_ops.norm_fold(p) is fold, "once per pending norm"
     (function, grid, args), = launches
-    assert function == "exl2_finish_norm<fp16_t>" and args[2:] == (p.residual, p.new_residual, p.fold[1], hidden)
+    assert function == "exl2_finish_norm<fp16_t>" and args[2:6] == (p.residual, p.new_residual, p.fold[1], hidden)
+    assert args[6:] == ((extra, 3000) if gated else (None, 0))
     assert (fold.count, fold.residual, fold.weight) == (3, p.new_residual.data_ptr(), p.weight.data_ptr())
     if unfinished:
         assert grid == (4, 1, 1) and args[1] is None and args[0].n_pad == n_pad
@@ -298,14 +301,14 @@ def qkv_products(widths=(96, 32, 32)) -> list[exl2_ops.PendingSums]:
         group.m[i] = exl2_ops.GemvMatrix(N=n, n_pad=n, splits=2)
     plans = [SimpleNamespace(n_pad=n, bias=None if i else torch.randn(n)) for i, n in enumerate(widths)]
     outs = [torch.empty(1, 1, n).half() for n in widths]
-    return exl2_ops.pending_products(group, plans, outs, list(torch.randn(sum(widths)).split(list(widths))))
+    return exl2_ops.pending_products(group, plans, outs, torch.randn(sum(widths) + 8))
 
 
 def test_one_finish_ends_the_products_of_a_launch_that_no_launch_took(monkeypatch):
     """A launch's products left as sums are siblings: reading one (`tensor()`) ends all those not taken by another
     launch in one exl2_finish, whose group holds just them; a taken product is never finished again."""
     finishes = []
-    monkeypatch.setattr(exl2_ops, "finish_sums", lambda group, plans, rows, dtype, device: finishes.append(
+    monkeypatch.setattr(exl2_ops, "finish_sums", lambda group, plans, rows, dtype, device, extra=None: finishes.append(
         ([group.m[i].n_pad for i in range(group.count)], [p.n_pad for p in plans], rows)))
     q, k, v = qkv_products()
     assert all(p.unfinished() for p in (q, k, v)) and (q.matrix.n_pad, k.matrix.n_pad) == (96, 32)
@@ -328,7 +331,8 @@ def test_rope_store_ends_qkv_sums_in_its_own_launch(case, monkeypatch):
     monkeypatch.setattr(fused_ops, "kernel", lambda source, instances, name, device: name)
     monkeypatch.setattr(fused_ops, "launch", lambda function, grid, block, args, device, overlap: launches.append(
         (function, grid, block, args)))
-    monkeypatch.setattr(exl2_ops, "finish_sums", lambda group, plans, rows, dtype, device: finishes.append(group.count))
+    monkeypatch.setattr(exl2_ops, "finish_sums",
+                        lambda group, plans, rows, dtype, device, extra=None: finishes.append(group.count))
     monkeypatch.setattr(fused_ops, "ROPE_FINISH", case != "switched off")
     tokens, dim = (2 if case == "two tokens" else 1), 16
     qkv = qkv_products()

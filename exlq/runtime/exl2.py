@@ -417,16 +417,16 @@ class Exl2Linear(nn.Module):
         weight, bias = self._dense_weight()
         return F.linear(x, weight, bias)
 
-    def forward_gated(self, gate: torch.Tensor, up: torch.Tensor, unfinished: bool = False) -> torch.Tensor | Deferred:
-        """self(silu(gate) * up) (down_proj of a gated MLP); on the GPU the GEMV forms its input as it reads it.
-        `unfinished`: as forward_unfinished."""
+    def forward_gated(self, gate: torch.Tensor | Deferred, up: torch.Tensor | Deferred,
+                      unfinished: bool = False) -> torch.Tensor | Deferred:
+        """self(silu(gate) * up) (down_proj of a gated MLP); on the GPU the GEMV forms its input as it reads it, from
+        gate/up's unfinished sums where they come Deferred (exl2_ops.matmul_gated). `unfinished`: as
+        forward_unfinished."""
         if not kernels.applies(gate):
-            return self(F.silu(gate) * up)
-        from exlq.runtime.kernels.exl2_ops import matmul_many, matmul_unfinished
+            return self(F.silu(as_tensor(gate)) * as_tensor(up))
+        from exlq.runtime.kernels.exl2_ops import matmul_gated
 
-        if unfinished:
-            return matmul_unfinished([self.kernel_plan()], gate, up)[0]
-        return matmul_many([self.kernel_plan()], gate, up)[0]
+        return matmul_gated(self.kernel_plan(), gate, up, unfinished)
 
     def forward_unfinished(self, x: torch.Tensor) -> torch.Tensor | Deferred:
         """self(x), except that on the GPU a one-row product may come back unfinished (exl2_ops.PendingSums), for the

@@ -107,7 +107,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor | PendingNorm, unfinished: bool = False) -> torch.Tensor | Deferred:
         """The MLP's output; `unfinished`: possibly Deferred, for the residual add after it (project_to_residual)."""
-        gate, up = project_each((self.gate_proj, self.up_proj), x)
+        # deferred: a one-token step's gate/up may stay their GEMV's sums, which down_proj's GEMV gathers from
+        gate, up = project_each((self.gate_proj, self.up_proj), x, deferred=True)
         return project_gated(self.down_proj, gate, up, unfinished)
 
 

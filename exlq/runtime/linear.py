@@ -92,15 +92,16 @@ def project_each(layers: Sequence[nn.Module], x: torch.Tensor | PendingNorm,
     return many(list(layers), x, deferred=True) if deferred else many(list(layers), x)
 
 
-def project_gated(layer: nn.Module, gate: torch.Tensor, up: torch.Tensor,
+def project_gated(layer: nn.Module, gate: torch.Tensor | Deferred, up: torch.Tensor | Deferred,
                   unfinished: bool = False) -> torch.Tensor | Deferred:
-    """layer(silu(gate) * up), a gated MLP's down projection. A format with `forward_gated(gate, up, unfinished)`
-    forms the input itself (EXL2 on the GPU: inside the GEMV, no separate launch), unless a module hook must see that
-    input.
+    """layer(silu(gate) * up), a gated MLP's down projection; gate and up may be Deferred (project_each's). A format
+    with `forward_gated(gate, up, unfinished)` forms the input itself (EXL2 on the GPU: inside the GEMV, no separate
+    launch, from gate/up's unfinished sums where it can), unless a module hook must see that input.
     `unfinished`: the output may come back Deferred, as project_to_residual's."""
     gated = getattr(type(layer), "forward_gated", None)
     if gated is not None and not _hooked(layer):
         return gated(layer, gate, up, unfinished)
+    gate, up = as_tensor(gate), as_tensor(up)
     return layer(silu_mul(gate, up) if kernels.applies(gate) else F.silu(gate) * up)
 
 

@@ -31,6 +31,7 @@ norm into its gather; else fused_ops.add_rms_norm), so no launch is spent on tha
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ from exlq.runtime.exl2 import (
     Exl2Tensors, Layout, group_row_starts, group_word_offsets, perm_from_invperm, row_bits, scale_multipliers,
 )
 from exlq.runtime.kernels import ACTIVATION_TAGS, exl2_stream_ops
-from exlq.runtime.kernels.fused_ops import Deferred, PendingNorm, UnfinishedSums, as_tensor, silu_mul
+from exlq.runtime.kernels.fused_ops import (
+    Deferred, PendingNorm, UnfinishedSums, as_tensor, extra_operands, silu_mul,
+)
 from exlq.runtime.kernels.launch import blocks_per_sm, device_index, kernel, launch
 from exlq.runtime.kernels.workspace import Workspace
 
@@ -70,6 +73,7 @@ INSTANCE_SETS = {
         [f"{name}<{tag}, {m}>" for name in ("exl2_gemv", "exl2_gemv_group") for m in GEMV_ROWS]
         + [f"{name}<{tag}, {m}, {c}>" for c in COLUMN_CHOICES[1:] for name in ("exl2_gemv", "exl2_gemv_group")
            for m in WIDE_ROWS]
+        + [f"exl2_gemv<{tag}, 1, {c}, true>" for c in COLUMN_CHOICES]  # down_proj on gate/up's sums (matmul_gated)
         + [f"exl2_dequant<{tag}>", f"exl2_finish<{tag}>", f"exl2_finish_norm<{tag}>"]
     )
     for dtype, tag in ACTIVATION_TAGS.items()
@@ -92,6 +96,9 @@ FOLD_STREAM = os.environ.get("EXLQ_FOLD_STREAM", "1") != "0"
 #: instead of 1792; its decode +3 % on the H100, docs/benchmarks.md, session 42). EXLQ_GROUP_WAVE=0: always their own.
 GROUP_SPLIT_ROWS = (384, 512)
 GROUP_WAVE = os.environ.get("EXLQ_GROUP_WAVE", "1") != "0"
+#: A one-row down_proj on the register kernel gathers silu(gate)·up from the gate/up launch's unfinished sums
+#: (matmul_gated), so that launch needs no exl2_finish. EXLQ_GATED_SUMS=0: exl2_finish first, as before.
+GATED_SUMS = os.environ.get("EXLQ_GATED_SUMS", "1") != "0"
 MMA_ROWS = tuple(range(16, 3, -1))  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
@@ -297,11 +304,14 @@ class PendingSums(Deferred):
     (fused_ops.rope_store). `take_sums` hands them to such a launch; anything else calls `tensor()` (exl2_finish).
     The products of one launch (q/k/v) are `siblings`: `tensor()` ends those not yet taken in one exl2_finish."""
 
-    def __init__(self, group: GemvGroup, plan: Exl2Plan, out: torch.Tensor, sums: torch.Tensor, index: int = 0):
+    def __init__(self, group: GemvGroup, plan: Exl2Plan, out: torch.Tensor, sums: torch.Tensor, index: int = 0,
+                 extra: torch.Tensor | None = None):
         self.group, self.plan, self.out, self.sums = group, plan, out, sums  # sums: [n_pad] fp32, the workspace's
         self.index = index  # the product's matrix in its launch's group
+        self.extra = extra  # fp32 sums its input was gathered from (gate/up's: matmul_gated), zeroed at its end
         self.ended = False
         self.siblings: list[PendingSums] = [self]
+        self.span = sums  # the sums of every sibling, one after the other
 
     @property
     def matrix(self) -> GemvMatrix:
@@ -314,7 +324,7 @@ class PendingSums(Deferred):
         if self.ended:
             return None
         self.ended = True  # ended by whoever takes them: its output is never written (that launch was its use)
-        return UnfinishedSums(self.sums, self.plan.bias)
+        return UnfinishedSums(self.sums, self.plan.bias, self.extra)
 
     def _shaped(self) -> torch.Tensor:
         return self.out
@@ -326,16 +336,21 @@ class PendingSums(Deferred):
             for i, s in enumerate(left):
                 group.m[i] = s.matrix
                 s.ended = True
-            finish_sums(group, [s.plan for s in left], 1, self.out.dtype, self.out.device)
+            finish_sums(group, [s.plan for s in left], 1, self.out.dtype, self.out.device, self.extra)
         return self.out
 
 
 def pending_products(group: GemvGroup, plans: Sequence[Exl2Plan], outs: Sequence[torch.Tensor],
-                     sums: Sequence[torch.Tensor]) -> list[PendingSums]:
-    """The PendingSums of each product of one launch, siblings of each other."""
-    pending = [PendingSums(group, plan, out, s, i) for i, (plan, out, s) in enumerate(zip(plans, outs, sums, strict=True))]
+                     workspace: torch.Tensor, extra: torch.Tensor | None = None) -> list[PendingSums]:
+    """The PendingSums of each product of a one-row launch whose sums lie one after the other from the start of
+    `workspace` (n_pad each), siblings of each other; `extra`: a single product's."""
+    assert extra is None or len(plans) == 1, "extra sums belong to a single product's input"
+    span = workspace[: sum(p.n_pad for p in plans)]
+    sums = span.split([p.n_pad for p in plans])
+    pending = [PendingSums(group, plan, out, s, i, extra)
+               for i, (plan, out, s) in enumerate(zip(plans, outs, sums, strict=True))]
     for p in pending:
-        p.siblings = pending
+        p.siblings, p.span = pending, span
     return pending
 
 
@@ -354,7 +369,7 @@ def norm_fold(pending: PendingNorm) -> exl2_stream_ops.NormFold:
         blocks = count if sums is None else max(count, -(-sums.sums.numel() // FINISH_THREADS))  # padding zeroed too
         launch(function, (blocks, 1, 1), (FINISH_THREADS, 1, 1),
                (matrix, None if sums is not None else as_tensor(delta), pending.residual, pending.new_residual,
-                partials, hidden), pending.device, overlap=True)
+                partials, hidden, *extra_operands(None if sums is None else sums.extra)), pending.device, overlap=True)
         fold = exl2_stream_ops.NormFold(pending.new_residual.data_ptr(), pending.weight.data_ptr(),
                                         partials.data_ptr(), count, pending.eps)
         pending.fold = (fold, partials)
@@ -420,8 +435,26 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
         longer = wave_split_rows(plans, wave)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
+    inputs = (x,) if tensor_cores or len(plans) > 1 else (x, up)
+    return register_launch(function, plans, outs, inputs, rows, columns, longer, tensor_cores, sums_store(unfinished, plans),
+                           unfinished)
+
+
+def sums_store(unfinished: bool, plans: Sequence[Exl2Plan]) -> Workspace:
+    """Where a launch's split sums go: a single product left unfinished (o_proj's, down_proj's, for the next norm to
+    end) apart from every other launch's, so no launch before that norm can add into them; the rest in the common
+    workspace (products of a group left unfinished, q/k/v's or gate/up's, are read by the very next launch)."""
+    return _unfinished_workspace if unfinished and len(plans) == 1 else _workspace
+
+
+def register_launch(function: int, plans: Sequence[Exl2Plan], outs: Sequence[torch.Tensor], inputs: tuple, rows: int,
+                    columns: int, longer: int | None, tensor_cores: bool, store: Workspace, unfinished: bool,
+                    extra: torch.Tensor | None = None) -> list[PendingSums] | None:
+    """The launch of a register (or exl2_mma.cu) GEMV kernel `function` over `plans` with its activation operands
+    `inputs` ((x,), or (x, up) for one matrix), K splits `longer` (None: the plans' own), its sums in `store`; then
+    exl2_finish (with `extra`, exl2_finish's) or, `unfinished`, the PendingSums of products all split along K."""
+    device = outs[0].device
     finish = FINISH_KERNEL  # exl2_finish writes the outputs of split products
-    store = _unfinished_workspace if unfinished else _workspace
     workspace, counters = store.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
@@ -441,29 +474,24 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
         blocks += plan_tiles * splits
         floats += rows * plan.n_pad
         tiles += plan_tiles
-    if tensor_cores:
-        operands = (x, plans[0].in_features, group.m[0] if len(plans) == 1 else group)
-    else:
-        operands = ((x, up, plans[0].in_features, group.m[0]) if len(plans) == 1
-                    else (x, plans[0].in_features, group))
+    operands = (*inputs, plans[0].in_features, group.m[0] if len(plans) == 1 else group)
     launch(function, (blocks, 1, 1), (THREADS, 1, 1), operands, device, overlap=True)
     if finish and split_k:
         if unfinished and every_split:
-            return pending_products(group, plans, outs, sums_of(workspace, plans))
-        finish_sums(group, plans, rows, dtype, device)
+            return pending_products(group, plans, outs, workspace, extra)
+        finish_sums(group, plans, rows, outs[0].dtype, device, extra)
     return None
 
 
-def sums_of(workspace: torch.Tensor, plans: Sequence[Exl2Plan]) -> list[torch.Tensor]:
-    """Each matrix's one-row sums in a launch's workspace (one after the other, n_pad each)."""
-    return list(workspace[: sum(p.n_pad for p in plans)].split([p.n_pad for p in plans]))
-
-
-def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device) -> None:
-    """exl2_finish: y = T(sums + bias) and the sums re-zeroed, for the group's matrices whose `splits` > 1."""
+def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device,
+                extra: torch.Tensor | None = None) -> None:
+    """exl2_finish: y = T(sums + bias) and the sums re-zeroed, for the group's matrices whose `splits` > 1; `extra`
+    (fp32), the sums the product's input was gathered from, re-zeroed too (matmul_gated)."""
     finisher = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_finish<{ACTIVATION_TAGS[dtype]}>", device)
     width = -(-rows * max(plan.n_pad for plan in plans) // FINISH_THREADS)
-    launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows), device, overlap=True)
+    launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows, *extra_operands(extra)), device,
+           overlap=True)
+
 
 
 def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
@@ -477,8 +505,7 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
     rows = x.shape[0]
     if up is not None and (len(plans) > 1 or tensor_cores):
         x, up = silu_mul(x, up), None
-    workspace, _ = (_unfinished_workspace if unfinished else _workspace).get(
-        x.device, rows * sum(plan.n_pad for plan in plans), 0)
+    workspace, _ = sums_store(unfinished, plans).get(x.device, rows * sum(plan.n_pad for plan in plans), 0)
     group = GemvGroup(count=len(plans))
     sums, at = [], workspace.data_ptr()
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
@@ -493,7 +520,7 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
     else:
         exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold)
     if unfinished:
-        return pending_products(group, plans, outs, sums_of(workspace, plans))
+        return pending_products(group, plans, outs, workspace)
     finish_sums(group, plans, rows, outs[0].dtype, outs[0].device)
     return None
 
@@ -564,6 +591,41 @@ def matmul_unfinished(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm,
     one = x if isinstance(x, PendingNorm) else x.reshape(1, -1).contiguous()
     rest = gemv(plans, one, ys, None if up is None else up.reshape(1, -1).contiguous(), unfinished=True)
     return ys if rest is None else rest
+
+
+def matmul_gated(plan: Exl2Plan, gate: torch.Tensor | Deferred, up: torch.Tensor | Deferred,
+                 unfinished: bool = False) -> torch.Tensor | PendingSums:
+    """x @ Wᵀ for x = silu(gate) * up (down_proj of a gated MLP), which the GEMV forms as it gathers its input;
+    `unfinished`: as matmul_unfinished. Where gate and up are still their one-row launch's sums (project_each,
+    deferred), the register GEMV gathers from those (exl2_gemv's SUMS), so they need no exl2_finish: the launch that
+    ends this product re-zeroes them too (its `extra`). Otherwise they are finished first."""
+    if not gathers_sums(plan, gate, up):
+        gate, up = as_tensor(gate), as_tensor(up)
+        return matmul_unfinished([plan], gate, up)[0] if unfinished else matmul_many([plan], gate, up)[0]
+    gate_sums, up_sums = gate.take_sums().sums, up.take_sums().sums
+    device, dtype = gate.device, gate.dtype
+    columns = gemv_route([plan], 1, dtype)[1]
+    function = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_gemv<{ACTIVATION_TAGS[dtype]}, 1, {columns}, true>", device)
+    out = torch.empty(*gate.shape[:-1], plan.out_features, dtype=dtype, device=device)
+    pending = register_launch(function, [plan], [out], (gate_sums, up_sums), 1, columns, None, False,
+                              _unfinished_workspace, unfinished, gate.span)
+    return out if pending is None else pending[0]
+
+
+def gathers_sums(plan: Exl2Plan, gate: torch.Tensor | Deferred, up: torch.Tensor | Deferred) -> bool:
+    """Whether matmul_gated's GEMV takes gate and up as their sums: both one row's, unfinished and unbiased, the only
+    products of their launch (their span is what the product's end re-zeroes); the product on the register kernel
+    (not streamed) and split along K (so ended by exl2_finish or a norm's launch, which re-zero them)."""
+    if not (GATED_SUMS and FINISH_KERNEL and isinstance(gate, PendingSums) and isinstance(up, PendingSums)):
+        return False
+    if not (gate.unfinished() and up.unfinished() and gate.siblings == [gate, up] and gate.plan.bias is None
+            and up.plan.bias is None and math.prod(gate.shape[:-1]) == 1):
+        return False
+    device, dtype = gate.device, gate.dtype
+    if exl2_stream_ops.applies([plan], 1, dtype, device) or exl2_stream_ops.applies_rows([plan], 1, dtype, device):
+        return False
+    columns = gemv_route([plan], 1, dtype)[1]
+    return plan.splits(columns).numel() - 1 > 1
 
 
 def matmul(plan: Exl2Plan, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,14 @@ class UnfinishedSums:
 
     sums: torch.Tensor  # [n_pad] fp32
     bias: torch.Tensor | None  # [n_pad] fp32
+    #: fp32 sums the product's input was gathered from (gate/up's, for down_proj), re-zeroed by the launch that ends
+    #: this product (exl2_ops.matmul_gated)
+    extra: torch.Tensor | None = None
+
+
+def extra_operands(extra: torch.Tensor | None) -> tuple:
+    """The `extra, extra_count` operands of a kernel that ends a product (UnfinishedSums.extra): none is (null, 0)."""
+    return (None, 0) if extra is None else (extra, extra.numel())
 
 
 def add_rms_norm(
@@ -65,8 +73,9 @@ def add_rms_norm(
     else:
         name, operands = "finish_add_rms_norm", (residual, sums.sums, sums.bias, sums.sums.numel(), weight)
     function = kernel(SOURCE, INSTANCES, f"{name}<{_TAGS[weight.dtype]}>", residual.device)
-    launch(function, (rows, 1, 1), (threads, 1, 1), (*operands, new_residual, out, hidden, float(eps)), residual.device,
-           overlap=True)
+    extra = () if sums is None else extra_operands(sums.extra)
+    launch(function, (rows, 1, 1), (threads, 1, 1), (*operands, new_residual, out, hidden, float(eps), *extra),
+           residual.device, overlap=True)
     return new_residual, out
 
 
