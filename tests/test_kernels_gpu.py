@@ -570,7 +570,7 @@ def test_down_gathers_its_input_from_the_gate_up_sums(dtype, kind, ender, monkey
     hidden, inner = 1024, 2048
     gate_proj, up_proj = (Exl2Linear(on_gpu(random_exl2(hidden, inner, [4, 3], [0.5, 0.5], 32, seed=90 + i)[0]), hidden,
                                      inner, dtype=dtype) for i in range(2))
-    down_proj = Exl2Linear(on_gpu(random_exl2(inner, hidden, [4, 5], [0.6, 0.4], 32, seed=92, bias=True)[0]), inner,
+    down_proj = Exl2Linear(on_gpu(random_exl2(inner, hidden, [5, 4], [0.4, 0.6], 32, seed=92, bias=True)[0]), inner,
                            hidden, dtype=dtype)
     x = torch.randn(1, 1, hidden, generator=gen).to(CUDA, dtype)
     expected = project_gated(down_proj, *project_each((gate_proj, up_proj), x))
