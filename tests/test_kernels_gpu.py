@@ -490,6 +490,34 @@ def test_one_row_on_the_multi_row_kernel_is_left_unfinished_as_on_the_register_k
         assert not workspace.any()
 
 
+def tiny_decode(tmp_path, seed: int) -> tuple:
+    """A tiny EXL2 Llama (exl2_and_reference_dirs) on the GPU, a 9-token prompt and 12 tokens to decode one a step."""
+    _, exl2_dir, _ = exl2_and_reference_dirs(tmp_path)
+    gen = torch.Generator().manual_seed(seed)
+    ids, steps = torch.randint(0, 200, (1, 9), generator=gen), torch.randint(0, 200, (1, 12), generator=gen)
+    return load_model(exl2_dir, device="cuda", dtype="fp16"), ids, steps
+
+
+def decode_both_ways(model, ids: torch.Tensor, steps: torch.Tensor, monkeypatch, switch, record: list, check) -> None:
+    """One-token decode steps (`steps`, after a prefill of `ids`) give the same logits with a setting on, eager and
+    with CUDA graphs, as off, eager (up to the atomics' order: 2e-3): `switch(on)` sets it; `record` (a test's
+    recorder of launches) is emptied after each prefill and `check(on, graphs)` runs after each pass's steps."""
+    results = {}
+    for on, graphs in [(False, "0"), (True, "0"), (True, "1")]:
+        switch(on)
+        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
+        model.decode_graphs.clear()
+        cache = model.new_cache(32)
+        model(ids, cache)
+        record.clear()
+        out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
+        results[on, graphs] = torch.cat(out, dim=1).float()
+        check(on, graphs)
+    assert torch.isfinite(results[False, "0"]).all()
+    assert rel(results[True, "0"], results[False, "0"]) < 2e-3
+    assert rel(results[True, "1"], results[False, "0"]) < 2e-3
+
+
 @pytest.mark.parametrize("dtype, kind", [(torch.float16, "stream"), (torch.float16, "wide"), (torch.float16, "narrow"),
                                          (torch.bfloat16, "narrow")])
 @pytest.mark.parametrize("bias", [False, True])  # Qwen2's q/k/v have biases
@@ -530,31 +558,21 @@ def test_decode_with_rope_ending_the_qkv_sums_equals_exl2_finish(tmp_path, monke
     """A tiny EXL2 Llama decoding one token a step (graphs and eager) gives the same logits with RoPE ending q/k/v's
     sums as with exl2_finish before it (EXLQ_ROPE_FINISH=0), and on sm_90 (the streamed GEMV leaves every q/k/v as
     sums) ends them so in every layer of every eager step."""
-    _, exl2_dir, _ = exl2_and_reference_dirs(tmp_path)
-    model = load_model(exl2_dir, device="cuda", dtype="fp16")
-    gen = torch.Generator().manual_seed(6)
-    ids, steps = torch.randint(0, 200, (1, 9), generator=gen), torch.randint(0, 200, (1, 12), generator=gen)
+    model, ids, steps = tiny_decode(tmp_path, seed=6)
     names = []
     original = fused_ops.kernel
     monkeypatch.setattr(fused_ops, "kernel", lambda source, instances, name, device: (
         names.append(name), original(source, instances, name, device))[1])
-    results = {}
-    for ends, graphs in [(False, "0"), (True, "0"), (True, "1")]:
-        monkeypatch.setattr(fused_ops, "ROPE_FINISH", ends)
-        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
-        model.decode_graphs.clear()
-        cache = model.new_cache(32)
-        model(ids, cache)
-        names.clear()
-        out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
-        results[ends, graphs] = torch.cat(out, dim=1).float()
+
+    def check(ends: bool, graphs: str) -> None:
         ended = names.count("finish_rope_store<fp16_t>")
         if not ends:
             assert ended == 0
         elif graphs == "0" and hopper_or_newer(CUDA):
             assert ended == steps.shape[1] * len(model.model.layers)
-    assert rel(results[True, "0"], results[False, "0"]) < 2e-3
-    assert rel(results[True, "1"], results[False, "0"]) < 2e-3
+
+    decode_both_ways(model, ids, steps, monkeypatch, lambda on: monkeypatch.setattr(fused_ops, "ROPE_FINISH", on),
+                     names, check)
 
 
 @pytest.mark.parametrize("dtype, kind", [(torch.float16, "wide"), (torch.float16, "narrow"), (torch.bfloat16, "wide")])
@@ -619,54 +637,36 @@ def test_decode_with_down_on_the_gate_up_sums_equals_exl2_finish(monkeypatch):
     store = SyntheticStore(raw, 4.0, CUDA, group_size=128)
     model = model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float16, device=CUDA).eval()
     gen = torch.Generator().manual_seed(7)
-    ids, steps = torch.randint(0, 1000, (1, 9), generator=gen), torch.randint(0, 1000, (1, 10), generator=gen)
+    ids, steps = (torch.randint(0, 1000, (1, n), generator=gen).to(CUDA) for n in (9, 10))
     taken = []
     original = exl2_ops.gathers_sums
     monkeypatch.setattr(exl2_ops, "gathers_sums", lambda *args: (taken.append(original(*args)), taken[-1])[1])
-    results = {}
-    for gated, graphs in [(False, "0"), (True, "0"), (True, "1")]:
-        monkeypatch.setattr(exl2_ops, "GATED_SUMS", gated)
-        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
-        model.decode_graphs.clear()
-        cache = model.new_cache(32)
-        model(ids.to(CUDA), cache)
-        taken.clear()
-        out = [model(steps[:, i : i + 1].to(CUDA), cache, max_output_len=None) for i in range(steps.shape[1])]
-        results[gated, graphs] = torch.cat(out, dim=1).float()
+
+    def check(gated: bool, graphs: str) -> None:
         if graphs == "0":
             assert taken == [gated] * (steps.shape[1] * 2)
         for workspace_store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
             assert not workspace_of(workspace_store)[0].any()
-    assert torch.isfinite(results[False, "0"]).all()
-    assert rel(results[True, "0"], results[False, "0"]) < 2e-3
-    assert rel(results[True, "1"], results[False, "0"]) < 2e-3
+
+    decode_both_ways(model, ids, steps, monkeypatch, lambda on: monkeypatch.setattr(exl2_ops, "GATED_SUMS", on),
+                     taken, check)
 
 
 def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatch):
     """A tiny EXL2 Llama decoding one token a step (graphs and eager) gives the same logits with its norms folded into
     the q/k/v and gate/up GEMVs as with the norm kernel before them, and folds every in-layer norm of those steps."""
-    _, exl2_dir, _ = exl2_and_reference_dirs(tmp_path)
-    model = load_model(exl2_dir, device="cuda", dtype="fp16")
-    gen = torch.Generator().manual_seed(5)
-    ids, steps = torch.randint(0, 200, (1, 9), generator=gen), torch.randint(0, 200, (1, 12), generator=gen)
+    model, ids, steps = tiny_decode(tmp_path, seed=5)
     folds = []
     original = exl2_ops.norm_fold
     monkeypatch.setattr(exl2_ops, "norm_fold", lambda p: (folds.append(p.fold is None), original(p))[1])
-    results = {}
-    for fold, graphs in [(False, "0"), (True, "0"), (True, "1")]:
-        monkeypatch.setattr(fused_ops, "NORM_FOLD", fold)
-        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
-        model.decode_graphs.clear()
-        cache = model.new_cache(32)
-        model(ids, cache)
-        folds.clear()
-        out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
-        results[fold, graphs] = torch.cat(out, dim=1).float()
+
+    def check(fold: bool, graphs: str) -> None:
         if fold and graphs == "0":  # eager: every step launches; 2 layers, q/k/v and gate/up, the first norm not folded
             # (only the streamed GEMV folds: below sm_90 none is)
             assert sum(folds) == (steps.shape[1] * (2 * 2 - 1) if hopper_or_newer(CUDA) else 0)
-    assert rel(results[True, "0"], results[False, "0"]) < 2e-3
-    assert rel(results[True, "1"], results[False, "0"]) < 2e-3
+
+    decode_both_ways(model, ids, steps, monkeypatch, lambda on: monkeypatch.setattr(fused_ops, "NORM_FOLD", on), folds,
+                     check)
 
 
 @pytest.mark.parametrize("bits", [[8], [4], [2], [8, 6, 4, 2]])
