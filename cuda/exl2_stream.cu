@@ -293,19 +293,23 @@ __device__ __forceinline__ void early_entries(const StreamGroup& group, int K, i
 }
 
 // Row r's activation into xh, at (r & ~31) + its pair slot, prescaled (`entry`: its gather table entry); with a fold
-// (fold.residual not null), the folded norm's (inv: fold_inv_rms).
-template <typename T>
+// (fold.residual not null), the folded norm's (inv: fold_inv_rms); SUMS: x and up are gate/up's unfinished fp32 sums
+// (gated_sums_value).
+template <typename T, bool SUMS>
 __device__ __forceinline__ void gather_row(const u16* __restrict__ x, const u16* __restrict__ up, int r, u32 entry,
                                            u16* xh, const NormFold& fold, float inv) {
     const int channel = entry & 0x1ffffu;
-    const float v = fold.residual != nullptr ? folded_activation<T>(fold, channel, inv) : activation<T>(x, up, channel);
+    const float v = SUMS ? gated_sums_value<T>(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(up),
+                                               channel)
+                  : fold.residual != nullptr ? folded_activation<T>(fold, channel, inv)
+                                             : activation<T>(x, up, channel);
     xh[(r & ~31) + ((entry >> 17) & 31)] = Act<fp16_t>::store(v * pair_prescale((int)(entry >> 22)));
 }
 
 // xh for the stored rows the block's units [u0, u1) (all of one matrix) cover; with `use_early`, the thread's first
 // rows take the entries early_entries read. With a fold, its inv is reduced at the block's first gather (inv < 0
 // until then: every consumer takes this call together, so its barrier is safe).
-template <typename T, int CONSUMERS>
+template <typename T, int CONSUMERS, bool SUMS>
 __device__ __forceinline__ void gather_block(const StreamGroup& group, int K, const u16* __restrict__ x,
                                              const u16* __restrict__ up, int u0, int u1, u16* xh,
                                              const u32 (&early)[STREAM_EARLY_ROWS], bool use_early,
@@ -324,12 +328,12 @@ __device__ __forceinline__ void gather_block(const StreamGroup& group, int K, co
     for (int e = 0; e < STREAM_EARLY_ROWS; e++, i += CONSUMERS) {
         if (i < count) {
             const int r = rows.at(i);
-            gather_row<T>(x, up, r, use_early ? early[e] : __ldg(gather + r), xh, fold, inv);
+            gather_row<T, SUMS>(x, up, r, use_early ? early[e] : __ldg(gather + r), xh, fold, inv);
         }
     }
     for (; i < count; i += CONSUMERS) {
         const int r = rows.at(i);
-        gather_row<T>(x, up, r, __ldg(gather + r), xh, fold, inv);
+        gather_row<T, SUMS>(x, up, r, __ldg(gather + r), xh, fold, inv);
     }
 }
 
@@ -385,9 +389,11 @@ __device__ __forceinline__ void add_sums(const StreamMatrix& mat, int strip, int
 }
 
 // y = x @ W (one activation row, fp16) for the group's matrices, through the fp32 workspaces (exl2_finish writes y);
-// with a fold (NormFold, residual not null; x then unused), the input is that norm's output.
+// with a fold (NormFold, residual not null; x then unused), the input is that norm's output; SUMS (one matrix, no
+// fold): x and up are the addresses of gate/up's unfinished fp32 sums, down_proj's input gathered from them as the
+// register kernel's SUMS instances do (exl2_ops.matmul_gated).
 // Block: C == 2: 128 consumer threads of 2 adjacent columns, C == 1: 256 of one; then the producer warp.
-template <typename T, int C>
+template <typename T, int C, bool SUMS = false>
 __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16* __restrict__ x,
                                                                      const u16* __restrict__ up, int K,
                                                                      const StreamGroup group, int stage_count,
@@ -422,8 +428,8 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
             if (matrix >= 0) add_sums<C>(group.m[matrix], strip, n, acc);
             if (t.matrix != matrix) {  // this matrix's activations, for the rows of its units in this block
                 consumers_sync<CONSUMERS>();  // nobody still reads the previous matrix's
-                gather_block<T, CONSUMERS>(group, K, x, up, u, min(u1, matrix_end(group, t.matrix)), xh, early,
-                                           matrix < 0, fold, inv);
+                gather_block<T, CONSUMERS, SUMS>(group, K, x, up, u, min(u1, matrix_end(group, t.matrix)), xh,
+                                                 early, matrix < 0, fold, inv);
                 consumers_sync<CONSUMERS>();
             }
             matrix = t.matrix;

@@ -575,15 +575,18 @@ def test_decode_with_rope_ending_the_qkv_sums_equals_exl2_finish(tmp_path, monke
                      names, check)
 
 
-@pytest.mark.parametrize("dtype, kind", [(torch.float16, "wide"), (torch.float16, "narrow"), (torch.bfloat16, "wide")])
+@pytest.mark.parametrize("dtype, kind", [(torch.float16, "wide"), (torch.float16, "narrow"), (torch.bfloat16, "wide"),
+                                         (torch.float16, "stream")])
 @pytest.mark.parametrize("ender", ["none", "finish", "norm", "fold"])
 def test_down_gathers_its_input_from_the_gate_up_sums(dtype, kind, ender, monkeypatch):
-    """One row's gate/up left as their group GEMV's sums (project_each, deferred) go to down_proj's register GEMV as
-    they are (exl2_gemv's SUMS): no exl2_finish for them, and the same product as from the finished gate and up (two
-    runs of split products: an ulp apart at most, rarely). Whatever ends down_proj's product re-zeroes gate/up's sums
-    too: exl2_finish (`none`: a finished product; `finish`: an unfinished one read later), finish_add_rms_norm
-    (`norm`) or exl2_finish_norm (`fold`), leaving every workspace clean."""
+    """One row's gate/up left as their group GEMV's sums (project_each, deferred) go to down_proj's register GEMV (or,
+    with EXLQ_GATED_SUMS_STREAM, the streamed one) as they are (the SUMS instances): no exl2_finish for them, and the
+    same product as from the finished gate and up (two runs of split products: an ulp apart at most, rarely).
+    Whatever ends down_proj's product re-zeroes gate/up's sums too: exl2_finish (`none`: a finished product;
+    `finish`: an unfinished one read later), finish_add_rms_norm (`norm`) or exl2_finish_norm (`fold`), leaving
+    every workspace clean."""
     use_gemv(kind, monkeypatch)
+    monkeypatch.setattr(exl2_ops, "GATED_SUMS_STREAM", True)
     gen = torch.Generator().manual_seed(11)
     hidden, inner = 1024, 2048
     gate_proj, up_proj = (Exl2Linear(on_gpu(random_exl2(hidden, inner, [4, 3], [0.5, 0.5], 32, seed=90 + i)[0]), hidden,
@@ -623,15 +626,18 @@ def test_down_gathers_its_input_from_the_gate_up_sums(dtype, kind, ender, monkey
         assert not workspace.any() and not counters.any()
 
 
-def test_decode_with_down_on_the_gate_up_sums_equals_exl2_finish(monkeypatch):
-    """A synthetic 2-layer smollm2-shaped model on the register GEMVs decoding one token a step (graphs and eager)
-    gives the same logits with down_proj gathering from gate/up's sums as with exl2_finish before it
-    (EXLQ_GATED_SUMS=0), and takes the sums in every layer of every eager step."""
+@pytest.mark.parametrize("kind", ["wide", "stream"])
+def test_decode_with_down_on_the_gate_up_sums_equals_exl2_finish(kind, monkeypatch):
+    """A synthetic 2-layer smollm2-shaped model on the register GEMVs (or the streamed ones, with
+    EXLQ_GATED_SUMS_STREAM) decoding one token a step (graphs and eager) gives the same logits with down_proj gathering
+    from gate/up's sums as with exl2_finish before it (EXLQ_GATED_SUMS=0), and takes the sums in every layer of every
+    eager step."""
     from exlq.quant.synthetic import SyntheticStore, synthetic_config
     from exlq.runtime.architectures.registry import model_class_for
     from exlq.runtime.config import config_from_dict
 
-    use_gemv("wide", monkeypatch)  # the sums gather is the register kernel's
+    use_gemv(kind, monkeypatch)
+    monkeypatch.setattr(exl2_ops, "GATED_SUMS_STREAM", True)
     raw = dict(synthetic_config("smollm2-135m"), num_hidden_layers=2)
     model_class = model_class_for(raw)
     store = SyntheticStore(raw, 4.0, CUDA, group_size=128)

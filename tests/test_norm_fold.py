@@ -353,3 +353,27 @@ def test_rope_store_ends_qkv_sums_in_its_own_launch(case, monkeypatch):
     else:
         assert function == "rope_store<fp16_t>" and args[-5] == tokens
         assert finishes == ([3] if case == "switched off" else [2] if case == "one taken" else [])
+
+
+@pytest.mark.parametrize("case, takes", [
+    ("register", True), ("switched off", False), ("biased", False), ("three products", False), ("one taken", False),
+    ("one split", False), ("streamed", False), ("streamed, switched on", True), ("multi-row kernel", False)])
+def test_down_takes_gate_up_sums_only_where_its_launch_ends_them(case, takes, monkeypatch):
+    """exl2_ops.gathers_sums: down_proj's GEMV gathers from gate/up's sums where both are one unbiased launch's only
+    products, still unfinished, and down_proj's product is left as sums whose end re-zeroes them: split along K on
+    the register kernel, or on the streamed kernel with EXLQ_GATED_SUMS_STREAM; not on the multi-row one."""
+    from types import SimpleNamespace
+
+    widths = (64, 64, 32) if case == "three products" else (64, 64)
+    gate, up, *_ = qkv_products(widths)
+    gate.plan.bias = torch.randn(64) if case == "biased" else None
+    if case == "one taken":
+        up.take_sums()
+    splits = 1 if case == "one split" else 4
+    plan = SimpleNamespace(n_pad=32, gather=None, splits=lambda columns: torch.zeros(splits + 1))
+    monkeypatch.setattr(exl2_ops, "GATED_SUMS", case != "switched off")
+    monkeypatch.setattr(exl2_ops, "GATED_SUMS_STREAM", case == "streamed, switched on")
+    monkeypatch.setattr(exl2_stream_ops, "applies", lambda *args: case.startswith("streamed"))
+    monkeypatch.setattr(exl2_stream_ops, "applies_rows", lambda *args: case == "multi-row kernel")
+    assert exl2_ops.gathers_sums(plan, gate, up) is takes
+    assert not exl2_ops.gathers_sums(plan, gate.out, up.out), "finished tensors are read as they are"

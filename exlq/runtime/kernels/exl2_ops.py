@@ -99,6 +99,9 @@ GROUP_WAVE = os.environ.get("EXLQ_GROUP_WAVE", "1") != "0"
 #: A one-row down_proj on the register kernel gathers silu(gate)·up from the gate/up launch's unfinished sums
 #: (matmul_gated), so that launch needs no exl2_finish. EXLQ_GATED_SUMS=0: exl2_finish first, as before.
 GATED_SUMS = os.environ.get("EXLQ_GATED_SUMS", "1") != "0"
+#: The same where down_proj is on the one-row streamed kernel (the small models; exl2_stream<fp16_t, C, true>):
+#: prepared in session 43, not yet timed, so off unless EXLQ_GATED_SUMS_STREAM=1.
+GATED_SUMS_STREAM = os.environ.get("EXLQ_GATED_SUMS_STREAM", "0") == "1"
 MMA_ROWS = tuple(range(16, 3, -1))  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
 
@@ -496,16 +499,20 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
 
 def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
                   up: torch.Tensor | None = None, fold: exl2_stream_ops.NormFold = exl2_stream_ops.NO_FOLD,
-                  unfinished: bool = False, tensor_cores: bool = False) -> list[PendingSums] | None:
+                  unfinished: bool = False, tensor_cores: bool = False,
+                  extra: torch.Tensor | None = None) -> list[PendingSums] | None:
     """gemv through a streamed kernel: one fp16 row (exl2_stream_ops.applies), or, `tensor_cores`,
     exl2_stream_ops.ROWS rows through the multi-row kernel (applies_rows; no `fold` there); its sums, then
     exl2_finish (or, `unfinished`: one row, PendingSums); with a `fold` set, that norm formed in the
     gather (x unused).
-    `up`: silu_mul first, except for the one-row kernel's single matrix, which forms it as it gathers."""
+    `up`: silu_mul first, except for the one-row kernel's single matrix, which forms it as it gathers. `extra`: x and
+    up are gate/up's unfinished sums (fp32 [1, K]; matmul_gated), and extra their span, which whatever ends this
+    product re-zeroes; its own sums then go apart (the unfinished products' workspace) whether left unfinished or not."""
     rows = x.shape[0]
     if up is not None and (len(plans) > 1 or tensor_cores):
         x, up = silu_mul(x, up), None
-    workspace, _ = sums_store(unfinished, plans).get(x.device, rows * sum(plan.n_pad for plan in plans), 0)
+    store = _unfinished_workspace if extra is not None else sums_store(unfinished, plans)
+    workspace, _ = store.get(x.device, rows * sum(plan.n_pad for plan in plans), 0)
     group = GemvGroup(count=len(plans))
     sums, at = [], workspace.data_ptr()
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
@@ -518,10 +525,10 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
     if tensor_cores:
         exl2_stream_ops.launch_stream_rows(plans, x, sums)
     else:
-        exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold)
+        exl2_stream_ops.launch_stream(plans, None if fold.residual else x, up, sums, fold, gathered=extra is not None)
     if unfinished:
-        return pending_products(group, plans, outs, workspace)
-    finish_sums(group, plans, rows, outs[0].dtype, outs[0].device)
+        return pending_products(group, plans, outs, workspace, extra)
+    finish_sums(group, plans, rows, outs[0].dtype, outs[0].device, extra)
     return None
 
 
@@ -604,25 +611,33 @@ def matmul_gated(plan: Exl2Plan, gate: torch.Tensor | Deferred, up: torch.Tensor
         return matmul_unfinished([plan], gate, up)[0] if unfinished else matmul_many([plan], gate, up)[0]
     gate_sums, up_sums = gate.take_sums().sums, up.take_sums().sums
     device, dtype = gate.device, gate.dtype
-    columns = gemv_route([plan], 1, dtype)[1]
-    function = kernel(SOURCE, INSTANCE_SETS[dtype], f"exl2_gemv<{ACTIVATION_TAGS[dtype]}, 1, {columns}, true>", device)
     out = torch.empty(*gate.shape[:-1], plan.out_features, dtype=dtype, device=device)
-    pending = register_launch(function, [plan], [out], (gate_sums, up_sums), 1, columns, None, False,
-                              _unfinished_workspace, unfinished, gate.span)
+    if exl2_stream_ops.applies([plan], 1, dtype, device):
+        pending = streamed_gemv([plan], gate_sums.view(1, -1), [out], up_sums.view(1, -1), unfinished=unfinished,
+                                extra=gate.span)
+    else:
+        columns = gemv_route([plan], 1, dtype)[1]
+        name = f"exl2_gemv<{ACTIVATION_TAGS[dtype]}, 1, {columns}, true>"
+        pending = register_launch(kernel(SOURCE, INSTANCE_SETS[dtype], name, device), [plan], [out],
+                                  (gate_sums, up_sums), 1, columns, None, False, _unfinished_workspace, unfinished,
+                                  gate.span)
     return out if pending is None else pending[0]
 
 
 def gathers_sums(plan: Exl2Plan, gate: torch.Tensor | Deferred, up: torch.Tensor | Deferred) -> bool:
     """Whether matmul_gated's GEMV takes gate and up as their sums: both one row's, unfinished and unbiased, the only
     products of their launch (their span is what the product's end re-zeroes); the product on the register kernel
-    (not streamed) and split along K (so ended by exl2_finish or a norm's launch, which re-zero them)."""
+    split along K (so ended by exl2_finish or a norm's launch, which re-zero them), or, with GATED_SUMS_STREAM, on the
+    one-row streamed kernel (always left as sums)."""
     if not (GATED_SUMS and FINISH_KERNEL and isinstance(gate, PendingSums) and isinstance(up, PendingSums)):
         return False
     if not (gate.unfinished() and up.unfinished() and gate.siblings == [gate, up] and gate.plan.bias is None
             and up.plan.bias is None and math.prod(gate.shape[:-1]) == 1):
         return False
     device, dtype = gate.device, gate.dtype
-    if exl2_stream_ops.applies([plan], 1, dtype, device) or exl2_stream_ops.applies_rows([plan], 1, dtype, device):
+    if exl2_stream_ops.applies([plan], 1, dtype, device):
+        return GATED_SUMS_STREAM
+    if exl2_stream_ops.applies_rows([plan], 1, dtype, device):
         return False
     columns = gemv_route([plan], 1, dtype)[1]
     return plan.splits(columns).numel() - 1 > 1

@@ -32,6 +32,7 @@ COLUMN_CHOICES = (1, 2)  # columns a consumer thread takes: the one-row kernel's
 #: Activation rows of the multi-row kernel's instances (exl2_stream_rows<M>: tensor cores, 8 consumer warps)
 ROW_COUNTS = tuple(range(1, 17))
 INSTANCES = (tuple(f"exl2_stream<fp16_t, {c}>" for c in COLUMN_CHOICES)
+             + tuple(f"exl2_stream<fp16_t, {c}, true>" for c in COLUMN_CHOICES)  # on gate/up's sums (matmul_gated)
              + tuple(f"exl2_stream_rows<{m}>" for m in ROW_COUNTS))
 STREAM_COLUMNS = 256  # STREAM_COLUMNS in the .cu: columns of a strip
 STREAM_WORD_ROWS = 16  # STREAM_WORD_ROWS in the .cu: most word rows of a unit
@@ -310,15 +311,16 @@ def launch_stream_rows(plans: Sequence, x: torch.Tensor, sums: Sequence[int]) ->
 
 
 def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | None, sums: Sequence[int],
-                  fold: NormFold) -> None:
+                  fold: NormFold, gathered: bool = False) -> None:
     """Add x[1, K] @ W_i (for ≤ MAX_GROUP matrices, with `up`: silu_mul(x, up) @ W, one matrix) into the fp32 sums at
     device addresses `sums[i]` ([n_pad_i], zero before); exl2_finish ends them. `fold`: where set, the input is that
-    norm's output, formed in the gather (x unused)."""
+    norm's output, formed in the gather (x unused). `gathered` (one matrix, with `up`, no fold): x and up are gate/up's
+    unfinished fp32 sums (the SUMS instances)."""
     device = plans[0].q_weight.device
     group = stream_group(plans, sums, [plan.stream_gather for plan in plans])
     stages = stages_for(plans[0].in_features, block_shared_limit(device_index(device)))
     columns = THREAD_COLUMNS if THREAD_COLUMNS in COLUMN_CHOICES else 2
-    function = kernel(SOURCE, INSTANCES, f"exl2_stream<fp16_t, {columns}>", device)
+    function = kernel(SOURCE, INSTANCES, f"exl2_stream<fp16_t, {columns}" + (", true>" if gathered else ">"), device)
     shared = shared_bytes(plans[0].in_features, stages)
     allow_shared(function, shared)
     threads = STREAM_COLUMNS // columns + 32
