@@ -23,9 +23,10 @@ gather, chunk walk, split-K epilogue) is shared by twice the weights. On Hopper,
 its multi-row instances where their block fits (`exl2_stream_ops.applies_rows`).
 
 At decode, a one-row product the residual stream adds next (o_proj's, down_proj's) may come back unfinished
-(`PendingSums`, through `matmul_unfinished`; q/k/v's too, for RoPE to end), and a pending norm (`fused_ops.PendingNorm`) is handed to the GEMV as
+(`PendingSums`, through `matmul_unfinished`), and a pending norm (`fused_ops.PendingNorm`) is handed to the GEMV as
 is: the next norm's launch ends the product (`norm_fold`: exl2_finish_norm before a streamed GEMV, which folds the
-norm into its gather; else fused_ops.add_rms_norm), so no launch is spent on that product's end alone.
+norm into its gather; else fused_ops.add_rms_norm), so no launch is spent on that product's end alone. So do q/k/v's
+(RoPE ends them: fused_ops.rope_store) and gate/up's (down_proj's GEMV gathers from them: matmul_gated).
 """
 
 from __future__ import annotations
@@ -439,8 +440,8 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     inputs = (x,) if tensor_cores or len(plans) > 1 else (x, up)
-    return register_launch(function, plans, outs, inputs, rows, columns, longer, tensor_cores, sums_store(unfinished, plans),
-                           unfinished)
+    return register_launch(function, plans, outs, inputs, rows, columns, longer, tensor_cores,
+                           sums_store(unfinished, plans), unfinished)
 
 
 def sums_store(unfinished: bool, plans: Sequence[Exl2Plan]) -> Workspace:
@@ -494,7 +495,6 @@ def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: t
     width = -(-rows * max(plan.n_pad for plan in plans) // FINISH_THREADS)
     launch(finisher, (width, len(plans), 1), (FINISH_THREADS, 1, 1), (group, rows, *extra_operands(extra)), device,
            overlap=True)
-
 
 
 def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[torch.Tensor],
