@@ -66,6 +66,13 @@ __device__ __forceinline__ float half2_sum(u32 a) {
     return Act<fp16_t>::load((u16)(a & 0xffffu)) + Act<fp16_t>::load((u16)(a >> 16));
 }
 
+// A split product's output from its fp32 sum (the split-K blocks' atomics) and its bias (null: none), rounded to T
+// as exl2_finish writes it; every launch that ends such sums, or reads them unfinished, rounds them so.
+template <typename T>
+__device__ __forceinline__ u16 ended_sum(float sum, const float* __restrict__ bias, int column) {
+    return Act<T>::store(sum + (bias != nullptr ? bias[column] : 0.0f));
+}
+
 // floats [0, count) set to zero by every thread of the grid's x dimension in turn (nothing when `floats` is null):
 // the sums a finished product's input came from, re-zeroed by the launch that ends that product.
 __device__ __forceinline__ void zero_floats(float* __restrict__ floats, int count) {

@@ -233,8 +233,8 @@ __device__ __forceinline__ float activation(const u16* __restrict__ x, const u16
 }
 
 // activation(gate, up, i) of a gate/up product's unfinished sums (no bias: the launch that takes them has none), each
-// rounded as exl2_finish would write it, T(sums + 0) (so a -0 sum gives exl2_finish's +0).
+// rounded as exl2_finish would write it (ended_sum).
 template <typename T>
 __device__ __forceinline__ float gated_sums_value(const float* __restrict__ gate, const float* __restrict__ up, size_t i) {
-    return silu_mul_value<T>(Act<T>::store(__ldcg(gate + i) + 0.0f), Act<T>::store(__ldcg(up + i) + 0.0f));
+    return silu_mul_value<T>(ended_sum<T>(__ldcg(gate + i), nullptr, 0), ended_sum<T>(__ldcg(up + i), nullptr, 0));
 }

@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup gr
     float* slot = mat.workspace + i;
     const float v = __ldcg(slot);
     *slot = 0.0f;
-    if (n < mat.N) mat.y[(size_t)m * mat.N + n] = Act<T>::store(v + (mat.bias != nullptr ? mat.bias[n] : 0.0f));
+    if (n < mat.N) mat.y[(size_t)m * mat.N + n] = ended_sum<T>(v, mat.bias, n);
 }
 
 // The end of a one-row product that a residual stream adds and a folded norm reads next (o_proj's, down_proj's):
@@ -414,7 +414,7 @@ __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish_norm(const GemvMat
         if (delta != nullptr) d = Act<T>::load(delta[i]);
         else {
             float* slot = mat.workspace + i;
-            d = Act<T>::load(Act<T>::store(__ldcg(slot) + (mat.bias != nullptr ? mat.bias[i] : 0.0f)));
+            d = Act<T>::load(ended_sum<T>(__ldcg(slot), mat.bias, i));
             *slot = 0.0f;
         }
         v = residual[i] + d;

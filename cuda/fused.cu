@@ -39,7 +39,7 @@ __device__ __forceinline__ void norm_row(const float* __restrict__ residual, con
         w[j] = 0;
         if (i < hidden) {
             v[j] = residual[base + i];
-            if (SUMS) v[j] += Act<T>::load(Act<T>::store(__ldcg(sums + i) + (bias != nullptr ? bias[i] : 0.0f)));
+            if (SUMS) v[j] += Act<T>::load(ended_sum<T>(__ldcg(sums + i), bias, i));
             else if (delta != nullptr) v[j] += Act<T>::load(delta[base + i]);
             w[j] = weight[i];
         }
@@ -103,9 +103,8 @@ __global__ void silu_mul(const u16* __restrict__ gate, const u16* __restrict__ u
 }
 
 // Where rope_store reads q, k and v: the GEMV's finished outputs (T values), or (Sums) the fp32 sums a one-row q/k/v
-// GEMV left unfinished, ended here as exl2_finish ends them, T(sums + bias), and re-zeroed: each value is read by one
+// GEMV left unfinished, ended here as exl2_finish ends them (ended_sum) and re-zeroed: each value is read by one
 // thread, so the product's end costs no launch of its own.
-template <typename T>
 struct Outputs {
     const u16* __restrict__ x;
     __device__ __forceinline__ u16 take(size_t i, int) const { return x[i]; }
@@ -117,7 +116,7 @@ struct Sums {
     __device__ __forceinline__ u16 take(size_t i, int column) const {
         const float s = __ldcg(sums + i);
         sums[i] = 0.0f;
-        return Act<T>::store(s + (bias != nullptr ? bias[column] : 0.0f));
+        return ended_sum<T>(s, bias, column);
     }
 };
 
@@ -167,7 +166,7 @@ __global__ void rope_store(const u16* __restrict__ q_in, const u16* __restrict__
                            const u16* __restrict__ cos, const u16* __restrict__ sin, u16* __restrict__ q_out,
                            u16* __restrict__ k_cache, u16* __restrict__ v_cache, const long long* __restrict__ position,
                            int position_value, int tokens, int q_heads, int kv_heads, int dim, int cache_len) {
-    rope_rows<T>(Outputs<T>{q_in}, Outputs<T>{k_in}, Outputs<T>{v_in}, cos, sin, q_out, k_cache, v_cache, position,
+    rope_rows<T>(Outputs{q_in}, Outputs{k_in}, Outputs{v_in}, cos, sin, q_out, k_cache, v_cache, position,
                  position_value, tokens, q_heads, kv_heads, dim, cache_len);
 }
 

@@ -440,26 +440,27 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     inputs = (x,) if tensor_cores or len(plans) > 1 else (x, up)
-    return register_launch(function, plans, outs, inputs, rows, columns, longer, tensor_cores,
-                           sums_store(unfinished, plans), unfinished)
+    return register_launch(function, plans, outs, inputs, rows, columns, longer, tensor_cores, unfinished)
 
 
-def sums_store(unfinished: bool, plans: Sequence[Exl2Plan]) -> Workspace:
+def sums_store(unfinished: bool, plans: Sequence[Exl2Plan], extra: torch.Tensor | None = None) -> Workspace:
     """Where a launch's split sums go: a single product left unfinished (o_proj's, down_proj's, for the next norm to
-    end) apart from every other launch's, so no launch before that norm can add into them; the rest in the common
-    workspace (products of a group left unfinished, q/k/v's or gate/up's, are read by the very next launch)."""
-    return _unfinished_workspace if unfinished and len(plans) == 1 else _workspace
+    end), or one whose input is gate/up's sums (`extra`: those lie in the common workspace until it ends), apart from
+    every other launch's, so no launch before its end can add into them; the rest in the common workspace (products
+    of a group left unfinished, q/k/v's or gate/up's, are read by the very next launch)."""
+    return _unfinished_workspace if extra is not None or (unfinished and len(plans) == 1) else _workspace
 
 
 def register_launch(function: int, plans: Sequence[Exl2Plan], outs: Sequence[torch.Tensor], inputs: tuple, rows: int,
-                    columns: int, longer: int | None, tensor_cores: bool, store: Workspace, unfinished: bool,
+                    columns: int, longer: int | None, tensor_cores: bool, unfinished: bool,
                     extra: torch.Tensor | None = None) -> list[PendingSums] | None:
     """The launch of a register (or exl2_mma.cu) GEMV kernel `function` over `plans` with its activation operands
-    `inputs` ((x,), or (x, up) for one matrix), K splits `longer` (None: the plans' own), its sums in `store`; then
+    `inputs` ((x,), or (x, up) for one matrix), K splits `longer` (None: the plans' own), its sums in sums_store's; then
     exl2_finish (with `extra`, exl2_finish's) or, `unfinished`, the PendingSums of products all split along K."""
     device = outs[0].device
     finish = FINISH_KERNEL  # exl2_finish writes the outputs of split products
-    workspace, counters = store.get(device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
+    workspace, counters = sums_store(unfinished, plans, extra).get(
+        device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
     blocks = floats = tiles = 0
     split_k, every_split = False, True  # products split along K: their outputs are exl2_finish's (with `finish`)
@@ -507,12 +508,11 @@ def streamed_gemv(plans: Sequence[Exl2Plan], x: torch.Tensor, outs: Sequence[tor
     gather (x unused).
     `up`: silu_mul first, except for the one-row kernel's single matrix, which forms it as it gathers. `extra`: x and
     up are gate/up's unfinished sums (fp32 [1, K]; matmul_gated), and extra their span, which whatever ends this
-    product re-zeroes; its own sums then go apart (the unfinished products' workspace) whether left unfinished or not."""
+    product re-zeroes (sums_store keeps its own sums apart from them)."""
     rows = x.shape[0]
     if up is not None and (len(plans) > 1 or tensor_cores):
         x, up = silu_mul(x, up), None
-    store = _unfinished_workspace if extra is not None else sums_store(unfinished, plans)
-    workspace, _ = store.get(x.device, rows * sum(plan.n_pad for plan in plans), 0)
+    workspace, _ = sums_store(unfinished, plans, extra).get(x.device, rows * sum(plan.n_pad for plan in plans), 0)
     group = GemvGroup(count=len(plans))
     sums, at = [], workspace.data_ptr()
     for i, (plan, out) in enumerate(zip(plans, outs, strict=True)):
@@ -619,8 +619,7 @@ def matmul_gated(plan: Exl2Plan, gate: torch.Tensor | Deferred, up: torch.Tensor
         columns = gemv_route([plan], 1, dtype)[1]
         name = f"exl2_gemv<{ACTIVATION_TAGS[dtype]}, 1, {columns}, true>"
         pending = register_launch(kernel(SOURCE, INSTANCE_SETS[dtype], name, device), [plan], [out],
-                                  (gate_sums, up_sums), 1, columns, None, False, _unfinished_workspace, unfinished,
-                                  gate.span)
+                                  (gate_sums, up_sums), 1, columns, None, False, unfinished, gate.span)
     return out if pending is None else pending[0]
 
 
