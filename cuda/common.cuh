@@ -73,6 +73,20 @@ __device__ __forceinline__ u16 ended_sum(float sum, const float* __restrict__ bi
     return Act<T>::store(sum + (bias != nullptr ? bias[column] : 0.0f));
 }
 
+// RoPE of the pair (i, i + half) of a head's row (HF's half-split convention), rounded like the torch path
+// (apply_rotary): x·cos and rotate_half(x)·sin each rounded to T, then their sum. c and s: the token's cos and sin
+// rows. rope_store and the attention that ends q/k/v's sums itself (rope_decode_attention) both rotate so.
+template <typename T>
+__device__ __forceinline__ void rotate_pair(float x1, float x2, const u16* __restrict__ c, const u16* __restrict__ s,
+                                            int i, int half, u16& r1, u16& r2) {
+    const float a1 = Act<T>::load(Act<T>::store(x1 * Act<T>::load(c[i])));
+    const float b1 = Act<T>::load(Act<T>::store(-x2 * Act<T>::load(s[i])));
+    const float a2 = Act<T>::load(Act<T>::store(x2 * Act<T>::load(c[i + half])));
+    const float b2 = Act<T>::load(Act<T>::store(x1 * Act<T>::load(s[i + half])));
+    r1 = Act<T>::store(a1 + b1);
+    r2 = Act<T>::store(a2 + b2);
+}
+
 // floats [0, count) set to zero by every thread of the grid's x dimension in turn (nothing when `floats` is null):
 // the sums a finished product's input came from, re-zeroed by the launch that ends that product.
 __device__ __forceinline__ void zero_floats(float* __restrict__ floats, int count) {

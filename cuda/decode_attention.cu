@@ -18,6 +18,13 @@
 // for 8 adjacent dimensions of a row.
 // Keys and values: [B, Hkv, S, D] with rows of D contiguous elements (a cache buffer, or a prefix view of one); q and
 // out: [B, Hkv·G, D].
+//
+// rope_decode_attention (one token of one sequence): q, k and v are still their q/k/v GEMV's unfinished fp32 sums
+// (exl2_ops.PendingSums), and the kernel does what finish_rope_store (fused.cu) did in the launch before it: every
+// block ends its KV head's sums (ended_sum) and rotates them (rotate_pair), stages the queries from them, keeps the
+// token's key and value in shared memory for whichever rank's chunk holds the token (rank 0 writes them to the
+// cache, which no other block of this launch may read back), and rank 0 re-zeroes the sums once every rank has read
+// them (after the cluster's first barrier). One launch a layer fewer.
 #include "common.cuh"
 
 #define ATT_THREADS 128
@@ -67,11 +74,36 @@ __device__ __forceinline__ float load_rank(const float* local, int rank) {
     return v;
 }
 
-template <typename T, int D, int G, int CHUNK>
-__global__ void __launch_bounds__(ATT_THREADS) decode_attention(
+// The token's q/k/v sums, their biases (null: none), its RoPE rows and the caches, for rope_decode_attention.
+struct NewToken {
+    float* q_sums;
+    const float* q_bias;
+    float* k_sums;
+    const float* k_bias;
+    float* v_sums;
+    const float* v_bias;
+    const u16* cos;  // [D]: the token's rows
+    const u16* sin;
+    u16* keys;  // the kernel's keys and values, written at the token's row
+    u16* values;
+};
+
+// KV head h's sums of the token re-zeroed, once every block that reads them has (G·D query sums, D key and value).
+template <int D, int G>
+__device__ __forceinline__ void zero_token_sums(const NewToken& token, int h) {
+    for (int i = threadIdx.x; i < G * D; i += ATT_THREADS) token.q_sums[h * G * D + i] = 0.0f;
+    for (int i = threadIdx.x; i < D; i += ATT_THREADS) {
+        token.k_sums[h * D + i] = 0.0f;
+        token.v_sums[h * D + i] = 0.0f;
+    }
+}
+
+// decode_attention's body; ROPE: rope_decode_attention's (q null, the token from `token`; batch 1, pad null).
+template <typename T, int D, int G, int CHUNK, bool ROPE>
+__device__ __forceinline__ void attend_token(
     const u16* __restrict__ q, const u16* __restrict__ keys, const u16* __restrict__ values, int batch_stride,
     int head_stride, int kv_heads, const long long* __restrict__ position, int position_value, int window,
-    const long long* __restrict__ pad, float scale_log2, u16* __restrict__ out) {
+    const long long* __restrict__ pad, float scale_log2, u16* __restrict__ out, const NewToken& token) {
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(CHUNK == 32 || CHUNK == 64, "chunks of 32 or 64 keys");
     constexpr int EPT = D / ATT_KEY_THREADS;                  // elements of a key a thread scores: 32 or 16
@@ -90,6 +122,7 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     __shared__ float rescale[G];              // this chunk's factor on the sums so far: 2^(old max - new max)
     __shared__ __align__(16) float record[G][D];  // the rank's Σ p·v, then its maximum and sum per query head:
     __shared__ float record_max[G], record_sum[G];  // read by the other ranks of the cluster
+    __shared__ __align__(16) u16 token_rows[2][ROPE ? D : 8];  // ROPE: the token's rotated key, and its value
 
     pdl_launch_dependents();
     const int bh = blockIdx.x, rank = blockIdx.y, ranks = gridDim.y;
@@ -110,20 +143,33 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const int rt = tid % ROW_THREADS, rg = tid / ROW_THREADS;
     uint4 kraw[PASSES][KLOADS], vraw[VROWS];
     const uint4 zero = {0u, 0u, 0u, 0u};
-    // Chunk c's keys and values for this thread (zeros outside [start, pos]).
+    // The thread's parts of the token's own key and value row: ROPE, from shared memory (written after the wait);
+    // else from the cache, where the kernel before wrote them (so read after the wait).
+    auto own_key = [&](int key, int w) {  // key == pos
+        return ROPE ? reinterpret_cast<const uint4*>(token_rows[0])[part * KLOADS + w]
+                    : load_cg(kb + (size_t)key * (D / 8) + part * KLOADS + w);
+    };
+    auto own_value = [&](int key) {
+        return ROPE ? reinterpret_cast<const uint4*>(token_rows[1])[rt] : load_cg(vb + (size_t)key * (D / 8) + rt);
+    };
+    // Chunk c's keys and values for this thread (zeros outside [start, pos]); ROPE: the token's own row is never
+    // read from the cache (rank 0 writes it there in this launch), but from shared memory, once the wait is passed.
     auto load_chunk = [&](int c) {
         const int k0 = c * CHUNK, lo = max(k0, start), hi = min(k0 + CHUNK, pos + 1);
 #pragma unroll
         for (int t = 0; t < PASSES; t++) {
             const int key = k0 + t * KEYS_PER_PASS + kt;
 #pragma unroll
-            for (int w = 0; w < KLOADS; w++)
-                kraw[t][w] = key >= lo && key < hi ? load_cg(kb + (size_t)key * (D / 8) + part * KLOADS + w) : zero;
+            for (int w = 0; w < KLOADS; w++) {
+                const uint4* from = kb + (size_t)key * (D / 8) + part * KLOADS + w;
+                kraw[t][w] = key < lo || key >= hi ? zero : ROPE && key == pos ? own_key(key, w) : load_cg(from);
+            }
         }
 #pragma unroll
         for (int t = 0; t < VROWS; t++) {
             const int key = k0 + rg + t * ROW_GROUPS;
-            vraw[t] = key >= lo && key < hi ? load_cg(vb + (size_t)key * (D / 8) + rt) : zero;
+            const uint4* from = vb + (size_t)key * (D / 8) + rt;
+            vraw[t] = key < lo || key >= hi ? zero : ROPE && key == pos ? own_value(key) : load_cg(from);
         }
     };
     if (chunk <= last) load_chunk(chunk);
@@ -132,25 +178,65 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         record_sum[tid] = 0.0f;
     }
     pdl_wait();
-    if (chunk == last) {  // the token's own key and value, just written by the kernel before: read again
+    if constexpr (ROPE) {
+        // The token's queries and key from their sums, rotated (thread i: query pair i, or past G·D/2 the key's),
+        // and its value; the queries staged as below, the key and value kept for own_key / own_value.
+        constexpr int HALF = D / 2, QPAIRS = G * HALF, PAIRS = QPAIRS + HALF;
+        const size_t row = base + (size_t)pos * D;
+        if (tid < D) {
+            const u16 value = ended_sum<T>(__ldcg(token.v_sums + h * D + tid), token.v_bias, h * D + tid);
+            token_rows[1][tid] = value;
+            if (rank == 0) token.values[row + tid] = value;
+        }
+#pragma unroll
+        for (int n = 0; n < (PAIRS + ATT_THREADS - 1) / ATT_THREADS; n++) {
+            const int i = tid + n * ATT_THREADS;
+            if (i < PAIRS) {
+                const bool is_key = i >= QPAIRS;
+                const int g = i / HALF, j = i - g * HALF;  // g == G: the key
+                const int column = is_key ? h * D + j : (h * G + g) * D + j;  // of q's (or k's) outputs
+                const float* sums = is_key ? token.k_sums : token.q_sums;
+                const float* bias = is_key ? token.k_bias : token.q_bias;
+                const float x1 = Act<T>::load(ended_sum<T>(__ldcg(sums + column), bias, column));
+                const float x2 = Act<T>::load(ended_sum<T>(__ldcg(sums + column + HALF), bias, column + HALF));
+                u16 r1, r2;
+                rotate_pair<T>(x1, x2, token.cos, token.sin, j, HALF, r1, r2);
+                if (is_key) {
+                    token_rows[0][j] = r1;
+                    token_rows[0][j + HALF] = r2;
+                    if (rank == 0) {
+                        token.keys[row + j] = r1;
+                        token.keys[row + j + HALF] = r2;
+                    }
+                } else {
+                    qs[g][j / EPT][j % EPT] = Act<T>::load(r1) * scale_log2;
+                    qs[g][(j + HALF) / EPT][(j + HALF) % EPT] = Act<T>::load(r2) * scale_log2;
+                }
+            }
+        }
+        __syncthreads();  // token_rows written
+    }
+    if (chunk == last) {  // the token's own key and value (the kernel before wrote them, or ROPE: just above)
         const int k0 = chunk * CHUNK;
 #pragma unroll
         for (int t = 0; t < PASSES; t++) {
             const int key = k0 + t * KEYS_PER_PASS + kt;
             if (key == pos) {
 #pragma unroll
-                for (int w = 0; w < KLOADS; w++) kraw[t][w] = load_cg(kb + (size_t)key * (D / 8) + part * KLOADS + w);
+                for (int w = 0; w < KLOADS; w++) kraw[t][w] = own_key(key, w);
             }
         }
 #pragma unroll
         for (int t = 0; t < VROWS; t++) {
             const int key = k0 + rg + t * ROW_GROUPS;
-            if (key == pos) vraw[t] = load_cg(vb + (size_t)key * (D / 8) + rt);
+            if (key == pos) vraw[t] = own_value(key);
         }
     }
-    for (int i = tid; i < G * D; i += ATT_THREADS) {
-        const int g = i / D, e = i - g * D;
-        qs[g][e / EPT][e % EPT] = Act<T>::load(__ldcg(q + (size_t)bh * G * D + i)) * scale_log2;
+    if constexpr (!ROPE) {  // (ROPE: staged above)
+        for (int i = tid; i < G * D; i += ATT_THREADS) {
+            const int g = i / D, e = i - g * D;
+            qs[g][e / EPT][e % EPT] = Act<T>::load(__ldcg(q + (size_t)bh * G * D + i)) * scale_log2;
+        }
     }
     float acc[G][8];  // Σ p·v of the thread's 8 dimensions over its value rows, in the rank's running maximum's scale
 #pragma unroll
@@ -285,11 +371,15 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         if (ranks == 1) to[i] = Act<T>::store(sum / record_sum[g]);
         else record[g][d] = sum;
     }
-    if (ranks == 1) return;
+    if (ranks == 1) {
+        if (ROPE) zero_token_sums<D, G>(token, h);  // read before the barrier above
+        return;
+    }
 
     // The cluster's merge: rank r writes outputs [r·G·D/R, (r + 1)·G·D/R), each the ranks' sums weighted by
     // 2^(their maximum - the largest), over their weighted exponential sums.
-    cluster_sync();  // every rank's record is written
+    cluster_sync();  // every rank's record is written (and ROPE: every rank has read the token's sums)
+    if (ROPE && rank == 0) zero_token_sums<D, G>(token, h);
     const int share = (G * D + ranks - 1) / ranks;
     for (int i = rank * share + tid; i < min(G * D, (rank + 1) * share); i += ATT_THREADS) {
         const int g = i / D, d = i - g * D;
@@ -311,4 +401,26 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
         to[i] = Act<T>::store(num / den);
     }
     cluster_sync();  // no rank leaves while another still reads its shared memory
+}
+
+template <typename T, int D, int G, int CHUNK>
+__global__ void __launch_bounds__(ATT_THREADS) decode_attention(
+    const u16* __restrict__ q, const u16* __restrict__ keys, const u16* __restrict__ values, int batch_stride,
+    int head_stride, int kv_heads, const long long* __restrict__ position, int position_value, int window,
+    const long long* __restrict__ pad, float scale_log2, u16* __restrict__ out) {
+    attend_token<T, D, G, CHUNK, false>(q, keys, values, batch_stride, head_stride, kv_heads, position, position_value,
+                                        window, pad, scale_log2, out, NewToken{});
+}
+
+// decode_attention of one token of one sequence (grid (Hkv, R)) whose q, k and v are still their GEMV's sums: the
+// RoPE and the cache write of finish_rope_store in the same launch (see the top of this file).
+template <typename T, int D, int G, int CHUNK>
+__global__ void __launch_bounds__(ATT_THREADS) rope_decode_attention(
+    float* __restrict__ q_sums, const float* __restrict__ q_bias, float* __restrict__ k_sums,
+    const float* __restrict__ k_bias, float* __restrict__ v_sums, const float* __restrict__ v_bias,
+    const u16* __restrict__ cos, const u16* __restrict__ sin, u16* keys, u16* values, int head_stride, int kv_heads,
+    const long long* __restrict__ position, int position_value, int window, float scale_log2, u16* __restrict__ out) {
+    const NewToken token{q_sums, q_bias, k_sums, k_bias, v_sums, v_bias, cos, sin, keys, values};
+    attend_token<T, D, G, CHUNK, true>(nullptr, keys, values, 0, head_stride, kv_heads, position, position_value,
+                                       window, nullptr, scale_log2, out, token);
 }

@@ -120,8 +120,7 @@ struct Sums {
     }
 };
 
-// RoPE on the new queries and keys (HF's half-split convention, rounded like the torch path: x·cos and
-// rotate_half(x)·sin each rounded to T, then their sum), queries written as [B, Hq, T, D], keys and values
+// RoPE on the new queries and keys (rotate_pair), queries written as [B, Hq, T, D], keys and values
 // appended to the cache [B, Hkv, S, D] at position (*position or position_value) + t.
 // Grid (B·T, Hq + Hkv), block D/2 threads: thread i rotates the pair (i, i + D/2).
 template <typename T, typename In>
@@ -142,11 +141,8 @@ __device__ __forceinline__ void rope_rows(const In& q_in, const In& k_in, const 
     const u16* c = cos + (size_t)bt * dim;
     const u16* s = sin + (size_t)bt * dim;
     const float x1 = Act<T>::load(src.take(at + i, column)), x2 = Act<T>::load(src.take(at + i + half, column + half));
-    const float a1 = Act<T>::load(Act<T>::store(x1 * Act<T>::load(c[i])));
-    const float b1 = Act<T>::load(Act<T>::store(-x2 * Act<T>::load(s[i])));
-    const float a2 = Act<T>::load(Act<T>::store(x2 * Act<T>::load(c[i + half])));
-    const float b2 = Act<T>::load(Act<T>::store(x1 * Act<T>::load(s[i + half])));
-    const u16 r1 = Act<T>::store(a1 + b1), r2 = Act<T>::store(a2 + b2);
+    u16 r1, r2;
+    rotate_pair<T>(x1, x2, c, s, i, half, r1, r2);
     if (is_query) {
         u16* dst = q_out + (((size_t)b * q_heads + h) * tokens + t) * dim;
         dst[i] = r1;

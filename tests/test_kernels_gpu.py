@@ -498,6 +498,22 @@ def tiny_decode(tmp_path, seed: int) -> tuple:
     return load_model(exl2_dir, device="cuda", dtype="fp16"), ids, steps
 
 
+def synthetic_decode(layers: int, seed: int) -> tuple:
+    """A synthetic smollm2-135m-shaped model (4.0 bpw, plain rounding) of `layers` layers on the GPU, a 9-token prompt
+    and 10 tokens to decode one a step."""
+    from exlq.quant.synthetic import SyntheticStore, synthetic_config
+    from exlq.runtime.architectures.registry import model_class_for
+    from exlq.runtime.config import config_from_dict
+
+    raw = dict(synthetic_config("smollm2-135m"), num_hidden_layers=layers)
+    model_class = model_class_for(raw)
+    store = SyntheticStore(raw, 4.0, CUDA, group_size=128)
+    model = model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float16, device=CUDA).eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids, steps = (torch.randint(0, 1000, (1, n), generator=gen).to(CUDA) for n in (9, 10))
+    return model, ids, steps
+
+
 def decode_both_ways(model, ids: torch.Tensor, steps: torch.Tensor, monkeypatch, switch, record: list, check) -> None:
     """One-token decode steps (`steps`, after a prefill of `ids`) give the same logits with a setting on, eager and
     with CUDA graphs, as off, eager (up to the atomics' order: 2e-3): `switch(on)` sets it; `record` (a test's
@@ -552,6 +568,84 @@ def test_rope_ends_the_qkv_sums_of_one_token(dtype, kind, bias, monkeypatch):
     for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
         workspace, counters = workspace_of(store)
         assert not workspace.any() and not counters.any()
+
+
+@pytest.mark.parametrize("dim, q_heads, kv_heads, dtype, kind, bias", [
+    (64, 8, 2, torch.float16, "stream", False), (128, 7, 1, torch.float16, "narrow", True),
+    (128, 4, 4, torch.bfloat16, "wide", False), (64, 14, 2, torch.float16, "stream", True)])
+@pytest.mark.parametrize("span, position, window", [(32, 13, None), (256, 200, None), (1024, 900, 100),
+                                                    (1024, 1023, None)])
+@pytest.mark.parametrize("ranks", ["8", "1", "16"])
+def test_attention_ends_rotates_and_stores_the_qkv_sums(dim, q_heads, kv_heads, dtype, kind, bias, span, position,
+                                                        window, ranks, monkeypatch):  # fmt: skip
+    """One token's q/k/v left as their group GEMV's sums go to rope_decode_attention as they are: one launch gives
+    the attention that rope_store then decode_attention give for the finished products (two runs of a split product:
+    rarely an ulp apart), writes the token's key and value rows as rope_store does, and reads no other row past the
+    token (NaN there); every rank of a cluster (or the one block a head) reads the sums before rank 0 re-zeroes them,
+    so the workspaces are clean, with no exl2_finish."""
+    from exlq.runtime.kernels import attention_ops
+    from exlq.runtime.rope import RotaryEmbedding
+
+    use_gemv(kind, monkeypatch)
+    monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
+    k_in = 1024
+    layers = [Exl2Linear(on_gpu(random_exl2(k_in, n, [4, 3], [0.5, 0.5], 32, seed=70 + i, bias=bias)[0]), k_in, n,
+                         dtype=dtype) for i, n in enumerate((q_heads * dim, kv_heads * dim, kv_heads * dim))]
+    gen = torch.Generator().manual_seed(position + dim)
+    x = torch.randn(1, 1, k_in, generator=gen).to(CUDA, dtype)
+    where = torch.tensor([position], device=CUDA)
+    cos, sin = RotaryEmbedding(dim, 10000.0, None, CUDA).cos_sin(where[None], dtype)
+    earlier = [torch.randn(1, kv_heads, span + 64, dim, generator=gen).to(CUDA, dtype) for _ in "kv"]
+    for buffer in earlier:
+        buffer[:, :, position:] = float("nan")  # the token's row is written; those past it are never read
+    caches = {run: [b.clone() for b in earlier] for run in ("two launches", "one")}
+    queries = fused_ops.rope_store(*project_each(layers, x), cos, sin, *caches["two launches"], where)
+    expected = attention_ops.decode_attention(queries, *(c[:, :, :span] for c in caches["two launches"]), where, window)
+    finishes = []
+    original = exl2_ops.finish_sums
+    monkeypatch.setattr(exl2_ops, "finish_sums", lambda *args: (finishes.append(args), original(*args))[1])
+    qkv = project_each(layers, x, deferred=True)
+    assert all(isinstance(t, exl2_ops.PendingSums) and t.unfinished() for t in qkv), "every product split along K"
+    on_device = where if span > 32 else position  # the graph's operand, or a launch argument
+    got = attention_ops.rope_attention([t.take_sums() for t in qkv], cos, sin,
+                                       *(c[:, :, :span] for c in caches["one"]), on_device, window, q_heads)
+    assert finishes == [] and got.shape == expected.shape == (1, q_heads, 1, dim)
+    assert torch.isfinite(got).all() and rel(got, expected) < 2e-3
+    for cache, reference, before in zip(caches["one"], caches["two launches"], earlier):
+        row = cache[:, :, position]
+        assert torch.isfinite(row).all() and rel(row, reference[:, :, position]) < 1e-3
+        assert torch.equal(cache[:, :, :position], before[:, :, :position])
+        assert torch.isnan(cache[:, :, position + 1 :]).all()
+    for store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
+        workspace, counters = workspace_of(store)
+        assert not workspace.any() and not counters.any()
+
+
+def test_decode_with_attention_ending_the_qkv_sums_equals_two_launches(monkeypatch):
+    """A synthetic 2-layer smollm2-shaped model (head size 64, 3 query heads a KV head) decoding one token a step
+    (graphs and eager) gives the same logits with the attention launch ending, rotating and storing q/k/v's sums
+    (EXLQ_ROPE_ATTENTION) as with finish_rope_store before the attention, and on sm_90 (q/k/v streamed, left as sums)
+    takes them so in every layer of every eager step, with no finish_rope_store."""
+    from exlq.runtime.kernels import attention_ops
+
+    model, ids, steps = synthetic_decode(layers=2, seed=8)
+    names = []
+    for module in (attention_ops, fused_ops):
+        original = module.kernel
+        monkeypatch.setattr(module, "kernel", lambda source, instances, name, device, original=original: (
+            names.append(name.partition("<")[0]), original(source, instances, name, device))[1])
+
+    def check(on: bool, graphs: str) -> None:
+        fused = names.count("rope_decode_attention")
+        if not on:
+            assert fused == 0
+        elif graphs == "0" and hopper_or_newer(CUDA):
+            assert fused == steps.shape[1] * 2 and "finish_rope_store" not in names
+        for workspace_store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
+            assert not workspace_of(workspace_store)[0].any()
+
+    decode_both_ways(model, ids, steps, monkeypatch,
+                     lambda on: monkeypatch.setattr(attention_ops, "ROPE_ATTENTION", on), names, check)
 
 
 def test_decode_with_rope_ending_the_qkv_sums_equals_exl2_finish(tmp_path, monkeypatch):
@@ -632,18 +726,9 @@ def test_decode_with_down_on_the_gate_up_sums_equals_exl2_finish(kind, monkeypat
     EXLQ_GATED_SUMS_STREAM) decoding one token a step (graphs and eager) gives the same logits with down_proj gathering
     from gate/up's sums as with exl2_finish before it (EXLQ_GATED_SUMS=0), and takes the sums in every layer of every
     eager step."""
-    from exlq.quant.synthetic import SyntheticStore, synthetic_config
-    from exlq.runtime.architectures.registry import model_class_for
-    from exlq.runtime.config import config_from_dict
-
     use_gemv(kind, monkeypatch)
     monkeypatch.setattr(exl2_ops, "GATED_SUMS_STREAM", True)
-    raw = dict(synthetic_config("smollm2-135m"), num_hidden_layers=2)
-    model_class = model_class_for(raw)
-    store = SyntheticStore(raw, 4.0, CUDA, group_size=128)
-    model = model_class(config_from_dict(model_class.config_class, raw), store, dtype=torch.float16, device=CUDA).eval()
-    gen = torch.Generator().manual_seed(7)
-    ids, steps = (torch.randint(0, 1000, (1, n), generator=gen).to(CUDA) for n in (9, 10))
+    model, ids, steps = synthetic_decode(layers=2, seed=7)
     taken = []
     original = exl2_ops.gathers_sums
     monkeypatch.setattr(exl2_ops, "gathers_sums", lambda *args: (taken.append(original(*args)), taken[-1])[1])

@@ -355,6 +355,55 @@ def test_rope_store_ends_qkv_sums_in_its_own_launch(case, monkeypatch):
         assert finishes == ([3] if case == "switched off" else [2] if case == "one taken" else [])
 
 
+@pytest.mark.parametrize("case", ["sums", "switched off", "rope finish off", "one taken", "tensors", "padded"])
+def test_attention_takes_qkv_sums_in_one_launch_only_where_it_can(case, monkeypatch):
+    """AttentionBatch.attention hands one token's q, k and v, all three their GEMV's unfinished sums, to
+    rope_decode_attention over the cache's attended rows (the sums and biases by address; no exl2_finish, no
+    rope_store), with EXLQ_ROPE_ATTENTION; anything else (the switch or EXLQ_ROPE_FINISH off, a product already
+    ended, finished tensors, a padded batch) takes rope_store (or finish_rope_store), then decode_attention."""
+    from exlq.runtime import attention as attention_module
+    from exlq.runtime.attention import AttentionBatch
+    from exlq.runtime.cache import KVCache
+    from exlq.runtime.kernels import attention_ops
+
+    launches, finishes = [], []
+    monkeypatch.setattr(attention_module.kernels, "applies", lambda t: True)
+    for module in (fused_ops, attention_ops):
+        monkeypatch.setattr(module, "kernel", lambda source, instances, name, device: name)
+        monkeypatch.setattr(module, "launch", lambda function, grid, block, args, device, overlap, cluster=None:
+                            launches.append((function, grid, args)))
+    monkeypatch.setattr(attention_ops, "ranks", lambda device, span: 8)
+    monkeypatch.setattr(exl2_ops, "finish_sums",
+                        lambda group, plans, rows, dtype, device, extra=None: finishes.append(group.count))
+    monkeypatch.setattr(attention_ops, "ROPE_ATTENTION", case != "switched off")
+    monkeypatch.setattr(fused_ops, "ROPE_FINISH", case != "rope finish off")
+    dim, position = 64, 5
+    qkv = qkv_products((4 * dim, dim, dim))
+    if case == "one taken":
+        qkv[2].take_sums()
+    if case == "tensors":
+        qkv = [torch.randn(1, 1, n).half() for n in (4 * dim, dim, dim)]
+    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=dim, max_seq_len=16)
+    cos = sin = torch.randn(1, 1, dim).half()
+    pad = torch.zeros(1, dtype=torch.long) if case == "padded" else None
+    batch = AttentionBatch(position, 1, cos, sin, pad)
+    out = batch.attention(cache, 1, *qkv, dim, None)
+    assert out.shape == (1, 4, 1, dim) and out.dtype == torch.float16
+    keys, values = cache.keys.data[1], cache.values.data[1]
+    if case == "sums":
+        (function, grid, args), = launches
+        assert function == "rope_decode_attention<fp16_t, 64, 4, 64>" and grid == (1, 8, 1) and finishes == []
+        assert args[:8] == (qkv[0].sums, qkv[0].plan.bias, qkv[1].sums, None, qkv[2].sums, None, cos, sin)
+        assert args[8].data_ptr() == keys.data_ptr() and args[9].data_ptr() == values.data_ptr()
+        assert args[8].shape == (1, 1, position + 1, dim) and args[10:16] == (16 * dim, 1, None, position, 0, args[15])
+        assert args[-1] is out and not any(p.unfinished() for p in qkv)
+    else:
+        rope = "finish_rope_store" if case in ("switched off", "padded") else "rope_store"
+        assert [(f, g) for f, g, _ in launches] == [(f"{rope}<fp16_t>", (1, 5, 1)),
+                                                   ("decode_attention<fp16_t, 64, 4, 64>", (1, 8, 1))]
+        assert finishes == ([3] if case == "rope finish off" else [2] if case == "one taken" else [])
+
+
 @pytest.mark.parametrize("case, takes", [
     ("register", True), ("switched off", False), ("biased", False), ("three products", False), ("one taken", False),
     ("one split", False), ("streamed", False), ("streamed, switched on", True), ("multi-row kernel", False)])

@@ -10,6 +10,7 @@ torch._dynamo, which costs every CLI call about two seconds.)
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlq.runtime import kernels
-from exlq.runtime.kernels import attention_ops
+from exlq.runtime.kernels import attention_ops, fused_ops
 from exlq.runtime.kernels.fused_ops import Deferred, as_tensor
 from exlq.runtime.rope import apply_rotary
 
@@ -70,6 +71,39 @@ class AttentionBatch:
         mask, is_causal = self.mask(window)
         return attend(q, k, v, mask, is_causal)
 
+    def attention(
+        self, cache, layer: int, q: torch.Tensor | Deferred, k: torch.Tensor | Deferred, v: torch.Tensor | Deferred,
+        head_dim: int, window: int | None,
+    ) -> torch.Tensor:
+        """The attention of this forward's new tokens (q, k, v [B, T, H·D], as their projections give them) over the
+        cache and themselves, [B, Hq, T, D]: rotate_and_store, then attend. One launch for all of it where a single
+        token's q/k/v are still their GEMV's sums over an unquantized cache (attention_ops.rope_attention, behind
+        EXLQ_ROPE_ATTENTION)."""
+        buffers = self._dense_buffers(cache, layer, q)
+        if buffers is not None and self._attends_sums(q, k, v, head_dim, *self.attended(*buffers)):
+            sums = [t.take_sums() for t in (q, k, v)]
+            heads = math.prod(q.shape[2:]) // head_dim
+            return attention_ops.rope_attention(sums, self.cos, self.sin, *self.attended(*buffers),
+                                                self.cache_position(), window, heads)
+        q, k, v = self.rotate_and_store(cache, layer, q, k, v, head_dim)
+        return self.attend(q, k, v, window)
+
+    def _attends_sums(self, q, k, v, head_dim: int, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether rope_attention takes this step: one token of one unpadded sequence, q, k and v all unfinished sums
+        (exl2_ops.PendingSums), and the decode kernel's conditions on the heads and caches."""
+        if not (attention_ops.ROPE_ATTENTION and fused_ops.ROPE_FINISH and self.pad_lengths is None):
+            return False
+        if not all(isinstance(t, Deferred) and t.unfinished() for t in (q, k, v)):
+            return False
+        return (math.prod(q.shape[:2]) == 1 and self.cos.shape[-1] == head_dim
+                and attention_ops.takes_caches(math.prod(q.shape[2:]) // head_dim, q.dtype, keys, values))
+
+    def _dense_buffers(self, cache, layer: int, q: torch.Tensor | Deferred) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's whole key/value buffers, where kernels run and the cache is unquantized (cache.dense_layer)."""
+        if cache is None or not kernels.applies(q):
+            return None
+        return cache.dense_layer(layer, q.shape[0])
+
     def rotate_and_store(
         self, cache, layer: int, q: torch.Tensor | Deferred, k: torch.Tensor | Deferred, v: torch.Tensor | Deferred,
         head_dim: int,
@@ -79,9 +113,7 @@ class AttentionBatch:
         One fused kernel on the GPU when the cache is unquantized (which also ends q/k/v left Deferred by their GEMV);
         the torch ops otherwise. A quantized cache sees the queries first (cache.observe_queries).
         """
-        buffers = None
-        if cache is not None and kernels.applies(q):
-            buffers = cache.dense_layer(layer, q.shape[0])
+        buffers = self._dense_buffers(cache, layer, q)
         if buffers is not None:
             from exlq.runtime.kernels.fused_ops import rope_store
 

@@ -90,10 +90,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor | Deferred:
         """The attention's output; `unfinished`: possibly Deferred, for the residual add after it (project_to_residual)."""
         bsz, length, _ = x.shape
-        # deferred: a one-token step's q/k/v may stay their GEMV's sums, which the RoPE kernel ends
+        # deferred: a one-token step's q/k/v may stay their GEMV's sums, which the RoPE (or attention) kernel ends
         q, k, v = project_each((self.q_proj, self.k_proj, self.v_proj), x, deferred=True)
-        q, k, v = batch.rotate_and_store(cache, cache_layer, q, k, v, self.head_dim)
-        out = batch.attend(q, k, v, self.window)
+        out = batch.attention(cache, cache_layer, q, k, v, self.head_dim, self.window)
         out = out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim)
         return project_to_residual(self.o_proj, out) if unfinished else self.o_proj(out)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -28,9 +29,13 @@ MAX_RANKS = 16  # ATT_MAX_RANKS: blocks a (batch row, KV head) at most, one thre
 LONG_SPAN = 2048
 
 INSTANCES = tuple(
-    f"decode_attention<{tag}, {dim}, {group}, {chunk}>"
+    f"{name}<{tag}, {dim}, {group}, {chunk}>" for name in ("decode_attention", "rope_decode_attention")
     for tag in ACTIVATION_TAGS.values() for dim in HEAD_DIMS for group in range(1, MAX_GROUP + 1) for chunk in CHUNKS
 )
+#: One token of one sequence whose q/k/v GEMV left its products as sums: the attention launch ends them, rotates them
+#: and writes the cache row itself (rope_attention), so no finish_rope_store runs before it. Prepared in session 44,
+#: not yet timed on a GPU: off unless EXLQ_ROPE_ATTENTION=1.
+ROPE_ATTENTION = os.environ.get("EXLQ_ROPE_ATTENTION", "0") == "1"
 
 
 def enabled() -> bool:
@@ -49,11 +54,15 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a step's attention (q [B, Hq, T, D] on a kernel-enabled GPU, `kernels.applies`; k and v
     [B, Hkv, span, D]) can take the kernel: one token, a head size and group it was built for, keys and values as
     16-byte aligned rows of D contiguous elements (a left-padded batch too: the kernel skips each row's padding)."""
-    bsz, heads, length, dim = q.shape
-    kv_heads = k.shape[1]
+    return q.shape[2] == 1 and takes_caches(q.shape[1], q.dtype, k, v)
+
+
+def takes_caches(heads: int, dtype: torch.dtype, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """applies' conditions on all but the query's length: `heads` query heads in `dtype` over k and v."""
+    bsz, kv_heads, _, dim = k.shape
     return (
-        enabled() and length == 1 and takes_heads(dim, heads, kv_heads)
-        and k.dtype == q.dtype == v.dtype and k.stride() == v.stride()
+        enabled() and takes_heads(dim, heads, kv_heads)
+        and k.dtype == dtype == v.dtype and k.stride() == v.stride()
         and k.stride(3) == 1 and k.stride(2) == dim and k.stride(1) % 8 == 0 and k.stride(0) % 8 == 0
         and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0 and bsz * k.stride(0) < 2**31
     )
@@ -102,22 +111,53 @@ def decode_attention(
     `window` or more before it, nor the first pad_lengths[b] keys of row b (a left-padded batch: [B] contiguous int64
     on q's device, as model.forward makes the cache's and the graphs keep theirs; a row sees its own token whatever
     its padding, as attention.build_mask lets it). Returns [B, Hq, 1, D]."""
-    bsz, heads, _, dim = q.shape
+    heads, dim = q.shape[1], q.shape[3]
     kv_heads, span = k.shape[1], k.shape[2]
     if isinstance(position, int) and not 0 <= position < span:
         raise ExlqError(f"decode attention at position {position} over {span} keys")
-    group = heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
     device_position = position if isinstance(position, torch.Tensor) else None
-    name = f"decode_attention<{ACTIVATION_TAGS[q.dtype]}, {dim}, {group}, {chunk_size()}>"
-    function = kernel(SOURCE, INSTANCES, name, q.device)
     arguments = (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
                  0 if device_position is not None else position, window or 0, pad_lengths,
                  math.log2(math.e) / math.sqrt(dim), out)
-    count = ranks(q.device, span)
+    launch_heads("decode_attention", heads, k, arguments)
+    return out
+
+
+def rope_attention(
+    sums: Sequence, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    position: torch.Tensor | int, window: int | None, heads: int,
+) -> torch.Tensor:
+    """decode_attention for one token of one sequence whose q, k and v are their GEMV's unfinished sums (`sums`: their
+    fused_ops.UnfinishedSums, handed over: this launch re-zeroes them): RoPE (`cos`, `sin`: the token's [1, D] rows, or
+    any shape of D·1 elements) and the append of its key and value to the caches k, v [1, Hkv, span, D] at `position`
+    (its row must lie in the span) in the same launch, as fused_ops.rope_store and decode_attention would do them in
+    two. Returns [1, heads, 1, D]."""
+    kv_heads, span, dim = k.shape[1], k.shape[2], k.shape[3]
+    if isinstance(position, int) and not 0 <= position < span:
+        raise ExlqError(f"decode attention at position {position} over {span} keys")
+    if k.shape[0] != 1 or cos.numel() != dim or sin.numel() != dim:
+        raise ExlqError("rope_attention takes one token of one sequence")
+    out = torch.empty(1, heads, 1, dim, dtype=k.dtype, device=k.device)
+    device_position = position if isinstance(position, torch.Tensor) else None
+    arguments = (*(x for s in sums for x in (s.sums, s.bias)), cos.contiguous(), sin.contiguous(), k, v, k.stride(1),
+                 kv_heads, device_position, 0 if device_position is not None else position, window or 0,
+                 math.log2(math.e) / math.sqrt(dim), out)
+    launch_heads("rope_decode_attention", heads, k, arguments)
+    return out
+
+
+def launch_heads(name: str, heads: int, k: torch.Tensor, arguments: tuple) -> None:
+    """Launch instance `name` of the kernel (for `heads` query heads over k [B, Hkv, span, D]) with `arguments`: grid
+    (B·Hkv, ranks), one cluster of ranks a (row, KV head) where the device takes it (else one block a head, from then
+    on)."""
+    bsz, kv_heads, span, dim = k.shape
+    instance = f"{name}<{ACTIVATION_TAGS[k.dtype]}, {dim}, {heads // kv_heads}, {chunk_size()}>"
+    function = kernel(SOURCE, INSTANCES, instance, k.device)
+    count = ranks(k.device, span)
     try:
-        launch(function, (bsz * kv_heads, count, 1), (THREADS, 1, 1), arguments, q.device, overlap=True,
+        launch(function, (bsz * kv_heads, count, 1), (THREADS, 1, 1), arguments, k.device, overlap=True,
                cluster=(1, count, 1) if count > 1 else None)
     except ExlqError as error:
         if count == 1:
@@ -125,8 +165,7 @@ def decode_attention(
         # A GPU slice with too few SMs a cluster's reach (MIG), or a driver without clusters: the kernel is correct
         # with one block a head, which walks every chunk (slower on long contexts). Seen first in an eager step
         # (a graph's warm-up), so no capture holds the failed launch.
-        _clusters_refused.add(q.device)
-        warnings.warn(f"{error}: one-token attention takes one block a head on {q.device} from now on",
+        _clusters_refused.add(k.device)
+        warnings.warn(f"{error}: one-token attention takes one block a head on {k.device} from now on",
                       RuntimeWarning, stacklevel=2)
-        launch(function, (bsz * kv_heads, 1, 1), (THREADS, 1, 1), arguments, q.device, overlap=True)
-    return out
+        launch(function, (bsz * kv_heads, 1, 1), (THREADS, 1, 1), arguments, k.device, overlap=True)
