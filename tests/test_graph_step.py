@@ -163,3 +163,60 @@ def test_group_wave_splits_fit_one_wave(outs, expected, monkeypatch):
     key = WIDE_COLUMNS if chosen is None else (WIDE_COLUMNS, chosen)
     blocks = sum(p.tiles(WIDE_COLUMNS) * (p.split_tables[key].numel() - 1) for p in plans)
     assert blocks <= 924 or chosen == exl2_ops.GROUP_SPLIT_ROWS[-1]
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_rope_table_rows_are_the_values_computed_per_forward(dtype, head_dim):
+    """cos/sin as rows of the tables made once for a cache's positions equal those computed for the forward's own
+    positions (each element is the same float32 product and cos / sin, rounded once)."""
+    from exlq.runtime.rope import RotaryEmbedding
+
+    rotary = RotaryEmbedding(head_dim, 500000.0, LLAMA3_SCALING, torch.device("cpu"))
+    positions = torch.randint(0, 3000, (3, 7), generator=torch.Generator().manual_seed(head_dim))
+    from_tables = rotary.cos_sin(positions, dtype, limit=3000)
+    computed = rotary.cos_sin(positions, dtype)
+    for got, expected in zip(from_tables, computed):
+        assert got.shape == expected.shape == (3, 1, 7, head_dim) and got.dtype == dtype and got.is_contiguous()
+        assert torch.equal(got, expected)
+
+
+def test_rope_tables_grow_for_a_longer_cache_and_keep_the_old_ones(monkeypatch):
+    """A table serves every shorter limit; a longer cache gets a new one, and the one it replaces stays alive (a
+    captured graph reads it by address); EXLQ_ROPE_TABLE=0 computes every forward's rows."""
+    from exlq.runtime import rope
+
+    rotary = rope.RotaryEmbedding(16, 10000.0, None, torch.device("cpu"))
+    first = rotary.tables(torch.float16, 100)
+    assert first[0].shape == (100, 16) and rotary.tables(torch.float16, 40) is first
+    second = rotary.tables(torch.float16, 300)
+    assert second[0].shape == (300, 16) and rotary._outgrown == [first]
+    assert torch.equal(second[0][:100], first[0]) and torch.equal(second[1][:100], first[1])
+    made = []
+    monkeypatch.setattr(rope, "TABLE", False)
+    monkeypatch.setattr(rotary, "tables", lambda *args: made.append(args))
+    rotary.cos_sin(torch.tensor([[5]]), torch.float16, limit=300)
+    assert made == []
+
+
+def test_forwards_into_a_cache_take_rope_rows_from_the_tables(tiny_model_dirs, monkeypatch):
+    """Forwards into a cache (prefill, eager steps and the step a graph captures) ask for RoPE rows of tables as long
+    as the cache; a forward without a cache computes its own."""
+    model = load_model(tiny_model_dirs["qwen2"], device="cpu", dtype="fp32")
+    limits = []
+    original = model.rotary.cos_sin
+    monkeypatch.setattr(model.rotary, "cos_sin", lambda positions, dtype, limit=None: (
+        limits.append(limit), original(positions, dtype, limit))[1])
+    cache = model.new_cache(40)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    model(ids, cache)
+    model(ids[:, :1], cache)
+    with torch.inference_mode():
+        static_decode_step(model, cache, ids[:, :1], torch.tensor([cache.seq_len]), None, torch.arange(32))
+    model(ids)
+    # the prefill (then the table's own rows, made once), the eager step, the captured step, the forward with no cache
+    assert limits == [40, None, 40, 40, None]

@@ -128,11 +128,12 @@ def static_decode_step(
     against eager forwards); only its capture needs CUDA.
     """
     bsz, tokens = ids.shape
-    write_positions = position + torch.arange(tokens, device=position.device)
+    # one token: its position as it is (no arange and add in every replay)
+    write_positions = position if tokens == 1 else position + torch.arange(tokens, device=position.device)
     positions = write_positions[None].expand(bsz, tokens)
     if pad is not None:
         positions = (positions - pad[:, None]).clamp(min=0)
-    cos, sin = model.rotary.cos_sin(positions, model.dtype)
+    cos, sin = model.rotary.cos_sin(positions, model.dtype, cache.max_seq_len)
     # past_len: the position at capture, for host-side choices only (a quantized cache's prefix is complete).
     batch = StaticDecodeBatch(
         cache.seq_len, tokens, cos, sin, pad, write_positions=write_positions, key_positions=key_positions

@@ -195,7 +195,7 @@ class DecoderOnlyLM(nn.Module):
             logits = self.decode_graphs.run(self, input_ids, cache)
             cache.seq_len = past_len + new_len
             return last_positions(logits, max_output_len)
-        batch = self.attention_batch(bsz, new_len, past_len, pad_lengths)
+        batch = self.attention_batch(bsz, new_len, past_len, pad_lengths, cache.max_seq_len if cache else None)
         hidden, delta = self.run_layers(self.embed(input_ids), batch, cache)
         if cache is not None:
             cache.seq_len = past_len + new_len
@@ -218,13 +218,15 @@ class DecoderOnlyLM(nn.Module):
         return self.model.embed_tokens(input_ids.to(self._device)).float()
 
     def attention_batch(
-        self, bsz: int, new_len: int, past_len: int = 0, pad_lengths: torch.Tensor | None = None
+        self, bsz: int, new_len: int, past_len: int = 0, pad_lengths: torch.Tensor | None = None,
+        limit: int | None = None,
     ) -> AttentionBatch:
-        """Positions, RoPE tables and masks shared by all layers for one forward call."""
+        """Positions, RoPE tables and masks shared by all layers for one forward call; `limit`: every position is
+        below it (a cache's max_seq_len), so RoPE takes rows of its tables (RotaryEmbedding.cos_sin)."""
         positions = torch.arange(past_len, past_len + new_len, device=self._device)[None].expand(bsz, -1)
         if pad_lengths is not None:
             positions = (positions - pad_lengths[:, None]).clamp(min=0)
-        cos, sin = self.rotary.cos_sin(positions, self._dtype)
+        cos, sin = self.rotary.cos_sin(positions, self._dtype, limit)
         return AttentionBatch(past_len, new_len, cos, sin, pad_lengths)
 
     def run_layers(

@@ -1,12 +1,14 @@
 """Rotary position embeddings (RoPE) with the `rope_scaling` types of HF configs.
 
-Frequencies are computed in float32 from the config once; cos/sin are formed per forward only
-for the positions being processed, so a long `max_seq_len` costs no table memory.
+Frequencies are computed in float32 from the config once. A forward into a cache takes cos/sin as rows of tables
+made once for the cache's positions (4 · head_dim bytes a position in fp16); other forwards compute them for their
+own positions only.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -53,17 +55,45 @@ def _llama3_inverse_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any])
     return torch.where(is_medium, blended, scaled)
 
 
+#: Forwards into a cache take cos and sin as rows of tables made once for every position the cache holds (two index
+#: kernels a forward, against seven to compute them: a decode step's graph is a chain of small launches).
+#: EXLQ_ROPE_TABLE=0 computes them every forward, as before (an A/B switch).
+TABLE = os.environ.get("EXLQ_ROPE_TABLE", "1") != "0"
+
+
 class RotaryEmbedding:
     """Holds inv_freq on the model's device and makes (cos, sin) for given positions."""
 
     def __init__(self, head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None, device: torch.device):
         self.inv_freq = inverse_frequencies(head_dim, rope_theta, rope_scaling).to(device)
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Tables a longer cache replaced: a CUDA graph captured with one reads it by address, so it is never freed.
+        self._outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] (int) -> cos, sin of shape [B, 1, T, head_dim] in `dtype`."""
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, limit: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (int) -> cos, sin of shape [B, 1, T, head_dim] in `dtype`. With `limit` (every position
+        below it: a cache's max_seq_len), the rows of tables made for positions [0, limit) (`tables`): the same
+        values on a GPU, where each element is computed alone; a CPU's vectorized cos may round a table's element
+        an ulp apart from a short row's."""
+        if limit is not None and TABLE:
+            cos, sin = self.tables(dtype, limit)
+            return cos[positions][:, None], sin[positions][:, None]
         freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def tables(self, dtype: torch.dtype, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n, head_dim] in `dtype` for positions 0..n-1, n ≥ limit: made on first use, or remade when a
+        longer cache asks (before a graph's capture: its warm-up step asks first)."""
+        tables = self._tables.get(dtype)
+        if tables is None or tables[0].shape[0] < limit:
+            if tables is not None:
+                self._outgrown.append(tables)
+            cos, sin = self.cos_sin(torch.arange(limit, device=self.inv_freq.device)[None], dtype)
+            tables = self._tables[dtype] = cos[0, 0], sin[0, 0]
+        return tables
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
