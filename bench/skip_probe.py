@@ -1,18 +1,23 @@
-"""What the decode step's small kernels cost it: the GPU's decode rate with some of them not launched at all.
+"""What the decode step's launches cost it: the GPU's decode rate with some of them not launched at all.
 
-A probe, not a mode: the skipped kernels' outputs are stale or garbage, so the tokens mean nothing; only the rate
-does. Each setting drops the model's captured graphs, patches the launches out and times `--steps` one-token steps
-replayed back to back (no token read between them: the GPU's own rate). The gap between "none" and a setting is what
-fusing those kernels into their neighbours could win at most (their launches and their latency on the step's
-critical path), so a fusion can be priced before it is written.
+A probe, not a mode: the skipped kernels' outputs are stale or garbage (sums they would end keep growing), so the
+tokens mean nothing; only the rate does. Each setting drops the model's captured graphs, takes the chosen kernels'
+launches out (by instance name, at every kernel module's `launch`: today's kernels whatever path launches them) and
+times `--steps` one-token steps replayed back to back (no token read between them: the GPU's own rate). The gap
+between "none" and a setting is what those launches cost the step in its chain of overlapping launches (their
+latency on its critical path, not their time alone), so a fusion or a faster kernel can be priced before it is
+written. The argmax that picks each next token is never skipped (the ids must stay valid).
 
     python3 bench/skip_probe.py [--shapes llama3-8b qwen2.5-0.5b] [--bpw 4.0] [--steps 256] [--rounds 2]
-        [--settings none norm rope finish attention norm+rope+finish]
+        [--settings none finish norm rope attention small stream register group gemvs]
 
-Kernels: norm (add_rms_norm: the residual add and RMSNorm before each attention and MLP), rope (rope_store: RoPE and
-the cache write), finish (exl2_finish: the split GEMVs' output writes), attention (the one-token attention kernel).
-Where the streamed GEMV folds the norm into its gather (small models, fused_ops.NORM_FOLD), `norm` leaves out only
-the norms it does not fold (the first layer's input norm, the final one): run with EXLQ_NORM_FOLD=0 to price them all.
+Settings join groups with "+": finish (exl2_finish: split products' ends), norm (finish_add_rms_norm,
+exl2_finish_norm, add_rms_norm: the residual adds and norms), rope (rope_store, finish_rope_store), attention
+(decode_attention, rope_decode_attention), small (those four), stream (the one-row streamed GEMVs: every launch of a
+small model's, q/k/v and o_proj on the 8B), register (exl2_gemv: the 8B's down_proj and head), group
+(exl2_gemv_group: the 8B's gate/up), gemvs (those three). Session 28 patched the Python functions instead (that
+table in docs/benchmarks.md); kernels launched with nothing to wait on cost the chain ~nothing, so a setting prices
+the kernels' work and latency.
 """
 
 from __future__ import annotations
@@ -30,43 +35,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exlq.cli.bench import _synthetic_model  # noqa: E402
 from exlq.eval.speed import PROMPT_TOKENS  # noqa: E402
-from exlq.runtime import layers  # noqa: E402
-from exlq.runtime.kernels import attention_ops, exl2_ops, fused_ops, sampling_ops  # noqa: E402
+from exlq.runtime.kernels import attention_ops, exl2_ops, exl2_stream_ops, fused_ops, kv_ops, sampling_ops  # noqa: E402
 
-
-def _no_norm(residual, delta, weight, eps):
-    out = torch.empty(residual.shape, dtype=weight.dtype, device=residual.device)
-    return residual, out
-
-
-def _no_rope(q, k, v, cos, sin, key_cache, value_cache, position):
-    bsz, tokens, heads, dim = q.shape
-    return torch.empty(bsz, heads, tokens, dim, dtype=q.dtype, device=q.device)
-
-
-def _no_attention(q, k, v, position, window):
-    return torch.empty_like(q)
-
-
-PATCHES = {  # kernel -> (module, attribute, replacement)
-    "norm": (layers, "add_rms_norm", _no_norm),
-    "rope": (fused_ops, "rope_store", _no_rope),
-    "finish": (exl2_ops, "finish_sums", lambda *args: None),
-    "attention": (attention_ops, "decode_attention", _no_attention),
+MODULES = (attention_ops, exl2_ops, exl2_stream_ops, fused_ops, kv_ops, sampling_ops)  # each binds its own `launch`
+GROUPS = {  # setting -> instance-name prefixes of the launches it leaves out
+    "finish": ("exl2_finish<",),
+    "norm": ("finish_add_rms_norm<", "exl2_finish_norm<", "add_rms_norm<"),
+    "rope": ("rope_store<", "finish_rope_store<"),
+    "attention": ("decode_attention<", "rope_decode_attention<"),
+    "stream": ("exl2_stream<",),
+    "register": ("exl2_gemv<",),
+    "group": ("exl2_gemv_group<",),
 }
+GROUPS["small"] = GROUPS["finish"] + GROUPS["norm"] + GROUPS["rope"] + GROUPS["attention"]
+GROUPS["gemvs"] = GROUPS["stream"] + GROUPS["register"] + GROUPS["group"]
+
+
+def prefixes_of(setting: str) -> tuple[str, ...]:
+    """The instance-name prefixes a setting ("none", or groups joined by "+") leaves out."""
+    return () if setting == "none" else tuple(p for group in setting.split("+") for p in GROUPS[group])
 
 
 @contextlib.contextmanager
-def skipped(kernels: list[str]):
-    saved = [(module, name, getattr(module, name)) for module, name, _ in (PATCHES[k] for k in kernels)]
-    for k in kernels:
-        module, name, replacement = PATCHES[k]
-        setattr(module, name, replacement)
+def skipped(prefixes: tuple[str, ...], counts: dict[str, int]):
+    """Every kernel module's `kernel` records each handle's instance name, and its `launch` returns at once for the
+    instances whose name starts with one of `prefixes` (counted by name in `counts`: a setting that skips nothing
+    shows)."""
+    names: dict[int, str] = {}
+    saved = [(module, module.kernel, module.launch) for module in MODULES]
+
+    def recording(original):
+        def kernel(source, instances, name, device):
+            handle = original(source, instances, name, device)
+            names[handle] = name
+            return handle
+        return kernel
+
+    def skipping(original):
+        def launch(function, *args, **kwargs):
+            name = names.get(function, "")
+            if prefixes and name.startswith(prefixes):
+                counts[name] = counts.get(name, 0) + 1
+                return None
+            return original(function, *args, **kwargs)
+        return launch
+
+    for module, kernel, launch in saved:
+        module.kernel, module.launch = recording(kernel), skipping(launch)
     try:
         yield
     finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
+        for module, kernel, launch in saved:
+            module.kernel, module.launch = kernel, launch
 
 
 def decode_rate(model, steps: int) -> float:
@@ -100,19 +120,20 @@ def main() -> None:
     parser.add_argument("--bpw", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--settings", nargs="+", default=["none", "norm", "rope", "finish", "attention",
-                                                          "norm+rope+finish"])
+    parser.add_argument("--settings", nargs="+", default=["none", "finish", "norm", "rope", "attention", "small",
+                                                          "stream", "register", "group", "gemvs"])
     args = parser.parse_args()
     for shape in args.shapes:
         model = _synthetic_model(shape, args.bpw, torch.device("cuda"), 128)
         for round_ in range(args.rounds):
             for setting in args.settings:
-                kernels = [] if setting == "none" else setting.split("+")
                 model.decode_graphs.clear()
-                with skipped(kernels):
+                counts: dict[str, int] = {}
+                with skipped(prefixes_of(setting), counts):
                     rate = decode_rate(model, args.steps)
                 model.decode_graphs.clear()
-                row = {"shape": shape, "round": round_, "skipped": setting, "tokens_per_second": round(rate, 1)}
+                row = {"shape": shape, "round": round_, "skipped": setting, "tokens_per_second": round(rate, 1),
+                       "launches_left_out": counts}  # eager launches (prefills, warm-ups, captures), by instance
                 print(json.dumps(row), flush=True)
         del model
         torch.cuda.empty_cache()
