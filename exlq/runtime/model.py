@@ -195,7 +195,8 @@ class DecoderOnlyLM(nn.Module):
             logits = self.decode_graphs.run(self, input_ids, cache)
             cache.seq_len = past_len + new_len
             return last_positions(logits, max_output_len)
-        batch = self.attention_batch(bsz, new_len, past_len, pad_lengths, cache.max_seq_len if cache else None)
+        limit = cache.max_seq_len if cache is not None else None  # every position the forward writes is below it
+        batch = self.attention_batch(bsz, new_len, past_len, pad_lengths, limit)
         hidden, delta = self.run_layers(self.embed(input_ids), batch, cache)
         if cache is not None:
             cache.seq_len = past_len + new_len
