@@ -56,24 +56,26 @@ def prefixes_of(setting: str) -> tuple[str, ...]:
     return () if setting == "none" else tuple(p for group in setting.split("+") for p in GROUPS[group])
 
 
+NAMES: dict[int, str] = {}  # kernel handle -> instance name, as `kernel` handed them out (kept across settings)
+
+
 @contextlib.contextmanager
 def skipped(prefixes: tuple[str, ...], counts: dict[str, int]):
     """Every kernel module's `kernel` records each handle's instance name, and its `launch` returns at once for the
     instances whose name starts with one of `prefixes` (counted by name in `counts`: a setting that skips nothing
     shows)."""
-    names: dict[int, str] = {}
     saved = [(module, module.kernel, module.launch) for module in MODULES]
 
     def recording(original):
         def kernel(source, instances, name, device):
             handle = original(source, instances, name, device)
-            names[handle] = name
+            NAMES[handle] = name
             return handle
         return kernel
 
     def skipping(original):
         def launch(function, *args, **kwargs):
-            name = names.get(function, "")
+            name = NAMES.get(function, "")
             if prefixes and name.startswith(prefixes):
                 counts[name] = counts.get(name, 0) + 1
                 return None
