@@ -150,3 +150,54 @@ def test_bench_decodes_with_infer_sampling(monkeypatch):
     calls.clear()
     assert measure_speed(model, cache_tokens=128, prefill_lengths=(32,), new_tokens=8).sampling == "greedy"
     assert set(calls) == {"argmax_rows"}
+
+
+def _bench_module(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    return importlib.import_module(f"bench.{name}")
+
+
+def test_skip_probe_leaves_out_the_launches_of_todays_kernels(monkeypatch):
+    """bench/skip_probe.py's settings name kernels by instance-name prefix: each prefix names instances the catalog
+    builds (a renamed kernel fails here, not silently on the GPU), exl2_finish's not the norm's, and inside
+    `skipped` exactly the launches of matching instances are left out and counted, every module restored after."""
+    from exlq.runtime.kernels import catalog, fused_ops
+
+    probe = _bench_module("skip_probe")
+    instances = [i for sets in catalog.SOURCES.values() for s in sets for i in s]
+    for group, prefixes in probe.GROUPS.items():
+        for prefix in prefixes:
+            assert any(i.startswith(prefix) for i in instances), (group, prefix)
+    assert not "exl2_finish_norm<fp16_t>".startswith(probe.prefixes_of("finish"))
+    assert probe.prefixes_of("none") == () and probe.prefixes_of("rope+attention") == (
+        probe.GROUPS["rope"] + probe.GROUPS["attention"])
+    launched = []
+    monkeypatch.setattr(fused_ops, "kernel", lambda source, instances, name, device: hash(name))
+    monkeypatch.setattr(fused_ops, "launch", lambda function, *args, **kwargs: launched.append(function))
+    originals = [(m, m.kernel, m.launch) for m in probe.MODULES]
+    counts = {}
+    with probe.skipped(probe.prefixes_of("norm+rope"), counts):
+        for name in ("finish_rope_store<fp16_t>", "silu_mul<fp16_t>", "finish_add_rms_norm<bf16_t>"):
+            fused_ops.launch(fused_ops.kernel("fused.cu", (), name, None), (1,), (1,), ())
+    assert launched == [hash("silu_mul<fp16_t>")]
+    assert counts == {"finish_rope_store<fp16_t>": 1, "finish_add_rms_norm<bf16_t>": 1}
+    assert all(m.kernel is kernel and m.launch is launch for m, kernel, launch in originals)
+
+
+def test_switch_ab_takes_boolean_runtime_switches():
+    """bench/switch_ab.py flips module flags the runtime reads at every call: the prepared ones resolve; anything
+    not a boolean flag is refused before a model is built."""
+    from exlq.runtime import rope
+    from exlq.runtime.kernels import attention_ops, exl2_ops
+
+    ab = _bench_module("switch_ab")
+    assert ab.resolve("kernels.attention_ops.ROPE_ATTENTION") == (attention_ops, "ROPE_ATTENTION")
+    assert ab.resolve("kernels.exl2_ops.GATED_SUMS_STREAM") == (exl2_ops, "GATED_SUMS_STREAM")
+    assert ab.resolve("rope.TABLE") == (rope, "TABLE")
+    for wrong in ("kernels.exl2_ops.MMA_ROWS", "rope.NOT_A_SWITCH"):
+        with pytest.raises(SystemExit):
+            ab.resolve(wrong)
