@@ -187,15 +187,19 @@ def test_rope_table_rows_are_the_values_computed_per_forward(dtype, head_dim):
 
 def test_rope_tables_grow_for_a_longer_cache_and_keep_the_old_ones(monkeypatch):
     """A table serves every shorter limit; a longer cache gets a new one, and the one it replaces stays alive (a
-    captured graph reads it by address); EXLQ_ROPE_TABLE=0 computes every forward's rows."""
+    captured graph reads it by address); made TABLE_CHUNK rows at a time, its rows are those computed at once;
+    EXLQ_ROPE_TABLE=0 computes every forward's rows."""
     from exlq.runtime import rope
 
+    monkeypatch.setattr(rope, "TABLE_CHUNK", 64)  # tables made a few rows at a time: the same rows
     rotary = rope.RotaryEmbedding(16, 10000.0, None, torch.device("cpu"))
     first = rotary.tables(torch.float16, 100)
     assert first[0].shape == (100, 16) and rotary.tables(torch.float16, 40) is first
     second = rotary.tables(torch.float16, 300)
     assert second[0].shape == (300, 16) and rotary._outgrown == [first]
     assert torch.equal(second[0][:100], first[0]) and torch.equal(second[1][:100], first[1])
+    computed = rotary.cos_sin(torch.arange(300)[None], torch.float16)
+    assert torch.equal(second[0], computed[0][0, 0]) and torch.equal(second[1], computed[1][0, 0])
     made = []
     monkeypatch.setattr(rope, "TABLE", False)
     monkeypatch.setattr(rotary, "tables", lambda *args: made.append(args))

@@ -59,6 +59,7 @@ def _llama3_inverse_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any])
 #: kernels a forward, against seven to compute them: a decode step's graph is a chain of small launches).
 #: EXLQ_ROPE_TABLE=0 computes them every forward, as before (an A/B switch).
 TABLE = os.environ.get("EXLQ_ROPE_TABLE", "1") != "0"
+TABLE_CHUNK = 8192  # positions a table is made from at a time
 
 
 class RotaryEmbedding:
@@ -91,8 +92,12 @@ class RotaryEmbedding:
         if tables is None or tables[0].shape[0] < limit:
             if tables is not None:
                 self._outgrown.append(tables)
-            cos, sin = self.cos_sin(torch.arange(limit, device=self.inv_freq.device)[None], dtype)
-            tables = self._tables[dtype] = cos[0, 0], sin[0, 0]
+            device, dim = self.inv_freq.device, 2 * self.inv_freq.numel()
+            tables = self._tables[dtype] = tuple(torch.empty(limit, dim, dtype=dtype, device=device) for _ in "cs")
+            for start in range(0, limit, TABLE_CHUNK):  # float32 temporaries of TABLE_CHUNK rows, not of the cache's
+                rows = torch.arange(start, min(limit, start + TABLE_CHUNK), device=device)[None]
+                for table, part in zip(tables, self.cos_sin(rows, dtype)):
+                    table[start : start + rows.shape[1]] = part[0, 0]
         return tables
 
 
