@@ -77,26 +77,19 @@ class AttentionBatch:
     ) -> torch.Tensor:
         """The attention of this forward's new tokens (q, k, v [B, T, H·D], as their projections give them) over the
         cache and themselves, [B, Hq, T, D]: rotate_and_store, then attend. One launch for all of it where a single
-        token's q/k/v are still their GEMV's sums over an unquantized cache (attention_ops.rope_attention, behind
-        EXLQ_ROPE_ATTENTION)."""
+        token of one unpadded sequence has q/k/v still their GEMV's sums (fused_ops.ends_token_sums) over an
+        unquantized cache, in shapes the decode kernel takes (attention_ops.rope_attention, behind EXLQ_ROPE_ATTENTION)."""
         buffers = self._dense_buffers(cache, layer, q)
-        if buffers is not None and self._attends_sums(q, k, v, head_dim, *self.attended(*buffers)):
-            sums = [t.take_sums() for t in (q, k, v)]
+        if buffers is not None and attention_ops.ROPE_ATTENTION and self.pad_lengths is None:
+            keys, values = self.attended(*buffers)
             heads = math.prod(q.shape[2:]) // head_dim
-            return attention_ops.rope_attention(sums, self.cos, self.sin, *self.attended(*buffers),
-                                                self.cache_position(), window, heads)
+            if (fused_ops.ends_token_sums(q, k, v) and self.cos.shape[-1] == head_dim
+                    and attention_ops.takes_caches(heads, q.dtype, keys, values)):
+                sums = [t.take_sums() for t in (q, k, v)]
+                return attention_ops.rope_attention(sums, self.cos, self.sin, keys, values, self.cache_position(),
+                                                    window, heads)
         q, k, v = self.rotate_and_store(cache, layer, q, k, v, head_dim)
         return self.attend(q, k, v, window)
-
-    def _attends_sums(self, q, k, v, head_dim: int, keys: torch.Tensor, values: torch.Tensor) -> bool:
-        """Whether rope_attention takes this step: one token of one unpadded sequence, q, k and v all unfinished sums
-        (exl2_ops.PendingSums), and the decode kernel's conditions on the heads and caches."""
-        if not (attention_ops.ROPE_ATTENTION and fused_ops.ROPE_FINISH and self.pad_lengths is None):
-            return False
-        if not all(isinstance(t, Deferred) and t.unfinished() for t in (q, k, v)):
-            return False
-        return (math.prod(q.shape[:2]) == 1 and self.cos.shape[-1] == head_dim
-                and attention_ops.takes_caches(math.prod(q.shape[2:]) // head_dim, q.dtype, keys, values))
 
     def _dense_buffers(self, cache, layer: int, q: torch.Tensor | Deferred) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The layer's whole key/value buffers, where kernels run and the cache is unquantized (cache.dense_layer)."""

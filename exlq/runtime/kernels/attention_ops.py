@@ -111,10 +111,8 @@ def decode_attention(
     `window` or more before it, nor the first pad_lengths[b] keys of row b (a left-padded batch: [B] contiguous int64
     on q's device, as model.forward makes the cache's and the graphs keep theirs; a row sees its own token whatever
     its padding, as attention.build_mask lets it). Returns [B, Hq, 1, D]."""
-    heads, dim = q.shape[1], q.shape[3]
-    kv_heads, span = k.shape[1], k.shape[2]
-    if isinstance(position, int) and not 0 <= position < span:
-        raise ExlqError(f"decode attention at position {position} over {span} keys")
+    heads, dim, kv_heads = q.shape[1], q.shape[3], k.shape[1]
+    check_position(position, k)
     q = q.contiguous()
     out = torch.empty_like(q)
     device_position = position if isinstance(position, torch.Tensor) else None
@@ -134,9 +132,8 @@ def rope_attention(
     any shape of D·1 elements) and the append of its key and value to the caches k, v [1, Hkv, span, D] at `position`
     (its row must lie in the span) in the same launch, as fused_ops.rope_store and decode_attention would do them in
     two. Returns [1, heads, 1, D]."""
-    kv_heads, span, dim = k.shape[1], k.shape[2], k.shape[3]
-    if isinstance(position, int) and not 0 <= position < span:
-        raise ExlqError(f"decode attention at position {position} over {span} keys")
+    kv_heads, dim = k.shape[1], k.shape[3]
+    check_position(position, k)
     if k.shape[0] != 1 or cos.numel() != dim or sin.numel() != dim:
         raise ExlqError("rope_attention takes one token of one sequence")
     out = torch.empty(1, heads, 1, dim, dtype=k.dtype, device=k.device)
@@ -146,6 +143,12 @@ def rope_attention(
                  math.log2(math.e) / math.sqrt(dim), out)
     launch_heads("rope_decode_attention", heads, k, arguments)
     return out
+
+
+def check_position(position: torch.Tensor | int, k: torch.Tensor) -> None:
+    """A host-side position must lie in k's span (a device tensor's cannot be checked without a sync)."""
+    if isinstance(position, int) and not 0 <= position < k.shape[2]:
+        raise ExlqError(f"decode attention at position {position} over {k.shape[2]} keys")
 
 
 def launch_heads(name: str, heads: int, k: torch.Tensor, arguments: tuple) -> None:

@@ -169,6 +169,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def ends_token_sums(q: torch.Tensor | Deferred, k: torch.Tensor | Deferred, v: torch.Tensor | Deferred) -> bool:
+    """Whether one token of one sequence has q, k and v [B, T, ...] all still their GEMV's unfinished sums, for the
+    launch after them to end (finish_rope_store, or the attention's: attention.AttentionBatch.attention), with
+    ROPE_FINISH on."""
+    return (ROPE_FINISH and math.prod(q.shape[:2]) == 1
+            and all(isinstance(t, Deferred) and t.unfinished() for t in (q, k, v)))
+
+
 def rope_store(
     q: torch.Tensor | Deferred,
     k: torch.Tensor | Deferred,
@@ -193,8 +201,7 @@ def rope_store(
     device_position = position if isinstance(position, torch.Tensor) else None
     where = (device_position, 0 if device_position is not None else int(position))
     tables = (cos.contiguous(), sin.contiguous(), q_out, key_cache, value_cache, *where)
-    unfinished = ROPE_FINISH and bsz * tokens == 1 and all(isinstance(t, Deferred) and t.unfinished() for t in (q, k, v))
-    if unfinished:
+    if ends_token_sums(q, k, v):
         sums = [t.take_sums() for t in (q, k, v)]
         name, operands = "finish_rope_store", (*(x for s in sums for x in (s.sums, s.bias)), *tables)
     else:
