@@ -80,15 +80,15 @@ class AttentionBatch:
         token of one unpadded sequence has q/k/v still their GEMV's sums (fused_ops.ends_token_sums) over an
         unquantized cache, in shapes the decode kernel takes (attention_ops.rope_attention, behind EXLQ_ROPE_ATTENTION)."""
         buffers = self._dense_buffers(cache, layer, q)
-        if buffers is not None and attention_ops.ROPE_ATTENTION and self.pad_lengths is None:
+        if (buffers is not None and attention_ops.ROPE_ATTENTION and self.pad_lengths is None
+                and self.cos.shape[-1] == head_dim and fused_ops.ends_token_sums(q, k, v)):
             keys, values = self.attended(*buffers)
             heads = math.prod(q.shape[2:]) // head_dim
-            if (fused_ops.ends_token_sums(q, k, v) and self.cos.shape[-1] == head_dim
-                    and attention_ops.takes_caches(heads, q.dtype, keys, values)):
+            if attention_ops.takes_caches(heads, q.dtype, keys, values):
                 sums = [t.take_sums() for t in (q, k, v)]
                 return attention_ops.rope_attention(sums, self.cos, self.sin, keys, values, self.cache_position(),
                                                     window, heads)
-        q, k, v = self.rotate_and_store(cache, layer, q, k, v, head_dim)
+        q, k, v = self.rotate_and_store(cache, layer, q, k, v, head_dim, buffers)
         return self.attend(q, k, v, window)
 
     def _dense_buffers(self, cache, layer: int, q: torch.Tensor | Deferred) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -99,14 +99,14 @@ class AttentionBatch:
 
     def rotate_and_store(
         self, cache, layer: int, q: torch.Tensor | Deferred, k: torch.Tensor | Deferred, v: torch.Tensor | Deferred,
-        head_dim: int,
+        head_dim: int, buffers: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """RoPE on q, k [B, T, H·D], k and v appended to the cache: (q, all keys, all values) as [B, H, T|K, D].
 
-        One fused kernel on the GPU when the cache is unquantized (which also ends q/k/v left Deferred by their GEMV);
-        the torch ops otherwise. A quantized cache sees the queries first (cache.observe_queries).
+        One fused kernel on the GPU into the layer's whole key/value `buffers` when the cache is unquantized
+        (_dense_buffers; the kernel also ends q/k/v left Deferred by their GEMV); the torch ops otherwise. A quantized
+        cache sees the queries first (cache.observe_queries).
         """
-        buffers = self._dense_buffers(cache, layer, q)
         if buffers is not None:
             from exlq.runtime.kernels.fused_ops import rope_store
 
