@@ -6,10 +6,11 @@ flag the runtime reads at every call, e.g. `kernels.attention_ops.ROPE_ATTENTION
 1 0 0 1 per round, the captured graphs dropped before each run, and `skip_probe.decode_rate` times one-token graph
 replays back to back (the GPU's own rate, no token read between steps; `exlq bench` reads one a step).
 
-    python3 bench/switch_ab.py --switches kernels.attention_ops.ROPE_ATTENTION rope.TABLE \
+    python3 bench/switch_ab.py --switches kernels.attention_ops.ROPE_ATTENTION rope.TABLE EXLQ_ATTENTION_RANKS=4 \
         [--shapes llama3-8b qwen2.5-0.5b] [--bpw 4.0] [--steps 256] [--rounds 3]
 
-A switch's path is relative to `exlq.runtime`. Prints one JSON line a run, then each switch's mean on and off per
+A switch's path is relative to `exlq.runtime`; NAME=VALUE is an environment setting the runtime reads at every call
+(on: set to VALUE; off: as the process found it). Prints one JSON line a run, then each switch's mean on and off per
 shape and the gain.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,8 +34,29 @@ from skip_probe import decode_rate  # noqa: E402
 from exlq.cli.bench import _synthetic_model  # noqa: E402
 
 
+class EnvironmentSwitch:
+    """NAME=VALUE as a switch: attribute `on` set means the variable holds VALUE, else what the process found."""
+
+    def __init__(self, name: str, value: str) -> None:
+        self.name, self.value, self.found = name, value, os.environ.get(name)
+        self.on = False
+
+    def __setattr__(self, attribute: str, on: object) -> None:
+        super().__setattr__(attribute, on)
+        if attribute == "on":
+            if on:
+                os.environ[self.name] = self.value
+            elif self.found is None:
+                os.environ.pop(self.name, None)
+            else:
+                os.environ[self.name] = self.found
+
+
 def resolve(switch: str) -> tuple[object, str]:
-    """The module and attribute of `switch` ("kernels.attention_ops.ROPE_ATTENTION": exlq.runtime's)."""
+    """The module and attribute of `switch` ("kernels.attention_ops.ROPE_ATTENTION": exlq.runtime's), or of an
+    environment setting ("EXLQ_ATTENTION_RANKS=4")."""
+    if "=" in switch:
+        return EnvironmentSwitch(*switch.split("=", 1)), "on"
     path, _, attribute = switch.rpartition(".")
     module = importlib.import_module(f"exlq.runtime.{path}")
     if not isinstance(getattr(module, attribute, None), bool):

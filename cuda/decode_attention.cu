@@ -12,7 +12,10 @@
 // position: a captured graph serves every position of its span. On sm_90 the R ranks are one thread-block cluster
 // and merge through distributed shared memory (each rank writes its share of the outputs), with no global workspace,
 // fence or counter: the earlier design's merge through L2 cost ~5 µs a layer, 6 % of the 8B's decode step
-// (docs/benchmarks.md, session 28). Before sm_90, R = 1: one block a head walks every chunk.
+// (docs/benchmarks.md, session 28). The merge pulls (each owner reads the others' records after a cluster barrier,
+// and a second keeps them until all have read) or, with `push` (attention_ops.PUSH_MERGE), pushes: each rank stores
+// its pieces into their owners before the one barrier (push_merge). Before sm_90, R = 1: one block a head walks
+// every chunk.
 // Scores: ATT_KEY_THREADS threads a key, each with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled
 // by log2(e)/√D as it is staged). Then the chunk's maximum and exponential sum per query head, and Σ p·v with a thread
 // for 8 adjacent dimensions of a row.
@@ -21,7 +24,8 @@
 //
 // rope_decode_attention (one token of one sequence): q, k and v are still their q/k/v GEMV's unfinished fp32 sums
 // (exl2_ops.PendingSums), and the kernel does what finish_rope_store (fused.cu) did in the launch before it: every
-// block ends its KV head's sums (ended_sum) and rotates them (rotate_pair), stages the queries from them, keeps the
+// block ends its KV head's sums (their biases read before the wait, the sums and RoPE rows after it in one round
+// trip) and rotates them (rotate_values), stages the queries from them, keeps the
 // token's key and value in shared memory for whichever rank's chunk holds the token (rank 0 writes them to the
 // cache, which no other block of this launch may read back), and rank 0 re-zeroes the sums once every rank has read
 // them (after the cluster's first barrier). One launch a layer fewer.
@@ -62,16 +66,41 @@ __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
 }
-// The float at `local` (this block's shared memory) in rank `rank`'s copy.
+// The push merge's two halves of a barrier: every rank arrives as it starts and waits only before its first store
+// into another rank's shared memory, by when all have long arrived (a block may be written to only once it runs).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+// `local` (this block's shared memory) as an address in the cluster's shared window.
+__device__ __forceinline__ u32 shared_address(const float* local) {
+    u32 at = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(at) : "l"(local));
+#endif
+    return at;
+}
+// The float at `local` in rank `rank`'s copy.
 __device__ __forceinline__ float load_rank(const float* local, int rank) {
     float v = 0.0f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    u32 at;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(at) : "l"(local));
     asm volatile("{ .reg .u32 r; mapa.shared::cluster.u32 r, %1, %2; ld.shared::cluster.f32 %0, [r]; }"
-                 : "=f"(v) : "r"(at), "r"(rank) : "memory");
+                 : "=f"(v) : "r"(shared_address(local)), "r"(rank) : "memory");
 #endif
     return v;
+}
+// v written to `local` in rank `rank`'s copy (no wait for it: the next cluster barrier's release orders it).
+__device__ __forceinline__ void store_rank(float* local, int rank, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("{ .reg .u32 r; mapa.shared::cluster.u32 r, %0, %1; st.shared::cluster.f32 [r], %2; }"
+                 :: "r"(shared_address(local)), "r"(rank), "f"(v) : "memory");
+#endif
 }
 
 // The token's q/k/v sums, their biases (null: none), its RoPE rows and the caches, for rope_decode_attention.
@@ -98,12 +127,53 @@ __device__ __forceinline__ void zero_token_sums(const NewToken& token, int h) {
     }
 }
 
+// The push merge (sm_90, ranks > 1): rank r owns outputs [r·share, (r + 1)·share), share = G·D / ranks (D is 64 or
+// 128 and ranks a power of two up to 16, so it divides). Every rank stores its Σ p·v of each owner's share (the warps'
+// `joined` parts added) into that owner's `inbox` at [rank][·], and its maximum and exponential sum per query head
+// into the owner's inbox_max / inbox_sum; one cluster barrier; then each owner merges what it holds, locally, and
+// leaves. The pull merge (below in attend_token) reads the others' records after one barrier instead, which costs a
+// round trip of remote loads and a second barrier before any rank may leave.
+template <typename T, int D, int G>
+__device__ __forceinline__ void push_merge(const float* joined, float* inbox, const float* record_max,
+                                           const float* record_sum, float (*inbox_max)[G], float (*inbox_sum)[G],
+                                           int rank, int ranks, u16* to) {
+    constexpr int WARPS = ATT_THREADS / 32;
+    const float NEG_INF = __int_as_float(0xff800000);
+    const int tid = threadIdx.x, share = G * D / ranks;
+    cluster_wait();  // every rank runs: each arrived as it started, so this returns at once
+    for (int i = tid; i < G * D; i += ATT_THREADS) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) sum += joined[w * G * D + i];
+        const int owner = i / share;
+        store_rank(&inbox[rank * share + i - owner * share], owner, sum);
+    }
+    for (int t = tid; t < ranks * G; t += ATT_THREADS) {
+        const int owner = t / G, g = t - owner * G;
+        store_rank(&inbox_max[rank][g], owner, record_max[g]);
+        store_rank(&inbox_sum[rank][g], owner, record_sum[g]);
+    }
+    cluster_sync();  // every rank's pieces are in place
+    for (int x = tid; x < share; x += ATT_THREADS) {
+        const int i = rank * share + x, g = i / D;
+        float top = NEG_INF;
+        for (int r = 0; r < ranks; r++) top = fmaxf(top, inbox_max[r][g]);
+        float num = 0.0f, den = 0.0f;
+        for (int r = 0; r < ranks; r++) {
+            const float w = exp2f(inbox_max[r][g] - top);  // 0 for a rank without chunks (-inf)
+            num = fmaf(w, inbox[r * share + x], num);
+            den = fmaf(w, inbox_sum[r][g], den);
+        }
+        to[i] = Act<T>::store(num / den);
+    }
+}
+
 // decode_attention's body; ROPE: rope_decode_attention's (q null, the token from `token`; batch 1, pad null).
 template <typename T, int D, int G, int CHUNK, bool ROPE>
 __device__ __forceinline__ void attend_token(
     const u16* __restrict__ q, const u16* __restrict__ keys, const u16* __restrict__ values, int batch_stride,
     int head_stride, int kv_heads, const long long* __restrict__ position, int position_value, int window,
-    const long long* __restrict__ pad, float scale_log2, u16* __restrict__ out, const NewToken& token) {
+    const long long* __restrict__ pad, float scale_log2, u16* __restrict__ out, bool push, const NewToken& token) {
     static_assert(D == 64 || D == 128, "head sizes 64 and 128");
     static_assert(CHUNK == 32 || CHUNK == 64, "chunks of 32 or 64 keys");
     constexpr int EPT = D / ATT_KEY_THREADS;                  // elements of a key a thread scores: 32 or 16
@@ -121,11 +191,14 @@ __device__ __forceinline__ void attend_token(
     __shared__ __align__(16) float joined[WARPS][G][D];
     __shared__ float rescale[G];              // this chunk's factor on the sums so far: 2^(old max - new max)
     __shared__ __align__(16) float record[G][D];  // the rank's Σ p·v, then its maximum and sum per query head:
-    __shared__ float record_max[G], record_sum[G];  // read by the other ranks of the cluster
+    __shared__ float record_max[G], record_sum[G];  // read by the other ranks of the cluster (push: these are the
+    __shared__ float inbox_max[ATT_MAX_RANKS][G], inbox_sum[ATT_MAX_RANKS][G];  // rank's own; every rank's land here,
+    // and `record` holds, as [rank][share], every rank's sums of this rank's share of the outputs)
     __shared__ __align__(16) u16 token_rows[2][ROPE ? D : 8];  // ROPE: the token's rotated key, and its value
 
     pdl_launch_dependents();
     const int bh = blockIdx.x, rank = blockIdx.y, ranks = gridDim.y;
+    if (push && ranks > 1) cluster_arrive_relaxed();  // this rank runs (its wait: before the merge's stores)
     const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // The position is a graph input copied in before the step's first (torch) kernel, or a launch argument.
     const int pos = position != nullptr ? (int)*position : position_value;
@@ -177,30 +250,58 @@ __device__ __forceinline__ void attend_token(
         record_max[tid] = NEG_INF;  // a rank without chunks weighs nothing in the merge
         record_sum[tid] = 0.0f;
     }
+    // ROPE: thread i ends query pair (j, j + D/2) of head g for i = g·D/2 + j (n = 0, 1, ... a thread: i = tid + n·
+    // ATT_THREADS, all with j = tid mod D/2), or past G·D/2 the key's; their biases, weights, are read before the wait.
+    constexpr int HALF = D / 2, QPAIRS = G * HALF, PAIRS = QPAIRS + HALF;
+    constexpr int ROPE_PASSES = ROPE ? (PAIRS + ATT_THREADS - 1) / ATT_THREADS : 1;
+    static_assert(ATT_THREADS % HALF == 0, "a thread's pairs share one column of the cos/sin rows");
+    const int j = tid % HALF;
+    auto pair_column = [&](int n) {  // of q's outputs (or k's: g == G)
+        const int g = (tid + n * ATT_THREADS) / HALF;
+        return g == G ? h * D + j : (h * G + g) * D + j;
+    };
+    float bias1[ROPE_PASSES], bias2[ROPE_PASSES], value_bias = 0.0f;
+    if constexpr (ROPE) {
+#pragma unroll
+        for (int n = 0; n < ROPE_PASSES; n++) {
+            const bool is_key = tid + n * ATT_THREADS >= QPAIRS;
+            const float* bias = is_key ? token.k_bias : token.q_bias;
+            const bool read = tid + n * ATT_THREADS < PAIRS && bias != nullptr;
+            bias1[n] = read ? bias[pair_column(n)] : 0.0f;
+            bias2[n] = read ? bias[pair_column(n) + HALF] : 0.0f;
+        }
+        if (tid < D && token.v_bias != nullptr) value_bias = token.v_bias[h * D + tid];
+    }
     pdl_wait();
     if constexpr (ROPE) {
-        // The token's queries and key from their sums, rotated (thread i: query pair i, or past G·D/2 the key's),
-        // and its value; the queries staged as below, the key and value kept for own_key / own_value.
-        constexpr int HALF = D / 2, QPAIRS = G * HALF, PAIRS = QPAIRS + HALF;
+        // The token's queries and key from their sums, rotated, and its value; the queries staged as below, the key
+        // and value kept for own_key / own_value. Every load first (one round trip), then the arithmetic.
         const size_t row = base + (size_t)pos * D;
+        float x1[ROPE_PASSES], x2[ROPE_PASSES];
+#pragma unroll
+        for (int n = 0; n < ROPE_PASSES; n++) {
+            if (tid + n * ATT_THREADS < PAIRS) {
+                const float* sums = tid + n * ATT_THREADS >= QPAIRS ? token.k_sums : token.q_sums;
+                x1[n] = __ldcg(sums + pair_column(n));
+                x2[n] = __ldcg(sums + pair_column(n) + HALF);
+            }
+        }
+        const float value_sum = tid < D ? __ldcg(token.v_sums + h * D + tid) : 0.0f;
+        const u16 c1 = token.cos[j], s1 = token.sin[j], c2 = token.cos[j + HALF], s2 = token.sin[j + HALF];
         if (tid < D) {
-            const u16 value = ended_sum<T>(__ldcg(token.v_sums + h * D + tid), token.v_bias, h * D + tid);
+            const u16 value = Act<T>::store(value_sum + value_bias);  // as ended_sum
             token_rows[1][tid] = value;
             if (rank == 0) token.values[row + tid] = value;
         }
 #pragma unroll
-        for (int n = 0; n < (PAIRS + ATT_THREADS - 1) / ATT_THREADS; n++) {
+        for (int n = 0; n < ROPE_PASSES; n++) {
             const int i = tid + n * ATT_THREADS;
             if (i < PAIRS) {
                 const bool is_key = i >= QPAIRS;
-                const int g = i / HALF, j = i - g * HALF;  // g == G: the key
-                const int column = is_key ? h * D + j : (h * G + g) * D + j;  // of q's (or k's) outputs
-                const float* sums = is_key ? token.k_sums : token.q_sums;
-                const float* bias = is_key ? token.k_bias : token.q_bias;
-                const float x1 = Act<T>::load(ended_sum<T>(__ldcg(sums + column), bias, column));
-                const float x2 = Act<T>::load(ended_sum<T>(__ldcg(sums + column + HALF), bias, column + HALF));
+                const int g = i / HALF;
                 u16 r1, r2;
-                rotate_pair<T>(x1, x2, token.cos, token.sin, j, HALF, r1, r2);
+                rotate_values<T>(Act<T>::load(Act<T>::store(x1[n] + bias1[n])),
+                                 Act<T>::load(Act<T>::store(x2[n] + bias2[n])), c1, s1, c2, s2, r1, r2);
                 if (is_key) {
                     token_rows[0][j] = r1;
                     token_rows[0][j + HALF] = r2;
@@ -214,7 +315,7 @@ __device__ __forceinline__ void attend_token(
                 }
             }
         }
-        __syncthreads();  // token_rows written
+        __syncthreads();  // token_rows and qs written
     }
     if (chunk == last) {  // the token's own key and value (the kernel before wrote them, or ROPE: just above)
         const int k0 = chunk * CHUNK;
@@ -244,7 +345,7 @@ __device__ __forceinline__ void attend_token(
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     }
-    __syncthreads();
+    if constexpr (!ROPE) __syncthreads();  // qs written (ROPE: staged before the barrier above)
 
     for (; chunk <= last; chunk += ranks) {
         const int k0 = chunk * CHUNK, lo = max(k0, start), hi = min(k0 + CHUNK, pos + 1);
@@ -340,7 +441,7 @@ __device__ __forceinline__ void attend_token(
                 for (int e = 0; e < 8; e++) acc[g][e] = fmaf(pw, v[e], acc[g][e]);
             }
         }
-        __syncthreads();  // p and rescale are the next chunk's
+        if (chunk + ranks <= last) __syncthreads();  // p and rescale are the next chunk's (the join uses neither)
     }
 
     // The row groups joined (in the warp, then across warps): the rank's record.
@@ -363,6 +464,12 @@ __device__ __forceinline__ void attend_token(
     }
     __syncthreads();
     u16* to = out + (size_t)bh * G * D;
+    if (push && ranks > 1) {
+        push_merge<T, D, G>(&joined[0][0][0], &record[0][0], record_max, record_sum, inbox_max, inbox_sum, rank, ranks,
+                            to);
+        if (ROPE && rank == 0) zero_token_sums<D, G>(token, h);  // every rank read the sums before the barrier
+        return;  // (no rank reads another's shared memory after the barrier in push_merge)
+    }
     for (int i = tid; i < G * D; i += ATT_THREADS) {
         const int g = i / D, d = i - g * D;
         float sum = 0.0f;
@@ -407,9 +514,9 @@ template <typename T, int D, int G, int CHUNK>
 __global__ void __launch_bounds__(ATT_THREADS) decode_attention(
     const u16* __restrict__ q, const u16* __restrict__ keys, const u16* __restrict__ values, int batch_stride,
     int head_stride, int kv_heads, const long long* __restrict__ position, int position_value, int window,
-    const long long* __restrict__ pad, float scale_log2, u16* __restrict__ out) {
+    const long long* __restrict__ pad, float scale_log2, u16* __restrict__ out, int push) {
     attend_token<T, D, G, CHUNK, false>(q, keys, values, batch_stride, head_stride, kv_heads, position, position_value,
-                                        window, pad, scale_log2, out, NewToken{});
+                                        window, pad, scale_log2, out, push != 0, NewToken{});
 }
 
 // decode_attention of one token of one sequence (grid (Hkv, R)) whose q, k and v are still their GEMV's sums: the
@@ -419,8 +526,9 @@ __global__ void __launch_bounds__(ATT_THREADS) rope_decode_attention(
     float* __restrict__ q_sums, const float* __restrict__ q_bias, float* __restrict__ k_sums,
     const float* __restrict__ k_bias, float* __restrict__ v_sums, const float* __restrict__ v_bias,
     const u16* __restrict__ cos, const u16* __restrict__ sin, u16* keys, u16* values, int head_stride, int kv_heads,
-    const long long* __restrict__ position, int position_value, int window, float scale_log2, u16* __restrict__ out) {
+    const long long* __restrict__ position, int position_value, int window, float scale_log2, u16* __restrict__ out,
+    int push) {
     const NewToken token{q_sums, q_bias, k_sums, k_bias, v_sums, v_bias, cos, sin, keys, values};
     attend_token<T, D, G, CHUNK, true>(nullptr, keys, values, 0, head_stride, kv_heads, position, position_value,
-                                       window, nullptr, scale_log2, out, token);
+                                       window, nullptr, scale_log2, out, push != 0, token);
 }

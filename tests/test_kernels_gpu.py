@@ -575,19 +575,21 @@ def test_rope_ends_the_qkv_sums_of_one_token(dtype, kind, bias, monkeypatch):
     (128, 4, 4, torch.bfloat16, "wide", False), (64, 14, 2, torch.float16, "stream", True)])
 @pytest.mark.parametrize("span, position, window", [(32, 13, None), (256, 200, None), (1024, 900, 100),
                                                     (1024, 1023, None)])
-@pytest.mark.parametrize("ranks", ["8", "1", "16"])
+@pytest.mark.parametrize("ranks, push", [("8", False), ("1", False), ("16", False), ("8", True), ("16", True)])
 def test_attention_ends_rotates_and_stores_the_qkv_sums(dim, q_heads, kv_heads, dtype, kind, bias, span, position,
-                                                        window, ranks, monkeypatch):  # fmt: skip
+                                                        window, ranks, push, monkeypatch):  # fmt: skip
     """One token's q/k/v left as their group GEMV's sums go to rope_decode_attention as they are: one launch gives
     the attention that rope_store then decode_attention give for the finished products (two runs of a split product:
     rarely an ulp apart), writes the token's key and value rows as rope_store does, and reads no other row past the
     token (NaN there); every rank of a cluster (or the one block a head) reads the sums before rank 0 re-zeroes them,
-    so the workspaces are clean, with no exl2_finish."""
+    so the workspaces are clean, with no exl2_finish. A cluster merges by pulling the others' records or by pushing
+    its pieces to their owners (PUSH_MERGE)."""
     from exlq.runtime.kernels import attention_ops
     from exlq.runtime.rope import RotaryEmbedding
 
     use_gemv(kind, monkeypatch)
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
+    monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
     k_in = 1024
     layers = [Exl2Linear(on_gpu(random_exl2(k_in, n, [4, 3], [0.5, 0.5], 32, seed=70 + i, bias=bias)[0]), k_in, n,
                          dtype=dtype) for i, n in enumerate((q_heads * dim, kv_heads * dim, kv_heads * dim))]
@@ -646,6 +648,24 @@ def test_decode_with_attention_ending_the_qkv_sums_equals_two_launches(monkeypat
 
     decode_both_ways(model, ids, steps, monkeypatch,
                      lambda on: monkeypatch.setattr(attention_ops, "ROPE_ATTENTION", on), names, check)
+
+
+def test_decode_with_the_push_merge_equals_the_pull_merge(monkeypatch):
+    """The synthetic smollm2-shaped model decoding one token a step (graphs and eager, the attention ending q/k/v's
+    sums) gives the same logits with the cluster's ranks pushing their pieces to each output's owner (PUSH_MERGE) as
+    with each owner pulling them, and leaves the workspaces clean."""
+    from exlq.runtime.kernels import attention_ops
+
+    if not hopper_or_newer(CUDA):
+        pytest.skip("clusters (more than one block a head) need sm_90")
+    model, ids, steps = synthetic_decode(layers=2, seed=9)
+
+    def check(on: bool, graphs: str) -> None:
+        for workspace_store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
+            assert not workspace_of(workspace_store)[0].any()
+
+    decode_both_ways(model, ids, steps, monkeypatch,
+                     lambda on: monkeypatch.setattr(attention_ops, "PUSH_MERGE", on), [], check)
 
 
 def test_decode_with_rope_ending_the_qkv_sums_equals_exl2_finish(tmp_path, monkeypatch):
@@ -1090,20 +1110,23 @@ ATTENTION_HEADS = [(128, 32, 8), (64, 14, 2), (64, 9, 3), (64, 4, 4), (128, 16, 
     (256, 37, None, True), (512, 300, None, True), (1024, 1000, 100, True), (256, 200, 64, False),  # graph spans
     (4096, 4095, None, True), (4096, 130, 3, True),
 ])
-@pytest.mark.parametrize("chunk, ranks", [("32", "8"), ("64", "8"), ("64", "1"), ("32", "2"), ("64", "16")])
+@pytest.mark.parametrize("chunk, ranks, push", [("32", "8", False), ("64", "8", False), ("64", "1", False),
+                                                ("32", "2", False), ("64", "16", False), ("64", "8", True),
+                                                ("32", "16", True)])
 def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, position, window, on_device, chunk, ranks,
-                                       monkeypatch):  # fmt: skip
-    """The one-token kernel (chunks of 32 and of 64 keys, a cluster of 16, 8 or 2 blocks a head, or one block walking
-    every chunk, as before sm_90) against SDPA with the mask the torch path builds (keys after the position, or
-    `window` or more before it, excluded), for a cache buffer longer than the span and two sequences; NaN in every
-    key and value the kernel must not read."""
+                                       push, monkeypatch):  # fmt: skip
+    """The one-token kernel (chunks of 32 and of 64 keys, a cluster of 16, 8 or 2 blocks a head, merged by pulling
+    or pushing, or one block walking every chunk, as before sm_90) against SDPA with the mask the torch path builds
+    (keys after the position, or `window` or more before it, excluded), for a cache buffer longer than the span and
+    two sequences; NaN in every key and value the kernel must not read."""
     from exlq.runtime.attention import attend
     from exlq.runtime.kernels import attention_ops
 
-    if not hopper_or_newer(CUDA) and ranks != "1" and (chunk, ranks) != ("32", "8"):
+    if not hopper_or_newer(CUDA) and ranks != "1" and (chunk, ranks, push) != ("32", "8", False):
         pytest.skip("below sm_90 every count is one block a head: (32, 8) and (64, 1) cover both chunk sizes")
     monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", chunk)
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
+    monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
 
     gen = torch.Generator(device=CUDA).manual_seed(span + position + dim)
     bsz, capacity = 2, span + 192
@@ -1131,9 +1154,10 @@ def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, positi
 @pytest.mark.parametrize("span, position, window, on_device", [
     (64, 40, None, False), (512, 300, None, True), (1024, 1000, 100, True), (4096, 4095, None, True),
 ])
-@pytest.mark.parametrize("chunk, ranks", [("32", "8"), ("64", "8"), ("64", "1"), ("32", "2"), ("64", "16")])
+@pytest.mark.parametrize("chunk, ranks, push", [("32", "8", False), ("64", "8", False), ("64", "1", False),
+                                                ("32", "2", False), ("64", "16", False), ("64", "8", True)])
 def test_decode_attention_skips_each_rows_left_padding(dim, heads, kv_heads, dtype, span, position, window, on_device,
-                                                       chunk, ranks, monkeypatch):  # fmt: skip
+                                                       chunk, ranks, push, monkeypatch):  # fmt: skip
     """A left-padded batch (BatchGenerator's unequal prompts): row b's first pad[b] keys are padding, NaN here, and
     must not be read (nor, with a window, keys `window` or more before the token); against SDPA with the torch path's
     mask of each row, which lets a row see its own token whatever its padding. Pads from none to all but the token,
@@ -1143,6 +1167,7 @@ def test_decode_attention_skips_each_rows_left_padding(dim, heads, kv_heads, dty
 
     monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", chunk)
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
+    monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
     pads = torch.tensor([0, 17, min(position, 930), position, position + 3], device=CUDA)
     bsz = pads.numel()
     gen = torch.Generator(device=CUDA).manual_seed(span + position)

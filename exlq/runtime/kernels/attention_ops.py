@@ -36,6 +36,10 @@ INSTANCES = tuple(
 #: and writes the cache row itself (rope_attention), so no finish_rope_store runs before it: one launch a layer
 #: fewer (session 45, H100: the 8B +2.2 %, Qwen2.5-0.5B +2.3 %, Llama-3.2-1B +3.0 %). EXLQ_ROPE_ATTENTION=0: two launches.
 ROPE_ATTENTION = os.environ.get("EXLQ_ROPE_ATTENTION", "1") != "0"
+#: A cluster's ranks merge by pushing their pieces into each owner's shared memory before one cluster barrier, rather
+#: than reading the others' records after one and holding every rank for a second (the kernel's push_merge).
+#: EXLQ_ATTENTION_PUSH=1 turns it on (an A/B switch, read at every launch; graphs keep what they captured).
+PUSH_MERGE = os.environ.get("EXLQ_ATTENTION_PUSH", "0") == "1"
 
 
 def enabled() -> bool:
@@ -118,7 +122,7 @@ def decode_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     arguments = (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
                  0 if device_position is not None else position, window or 0, pad_lengths,
-                 math.log2(math.e) / math.sqrt(dim), out)
+                 math.log2(math.e) / math.sqrt(dim), out, PUSH_MERGE)
     launch_heads("decode_attention", heads, k, arguments)
     return out
 
@@ -140,7 +144,7 @@ def rope_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     arguments = (*(x for s in sums for x in (s.sums, s.bias)), cos.contiguous(), sin.contiguous(), k, v, k.stride(1),
                  kv_heads, device_position, 0 if device_position is not None else position, window or 0,
-                 math.log2(math.e) / math.sqrt(dim), out)
+                 math.log2(math.e) / math.sqrt(dim), out, PUSH_MERGE)
     launch_heads("rope_decode_attention", heads, k, arguments)
     return out
 
