@@ -9,7 +9,7 @@ token sits at the span's last position (every key read), or with --at F at posit
 decode steps, where the token lies inside the graph's span and the keys after it are skipped; since session 28 a
 graph step's span is the whole cache). The kernel is timed with 32 and 64 keys a chunk and 1, 4, 8 and 16 blocks a head
 (one cluster; 1: as before sm_90), the clusters merged by pulling (the default) and by pushing ("_push",
-attention_ops.PUSH_MERGE), and reported as the runtime launches it.
+at every head size: attention_ops.PUSH_MERGE), and reported as the runtime launches it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
-    pushed = attention_ops.PUSH_MERGE  # the runtime's merge, restored after each sweep
+    pushed = attention_ops.PUSH_MERGE, attention_ops.PUSH_HEAD_DIMS  # the runtime's merge, restored after each sweep
     results = []
     for name in args.shapes:
         dim, heads, kv_heads = SHAPES[name]
@@ -62,14 +62,14 @@ def main() -> None:
             for chunk in attention_ops.CHUNKS:  # each chunk size and rank count, then the runtime's choice
                 for ranks, push in ((1, False), (4, False), (4, True), (8, False), (8, True), (16, False), (16, True)):
                     os.environ["EXLQ_ATTENTION_CHUNK"], os.environ["EXLQ_ATTENTION_RANKS"] = str(chunk), str(ranks)
-                    attention_ops.PUSH_MERGE = push
+                    attention_ops.PUSH_MERGE, attention_ops.PUSH_HEAD_DIMS = push, attention_ops.HEAD_DIMS
                     settings_s[f"chunk{chunk}_ranks{ranks}{'_push' if push else ''}"] = graph_seconds(
                         cycling(lambda i: attention_ops.decode_attention(q, *views[i % copies], where, None)),
                         warm_calls=max(50, copies))
             del os.environ["EXLQ_ATTENTION_CHUNK"], os.environ["EXLQ_ATTENTION_RANKS"]
-            attention_ops.PUSH_MERGE = pushed
+            attention_ops.PUSH_MERGE, attention_ops.PUSH_HEAD_DIMS = pushed
             runtime_ranks = attention_ops.ranks(device, span)
-            runtime_push = "_push" if attention_ops.PUSH_MERGE and runtime_ranks > 1 else ""
+            runtime_push = "_push" if attention_ops.pushes(dim) and runtime_ranks > 1 else ""
             kernel_s = settings_s[f"chunk{attention_ops.chunk_size()}_ranks{runtime_ranks}{runtime_push}"]
             sdpa_s = graph_seconds(cycling(lambda i: attend(q, *views[i % copies], mask, False)), warm_calls=max(50, copies))
             got = attention_ops.decode_attention(q, *views[0], position, None)

@@ -85,3 +85,18 @@ def test_a_refused_cluster_launch_falls_back_to_one_block_a_head(monkeypatch):
         attention_ops.decode_attention(q, k, v, 100, None)
     attention_ops.decode_attention(q, k, v, 100, None)
     assert calls == [((8, 8, 1), (1, 8, 1)), ((8, 1, 1), None), ((8, 1, 1), None)]
+
+
+@pytest.mark.parametrize("dim, push, expected", [(64, True, True), (128, True, False), (64, False, False)])
+def test_clusters_push_at_head_size_64_only(dim, push, expected, monkeypatch):
+    """The cluster's merge is the launch's last argument: a push at head size 64 (faster in the small models' steps),
+    a pull at 128 (the 8B's step lost by pushing), a pull everywhere with EXLQ_ATTENTION_PUSH=0 (PUSH_MERGE off)."""
+    launches = []
+    monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
+    monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: True)
+    monkeypatch.setattr(attention_ops, "kernel", lambda *args: 0)
+    monkeypatch.setattr(attention_ops, "launch", lambda function, grid, block, args, *rest, **options:
+                        launches.append(args))
+    attention_ops.decode_attention(*cache_views(dim=dim, heads=8, kv_heads=2), 100, None)
+    (args,) = launches
+    assert args[-1] is expected and attention_ops.pushes(dim) is expected

@@ -514,6 +514,14 @@ def synthetic_decode(layers: int, seed: int) -> tuple:
     return model, ids, steps
 
 
+def push_at_every_head_size(push: bool, monkeypatch) -> None:
+    """The attention's clusters merge by pushing (attention_ops.PUSH_MERGE) at every head size, or by pulling."""
+    from exlq.runtime.kernels import attention_ops
+
+    monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
+    monkeypatch.setattr(attention_ops, "PUSH_HEAD_DIMS", attention_ops.HEAD_DIMS)
+
+
 def decode_both_ways(model, ids: torch.Tensor, steps: torch.Tensor, monkeypatch, switch, record: list, check) -> None:
     """One-token decode steps (`steps`, after a prefill of `ids`) give the same logits with a setting on, eager and
     with CUDA graphs, as off, eager (up to the atomics' order: 2e-3): `switch(on)` sets it; `record` (a test's
@@ -589,7 +597,7 @@ def test_attention_ends_rotates_and_stores_the_qkv_sums(dim, q_heads, kv_heads, 
 
     use_gemv(kind, monkeypatch)
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
-    monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
+    push_at_every_head_size(push, monkeypatch)
     k_in = 1024
     layers = [Exl2Linear(on_gpu(random_exl2(k_in, n, [4, 3], [0.5, 0.5], 32, seed=70 + i, bias=bias)[0]), k_in, n,
                          dtype=dtype) for i, n in enumerate((q_heads * dim, kv_heads * dim, kv_heads * dim))]
@@ -664,8 +672,7 @@ def test_decode_with_the_push_merge_equals_the_pull_merge(monkeypatch):
         for workspace_store in (exl2_ops._workspace, exl2_ops._unfinished_workspace):
             assert not workspace_of(workspace_store)[0].any()
 
-    decode_both_ways(model, ids, steps, monkeypatch,
-                     lambda on: monkeypatch.setattr(attention_ops, "PUSH_MERGE", on), [], check)
+    decode_both_ways(model, ids, steps, monkeypatch, lambda on: push_at_every_head_size(on, monkeypatch), [], check)
 
 
 def test_decode_with_rope_ending_the_qkv_sums_equals_exl2_finish(tmp_path, monkeypatch):
@@ -1126,7 +1133,7 @@ def test_decode_attention_matches_sdpa(dim, heads, kv_heads, dtype, span, positi
         pytest.skip("below sm_90 every count is one block a head: (32, 8) and (64, 1) cover both chunk sizes")
     monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", chunk)
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
-    monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
+    push_at_every_head_size(push, monkeypatch)
 
     gen = torch.Generator(device=CUDA).manual_seed(span + position + dim)
     bsz, capacity = 2, span + 192
@@ -1167,7 +1174,7 @@ def test_decode_attention_skips_each_rows_left_padding(dim, heads, kv_heads, dty
 
     monkeypatch.setenv("EXLQ_ATTENTION_CHUNK", chunk)
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", ranks)
-    monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
+    push_at_every_head_size(push, monkeypatch)
     pads = torch.tensor([0, 17, min(position, 930), position, position + 3], device=CUDA)
     bsz = pads.numel()
     gen = torch.Generator(device=CUDA).manual_seed(span + position)

@@ -37,9 +37,19 @@ INSTANCES = tuple(
 #: fewer (session 45, H100: the 8B +2.2 %, Qwen2.5-0.5B +2.3 %, Llama-3.2-1B +3.0 %). EXLQ_ROPE_ATTENTION=0: two launches.
 ROPE_ATTENTION = os.environ.get("EXLQ_ROPE_ATTENTION", "1") != "0"
 #: A cluster's ranks merge by pushing their pieces into each owner's shared memory before one cluster barrier, rather
-#: than reading the others' records after one and holding every rank for a second (the kernel's push_merge).
-#: EXLQ_ATTENTION_PUSH=1 turns it on (an A/B switch, read at every launch; graphs keep what they captured).
-PUSH_MERGE = os.environ.get("EXLQ_ATTENTION_PUSH", "0") == "1"
+#: than reading the others' records after one and holding every rank for a second (the kernel's push_merge), at the
+#: head sizes of PUSH_HEAD_DIMS. EXLQ_ATTENTION_PUSH=0 pulls at every head size (an A/B switch, read at every launch;
+#: graphs keep what they captured).
+PUSH_MERGE = os.environ.get("EXLQ_ATTENTION_PUSH", "1") != "0"
+#: Head sizes that push (session 46, H100, in-process A/B): alone the push is 0.6-1.4 µs a call faster at both sizes,
+#: and in the decode step Qwen2.5-0.5B gains 1.1-2.3 % and Llama-3.2-1B 1.4 % (head size 64), but the 8B (128) lost
+#: 0.0-0.9 % in three A/Bs (docs/benchmarks.md, session 46), so 128 pulls.
+PUSH_HEAD_DIMS = (64,)
+
+
+def pushes(dim: int) -> bool:
+    """Whether a cluster over heads of size `dim` merges by pushing (PUSH_MERGE, PUSH_HEAD_DIMS)."""
+    return PUSH_MERGE and dim in PUSH_HEAD_DIMS
 
 
 def enabled() -> bool:
@@ -122,7 +132,7 @@ def decode_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     arguments = (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
                  0 if device_position is not None else position, window or 0, pad_lengths,
-                 math.log2(math.e) / math.sqrt(dim), out, PUSH_MERGE)
+                 math.log2(math.e) / math.sqrt(dim), out, pushes(dim))
     launch_heads("decode_attention", heads, k, arguments)
     return out
 
@@ -144,7 +154,7 @@ def rope_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     arguments = (*(x for s in sums for x in (s.sums, s.bias)), cos.contiguous(), sin.contiguous(), k, v, k.stride(1),
                  kv_heads, device_position, 0 if device_position is not None else position, window or 0,
-                 math.log2(math.e) / math.sqrt(dim), out, PUSH_MERGE)
+                 math.log2(math.e) / math.sqrt(dim), out, pushes(dim))
     launch_heads("rope_decode_attention", heads, k, arguments)
     return out
 
