@@ -76,7 +76,8 @@ __device__ __forceinline__ u16 ended_sum(float sum, const float* __restrict__ bi
 // RoPE of the pair (i, i + half) of a head's row (HF's half-split convention), rounded like the torch path
 // (apply_rotary): x·cos and rotate_half(x)·sin each rounded to T, then their sum. c and s: the token's cos and sin
 // rows. rope_store and the attention that ends q/k/v's sums itself (rope_decode_attention) both rotate so.
-// rotate_values takes the four cos/sin elements already loaded (c1 = c[i], s1 = s[i], c2 = c[i + half], s2 = s[i + half]).
+// rotate_values takes the four cos/sin elements already loaded: c1 = c[i], s1 = s[i], c2 = c[i + half],
+// s2 = s[i + half].
 template <typename T>
 __device__ __forceinline__ void rotate_values(float x1, float x2, u16 c1, u16 s1, u16 c2, u16 s2, u16& r1, u16& r2) {
     const float a1 = Act<T>::load(Act<T>::store(x1 * Act<T>::load(c1)));

@@ -13,9 +13,9 @@
 // and merge through distributed shared memory (each rank writes its share of the outputs), with no global workspace,
 // fence or counter: the earlier design's merge through L2 cost ~5 µs a layer, 6 % of the 8B's decode step
 // (docs/benchmarks.md, session 28). The merge pulls (each owner reads the others' records after a cluster barrier,
-// and a second keeps them until all have read) or, with `push` (attention_ops.PUSH_MERGE), pushes: each rank stores
-// its pieces into their owners before the one barrier (push_merge). Before sm_90, R = 1: one block a head walks
-// every chunk.
+// and a second keeps them until all have read) or, with `push` (attention_ops.pushes: at head size 64), pushes:
+// each rank stores its pieces into their owners before the one barrier (push_merge). Before sm_90, R = 1: one
+// block a head walks every chunk.
 // Scores: ATT_KEY_THREADS threads a key, each with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled
 // by log2(e)/√D as it is staged). Then the chunk's maximum and exponential sum per query head, and Σ p·v with a thread
 // for 8 adjacent dimensions of a row.
