@@ -104,7 +104,55 @@ __device__ __forceinline__ void zero_floats(float* __restrict__ floats, int coun
 // pdl_launch_dependents lets the stream's next kernel start now; pdl_wait blocks until the previous kernel has
 // finished and its writes are visible. Every kernel launched with overlap=True (launch.py) calls pdl_wait before
 // touching memory another kernel writes, so the order stays transitive along the stream.
+#ifdef STEP_TIMELINE
+// A probe (the catalog variant STEP_TIMELINE, bench/step_timeline.py), not a mode: each block's thread 0 stamps the
+// GPU's clock (%globaltimer, ns) as the block starts (pdl_launch_dependents) and as its programmatic wait returns
+// (pdl_wait), and writes both, with the block's grid, into this module's records: when each launch's blocks became
+// resident, and when the kernel before it had finished, so consecutive launches' wait times price each launch in
+// the step's chain. The record's slot is taken at the start, off the path after the wait; %gridid tells the
+// launches apart (graph replays included).
+#define STEP_TIMELINE_RECORDS (1 << 18)
+struct TimelineRecord {
+    unsigned long long start, wait, grid;  // ns, ns, the launch's %gridid
+    u32 grid_x, grid_y, block, threads;
+};
+__device__ TimelineRecord step_timeline[STEP_TIMELINE_RECORDS];
+__device__ u32 step_timeline_count;  // records taken (slots past STEP_TIMELINE_RECORDS are dropped)
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned long long grid_id() {
+    unsigned long long id;
+    asm("mov.u64 %0, %%gridid;" : "=l"(id));
+    return id;
+}
+// The block's start stamp and record slot, between its two stamps.
+__device__ __forceinline__ unsigned long long* timeline_block() {
+    __shared__ unsigned long long block_stamp[2];
+    return block_stamp;
+}
+__device__ __forceinline__ void timeline_start() {
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        timeline_block()[0] = global_ns();
+        timeline_block()[1] = atomicAdd(&step_timeline_count, 1u);
+    }
+}
+__device__ __forceinline__ void timeline_wait() {
+    if (threadIdx.x == 0 && threadIdx.y == 0 && timeline_block()[1] < STEP_TIMELINE_RECORDS) {
+        const unsigned long long now = global_ns();
+        step_timeline[timeline_block()[1]] = TimelineRecord{timeline_block()[0], now, grid_id(), gridDim.x, gridDim.y,
+                                                           blockIdx.x + blockIdx.y * gridDim.x,
+                                                           blockDim.x * blockDim.y};
+    }
+}
+#else
+__device__ __forceinline__ void timeline_start() {}
+__device__ __forceinline__ void timeline_wait() {}
+#endif
 __device__ __forceinline__ void pdl_launch_dependents() {
+    timeline_start();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
@@ -113,4 +161,5 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    timeline_wait();
 }

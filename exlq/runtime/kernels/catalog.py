@@ -24,4 +24,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # exl2_mma.cu's gather sums reduced across the warp by halving the rows each step (exl2_mma.cuh's
     # scattered_warp_sums), as the multi-row streamed kernel does since session 41: untimed on Ampere/Ada
     "MMA_SCATTERED_SUMS": (exl2_ops.MMA_SOURCE,),
+    # a probe, not a variant to merge: every block's start and programmatic-wait stamps (common.cuh, in every source
+    # through it), read by bench/step_timeline.py
+    "STEP_TIMELINE": tuple(SOURCES),
 }

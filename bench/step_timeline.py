@@ -1,0 +1,139 @@
+"""Where a decode step's time goes in its chain of launches: each launch's blocks' start and programmatic-wait stamps
+from the STEP_TIMELINE kernel variant (cuda/common.cuh), one graph-replayed step of a synthetic model.
+
+A launch's wait returns when the kernel before it has finished and its writes are visible, so the gap between two
+consecutive launches' waits is what the first costs the step in its chain (its work after the wait, its blocks'
+exit, the release of the next): the skip probe's number for every launch at once, without leaving any out. Its
+blocks' first start against the previous launch's wait says whether they were resident early (programmatic launch)
+or started only as the SMs freed up. A probe: each block takes a record slot with one atomic as it starts, which
+shifts the timing a little.
+
+    python3 bench/step_timeline.py [--shape llama3-8b] [--bpw 4.0] [--position 256] [--layers 2] [--json-out F]
+
+Prints one line a launch in wait order: instance (as captured), grid, blocks recorded, first start and wait release
+relative to the step's first wait, the gap to the next launch's wait (µs); then the gaps summed by instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+VARIANT = "STEP_TIMELINE"
+os.environ["EXLQ_NVRTC_DEFINES"] = " ".join({*os.environ.get("EXLQ_NVRTC_DEFINES", "").replace(",", " ").split(),
+                                             VARIANT})  # before any kernel module loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from skip_probe import MODULES, NAMES, skipped  # noqa: E402
+
+from exlq.cli.bench import _synthetic_model  # noqa: E402
+from exlq.runtime.kernels import launch, sampling_ops  # noqa: E402
+
+RECORD = np.dtype([("start", "<u8"), ("wait", "<u8"), ("grid", "<u8"), ("grid_x", "<u4"), ("grid_y", "<u4"),
+                   ("block", "<u4"), ("threads", "<u4")])  # common.cuh's TimelineRecord
+RECORDS = 1 << 18  # STEP_TIMELINE_RECORDS
+
+
+def module_records(reset: bool = False) -> list[np.ndarray]:
+    """Each loaded kernel module's records (or, with `reset`, its count set to zero first and nothing returned)."""
+    import cupy
+
+    found = []
+    for module in launch._loaded_modules:
+        count_ptr = module.get_global_var("step_timeline_count")
+        count = cupy.ndarray((1,), cupy.uint32, count_ptr)
+        if reset:
+            count.fill(0)
+            continue
+        taken = min(int(count.get()[0]), RECORDS)
+        raw = cupy.ndarray((taken * RECORD.itemsize,), cupy.uint8, module.get_global_var("step_timeline"))
+        found.append(raw.get().view(RECORD))
+    return found
+
+
+def captured_launches(model, token: torch.Tensor, cache) -> list[tuple[str, tuple, tuple]]:
+    """The instance names and grids the step's graph holds, in launch order: the host's launches while one step is
+    captured (its eager warm-up's first, then the capture's: the capture's are the last of them)."""
+    seen = []
+    originals = [(module, module.launch) for module in MODULES]
+    for module, original in originals:
+        def recording(function, grid, block, *args, original=original, **kwargs):
+            seen.append((NAMES.get(function, "?"), tuple(grid), tuple(block)))
+            return original(function, grid, block, *args, **kwargs)
+        module.launch = recording
+    try:
+        with skipped((), {}):  # (records each handle's name in NAMES)
+            model.decode_graphs.clear()
+            sampling_ops.argmax(model(token, cache)[:, -1])
+    finally:
+        for module, original in originals:
+            module.launch = original
+    return seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--bpw", type=float, default=4.0)
+    parser.add_argument("--position", type=int, default=256, help="the stamped step's cache position")
+    parser.add_argument("--layers", type=int, default=2, help="layers printed launch by launch (all are summed)")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    model = _synthetic_model(args.shape, args.bpw, device, 128)
+    cache = model.new_cache(args.position + 64)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.position), device=device)
+    token = sampling_ops.argmax(model(prompt, cache)[:, -1])[:, None]
+    # Capture the step's graph (its launches named on the host), then replay a few steps to warm it.
+    host = captured_launches(model, token, cache)
+    for _ in range(8):
+        cache.reset()
+        model(prompt, cache)
+        token = sampling_ops.argmax(model(token, cache)[:, -1])[:, None]
+    cache.reset()
+    model(prompt, cache)
+    torch.cuda.synchronize()
+    module_records(reset=True)
+    sampling_ops.argmax(model(token, cache)[:, -1])  # the stamped step: one graph replay
+    torch.cuda.synchronize()
+    records = np.concatenate(module_records())
+    launches = defaultdict(list)
+    for record in records:
+        launches[int(record["grid"])].append(record)
+    order = sorted(launches.values(), key=lambda rs: min(int(r["wait"]) for r in rs))
+    names = [name for name, _, _ in host[-len(order):]] if len(host) >= len(order) else ["?"] * len(order)
+    origin = min(int(r["wait"]) for r in order[0])
+    rows, by_name = [], defaultdict(float)
+    for i, (rs, name) in enumerate(zip(order, names)):
+        wait = min(int(r["wait"]) for r in rs)
+        following = min(int(r["wait"]) for r in order[i + 1]) if i + 1 < len(order) else wait
+        row = {"instance": name, "grid": [int(rs[0]["grid_x"]), int(rs[0]["grid_y"])], "blocks": len(rs),
+               "first_start_us": (min(int(r["start"]) for r in rs) - origin) / 1e3, "wait_us": (wait - origin) / 1e3,
+               "last_wait_us": (max(int(r["wait"]) for r in rs) - origin) / 1e3, "gap_us": (following - wait) / 1e3}
+        rows.append(row)
+        by_name[name.partition("<")[0]] += row["gap_us"]
+    per_layer = len(rows) // max(1, model.config.num_hidden_layers)
+    for row in rows[: args.layers * per_layer + 1] + rows[-4:]:
+        print(f"{row['instance'][:48]:48s} grid {str(row['grid']):12s} blocks {row['blocks']:5d} start "
+              f"{row['first_start_us']:9.2f} wait {row['wait_us']:9.2f} (last {row['last_wait_us']:9.2f}) gap "
+              f"{row['gap_us']:7.2f} us")
+    print(f"{len(rows)} launches stamped ({len(host)} host launches seen while capturing), "
+          f"{(max(r['wait_us'] for r in rows)):.1f} us from the first wait to the last")
+    for name, total in sorted(by_name.items(), key=lambda item: -item[1]):
+        print(f"  {name:28s} {total:9.1f} us in the chain")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "shape": args.shape,
+                                             "position": args.position, "launches": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
