@@ -49,14 +49,15 @@ def module_records(reset: bool = False) -> list[np.ndarray]:
 
     found = []
     for module in launch._loaded_modules:
-        count_ptr = module.get_global_var("step_timeline_count")
-        count = cupy.ndarray((1,), cupy.uint32, count_ptr)
-        if reset:
+        count = cupy.ndarray((1,), cupy.uint32, module.get_global_var("step_timeline_count"))
+        raw = cupy.ndarray((RECORDS * RECORD.itemsize,), cupy.uint8, module.get_global_var("step_timeline"))
+        if reset:  # the records too: a slot taken by a block whose thread 0 never waited stays empty (wait 0)
             count.fill(0)
+            raw.fill(0)
             continue
-        taken = min(int(count.get()[0]), RECORDS)
-        raw = cupy.ndarray((taken * RECORD.itemsize,), cupy.uint8, module.get_global_var("step_timeline"))
-        found.append(raw.get().view(RECORD))
+        records = raw[: min(int(count.get()[0]), RECORDS) * RECORD.itemsize].get().view(RECORD)
+        found.append(records[records["wait"] != 0])
+    cupy.cuda.Device().synchronize()
     return found
 
 
