@@ -60,10 +60,10 @@ NAMES: dict[int, str] = {}  # kernel handle -> instance name, as `kernel` handed
 
 
 @contextlib.contextmanager
-def skipped(prefixes: tuple[str, ...], counts: dict[str, int]):
+def skipped(prefixes: tuple[str, ...], counts: dict[str, int], launches: list | None = None):
     """Every kernel module's `kernel` records each handle's instance name, and its `launch` returns at once for the
     instances whose name starts with one of `prefixes` (counted by name in `counts`: a setting that skips nothing
-    shows)."""
+    shows); `launches`, where given, gets (name, grid, block) of every launch made (bench/step_timeline.py)."""
     saved = [(module, module.kernel, module.launch) for module in MODULES]
 
     def recording(original):
@@ -76,6 +76,8 @@ def skipped(prefixes: tuple[str, ...], counts: dict[str, int]):
     def skipping(original):
         def launch(function, *args, **kwargs):
             name = NAMES.get(function, "")
+            if launches is not None:
+                launches.append((name, tuple(args[0]), tuple(args[1])))
             if prefixes and name.startswith(prefixes):
                 counts[name] = counts.get(name, 0) + 1
                 return None

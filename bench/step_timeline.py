@@ -33,7 +33,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from skip_probe import MODULES, NAMES, skipped  # noqa: E402
+from skip_probe import skipped  # noqa: E402
 
 from exlq.cli.bench import _synthetic_model  # noqa: E402
 from exlq.runtime.kernels import launch, sampling_ops  # noqa: E402
@@ -64,20 +64,10 @@ def module_records(reset: bool = False) -> list[np.ndarray]:
 def captured_launches(model, token: torch.Tensor, cache) -> list[tuple[str, tuple, tuple]]:
     """The instance names and grids the step's graph holds, in launch order: the host's launches while one step is
     captured (its eager warm-up's first, then the capture's: the capture's are the last of them)."""
-    seen = []
-    originals = [(module, module.launch) for module in MODULES]
-    for module, original in originals:
-        def recording(function, grid, block, *args, original=original, **kwargs):
-            seen.append((NAMES.get(function, "?"), tuple(grid), tuple(block)))
-            return original(function, grid, block, *args, **kwargs)
-        module.launch = recording
-    try:
-        with skipped((), {}):  # (records each handle's name in NAMES)
-            model.decode_graphs.clear()
-            sampling_ops.argmax(model(token, cache)[:, -1])
-    finally:
-        for module, original in originals:
-            module.launch = original
+    seen: list = []
+    with skipped((), {}, seen):
+        model.decode_graphs.clear()
+        sampling_ops.argmax(model(token, cache)[:, -1])
     return seen
 
 

@@ -35,21 +35,23 @@ from exlq.cli.bench import _synthetic_model  # noqa: E402
 
 
 class EnvironmentSwitch:
-    """NAME=VALUE as a switch: attribute `on` set means the variable holds VALUE, else what the process found."""
+    """NAME=VALUE as a switch: `on` set means the variable holds VALUE, else what the process found."""
 
     def __init__(self, name: str, value: str) -> None:
         self.name, self.value, self.found = name, value, os.environ.get(name)
-        self.on = False
 
-    def __setattr__(self, attribute: str, on: object) -> None:
-        super().__setattr__(attribute, on)
-        if attribute == "on":
-            if on:
-                os.environ[self.name] = self.value
-            elif self.found is None:
-                os.environ.pop(self.name, None)
-            else:
-                os.environ[self.name] = self.found
+    @property
+    def on(self) -> bool:
+        return os.environ.get(self.name) == self.value
+
+    @on.setter
+    def on(self, on: bool) -> None:
+        if on:
+            os.environ[self.name] = self.value
+        elif self.found is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.found
 
 
 def resolve(switch: str) -> tuple[object, str]:

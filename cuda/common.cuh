@@ -93,6 +93,13 @@ __device__ __forceinline__ void rotate_pair(float x1, float x2, const u16* __res
     rotate_values<T>(x1, x2, c[i], s[i], c[i + half], s[i + half], r1, r2);
 }
 
+// `p` (this block's shared memory) as a 32-bit shared-window address, as mbarrier, bulk copies and mapa take it.
+__device__ __forceinline__ u32 shared_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
 // floats [0, count) set to zero by every thread of the grid's x dimension in turn (nothing when `floats` is null):
 // the sums a finished product's input came from, re-zeroed by the launch that ends that product.
 __device__ __forceinline__ void zero_floats(float* __restrict__ floats, int count) {

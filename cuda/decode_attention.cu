@@ -14,8 +14,8 @@
 // fence or counter: the earlier design's merge through L2 cost ~5 µs a layer, 6 % of the 8B's decode step
 // (docs/benchmarks.md, session 28). The merge pulls (each owner reads the others' records after a cluster barrier,
 // and a second keeps them until all have read) or, with `push` (attention_ops.pushes: at head size 64), pushes:
-// each rank stores its pieces into their owners before the one barrier (push_merge). Before sm_90, R = 1: one
-// block a head walks every chunk.
+// each rank stores its pieces into their owners before the one barrier (its wait for the cluster's blocks to run is
+// a barrier it arrived at as it started). Before sm_90, R = 1: one block a head walks every chunk.
 // Scores: ATT_KEY_THREADS threads a key, each with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled
 // by log2(e)/√D as it is staged). Then the chunk's maximum and exponential sum per query head, and Σ p·v with a thread
 // for 8 adjacent dimensions of a row.
@@ -66,7 +66,7 @@ __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
 }
-// The push merge's two halves of a barrier: every rank arrives as it starts and waits only before its first store
+// The push merge's first barrier in two halves: every rank arrives as it starts and waits only before its first store
 // into another rank's shared memory, by when all have long arrived (a block may be written to only once it runs).
 __device__ __forceinline__ void cluster_arrive_relaxed() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -77,14 +77,6 @@ __device__ __forceinline__ void cluster_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 #endif
-}
-// `local` (this block's shared memory) as an address in the cluster's shared window.
-__device__ __forceinline__ u32 shared_address(const float* local) {
-    u32 at = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(at) : "l"(local));
-#endif
-    return at;
 }
 // The float at `local` in rank `rank`'s copy.
 __device__ __forceinline__ float load_rank(const float* local, int rank) {
@@ -127,45 +119,28 @@ __device__ __forceinline__ void zero_token_sums(const NewToken& token, int h) {
     }
 }
 
-// The push merge (sm_90, ranks > 1): rank r owns outputs [r·share, (r + 1)·share), share = G·D / ranks (D is 64 or
-// 128 and ranks a power of two up to 16, so it divides). Every rank stores its Σ p·v of each owner's share (the warps'
-// `joined` parts added) into that owner's `inbox` at [rank][·], and its maximum and exponential sum per query head
-// into the owner's inbox_max / inbox_sum; one cluster barrier; then each owner merges what it holds, locally, and
-// leaves. The pull merge (below in attend_token) reads the others' records after one barrier instead, which costs a
-// round trip of remote loads and a second barrier before any rank may leave.
-template <typename T, int D, int G>
-__device__ __forceinline__ void push_merge(const float* joined, float* inbox, const float* record_max,
-                                           const float* record_sum, float (*inbox_max)[G], float (*inbox_sum)[G],
-                                           int rank, int ranks, u16* to) {
-    constexpr int WARPS = ATT_THREADS / 32;
+// One output of the cluster's merge: the ranks' Σ p·v weighted by 2^(their maximum - the largest), over their
+// exponential sums so weighted. max_of(r), sum_of(r): rank r's maximum and sum for the output's query head;
+// value_of(r): its Σ p·v for the output (a rank without chunks: -inf, so weight 0).
+template <typename Max, typename Sum, typename Value>
+__device__ __forceinline__ float merged(int ranks, Max max_of, Sum sum_of, Value value_of) {
     const float NEG_INF = __int_as_float(0xff800000);
-    const int tid = threadIdx.x, share = G * D / ranks;
-    cluster_wait();  // every rank runs: each arrived as it started, so this returns at once
-    for (int i = tid; i < G * D; i += ATT_THREADS) {
-        float sum = 0.0f;
+    float maxima[ATT_MAX_RANKS], top = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < WARPS; w++) sum += joined[w * G * D + i];
-        const int owner = i / share;
-        store_rank(&inbox[rank * share + i - owner * share], owner, sum);
+    for (int r = 0; r < ATT_MAX_RANKS; r++) {
+        maxima[r] = r < ranks ? max_of(r) : NEG_INF;
+        top = fmaxf(top, maxima[r]);
     }
-    for (int t = tid; t < ranks * G; t += ATT_THREADS) {
-        const int owner = t / G, g = t - owner * G;
-        store_rank(&inbox_max[rank][g], owner, record_max[g]);
-        store_rank(&inbox_sum[rank][g], owner, record_sum[g]);
-    }
-    cluster_sync();  // every rank's pieces are in place
-    for (int x = tid; x < share; x += ATT_THREADS) {
-        const int i = rank * share + x, g = i / D;
-        float top = NEG_INF;
-        for (int r = 0; r < ranks; r++) top = fmaxf(top, inbox_max[r][g]);
-        float num = 0.0f, den = 0.0f;
-        for (int r = 0; r < ranks; r++) {
-            const float w = exp2f(inbox_max[r][g] - top);  // 0 for a rank without chunks (-inf)
-            num = fmaf(w, inbox[r * share + x], num);
-            den = fmaf(w, inbox_sum[r][g], den);
+    float num = 0.0f, den = 0.0f;
+#pragma unroll
+    for (int r = 0; r < ATT_MAX_RANKS; r++) {
+        if (r < ranks) {
+            const float w = exp2f(maxima[r] - top);
+            num = fmaf(w, value_of(r), num);
+            den = fmaf(w, sum_of(r), den);
         }
-        to[i] = Act<T>::store(num / den);
     }
+    return num / den;
 }
 
 // decode_attention's body; ROPE: rope_decode_attention's (q null, the token from `token`; batch 1, pad null).
@@ -190,15 +165,18 @@ __device__ __forceinline__ void attend_token(
     __shared__ float p[G][CHUNK];
     __shared__ __align__(16) float joined[WARPS][G][D];
     __shared__ float rescale[G];              // this chunk's factor on the sums so far: 2^(old max - new max)
-    __shared__ __align__(16) float record[G][D];  // the rank's Σ p·v, then its maximum and sum per query head:
-    __shared__ float record_max[G], record_sum[G];  // read by the other ranks of the cluster (push: these are the
-    __shared__ float inbox_max[ATT_MAX_RANKS][G], inbox_sum[ATT_MAX_RANKS][G];  // rank's own; every rank's land here,
-    // and `record` holds, as [rank][share], every rank's sums of this rank's share of the outputs)
+    // The cluster's merge (see the top of this file). Pull: `record` holds the rank's Σ p·v, read with its maximum
+    // and sum per query head by the other ranks. Push: `record` holds, as [rank][share], every rank's Σ p·v of this
+    // rank's share of the outputs, and the inboxes every rank's maximum and sum.
+    __shared__ __align__(16) float record[G][D];
+    __shared__ float record_max[G], record_sum[G];  // the rank's running maximum and exponential sum per query head
+    __shared__ float inbox_max[ATT_MAX_RANKS][G], inbox_sum[ATT_MAX_RANKS][G];
     __shared__ __align__(16) u16 token_rows[2][ROPE ? D : 8];  // ROPE: the token's rotated key, and its value
 
     pdl_launch_dependents();
     const int bh = blockIdx.x, rank = blockIdx.y, ranks = gridDim.y;
-    if (push && ranks > 1) cluster_arrive_relaxed();  // this rank runs (its wait: before the merge's stores)
+    const bool pushing = push && ranks > 1;  // the cluster's merge (below)
+    if (pushing) cluster_arrive_relaxed();  // this rank runs (its wait: before the merge's stores)
     const int b = bh / kv_heads, h = bh - b * kv_heads, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // The position is a graph input copied in before the step's first (torch) kernel, or a launch argument.
     const int pos = position != nullptr ? (int)*position : position_value;
@@ -464,50 +442,44 @@ __device__ __forceinline__ void attend_token(
     }
     __syncthreads();
     u16* to = out + (size_t)bh * G * D;
-    if (push && ranks > 1) {
-        push_merge<T, D, G>(&joined[0][0][0], &record[0][0], record_max, record_sum, inbox_max, inbox_sum, rank, ranks,
-                            to);
-        if (ROPE && rank == 0) zero_token_sums<D, G>(token, h);  // every rank read the sums before the barrier
-        return;  // (no rank reads another's shared memory after the barrier in push_merge)
-    }
+    // Rank r owns outputs [r·share, (r + 1)·share): D is 64 or 128 and ranks a power of two up to 16, so it divides.
+    const int share = G * D / ranks;
+    float* inbox = &record[0][0];  // push: [rank][share]
+    if (pushing) cluster_wait();  // every rank runs: each arrived as it started, so this returns at once
     for (int i = tid; i < G * D; i += ATT_THREADS) {
         const int g = i / D, d = i - g * D;
         float sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; w++) sum += joined[w][g][d];
         if (ranks == 1) to[i] = Act<T>::store(sum / record_sum[g]);
+        else if (pushing) store_rank(&inbox[rank * share + i % share], i / share, sum);
         else record[g][d] = sum;
     }
     if (ranks == 1) {
         if (ROPE) zero_token_sums<D, G>(token, h);  // read before the barrier above
         return;
     }
-
-    // The cluster's merge: rank r writes outputs [r·G·D/R, (r + 1)·G·D/R), each the ranks' sums weighted by
-    // 2^(their maximum - the largest), over their weighted exponential sums.
-    cluster_sync();  // every rank's record is written (and ROPE: every rank has read the token's sums)
-    if (ROPE && rank == 0) zero_token_sums<D, G>(token, h);
-    const int share = (G * D + ranks - 1) / ranks;
-    for (int i = rank * share + tid; i < min(G * D, (rank + 1) * share); i += ATT_THREADS) {
-        const int g = i / D, d = i - g * D;
-        float maxima[ATT_MAX_RANKS], top = NEG_INF;
-#pragma unroll
-        for (int r = 0; r < ATT_MAX_RANKS; r++) {
-            maxima[r] = r < ranks ? load_rank(&record_max[g], r) : NEG_INF;
-            top = fmaxf(top, maxima[r]);
+    if (pushing) {
+        for (int t = tid; t < ranks * G; t += ATT_THREADS) {
+            const int owner = t / G, g = t - owner * G;
+            store_rank(&inbox_max[rank][g], owner, record_max[g]);
+            store_rank(&inbox_sum[rank][g], owner, record_sum[g]);
         }
-        float num = 0.0f, den = 0.0f;
-#pragma unroll
-        for (int r = 0; r < ATT_MAX_RANKS; r++) {
-            if (r < ranks) {
-                const float w = exp2f(maxima[r] - top);
-                num = fmaf(w, load_rank(&record[g][d], r), num);
-                den = fmaf(w, load_rank(&record_sum[g], r), den);
-            }
-        }
-        to[i] = Act<T>::store(num / den);
     }
-    cluster_sync();  // no rank leaves while another still reads its shared memory
+
+    // The merge of this rank's share.
+    cluster_sync();  // every rank's record (push: every piece) is in place, and ROPE: every rank has read the sums
+    if (ROPE && rank == 0) zero_token_sums<D, G>(token, h);
+    for (int x = tid; x < share; x += ATT_THREADS) {
+        const int i = rank * share + x, g = i / D, d = i - g * D;
+        to[i] = Act<T>::store(
+            pushing ? merged(ranks, [&](int r) { return inbox_max[r][g]; }, [&](int r) { return inbox_sum[r][g]; },
+                             [&](int r) { return inbox[r * share + x]; })
+                    : merged(ranks, [&](int r) { return load_rank(&record_max[g], r); },
+                             [&](int r) { return load_rank(&record_sum[g], r); },
+                             [&](int r) { return load_rank(&record[g][d], r); }));
+    }
+    if (!pushing) cluster_sync();  // (pull) no rank leaves while another still reads its shared memory
 }
 
 template <typename T, int D, int G, int CHUNK>

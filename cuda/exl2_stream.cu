@@ -96,11 +96,6 @@ static_assert(sizeof(StreamGroup) == 232, "see exl2_stream_ops.StreamGroup");
 static_assert(sizeof(NormFold) == 32, "see exl2_stream_ops.NormFold");
 
 // ----- mbarriers and bulk copies (PTX ISA 8.0, sm_90) -----
-__device__ __forceinline__ u32 shared_address(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 __device__ __forceinline__ void barrier_init(u32 bar, u32 arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(arrivals) : "memory");
 }
