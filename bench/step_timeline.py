@@ -43,14 +43,23 @@ RECORD = np.dtype([("start", "<u8"), ("wait", "<u8"), ("grid", "<u8"), ("grid_x"
 RECORDS = 1 << 18  # STEP_TIMELINE_RECORDS
 
 
+def device_array(module, name: str, shape: tuple, dtype):
+    """A module's __device__ variable `name` as a CuPy array (get_global_var gives its address)."""
+    import cupy
+
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    memory = cupy.cuda.UnownedMemory(module.get_global_var(name), size, module)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
+
+
 def module_records(reset: bool = False) -> list[np.ndarray]:
     """Each loaded kernel module's records (or, with `reset`, its count set to zero first and nothing returned)."""
     import cupy
 
     found = []
     for module in launch._loaded_modules:
-        count = cupy.ndarray((1,), cupy.uint32, module.get_global_var("step_timeline_count"))
-        raw = cupy.ndarray((RECORDS * RECORD.itemsize,), cupy.uint8, module.get_global_var("step_timeline"))
+        count = device_array(module, "step_timeline_count", (1,), cupy.uint32)
+        raw = device_array(module, "step_timeline", (RECORDS * RECORD.itemsize,), cupy.uint8)
         if reset:  # the records too: a slot taken by a block whose thread 0 never waited stays empty (wait 0)
             count.fill(0)
             raw.fill(0)

@@ -9,14 +9,16 @@ replays back to back (the GPU's own rate, no token read between steps; `exlq ben
     python3 bench/switch_ab.py --switches kernels.attention_ops.ROPE_ATTENTION rope.TABLE EXLQ_ATTENTION_RANKS=4 \
         [--shapes llama3-8b qwen2.5-0.5b] [--bpw 4.0] [--steps 256] [--rounds 3]
 
-A switch's path is relative to `exlq.runtime`; NAME=VALUE is an environment setting the runtime reads at every call
-(on: set to VALUE; off: as the process found it). Prints one JSON line a run, then each switch's mean on and off per
+A switch's path is relative to `exlq.runtime`; path=LITERAL gives that attribute a Python literal's value (on) or
+its own (off); NAME=VALUE is an environment setting the runtime reads at every call (on: set to VALUE; off: as the
+process found it). Prints one JSON line a run, then each switch's mean on and off per
 shape and the gain.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -54,11 +56,32 @@ class EnvironmentSwitch:
             os.environ[self.name] = self.found
 
 
+class ValueSwitch:
+    """module.ATTRIBUTE=LITERAL as a switch: `on` gives the attribute the literal's value, else what it held."""
+
+    def __init__(self, module: object, attribute: str, value: str) -> None:
+        self.module, self.attribute = module, attribute
+        self.value, self.found = ast.literal_eval(value), getattr(module, attribute)
+
+    @property
+    def on(self) -> bool:
+        return getattr(self.module, self.attribute) == self.value
+
+    @on.setter
+    def on(self, on: bool) -> None:
+        setattr(self.module, self.attribute, self.value if on else self.found)
+
+
 def resolve(switch: str) -> tuple[object, str]:
-    """The module and attribute of `switch` ("kernels.attention_ops.ROPE_ATTENTION": exlq.runtime's), or of an
-    environment setting ("EXLQ_ATTENTION_RANKS=4")."""
+    """The module and attribute of `switch` ("kernels.attention_ops.ROPE_ATTENTION": exlq.runtime's), of a value
+    given to one ("kernels.attention_ops.PUSH_HEAD_DIMS=(64, 128)"), or of an environment setting
+    ("EXLQ_ATTENTION_RANKS=4")."""
     if "=" in switch:
-        return EnvironmentSwitch(*switch.split("=", 1)), "on"
+        name, value = switch.split("=", 1)
+        if "." not in name:
+            return EnvironmentSwitch(name, value), "on"
+        path, _, attribute = name.rpartition(".")
+        return ValueSwitch(importlib.import_module(f"exlq.runtime.{path}"), attribute, value), "on"
     path, _, attribute = switch.rpartition(".")
     module = importlib.import_module(f"exlq.runtime.{path}")
     if not isinstance(getattr(module, attribute, None), bool):
