@@ -185,14 +185,15 @@ STREAM_LAYOUTS = [layout for layout in LAYOUTS if exl2_stream_ops.eligible(conve
 
 @pytest.mark.parametrize("k, bits, props, group", STREAM_LAYOUTS)
 @pytest.mark.parametrize("n", [32, 200, 576, 4160])
-@pytest.mark.parametrize("grid, stages", [(None, 4), (7, 2), (3, 8)])
-def test_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, monkeypatch):
-    """One fp16 row through the streamed kernel into a poisoned output: the float64 product of the torch
-    dequantization (+bias), and a clean workspace. Small grids make each block walk many units across strips (its
-    activation rows then wrap around K) and reuse every stage many times."""
+@pytest.mark.parametrize("grid, stages, columns", [(None, 4, 1), (None, 4, 2), (7, 2, 2), (3, 8, 1)])
+def test_streamed_gemv_matches_reference(k, bits, props, group, n, grid, stages, columns, monkeypatch):
+    """One fp16 row through the streamed kernel (one or two columns a consumer thread) into a poisoned output: the
+    float64 product of the torch dequantization (+bias), and a clean workspace. Small grids make each block walk many
+    units across strips (its activation rows then wrap around K) and reuse every stage many times."""
     use_gemv("stream", monkeypatch)
     monkeypatch.setattr(exl2_stream_ops, "MAX_GRID", grid)
     monkeypatch.setattr(exl2_stream_ops, "STAGES", stages)
+    monkeypatch.setattr(exl2_stream_ops, "THREAD_COLUMNS", columns)
     tensors, layout = random_exl2(k, n, bits, props, group, seed=5 * k + n, bias=n % 3 == 0)
     cuda = on_gpu(tensors)
     layer = Exl2Linear(cuda, k, n, dtype=torch.float16)

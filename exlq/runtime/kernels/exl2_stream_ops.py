@@ -57,13 +57,14 @@ ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
 #: takes also folds the norm before it. 8 MiB left the 8B's q/k/v (12.5 MB) to the register kernel: 19 MiB, +3 %.
 #: The H100 keeps the same limit (session 39: the 8B 385 / 385 tok/s at 19 MiB against 334 / 345 at 64).
 MAX_BYTES = int(float(os.environ.get("EXLQ_STREAM_MAX_MB", "19")) * (1 << 20))
-#: Shared-memory stages a block (EXLQ_STREAM_STAGES fixes them; by default STAGES_BY_K picks them), columns a consumer
-#: thread and blocks an SM (tuning, docs/benchmarks.md). Session 24 found 4 blocks of 2 stages fastest of seven
+#: Shared-memory stages a block (EXLQ_STREAM_STAGES fixes them; by default STAGES_BY_K picks them) and blocks an SM
+#: (tuning, docs/benchmarks.md). Session 24 found 4 blocks of 2 stages fastest of seven
 #: settings for the GEMV alone; in decode, session 31 measured 3 stages faster than 2 (the 8B +4.2 %).
 STAGES: int | None = int(os.environ["EXLQ_STREAM_STAGES"]) if os.environ.get("EXLQ_STREAM_STAGES") else None
 #: (least K, stages) by default, the first that K reaches. Measured in decode (session 32, same-call rounds against 3
 #: stages): the 8B (K 4096) +2.0 % with 5 (2 blocks an SM; 4 stages, 3 blocks: −2.5 %; 6: −2 %), Llama-3.2-1B (K 2048)
 #: +6.6 / +7.3 % with 4 (3 blocks an SM; 5: +5 %); at K 576 and 896 (smollm2, Qwen2.5-0.5B) 3, 4 and 5 are even.
+#: With one column a thread (session 47) the 8B keeps 5: 3 stages −3.0 %, 4 −4.3 %, 6 −1.3 %.
 STAGES_BY_K = ((4096, 5), (2048, 4), (0, 3))
 
 
@@ -86,7 +87,13 @@ ROWS = row_counts(os.environ["EXLQ_STREAM_ROWS"]) if "EXLQ_STREAM_ROWS" in os.en
 #: leave one block an SM (113-116 KB); 3 stages, which keep two, were slower on the H100 (session 40: 16 rows at
 #: 4096x14336 49.9 against 45.1 µs, 14336x4096 48.1 against 46.8).
 ROWS_STAGES = int(os.environ.get("EXLQ_STREAM_ROWS_STAGES", "4"))
-THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "2"))
+#: Columns a consumer thread takes (EXLQ_STREAM_COLUMNS, one of COLUMN_CHOICES): 1, so a block has 8 consumer warps.
+#: Alone, streaming a large matrix, 2 columns were as fast (session 24); but in the decode step a launch's weights
+#: are mostly in its stages before its programmatic wait, and what the step waits for is the consumers' arithmetic
+#: after it, which twice the warps shorten (session 47, H100, in-process A/B of 512-step runs: the 8B +2.4 %, its
+#: q/k/v and o_proj 0.6 and 0.9 µs a layer shorter in the step's timeline; smollm2 +5.0 %; Llama-3.2-1B +0.1 %,
+#: Qwen2.5-0.5B +0.7 %, medians, inside their noise).
+THREAD_COLUMNS = int(os.environ.get("EXLQ_STREAM_COLUMNS", "1"))
 BLOCKS_PER_SM = int(os.environ.get("EXLQ_STREAM_BLOCKS", "4"))
 MAX_GRID: int | None = None  # tests: a small grid, so each block walks many units, strips and matrices
 
@@ -319,7 +326,9 @@ def launch_stream(plans: Sequence, x: torch.Tensor | None, up: torch.Tensor | No
     device = plans[0].q_weight.device
     group = stream_group(plans, sums, [plan.stream_gather for plan in plans])
     stages = stages_for(plans[0].in_features, block_shared_limit(device_index(device)))
-    columns = THREAD_COLUMNS if THREAD_COLUMNS in COLUMN_CHOICES else 2
+    if THREAD_COLUMNS not in COLUMN_CHOICES:
+        raise ExlqError(f"EXLQ_STREAM_COLUMNS must be one of {COLUMN_CHOICES}, not {THREAD_COLUMNS}")
+    columns = THREAD_COLUMNS
     function = kernel(SOURCE, INSTANCES, f"exl2_stream<fp16_t, {columns}" + (", true>" if gathered else ">"), device)
     shared = shared_bytes(plans[0].in_features, stages)
     allow_shared(function, shared)
