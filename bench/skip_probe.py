@@ -93,12 +93,12 @@ def skipped(prefixes: tuple[str, ...], counts: dict[str, int], launches: list | 
             module.kernel, module.launch = kernel, launch
 
 
-def decode_rate(model, steps: int) -> float:
-    """Tokens/s of `steps` replayed one-token steps after a 32-token prompt (greedy, nothing read in between), timed
+def decode_rate(model, steps: int, prompt_tokens: int = PROMPT_TOKENS) -> float:
+    """Tokens/s of `steps` replayed one-token steps after a `prompt_tokens` prompt (greedy, nothing read between), timed
     on a second pass over the same positions, so every graph those positions need is captured before the clock runs
     (the first version timed the first pass: a tree whose graphs change with the position paid a capture in it)."""
-    cache = model.new_cache(PROMPT_TOKENS + steps + 8)
-    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_TOKENS), device=model.device)
+    cache = model.new_cache(prompt_tokens + steps + 8)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=model.device)
 
     def run() -> None:
         cache.reset()

@@ -7,7 +7,7 @@ flag the runtime reads at every call, e.g. `kernels.attention_ops.ROPE_ATTENTION
 replays back to back (the GPU's own rate, no token read between steps; `exlq bench` reads one a step).
 
     python3 bench/switch_ab.py --switches kernels.attention_ops.ROPE_ATTENTION rope.TABLE EXLQ_ATTENTION_RANKS=4 \
-        [--shapes llama3-8b qwen2.5-0.5b] [--bpw 4.0] [--steps 256] [--rounds 3]
+        [--shapes llama3-8b qwen2.5-0.5b] [--bpw 4.0] [--steps 256] [--prompt 32] [--rounds 3]
 
 A switch's path is relative to `exlq.runtime`; path=LITERAL gives that attribute a Python literal's value (on) or
 its own (off); NAME=VALUE is an environment setting the runtime reads at every call (on: set to VALUE; off: as the
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from skip_probe import decode_rate  # noqa: E402
 
 from exlq.cli.bench import _synthetic_model  # noqa: E402
+from exlq.eval.speed import PROMPT_TOKENS  # noqa: E402
 
 
 class EnvironmentSwitch:
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["llama3-8b", "qwen2.5-0.5b"])
     parser.add_argument("--bpw", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=PROMPT_TOKENS,
+                        help="prompt tokens before the timed steps (their cache positions: from here on)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     switches = {switch: resolve(switch) for switch in args.switches}
@@ -108,7 +111,7 @@ def main() -> None:
                 for on in (True, False, False, True):
                     setattr(module, attribute, on)
                     model.decode_graphs.clear()
-                    rate = decode_rate(model, args.steps)
+                    rate = decode_rate(model, args.steps, args.prompt)
                     rates[on].append(rate)
                     print(json.dumps({"shape": shape, "switch": switch, "on": on, "round": round_,
                                       "tokens_per_second": round(rate, 1)}), flush=True)
