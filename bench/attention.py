@@ -69,7 +69,7 @@ def main() -> None:
             del os.environ["EXLQ_ATTENTION_CHUNK"], os.environ["EXLQ_ATTENTION_RANKS"]
             attention_ops.PUSH_MERGE, attention_ops.PUSH_HEAD_DIMS = pushed
             runtime_ranks = attention_ops.ranks(device, span)
-            runtime_push = "_push" if attention_ops.pushes(dim) and runtime_ranks > 1 else ""
+            runtime_push = "_push" if attention_ops.pushes(dim, runtime_ranks) else ""
             kernel_s = settings_s[f"chunk{attention_ops.chunk_size()}_ranks{runtime_ranks}{runtime_push}"]
             sdpa_s = graph_seconds(cycling(lambda i: attend(q, *views[i % copies], mask, False)), warm_calls=max(50, copies))
             got = attention_ops.decode_attention(q, *views[0], position, None)

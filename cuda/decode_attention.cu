@@ -8,14 +8,14 @@
 // first + r + R, ...), the first one requested before the programmatic wait (written by earlier steps, except the
 // token's own row, which rope_store, the kernel before, writes and which is read again after the wait). A rank keeps
 // its chunks' softmax as it goes (running maximum and sum, Σ p·v rescaled as the maximum grows), so the grid depends
-// on the batch, the heads and R alone (attention_ops picks R by the span: 8, or 16 past 2048 keys), not on the
+// on the batch, the heads and R alone (attention_ops picks R by the span: 8, or 16 past 1024 keys), not on the
 // position: a captured graph serves every position of its span. On sm_90 the R ranks are one thread-block cluster
 // and merge through distributed shared memory (each rank writes its share of the outputs), with no global workspace,
 // fence or counter: the earlier design's merge through L2 cost ~5 µs a layer, 6 % of the 8B's decode step
 // (docs/benchmarks.md, session 28). The merge pulls (each owner reads the others' records after a cluster barrier,
-// and a second keeps them until all have read) or, with `push` (attention_ops.pushes: at head size 64), pushes:
-// each rank stores its pieces into their owners before the one barrier (its wait for the cluster's blocks to run is
-// a barrier it arrived at as it started). Before sm_90, R = 1: one block a head walks every chunk.
+// and a second keeps them until all have read) or, with `push` (attention_ops.pushes: at head size 64, and in
+// clusters of 16), pushes: each rank stores its pieces into their owners before the one barrier (its wait for the
+// cluster's blocks to run is a barrier it arrived at as it started). Before sm_90, R = 1: one block a head walks every chunk.
 // Scores: ATT_KEY_THREADS threads a key, each with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled
 // by log2(e)/√D as it is staged). Then the chunk's maximum and exponential sum per query head, and Σ p·v with a thread
 // for 8 adjacent dimensions of a row.

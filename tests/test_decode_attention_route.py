@@ -57,7 +57,8 @@ def test_a_cluster_of_blocks_a_head_on_hopper(monkeypatch):
     monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: False)
     assert attention_ops.ranks(cpu, 8192) == 1
     monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: True)
-    assert [attention_ops.ranks(cpu, span) for span in (1, 2048, 2049, 8192)] == [8, 8, 16, 16]
+    assert attention_ops.LONG_SPAN == 1024
+    assert [attention_ops.ranks(cpu, span) for span in (1, 1024, 1025, 8192)] == [8, 8, 16, 16]
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "2")
     assert attention_ops.ranks(cpu, 8192) == 2
     monkeypatch.setenv("EXLQ_ATTENTION_RANKS", "3")
@@ -87,16 +88,20 @@ def test_a_refused_cluster_launch_falls_back_to_one_block_a_head(monkeypatch):
     assert calls == [((8, 8, 1), (1, 8, 1)), ((8, 1, 1), None), ((8, 1, 1), None)]
 
 
-@pytest.mark.parametrize("dim, push, expected", [(64, True, True), (128, True, False), (64, False, False)])
-def test_clusters_push_at_head_size_64_only(dim, push, expected, monkeypatch):
+@pytest.mark.parametrize("dim, span, push, expected", [(64, 256, True, True), (128, 256, True, False),
+                                                       (128, 2048, True, True), (64, 256, False, False),
+                                                       (128, 2048, False, False)])
+def test_clusters_push_at_head_size_64_and_in_clusters_of_16(dim, span, push, expected, monkeypatch):
     """The cluster's merge is the launch's last argument: a push at head size 64 (faster in the small models' steps),
-    a pull at 128 (the 8B's step lost by pushing), a pull everywhere with EXLQ_ATTENTION_PUSH=0 (PUSH_MERGE off)."""
+    a pull at 128 in clusters of 8 (the 8B's step did not gain by pushing) but a push in clusters of 16 (past
+    LONG_SPAN: it did), a pull everywhere with EXLQ_ATTENTION_PUSH=0 (PUSH_MERGE off)."""
     launches = []
     monkeypatch.setattr(attention_ops, "PUSH_MERGE", push)
     monkeypatch.setattr(attention_ops, "hopper_or_newer", lambda device: True)
     monkeypatch.setattr(attention_ops, "kernel", lambda *args: 0)
     monkeypatch.setattr(attention_ops, "launch", lambda function, grid, block, args, *rest, **options:
                         launches.append(args))
-    attention_ops.decode_attention(*cache_views(dim=dim, heads=8, kv_heads=2), 100, None)
+    attention_ops.decode_attention(*cache_views(dim=dim, heads=8, kv_heads=2, span=span, capacity=span), 100, None)
     (args,) = launches
-    assert args[-1] is expected and attention_ops.pushes(dim) is expected
+    ranks = 16 if span > attention_ops.LONG_SPAN else 8
+    assert args[-1] is expected and attention_ops.pushes(dim, ranks) is expected

@@ -52,9 +52,9 @@ def test_static_step_equals_eager_forward(tiny_model_dirs, variant, padded, toke
 @pytest.mark.parametrize("kernel_attention", [True, False])
 def test_one_token_kernel_steps_span_the_whole_cache(monkeypatch, kernel_attention):
     """One-token steps into an fp16 cache, left-padded or not, on the attention kernel (whose grid depends on the span
-    only through its cluster size): 2048 up to 2048 keys, then the whole cache, one or two graphs a generation; every
-    other step (SDPA and quantized caches read the whole span, a head shape the kernel was not built for): multiples of
-    256."""
+    only through its cluster size): LONG_SPAN (1024) up to 1024 keys, then the whole cache, one or two graphs a
+    generation; every other step (SDPA and quantized caches read the whole span, a head shape the kernel was not built
+    for): multiples of 256."""
     from exlq.runtime.cache import KVCache
 
     monkeypatch.setattr(graphs.kernels, "enabled", lambda device: kernel_attention)  # a CUDA device's answer
@@ -64,8 +64,10 @@ def test_one_token_kernel_steps_span_the_whole_cache(monkeypatch, kernel_attenti
         cache.seq_len = seq_len
         return step_span(cache, tokens, heads)
 
-    linear = {0: 256, 255: 256, 256: 512, 600: 768, 1100: 1280, 2047: 2048, 2048: 2304, 4500: 4608, 5999: 6000}
-    kernel = {0: 2048, 255: 2048, 256: 2048, 600: 2048, 1100: 2048, 2047: 2048, 2048: 6000, 4500: 6000, 5999: 6000}
+    linear = {0: 256, 255: 256, 256: 512, 600: 768, 1023: 1024, 1024: 1280, 1100: 1280, 2047: 2048, 2048: 2304,
+              4500: 4608, 5999: 6000}
+    kernel = {0: 1024, 255: 1024, 256: 1024, 600: 1024, 1023: 1024, 1024: 6000, 1100: 6000, 2047: 6000, 2048: 6000,
+              4500: 6000, 5999: 6000}
     assert {n: span(n) for n in linear} == (kernel if kernel_attention else linear)
     cache.pad_lengths = torch.tensor([0, 5])  # a left-padded batch: the kernel skips each row's padding
     assert {n: span(n) for n in linear} == (kernel if kernel_attention else linear)

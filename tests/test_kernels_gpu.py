@@ -1337,7 +1337,7 @@ def test_cache_only_one_token_steps_replay_the_graph(tiny_model_dirs, monkeypatc
 
 
 def test_attention_kernel_graphs_across_the_long_span(tmp_path, monkeypatch):
-    """One-token graph steps on the attention kernel (head size 64) across position 2048: the span LONG_SPAN, then
+    """One-token graph steps on the attention kernel (head size 64) across position LONG_SPAN: the span LONG_SPAN, then
     the whole cache (clusters of 8, then 16 blocks a head), two graphs; the logits of eager steps on SDPA."""
     from tiny_models import make_tiny_model_dir
 
@@ -1347,17 +1347,18 @@ def test_attention_kernel_graphs_across_the_long_span(tmp_path, monkeypatch):
                                num_key_value_heads=1, max_position_embeddings=4096)
     model = load_model(path, device="cuda", dtype="fp16")
     assert attention_ops.takes_heads(model.config.head_dim, 2, 1)
-    ids = torch.randint(0, model.config.vocab_size, (1, 2064), generator=torch.Generator().manual_seed(3))
+    first, last, capacity = attention_ops.LONG_SPAN - 8, attention_ops.LONG_SPAN + 16, attention_ops.LONG_SPAN + 52
+    ids = torch.randint(0, model.config.vocab_size, (1, last), generator=torch.Generator().manual_seed(3))
     results = {}
     for graphs, kernel in (("0", "0"), ("1", "1")):
         monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
         monkeypatch.setenv("EXLQ_DECODE_ATTENTION", kernel)
         model.decode_graphs.clear()
-        cache = model.new_cache(2100)
-        model(ids[:, :2040], cache, max_output_len=0)
-        results[graphs] = torch.cat([model(ids[:, i : i + 1], cache) for i in range(2040, 2064)], dim=1).float()
+        cache = model.new_cache(capacity)
+        model(ids[:, :first], cache, max_output_len=0)
+        results[graphs] = torch.cat([model(ids[:, i : i + 1], cache) for i in range(first, last)], dim=1).float()
         if graphs == "1":
-            assert sorted(key[3] for key in model.decode_graphs._graphs) == [attention_ops.LONG_SPAN, 2100]
+            assert sorted(key[3] for key in model.decode_graphs._graphs) == [attention_ops.LONG_SPAN, capacity]
     assert rel(results["1"], results["0"]) < 2e-3
 
 

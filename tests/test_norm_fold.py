@@ -396,7 +396,7 @@ def test_attention_takes_qkv_sums_in_one_launch_only_where_it_can(case, monkeypa
         assert args[:8] == (qkv[0].sums, qkv[0].plan.bias, qkv[1].sums, None, qkv[2].sums, None, cos, sin)
         assert args[8].data_ptr() == keys.data_ptr() and args[9].data_ptr() == values.data_ptr()
         assert args[8].shape == (1, 1, position + 1, dim) and args[10:16] == (16 * dim, 1, None, position, 0, args[15])
-        assert args[-2] is out and args[-1] == attention_ops.pushes(dim) and not any(p.unfinished() for p in qkv)
+        assert args[-2] is out and args[-1] == attention_ops.pushes(dim, 8) and not any(p.unfinished() for p in qkv)
     else:
         rope = "finish_rope_store" if case in ("switched off", "padded") else "rope_store"
         assert [(f, g) for f, g, _ in launches] == [(f"{rope}<fp16_t>", (1, 5, 1)),

@@ -8,8 +8,8 @@ values are written from that position on (fused RoPE + store kernel, or `index_c
 runs over a fixed-length prefix of the cache buffer: SDPA with a mask (keys beyond each token's position
 masked out), or the one-token kernel, which reads the position from the device and skips those keys. For SDPA
 that length is a bucket (`step_span`): the end position rounded up to a multiple of `BUCKET`, one graph per bucket,
-so attention costs what the context needs, not what `max_seq_len` allows; the one-token kernel takes 2048
-positions, then the whole cache, one graph for each. The rest is the eager code.
+so attention costs what the context needs, not what `max_seq_len` allows; the one-token kernel takes
+`attention_ops.LONG_SPAN` positions, then the whole cache, one graph for each. The rest is the eager code.
 
 Used automatically by `DecoderOnlyLM.forward` for one-token steps into a `KVCache` on a CUDA device
 whose batch fills the cache (`EXLQ_CUDA_GRAPHS=0` turns it off): an unquantized one, or a quantized one

@@ -23,10 +23,13 @@ THREADS = 128  # ATT_THREADS
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads a KV head serves, at most
 MAX_RANKS = 16  # ATT_MAX_RANKS: blocks a (batch row, KV head) at most, one thread-block cluster (sm_90+)
-#: Spans up to LONG_SPAN take clusters of 8 blocks a head, longer ones 16 (the H200, µs a layer, Llama-3-8B's heads:
-#: the token at 255 4.7 against 6.0, at 1023 4.9 against 6.0, at 2047 12.1 against 9.9, at 8191 42.5 against 29.0;
-#: docs/benchmarks.md, session 28).
-LONG_SPAN = 2048
+#: Spans up to LONG_SPAN take clusters of 8 blocks a head, longer ones 16. Session 28 (H200, the pull merge) put the
+#: line at 2048 (Llama-3-8B's heads, µs a layer, 8 against 16: the token at 1023 4.9 against 6.0, at 2047 12.1
+#: against 9.9). On the H100 with today's kernel (session 47) 16 ranks win from 1023 on at every head shape alone
+#: (the 8B at 1023: 8.0 µs pulling from 8, 7.1 from 16, 6.1 pushing from 16), and 8 at 511; in the decode step at
+#: positions 1100-1356 the 8B gains 3.6 % with 16, Qwen2.5-0.5B is even: 1024. A generation that crosses it captures
+#: a second graph (40-60 ms of host time).
+LONG_SPAN = 1024
 
 INSTANCES = tuple(
     f"{name}<{tag}, {dim}, {group}, {chunk}>" for name in ("decode_attention", "rope_decode_attention")
@@ -38,18 +41,22 @@ INSTANCES = tuple(
 ROPE_ATTENTION = os.environ.get("EXLQ_ROPE_ATTENTION", "1") != "0"
 #: A cluster's ranks merge by pushing their pieces into each owner's shared memory before one cluster barrier, rather
 #: than reading the others' records after one and holding every rank for a second (the kernel's push_merge), at the
-#: head sizes of PUSH_HEAD_DIMS. EXLQ_ATTENTION_PUSH=0 pulls at every head size (an A/B switch, read at every launch;
-#: graphs keep what they captured).
+#: head sizes of PUSH_HEAD_DIMS, and at every head size in clusters of PUSH_RANKS. EXLQ_ATTENTION_PUSH=0 pulls
+#: everywhere (an A/B switch, read at every launch; graphs keep what they captured).
 PUSH_MERGE = os.environ.get("EXLQ_ATTENTION_PUSH", "1") != "0"
 #: Head sizes that push (session 46, H100, in-process A/B): alone the push is 0.6-1.4 µs a call faster at both sizes,
 #: and in the decode step Qwen2.5-0.5B gains 1.1-2.3 % and Llama-3.2-1B 1.4 % (head size 64), but the 8B (128) lost
 #: 0.0-0.9 % in three A/Bs (docs/benchmarks.md, session 46), so 128 pulls.
 PUSH_HEAD_DIMS = (64,)
+#: Clusters this large push at every head size: 16 ranks have twice the records to pull, and the 8B (head size 128)
+#: gains 1.4 % by pushing at positions 2100-2356 (session 47, H100, in-process A/B; alone 1.0 µs a call faster).
+PUSH_RANKS = 16
 
 
-def pushes(dim: int) -> bool:
-    """Whether a cluster over heads of size `dim` merges by pushing (PUSH_MERGE, PUSH_HEAD_DIMS)."""
-    return PUSH_MERGE and dim in PUSH_HEAD_DIMS
+def pushes(dim: int, ranks: int) -> bool:
+    """Whether a cluster of `ranks` blocks over heads of size `dim` merges by pushing (PUSH_MERGE, PUSH_HEAD_DIMS,
+    PUSH_RANKS)."""
+    return PUSH_MERGE and ranks > 1 and (dim in PUSH_HEAD_DIMS or ranks >= PUSH_RANKS)
 
 
 def enabled() -> bool:
@@ -132,7 +139,7 @@ def decode_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     arguments = (q, k, v, k.stride(0), k.stride(1), kv_heads, device_position,
                  0 if device_position is not None else position, window or 0, pad_lengths,
-                 math.log2(math.e) / math.sqrt(dim), out, pushes(dim))
+                 math.log2(math.e) / math.sqrt(dim), out)
     launch_heads("decode_attention", heads, k, arguments)
     return out
 
@@ -154,7 +161,7 @@ def rope_attention(
     device_position = position if isinstance(position, torch.Tensor) else None
     arguments = (*(x for s in sums for x in (s.sums, s.bias)), cos.contiguous(), sin.contiguous(), k, v, k.stride(1),
                  kv_heads, device_position, 0 if device_position is not None else position, window or 0,
-                 math.log2(math.e) / math.sqrt(dim), out, pushes(dim))
+                 math.log2(math.e) / math.sqrt(dim), out)
     launch_heads("rope_decode_attention", heads, k, arguments)
     return out
 
@@ -166,16 +173,16 @@ def check_position(position: torch.Tensor | int, k: torch.Tensor) -> None:
 
 
 def launch_heads(name: str, heads: int, k: torch.Tensor, arguments: tuple) -> None:
-    """Launch instance `name` of the kernel (for `heads` query heads over k [B, Hkv, span, D]) with `arguments`: grid
-    (B·Hkv, ranks), one cluster of ranks a (row, KV head) where the device takes it (else one block a head, from then
-    on)."""
+    """Launch instance `name` of the kernel (for `heads` query heads over k [B, Hkv, span, D]) with `arguments` and the
+    merge's choice (`pushes`): grid (B·Hkv, ranks), one cluster of ranks a (row, KV head) where the device takes it
+    (else one block a head, from then on)."""
     bsz, kv_heads, span, dim = k.shape
     instance = f"{name}<{ACTIVATION_TAGS[k.dtype]}, {dim}, {heads // kv_heads}, {chunk_size()}>"
     function = kernel(SOURCE, INSTANCES, instance, k.device)
     count = ranks(k.device, span)
     try:
-        launch(function, (bsz * kv_heads, count, 1), (THREADS, 1, 1), arguments, k.device, overlap=True,
-               cluster=(1, count, 1) if count > 1 else None)
+        launch(function, (bsz * kv_heads, count, 1), (THREADS, 1, 1), (*arguments, pushes(dim, count)), k.device,
+               overlap=True, cluster=(1, count, 1) if count > 1 else None)
     except ExlqError as error:
         if count == 1:
             raise
@@ -185,4 +192,4 @@ def launch_heads(name: str, heads: int, k: torch.Tensor, arguments: tuple) -> No
         _clusters_refused.add(k.device)
         warnings.warn(f"{error}: one-token attention takes one block a head on {k.device} from now on",
                       RuntimeWarning, stacklevel=2)
-        launch(function, (bsz * kv_heads, 1, 1), (THREADS, 1, 1), arguments, k.device, overlap=True)
+        launch(function, (bsz * kv_heads, 1, 1), (THREADS, 1, 1), (*arguments, False), k.device, overlap=True)
