@@ -95,8 +95,7 @@ def step_launches(name: str) -> list[tuple[str, int, list[int], float | None, in
     launches = []
     for label, names in groups.items():  # (out, in) each; a launch's matrices share their input
         launches.append((label, shapes[names[0]][1], [shapes[name][0] for name in names], None, layers))
-    if not c.get("tie_word_embeddings"):
-        launches.append(("head", c["hidden_size"], [c["vocab_size"]], 6.0, 1))
+    launches.append(("head", c["hidden_size"], [c["vocab_size"]], 6.0, 1))  # tied or not (synthetic.SyntheticStore)
     return launches
 
 

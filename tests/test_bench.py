@@ -43,7 +43,7 @@ def test_synthetic_models_run_at_the_target_bpw(shape):
 def test_bench_step_launches_are_the_models_linears(shape):
     """`bench/gemv.py --step` and `bench/dram_pattern.py --step` time the launches `step_launches` lists, against the
     issue's roofline: together they must be the synthetic model's EXL2 linears, each once a step (the head at the
-    6 bits the model gives it, and none where it is tied to the embedding), each launch's matrices of one input."""
+    6 bits the model gives it, tied to the embedding or not), each launch's matrices of one input."""
     import sys
     from collections import Counter
     from pathlib import Path
@@ -63,6 +63,18 @@ def test_bench_step_launches_are_the_models_linears(shape):
         for out_features in outs:
             launched[in_features, out_features] += count
     assert launched == linears
+
+
+@pytest.mark.parametrize("shape", ["qwen2.5-0.5b", "llama3-8b"])
+def test_synthetic_heads_are_exl2_like_a_conversions(shape):
+    """At an EXL2 bpw the head is 6-bit EXL2 whether the shape ties it to the embedding or not (the converter writes a
+    quantized head for tied models too, spec §10.1); at 16 bits a tied head is the embedding itself."""
+    exl2 = small_synthetic(shape, 4.0)
+    assert isinstance(exl2.lm_head, Exl2Linear) and abs(exl2.lm_head.bits_per_weight - 6.0) < 0.2
+    dense = small_synthetic(shape, 16)
+    tied = synthetic_config(shape)["tie_word_embeddings"]
+    assert isinstance(dense.lm_head, DenseLinear)
+    assert (dense.lm_head.weight.data_ptr() == dense.model.embed_tokens.weight.data_ptr()) == tied
 
 
 def test_synthetic_groups_of_32_keep_the_target_bpw():

@@ -30,8 +30,8 @@ def bench(
     """Decode tokens/s (batch 1, or --batch sequences at once), prefill tokens/s, achieved weight GB/s against the copy bandwidth, peak VRAM.
 
     The conventions are in `exlq/eval/speed.py`. --synthetic needs no weights: decoder linears get random
-    EXL2 codes at --bpw (layout as the converter cuts it, groups of --group-size rows, lm_head at 6 bits
-    when untied).
+    EXL2 codes at --bpw (layout as the converter cuts it, groups of --group-size rows, lm_head at 6 bits,
+    tied or not, as a conversion writes it).
     """
     import torch
 

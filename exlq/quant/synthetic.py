@@ -95,8 +95,10 @@ class SyntheticStore:
         c = self.config
         h, shapes = c["hidden_size"], layer_linears(c)
         self._linears = {f"model.layers.{n}.{name}": s for n in range(c["num_hidden_layers"]) for name, s in shapes.items()}
-        if not c.get("tie_word_embeddings"):
-            self._linears["lm_head"] = (c["vocab_size"], h)  # quantized like the converter's default head (6 bits)
+        if self.bpw < 16 or not c.get("tie_word_embeddings"):
+            # EXL2: quantized as the converter's default head (6 bits), which it writes for tied models too (spec
+            # §10.1), so a tied shape is timed with the head a conversion gives it, not with the fp16 embedding.
+            self._linears["lm_head"] = (c["vocab_size"], h)
         self._plain = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
         for n in range(c["num_hidden_layers"]):
             for norm in ("input_layernorm", "post_attention_layernorm"):
