@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,40 +38,38 @@ from exlq.cli.bench import _synthetic_model  # noqa: E402
 from exlq.eval.speed import PROMPT_TOKENS  # noqa: E402
 
 
-class EnvironmentSwitch:
-    """NAME=VALUE as a switch: `on` set means the variable holds VALUE, else what the process found."""
-
-    def __init__(self, name: str, value: str) -> None:
-        self.name, self.value, self.found = name, value, os.environ.get(name)
-
-    @property
-    def on(self) -> bool:
-        return os.environ.get(self.name) == self.value
-
-    @on.setter
-    def on(self, on: bool) -> None:
-        if on:
-            os.environ[self.name] = self.value
-        elif self.found is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.found
-
-
 class ValueSwitch:
-    """module.ATTRIBUTE=LITERAL as a switch: `on` gives the attribute the literal's value, else what it held."""
+    """A setting as a switch: `on` gives it `value`, off what it held when made. `read` and `write` reach the setting
+    (an environment variable, absent as None; a module attribute)."""
 
-    def __init__(self, module: object, attribute: str, value: str) -> None:
-        self.module, self.attribute = module, attribute
-        self.value, self.found = ast.literal_eval(value), getattr(module, attribute)
+    def __init__(self, read: Callable[[], object], write: Callable[[object], None], value: object) -> None:
+        self.read, self.write, self.value, self.found = read, write, value, read()
 
     @property
     def on(self) -> bool:
-        return getattr(self.module, self.attribute) == self.value
+        return self.read() == self.value
 
     @on.setter
     def on(self, on: bool) -> None:
-        setattr(self.module, self.attribute, self.value if on else self.found)
+        self.write(self.value if on else self.found)
+
+
+def environment_switch(name: str, value: str) -> ValueSwitch:
+    """NAME=VALUE: the variable holds VALUE, or (off) what the process found (unset if it was)."""
+
+    def write(held: object) -> None:
+        if held is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = str(held)
+
+    return ValueSwitch(lambda: os.environ.get(name), write, value)
+
+
+def attribute_switch(module: object, attribute: str, value: str) -> ValueSwitch:
+    """module.ATTRIBUTE=LITERAL: the attribute holds the literal's value, or (off) its own."""
+    return ValueSwitch(lambda: getattr(module, attribute), lambda held: setattr(module, attribute, held),
+                       ast.literal_eval(value))
 
 
 def resolve(switch: str) -> tuple[object, str]:
@@ -80,9 +79,9 @@ def resolve(switch: str) -> tuple[object, str]:
     if "=" in switch:
         name, value = switch.split("=", 1)
         if "." not in name:
-            return EnvironmentSwitch(name, value), "on"
+            return environment_switch(name, value), "on"
         path, _, attribute = name.rpartition(".")
-        return ValueSwitch(importlib.import_module(f"exlq.runtime.{path}"), attribute, value), "on"
+        return attribute_switch(importlib.import_module(f"exlq.runtime.{path}"), attribute, value), "on"
     path, _, attribute = switch.rpartition(".")
     module = importlib.import_module(f"exlq.runtime.{path}")
     if not isinstance(getattr(module, attribute, None), bool):
