@@ -15,7 +15,8 @@
 // (docs/benchmarks.md, session 28). The merge pulls (each owner reads the others' records after a cluster barrier,
 // and a second keeps them until all have read) or, with `push` (attention_ops.pushes: at head size 64, and in
 // clusters of 16), pushes: each rank stores its pieces into their owners before the one barrier (its wait for the
-// cluster's blocks to run is a barrier it arrived at as it started). Before sm_90, R = 1: one block a head walks every chunk.
+// cluster's blocks to run is a barrier it arrived at as it started). Before sm_90, R = 1: one block a head walks
+// every chunk.
 // Scores: ATT_KEY_THREADS threads a key, each with D / ATT_KEY_THREADS of its elements, in the log2 domain (q is scaled
 // by log2(e)/√D as it is staged). Then the chunk's maximum and exponential sum per query head, and Σ p·v with a thread
 // for 8 adjacent dimensions of a row.
