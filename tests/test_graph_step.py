@@ -167,21 +167,6 @@ def test_group_wave_splits_fit_one_wave(outs, expected, monkeypatch):
     assert blocks <= 924 or chosen == exl2_ops.GROUP_SPLIT_ROWS[-1]
 
 
-def test_only_launches_over_the_set_waves_end_their_own_sums(monkeypatch):
-    """INLINE_FINISH_WAVES: a finished split-K launch of more waves than it says ends its sums in its last blocks
-    (the 8B's head, 501 tiles x 16 splits, on the H100's 924-block wave); one-wave launches (gate/up, down) and every
-    launch while it is unset keep exl2_finish."""
-    from exlq.runtime.kernels import exl2_ops
-
-    monkeypatch.setattr(exl2_ops, "wave_blocks", lambda function, device: 132 * 7)
-    monkeypatch.setattr(exl2_ops, "INLINE_FINISH_WAVES", None)
-    assert not exl2_ops.ends_inline(0, None, 501 * 16)
-    monkeypatch.setattr(exl2_ops, "INLINE_FINISH_WAVES", 2)
-    assert exl2_ops.ends_inline(0, None, 501 * 16)
-    assert not exl2_ops.ends_inline(0, None, 896) and not exl2_ops.ends_inline(0, None, 2 * 924)
-    assert exl2_ops.ends_inline(0, None, 2 * 924 + 1)
-
-
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192}
 

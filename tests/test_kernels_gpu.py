@@ -391,30 +391,6 @@ def test_group_launch_on_longer_splits_matches_each_layer(k, dtype, monkeypatch)
     assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2])
-def test_many_wave_launch_ends_its_own_sums(rows, dtype, monkeypatch):
-    """A split-K launch of more than INLINE_FINISH_WAVES waves (here any launch over a tenth of one) writes its
-    outputs itself, each column tile's last block (no exl2_finish launch), into poisoned outputs, and leaves its
-    workspace and tile counters clean for the next launch, which is checked too."""
-    use_gemv("wide", monkeypatch)
-    monkeypatch.setattr(exl2_ops, "INLINE_FINISH_WAVES", 0.1)
-    monkeypatch.setattr(exl2_ops, "finish_sums", lambda *args, **kwargs: pytest.fail("exl2_finish was launched"))
-    k, n = 1568, 4160  # 7 K splits, one short; a padded last tile
-    tensors, _ = random_exl2(k, n, [4, 3], [0.5, 0.5], 128, seed=91, bias=True)
-    layer = Exl2Linear(on_gpu(tensors), k, n, dtype=dtype)
-    plan = layer.kernel_plan()
-    assert plan.splits(exl2_ops.WIDE_COLUMNS).numel() - 1 > 1
-    for _ in range(2):
-        x = torch.randn(rows, k, device=CUDA).to(dtype)
-        out = torch.full((rows, n), float("nan"), dtype=dtype, device=CUDA)
-        exl2_ops.gemv([plan], x, [out])
-        ref = x.double() @ stored_weight(layer)[:, :n].double() + layer.bias[:n].double()
-        assert torch.isfinite(out).all() and rel(out, ref) < TOLERANCE[dtype]
-        workspace, counters = workspace_of(exl2_ops._workspace)
-        assert not workspace.any() and not counters.any(), "the GEMV must leave its workspace zeroed"
-
-
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability(CUDA) != (9, 0),
                     reason="Hopper's 228 KB of shared memory an SM")
 def test_wide_group_kernel_runs_seven_blocks_an_sm_on_hopper():

@@ -85,12 +85,6 @@ FINISH_THREADS = 256  # FINISH_THREADS in the .cu
 #: sessions 20-21: one row of 4096x14336 13.2 -> 12.5 µs, the 8B's decode +1.9 %).
 #: EXLQ_GEMV_FINISH=0: each K split's last block writes them, inside the GEMV.
 FINISH_KERNEL = os.environ.get("EXLQ_GEMV_FINISH", "1") != "0"
-#: Except in a launch of more than this many waves of blocks (the LM head: the 8B's 128256 columns in 16 K splits are
-#: ~9 waves): there each column tile's last block writes y (finish_split), since a block's fence and counter overlap
-#: the loads of the blocks still running, and no exl2_finish launch follows the product. None: exl2_finish always.
-#: EXLQ_INLINE_FINISH_WAVES=N sets it (docs/benchmarks.md, session 48).
-INLINE_FINISH_WAVES: float | None = (
-    float(os.environ["EXLQ_INLINE_FINISH_WAVES"]) if os.environ.get("EXLQ_INLINE_FINISH_WAVES") else None)
 #: Whether a streamed one-row GEMV folds a pending norm into its gather (norm_fold: from exl2_finish_norm's partial
 #: sums of squares) rather than read the output of the norm kernel; the register kernel never folds (each of its
 #: thousands of blocks would wait on the partials before its gather: the 8B decoded 4 % slower so, docs/benchmarks.md,
@@ -443,7 +437,8 @@ def gemv(plans: Sequence[Exl2Plan], x: torch.Tensor | PendingNorm, outs: Sequenc
         function = kernel(SOURCE, INSTANCE_SETS[dtype], instance, device)
     longer = None  # (wide implies no tensor cores: gemv_route)
     if GROUP_WAVE and len(plans) > 1 and rows == 1 and columns == WIDE_COLUMNS:
-        longer = wave_split_rows(plans, wave_blocks(function, device))
+        wave = blocks_per_sm(function, THREADS) * exl2_stream_ops.sm_limits(device_index(device))[0]
+        longer = wave_split_rows(plans, wave)
     if up is not None and (tensor_cores or len(plans) > 1):
         x, up = silu_mul(x, up), None
     inputs = (x,) if tensor_cores or len(plans) > 1 else (x, up)
@@ -465,9 +460,7 @@ def register_launch(function: int, plans: Sequence[Exl2Plan], outs: Sequence[tor
     `inputs` ((x,), or (x, up) for one matrix), K splits `longer` (None: the plans' own), its sums in sums_store's; then
     exl2_finish (with `extra`, exl2_finish's) or, `unfinished`, the PendingSums of products all split along K."""
     device = outs[0].device
-    total = sum(plan.tiles(columns) * (plan.splits(columns, longer).numel() - 1) for plan in plans)
-    # exl2_finish writes the outputs of split products, but those of a finished many-wave launch
-    finish = FINISH_KERNEL and (unfinished or extra is not None or not ends_inline(function, device, total))
+    finish = FINISH_KERNEL  # exl2_finish writes the outputs of split products
     workspace, counters = sums_store(unfinished, plans, extra).get(
         device, rows * sum(p.n_pad for p in plans), sum(p.tiles(columns) for p in plans))
     group = GemvGroup(count=len(plans))
@@ -495,17 +488,6 @@ def register_launch(function: int, plans: Sequence[Exl2Plan], outs: Sequence[tor
             return pending_products(group, plans, outs, workspace, extra)
         finish_sums(group, plans, rows, outs[0].dtype, device, extra)
     return None
-
-
-def ends_inline(function: int, device: torch.device, blocks: int) -> bool:
-    """Whether a finished split-K launch of `blocks` blocks of kernel `function` ends its own sums
-    (INLINE_FINISH_WAVES)."""
-    return INLINE_FINISH_WAVES is not None and blocks > INLINE_FINISH_WAVES * wave_blocks(function, device)
-
-
-def wave_blocks(function: int, device: torch.device) -> int:
-    """Blocks of kernel `function` that run at once on `device` (the driver's occupancy times the SMs)."""
-    return blocks_per_sm(function, THREADS) * exl2_stream_ops.sm_limits(device_index(device))[0]
 
 
 def finish_sums(group: GemvGroup, plans: Sequence[Exl2Plan], rows: int, dtype: torch.dtype, device: torch.device,
