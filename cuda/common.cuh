@@ -113,11 +113,12 @@ __device__ __forceinline__ void zero_floats(float* __restrict__ floats, int coun
 // touching memory another kernel writes, so the order stays transitive along the stream.
 #ifdef STEP_TIMELINE
 // A probe (the catalog variant STEP_TIMELINE, bench/step_timeline.py), not a mode: each block's thread 0 stamps the
-// GPU's clock (%globaltimer, ns) as the block starts (pdl_launch_dependents) and as its programmatic wait returns
-// (pdl_wait), and writes both, with the block's grid, into this module's records: when each launch's blocks became
-// resident, and when the kernel before it had finished, so consecutive launches' wait times price each launch in
-// the step's chain. The record's slot is taken at the start, off the path after the wait; %gridid tells the
-// launches apart (graph replays included).
+// GPU's clock (%globaltimer, ns) as the block starts (pdl_launch_dependents; in a kernel that reads its own tables
+// and weights before that, timeline_start at its entry and pdl_launch_dependents<false> later) and as its
+// programmatic wait returns (pdl_wait), and writes both, with the block's grid, into this module's records: when each
+// launch's blocks became resident, and when the kernel before it had finished, so consecutive launches' wait times
+// price each launch in the step's chain. The record's slot is taken at the start, off the path after the wait;
+// %gridid tells the launches apart (graph replays included).
 #define STEP_TIMELINE_RECORDS (1 << 18)
 struct TimelineRecord {
     unsigned long long start, wait, grid;  // ns, ns, the launch's %gridid
@@ -158,8 +159,10 @@ __device__ __forceinline__ void timeline_wait() {
 __device__ __forceinline__ void timeline_start() {}
 __device__ __forceinline__ void timeline_wait() {}
 #endif
+// STAMP false: the block stamped its start itself (timeline_start at its entry).
+template <bool STAMP = true>
 __device__ __forceinline__ void pdl_launch_dependents() {
-    timeline_start();
+    if (STAMP) timeline_start();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif

@@ -227,6 +227,7 @@ template <typename T, int M, int C, int S, bool SUMS = false>
 __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16* __restrict__ up, int K,
                                            const GemvMatrix& mat, int local) {
     constexpr bool HALF = HalfPath<T>::value;
+    timeline_start();  // the probe's start: here, before the reads of the block's own tables and weights below
     __shared__ __align__(16) float xs[M][S];
     __shared__ __align__(16) u16 xh[HALF ? M : 1][S];
     const u32* __restrict__ q_weight = mat.q_weight;
@@ -289,7 +290,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
     // x a row instead of the chain chunk entry -> permutation -> x.
     if (M == 1) gather_table<HALF, S>(chunks, mat.perm, c0, c1, r0, reinterpret_cast<int*>(xs[0]));
 
-    pdl_launch_dependents();  // the weights and tables are the layer's own: the early words load while the previous kernel ends; x and the outputs wait
+    pdl_launch_dependents<false>();  // the weights and tables are the layer's own: the early words load while the previous kernel ends; x and the outputs wait
     pdl_wait();
 
     if (M == 1) {

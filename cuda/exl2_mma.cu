@@ -88,6 +88,7 @@ __device__ __forceinline__ void mma_chunk(const u32* __restrict__ base, int n_pa
 // local % tiles of THREADS columns, 32 a warp; K split local / tiles).
 template <int M>
 __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, const GemvMatrix& mat, int local) {
+    timeline_start();  // the probe's start: here, before the table reads below
     __shared__ __align__(16) uint4 xh[M][SPLIT_ROWS / 8];  // activations in slot order, 8 fp16 a lane-block
     __shared__ __align__(16) float off[SPLIT_ROWS / 32][8 * row_tiles(M)];  // [block][m]: sum of b_k (1024 + 2^s_k z)
     __shared__ __align__(16) float warp_sums[THREADS / 32][M][36];  // the epilogue's, a warp's own (36: rows 2t on distinct banks)
@@ -109,7 +110,7 @@ __device__ __forceinline__ void mma_block(const u16* __restrict__ x, int K, cons
         const int blk = warp + j * (THREADS / 32);
         entries[j] = blk < (rows >> 5) ? __ldg(table + r0 + 32 * blk + lane) : 0;
     }
-    pdl_launch_dependents();
+    pdl_launch_dependents<false>();
     pdl_wait();  // x and the workspace belong to earlier kernels
     u16* xs = reinterpret_cast<u16*>(xh);
 #pragma unroll
