@@ -9,7 +9,8 @@
 # .gpu1 keeps what else is there (shared/, smol-files/, whl/ for the model stages); each tree is ~3 MB, each
 # kernel cache entry (one instance) up to ~1 MB, so the cache travels packed as .gpu1/kcache.txz (xz: ~150 MB of cubins
 # for eight trees in 18 MB; gpu_ab.sh unpacks it): mind the 64 MiB carry limit (KCACHE_DTYPES=fp16 compiles only the
-# fp16 modules).
+# fp16 modules). KCACHE_ARCHES (default sm_90) adds others: "sm_90 compute_80 compute_89" also builds the PTX that
+# bench/older_arch.sh's EXLQ_ARCH=sm_80 / sm_89 runs load (their default builds only; ~3 min and ~4 MB packed each).
 set -euo pipefail
 ROOT=$(git rev-parse --show-toplevel); cd "$ROOT"
 PY=${PY:-python3}; [ -x .venv/bin/python ] && PY=.venv/bin/python
@@ -31,13 +32,14 @@ wanted = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 skip = {exl2_ops.INSTANCE_SETS[d] for n, d in wanted.items() if n not in os.environ['KCACHE_DTYPES'].split()}
 # the default builds of every source, then each prepared variant (EXLQ_NVRTC_DEFINES) of the sources it touches
 builds = [('', catalog.SOURCES)] + list(catalog.VARIANTS.items())
-for defines, sources in builds:
-    os.environ['EXLQ_NVRTC_DEFINES'] = defines
-    for source in sources:
-        for instances in catalog.SOURCES[source]:
-            if instances not in skip:
-                for instance in instances:  # one at a time, as the runtime compiles and caches them (launch.kernel)
-                    compiler.compile_source(source, 'sm_90', [instance])
+for arch in os.environ.get('KCACHE_ARCHES', 'sm_90').split():
+    for defines, sources in builds if arch == 'sm_90' else builds[:1]:
+        os.environ['EXLQ_NVRTC_DEFINES'] = defines
+        for source in sources:
+            for instances in catalog.SOURCES[source]:
+                if instances not in skip:
+                    for instance in instances:  # one at a time, as the runtime compiles and caches them (launch.kernel)
+                        compiler.compile_source(source, arch, [instance])
 print('compiled', os.getcwd())
 ") &
 done
