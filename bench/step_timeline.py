@@ -7,8 +7,8 @@ exit, the release of the next): the skip probe's number for every launch at once
 blocks' first start against the previous launch's wait says whether they were resident early (programmatic launch)
 or started only as the SMs freed up. A start is stamped where the block triggers the next launch, except in the
 register and tensor-core GEMVs, which read their own tables, scales and first words before that: at their entry
-(since session 48; before, their starts came after those reads, several µs later under load). A probe: each block takes a record slot with one atomic as it starts, which
-shifts the timing a little.
+(since session 48; before, their starts came after those reads, several µs later under load). A probe: each block
+takes a record slot with one atomic as it starts, which shifts the timing a little.
 
     python3 bench/step_timeline.py [--shape llama3-8b] [--bpw 4.0] [--position 256] [--layers 2] [--json-out F]
 
