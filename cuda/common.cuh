@@ -42,6 +42,33 @@ __device__ __forceinline__ float silu_mul_value(u16 gate, u16 up) {
     return Act<T>::load(Act<T>::store(s * Act<T>::load(up)));
 }
 
+// Weights, their scale codes and the KV cache pass through L2 once a token (the 8B: 3.9 GB through 50 MB). Read with
+// the default policy they evicted what the next token's launches read first, on their critical path: the GEMVs' chunk
+// tables, permutations and splits, the norms' weights, each then a dependent DRAM round trip under full load. Read
+// evict-first, they leave those lines cached (the 8B's step -3 %, decode +2 %: docs/benchmarks.md, session 49).
+// load_stream: ld.global.cs.nc (evict-first in L1 and L2) for a layer's own read-only data; evict_first_policy: the L2
+// policy for the loads and bulk copies that take one.
+__device__ __forceinline__ u32 load_stream(const u32* p) {
+    u32 v;
+    asm("ld.global.cs.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint2 load_stream(const uint2* p) {
+    uint2 v;
+    asm("ld.global.cs.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+    uint4 v;
+    asm("ld.global.cs.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ unsigned long long evict_first_policy() {
+    unsigned long long policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
 // fp16 round trip (round to nearest even), for reproducing the format's exact fp16 arithmetic.
 __device__ __forceinline__ float round_f16(float f) { return Act<fp16_t>::load(Act<fp16_t>::store(f)); }
 

@@ -54,10 +54,12 @@ __device__ __forceinline__ void unpack8(const uint4 raw, float* f) {
 }
 
 // A 16-byte load past L1 (ld.global.cg), kept in place by `volatile`: keys and values are read once, and after the
-// programmatic wait a row the kernel before wrote must not come from a stale L1 line.
+// programmatic wait a row the kernel before wrote must not come from a stale L1 line. Evict-first in L2: the cache
+// outgrows it (common.cuh, load_stream).
 __device__ __forceinline__ uint4 load_cg(const uint4* p) {
     uint4 v;
-    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    asm volatile("ld.global.cg.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "l"(evict_first_policy()));
     return v;
 }
 

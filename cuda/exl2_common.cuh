@@ -55,7 +55,7 @@ __device__ __forceinline__ void add_quad(float* at, float4 v) {
 // Effective scale of (group g, column n) before the format's fp16 rounding: c^2 * M_g, c = nibble + 1.
 __device__ __forceinline__ float column_scale(const u32* __restrict__ q_scale, const float* __restrict__ scale_max,
                                               int g, int n, int n_pad) {
-    const u32 word = __ldg(q_scale + (size_t)g * (n_pad >> 3) + (n >> 3));
+    const u32 word = load_stream(q_scale + (size_t)g * (n_pad >> 3) + (n >> 3));
     const float c = (float)(((word >> ((n & 7) * 4)) & 15u) + 1u);
     return c * c * __ldg(scale_max + g);
 }

@@ -27,10 +27,10 @@ template <int C>
 __device__ __forceinline__ void load_columns(const u32* p, u32* out) {
     static_assert(C == 1 || C == 2, "1 or 2 columns a thread (4 were slower on the H200: docs/benchmarks.md)");
     if (C == 2) {
-        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        const uint2 v = load_stream(reinterpret_cast<const uint2*>(p));
         out[0] = v.x; out[1] = v.y;
     } else {
-        out[0] = __ldg(p);
+        out[0] = load_stream(p);
     }
 }
 
@@ -205,7 +205,7 @@ __device__ __forceinline__ void column_scales(const u32* __restrict__ q_scale, c
         scale[0] = column_scale(q_scale, scale_max, g, n, n_pad);
         return;
     }
-    const u32 word = __ldg(q_scale + (size_t)g * (n_pad >> 3) + (n >> 3)) >> ((n & 7) * 4);
+    const u32 word = load_stream(q_scale + (size_t)g * (n_pad >> 3) + (n >> 3)) >> ((n & 7) * 4);
     const float multiplier = __ldg(scale_max + g);
 #pragma unroll
     for (int c = 0; c < C; c++) {

@@ -35,7 +35,7 @@ constexpr bool MMA_SCATTERED_SUMS_ON = false;
 // one 16-byte load, the same for the whole warp.
 __device__ __forceinline__ void warp_scales(const u32* __restrict__ q_scale, const float* __restrict__ scale_max, int group,
                                             int col0, int g, int n_pad, float* scale) {
-    group_scales(__ldg(reinterpret_cast<const uint4*>(q_scale + (size_t)group * (n_pad >> 3) + (col0 >> 3))),
+    group_scales(load_stream(reinterpret_cast<const uint4*>(q_scale + (size_t)group * (n_pad >> 3) + (col0 >> 3))),
                  __ldg(scale_max + group), g, scale);
 }
 
@@ -63,7 +63,7 @@ __device__ __forceinline__ void mma_chunk(const u32* __restrict__ base, int n_pa
                 const bool inside = b0 + sb < blocks && (W == 1 || first_word<B>(t) + w < B);
                 const u32* row = at + (size_t)(sb * B + w) * n_pad;
 #pragma unroll
-                for (int c = 0; c < 4; c++) words[sb][c][w] = inside ? __ldg(row + 8 * c) : 0u;
+                for (int c = 0; c < 4; c++) words[sb][c][w] = inside ? load_stream(row + 8 * c) : 0u;
             }
         }
 #pragma unroll

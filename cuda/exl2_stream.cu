@@ -118,10 +118,12 @@ __device__ __forceinline__ void barrier_wait(u32 bar, u32 parity) {
     } while (!done);
 }
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory; completes on `bar`.
+// Evict-first in L2: weights and scale codes (common.cuh, load_stream).
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+                 " [%0], [%1], %2, [%3], %4;"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(evict_first_policy()) : "memory");
 #endif
 }
 
