@@ -12,8 +12,9 @@ takes a record slot with one atomic as it starts, which shifts the timing a litt
 
     python3 bench/step_timeline.py [--shape llama3-8b] [--bpw 4.0] [--position 256] [--layers 2] [--json-out F]
 
-Prints one line a launch in wait order: instance (as captured), grid, blocks recorded, first start and wait release
-relative to the step's first wait, the gap to the next launch's wait (µs); then the gaps summed by instance.
+Prints one line a launch in wait order: instance (as captured), grid, blocks recorded, its blocks' first, median and last
+start and its wait release relative to the step's first wait, the gap to the next launch's wait (µs); then the gaps
+summed by instance.
 """
 
 from __future__ import annotations
