@@ -102,8 +102,9 @@ GROUP_WAVE = os.environ.get("EXLQ_GROUP_WAVE", "1") != "0"
 GATED_SUMS = os.environ.get("EXLQ_GATED_SUMS", "1") != "0"
 #: The same where down_proj is on the one-row streamed kernel (the small models; exl2_stream<fp16_t, C, true>):
 #: timed in session 45 (H100) at +2.0 % on Llama-3.2-1B but -4.4 % on Qwen2.5-0.5B, and again in session 48 (one
-#: column a consumer thread) at +1.7 % and -3.9 % (not yet explained; each block's gather reads two fp32 sums a row
-#: where the finished input is one fp16 value), so off unless EXLQ_GATED_SUMS_STREAM=1.
+#: column a consumer thread) at +1.7 % and -3.9 %; session 49's timeline of Qwen2.5-0.5B puts the loss outside
+#: down_proj (the attention and the other streamed launches slower; cause not found), so off unless
+#: EXLQ_GATED_SUMS_STREAM=1.
 GATED_SUMS_STREAM = os.environ.get("EXLQ_GATED_SUMS_STREAM", "0") == "1"
 MMA_ROWS = tuple(range(16, 3, -1))  # launches of these many rows go to the tensor-core kernel (where it applies)
 MMA_INSTANCES = tuple(f"{name}<{m}>" for name in ("exl2_mma", "exl2_mma_group") for m in MMA_ROWS)
