@@ -13,8 +13,9 @@ takes a record slot with one atomic as it starts, which shifts the timing a litt
     python3 bench/step_timeline.py [--shape llama3-8b] [--bpw 4.0] [--position 256] [--layers 2] [--json-out F]
 
 Prints one line a launch in wait order: instance (as captured), grid, blocks recorded, its blocks' first, median and
-last start and its wait release relative to the step's first wait, the gap to the next launch's wait (µs); then the
-gaps summed by instance.
+last start and its wait release relative to the step's first wait, the gap to the next launch's wait (µs), and how
+many of its blocks started only after its first wait had returned (late: not resident while the kernel before ran,
+so none of their reads before the wait overlapped it); then the gaps summed by instance.
 """
 
 from __future__ import annotations
@@ -123,14 +124,16 @@ def main() -> None:
         row = {"instance": name, "grid": [int(rs[0]["grid_x"]), int(rs[0]["grid_y"])], "blocks": len(rs),
                "first_start_us": (starts.min() - origin) / 1e3, "median_start_us": (np.median(starts) - origin) / 1e3,
                "last_start_us": (starts.max() - origin) / 1e3, "wait_us": (wait - origin) / 1e3,
-               "last_wait_us": (max(int(r["wait"]) for r in rs) - origin) / 1e3, "gap_us": (following - wait) / 1e3}
+               "last_wait_us": (max(int(r["wait"]) for r in rs) - origin) / 1e3, "gap_us": (following - wait) / 1e3,
+               "late_blocks": int((starts > wait).sum())}
         rows.append(row)
         by_name[name.partition("<")[0]] += row["gap_us"]
     per_layer = len(rows) // max(1, model.config.num_hidden_layers)
     for row in rows[: args.layers * per_layer + 1] + rows[-4:]:
         print(f"{row['instance'][:48]:48s} grid {str(row['grid']):12s} blocks {row['blocks']:5d} start "
               f"{row['first_start_us']:9.2f} (median {row['median_start_us']:9.2f}, last {row['last_start_us']:9.2f}) "
-              f"wait {row['wait_us']:9.2f} (last {row['last_wait_us']:9.2f}) gap {row['gap_us']:7.2f} us")
+              f"wait {row['wait_us']:9.2f} (last {row['last_wait_us']:9.2f}) gap {row['gap_us']:7.2f} us "
+              f"late {row['late_blocks']}")
     print(f"{len(rows)} launches stamped ({len(host)} host launches seen while capturing), "
           f"{(max(r['wait_us'] for r in rows)):.1f} us from the first wait to the last")
     for name, total in sorted(by_name.items(), key=lambda item: -item[1]):
