@@ -110,21 +110,21 @@ def main() -> None:
     sampling_ops.argmax(model(token, cache)[:, -1])  # the stamped step: one graph replay
     torch.cuda.synchronize()
     records = np.concatenate(module_records())
-    launches = defaultdict(list)
-    for record in records:
-        launches[int(record["grid"])].append(record)
-    order = sorted(launches.values(), key=lambda rs: min(int(r["wait"]) for r in rs))
+    # one array of records a launch (%gridid), in the order of their first waits
+    order = sorted((records[records["grid"] == grid] for grid in np.unique(records["grid"])),
+                   key=lambda rs: int(rs["wait"].min()))
+    first_waits = [int(rs["wait"].min()) for rs in order]
     names = [name for name, _, _ in host[-len(order):]] if len(host) >= len(order) else ["?"] * len(order)
-    origin = min(int(r["wait"]) for r in order[0])
+    origin = first_waits[0]
     rows, by_name = [], defaultdict(float)
     for i, (rs, name) in enumerate(zip(order, names)):
-        wait = min(int(r["wait"]) for r in rs)
-        following = min(int(r["wait"]) for r in order[i + 1]) if i + 1 < len(order) else wait
-        starts = np.array([int(r["start"]) for r in rs], dtype=np.float64)
+        wait = first_waits[i]
+        following = first_waits[i + 1] if i + 1 < len(order) else wait
+        starts = rs["start"].astype(np.float64)
         row = {"instance": name, "grid": [int(rs[0]["grid_x"]), int(rs[0]["grid_y"])], "blocks": len(rs),
                "first_start_us": (starts.min() - origin) / 1e3, "median_start_us": (np.median(starts) - origin) / 1e3,
                "last_start_us": (starts.max() - origin) / 1e3, "wait_us": (wait - origin) / 1e3,
-               "last_wait_us": (max(int(r["wait"]) for r in rs) - origin) / 1e3, "gap_us": (following - wait) / 1e3,
+               "last_wait_us": (int(rs["wait"].max()) - origin) / 1e3, "gap_us": (following - wait) / 1e3,
                "late_blocks": int((starts > wait).sum())}
         rows.append(row)
         by_name[name.partition("<")[0]] += row["gap_us"]
