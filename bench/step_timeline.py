@@ -15,7 +15,11 @@ takes a record slot with one atomic as it starts, which shifts the timing a litt
 Prints one line a launch in wait order: instance (as captured), grid, blocks recorded, its blocks' first, median and
 last start and its wait release relative to the step's first wait, the gap to the next launch's wait (µs), and how
 many of its blocks started only after its first wait had returned (late: not resident while the kernel before ran,
-so none of their reads before the wait overlapped it); then the gaps summed by instance.
+so none of their reads before the wait overlapped it), how long its blocks took from their start to releasing the next
+launch (pre-wait: the register and tensor-core GEMVs' reads of their own tables, scales and first words; ~0
+elsewhere), and where its blocks passed their timeline_mark points after the wait (the attention's: sums in and queries
+staged, its chunks done, the merge's barrier passed; the one-row streamed GEMV's: its first gather done, its units
+done, its last sums' atomics issued); then the gaps summed by instance.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ from skip_probe import skipped  # noqa: E402
 from exlq.cli.bench import _synthetic_model  # noqa: E402
 from exlq.runtime.kernels import launch, sampling_ops  # noqa: E402
 
+MARKS = 3  # TIMELINE_MARKS
 RECORD = np.dtype([("start", "<u8"), ("wait", "<u8"), ("grid", "<u8"), ("grid_x", "<u4"), ("grid_y", "<u4"),
-                   ("block", "<u4"), ("threads", "<u4")])  # common.cuh's TimelineRecord
+                   ("block", "<u4"), ("threads", "<u4"), ("ready", "<u8"),
+                   ("marks", "<u8", (MARKS,))])  # common.cuh's TimelineRecord
 RECORDS = 1 << 18  # STEP_TIMELINE_RECORDS
 
 
@@ -121,11 +127,16 @@ def main() -> None:
         wait = first_waits[i]
         following = first_waits[i + 1] if i + 1 < len(order) else wait
         starts = rs["start"].astype(np.float64)
+        prewait = (rs["ready"].astype(np.float64) - starts) / 1e3  # thread 0's start to its release of the next launch
+        marks = (rs["marks"].astype(np.float64) - wait) / 1e3  # timeline_mark points, from the launch's first wait
         row = {"instance": name, "grid": [int(rs[0]["grid_x"]), int(rs[0]["grid_y"])], "blocks": len(rs),
                "first_start_us": (starts.min() - origin) / 1e3, "median_start_us": (np.median(starts) - origin) / 1e3,
                "last_start_us": (starts.max() - origin) / 1e3, "wait_us": (wait - origin) / 1e3,
                "last_wait_us": (int(rs["wait"].max()) - origin) / 1e3, "gap_us": (following - wait) / 1e3,
-               "late_blocks": int((starts > wait).sum())}
+               "late_blocks": int((starts > wait).sum()),
+               "prewait_us": float(np.median(prewait)), "last_prewait_us": float(prewait.max()),
+               # a mark's median over the blocks, where every block passed it (None: not marked)
+               "marks_us": [float(np.median(marks[:, i])) if rs["marks"][:, i].all() else None for i in range(MARKS)]}
         rows.append(row)
         by_name[name.partition("<")[0]] += row["gap_us"]
     per_layer = len(rows) // max(1, model.config.num_hidden_layers)
@@ -133,7 +144,9 @@ def main() -> None:
         print(f"{row['instance'][:48]:48s} grid {str(row['grid']):12s} blocks {row['blocks']:5d} start "
               f"{row['first_start_us']:9.2f} (median {row['median_start_us']:9.2f}, last {row['last_start_us']:9.2f}) "
               f"wait {row['wait_us']:9.2f} (last {row['last_wait_us']:9.2f}) gap {row['gap_us']:7.2f} us "
-              f"late {row['late_blocks']}")
+              f"late {row['late_blocks']} pre-wait {row['prewait_us']:.2f} (most {row['last_prewait_us']:.2f})"
+              + (" marks " + " ".join("-" if m is None else f"{m:+.2f}" for m in row["marks_us"])
+                 if any(m is not None for m in row["marks_us"]) else ""))
     print(f"{len(rows)} launches stamped ({len(host)} host launches seen while capturing), "
           f"{(max(r['wait_us'] for r in rows)):.1f} us from the first wait to the last")
     for name, total in sorted(by_name.items(), key=lambda item: -item[1]):

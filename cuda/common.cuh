@@ -147,9 +147,13 @@ __device__ __forceinline__ void zero_floats(float* __restrict__ floats, int coun
 // price each launch in the step's chain. The record's slot is taken at the start, off the path after the wait;
 // %gridid tells the launches apart (graph replays included).
 #define STEP_TIMELINE_RECORDS (1 << 18)
+#define TIMELINE_MARKS 3
 struct TimelineRecord {
     unsigned long long start, wait, grid;  // ns, ns, the launch's %gridid
     u32 grid_x, grid_y, block, threads;
+    // ns: where thread 0 released the next launch (the kernels that read their own tables before that: their work
+    // before the wait done; else the start), and up to TIMELINE_MARKS points after the wait (timeline_mark; 0: none)
+    unsigned long long ready, marks[TIMELINE_MARKS];
 };
 __device__ TimelineRecord step_timeline[STEP_TIMELINE_RECORDS];
 __device__ u32 step_timeline_count;  // records taken (slots past STEP_TIMELINE_RECORDS are dropped)
@@ -165,31 +169,43 @@ __device__ __forceinline__ unsigned long long grid_id() {
 }
 // The block's start stamp and record slot, between its two stamps.
 __device__ __forceinline__ unsigned long long* timeline_block() {
-    __shared__ unsigned long long block_stamp[2];
+    __shared__ unsigned long long block_stamp[3];  // start, record slot, ready
     return block_stamp;
 }
 __device__ __forceinline__ void timeline_start() {
     if (threadIdx.x == 0 && threadIdx.y == 0) {
         timeline_block()[0] = global_ns();
         timeline_block()[1] = atomicAdd(&step_timeline_count, 1u);
+        timeline_block()[2] = timeline_block()[0];
     }
+}
+__device__ __forceinline__ void timeline_ready() {
+    if (threadIdx.x == 0 && threadIdx.y == 0) timeline_block()[2] = global_ns();
+}
+// Point `i` of the block's work after its wait (thread 0's clock), into its record (written at the wait).
+__device__ __forceinline__ void timeline_mark(int i) {
+    if (threadIdx.x == 0 && threadIdx.y == 0 && timeline_block()[1] < STEP_TIMELINE_RECORDS)
+        step_timeline[timeline_block()[1]].marks[i] = global_ns();
 }
 __device__ __forceinline__ void timeline_wait() {
     if (threadIdx.x == 0 && threadIdx.y == 0 && timeline_block()[1] < STEP_TIMELINE_RECORDS) {
         const unsigned long long now = global_ns();
         step_timeline[timeline_block()[1]] = TimelineRecord{timeline_block()[0], now, grid_id(), gridDim.x, gridDim.y,
                                                            blockIdx.x + blockIdx.y * gridDim.x,
-                                                           blockDim.x * blockDim.y};
+                                                           blockDim.x * blockDim.y, timeline_block()[2], {}};
     }
 }
 #else
 __device__ __forceinline__ void timeline_start() {}
 __device__ __forceinline__ void timeline_wait() {}
+__device__ __forceinline__ void timeline_ready() {}
+__device__ __forceinline__ void timeline_mark(int) {}
 #endif
 // STAMP false: the block stamped its start itself (timeline_start at its entry).
 template <bool STAMP = true>
 __device__ __forceinline__ void pdl_launch_dependents() {
     if (STAMP) timeline_start();
+    else timeline_ready();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif

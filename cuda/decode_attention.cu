@@ -297,6 +297,7 @@ __device__ __forceinline__ void attend_token(
             }
         }
         __syncthreads();  // token_rows and qs written
+        timeline_mark(0);
     }
     if (chunk == last) {  // the token's own key and value (the kernel before wrote them, or ROPE: just above)
         const int k0 = chunk * CHUNK;
@@ -425,6 +426,7 @@ __device__ __forceinline__ void attend_token(
         if (chunk + ranks <= last) __syncthreads();  // p and rescale are the next chunk's (the join uses neither)
     }
 
+    timeline_mark(1);  // the scores, softmax and Σ p·v of the rank's chunks done
     // The row groups joined (in the warp, then across warps): the rank's record.
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -472,6 +474,7 @@ __device__ __forceinline__ void attend_token(
 
     // The merge of this rank's share.
     cluster_sync();  // every rank's record (push: every piece) is in place, and ROPE: every rank has read the sums
+    timeline_mark(2);
     if (ROPE && rank == 0) zero_token_sums<D, G>(token, h);
     for (int x = tid; x < share; x += ATT_THREADS) {
         const int i = rank * share + x, g = i / D, d = i - g * D;

@@ -428,6 +428,7 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
                 gather_block<T, CONSUMERS, SUMS>(group, K, x, up, u, min(u1, matrix_end(group, t.matrix)), xh,
                                                  early, matrix < 0, fold, inv);
                 consumers_sync<CONSUMERS>();
+                if (matrix < 0) timeline_mark(0);  // the first matrix's activations gathered (the fold's inv in)
             }
             matrix = t.matrix;
             strip = t.strip;
@@ -439,7 +440,9 @@ __global__ void __launch_bounds__(STREAM_COLUMNS / C + 32) exl2_stream(const u16
         }
         release_stage(empty, stage, phase, stage_count);
     }
+    timeline_mark(1);  // every unit's products done
     if (matrix >= 0) add_sums<C>(group.m[matrix], strip, n, acc);
+    timeline_mark(2);  // the last sums' atomics issued
 #else
     __trap();  // the host launches it on sm_90 and newer only
 #endif
