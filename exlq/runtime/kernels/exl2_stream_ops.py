@@ -55,7 +55,8 @@ ENABLED = os.environ.get("EXLQ_GEMV_STREAM", "1") != "0"
 #: 8.9 / 9.5, at 6 bpw 10.4 / 11.0; 4096x8192 10.2 / 10.5) and slower from ~21 MB (4096x10240 12.1 / 11.3; 4096x14336
 #: 14.8 / 12.3; smollm2's 576x49152 head 14.4 / 13.6), where its consumers' arithmetic is the limit; a launch it
 #: takes also folds the norm before it. 8 MiB left the 8B's q/k/v (12.5 MB) to the register kernel: 19 MiB, +3 %.
-#: The H100 keeps the same limit (session 39: the 8B 385 / 385 tok/s at 19 MiB against 334 / 345 at 64).
+#: The H100 keeps the same limit (session 39: the 8B 385 / 385 tok/s at 19 MiB against 334 / 345 at 64; session 51:
+#: 440 against 397 at 32 MiB, down_proj streamed, and 371 at 64).
 MAX_BYTES = int(float(os.environ.get("EXLQ_STREAM_MAX_MB", "19")) * (1 << 20))
 #: Shared-memory stages a block (EXLQ_STREAM_STAGES fixes them; by default STAGES_BY_K picks them) and blocks an SM
 #: (tuning, docs/benchmarks.md). Session 24 found 4 blocks of 2 stages fastest of seven
