@@ -136,7 +136,7 @@ def main() -> None:
                "late_blocks": int((starts > wait).sum()),
                "prewait_us": float(np.median(prewait)), "last_prewait_us": float(prewait.max()),
                # a mark's median over the blocks, where every block passed it (None: not marked)
-               "marks_us": [float(np.median(marks[:, i])) if rs["marks"][:, i].all() else None for i in range(MARKS)]}
+               "marks_us": [float(np.median(marks[:, m])) if rs["marks"][:, m].all() else None for m in range(MARKS)]}
         rows.append(row)
         by_name[name.partition("<")[0]] += row["gap_us"]
     per_layer = len(rows) // max(1, model.config.num_hidden_layers)
