@@ -19,7 +19,8 @@ so none of their reads before the wait overlapped it), how long its blocks took 
 launch (pre-wait: the register and tensor-core GEMVs' reads of their own tables, scales and first words; ~0
 elsewhere), and where its blocks passed their timeline_mark points after the wait (the attention's: sums in and queries
 staged, its chunks done, the merge's barrier passed; the one-row streamed GEMV's: its first gather done, its units
-done, its last sums' atomics issued); then the gaps summed by instance.
+done, its last sums' atomics issued; the register GEMV's, as its thread 0 passes them: activations gathered, products
+done, sums' atomics issued); then the gaps summed by instance.
 """
 
 from __future__ import annotations

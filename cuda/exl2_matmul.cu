@@ -310,6 +310,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
         }
     }
     __syncthreads();
+    timeline_mark(0);  // the split's activations gathered (marks: STEP_TIMELINE only; thread 0's times)
 
     float acc[C][M];
 #pragma unroll
@@ -335,6 +336,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
 #undef CHUNK_DOT
         }
     }
+    timeline_mark(1);  // thread 0's products done
 
     const int N = mat.N;
     u16* __restrict__ y = mat.y;
@@ -357,6 +359,7 @@ __device__ __forceinline__ void gemv_block(const u16* __restrict__ x, const u16*
             else atomicAdd(at, acc[0][m]);
         }
     }
+    timeline_mark(2);  // thread 0's sums' atomics issued
     // Launched without counters, the block ends at its atomics: exl2_finish, the next launch, writes y.
     if (mat.counters != nullptr) finish_split<T, M, C>(mat, tile);
 }
