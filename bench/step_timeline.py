@@ -17,10 +17,10 @@ last start and its wait release relative to the step's first wait, the gap to th
 many of its blocks started only after its first wait had returned (late: not resident while the kernel before ran,
 so none of their reads before the wait overlapped it), how long its blocks took from their start to releasing the next
 launch (pre-wait: the register and tensor-core GEMVs' reads of their own tables, scales and first words; ~0
-elsewhere), and where its blocks passed their timeline_mark points after the wait (the attention's: sums in and queries
-staged, its chunks done, the merge's barrier passed; the one-row streamed GEMV's: its first gather done, its units
-done, its last sums' atomics issued; the register GEMV's, as its thread 0 passes them: activations gathered, products
-done, sums' atomics issued); then the gaps summed by instance.
+elsewhere), and when its blocks passed their timeline_mark points after the wait, the median block's and then the
+last one's (the attention's: sums in and queries staged, its chunks done, the merge's barrier passed; the one-row
+streamed GEMV's: its first gather done, its units done, its last sums' atomics issued; the register GEMV's, as its
+thread 0 passes them: activations gathered, products done, sums' atomics issued); then the gaps summed by instance.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def main() -> None:
                "late_blocks": int((starts > wait).sum()),
                "prewait_us": float(np.median(prewait)), "last_prewait_us": float(prewait.max()),
                # a mark's median over the blocks, where every block passed it (None: not marked)
-               "marks_us": [float(np.median(marks[:, m])) if rs["marks"][:, m].all() else None for m in range(MARKS)]}
+               "marks_us": [float(np.median(marks[:, m])) if rs["marks"][:, m].all() else None for m in range(MARKS)],
+               "last_marks_us": [float(marks[:, m].max()) if rs["marks"][:, m].all() else None for m in range(MARKS)]}
         rows.append(row)
         by_name[name.partition("<")[0]] += row["gap_us"]
     per_layer = len(rows) // max(1, model.config.num_hidden_layers)
@@ -147,6 +148,7 @@ def main() -> None:
               f"wait {row['wait_us']:9.2f} (last {row['last_wait_us']:9.2f}) gap {row['gap_us']:7.2f} us "
               f"late {row['late_blocks']} pre-wait {row['prewait_us']:.2f} (most {row['last_prewait_us']:.2f})"
               + (" marks " + " ".join("-" if m is None else f"{m:+.2f}" for m in row["marks_us"])
+                 + " (last " + " ".join("-" if m is None else f"{m:+.2f}" for m in row["last_marks_us"]) + ")"
                  if any(m is not None for m in row["marks_us"]) else ""))
     print(f"{len(rows)} launches stamped ({len(host)} host launches seen while capturing), "
           f"{(max(r['wait_us'] for r in rows)):.1f} us from the first wait to the last")
