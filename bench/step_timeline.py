@@ -11,6 +11,7 @@ register and tensor-core GEMVs, which read their own tables, scales and first wo
 takes a record slot with one atomic as it starts, which shifts the timing a little.
 
     python3 bench/step_timeline.py [--shape llama3-8b] [--bpw 4.0] [--position 256] [--layers 2] [--json-out F]
+                                   [--records-out F.npz]   # every block's record: bench/timeline_blocks.py reads it
 
 Prints one line a launch in wait order: instance (as captured), grid, blocks recorded, its blocks' first, median and
 last start and its wait release relative to the step's first wait, the gap to the next launch's wait (µs), and how
@@ -49,7 +50,7 @@ from exlq.runtime.kernels import launch, sampling_ops  # noqa: E402
 
 MARKS = 3  # TIMELINE_MARKS
 RECORD = np.dtype([("start", "<u8"), ("wait", "<u8"), ("grid", "<u8"), ("grid_x", "<u4"), ("grid_y", "<u4"),
-                   ("block", "<u4"), ("threads", "<u4"), ("ready", "<u8"),
+                   ("block", "<u4"), ("sm", "<u4"), ("ready", "<u8"),
                    ("marks", "<u8", (MARKS,))])  # common.cuh's TimelineRecord
 RECORDS = 1 << 18  # STEP_TIMELINE_RECORDS
 
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--position", type=int, default=256, help="the stamped step's cache position")
     parser.add_argument("--layers", type=int, default=2, help="layers printed launch by launch (all are summed)")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--records-out", type=Path,
+                        help="every block's record (.npz: launch i's as records_i, its instance in `instances`)")
     args = parser.parse_args()
     device = torch.device("cuda")
     model = _synthetic_model(args.shape, args.bpw, device, 128)
@@ -154,6 +157,9 @@ def main() -> None:
           f"{(max(r['wait_us'] for r in rows)):.1f} us from the first wait to the last")
     for name, total in sorted(by_name.items(), key=lambda item: -item[1]):
         print(f"  {name:28s} {total:9.1f} us in the chain")
+    if args.records_out:  # per block: which SM, when it started, waited, passed each mark (spread, stragglers)
+        np.savez_compressed(args.records_out, instances=np.array(names),
+                            **{f"records_{i}": rs for i, rs in enumerate(order)})
     if args.json_out:
         args.json_out.write_text(json.dumps({"device": torch.cuda.get_device_name(device), "shape": args.shape,
                                              "position": args.position, "launches": rows}, indent=1))

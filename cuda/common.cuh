@@ -150,7 +150,7 @@ __device__ __forceinline__ void zero_floats(float* __restrict__ floats, int coun
 #define TIMELINE_MARKS 3
 struct TimelineRecord {
     unsigned long long start, wait, grid;  // ns, ns, the launch's %gridid
-    u32 grid_x, grid_y, block, threads;
+    u32 grid_x, grid_y, block, sm;  // sm: %smid, the SM the block ran on
     // ns: where thread 0 released the next launch (the kernels that read their own tables before that: their work
     // before the wait done; else the start), and up to TIMELINE_MARKS points after the wait (timeline_mark; 0: none)
     unsigned long long ready, marks[TIMELINE_MARKS];
@@ -161,6 +161,11 @@ __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
+}
+__device__ __forceinline__ u32 sm_id() {
+    u32 id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+    return id;
 }
 __device__ __forceinline__ unsigned long long grid_id() {
     unsigned long long id;
@@ -192,7 +197,7 @@ __device__ __forceinline__ void timeline_wait() {
         const unsigned long long now = global_ns();
         step_timeline[timeline_block()[1]] = TimelineRecord{timeline_block()[0], now, grid_id(), gridDim.x, gridDim.y,
                                                            blockIdx.x + blockIdx.y * gridDim.x,
-                                                           blockDim.x * blockDim.y, timeline_block()[2], {}};
+                                                           sm_id(), timeline_block()[2], {}};
     }
 }
 #else

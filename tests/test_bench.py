@@ -213,3 +213,46 @@ def test_switch_ab_takes_boolean_runtime_switches():
     for wrong in ("kernels.exl2_ops.MMA_ROWS", "rope.NOT_A_SWITCH"):
         with pytest.raises(SystemExit):
             ab.resolve(wrong)
+
+
+def test_timeline_blocks_finds_a_consistently_slow_sm_and_the_crowded_ones(tmp_path):
+    """bench/timeline_blocks.py on records built here: 16 launches of 64 blocks on 10 SMs, SM 3 always 4 µs late, SMs
+    holding 7 of a launch's blocks 1 µs later than those holding 6; the report names SM 3 slowest, finds the per-SM
+    times consistent between the launches' halves, splits the times by blocks on the SM and by K split, and the
+    script reads the same from an .npz as step_timeline.py --records-out writes it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    blocks_module = _bench_module("timeline_blocks")
+    record = np.dtype([("wait", "<u8"), ("block", "<u4"), ("sm", "<u4"), ("marks", "<u8", (3,))])
+    rng = np.random.default_rng(0)
+    sms = np.repeat(np.arange(10), [7, 7, 7, 7, 6, 6, 6, 6, 6, 6])  # 64 blocks: SMs 0-3 hold 7, 4-9 hold 6
+    launches = []
+    for layer in range(16):
+        rs = np.zeros(64, record)
+        base = 1_000_000 * (layer + 1)
+        rs["wait"] = base + rng.integers(0, 60, 64)
+        rs["block"] = np.arange(64)
+        rs["sm"] = rng.permutation(sms)  # which block lands where changes from launch to launch
+        done = 10_000 + 1_000 * (np.bincount(sms)[rs["sm"]] == 7) + 4_000 * (rs["sm"] == 3) + rng.integers(0, 200, 64)
+        rs["marks"][:, 1] = base + done
+        launches.append(rs)
+    report = blocks_module.straggler_report(launches, mark=1, tiles=16)
+    assert report["blocks"] == 16 * 64
+    assert report["slowest_sms"][0][0] == 3 and 14.9 < report["slowest_sms"][0][1] < 15.3
+    assert report["sm_consistency"] > 0.9
+    by_load = report["by_blocks_on_sm"]
+    assert set(by_load) == {6, 7} and by_load[6][0] == 16 * 36 and 10.0 < by_load[6][1] < 10.3 < 11.0 < by_load[7][1]
+    assert sorted(report["by_split"]) == [0, 1, 2, 3]
+    assert 10.0 < report["percentiles"]["p10"] < report["percentiles"]["p50"] < report["percentiles"]["max"] < 15.3
+
+    path = tmp_path / "rec.npz"
+    np.savez_compressed(path, instances=np.array(["exl2_gemv_group<fp16_t, 1, 2>", "other"] * 8),
+                        **{f"records_{i}": rs for i, rs in enumerate(launches)})
+    script = Path(__file__).resolve().parents[1] / "bench" / "timeline_blocks.py"
+    out = subprocess.run([sys.executable, str(script), str(path), "exl2_gemv_group<fp16_t, 1, 2>", "--tiles", "16"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "8 launches, 512 blocks" in out and "slowest SMs 3:" in out and "by K split: 0:" in out
