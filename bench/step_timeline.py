@@ -92,6 +92,11 @@ def captured_launches(model, token: torch.Tensor, cache) -> list[tuple[str, tupl
     return seen
 
 
+def signed(values: list) -> str:
+    """Mark times as printed: +µs each, '-' where not marked."""
+    return " ".join("-" if m is None else f"{m:+.2f}" for m in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama3-8b")
@@ -133,15 +138,16 @@ def main() -> None:
         starts = rs["start"].astype(np.float64)
         prewait = (rs["ready"].astype(np.float64) - starts) / 1e3  # thread 0's start to its release of the next launch
         marks = (rs["marks"].astype(np.float64) - wait) / 1e3  # timeline_mark points, from the launch's first wait
+        marked = {m for m in range(MARKS) if rs["marks"][:, m].all()}
         row = {"instance": name, "grid": [int(rs[0]["grid_x"]), int(rs[0]["grid_y"])], "blocks": len(rs),
                "first_start_us": (starts.min() - origin) / 1e3, "median_start_us": (np.median(starts) - origin) / 1e3,
                "last_start_us": (starts.max() - origin) / 1e3, "wait_us": (wait - origin) / 1e3,
                "last_wait_us": (int(rs["wait"].max()) - origin) / 1e3, "gap_us": (following - wait) / 1e3,
                "late_blocks": int((starts > wait).sum()),
                "prewait_us": float(np.median(prewait)), "last_prewait_us": float(prewait.max()),
-               # a mark's median over the blocks, where every block passed it (None: not marked)
-               "marks_us": [float(np.median(marks[:, m])) if rs["marks"][:, m].all() else None for m in range(MARKS)],
-               "last_marks_us": [float(marks[:, m].max()) if rs["marks"][:, m].all() else None for m in range(MARKS)]}
+               # a mark's median and latest over the blocks, where every block passed it (None: not marked)
+               "marks_us": [float(np.median(marks[:, m])) if m in marked else None for m in range(MARKS)],
+               "last_marks_us": [float(marks[:, m].max()) if m in marked else None for m in range(MARKS)]}
         rows.append(row)
         by_name[name.partition("<")[0]] += row["gap_us"]
     per_layer = len(rows) // max(1, model.config.num_hidden_layers)
@@ -150,8 +156,7 @@ def main() -> None:
               f"{row['first_start_us']:9.2f} (median {row['median_start_us']:9.2f}, last {row['last_start_us']:9.2f}) "
               f"wait {row['wait_us']:9.2f} (last {row['last_wait_us']:9.2f}) gap {row['gap_us']:7.2f} us "
               f"late {row['late_blocks']} pre-wait {row['prewait_us']:.2f} (most {row['last_prewait_us']:.2f})"
-              + (" marks " + " ".join("-" if m is None else f"{m:+.2f}" for m in row["marks_us"])
-                 + " (last " + " ".join("-" if m is None else f"{m:+.2f}" for m in row["last_marks_us"]) + ")"
+              + (f" marks {signed(row['marks_us'])} (last {signed(row['last_marks_us'])})"
                  if any(m is not None for m in row["marks_us"]) else ""))
     print(f"{len(rows)} launches stamped ({len(host)} host launches seen while capturing), "
           f"{(max(r['wait_us'] for r in rows)):.1f} us from the first wait to the last")

@@ -30,15 +30,15 @@ def straggler_report(launches: list[np.ndarray], mark: int = 1, tiles: int | Non
     """The spread of `mark` over all blocks of `launches` (one instance's launches, e.g. one a layer) and its groupings:
     per SM (median over its blocks), the SMs' consistency between the first and second half of the launches (a
     correlation near 1: the same SMs are slow every time), by blocks the SM held in that launch, by block index."""
-    per_sm, by_load, by_split = defaultdict(list), defaultdict(list), defaultdict(list)
-    halves = (defaultdict(list), defaultdict(list))
+    by_load, by_split = defaultdict(list), defaultdict(list)
+    halves = (defaultdict(list), defaultdict(list))  # per SM, the first and the second half of the launches
     times, blocks = [], []
     for i, records in enumerate(launches):
         t = launch_times(records, mark)
         held = np.bincount(records["sm"])[records["sm"]]  # blocks of this launch on each block's SM
+        half = halves[0 if i < len(launches) // 2 else 1]
         for sm, load, value in zip(records["sm"].tolist(), held.tolist(), t.tolist()):
-            per_sm[sm].append(value)
-            halves[0 if i < len(launches) // 2 else 1][sm].append(value)
+            half[sm].append(value)
             by_load[load].append(value)
         if tiles:
             for block, value in zip(records["block"].tolist(), t.tolist()):
@@ -46,7 +46,8 @@ def straggler_report(launches: list[np.ndarray], mark: int = 1, tiles: int | Non
         times.append(t)
         blocks.append(records["block"])
     t, b = np.concatenate(times), np.concatenate(blocks)
-    sm_median = {sm: float(np.median(v)) for sm, v in per_sm.items()}
+    sm_median = {sm: float(np.median(halves[0][sm] + halves[1][sm])) for sm in set(halves[0]) | set(halves[1])}
+    ranked = sorted(sm_median.items(), key=lambda item: -item[1])  # slowest first
     both = sorted(set(halves[0]) & set(halves[1]))
     first = [np.median(halves[0][sm]) for sm in both]
     second = [np.median(halves[1][sm]) for sm in both]
@@ -58,8 +59,8 @@ def straggler_report(launches: list[np.ndarray], mark: int = 1, tiles: int | Non
         "blocks": int(t.size),
         "percentiles": dict(zip(("p10", "p50", "p90", "p99", "max"), np.percentile(t, [10, 50, 90, 99, 100]).tolist())),
         "sm_consistency": consistency,
-        "slowest_sms": sorted(sm_median.items(), key=lambda item: -item[1])[:8],
-        "fastest_sms": sorted(sm_median.items(), key=lambda item: item[1])[:4],
+        "slowest_sms": ranked[:8],
+        "fastest_sms": ranked[::-1][:4],
         "by_blocks_on_sm": {load: (len(v), float(np.median(v))) for load, v in sorted(by_load.items())},
         "by_index_octile": [float(np.median(t[g])) for g in index_groups],
         "by_split": {s: float(np.median(v)) for s, v in sorted(by_split.items())},
