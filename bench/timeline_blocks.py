@@ -5,7 +5,10 @@ block's products ending 4.4 µs after the median block's (docs/benchmarks.md). T
 SMs (the same ones in every layer), SMs holding more of the launch's blocks than others, or particular column tiles or
 K splits (where their weights lie). For each launch of an instance (one a layer), this prints the spread of a mark
 (default 1: the register GEMV's "products done") from the launch's first wait, and the same times grouped by SM, by
-how many of the launch's blocks shared the SM, and by block index (with --tiles, by K split: index // tiles).
+how many of the launch's blocks shared the SM, by the block's rank among its SM's blocks, and by block index (with
+--tiles, by K split: index // tiles). Session 55's answer (H100, 8B at positions 256 and 1024): mostly the rank, the
+order a block arrived on its SM: the first of an SM's seven ends ~1.2 µs before the launch's median, the seventh ~1.2
+µs after it, and the spread within an SM is ~4× that between the SMs' means.
 
     python3 bench/timeline_blocks.py rec_256.npz ["exl2_gemv_group<fp16_t, 1, 2>" ...] [--mark 1] [--tiles 56]
 """
@@ -29,8 +32,11 @@ def launch_times(records: np.ndarray, mark: int) -> np.ndarray:
 def straggler_report(launches: list[np.ndarray], mark: int = 1, tiles: int | None = None) -> dict:
     """The spread of `mark` over all blocks of `launches` (one instance's launches, e.g. one a layer) and its groupings:
     per SM (median over its blocks), the SMs' consistency between the first and second half of the launches (a
-    correlation near 1: the same SMs are slow every time), by blocks the SM held in that launch, by block index."""
-    by_load, by_split = defaultdict(list), defaultdict(list)
+    correlation near 1: the same SMs are slow every time), by blocks the SM held in that launch, by block index, by
+    the block's rank among its SM's blocks in launch order (the hardware deals blocks out in index order, so this is
+    the order they arrived on the SM), and the variance split into between the SMs' means and around them."""
+    by_load, by_split, by_rank = defaultdict(list), defaultdict(list), defaultdict(list)
+    between, within, sm_last = [], [], []  # per launch: variance of the SMs' means, of blocks around their SM's mean
     halves = (defaultdict(list), defaultdict(list))  # per SM, the first and the second half of the launches
     times, blocks = [], []
     for i, records in enumerate(launches):
@@ -40,6 +46,17 @@ def straggler_report(launches: list[np.ndarray], mark: int = 1, tiles: int | Non
         for sm, load, value in zip(records["sm"].tolist(), held.tolist(), t.tolist()):
             half[sm].append(value)
             by_load[load].append(value)
+        centred = t - np.median(t)
+        sm_means = np.zeros(len(t))
+        for sm in np.unique(records["sm"]):
+            on_sm = np.flatnonzero(records["sm"] == sm)
+            on_sm = on_sm[np.argsort(records["block"][on_sm], kind="stable")]  # the SM's blocks in launch order
+            for rank, i in enumerate(on_sm):
+                by_rank[rank].append(float(centred[i]))
+            sm_means[on_sm] = t[on_sm].mean()
+            sm_last.append(float(centred[on_sm].max()))
+        between.append(float(np.var(sm_means)))
+        within.append(float(np.var(t - sm_means)))
         if tiles:
             for block, value in zip(records["block"].tolist(), t.tolist()):
                 by_split[block // tiles].append(value)
@@ -64,6 +81,10 @@ def straggler_report(launches: list[np.ndarray], mark: int = 1, tiles: int | Non
         "by_blocks_on_sm": {load: (len(v), float(np.median(v))) for load, v in sorted(by_load.items())},
         "by_index_octile": [float(np.median(t[g])) for g in index_groups],
         "by_split": {s: float(np.median(v)) for s, v in sorted(by_split.items())},
+        "by_rank_on_sm": [float(np.mean(by_rank[rank])) for rank in sorted(by_rank)],
+        "variance_between_sms": float(np.mean(between)),
+        "variance_within_sms": float(np.mean(within)),
+        "sm_last_after_median": dict(zip(("p50", "p90", "max"), np.percentile(sm_last, [50, 90, 100]).tolist())),
     }
 
 
@@ -93,6 +114,11 @@ def main() -> None:
               + "; fastest " + ", ".join(f"{sm}: {v:.2f}" for sm, v in r["fastest_sms"]))
         print("  by the launch's blocks on the SM: "
               + ", ".join(f"{k} ({n} blocks): {v:.2f}" for k, (n, v) in r["by_blocks_on_sm"].items()))
+        print("  by rank on its SM (its blocks in launch order), mean from the launch's median: "
+              + " ".join(f"{v:+.2f}" for v in r["by_rank_on_sm"]))
+        print(f"  variance between the SMs' means {r['variance_between_sms']:.2f}, within an SM "
+              f"{r['variance_within_sms']:.2f}; each SM's last block after the median: "
+              + " ".join(f"{k} {v:.2f}" for k, v in r["sm_last_after_median"].items()))
         print("  by block index, eighths: " + " ".join(f"{v:.2f}" for v in r["by_index_octile"]))
         if r["by_split"]:
             print("  by K split: " + " ".join(f"{s}: {v:.2f}" for s, v in r["by_split"].items()))
