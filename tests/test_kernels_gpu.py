@@ -771,6 +771,39 @@ def test_decode_with_down_on_the_gate_up_sums_equals_exl2_finish(kind, monkeypat
                      taken, check)
 
 
+@pytest.mark.parametrize("kind", ["wide", "stream"])
+def test_decode_with_the_mlp_aligned_equals_the_stored_order(kind, monkeypatch):
+    """A synthetic 2-layer smollm2-shaped model built with gate/up's outputs in down_proj's stored order
+    (linear.align_gated: down_proj's GEMV gathers consecutive sums) decodes one token a step (eager and graphs) to the
+    same logits as the same model built without (EXLQ_ALIGN_GATED=0), down_proj gathering from gate/up's sums in
+    every layer of every eager step."""
+    from exlq.runtime import linear
+
+    use_gemv(kind, monkeypatch)
+    monkeypatch.setattr(exl2_ops, "GATED_SUMS_STREAM", True)
+    taken = []
+    original = exl2_ops.gathers_sums
+    monkeypatch.setattr(exl2_ops, "gathers_sums", lambda *args: (taken.append(original(*args)), taken[-1])[1])
+    results = {}
+    for align in (False, True):
+        monkeypatch.setattr(linear, "ALIGN_GATED", align)
+        model, ids, steps = synthetic_decode(layers=2, seed=7)
+        assert all((layer.mlp.down_proj.stored_input_order() is None) == align for layer in model.model.layers)
+        for graphs in "01":
+            monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
+            model.decode_graphs.clear()
+            cache = model.new_cache(32)
+            model(ids, cache)
+            taken.clear()
+            out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
+            results[align, graphs] = torch.cat(out, dim=1).float()
+            if graphs == "0":
+                assert taken == [True] * (steps.shape[1] * 2)
+    assert torch.isfinite(results[False, "0"]).all()
+    for key in ((False, "1"), (True, "0"), (True, "1")):
+        assert rel(results[key], results[False, "0"]) < 2e-3
+
+
 def test_decode_with_the_norm_folded_equals_the_norm_kernel(tmp_path, monkeypatch):
     """A tiny EXL2 Llama decoding one token a step (graphs and eager) gives the same logits with its norms folded into
     the q/k/v and gate/up GEMVs as with the norm kernel before them, and folds every in-layer norm of those steps."""

@@ -28,6 +28,7 @@ from exlq.runtime.exl2 import (
     effective_scales,
     group_row_starts,
     group_word_offsets,
+    pack_q_scale,
     padded_width,
     row_bits,
 )
@@ -109,18 +110,6 @@ def pack_q_weight(codes: torch.Tensor, layout: Layout) -> torch.Tensor:
             raise ExlqError(f"group {g}: codes must lie in 0..{(1 << bits) - 1} for {bits} bits")
         out[o : o + rows * bits // 32] = as_int32_words(pack_group(group, bits))
     return out
-
-
-def pack_q_scale(scale_codes: torch.Tensor) -> torch.Tensor:
-    """Scale codes c ∈ 1…16 [G, N] → `q_scale` int32 [G, N/8]; nibble i of word m holds c(8m+i) − 1."""
-    codes = scale_codes.to(torch.int64)
-    if codes.numel() and (codes.min() < 1 or codes.max() > 16):
-        raise ExlqError("scale codes must lie in 1..16")
-    if codes.shape[1] % 8:
-        raise ExlqError(f"q_scale packs 8 columns per word; {codes.shape[1]} columns is not a multiple of 8")
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
-    words = ((codes - 1).reshape(codes.shape[0], -1, 8) << shifts).sum(-1)
-    return as_int32_words(words)
 
 
 def encode_q_groups(layout: Layout) -> torch.Tensor:

@@ -16,7 +16,7 @@ Nothing here imports `exlq.quant`; the writer (`exlq.quant.exl2_pack`) builds on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,18 @@ def unpack_q_scale(q_scale: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q_scale.device)
     nibbles = (as_uint32_values(q_scale)[..., None] >> shifts) & 0xF
     return (nibbles.reshape(q_scale.shape[0], -1) + 1).to(torch.int16)
+
+
+def pack_q_scale(scale_codes: torch.Tensor) -> torch.Tensor:
+    """Scale codes c ∈ 1…16 [G, N] → `q_scale` int32 [G, N/8]; nibble i of word m holds c(8m+i) − 1."""
+    codes = scale_codes.to(torch.int64)
+    if codes.numel() and (codes.min() < 1 or codes.max() > 16):
+        raise ExlqError("scale codes must lie in 1..16")
+    if codes.shape[1] % 8:
+        raise ExlqError(f"q_scale packs 8 columns per word; {codes.shape[1]} columns is not a multiple of 8")
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
+    words = ((codes - 1).reshape(codes.shape[0], -1, 8) << shifts).sum(-1)
+    return as_int32_words(words)
 
 
 def scale_multipliers(q_scale_max: torch.Tensor, prescale: float = 1.0) -> torch.Tensor:
@@ -320,6 +332,26 @@ class Exl2Tensors:
         weights = self.q_invperm.numel() * n_pad + (n_pad if self.bias is not None else 0)
         return self.total_bits() / weights
 
+    def with_output_order(self, order: torch.Tensor) -> Exl2Tensors:
+        """The same layer with its outputs reordered: output j is this layer's output order[j] (`order` a permutation
+        of the N = len(order) outputs; padding columns stay last). Columns are independent in EXL2, so this moves
+        q_weight's columns, their scale nibbles in q_scale and the bias."""
+        n_pad = self.q_weight.shape[1]
+        columns = torch.cat([order.to(self.q_weight.device, torch.int64),
+                             torch.arange(order.numel(), n_pad, device=self.q_weight.device)])
+        return replace(
+            self,
+            q_weight=self.q_weight[:, columns].contiguous(),
+            q_scale=pack_q_scale(unpack_q_scale(self.q_scale)[:, columns]),
+            bias=None if self.bias is None else self.bias[columns].contiguous(),
+        )
+
+    def with_stored_input_order(self) -> Exl2Tensors:
+        """The same products for inputs given in stored row order: input j is this layer's input perm[j] (its
+        act-order permutation), so no permutation is left (q_invperm the identity)."""
+        return replace(self, q_invperm=torch.arange(self.q_invperm.numel(), dtype=self.q_invperm.dtype,
+                                                    device=self.q_invperm.device))
+
     def dequantize(self, prescale: float = 1.0) -> torch.Tensor:
         """Wt fp16 [K, N_pad] in original row order (see `dequantize`)."""
         return dequantize(self.q_weight, self.q_scale, self.q_scale_max, self.q_groups, self.q_invperm, prescale)
@@ -370,6 +402,10 @@ class Exl2Linear(nn.Module):
         self.bits_per_weight = tensors.bits_per_weight()
         self._dense: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._plan = None  # kernel tables (exl2_ops.Exl2Plan), built on the first kernel forward
+        #: Where reorder_outputs / read_stored_order moved the features (None: as in the file): output j is the
+        #: file's output feature_order_out[j], input j its input feature_order_in[j] (LoRA terms follow them).
+        self.feature_order_out: torch.Tensor | None = None
+        self.feature_order_in: torch.Tensor | None = None
 
     @classmethod
     def can_load(cls, store: WeightStore, prefix: str) -> bool:
@@ -391,6 +427,30 @@ class Exl2Linear(nn.Module):
     def clear_cache(self) -> None:
         self._dense = None
         self._plan = None
+
+    def stored_input_order(self) -> torch.Tensor | None:
+        """The order this layer's GEMV reads its input in (its act-order permutation: stored row r holds input
+        channel perm[r]), or None where that is the input's own order."""
+        perm = perm_from_invperm(self.q_invperm)
+        return None if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)) else perm
+
+    def reorder_outputs(self, order: torch.Tensor) -> None:
+        """Compute output j as the current output order[j] (Exl2Tensors.with_output_order): the same products."""
+        self._set_tensors(self.tensors.with_output_order(order))
+        order = order.to("cpu", torch.int64)
+        self.feature_order_out = order if self.feature_order_out is None else self.feature_order_out[order.cpu()]
+
+    def read_stored_order(self) -> None:
+        """Take the input in stored row order from now on (input j: the current input perm[j]), so the GEMV reads it
+        from consecutive addresses; whatever produces the input must reorder its outputs to match."""
+        perm = perm_from_invperm(self.q_invperm).cpu()
+        self._set_tensors(self.tensors.with_stored_input_order())
+        self.feature_order_in = perm if self.feature_order_in is None else self.feature_order_in[perm]
+
+    def _set_tensors(self, tensors: Exl2Tensors) -> None:
+        for f in fields(tensors):
+            setattr(self, f.name, getattr(tensors, f.name))
+        self.clear_cache()
 
     def _dense_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._dense is None or self._dense[0].device != self.q_weight.device:

@@ -16,7 +16,7 @@ from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch
 from exlq.runtime.cache import KVCache
 from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, Deferred, PendingNorm, add_rms_norm, as_tensor
-from exlq.runtime.linear import project_each, project_gated, project_to_residual
+from exlq.runtime.linear import align_gated, project_each, project_gated, project_to_residual
 
 
 class RMSNorm(nn.Module):
@@ -103,6 +103,7 @@ class GatedMLP(nn.Module):
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        align_gated(gate_proj, up_proj, down_proj)  # the intermediate features in the order down_proj reads them
 
     def forward(self, x: torch.Tensor | PendingNorm, unfinished: bool = False) -> torch.Tensor | Deferred:
         """The MLP's output; `unfinished`: possibly Deferred, for the residual add after it (project_to_residual)."""

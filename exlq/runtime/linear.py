@@ -7,6 +7,7 @@ layers with an FP16 `lm_head`). The quantizer swaps implementations the same way
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -103,6 +104,27 @@ def project_gated(layer: nn.Module, gate: torch.Tensor | Deferred, up: torch.Ten
         return gated(layer, gate, up, unfinished)
     gate, up = as_tensor(gate), as_tensor(up)
     return layer(silu_mul(gate, up) if kernels.applies(gate) else F.silu(gate) * up)
+
+
+#: Whether GatedMLP aligns gate/up's outputs with down_proj's input order (align_gated).
+ALIGN_GATED = os.environ.get("EXLQ_ALIGN_GATED", "1") != "0"
+
+
+def align_gated(gate: nn.Module, up: nn.Module, down: nn.Module) -> bool:
+    """Give gate and up the output order in which down reads its input, where their formats allow it (each of
+    gate/up has `reorder_outputs(order)` and down has `stored_input_order()` and `read_stored_order()`: EXL2) and down
+    reads it permuted (act-order): the same products, but down_proj's GEMV then reads silu(gate)·up from consecutive
+    addresses rather than one 32-byte sector per activation (on the 8B, its one-row gather 4.1 -> 1.0 µs, decode
+    +4 %: docs/benchmarks.md, session 55). EXLQ_ALIGN_GATED=0 leaves the layers as stored. Returns whether it did."""
+    if not ALIGN_GATED or any(not hasattr(layer, "reorder_outputs") for layer in (gate, up)):
+        return False
+    order = getattr(down, "stored_input_order", lambda: None)()
+    if order is None or not hasattr(down, "read_stored_order"):
+        return False
+    gate.reorder_outputs(order)
+    up.reorder_outputs(order)
+    down.read_stored_order()
+    return True
 
 
 def project_to_residual(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | Deferred:

@@ -145,12 +145,20 @@ def _apply(model: nn.Module, adapters: list[LoraAdapter]) -> None:
             if not isinstance(module, LoraLinear):
                 module = LoraLinear(module)
                 model.replace_module(name, module)
+            a, b = _in_layer_order(module.base, a, b)
             module.terms.append((a.to(model.device, model.dtype), b.to(model.device, model.dtype), scale))
         for name, weight in adapter.replacements.items():
             if name in replaced:
                 raise ExlqError(f"{adapter.path} and {replaced[name]} both replace {name}; use one of them")
             replaced[name] = adapter.path
             _replace_whole(model, name, weight.to(model.device, model.dtype))
+
+
+def _in_layer_order(base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair for a layer whose features were reordered after loading (linear.align_gated: its inputs or outputs in
+    the order feature_order_in / feature_order_out of the file's), in that order."""
+    order_in, order_out = getattr(base, "feature_order_in", None), getattr(base, "feature_order_out", None)
+    return (a if order_in is None else a[:, order_in]), (b if order_out is None else b[order_out])
 
 
 def _module(model: nn.Module, name: str, path: Path) -> nn.Module:

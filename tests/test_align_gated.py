@@ -1,0 +1,68 @@
+"""linear.align_gated: gate/up's outputs put in the order down_proj reads its input (its act-order permutation), so
+that down_proj's GEMV reads silu(gate)·up from consecutive addresses; the products, and so the model, are the same."""
+
+from __future__ import annotations
+
+import torch
+
+from exlq.quant.exl2_pack import quantize_rtn
+from exlq.runtime import linear
+from exlq.runtime.exl2 import Exl2Linear, perm_from_invperm
+from exlq.runtime.loader import load_model
+from test_exl2_format import TINY_LAYOUTS, exl2_and_reference_dirs
+
+
+def _packed(rows: int, columns: int, seed: int, bias: bool):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(columns, rows, generator=gen)
+    return quantize_rtn(weight, TINY_LAYOUTS[rows], torch.randperm(rows, generator=gen),
+                        torch.randn(columns, generator=gen) if bias else None)
+
+
+def test_reordered_tensors_hold_the_same_weights_moved():
+    """with_output_order moves whole columns (words, scale nibbles, bias; 80 outputs padded to 96, the padding last)
+    and with_stored_input_order leaves the stored rows as they are, now read for input perm[j]: both bit for bit."""
+    packed = _packed(80, 80, seed=1, bias=True)
+    order = torch.randperm(80, generator=torch.Generator().manual_seed(2))
+    moved = packed.with_output_order(order)
+    assert torch.equal(moved.weight(80), packed.weight(80)[order])
+    assert torch.equal(moved.bias[:80], packed.bias[order]) and torch.equal(moved.bias[80:], packed.bias[80:])
+    assert torch.equal(moved.q_weight[:, 80:], packed.q_weight[:, 80:])
+    perm = perm_from_invperm(packed.q_invperm)
+    stored = packed.with_stored_input_order()
+    assert torch.equal(stored.q_weight, packed.q_weight) and torch.equal(stored.weight(80), packed.weight(80)[:, perm])
+
+
+def test_gated_mlp_layers_are_aligned_and_the_model_unchanged(tmp_path, monkeypatch):
+    """An EXL2 model loads with every MLP aligned (gate/up's outputs in down_proj's stored order, down_proj's
+    permutation the identity, the moves recorded for adapters), and its logits equal those of the same model loaded
+    without the alignment and of its dense twin."""
+    _source, exl2_dir, reference_dir = exl2_and_reference_dirs(tmp_path)
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+    model = load_model(exl2_dir, device="cpu", dtype="float32")
+    monkeypatch.setattr(linear, "ALIGN_GATED", False)
+    stored = load_model(exl2_dir, device="cpu", dtype="float32")
+    for mlp, plain in zip((layer.mlp for layer in model.model.layers), (layer.mlp for layer in stored.model.layers)):
+        perm = perm_from_invperm(plain.down_proj.q_invperm)
+        assert not torch.equal(perm, torch.arange(perm.numel()))  # the file's down_proj is act-ordered
+        assert mlp.down_proj.stored_input_order() is None and torch.equal(mlp.down_proj.feature_order_in, perm)
+        for name in ("gate_proj", "up_proj"):
+            moved, kept = getattr(mlp, name), getattr(plain, name)
+            assert torch.equal(moved.feature_order_out, perm) and kept.feature_order_out is None
+            assert torch.equal(moved.dequantized_weight(), kept.dequantized_weight()[perm])
+    logits = model(ids, max_output_len=None)
+    torch.testing.assert_close(logits, stored(ids, max_output_len=None), rtol=1e-5, atol=1e-5)
+    dense = load_model(reference_dir, device="cpu", dtype="float32")
+    torch.testing.assert_close(logits, dense(ids, max_output_len=None), rtol=1e-5, atol=1e-5)
+
+
+def test_only_act_ordered_exl2_down_projections_are_aligned():
+    """Nothing moves where down_proj reads its input in order already, or where a layer is not EXL2."""
+    gate, up = (Exl2Linear(_packed(64, 80, seed, bias=False), 64, 80) for seed in (3, 4))
+    down_packed = _packed(80, 64, seed=5, bias=False)
+    in_order = Exl2Linear(down_packed.with_stored_input_order(), 80, 64)
+    assert not linear.align_gated(gate, up, in_order) and gate.feature_order_out is None
+    assert not linear.align_gated(gate, linear.DenseLinear(torch.randn(80, 64)), Exl2Linear(down_packed, 80, 64))
+    assert gate.feature_order_out is None
+    assert linear.align_gated(gate, up, Exl2Linear(down_packed, 80, 64))
+    assert torch.equal(gate.feature_order_out, perm_from_invperm(down_packed.q_invperm))
