@@ -523,6 +523,18 @@ def push_at_every_head_size(push: bool, monkeypatch) -> None:
     monkeypatch.setattr(attention_ops, "PUSH_HEAD_DIMS", attention_ops.HEAD_DIMS)
 
 
+def decode_steps(model, ids: torch.Tensor, steps: torch.Tensor, graphs: str, monkeypatch, record: list) -> torch.Tensor:
+    """The logits of one-token decode steps `steps` after a prefill of `ids` into a fresh cache, eager (graphs "0") or
+    with CUDA graphs ("1"); `record` (a test's recorder of launches) is emptied after the prefill."""
+    monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
+    model.decode_graphs.clear()
+    cache = model.new_cache(32)
+    model(ids, cache)
+    record.clear()
+    out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
+    return torch.cat(out, dim=1).float()
+
+
 def decode_both_ways(model, ids: torch.Tensor, steps: torch.Tensor, monkeypatch, switch, record: list, check) -> None:
     """One-token decode steps (`steps`, after a prefill of `ids`) give the same logits with a setting on, eager and
     with CUDA graphs, as off, eager (up to the atomics' order: 2e-3): `switch(on)` sets it; `record` (a test's
@@ -530,13 +542,7 @@ def decode_both_ways(model, ids: torch.Tensor, steps: torch.Tensor, monkeypatch,
     results = {}
     for on, graphs in [(False, "0"), (True, "0"), (True, "1")]:
         switch(on)
-        monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
-        model.decode_graphs.clear()
-        cache = model.new_cache(32)
-        model(ids, cache)
-        record.clear()
-        out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
-        results[on, graphs] = torch.cat(out, dim=1).float()
+        results[on, graphs] = decode_steps(model, ids, steps, graphs, monkeypatch, record)
         check(on, graphs)
     assert torch.isfinite(results[False, "0"]).all()
     assert rel(results[True, "0"], results[False, "0"]) < 2e-3
@@ -790,13 +796,7 @@ def test_decode_with_the_mlp_aligned_equals_the_stored_order(kind, monkeypatch):
         model, ids, steps = synthetic_decode(layers=2, seed=7)
         assert all((layer.mlp.down_proj.stored_input_order() is None) == align for layer in model.model.layers)
         for graphs in "01":
-            monkeypatch.setenv("EXLQ_CUDA_GRAPHS", graphs)
-            model.decode_graphs.clear()
-            cache = model.new_cache(32)
-            model(ids, cache)
-            taken.clear()
-            out = [model(steps[:, i : i + 1], cache, max_output_len=None) for i in range(steps.shape[1])]
-            results[align, graphs] = torch.cat(out, dim=1).float()
+            results[align, graphs] = decode_steps(model, ids, steps, graphs, monkeypatch, taken)
             if graphs == "0":
                 assert taken == [True] * (steps.shape[1] * 2)
     assert torch.isfinite(results[False, "0"]).all()
