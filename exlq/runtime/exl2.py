@@ -438,7 +438,7 @@ class Exl2Linear(nn.Module):
         """Compute output j as the current output order[j] (Exl2Tensors.with_output_order): the same products."""
         self._set_tensors(self.tensors.with_output_order(order))
         order = order.to("cpu", torch.int64)
-        self.feature_order_out = order if self.feature_order_out is None else self.feature_order_out[order.cpu()]
+        self.feature_order_out = order if self.feature_order_out is None else self.feature_order_out[order]
 
     def read_stored_order(self) -> None:
         """Take the input in stored row order from now on (input j: the current input perm[j]), so the GEMV reads it

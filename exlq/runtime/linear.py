@@ -115,7 +115,7 @@ def align_gated(gate: nn.Module, up: nn.Module, down: nn.Module) -> bool:
     gate/up has `reorder_outputs(order)` and down has `stored_input_order()` and `read_stored_order()`: EXL2) and down
     reads it permuted (act-order): the same products, but down_proj's GEMV then reads silu(gate)·up from consecutive
     addresses rather than one 32-byte sector per activation (on the 8B, its one-row gather 4.1 -> 1.0 µs, decode
-    +4 %: docs/benchmarks.md, session 55). EXLQ_ALIGN_GATED=0 leaves the layers as stored. Returns whether it did."""
+    +3.5 % on the H100: docs/benchmarks.md, session 55). EXLQ_ALIGN_GATED=0 leaves the layers as stored. Returns whether it did."""
     if not ALIGN_GATED or any(not hasattr(layer, "reorder_outputs") for layer in (gate, up)):
         return False
     order = getattr(down, "stored_input_order", lambda: None)()
