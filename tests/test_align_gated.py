@@ -35,13 +35,14 @@ def test_reordered_tensors_hold_the_same_weights_moved():
 
 def test_gated_mlp_layers_are_aligned_and_the_model_unchanged(tmp_path, monkeypatch):
     """An EXL2 model loads with every MLP aligned (gate/up's outputs in down_proj's stored order, down_proj's
-    permutation the identity, the moves recorded for adapters), and its logits equal those of the same model loaded
-    without the alignment and of its dense twin."""
+    permutation the identity, the moves recorded for adapters) where asked to (EXLQ_ALIGN_GATED=1; by default only
+    where the kernels run, so not on this CPU), and its logits equal those of the same model loaded without the
+    alignment and of its dense twin."""
     _source, exl2_dir, reference_dir = exl2_and_reference_dirs(tmp_path)
     ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+    stored = load_model(exl2_dir, device="cpu", dtype="float32")  # the default: the kernels do not run here
+    monkeypatch.setattr(linear, "ALIGN_GATED", "1")
     model = load_model(exl2_dir, device="cpu", dtype="float32")
-    monkeypatch.setattr(linear, "ALIGN_GATED", False)
-    stored = load_model(exl2_dir, device="cpu", dtype="float32")
     for mlp, plain in zip((layer.mlp for layer in model.model.layers), (layer.mlp for layer in stored.model.layers)):
         perm = perm_from_invperm(plain.down_proj.q_invperm)
         assert not torch.equal(perm, torch.arange(perm.numel()))  # the file's down_proj is act-ordered
@@ -56,8 +57,9 @@ def test_gated_mlp_layers_are_aligned_and_the_model_unchanged(tmp_path, monkeypa
     torch.testing.assert_close(logits, dense(ids, max_output_len=None), rtol=1e-5, atol=1e-5)
 
 
-def test_only_act_ordered_exl2_down_projections_are_aligned():
+def test_only_act_ordered_exl2_down_projections_are_aligned(monkeypatch):
     """Nothing moves where down_proj reads its input in order already, or where a layer is not EXL2."""
+    monkeypatch.setattr(linear, "ALIGN_GATED", "1")
     gate, up = (Exl2Linear(_packed(64, 80, seed, bias=False), 64, 80) for seed in (3, 4))
     down_packed = _packed(80, 64, seed=5, bias=False)
     in_order = Exl2Linear(down_packed.with_stored_input_order(), 80, 64)
@@ -66,3 +68,21 @@ def test_only_act_ordered_exl2_down_projections_are_aligned():
     assert gate.feature_order_out is None
     assert linear.align_gated(gate, up, Exl2Linear(down_packed, 80, 64))
     assert torch.equal(gate.feature_order_out, perm_from_invperm(down_packed.q_invperm))
+
+
+def test_adapters_follow_the_aligned_layers(tmp_path, monkeypatch):
+    """LoRA pairs on aligned gate/up/down projections are moved with them: the aligned EXL2 model with an adapter
+    gives the logits of its dense twin with the same adapter."""
+    from exlq.runtime.lora import load_lora, set_loras
+    from test_lora import write_adapter
+
+    _source, exl2_dir, reference_dir = exl2_and_reference_dirs(tmp_path)
+    monkeypatch.setattr(linear, "ALIGN_GATED", "1")
+    quantized = load_model(exl2_dir, device="cpu", dtype="float32")
+    dense = load_model(reference_dir, device="cpu", dtype="float32")
+    assert quantized.model.layers[1].mlp.down_proj.feature_order_in is not None
+    adapter = load_lora(write_adapter(tmp_path / "a", dense, seed=3))
+    set_loras(quantized, [adapter])
+    set_loras(dense, [adapter])
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+    torch.testing.assert_close(quantized(ids, max_output_len=None), dense(ids, max_output_len=None), rtol=1e-5, atol=1e-5)

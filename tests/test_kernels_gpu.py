@@ -792,7 +792,7 @@ def test_decode_with_the_mlp_aligned_equals_the_stored_order(kind, monkeypatch):
     monkeypatch.setattr(exl2_ops, "gathers_sums", lambda *args: (taken.append(original(*args)), taken[-1])[1])
     results = {}
     for align in (False, True):
-        monkeypatch.setattr(linear, "ALIGN_GATED", align)
+        monkeypatch.setattr(linear, "ALIGN_GATED", "auto" if align else "0")
         model, ids, steps = synthetic_decode(layers=2, seed=7)
         assert all((layer.mlp.down_proj.stored_input_order() is None) == align for layer in model.model.layers)
         for graphs in "01":

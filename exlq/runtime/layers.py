@@ -98,9 +98,9 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)). Where the formats allow it (EXL2 with act-order), gate/up's outputs are put in the
-    order down_proj stores its rows at construction (linear.align_gated), so those three layers' buffers differ from
-    the file's: the same products, read from consecutive addresses."""
+    """down(silu(gate(x)) * up(x)). Where the formats allow it (EXL2 with act-order) and the kernels run, gate/up's
+    outputs are put in the order down_proj stores its rows at construction (linear.align_gated), so those three
+    layers' buffers differ from the file's: the same products, read from consecutive addresses."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
         super().__init__()

@@ -106,8 +106,9 @@ def project_gated(layer: nn.Module, gate: torch.Tensor | Deferred, up: torch.Ten
     return layer(silu_mul(gate, up) if kernels.applies(gate) else F.silu(gate) * up)
 
 
-#: Whether GatedMLP aligns gate/up's outputs with down_proj's input order (align_gated).
-ALIGN_GATED = os.environ.get("EXLQ_ALIGN_GATED", "1") != "0"
+#: Where GatedMLP aligns gate/up's outputs with down_proj's input order (align_gated): "auto" where the kernels run
+#: (elsewhere it would change only the rounding of the products' sums), "1" everywhere, "0" nowhere.
+ALIGN_GATED = os.environ.get("EXLQ_ALIGN_GATED", "auto")
 
 
 def align_gated(gate: nn.Module, up: nn.Module, down: nn.Module) -> bool:
@@ -115,8 +116,12 @@ def align_gated(gate: nn.Module, up: nn.Module, down: nn.Module) -> bool:
     gate/up has `reorder_outputs(order)` and down has `stored_input_order()` and `read_stored_order()`: EXL2) and down
     reads it permuted (act-order): the same products, but down_proj's GEMV then reads silu(gate)·up from consecutive
     addresses rather than one 32-byte sector per activation (on the 8B, its one-row gather 4.1 -> 1.0 µs, decode
-    +3.5 % on the H100: docs/benchmarks.md, session 55). EXLQ_ALIGN_GATED=0 leaves the layers as stored. Returns whether it did."""
-    if not ALIGN_GATED or any(not hasattr(layer, "reorder_outputs") for layer in (gate, up)):
+    +3.5 % on the H100: docs/benchmarks.md, session 55). Only where the kernels run, unless ALIGN_GATED says otherwise
+    (EXLQ_ALIGN_GATED=0 leaves the layers as stored everywhere). Returns whether it did."""
+    if any(not hasattr(layer, "reorder_outputs") for layer in (gate, up)):
+        return False
+    tensor = next(iter(down.buffers()), None)
+    if ALIGN_GATED == "0" or (ALIGN_GATED != "1" and (tensor is None or not kernels.enabled(tensor.device))):
         return False
     order = getattr(down, "stored_input_order", lambda: None)()
     if order is None or not hasattr(down, "read_stored_order"):
