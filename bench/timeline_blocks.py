@@ -39,20 +39,18 @@ def straggler_report(launches: list[np.ndarray], mark: int = 1, tiles: int | Non
     between, within, sm_last = [], [], []  # per launch: variance of the SMs' means, of blocks around their SM's mean
     halves = (defaultdict(list), defaultdict(list))  # per SM, the first and the second half of the launches
     times, blocks = [], []
-    for i, records in enumerate(launches):
+    for n, records in enumerate(launches):
         t = launch_times(records, mark)
-        held = np.bincount(records["sm"])[records["sm"]]  # blocks of this launch on each block's SM
-        half = halves[0 if i < len(launches) // 2 else 1]
-        for sm, load, value in zip(records["sm"].tolist(), held.tolist(), t.tolist()):
-            half[sm].append(value)
-            by_load[load].append(value)
+        half = halves[0 if n < len(launches) // 2 else 1]
         centred = t - np.median(t)
         sm_means = np.zeros(len(t))
-        for sm in np.unique(records["sm"]):
+        for sm in np.unique(records["sm"]).tolist():
             on_sm = np.flatnonzero(records["sm"] == sm)
             on_sm = on_sm[np.argsort(records["block"][on_sm], kind="stable")]  # the SM's blocks in launch order
-            for rank, i in enumerate(on_sm):
-                by_rank[rank].append(float(centred[i]))
+            half[sm].extend(t[on_sm].tolist())
+            by_load[len(on_sm)].extend(t[on_sm].tolist())  # by how many of this launch's blocks the SM held
+            for rank, value in enumerate(centred[on_sm].tolist()):
+                by_rank[rank].append(value)
             sm_means[on_sm] = t[on_sm].mean()
             sm_last.append(float(centred[on_sm].max()))
         between.append(float(np.var(sm_means)))

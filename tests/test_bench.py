@@ -215,6 +215,17 @@ def test_switch_ab_takes_boolean_runtime_switches():
             ab.resolve(wrong)
 
 
+def _timeline_records(blocks: int, wait):
+    """Records of one launch with the fields bench/timeline_blocks.py reads (common.cuh's TimelineRecord): blocks
+    0..blocks-1, each waiting at `wait`; their SMs and marks are the test's to fill."""
+    import numpy as np
+
+    records = np.zeros(blocks, np.dtype([("wait", "<u8"), ("block", "<u4"), ("sm", "<u4"), ("marks", "<u8", (3,))]))
+    records["wait"] = wait
+    records["block"] = np.arange(blocks)
+    return records
+
+
 def test_timeline_blocks_finds_a_consistently_slow_sm_and_the_crowded_ones(tmp_path):
     """bench/timeline_blocks.py on records built here: 16 launches of 64 blocks on 10 SMs, SM 3 always 4 µs late, SMs
     holding 7 of a launch's blocks 1 µs later than those holding 6; the report names SM 3 slowest, finds the per-SM
@@ -227,15 +238,12 @@ def test_timeline_blocks_finds_a_consistently_slow_sm_and_the_crowded_ones(tmp_p
     import numpy as np
 
     blocks_module = _bench_module("timeline_blocks")
-    record = np.dtype([("wait", "<u8"), ("block", "<u4"), ("sm", "<u4"), ("marks", "<u8", (3,))])
     rng = np.random.default_rng(0)
     sms = np.repeat(np.arange(10), [7, 7, 7, 7, 6, 6, 6, 6, 6, 6])  # 64 blocks: SMs 0-3 hold 7, 4-9 hold 6
     launches = []
     for layer in range(16):
-        rs = np.zeros(64, record)
         base = 1_000_000 * (layer + 1)
-        rs["wait"] = base + rng.integers(0, 60, 64)
-        rs["block"] = np.arange(64)
+        rs = _timeline_records(64, base + rng.integers(0, 60, 64))
         rs["sm"] = rng.permutation(sms)  # which block lands where changes from launch to launch
         done = 10_000 + 1_000 * (np.bincount(sms)[rs["sm"]] == 7) + 4_000 * (rs["sm"] == 3) + rng.integers(0, 200, 64)
         rs["marks"][:, 1] = base + done
@@ -265,14 +273,11 @@ def test_timeline_blocks_orders_each_sms_blocks_by_their_arrival():
     import numpy as np
 
     blocks_module = _bench_module("timeline_blocks")
-    record = np.dtype([("wait", "<u8"), ("block", "<u4"), ("sm", "<u4"), ("marks", "<u8", (3,))])
     rng = np.random.default_rng(1)
     launches = []
     for layer in range(8):
-        rs = np.zeros(60, record)
         base = 1_000_000 * (layer + 1)
-        rs["wait"] = base
-        rs["block"] = np.arange(60)
+        rs = _timeline_records(60, base)
         rs["sm"] = np.arange(60) % 10  # round robin: block b is the (b // 10)-th on its SM
         rs["marks"][:, 1] = base + 10_000 + 500 * (np.arange(60) // 10) + rng.integers(0, 50, 60)
         launches.append(rs)
