@@ -400,18 +400,22 @@ __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish(const GemvGroup gr
 // block's Σ v² into partials[blockIdx.x] (NormFold), the sums re-zeroed (their padding columns too); T(sums + bias)
 // itself is never written (the residual add is its only use). Grid ceil(max(K, n_pad) / FINISH_THREADS), partials
 // from the first ceil(K / FINISH_THREADS) blocks: exl2_finish and add_rms_norm's work, one launch. `extra`: as
-// exl2_finish's.
+// exl2_finish's. `stored` (with `slot`, int32 [K]; else null): v also into stored[slot[i]], the row in the stored
+// order of the GEMV that folds the norm (its NormFold reads that copy, from consecutive addresses).
 template <typename T>
 __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish_norm(const GemvMatrix mat, const u16* __restrict__ delta,
                                                                     const float* __restrict__ residual,
                                                                     float* __restrict__ new_residual,
                                                                     float* __restrict__ partials, int K,
-                                                                    float* __restrict__ extra, int extra_count) {
+                                                                    float* __restrict__ extra, int extra_count,
+                                                                    float* __restrict__ stored,
+                                                                    const int* __restrict__ slot) {
     __shared__ float part[FINISH_THREADS / 32];
     pdl_launch_dependents();
+    const int i = blockIdx.x * FINISH_THREADS + threadIdx.x;
+    const int to = stored != nullptr && i < K ? __ldg(slot + i) : 0;  // a constant, read before the wait
     pdl_wait();
     zero_floats(extra, extra_count);
-    const int i = blockIdx.x * FINISH_THREADS + threadIdx.x;
     float v = 0.0f;
     if (i < K) {
         float d;
@@ -423,6 +427,7 @@ __global__ void __launch_bounds__(FINISH_THREADS) exl2_finish_norm(const GemvMat
         }
         v = residual[i] + d;
         new_residual[i] = v;
+        if (stored != nullptr) stored[to] = v;
     } else if (delta == nullptr && i < mat.n_pad) {
         mat.workspace[i] = 0.0f;
     }

@@ -3,7 +3,10 @@
 // Rounding follows the torch reference path (exlq/runtime/layers.py) step by step.
 #include "common.cuh"
 
-// new_residual = residual + delta (float32; skipped when delta is null), out = weight * T(x / rms(x)).
+// new_residual = residual + delta (float32; skipped when delta is null), out = weight * T(x / rms(x)); with `order`
+// (int32 [hidden], else null), output i is that output's channel order[i]: the norm's output in the stored row order
+// of the GEMVs that read it (layers.RMSNorm.put_output_in_order), launched with hidden * 2 bytes of dynamic shared
+// memory.
 // One block per row, blockDim.x a multiple of 32 (at most 1024) with hidden <= NORM_PER_THREAD * blockDim.x:
 // each thread keeps its values (and weights) in registers, so the row is read once and every load is in
 // flight before the reduction (a decode step runs this once per row: latency is all it costs).
@@ -16,6 +19,10 @@
 #else
 #define NORM_BOUNDS
 #endif
+// Asks L1 for the 128-byte line holding *p, without waiting for it (a constant the kernel reads later).
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
 // SUMS (one row; delta null): the delta is a one-row GEMV's unfinished fp32 sums (its workspace, the split-K products
 // added by atomics), ended here as exl2_finish ends them, T(sums + bias), and re-zeroed up to n_pad, with the `extra`
 // sums its input was gathered from (exl2_finish's `extra`).
@@ -24,9 +31,11 @@ __device__ __forceinline__ void norm_row(const float* __restrict__ residual, con
                                          const u16* __restrict__ weight, float* __restrict__ new_residual,
                                          u16* __restrict__ out, int hidden, float eps, float* __restrict__ sums,
                                          const float* __restrict__ bias, int n_pad, float* __restrict__ extra,
-                                         int extra_count) {
+                                         int extra_count, const int* __restrict__ order) {
     __shared__ float partial[32];
     pdl_launch_dependents();
+    // a constant: its lines asked of L1 while the kernel before still runs (one line a thread: blockDim >= hidden / 16)
+    if (order != nullptr && threadIdx.x * 32 < hidden) prefetch_l1(order + threadIdx.x * 32);
     pdl_wait();
     if (SUMS) zero_floats(extra, extra_count);
     const size_t base = (size_t)blockIdx.x * hidden;
@@ -64,21 +73,29 @@ __device__ __forceinline__ void norm_row(const float* __restrict__ residual, con
     }
     __syncthreads();
     const float inv_rms = rsqrtf(partial[0] / (float)hidden + eps);
+    // output i: channel i, or (order) channel order[i], the row staged in shared memory and gathered from it
+    extern __shared__ u16 staged_row[];  // [hidden] T, with an order
+    u16* to = order != nullptr ? staged_row : out + base;
 #pragma unroll
     for (int j = 0; j < NORM_PER_THREAD; j++) {
         const int i = threadIdx.x + j * blockDim.x;
         if (i < hidden) {
             const float normed = Act<T>::load(Act<T>::store(v[j] * inv_rms));
-            out[base + i] = Act<T>::store(Act<T>::load(w[j]) * normed);
+            to[i] = Act<T>::store(Act<T>::load(w[j]) * normed);
         }
+    }
+    if (order != nullptr) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[base + i] = staged_row[__ldg(order + i)];
     }
 }
 
 template <typename T>
 __global__ void NORM_BOUNDS add_rms_norm(const float* __restrict__ residual, const u16* __restrict__ delta,
                                          const u16* __restrict__ weight, float* __restrict__ new_residual,
-                                         u16* __restrict__ out, int hidden, float eps) {
-    norm_row<T, false>(residual, delta, weight, new_residual, out, hidden, eps, nullptr, nullptr, 0, nullptr, 0);
+                                         u16* __restrict__ out, int hidden, float eps,
+                                         const int* __restrict__ order) {
+    norm_row<T, false>(residual, delta, weight, new_residual, out, hidden, eps, nullptr, nullptr, 0, nullptr, 0, order);
 }
 
 // add_rms_norm of one row whose delta is the unfinished sums of the product before it (o_proj's, down_proj's, at
@@ -89,8 +106,10 @@ __global__ void __launch_bounds__(1024) finish_add_rms_norm(const float* __restr
                                                 const float* __restrict__ bias, int n_pad,
                                                 const u16* __restrict__ weight, float* __restrict__ new_residual,
                                                 u16* __restrict__ out, int hidden, float eps,
-                                                float* __restrict__ extra, int extra_count) {
-    norm_row<T, true>(residual, nullptr, weight, new_residual, out, hidden, eps, sums, bias, n_pad, extra, extra_count);
+                                                float* __restrict__ extra, int extra_count,
+                                                const int* __restrict__ order) {
+    norm_row<T, true>(residual, nullptr, weight, new_residual, out, hidden, eps, sums, bias, n_pad, extra, extra_count,
+                      order);
 }
 
 // out = T(silu(gate)) * up, element-wise over n values.

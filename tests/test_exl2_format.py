@@ -383,20 +383,27 @@ LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
 
-def exl2_and_reference_dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
+def exl2_and_reference_dirs(tmp_path: Path, shared_perms: bool = False) -> tuple[Path, Path, Path]:
     """A tiny Llama (biases, intermediate 80 → padded gate/up, K=80 down) as EXL2, and its dequantized twin.
 
     The EXL2 directory is laid out like the converter's output: `output-0000i-of-00002.safetensors`
-    shards, no index, every decoder linear and `lm_head` as EXL2 tensors, everything else fp16.
+    shards, no index, every decoder linear and `lm_head` as EXL2 tensors, everything else fp16. Each matrix has a
+    random act-order permutation; `shared_perms`: one for q/k/v and one for gate/up of a layer, as conversions give
+    the matrices of one input.
     """
     source = make_tiny_model_dir(tmp_path / "source", "llama", seed=3, attention_bias=True, intermediate_size=80)
     tensors = load_file(str(source / "model.safetensors"))
     prefixes = [f"model.layers.{i}.{n}" for i in range(2) for n in LINEAR_NAMES] + ["lm_head"]
     exl2, dense = {}, {}
     gen = torch.Generator().manual_seed(4)
+    shared = {}
     for prefix in prefixes:
         weight, bias = tensors.pop(f"{prefix}.weight"), tensors.pop(f"{prefix}.bias", None)
         perm = torch.randperm(weight.shape[1], generator=gen)
+        reads = "q/k/v" if prefix.endswith(("q_proj", "k_proj", "v_proj")) else "gate/up" if prefix.endswith(
+            ("gate_proj", "up_proj")) else None
+        if shared_perms and reads:  # the layer's first matrix of that input gives its permutation to the others
+            perm = shared.setdefault((prefix.rsplit(".", 2)[0], reads), perm)
         packed = quantize_rtn(weight, TINY_LAYOUTS[weight.shape[1]], perm, bias)
         exl2.update(packed.state_dict(prefix))
         dense[f"{prefix}.weight"] = packed.dequantize()[:, : weight.shape[0]].T.float().contiguous()

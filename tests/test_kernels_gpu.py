@@ -778,27 +778,43 @@ def test_decode_with_down_on_the_gate_up_sums_equals_exl2_finish(kind, monkeypat
 
 
 @pytest.mark.parametrize("kind", ["wide", "stream"])
-def test_decode_with_the_mlp_aligned_equals_the_stored_order(kind, monkeypatch):
+@pytest.mark.parametrize("switch", ["ALIGN_GATED", "ALIGN_NORMS"])
+def test_decode_with_aligned_orders_equals_the_stored_order(kind, switch, monkeypatch):
     """A synthetic 2-layer smollm2-shaped model built with gate/up's outputs in down_proj's stored order
-    (linear.align_gated: down_proj's GEMV gathers consecutive sums) decodes one token a step (eager and graphs) to the
-    same logits as the same model built without (EXLQ_ALIGN_GATED=0), down_proj gathering from gate/up's sums in
-    every layer of every eager step."""
+    (linear.align_gated: down_proj's GEMV gathers consecutive sums), or with each norm's output in its readers' stored
+    order (linear.align_norm: the norm kernels gather their output through the order, a folded norm reads the copy of
+    residual + delta exl2_finish_norm lays out in it), decodes one token a step (eager and graphs) to the same logits
+    as the same model built without (EXLQ_ALIGN_GATED=0 / EXLQ_ALIGN_NORMS=0), down_proj gathering from gate/up's
+    sums (ALIGN_GATED) and the streamed GEMVs folding the ordered norms (ALIGN_NORMS) in every layer of every eager
+    step."""
     from exlq.runtime import linear
 
     use_gemv(kind, monkeypatch)
     monkeypatch.setattr(exl2_ops, "GATED_SUMS_STREAM", True)
     taken = []
-    original = exl2_ops.gathers_sums
-    monkeypatch.setattr(exl2_ops, "gathers_sums", lambda *args: (taken.append(original(*args)), taken[-1])[1])
+    if switch == "ALIGN_GATED":
+        original = exl2_ops.gathers_sums
+        monkeypatch.setattr(exl2_ops, "gathers_sums", lambda *args: (taken.append(original(*args)), taken[-1])[1])
+        per_step = [True] * 2  # 2 layers' down_proj
+    else:
+        original = exl2_ops.norm_fold
+        monkeypatch.setattr(exl2_ops, "norm_fold", lambda p: (taken.append(p.ordered is not None), original(p))[1])
+        per_step = [True] * 3 if kind == "stream" else []  # folds: every in-layer norm but the first layer's input one
     results = {}
     for align in (False, True):
-        monkeypatch.setattr(linear, "ALIGN_GATED", "auto" if align else "0")
+        monkeypatch.setattr(linear, switch, "auto" if align else "0")
         model, ids, steps = synthetic_decode(layers=2, seed=7)
-        assert all((layer.mlp.down_proj.stored_input_order() is None) == align for layer in model.model.layers)
+        for layer in model.model.layers:
+            if switch == "ALIGN_GATED":
+                assert (layer.mlp.down_proj.stored_input_order() is None) == align
+            else:
+                readers = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.up_proj)
+                assert all((reader.stored_input_order() is None) == align for reader in readers)
+                assert (layer.input_layernorm.output_order is not None) == align
         for graphs in "01":
             results[align, graphs] = decode_steps(model, ids, steps, graphs, monkeypatch, taken)
             if graphs == "0":
-                assert taken == [True] * (steps.shape[1] * 2)
+                assert taken == [align or switch == "ALIGN_GATED"] * len(per_step) * steps.shape[1]
     assert torch.isfinite(results[False, "0"]).all()
     for key in ((False, "1"), (True, "0"), (True, "1")):
         assert rel(results[key], results[False, "0"]) < 2e-3
@@ -965,6 +981,43 @@ def test_finish_add_rms_norm_ends_the_sums_as_exl2_finish_would(hidden, dtype, w
     assert got_residual is new_residual and torch.equal(new_residual, expected_residual)
     assert torch.equal(got, expected)
     assert not sums.any(), "the sums are re-zeroed for the next product"
+
+
+@pytest.mark.parametrize("hidden", [64, 1000, 4096, 16384])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ordered_norms_give_their_output_moved(hidden, dtype, monkeypatch):
+    """A norm with an output order (RMSNorm.put_output_in_order: output i is channel order[i]) gives the unordered
+    output's channels moved, bit for bit, and the residual in its own order: add_rms_norm (15 rows, with a delta and
+    without), finish_add_rms_norm (one row's unfinished sums) and the torch path; exl2_finish_norm (a fold's launch)
+    writes residual + delta in the order too, for the fold to read."""
+    gen = torch.Generator(device=CUDA).manual_seed(hidden)
+    residual = torch.randn(3, 5, hidden, device=CUDA, generator=gen) * 4
+    delta = torch.randn(3, 5, hidden, device=CUDA, generator=gen).to(dtype)
+    norm = RMSNorm(torch.randn(hidden, device=CUDA, generator=gen).to(dtype), 1e-5)
+    plain_residual, plain = fused_ops.add_rms_norm(residual, delta, norm.weight, norm.eps)
+    plain_alone = norm(residual)
+    order = torch.randperm(hidden, device=CUDA, generator=gen)
+    norm.put_output_in_order(order)
+    got_residual, got = fused_ops.add_rms_norm(residual, delta, norm.weight, norm.eps, order=norm.output_order)
+    assert torch.equal(got_residual, plain_residual) and torch.equal(got, plain[..., order])
+    assert torch.equal(norm(residual), plain_alone[..., order])
+    n_pad = -(-hidden // 32) * 32 + 32
+    sums = torch.randn(n_pad, device=CUDA, generator=gen) * 3
+    one, one_delta = residual[:1, :1], sums[:hidden].to(dtype).view(1, 1, hidden)
+    expected = fused_ops.add_rms_norm(one, one_delta, norm.weight, norm.eps)[1]
+    got = fused_ops.add_rms_norm(one, None, norm.weight, norm.eps, torch.empty_like(one),
+                                 fused_ops.UnfinishedSums(sums, None), norm.output_order)[1]
+    assert torch.equal(got, expected[..., order])
+    ordered = fused_ops.OutputOrder(norm.output_order, norm.output_slot, norm.output_weight)
+    pending = fused_ops.PendingNorm(one.contiguous(), one_delta, norm.weight, norm.eps, torch.empty_like(one), ordered)
+    fold = exl2_ops.norm_fold(pending)
+    stored = pending.fold[2]
+    assert torch.equal(pending.new_residual, one + one_delta.float())
+    assert torch.equal(stored.view(-1), pending.new_residual.view(-1)[order])
+    assert (fold.residual, fold.weight) == (stored.data_ptr(), norm.output_weight.data_ptr())
+    monkeypatch.setenv("EXLQ_KERNELS", "0")
+    unordered = RMSNorm(norm.weight, norm.eps)
+    assert torch.equal(norm(residual), unordered(residual)[..., order])
 
 
 def argmax_cases(rows: int, vocab: int, dtype, gen: torch.Generator) -> torch.Tensor:

@@ -12,8 +12,9 @@ from exlq.runtime.layers import RMSNorm
 from exlq.runtime.linear import DenseLinear, project_each, project_gated, project_to_residual
 
 
-def torch_add_rms_norm(residual, delta, weight, eps, new_residual=None, sums=None):
-    """fused_ops.add_rms_norm in torch: with `sums`, the delta is T(sums + bias), and the sums are re-zeroed."""
+def torch_add_rms_norm(residual, delta, weight, eps, new_residual=None, sums=None, order=None):
+    """fused_ops.add_rms_norm in torch: with `sums`, the delta is T(sums + bias), and the sums are re-zeroed; with
+    `order`, output i is channel order[i]."""
     if sums is not None:
         assert delta is None
         ended = sums.sums[: weight.numel()] + (0 if sums.bias is None else sums.bias[: weight.numel()])
@@ -22,7 +23,10 @@ def torch_add_rms_norm(residual, delta, weight, eps, new_residual=None, sums=Non
     total = residual + delta.float()
     if new_residual is not None:
         new_residual.copy_(total)
-    return total, RMSNorm(weight, eps)(total)
+    norm = RMSNorm(weight, eps)
+    if order is not None:
+        norm.put_output_in_order(order)
+    return total, norm(total)
 
 
 def pending(hidden: int = 64, rows: int = 1) -> fused_ops.PendingNorm:
@@ -239,10 +243,12 @@ def test_rows_are_cut_so_that_every_group_of_matrices_takes_them(monkeypatch):
 
 
 @pytest.mark.parametrize("unfinished, gated", [(True, False), (True, True), (False, False)])
-def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, gated, monkeypatch):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, gated, ordered, monkeypatch):
     """exl2_ops.norm_fold launches exl2_finish_norm once per pending norm: over a product's unfinished sums (their
     matrix, no delta tensor, enough blocks to re-zero the padding, the product then ended; `gated`: also the gate/up
-    sums its input was gathered from, to re-zero), or over a finished delta."""
+    sums its input was gathered from, to re-zero), or over a finished delta; `ordered` (a norm whose output has an
+    order): the launch also lays residual + delta out in it, and the fold reads that."""
     from types import SimpleNamespace
 
     launches = []
@@ -258,12 +264,19 @@ def test_norm_fold_launches_one_finish_that_ends_unfinished_sums(unfinished, gat
         delta = exl2_ops.PendingSums(group, SimpleNamespace(bias=None, n_pad=n_pad), torch.empty(1, 1, hidden).half(),
                                      torch.zeros(n_pad), extra=extra)
         p = fused_ops.PendingNorm(p.residual, delta, p.weight, p.eps, p.new_residual)
+    if ordered:
+        order = torch.randperm(hidden, generator=torch.Generator().manual_seed(1)).int()
+        output = fused_ops.OutputOrder(order, order.argsort().int(), p.weight[order])
+        p = fused_ops.PendingNorm(p.residual, p.delta, p.weight, p.eps, p.new_residual, output)
     fold = exl2_ops.norm_fold(p)
     assert exl2_ops.norm_fold(p) is fold, "once per pending norm"
     (function, grid, args), = launches
     assert function == "exl2_finish_norm<fp16_t>" and args[2:6] == (p.residual, p.new_residual, p.fold[1], hidden)
-    assert args[6:] == ((extra, 3000) if gated else (None, 0))
-    assert (fold.count, fold.residual, fold.weight) == (3, p.new_residual.data_ptr(), p.weight.data_ptr())
+    assert args[6:8] == ((extra, 3000) if gated else (None, 0))
+    stored = p.fold[2]
+    assert (stored is not None) == ordered and args[8:] == (stored, p.ordered.slot if ordered else None)
+    read, weight = (stored, p.ordered.weight) if ordered else (p.new_residual, p.weight)
+    assert (fold.count, fold.residual, fold.weight) == (3, read.data_ptr(), weight.data_ptr())
     if unfinished:
         assert grid == (4, 1, 1) and args[1] is None and args[0].n_pad == n_pad
         assert delta.ended and delta.take_sums() is None, "ended by that launch"

@@ -91,6 +91,7 @@ class SyntheticStore:
 
     def __post_init__(self) -> None:
         self._pending: dict[str, torch.Tensor] = {}
+        self._perms: dict[str, torch.Tensor] = {}  # the act-order permutation of each shared input (_shared_input)
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
         c = self.config
         h, shapes = c["hidden_size"], layer_linears(c)
@@ -147,24 +148,41 @@ class SyntheticStore:
             prefix = name.rpartition(".")[0]
             out_features, in_features = self._linears[prefix]
             head = prefix == "lm_head"
+            source = _shared_input(prefix)
+            if source is not None and source not in self._perms:
+                self._perms[source] = torch.randperm(in_features, device=self.device, generator=self._generator)
             packed = random_exl2(in_features, out_features, 6.0 if head else self.bpw, self._generator,
-                                 bias=prefix in self._biased, group_size=GROUP_SIZE if head else self.group_size)
+                                 bias=prefix in self._biased, group_size=GROUP_SIZE if head else self.group_size,
+                                 perm=self._perms.get(source))
             self._pending.update(packed.state_dict(prefix))
         return self._pending[name]
 
 
+#: The matrices that read one input (a norm's output): a conversion gives them one act-order permutation, the sort of
+#: their common Hessian's diagonal, and so does this store (runtime.linear.align_norm relies on it).
+_SHARED_INPUTS = {"q_proj": "q/k/v", "k_proj": "q/k/v", "v_proj": "q/k/v", "gate_proj": "gate/up", "up_proj": "gate/up"}
+
+
+def _shared_input(prefix: str) -> str | None:
+    """A name for the input matrix `prefix` shares with others of its module, or None where it reads its own."""
+    module, _, name = prefix.rpartition(".")
+    return f"{module}.{_SHARED_INPUTS[name]}" if name in _SHARED_INPUTS else None
+
+
 def random_exl2(
     in_features: int, out_features: int, bpw: float, generator: torch.Generator, *, bias: bool = False,
-    group_size: int = GROUP_SIZE,
+    group_size: int = GROUP_SIZE, perm: torch.Tensor | None = None,
 ):
     """Exl2Tensors of uniformly random codes at `bpw`, in the converter's layout, on `generator`'s device.
-    `group_size` 32 gives the small groups real conversions choose for many matrices (e.g. "4b100%g32")."""
+    `group_size` 32 gives the small groups real conversions choose for many matrices (e.g. "4b100%g32").
+    `perm`: the act-order permutation (stored row r holds input channel perm[r]); a random one by default."""
     bits, props = bit_mix(bpw, out_features, group_size)
     layout = converter_layout(in_features, bits, props, group_size)
     device = generator.device
     codes = torch.cat([torch.randint(0, 1 << b, (r, out_features), device=device, generator=generator) for b, r in layout])
     scale_codes = torch.randint(1, 17, (len(layout), out_features), device=device, generator=generator)
     q_scale_max = torch.full((len(layout),), 0.01, dtype=torch.float16, device=device)
-    perm = torch.randperm(in_features, device=device, generator=generator)
+    if perm is None:
+        perm = torch.randperm(in_features, device=device, generator=generator)
     zeros = torch.zeros(out_features, device=device) if bias else None
     return pack_exl2(codes, scale_codes, q_scale_max, layout, perm, zeros)

@@ -15,17 +15,37 @@ from torch import nn
 from exlq.runtime import kernels
 from exlq.runtime.attention import AttentionBatch
 from exlq.runtime.cache import KVCache
-from exlq.runtime.kernels.fused_ops import NORM_MAX_HIDDEN, Deferred, PendingNorm, add_rms_norm, as_tensor
-from exlq.runtime.linear import align_gated, project_each, project_gated, project_to_residual
+from exlq.runtime.kernels.fused_ops import (
+    NORM_MAX_HIDDEN, Deferred, OutputOrder, PendingNorm, add_rms_norm, as_tensor,
+)
+from exlq.runtime.linear import align_gated, align_norm, project_each, project_gated, project_to_residual
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 and returned in the weight's dtype."""
+    """x / rms(x) * weight, computed in float32 and returned in the weight's dtype; after `put_output_in_order`, its
+    channels in the order the layers reading it store their input rows."""
 
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        # set by put_output_in_order (not saved: the file's norm is `weight`): int32 [hidden] each
+        self.register_buffer("output_order", None, persistent=False)  # output i is channel output_order[i]
+        self.register_buffer("output_slot", None, persistent=False)  # channel c is output output_slot[c]
+        self.register_buffer("output_weight", None, persistent=False)  # weight[output_order]
+
+    def put_output_in_order(self, order: torch.Tensor) -> None:
+        """Give output i as channel order[i] from now on (linear.align_norm: the stored row order of the GEMVs that
+        read it, so they gather it from consecutive addresses). The same values, moved."""
+        order = order.to(self.weight.device, torch.int64)
+        self.output_order = order.to(torch.int32)
+        self.output_slot = torch.argsort(order).to(torch.int32)
+        self.output_weight = self.weight[order].contiguous()
+
+    def _ordered(self) -> OutputOrder | None:
+        if self.output_order is None:
+            return None
+        return OutputOrder(self.output_order, self.output_slot, self.output_weight)
 
     def _fused(self) -> bool:
         """Whether the fused kernel runs this norm (on a kernel-enabled GPU, rows it can hold in registers)."""
@@ -33,10 +53,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self._fused():
-            return add_rms_norm(x, None, self.weight, self.eps)[1]
+            return add_rms_norm(x, None, self.weight, self.eps, order=self.output_order)[1]
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+        out = self.weight * x.to(self.weight.dtype)
+        return out if self.output_order is None else out[..., self.output_order.long()]
 
     def add_and_norm(
         self, residual: torch.Tensor, delta: torch.Tensor | Deferred, defer: bool = False
@@ -47,8 +68,8 @@ class RMSNorm(nn.Module):
         if residual.dtype == torch.float32 and delta.dtype == self.weight.dtype and self._fused():
             if defer and PendingNorm.possible(residual, self.weight):
                 new_residual = torch.empty_like(residual)
-                return new_residual, PendingNorm(residual, delta, self.weight, self.eps, new_residual)
-            return add_rms_norm(residual, as_tensor(delta), self.weight, self.eps)
+                return new_residual, PendingNorm(residual, delta, self.weight, self.eps, new_residual, self._ordered())
+            return add_rms_norm(residual, as_tensor(delta), self.weight, self.eps, order=self.output_order)
         residual = residual + as_tensor(delta).float()
         return residual, self(residual)
 
@@ -115,7 +136,9 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: r += attn(norm(r)); r += mlp(norm(r)) with r in float32."""
+    """Pre-norm block: r += attn(norm(r)); r += mlp(norm(r)) with r in float32. Where q/k/v (or gate/up) are EXL2
+    with one act-order permutation and the kernels run, the norm before them gives its output in their stored row
+    order (linear.align_norm): the same products, read from consecutive addresses."""
 
     def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm, mlp: GatedMLP):
         super().__init__()
@@ -123,6 +146,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = self_attn
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
+        # each norm's output in the order its readers store their input rows, where they share one (linear.align_norm)
+        align_norm(input_layernorm, (self_attn.q_proj, self_attn.k_proj, self_attn.v_proj))
+        align_norm(post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
 
     def forward(
         self, residual: torch.Tensor, batch: AttentionBatch, cache: KVCache | None, cache_layer: int

@@ -106,9 +106,24 @@ def project_gated(layer: nn.Module, gate: torch.Tensor | Deferred, up: torch.Ten
     return layer(silu_mul(gate, up) if kernels.applies(gate) else F.silu(gate) * up)
 
 
-#: Where GatedMLP aligns gate/up's outputs with down_proj's input order (align_gated): "auto" where the kernels run
-#: (elsewhere it would change only the rounding of the products' sums), "1" everywhere, "0" nowhere.
+#: Where GatedMLP aligns gate/up's outputs with down_proj's input order (align_gated), and DecoderLayer each norm's
+#: output with its readers' (align_norm): "auto" where the kernels run (elsewhere it would change only the rounding of
+#: the products' sums), "1" everywhere, "0" nowhere.
 ALIGN_GATED = os.environ.get("EXLQ_ALIGN_GATED", "auto")
+ALIGN_NORMS = os.environ.get("EXLQ_ALIGN_NORMS", "auto")
+
+
+def _aligning(setting: str, layer: nn.Module) -> bool:
+    """Whether an ALIGN_* setting aligns `layer` where it lies ("auto": where the kernels run)."""
+    tensor = next(iter(layer.buffers()), None)
+    return setting == "1" or (setting != "0" and tensor is not None and kernels.enabled(tensor.device))
+
+
+def _stored_order(layer: nn.Module) -> torch.Tensor | None:
+    """The permuted order `layer` reads its input in, where its format can be told to read it in order instead."""
+    if not hasattr(layer, "read_stored_order"):
+        return None
+    return getattr(layer, "stored_input_order", lambda: None)()
 
 
 def align_gated(gate: nn.Module, up: nn.Module, down: nn.Module) -> bool:
@@ -118,17 +133,32 @@ def align_gated(gate: nn.Module, up: nn.Module, down: nn.Module) -> bool:
     addresses rather than one 32-byte sector per activation (on the 8B, its one-row gather 4.1 -> 1.0 µs, decode
     +3.5 % on the H100: docs/benchmarks.md, session 55). Only where the kernels run, unless ALIGN_GATED says otherwise
     (EXLQ_ALIGN_GATED=0 leaves the layers as stored everywhere). Returns whether it did."""
-    if any(not hasattr(layer, "reorder_outputs") for layer in (gate, up)):
+    if any(not hasattr(layer, "reorder_outputs") for layer in (gate, up)) or not _aligning(ALIGN_GATED, down):
         return False
-    tensor = next(iter(down.buffers()), None)
-    if ALIGN_GATED == "0" or (ALIGN_GATED != "1" and (tensor is None or not kernels.enabled(tensor.device))):
-        return False
-    order = getattr(down, "stored_input_order", lambda: None)()
-    if order is None or not hasattr(down, "read_stored_order"):
+    order = _stored_order(down)
+    if order is None:
         return False
     gate.reorder_outputs(order)
     up.reorder_outputs(order)
     down.read_stored_order()
+    return True
+
+
+def align_norm(norm: nn.Module, readers: Sequence[nn.Module]) -> bool:
+    """Give the norm's output in the order its readers store their input rows, where they all share one act-order
+    permutation (a conversion sorts the one Hessian of their common input) and can read it in order (EXL2); the norm
+    can (layers.RMSNorm.put_output_in_order). The same products, but their GEMVs gather the input from consecutive
+    addresses (the register kernel from the norm's output, a folded norm from residual + delta, which
+    exl2_finish_norm also writes in that order). Where the kernels run, unless ALIGN_NORMS says otherwise
+    (EXLQ_ALIGN_NORMS=0: the norms' own order everywhere). Returns whether it did."""
+    if not hasattr(norm, "put_output_in_order") or not _aligning(ALIGN_NORMS, readers[0]):
+        return False
+    orders = [_stored_order(layer) for layer in readers]
+    if orders[0] is None or any(o is None or not torch.equal(o, orders[0]) for o in orders[1:]):
+        return False
+    norm.put_output_in_order(orders[0])
+    for layer in readers:
+        layer.read_stored_order()
     return True
 
 

@@ -363,7 +363,8 @@ def pending_products(group: GemvGroup, plans: Sequence[Exl2Plan], outs: Sequence
 
 def norm_fold(pending: PendingNorm) -> exl2_stream_ops.NormFold:
     """The NormFold of a pending norm (once): exl2_finish_norm writes residual + delta to its new residual and the
-    sums of squares by FINISH_THREADS-value pieces, ending the delta's sums where they are still unfinished."""
+    sums of squares by FINISH_THREADS-value pieces, ending the delta's sums where they are still unfinished. A norm
+    whose output has an order (PendingNorm.ordered) gets residual + delta also in that order, which the fold reads."""
     if pending.fold is None:
         hidden = pending.weight.numel()
         count = -(-hidden // FINISH_THREADS)
@@ -374,12 +375,15 @@ def norm_fold(pending: PendingNorm) -> exl2_stream_ops.NormFold:
         function = kernel(SOURCE, INSTANCE_SETS[pending.dtype], f"exl2_finish_norm<{ACTIVATION_TAGS[pending.dtype]}>",
                           pending.device)
         blocks = count if sums is None else max(count, -(-sums.sums.numel() // FINISH_THREADS))  # padding zeroed too
+        ordered = pending.ordered
+        stored = None if ordered is None else torch.empty_like(pending.new_residual)
         launch(function, (blocks, 1, 1), (FINISH_THREADS, 1, 1),
                (matrix, None if sums is not None else as_tensor(delta), pending.residual, pending.new_residual,
-                partials, hidden, *extra_operands(None if sums is None else sums.extra)), pending.device, overlap=True)
-        fold = exl2_stream_ops.NormFold(pending.new_residual.data_ptr(), pending.weight.data_ptr(),
-                                        partials.data_ptr(), count, pending.eps)
-        pending.fold = (fold, partials)
+                partials, hidden, *extra_operands(None if sums is None else sums.extra), stored,
+                None if ordered is None else ordered.slot), pending.device, overlap=True)
+        read, weight = (pending.new_residual, pending.weight) if ordered is None else (stored, ordered.weight)
+        fold = exl2_stream_ops.NormFold(read.data_ptr(), weight.data_ptr(), partials.data_ptr(), count, pending.eps)
+        pending.fold = (fold, partials, stored)
     return pending.fold[0]
 
 

@@ -50,11 +50,12 @@ def extra_operands(extra: torch.Tensor | None) -> tuple:
 
 def add_rms_norm(
     residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-    new_residual: torch.Tensor | None = None, sums: UnfinishedSums | None = None,
+    new_residual: torch.Tensor | None = None, sums: UnfinishedSums | None = None, order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual + delta in float32, weight * norm(that) in weight's dtype); delta None: just the norm.
     `new_residual`: where the sum goes (a fresh tensor by default). `sums` (one row, delta None): the delta is that
-    product's, ended here (no exl2_finish launch before)."""
+    product's, ended here (no exl2_finish launch before). `order` (int32 [hidden]): output i is the norm's channel
+    order[i] (OutputOrder); the residual keeps its own."""
     hidden = weight.numel()
     residual = residual.contiguous()
     rows = residual.numel() // hidden
@@ -74,8 +75,8 @@ def add_rms_norm(
         name, operands = "finish_add_rms_norm", (residual, sums.sums, sums.bias, sums.sums.numel(), weight)
     function = kernel(SOURCE, INSTANCES, f"{name}<{_TAGS[weight.dtype]}>", residual.device)
     extra = () if sums is None else extra_operands(sums.extra)
-    launch(function, (rows, 1, 1), (threads, 1, 1), (*operands, new_residual, out, hidden, float(eps), *extra),
-           residual.device, overlap=True)
+    launch(function, (rows, 1, 1), (threads, 1, 1), (*operands, new_residual, out, hidden, float(eps), *extra, order),
+           residual.device, overlap=True, shared_bytes=0 if order is None else hidden * 2)
     return new_residual, out
 
 
@@ -113,19 +114,30 @@ class Deferred:
         return None
 
 
+@dataclass(frozen=True)
+class OutputOrder:
+    """A norm's output in the order its readers store their input rows (layers.RMSNorm.put_output_in_order)."""
+
+    order: torch.Tensor  # int32 [hidden]: output i is channel order[i]
+    slot: torch.Tensor  # int32 [hidden]: channel c is output slot[c] (a fold lays residual + delta out by it)
+    weight: torch.Tensor  # [hidden]: the norm's weight in the output's order (what a fold reads)
+
+
 @dataclass
 class PendingNorm(Deferred):
     """weight * norm(residual + delta) of one row, not computed yet: a GEMV that takes it (`exl2_ops.gemv`) forms it
     as it gathers its input, after exl2_finish_norm (the end of the product delta comes from, the residual add and the
     norm's sums of squares in one launch), so the decode step runs no norm kernel; anything else calls `tensor()`.
-    Whoever consumes it writes residual + delta (fp32) into `new_residual`, which the layer keeps as its residual."""
+    Whoever consumes it writes residual + delta (fp32) into `new_residual`, which the layer keeps as its residual.
+    With `ordered`, the output is in that order."""
 
     residual: torch.Tensor  # [..., hidden] fp32, one row
     delta: torch.Tensor | Deferred  # [..., hidden] in weight's dtype (exl2_ops.PendingSums: a product's sums)
     weight: torch.Tensor  # [hidden]
     eps: float
     new_residual: torch.Tensor  # [..., hidden] fp32, written by the consumer
-    fold: tuple | None = None  # exl2_ops.norm_fold's (NormFold, its partial sums), once launched
+    ordered: OutputOrder | None = None  # the output's order (None: the channels' own)
+    fold: tuple | None = None  # exl2_ops.norm_fold's (NormFold, its partial sums, its ordered residual), once launched
     _out: torch.Tensor | None = None
 
     @staticmethod
@@ -144,12 +156,14 @@ class PendingNorm(Deferred):
         """The norm's output, by the add_rms_norm kernel (once; it writes new_residual too, unless a fold did, and ends
         the delta's product when that is unfinished)."""
         if self._out is None:
+            order = None if self.ordered is None else self.ordered.order
             if self.fold is not None:  # new_residual already holds residual + delta
-                self._out = add_rms_norm(self.new_residual, None, self.weight, self.eps)[1]
+                self._out = add_rms_norm(self.new_residual, None, self.weight, self.eps, order=order)[1]
             else:  # a product's sums end inside the norm's launch
                 sums = self.delta.take_sums() if isinstance(self.delta, Deferred) else None
                 delta = None if sums is not None else as_tensor(self.delta)
-                self._out = add_rms_norm(self.residual, delta, self.weight, self.eps, self.new_residual, sums)[1]
+                self._out = add_rms_norm(self.residual, delta, self.weight, self.eps, self.new_residual, sums,
+                                         order)[1]
         return self._out
 
 

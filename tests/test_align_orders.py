@@ -1,5 +1,6 @@
 """linear.align_gated: gate/up's outputs put in the order down_proj reads its input (its act-order permutation), so
-that down_proj's GEMV reads silu(gate)·up from consecutive addresses; the products, and so the model, are the same."""
+that down_proj's GEMV reads silu(gate)·up from consecutive addresses; linear.align_norm: a norm's output put in the
+order its readers (q/k/v, gate/up) share. The products, and so the model, are the same."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from exlq.quant.exl2_pack import quantize_rtn
 from exlq.runtime import linear
 from exlq.runtime.exl2 import Exl2Linear, perm_from_invperm
+from exlq.runtime.layers import RMSNorm
 from exlq.runtime.loader import load_model
 from test_exl2_format import TINY_LAYOUTS, exl2_and_reference_dirs
 
@@ -70,17 +72,70 @@ def test_only_act_ordered_exl2_down_projections_are_aligned(monkeypatch):
     assert torch.equal(gate.feature_order_out, perm_from_invperm(down_packed.q_invperm))
 
 
+def test_norms_are_aligned_with_their_readers_and_the_model_unchanged(tmp_path, monkeypatch):
+    """Where q/k/v (and gate/up) share one act-order permutation, as conversions write them, an EXL2 model loads
+    with each norm's output in that order and its readers reading it in order (EXLQ_ALIGN_NORMS=1; by default only
+    where the kernels run), the file's norm weight kept; its logits equal those of the same model loaded without and
+    of its dense twin."""
+    _source, exl2_dir, reference_dir = exl2_and_reference_dirs(tmp_path, shared_perms=True)
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+    stored = load_model(exl2_dir, device="cpu", dtype="float32")
+    monkeypatch.setattr(linear, "ALIGN_NORMS", "1")
+    model = load_model(exl2_dir, device="cpu", dtype="float32")
+    for layer, plain in zip(model.model.layers, stored.model.layers):
+        for norm, readers in ((layer.input_layernorm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              (layer.post_attention_layernorm, ("mlp.gate_proj", "mlp.up_proj"))):
+            perm = perm_from_invperm(plain.get_submodule(readers[0]).q_invperm)
+            assert not torch.equal(perm, torch.arange(perm.numel()))
+            assert torch.equal(norm.output_order.long(), perm) and torch.equal(norm.output_slot.long(), perm.argsort())
+            assert torch.equal(norm.output_weight, norm.weight[perm]) and "output_order" not in norm.state_dict()
+            for name in readers:
+                reader = layer.get_submodule(name)
+                assert reader.stored_input_order() is None and torch.equal(reader.feature_order_in, perm)
+        assert layer.self_attn.o_proj.feature_order_in is None  # its input is laid out by heads
+    logits = model(ids, max_output_len=None)
+    torch.testing.assert_close(logits, stored(ids, max_output_len=None), rtol=1e-5, atol=1e-5)
+    dense = load_model(reference_dir, device="cpu", dtype="float32")
+    torch.testing.assert_close(logits, dense(ids, max_output_len=None), rtol=1e-5, atol=1e-5)
+
+
+def test_norms_stay_in_order_unless_every_reader_shares_one_permutation(monkeypatch):
+    """No norm moves where its readers' permutations differ, where one reads in order already or is not EXL2; an
+    aligned norm gives the same values moved, bit for bit."""
+    monkeypatch.setattr(linear, "ALIGN_NORMS", "1")
+    q_packed, k_packed = _packed(64, 64, seed=6, bias=False), _packed(64, 32, seed=7, bias=False)
+    same_perm = k_packed.with_stored_input_order()
+    same_perm.q_invperm = q_packed.q_invperm
+    norm = RMSNorm(torch.randn(64, generator=torch.Generator().manual_seed(8)), 1e-5)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    expected = norm(x)
+
+    def readers(*packs):
+        return [Exl2Linear(p, 64, p.q_weight.shape[1]) for p in packs]
+
+    assert not linear.align_norm(norm, readers(q_packed, k_packed)) and norm.output_order is None
+    assert not linear.align_norm(norm, readers(q_packed, q_packed.with_stored_input_order()))
+    assert not linear.align_norm(norm, [*readers(q_packed), linear.DenseLinear(torch.randn(32, 64))])
+    assert linear.align_norm(norm, readers(q_packed, same_perm))
+    perm = perm_from_invperm(q_packed.q_invperm)
+    assert torch.equal(norm(x), expected[:, perm])
+    monkeypatch.setattr(linear, "ALIGN_NORMS", "auto")  # the default: the kernels do not run on this CPU
+    assert not linear.align_norm(RMSNorm(torch.ones(64), 1e-5), readers(q_packed, same_perm))
+
+
 def test_adapters_follow_the_aligned_layers(tmp_path, monkeypatch):
-    """LoRA pairs on aligned gate/up/down projections are moved with them: the aligned EXL2 model with an adapter
-    gives the logits of its dense twin with the same adapter."""
+    """LoRA pairs on aligned layers (gate/up/down, and the readers of aligned norms) are moved with them: the aligned
+    EXL2 model with an adapter gives the logits of its dense twin with the same adapter."""
     from exlq.runtime.lora import load_lora, set_loras
     from test_lora import write_adapter
 
-    _source, exl2_dir, reference_dir = exl2_and_reference_dirs(tmp_path)
+    _source, exl2_dir, reference_dir = exl2_and_reference_dirs(tmp_path, shared_perms=True)
     monkeypatch.setattr(linear, "ALIGN_GATED", "1")
+    monkeypatch.setattr(linear, "ALIGN_NORMS", "1")
     quantized = load_model(exl2_dir, device="cpu", dtype="float32")
     dense = load_model(reference_dir, device="cpu", dtype="float32")
     assert quantized.model.layers[1].mlp.down_proj.feature_order_in is not None
+    assert quantized.model.layers[1].self_attn.v_proj.feature_order_in is not None
     adapter = load_lora(write_adapter(tmp_path / "a", dense, seed=3))
     set_loras(quantized, [adapter])
     set_loras(dense, [adapter])
