@@ -137,8 +137,8 @@ class GatedMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: r += attn(norm(r)); r += mlp(norm(r)) with r in float32. Where q/k/v (or gate/up) are EXL2
-    with one act-order permutation and the kernels run, the norm before them gives its output in their stored row
-    order (linear.align_norm): the same products, read from consecutive addresses."""
+    with one act-order permutation, the norm before them can give its output in their stored row order
+    (linear.align_norm, EXLQ_ALIGN_NORMS): the same products, read from consecutive addresses."""
 
     def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm, mlp: GatedMLP):
         super().__init__()
