@@ -5,7 +5,7 @@
 
 // new_residual = residual + delta (float32; skipped when delta is null), out = weight * T(x / rms(x)); with `order`
 // (int32 [hidden], else null), output i is that output's channel order[i]: the norm's output in the stored row order
-// of the GEMVs that read it (layers.RMSNorm.put_output_in_order), launched with hidden * 2 bytes of dynamic shared
+// of the GEMVs that read it (layers.RMSNorm.put_output_in_order), launched with hidden * 4 bytes of dynamic shared
 // memory.
 // One block per row, blockDim.x a multiple of 32 (at most 1024) with hidden <= NORM_PER_THREAD * blockDim.x:
 // each thread keeps its values (and weights) in registers, so the row is read once and every load is in
@@ -19,10 +19,6 @@
 #else
 #define NORM_BOUNDS
 #endif
-// Asks L1 for the 128-byte line holding *p, without waiting for it (a constant the kernel reads later).
-__device__ __forceinline__ void prefetch_l1(const void* p) {
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-}
 // SUMS (one row; delta null): the delta is a one-row GEMV's unfinished fp32 sums (its workspace, the split-K products
 // added by atomics), ended here as exl2_finish ends them, T(sums + bias), and re-zeroed up to n_pad, with the `extra`
 // sums its input was gathered from (exl2_finish's `extra`).
@@ -34,8 +30,13 @@ __device__ __forceinline__ void norm_row(const float* __restrict__ residual, con
                                          int extra_count, const int* __restrict__ order) {
     __shared__ float partial[32];
     pdl_launch_dependents();
-    // a constant: its lines asked of L1 while the kernel before still runs (one line a thread: blockDim >= hidden / 16)
-    if (order != nullptr && threadIdx.x * 32 < hidden) prefetch_l1(order + threadIdx.x * 32);
+    // output i: channel i, or (order) channel order[i]: the row staged in shared memory and gathered from it there,
+    // through the order, which (a constant) is staged beside it while the kernel before still runs
+    extern __shared__ u16 staged_row[];  // with an order: [hidden] T, then [hidden] the order (hidden < 65536)
+    u16* staged_order = staged_row + hidden;
+    if (order != nullptr) {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) staged_order[i] = (u16)__ldg(order + i);
+    }
     pdl_wait();
     if (SUMS) zero_floats(extra, extra_count);
     const size_t base = (size_t)blockIdx.x * hidden;
@@ -73,8 +74,6 @@ __device__ __forceinline__ void norm_row(const float* __restrict__ residual, con
     }
     __syncthreads();
     const float inv_rms = rsqrtf(partial[0] / (float)hidden + eps);
-    // output i: channel i, or (order) channel order[i], the row staged in shared memory and gathered from it
-    extern __shared__ u16 staged_row[];  // [hidden] T, with an order
     u16* to = order != nullptr ? staged_row : out + base;
 #pragma unroll
     for (int j = 0; j < NORM_PER_THREAD; j++) {
@@ -86,7 +85,7 @@ __device__ __forceinline__ void norm_row(const float* __restrict__ residual, con
     }
     if (order != nullptr) {
         __syncthreads();
-        for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[base + i] = staged_row[__ldg(order + i)];
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[base + i] = staged_row[staged_order[i]];
     }
 }
 

@@ -12,7 +12,7 @@ import torch
 
 from exlq.errors import ExlqError
 from exlq.runtime.kernels import ACTIVATION_TAGS
-from exlq.runtime.kernels.launch import kernel, launch
+from exlq.runtime.kernels.launch import allow_shared, kernel, launch
 
 SOURCE = "fused.cu"
 _TAGS = ACTIVATION_TAGS
@@ -75,8 +75,11 @@ def add_rms_norm(
         name, operands = "finish_add_rms_norm", (residual, sums.sums, sums.bias, sums.sums.numel(), weight)
     function = kernel(SOURCE, INSTANCES, f"{name}<{_TAGS[weight.dtype]}>", residual.device)
     extra = () if sums is None else extra_operands(sums.extra)
+    shared = 0 if order is None else hidden * 4  # the output row and the order, staged
+    if shared:
+        allow_shared(function, shared)
     launch(function, (rows, 1, 1), (threads, 1, 1), (*operands, new_residual, out, hidden, float(eps), *extra, order),
-           residual.device, overlap=True, shared_bytes=0 if order is None else hidden * 2)
+           residual.device, overlap=True, shared_bytes=shared)
     return new_residual, out
 
 
