@@ -74,8 +74,8 @@ def test_only_act_ordered_exl2_down_projections_are_aligned(monkeypatch):
 
 def test_norms_are_aligned_with_their_readers_and_the_model_unchanged(tmp_path, monkeypatch):
     """Where q/k/v (and gate/up) share one act-order permutation, as conversions write them, an EXL2 model loads
-    with each norm's output in that order and its readers reading it in order (EXLQ_ALIGN_NORMS=1; off by
-    default), the file's norm weight kept; its logits equal those of the same model loaded without and
+    with each norm's output in that order and its readers reading it in order (EXLQ_ALIGN_NORMS=1; by
+    default only where the kernels run), the file's norm weight kept; its logits equal those of the same model loaded without and
     of its dense twin."""
     _source, exl2_dir, reference_dir = exl2_and_reference_dirs(tmp_path, shared_perms=True)
     ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])

@@ -108,11 +108,10 @@ def project_gated(layer: nn.Module, gate: torch.Tensor | Deferred, up: torch.Ten
 
 #: Where GatedMLP aligns gate/up's outputs with down_proj's input order (align_gated), and DecoderLayer each norm's
 #: output with its readers' (align_norm): "auto" where the kernels run (elsewhere it would change only the rounding of
-#: the products' sums), "1" everywhere, "0" nowhere. The norms' alignment is off by default: on the H100 the 8B's
-#: q/k/v and gate/up gained what it promised, but the ordered norm kernel before gate/up lost as much (decode −1 %,
-#: docs/benchmarks.md, session 56; bench/patches/norm-order-staged.patch, its next form, is not yet GPU-run).
+#: the products' sums), "1" everywhere, "0" nowhere. On the H100 the norms' alignment gives the 8B's decode +2.3 %,
+#: Llama-3.2-1B's +8 %, Qwen2.5-0.5B's +2.5 % (docs/benchmarks.md, session 57).
 ALIGN_GATED = os.environ.get("EXLQ_ALIGN_GATED", "auto")
-ALIGN_NORMS = os.environ.get("EXLQ_ALIGN_NORMS", "0")
+ALIGN_NORMS = os.environ.get("EXLQ_ALIGN_NORMS", "auto")
 
 
 def _aligning(setting: str, layer: nn.Module) -> bool:
@@ -151,8 +150,8 @@ def align_norm(norm: nn.Module, readers: Sequence[nn.Module]) -> bool:
     permutation (a conversion sorts the one Hessian of their common input) and can read it in order (EXL2); the norm
     can (layers.RMSNorm.put_output_in_order). The same products, but their GEMVs gather the input from consecutive
     addresses (the register kernel from the norm's output, a folded norm from residual + delta, which
-    exl2_finish_norm also writes in that order). Only where ALIGN_NORMS asks for it (EXLQ_ALIGN_NORMS=auto: where the
-    kernels run; off by default). Returns whether it did."""
+    exl2_finish_norm also writes in that order). Only where ALIGN_NORMS asks for it (by default, EXLQ_ALIGN_NORMS=auto:
+    where the kernels run). Returns whether it did."""
     if not hasattr(norm, "put_output_in_order") or not _aligning(ALIGN_NORMS, readers[0]):
         return False
     orders = [_stored_order(layer) for layer in readers]
