@@ -109,7 +109,7 @@ def project_gated(layer: nn.Module, gate: torch.Tensor | Deferred, up: torch.Ten
 #: Where GatedMLP aligns gate/up's outputs with down_proj's input order (align_gated), and DecoderLayer each norm's
 #: output with its readers' (align_norm): "auto" where the kernels run (elsewhere it would change only the rounding of
 #: the products' sums), "1" everywhere, "0" nowhere. On the H100 the norms' alignment gives the 8B's decode +2.3 %,
-#: Llama-3.2-1B's +8 %, Qwen2.5-0.5B's +2.5 % (docs/benchmarks.md, session 57).
+#: Llama-3.2-1B's +8 %, Qwen2.5-0.5B's +2.6 % (docs/benchmarks.md, session 57).
 ALIGN_GATED = os.environ.get("EXLQ_ALIGN_GATED", "auto")
 ALIGN_NORMS = os.environ.get("EXLQ_ALIGN_NORMS", "auto")
 
