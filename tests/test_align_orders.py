@@ -74,8 +74,8 @@ def test_only_act_ordered_exl2_down_projections_are_aligned(monkeypatch):
 
 def test_norms_are_aligned_with_their_readers_and_the_model_unchanged(tmp_path, monkeypatch):
     """Where q/k/v (and gate/up) share one act-order permutation, as conversions write them, an EXL2 model loads
-    with each norm's output in that order and its readers reading it in order (EXLQ_ALIGN_NORMS=1; by
-    default only where the kernels run), the file's norm weight kept; its logits equal those of the same model loaded without and
+    with each norm's output in that order and its readers reading it in order (EXLQ_ALIGN_NORMS=1; by default only
+    where the kernels run), the file's norm weight kept; its logits equal those of the same model loaded without and
     of its dense twin."""
     _source, exl2_dir, reference_dir = exl2_and_reference_dirs(tmp_path, shared_perms=True)
     ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
@@ -119,7 +119,7 @@ def test_norms_stay_in_order_unless_every_reader_shares_one_permutation(monkeypa
     assert linear.align_norm(norm, readers(q_packed, same_perm))
     perm = perm_from_invperm(q_packed.q_invperm)
     assert torch.equal(norm(x), expected[:, perm])
-    monkeypatch.setattr(linear, "ALIGN_NORMS", "auto")  # where the kernels run: not on this CPU
+    monkeypatch.setattr(linear, "ALIGN_NORMS", "auto")  # the default: the kernels do not run on this CPU
     assert not linear.align_norm(RMSNorm(torch.ones(64), 1e-5), readers(q_packed, same_perm))
 
 

@@ -150,8 +150,8 @@ def align_norm(norm: nn.Module, readers: Sequence[nn.Module]) -> bool:
     permutation (a conversion sorts the one Hessian of their common input) and can read it in order (EXL2); the norm
     can (layers.RMSNorm.put_output_in_order). The same products, but their GEMVs gather the input from consecutive
     addresses (the register kernel from the norm's output, a folded norm from residual + delta, which
-    exl2_finish_norm also writes in that order). Only where ALIGN_NORMS asks for it (by default, EXLQ_ALIGN_NORMS=auto:
-    where the kernels run). Returns whether it did."""
+    exl2_finish_norm also writes in that order). Where the kernels run, unless ALIGN_NORMS says otherwise
+    (EXLQ_ALIGN_NORMS=0: the norms' own order everywhere). Returns whether it did."""
     if not hasattr(norm, "put_output_in_order") or not _aligning(ALIGN_NORMS, readers[0]):
         return False
     orders = [_stored_order(layer) for layer in readers]
